@@ -1,0 +1,1 @@
+//! Shared helpers for gpuproc's comparative benchmarks.

@@ -1,0 +1,2 @@
+//! The `gpuproc` command-line tool.
+fn main() {}

@@ -1,0 +1,1 @@
+//! GPU information from any process, read through NVML (never CUDA).

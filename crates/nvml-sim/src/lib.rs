@@ -1,0 +1,1 @@
+//! A simulated `libnvidia-ml.so`: exports the NVML C API and answers from a scenario file.
