@@ -1,3 +1,152 @@
 //! gpuproc: Python's `multiprocessing` for Rust, with GPU information from any process.
+//!
+//! # A first example
+//!
+//! Python's documentation opens with this:
+//!
+//! ```python
+//! from multiprocessing import Process
+//!
+//! def f(name):
+//!     print('hello', name)
+//!
+//! if __name__ == '__main__':
+//!     p = Process(target=f, args=('bob',))
+//!     p.start()
+//!     p.join()
+//! ```
+//!
+//! In Rust:
+//!
+//! ```
+//! fn f(name: String) {
+//!     println!("hello {name}");
+//! }
+//!
+//! fn main() -> Result<(), gpuproc::ProcessError> {
+//!     gpuproc::init(); // Python's `if __name__ == '__main__':`
+//!     let mut p = gpuproc::Process::new(f, "bob".to_string());
+//!     p.start()?;
+//!     p.join()?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # The one line of set-up
+//!
+//! A child process is this same executable, so it needs a way to tell "I am a child" from
+//! "I am the program". In Python that is `if __name__ == '__main__':`. In gpuproc it is
+//! [`init()`], the first line of `main`: in the program it returns at once; in a child (or
+//! the fork server) it runs the child's work and exits, never returning. Code before it runs
+//! in every child too, so put nothing before it.
+//!
+//! In tests, where libtest owns `main`, write [`enable_test_support!()`] once per test
+//! binary (for example at the top of `tests/it/main.rs`).
+//!
+//! # Start methods
+//!
+//! As in Python ([`StartMethod`], [`set_start_method`], [`Process::with_start_method`]):
+//! - **ForkServer** (default): a single-threaded copy of the program, started once on first
+//!   use, forks each child. Fast, and safe in multi-threaded programs.
+//! - **Fork**: forks this process directly. Fastest, sees the parent's memory, but refused
+//!   when the parent has more than one thread (forking a multi-threaded program can leave a
+//!   lock held for ever in the child) unless explicitly allowed.
+//! - **Spawn**: re-runs the executable for every child. Slowest, simplest.
+//!
+//! # Arguments and results
+//!
+//! A target is a plain `fn(A) -> R` (or a closure capturing nothing). `A` and `R` cross
+//! process boundaries as serde data (postcard); several arguments travel as a tuple. Code is
+//! never sent: the child runs the same executable and finds the function by its offset.
+//!
+//! # Panics, exit codes and signals
+//!
+//! A child's panic comes back as [`ProcessError::Panicked`] with the message and location;
+//! a child that exits or is killed before returning is [`ProcessError::Exited`] or
+//! [`ProcessError::Killed`]; [`Process::exitcode`] follows Python (negative signal number).
+//! Children write to the parent's standard output and error.
+//!
+//! # Children never outlive their parent
+//!
+//! Each child dies with its parent, even when the parent is killed with SIGKILL: through
+//! `PR_SET_PDEATHSIG`, and where that is unreliable (a child started from a thread that may
+//! exit first) through EOF on its control socket. The fork server exits on EOF and its
+//! children follow it. Dropping a [`Process`] that was not joined kills and reaps it.
+//!
+//! # GPUs
+//!
+//! [`gpu`] reads NVML (never CUDA, so no context is created and it is safe before fork) from
+//! any process.
+//!
+//! # Platform support
+//!
+//! Linux only (pidfds need Linux 5.3 or later).
+//!
+//! # Dependencies and what is written by hand
+//!
+//! System calls go through `rustix` (`fork` and `_exit` through `libc`, so that the C
+//! library's fork handlers run), serialisation through `serde` + `postcard`, NVML through
+//! `nvml-wrapper`. Written here because no maintained crate does them: framing with file
+//! descriptors over `SCM_RIGHTS` ([`ipc`](crate::ipc)), the fork server, and sending a
+//! monomorphised `fn` between processes of the same executable.
 
 pub mod gpu;
+mod ipc;
+mod process;
+mod sys;
+
+pub use ipc::{deserialize_fd, serialize_fd};
+pub use process::{
+    active_children, cpu_count, current_process, get_start_method, parent_process,
+    process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo,
+    StartMethod,
+};
+pub use sys::signal_name;
+
+/// The one line of set-up at the top of `main`: Python's `if __name__ == '__main__':`.
+///
+/// In the program itself it returns at once. In a child process (or the fork server) it does
+/// the child's work and exits without returning, so nothing after it runs there, and nothing
+/// should come before it.
+///
+/// ```no_run
+/// fn main() {
+///     gpuproc::init();
+///     // ... the program ...
+/// }
+/// ```
+pub fn init() {
+    process::init()
+}
+
+/// Makes gpuproc work in a test binary: write it once, at the top level of the test crate.
+///
+/// libtest owns `main` there, so this registers [`init`] to run before it (an `.init_array`
+/// entry, Linux's constructor mechanism). The test binary then re-runs itself as the child.
+///
+/// ```ignore
+/// gpuproc::enable_test_support!();
+///
+/// #[test]
+/// fn squares() {
+///     let mut p = gpuproc::Process::new(|x: u64| x * x, 7);
+///     p.start().unwrap();
+///     assert_eq!(p.join().unwrap(), 49);
+/// }
+/// ```
+#[macro_export]
+macro_rules! enable_test_support {
+    () => {
+        #[used]
+        #[link_section = ".init_array"]
+        static __GPUPROC_TEST_SUPPORT: extern "C" fn() = {
+            extern "C" fn __gpuproc_test_support_init() {
+                $crate::init();
+            }
+            __gpuproc_test_support_init
+        };
+    };
+}
+
+#[cfg(test)]
+enable_test_support!();

@@ -1,1 +1,124 @@
 //! GPU information from any process, read through NVML (never CUDA).
+//!
+//! ```no_run
+//! let snap = gpuproc::gpu::snapshot()?;
+//! for gpu in &snap.devices {
+//!     let mem = gpu.memory.unwrap_or_default();
+//!     println!("[{}] {:?}: {} of {} MiB used", gpu.index, gpu.name, mem.used >> 20, mem.total >> 20);
+//!     for p in gpu.processes.iter().flatten() {
+//!         println!("    pid {:?} uses {:?} bytes", p.pid, p.used_memory);
+//!     }
+//! }
+//! # Ok::<(), gpuproc::gpu::GpuError>(())
+//! ```
+//!
+//! # How it works
+//! `libnvidia-ml` is loaded at run time, the first time a function here needs it, from
+//! `$GPUPROC_NVML_LIB` or the system's `libnvidia-ml.so.1`, and kept for the life of the
+//! process. NVML never creates a CUDA context, so querying is cheap in every worker and safe
+//! before `fork`. Without a driver every function returns a [`GpuError`] for which
+//! [`GpuError::is_no_driver`] is true; the rest of gpuproc keeps working.
+//!
+//! A field a device does not support is `None`; a device that cannot be read (fallen off the
+//! bus, permission denied) is listed with [`Device::error`] set rather than failing the
+//! whole snapshot. Processes are joined with `/proc` (user, command line, CPU, RSS); when
+//! gpuproc runs in a nested PID namespace with the host's `/proc` mounted, NVML's host PIDs
+//! are mapped through `NSpid` (see [`GpusBuilder::proc_root`]).
+//!
+//! # Which GPUs are mine?
+//! [`visible()`] (alias [`assigned()`]) applies `CUDA_VISIBLE_DEVICES` and
+//! `CUDA_DEVICE_ORDER` as CUDA does. NVML numbers devices in PCI bus order; CUDA's default
+//! order, `FASTEST_FIRST`, can differ when the machine mixes GPU models, which
+//! [`VisibleDevices::order_is_exact`] reports. [`usage_of()`] says which GPUs a process
+//! (and optionally its descendants) uses and how much memory.
+
+mod error;
+mod host;
+mod nvml;
+mod types;
+mod visible;
+
+use std::sync::OnceLock;
+
+pub use error::{GpuError, GpuErrorKind};
+pub use nvml::{Gpus, GpusBuilder, VisibleDevice, VisibleDevices, NVML_LIB_ENV};
+pub use types::{
+    Clocks, ComputeMode, CudaVersion, Device, DeviceFault, DeviceUsage, EccErrors, GpuProcess,
+    HostProcess, Memory, Mig, MigInstance, ProcessKind, ProcessUsage, Snapshot, Utilization,
+};
+pub use visible::{
+    order_is_exact, parse_cuda_visible_devices, resolve_visible_devices, CudaDeviceOrder,
+    DeviceSelector, Resolved,
+};
+
+/// The process-wide handle, opened on first use with [`Gpus::open`].
+///
+/// The outcome of opening is kept, so a machine without a driver pays for the failed load
+/// once.
+///
+/// # Errors
+/// The error from opening, as [`Gpus::open`].
+pub fn global() -> Result<&'static Gpus, GpuError> {
+    static GLOBAL: OnceLock<Result<Gpus, GpuError>> = OnceLock::new();
+    GLOBAL
+        .get_or_init(Gpus::open)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Every GPU on this machine with its processes: see [`Gpus::snapshot`].
+///
+/// # Errors
+/// [`GpuError::is_no_driver`] without an NVIDIA driver; otherwise when NVML cannot count
+/// the devices.
+pub fn snapshot() -> Result<Snapshot, GpuError> {
+    global()?.snapshot()
+}
+
+/// The number of GPUs NVML sees.
+///
+/// # Errors
+/// [`GpuError::is_no_driver`] without an NVIDIA driver.
+pub fn device_count() -> Result<u32, GpuError> {
+    global()?.device_count()
+}
+
+/// Which GPUs process `pid` (and, with `include_descendants`, its descendants) uses, and how
+/// much memory: see [`Gpus::usage_of`].
+///
+/// ```no_run
+/// let mine = gpuproc::gpu::usage_of(std::process::id(), true)?;
+/// println!("{} bytes of GPU memory", mine.total_memory());
+/// # Ok::<(), gpuproc::gpu::GpuError>(())
+/// ```
+///
+/// # Errors
+/// [`GpuError::is_no_driver`] without an NVIDIA driver.
+pub fn usage_of(pid: u32, include_descendants: bool) -> Result<ProcessUsage, GpuError> {
+    global()?.usage_of(pid, include_descendants)
+}
+
+/// The devices this process may use, per `CUDA_VISIBLE_DEVICES` and `CUDA_DEVICE_ORDER`,
+/// with live figures: see [`Gpus::visible`].
+///
+/// # Errors
+/// [`GpuError::is_no_driver`] without an NVIDIA driver.
+pub fn visible() -> Result<VisibleDevices, GpuError> {
+    global()?.visible()
+}
+
+/// The GPUs given to this process: inside a worker, the devices its launcher assigned
+/// through `CUDA_VISIBLE_DEVICES`. The same as [`visible()`].
+///
+/// ```no_run
+/// for gpu in gpuproc::gpu::assigned()?.devices {
+///     println!("cuda:{} is NVML device {}", gpu.cuda_index, gpu.device.index);
+/// }
+/// # Ok::<(), gpuproc::gpu::GpuError>(())
+/// ```
+///
+/// # Errors
+/// [`GpuError::is_no_driver`] without an NVIDIA driver.
+pub fn assigned() -> Result<VisibleDevices, GpuError> {
+    visible()
+}

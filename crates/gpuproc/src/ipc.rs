@@ -1,0 +1,316 @@
+//! Framed messages over Unix stream sockets, with file descriptors riding along.
+//!
+//! A frame is an 8-byte header (payload length and descriptor count, little-endian `u32`s)
+//! followed by the payload; the frame's descriptors travel as `SCM_RIGHTS` with its first
+//! byte. Payloads are postcard-encoded serde values. Values that own a descriptor (pipes,
+//! queues, shared memory) serialise it through [`serialize_fd`]/[`deserialize_fd`], which
+//! move it into and out of the frame's descriptor list: this is how handles are passed to
+//! child processes with every start method.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::sys;
+
+const HEADER: usize = 8;
+
+/// One received message.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub bytes: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Sends one frame.
+pub(crate) fn send_frame(sock: BorrowedFd<'_>, payload: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let len = u32::try_from(payload.len()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "message of {} bytes is larger than the 4 GiB frame limit",
+                payload.len()
+            ),
+        )
+    })?;
+    let mut bytes = Vec::with_capacity(HEADER + payload.len());
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(&(fds.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    sys::send_all(sock, &bytes, &borrowed)
+}
+
+/// What [`FrameReader::read`] found.
+#[derive(Debug)]
+pub(crate) enum Read {
+    Frame(Frame),
+    /// The peer closed its end (a partial frame, if any, is dropped).
+    Eof,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+/// Reassembles frames from a stream socket; reads never block past a deadline.
+#[derive(Debug, Default)]
+pub(crate) struct FrameReader {
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+    eof: bool,
+}
+
+impl FrameReader {
+    /// Whether the peer has closed its end.
+    pub fn at_eof(&self) -> bool {
+        self.eof
+    }
+
+    /// Takes everything available now, without blocking.
+    pub fn fill(&mut self, sock: BorrowedFd<'_>) -> io::Result<()> {
+        let mut fds = Vec::new();
+        while !self.eof {
+            match sys::recv_nonblocking(sock, &mut self.buf, &mut fds)? {
+                sys::Received::Data => {}
+                sys::Received::WouldBlock => break,
+                sys::Received::Eof => self.eof = true,
+            }
+        }
+        self.fds.extend(fds);
+        Ok(())
+    }
+
+    /// A complete frame, if one has arrived.
+    pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
+        if self.buf.len() < HEADER {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize;
+        let nfds = u32::from_le_bytes(self.buf[4..8].try_into().expect("4 bytes")) as usize;
+        if self.buf.len() < HEADER + len {
+            return Ok(None);
+        }
+        if self.fds.len() < nfds {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "malformed frame: header announces {nfds} file descriptors, {} arrived",
+                    self.fds.len()
+                ),
+            ));
+        }
+        let bytes = self.buf[HEADER..HEADER + len].to_vec();
+        self.buf.drain(..HEADER + len);
+        let fds = self.fds.drain(..nfds).collect();
+        Ok(Some(Frame { bytes, fds }))
+    }
+
+    /// Waits for the next frame until `deadline` (`None`: for ever).
+    pub fn read(&mut self, sock: BorrowedFd<'_>, deadline: Option<Instant>) -> io::Result<Read> {
+        loop {
+            if let Some(f) = self.next_frame()? {
+                return Ok(Read::Frame(f));
+            }
+            if self.eof {
+                return Ok(Read::Eof);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // One last look: the data may be there already.
+                self.fill(sock)?;
+                if let Some(f) = self.next_frame()? {
+                    return Ok(Read::Frame(f));
+                }
+                return Ok(if self.eof { Read::Eof } else { Read::TimedOut });
+            }
+            sys::poll_readable(&[sock], deadline)?;
+            self.fill(sock)?;
+        }
+    }
+}
+
+thread_local! {
+    /// Descriptors collected while serialising a message, or handed out while deserialising one.
+    static FDS: RefCell<Option<FdTable>> = const { RefCell::new(None) };
+}
+
+#[derive(Debug)]
+enum FdTable {
+    Outgoing(Vec<OwnedFd>),
+    Incoming(Vec<Option<OwnedFd>>),
+}
+
+/// Restores the previous table even when serialisation panics.
+struct TableGuard(Option<FdTable>);
+
+impl TableGuard {
+    fn install(table: FdTable) -> Self {
+        TableGuard(FDS.with(|t| t.borrow_mut().replace(table)))
+    }
+    fn take(mut self) -> Option<FdTable> {
+        let prev = self.0.take();
+        FDS.with(|t| std::mem::replace(&mut *t.borrow_mut(), prev))
+    }
+}
+
+impl Drop for TableGuard {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        FDS.with(|t| *t.borrow_mut() = prev);
+    }
+}
+
+/// Encodes `value`, gathering the descriptors of any handles inside it.
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    value: &T,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), postcard::Error> {
+    let guard = TableGuard::install(FdTable::Outgoing(Vec::new()));
+    let bytes = postcard::to_stdvec(value);
+    let fds = match guard.take() {
+        Some(FdTable::Outgoing(fds)) => fds,
+        _ => Vec::new(),
+    };
+    Ok((bytes?, fds))
+}
+
+/// Decodes a `T`, handing the frame's descriptors to the handles inside it.
+pub(crate) fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<T, postcard::Error> {
+    let guard = TableGuard::install(FdTable::Incoming(fds.into_iter().map(Some).collect()));
+    let value = postcard::from_bytes(bytes);
+    drop(guard);
+    value
+}
+
+/// Serialises a descriptor: a duplicate travels with the message; the original stays here.
+///
+/// Only meaningful inside a gpuproc message (arguments, results, channel messages); any other
+/// serializer gets an error.
+pub fn serialize_fd<S: Serializer>(fd: BorrowedFd<'_>, s: S) -> Result<S::Ok, S::Error> {
+    let index = FDS.with(|t| match t.borrow_mut().as_mut() {
+        Some(FdTable::Outgoing(fds)) => {
+            let dup =
+                sys::dup(fd).map_err(|e| format!("cannot duplicate a file descriptor: {e}"))?;
+            fds.push(dup);
+            Ok(fds.len() - 1)
+        }
+        _ => Err("a gpuproc handle can only be serialised inside a gpuproc message".to_string()),
+    });
+    match index {
+        Ok(i) => (i as u32).serialize(s),
+        Err(msg) => Err(serde::ser::Error::custom(msg)),
+    }
+}
+
+/// Deserialises a descriptor sent with [`serialize_fd`].
+pub fn deserialize_fd<'de, D: Deserializer<'de>>(d: D) -> Result<OwnedFd, D::Error> {
+    let index = u32::deserialize(d)? as usize;
+    FDS.with(|t| match t.borrow_mut().as_mut() {
+        Some(FdTable::Incoming(fds)) => {
+            fds.get_mut(index).and_then(Option::take).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "file descriptor #{index} is missing from the message (or used twice)"
+                ))
+            })
+        }
+        _ => Err(serde::de::Error::custom(
+            "a gpuproc handle can only be deserialised inside a gpuproc message",
+        )),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::time::Duration;
+
+    #[derive(Serialize, Deserialize)]
+    struct WithFd {
+        label: String,
+        #[serde(serialize_with = "ser_owned", deserialize_with = "deserialize_fd")]
+        fd: OwnedFd,
+    }
+
+    fn ser_owned<S: Serializer>(fd: &OwnedFd, s: S) -> Result<S::Ok, S::Error> {
+        serialize_fd(fd.as_fd(), s)
+    }
+
+    #[test]
+    fn frames_carry_bytes_and_descriptors() {
+        let (a, b) = sys::socketpair().unwrap();
+        let (pipe_r, pipe_w) = rustix::pipe::pipe().unwrap();
+        let msg = WithFd {
+            label: "hello".into(),
+            fd: pipe_w,
+        };
+        let (bytes, fds) = encode(&msg).unwrap();
+        assert_eq!(fds.len(), 1);
+        send_frame(a.as_fd(), &bytes, &fds).unwrap();
+        send_frame(a.as_fd(), b"second", &[]).unwrap();
+        let mut r = FrameReader::default();
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        let Read::Frame(f) = r.read(b.as_fd(), deadline).unwrap() else {
+            panic!("no frame")
+        };
+        let got: WithFd = decode(&f.bytes, f.fds).unwrap();
+        assert_eq!(got.label, "hello");
+        // The received descriptor is the pipe's write end: writing to it reaches the read end.
+        // SAFETY: we own both descriptors and move them into std files.
+        let mut w = unsafe { std::fs::File::from_raw_fd(got.fd.into_raw_fd()) };
+        // SAFETY: as above.
+        let mut rd = unsafe { std::fs::File::from_raw_fd(pipe_r.into_raw_fd()) };
+        drop(msg);
+        w.write_all(b"x").unwrap();
+        drop(w);
+        let mut s = String::new();
+        rd.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "x");
+        let Read::Frame(f) = r.read(b.as_fd(), deadline).unwrap() else {
+            panic!("no frame")
+        };
+        assert_eq!(f.bytes, b"second");
+        drop(a);
+        assert!(matches!(r.read(b.as_fd(), deadline).unwrap(), Read::Eof));
+    }
+
+    #[test]
+    fn read_times_out_without_data() {
+        let (_a, b) = sys::socketpair().unwrap();
+        let mut r = FrameReader::default();
+        let got = r
+            .read(b.as_fd(), Some(Instant::now() + Duration::from_millis(20)))
+            .unwrap();
+        assert!(matches!(got, Read::TimedOut));
+    }
+
+    #[test]
+    fn missing_descriptor_is_an_error() {
+        let (a, b) = sys::socketpair().unwrap();
+        // A header announcing one descriptor that never came.
+        let mut raw = 0u32.to_le_bytes().to_vec();
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        sys::send_all(a.as_fd(), &raw, &[]).unwrap();
+        let mut r = FrameReader::default();
+        let err = r
+            .read(b.as_fd(), Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn handles_outside_messages_are_refused() {
+        let (a, _b) = sys::socketpair().unwrap();
+        let msg = WithFd {
+            label: "x".into(),
+            fd: a,
+        };
+        assert!(postcard::to_stdvec(&msg).is_err());
+    }
+}

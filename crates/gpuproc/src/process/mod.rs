@@ -1,0 +1,694 @@
+//! `Process`: run a Rust function in another process and get its result back.
+//!
+//! The shape follows Python's `multiprocessing.Process`: build it with a target and its
+//! argument, `start` it, `join` it. Start methods, as in Python, are [`StartMethod::Spawn`],
+//! [`StartMethod::ForkServer`] (the default) and [`StartMethod::Fork`].
+
+mod child;
+mod error;
+mod forkserver;
+mod handle;
+pub(crate) mod wire;
+
+use std::any::type_name;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use self::child::ParentWatch;
+pub use self::error::ProcessError;
+use self::handle::{ChildHandle, Report};
+use self::wire::{Call, Failure, Identity, Trampoline};
+use crate::ipc;
+use crate::sys::{self, Forked, Sig};
+
+pub use crate::sys::ExitStatus;
+
+/// The environment variable that tells [`crate::init`] it runs as a spawned child.
+pub(crate) const CHILD_FD_ENV: &str = "GPUPROC_CHILD_FD";
+/// How the spawned child should watch for its parent's death.
+const CHILD_WATCH_ENV: &str = "GPUPROC_CHILD_WATCH";
+
+/// How a child process is created. See the crate documentation for the trade-offs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StartMethod {
+    /// Re-run this executable (`/proc/self/exe`) and call the target there. Slowest, and
+    /// always safe. Needs [`init`](crate::init).
+    Spawn,
+    /// Ask a single-threaded server process, started once on first use, to fork the child.
+    /// Fast and safe in multi-threaded programs. Needs [`init`](crate::init). The default.
+    ForkServer,
+    /// `fork()` this process. Fastest; refused when this process has more than one thread
+    /// unless [`Process::allow_fork_with_threads`] says otherwise.
+    Fork,
+}
+
+impl StartMethod {
+    /// Python's name for it: `"spawn"`, `"forkserver"` or `"fork"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StartMethod::Spawn => "spawn",
+            StartMethod::ForkServer => "forkserver",
+            StartMethod::Fork => "fork",
+        }
+    }
+
+    /// All start methods, fastest-safe first.
+    pub fn all() -> [StartMethod; 3] {
+        [
+            StartMethod::ForkServer,
+            StartMethod::Fork,
+            StartMethod::Spawn,
+        ]
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            StartMethod::ForkServer => 0,
+            StartMethod::Fork => 1,
+            StartMethod::Spawn => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => StartMethod::Fork,
+            2 => StartMethod::Spawn,
+            _ => StartMethod::ForkServer,
+        }
+    }
+}
+
+impl std::str::FromStr for StartMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "spawn" => Ok(StartMethod::Spawn),
+            "forkserver" => Ok(StartMethod::ForkServer),
+            "fork" => Ok(StartMethod::Fork),
+            other => Err(format!(
+                "unknown start method {other:?}: expected spawn, forkserver or fork"
+            )),
+        }
+    }
+}
+
+static START_METHOD: AtomicU8 = AtomicU8::new(0);
+static INITIALIZED: AtomicBool = AtomicBool::new(false);
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// Sets the start method used by processes (and pools) that do not choose one; Python's
+/// `multiprocessing.set_start_method`.
+pub fn set_start_method(method: StartMethod) {
+    START_METHOD.store(method.to_u8(), Ordering::SeqCst);
+}
+
+/// The start method used by processes that do not choose one; Python's
+/// `multiprocessing.get_start_method`.
+pub fn get_start_method() -> StartMethod {
+    StartMethod::from_u8(START_METHOD.load(Ordering::SeqCst))
+}
+
+/// Runs the child or fork-server side if this process is one; otherwise returns at once.
+pub(crate) fn init() {
+    INITIALIZED.store(true, Ordering::SeqCst);
+    if let Some(fd) = take_env_fd(forkserver::SERVER_FD_ENV) {
+        forkserver::serve(fd)
+    }
+    if let Some(fd) = take_env_fd(CHILD_FD_ENV) {
+        let watch = std::env::var(CHILD_WATCH_ENV).unwrap_or_default();
+        std::env::remove_var(CHILD_WATCH_ENV);
+        child::serve_call(fd, ParentWatch::from_env(&watch))
+    }
+}
+
+fn take_env_fd(var: &str) -> Option<OwnedFd> {
+    let value = std::env::var(var).ok()?;
+    std::env::remove_var(var);
+    let fd = value
+        .parse()
+        .ok()
+        .and_then(|raw| sys::take_inherited_fd(raw).ok());
+    if fd.is_none() {
+        eprintln!("gpuproc: ignoring {var}={value:?}: not an open file descriptor");
+    }
+    fd
+}
+
+/// What a process knows about itself or another process; Python's `current_process()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// The process's name (`"MainProcess"` for the main program, `"Process-1"`, ...).
+    pub name: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Whether it is daemonic.
+    pub daemon: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Me {
+    name: String,
+    daemon: bool,
+    parent: Option<(u32, String)>,
+}
+
+static ME: Mutex<Option<Me>> = Mutex::new(None);
+
+fn me() -> Me {
+    ME.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| Me {
+            name: "MainProcess".into(),
+            daemon: false,
+            parent: None,
+        })
+}
+
+/// Called in a child before its target runs.
+fn enter_child(id: &Identity, env: &[(String, Option<String>)]) {
+    *ME.lock().unwrap_or_else(|p| p.into_inner()) = Some(Me {
+        name: id.name.clone(),
+        daemon: id.daemon,
+        parent: Some((id.parent_pid, id.parent_name.clone())),
+    });
+    NEXT_ID.store(1, Ordering::SeqCst);
+    for (k, v) in env {
+        match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
+    }
+}
+
+/// This process; Python's `multiprocessing.current_process()`.
+pub fn current_process() -> ProcessInfo {
+    let me = me();
+    ProcessInfo {
+        name: me.name,
+        pid: sys::getpid(),
+        daemon: me.daemon,
+    }
+}
+
+/// The process that started this one, or `None` in the main program; Python's
+/// `multiprocessing.parent_process()`.
+pub fn parent_process() -> Option<ProcessInfo> {
+    me().parent.map(|(pid, name)| ProcessInfo {
+        name,
+        pid,
+        daemon: false,
+    })
+}
+
+/// The children of this process that are still running; Python's
+/// `multiprocessing.active_children()`.
+pub fn active_children() -> Vec<ProcessInfo> {
+    handle::active()
+        .iter()
+        .map(|c| ProcessInfo {
+            name: c.name.clone(),
+            pid: c.pid,
+            daemon: c.daemon,
+        })
+        .collect()
+}
+
+/// The number of CPUs in the machine; Python's `multiprocessing.cpu_count()`.
+pub fn cpu_count() -> usize {
+    sys::cpus_online()
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+}
+
+/// The number of CPUs this process may run on (its affinity); Python 3.13's
+/// `os.process_cpu_count()`.
+pub fn process_cpu_count() -> usize {
+    sys::cpus_allowed().unwrap_or_else(cpu_count)
+}
+
+fn default_name() -> String {
+    let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+    let me = me();
+    match me.name.strip_prefix("Process-") {
+        Some(mine) if me.parent.is_some() => format!("Process-{mine}:{n}"),
+        _ => format!("Process-{n}"),
+    }
+}
+
+/// A Rust function running (or about to run) in another process; Python's
+/// `multiprocessing.Process`.
+///
+/// The target is a plain `fn(A) -> R` (or a closure that captures nothing); the argument and
+/// the result cross between processes as serde data. Pass several arguments as a tuple.
+///
+/// ```
+/// # gpuproc::init();
+/// fn square(x: i64) -> i64 { x * x }
+///
+/// let mut p = gpuproc::Process::new(square, 12);
+/// p.start()?;
+/// assert_eq!(p.join()?, 144);
+/// assert_eq!(p.exitcode(), Some(0));
+/// # Ok::<(), gpuproc::ProcessError>(())
+/// ```
+///
+/// A closure that captures its environment is refused at compile time: there is no code to
+/// send, only data.
+///
+/// ```compile_fail
+/// let offset = 10;
+/// let p = gpuproc::Process::new(|x: i64| x + offset, 1);
+/// ```
+///
+/// # Dropping
+/// Dropping a started process that has not been joined kills it (SIGKILL) and reaps it, so
+/// no child outlives its handle or lingers as a zombie. Join it first to get its result.
+#[must_use = "a Process does nothing until start() is called"]
+pub struct Process<A, R> {
+    target: fn(A) -> R,
+    args: Option<A>,
+    name: String,
+    daemon: bool,
+    start_method: Option<StartMethod>,
+    allow_fork_with_threads: bool,
+    env: Vec<(String, Option<String>)>,
+    child: Option<Arc<ChildHandle>>,
+    joined: bool,
+}
+
+impl<A, R> std::fmt::Debug for Process<A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("name", &self.name)
+            .field("pid", &self.child.as_ref().map(|c| c.pid))
+            .field("daemon", &self.daemon)
+            .field("start_method", &self.start_method)
+            .finish()
+    }
+}
+
+impl<A, R> Process<A, R>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    /// A process that will call `target(args)`; Python's `Process(target=..., args=...)`.
+    pub fn new(target: fn(A) -> R, args: A) -> Self {
+        Process {
+            target,
+            args: Some(args),
+            name: default_name(),
+            daemon: current_process().daemon,
+            start_method: None,
+            allow_fork_with_threads: false,
+            env: Vec::new(),
+            child: None,
+            joined: false,
+        }
+    }
+
+    /// Sets the name (default `Process-N`).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Renames the process; Python's `p.name = ...`.
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.name = name.into();
+    }
+
+    /// The process's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Marks the process daemonic: it may not start children of its own. (Every gpuproc
+    /// child, daemonic or not, dies with its parent.)
+    pub fn with_daemon(mut self, daemon: bool) -> Self {
+        self.daemon = daemon;
+        self
+    }
+
+    /// Python's `p.daemon = ...`.
+    pub fn set_daemon(&mut self, daemon: bool) {
+        self.daemon = daemon;
+    }
+
+    /// Whether the process is daemonic.
+    pub fn daemon(&self) -> bool {
+        self.daemon
+    }
+
+    /// Chooses the start method for this process (default: [`get_start_method`]).
+    pub fn with_start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = Some(method);
+        self
+    }
+
+    /// The start method this process uses.
+    pub fn start_method(&self) -> StartMethod {
+        self.start_method.unwrap_or_else(get_start_method)
+    }
+
+    /// Lets [`StartMethod::Fork`] fork even when this process has other threads. The child
+    /// then has only the forking thread; a lock another thread held at that moment stays
+    /// held for ever in the child.
+    pub fn allow_fork_with_threads(mut self, allow: bool) -> Self {
+        self.allow_fork_with_threads = allow;
+        self
+    }
+
+    /// Sets an environment variable in the child before the target runs.
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Removes an environment variable in the child before the target runs.
+    pub fn without_env(mut self, key: impl Into<String>) -> Self {
+        self.env.push((key.into(), None));
+        self
+    }
+
+    /// Starts the process; Python's `p.start()`.
+    pub fn start(&mut self) -> Result<(), ProcessError> {
+        if self.child.is_some() || self.args.is_none() {
+            return Err(ProcessError::AlreadyStarted {
+                name: self.name.clone(),
+            });
+        }
+        if current_process().daemon {
+            return Err(ProcessError::DaemonChildren);
+        }
+        let method = self.start_method();
+        if method != StartMethod::Fork && !INITIALIZED.load(Ordering::SeqCst) {
+            return Err(ProcessError::NotInitialized {
+                method: method.name(),
+            });
+        }
+        let (ours, theirs) =
+            sys::socketpair().map_err(ProcessError::io("creating a socket pair"))?;
+        let handle = match method {
+            StartMethod::Fork => self.start_fork(ours, theirs)?,
+            StartMethod::Spawn => {
+                let pid = self.spawn(theirs)?;
+                ChildHandle::direct(pid, self.name.clone(), self.daemon, ours)
+                    .map_err(ProcessError::io("opening a pidfd for the child"))?
+            }
+            StartMethod::ForkServer => {
+                let pid = forkserver::fork_child(theirs)?;
+                ChildHandle::via_server(pid, self.name.clone(), self.daemon, ours)
+            }
+        };
+        if method != StartMethod::Fork {
+            let sent = self.encode_call().and_then(|(bytes, fds)| {
+                handle
+                    .send(&bytes, &fds)
+                    .map_err(ProcessError::io("sending the call to the child"))
+            });
+            if let Err(e) = sent {
+                // The child waits for a call that will not come: end it now.
+                let _ = handle.signal(Sig::Kill);
+                return Err(e);
+            }
+        }
+        self.child = Some(handle);
+        Ok(())
+    }
+
+    fn identity(&self) -> Identity {
+        let me = current_process();
+        Identity {
+            name: self.name.clone(),
+            daemon: self.daemon,
+            parent_pid: me.pid,
+            parent_name: me.name,
+        }
+    }
+
+    fn encode_call(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), ProcessError> {
+        let args = self.args.take().expect("checked by start");
+        let encode_err = |reason: String| ProcessError::Encode {
+            name: self.name.clone(),
+            type_name: type_name::<A>().to_string(),
+            reason,
+        };
+        let (arg_bytes, fds) = ipc::encode(&args).map_err(|e| encode_err(e.to_string()))?;
+        let call = Call {
+            trampoline: wire::offset_of(wire::trampoline::<A, R> as Trampoline as usize),
+            target: wire::offset_of(self.target as usize),
+            args: arg_bytes,
+            identity: self.identity(),
+            env: self.env.clone(),
+        };
+        let bytes = postcard::to_stdvec(&call).map_err(|e| encode_err(e.to_string()))?;
+        Ok((bytes, fds))
+    }
+
+    fn spawn(&self, theirs: OwnedFd) -> Result<u32, ProcessError> {
+        let raw = theirs.as_raw_fd();
+        let watch = if sys::on_main_thread() {
+            ParentWatch::DeathSignal
+        } else {
+            ParentWatch::EofWatcher
+        };
+        let parent = sys::getpid();
+        let mut cmd = Command::new("/proc/self/exe");
+        if let Some(arg0) = std::env::args_os().next() {
+            cmd.arg0(arg0);
+        }
+        cmd.arg("--gpuproc-child")
+            .env(CHILD_FD_ENV, raw.to_string())
+            .env(CHILD_WATCH_ENV, watch.as_env());
+        // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
+        // system calls (fcntl, prctl, getppid, _exit) on data it owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                sys::clear_cloexec(std::os::fd::BorrowedFd::borrow_raw(raw))?;
+                if watch == ParentWatch::DeathSignal {
+                    sys::kill_me_with_parent()?;
+                    if sys::getppid() != Some(parent) {
+                        sys::exit_now(1);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(ProcessError::io(
+            "re-running this executable (/proc/self/exe)",
+        ))?;
+        // We reap it ourselves through its pidfd; std's handle neither waits nor kills on drop.
+        let pid = child.id();
+        drop(child);
+        drop(theirs);
+        Ok(pid)
+    }
+
+    fn start_fork(
+        &mut self,
+        ours: OwnedFd,
+        theirs: OwnedFd,
+    ) -> Result<Arc<ChildHandle>, ProcessError> {
+        let threads = sys::thread_count().map_err(ProcessError::io("counting threads"))?;
+        if threads > 1 && !self.allow_fork_with_threads {
+            return Err(ProcessError::ForkUnsafe { threads });
+        }
+        let watch = if sys::on_main_thread() {
+            ParentWatch::DeathSignal
+        } else {
+            ParentWatch::EofWatcher
+        };
+        let parent = sys::getpid();
+        let identity = self.identity();
+        // Flush so that buffered output is not written twice, once by each process.
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: either this process has a single thread, or the user explicitly accepted
+        // the risks of forking a multi-threaded process (`allow_fork_with_threads`).
+        match unsafe { sys::fork() }.map_err(ProcessError::io("fork"))? {
+            Forked::Child => {
+                drop(ours);
+                if watch == ParentWatch::DeathSignal
+                    && (sys::kill_me_with_parent().is_err() || sys::getppid() != Some(parent))
+                {
+                    sys::exit_now(1);
+                }
+                enter_child(&identity, &self.env);
+                if watch == ParentWatch::EofWatcher {
+                    child::watch_parent(&theirs);
+                }
+                let target = self.target;
+                let args = self.args.take().expect("checked by start");
+                let outcome = child::run_catching(|| wire::encode_result(&target(args)));
+                child::report_and_exit(&theirs, outcome)
+            }
+            Forked::Parent(pid) => {
+                drop(theirs);
+                self.args = None;
+                ChildHandle::direct(pid, self.name.clone(), self.daemon, ours)
+                    .map_err(ProcessError::io("opening a pidfd for the child"))
+            }
+        }
+    }
+
+    /// Waits for the process to end and returns the target's result; Python's `p.join()`.
+    ///
+    /// A panic, a non-zero exit or a fatal signal in the child is an error saying which. The
+    /// result can be taken once; a second `join` is an [`ProcessError::AlreadyJoined`] error.
+    pub fn join(&mut self) -> Result<R, ProcessError> {
+        self.join_until(None)
+    }
+
+    /// Like [`join`](Self::join), giving up after `timeout` with [`ProcessError::Timeout`];
+    /// the process runs on and can be joined again. Python's `p.join(timeout)`.
+    pub fn join_timeout(&mut self, timeout: Duration) -> Result<R, ProcessError> {
+        self.join_until(Some(Instant::now() + timeout))
+    }
+
+    fn join_until(&mut self, deadline: Option<Instant>) -> Result<R, ProcessError> {
+        let started = Instant::now();
+        let Some(child) = self.child.as_ref() else {
+            return Err(ProcessError::NotStarted {
+                name: self.name.clone(),
+            });
+        };
+        if self.joined {
+            return Err(ProcessError::AlreadyJoined {
+                name: self.name.clone(),
+            });
+        }
+        let ended = child
+            .wait(deadline)
+            .map_err(ProcessError::io("waiting for the child"))?;
+        if !ended {
+            return Err(ProcessError::Timeout {
+                name: self.name.clone(),
+                waited: started.elapsed(),
+            });
+        }
+        self.joined = true;
+        let name = self.name.clone();
+        match child.take_report() {
+            Some(Report::Returned(frame)) => {
+                ipc::decode(&frame.bytes, frame.fds).map_err(|e| ProcessError::BadResult {
+                    name,
+                    type_name: type_name::<R>().to_string(),
+                    reason: e.to_string(),
+                })
+            }
+            Some(Report::Failed(f)) => Err(match f {
+                Failure::Panicked {
+                    message,
+                    location,
+                    backtrace,
+                } => ProcessError::Panicked {
+                    name,
+                    message,
+                    location,
+                    backtrace,
+                },
+                Failure::BadArgument { type_name, reason } => ProcessError::BadArgument {
+                    name,
+                    type_name,
+                    reason,
+                },
+                Failure::BadResult { type_name, reason } => ProcessError::BadResult {
+                    name,
+                    type_name,
+                    reason,
+                },
+            }),
+            None => Err(match child.status() {
+                Some(ExitStatus::Signal(signal)) => ProcessError::Killed {
+                    name,
+                    pid: child.pid,
+                    signal,
+                },
+                Some(ExitStatus::Code(code)) => ProcessError::Exited {
+                    name,
+                    pid: child.pid,
+                    code,
+                },
+                None => ProcessError::ForkServer {
+                    reason: format!("it exited before reporting how process {name:?} ended"),
+                },
+            }),
+        }
+    }
+
+    /// Whether the process has started and not yet ended; Python's `p.is_alive()`.
+    pub fn is_alive(&self) -> bool {
+        self.child.as_ref().is_some_and(|c| c.is_alive())
+    }
+
+    /// The process id, once started; Python's `p.pid`.
+    #[doc(alias = "ident")]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.pid)
+    }
+
+    /// How the process ended, once it has: its exit code, or minus the signal that killed it
+    /// (Python's convention). `None` while it runs or before it starts. Python's `p.exitcode`.
+    pub fn exitcode(&self) -> Option<i32> {
+        let child = self.child.as_ref()?;
+        if child.is_alive() {
+            return None;
+        }
+        child.status().map(ExitStatus::exitcode)
+    }
+
+    /// Sends SIGTERM; Python's `p.terminate()`.
+    pub fn terminate(&self) -> Result<(), ProcessError> {
+        self.send_signal(Sig::Term)
+    }
+
+    /// Sends SIGKILL; Python's `p.kill()`.
+    pub fn kill(&self) -> Result<(), ProcessError> {
+        self.send_signal(Sig::Kill)
+    }
+
+    fn send_signal(&self, sig: Sig) -> Result<(), ProcessError> {
+        match &self.child {
+            Some(c) => c
+                .signal(sig)
+                .map_err(ProcessError::io("signalling the child")),
+            None => Err(ProcessError::NotStarted {
+                name: self.name.clone(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_method_names_round_trip() {
+        for m in StartMethod::all() {
+            assert_eq!(m.name().parse::<StartMethod>().unwrap(), m);
+            assert_eq!(StartMethod::from_u8(m.to_u8()), m);
+        }
+        assert!("threads"
+            .parse::<StartMethod>()
+            .unwrap_err()
+            .contains("forkserver"));
+    }
+
+    #[test]
+    fn cpu_counts_are_sane() {
+        assert!(cpu_count() >= 1);
+        assert!(process_cpu_count() >= 1);
+        assert!(process_cpu_count() <= cpu_count());
+    }
+}

@@ -1,0 +1,153 @@
+//! What parent, child and fork server say to each other, and how a target crosses over.
+//!
+//! A target is a plain `fn(A) -> R`. Parent and child run the same executable image (the
+//! child is a fork, or an exec of `/proc/self/exe`), so a function's distance from a fixed
+//! anchor function is the same in both, whatever the load address: the parent sends that
+//! distance for the target and for a monomorphised trampoline that decodes `A`, calls the
+//! target and encodes `R`.
+
+use std::any::type_name;
+use std::os::fd::OwnedFd;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ipc;
+use crate::sys::ExitStatus;
+
+/// The call a child is asked to make.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Call {
+    /// Offset of the trampoline from [`anchor`].
+    pub trampoline: isize,
+    /// Offset of the target from [`anchor`].
+    pub target: isize,
+    /// The encoded argument; its descriptors ride in the frame.
+    pub args: Vec<u8>,
+    /// Who the child is and who its parent is.
+    pub identity: Identity,
+    /// Environment changes to make before the target runs (`None` removes the variable).
+    pub env: Vec<(String, Option<String>)>,
+}
+
+/// Names and ids a child learns about itself and its parent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Identity {
+    pub name: String,
+    pub daemon: bool,
+    pub parent_pid: u32,
+    pub parent_name: String,
+}
+
+/// A message from a child (or, for `Exited`, from the fork server about a child).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ChildMsg {
+    /// The target returned; the encoded result (its descriptors ride in the frame).
+    Returned(Vec<u8>),
+    /// The target did not return a value.
+    Failed(Failure),
+    /// Sent by the fork server once it has reaped the child.
+    Exited(ExitStatus),
+}
+
+/// Why a child produced no result, as data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum Failure {
+    /// The target panicked.
+    Panicked {
+        message: String,
+        location: Option<String>,
+        backtrace: Option<String>,
+    },
+    /// The argument could not be decoded as the target's argument type.
+    BadArgument { type_name: String, reason: String },
+    /// The result could not be encoded.
+    BadResult { type_name: String, reason: String },
+}
+
+/// A request to the fork server. The frame carries the child's control socket and this
+/// process's standard input, output and error, in that order.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ForkRequest {
+    pub parent_pid: u32,
+}
+
+/// The fork server's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ForkReply {
+    Forked { pid: u32 },
+    Failed { reason: String },
+}
+
+/// The fixed point that function offsets are measured from.
+#[inline(never)]
+pub(crate) fn anchor() {
+    std::hint::black_box(());
+}
+
+pub(crate) fn offset_of(addr: usize) -> isize {
+    (addr as isize).wrapping_sub(anchor as fn() as usize as isize)
+}
+
+pub(crate) fn address_of(offset: isize) -> usize {
+    (anchor as fn() as usize as isize).wrapping_add(offset) as usize
+}
+
+/// What a trampoline produced: an encoded result with its descriptors, or a failure.
+pub(crate) type Outcome = Result<(Vec<u8>, Vec<OwnedFd>), Failure>;
+
+/// Decodes `A`, calls the target at `target`, encodes `R`. Panics propagate to the caller.
+pub(crate) type Trampoline = fn(target: usize, args: &[u8], fds: Vec<OwnedFd>) -> Outcome;
+
+pub(crate) fn trampoline<A: DeserializeOwned, R: Serialize>(
+    target: usize,
+    args: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Outcome {
+    let args: A = ipc::decode(args, fds).map_err(|e| Failure::BadArgument {
+        type_name: type_name::<A>().to_string(),
+        reason: e.to_string(),
+    })?;
+    // SAFETY: `target` was computed by the parent from a `fn(A) -> R` in this same executable
+    // image (see the module docs), and this trampoline was instantiated with the same A and R.
+    let f: fn(A) -> R = unsafe { std::mem::transmute::<usize, fn(A) -> R>(target) };
+    encode_result(&f(args))
+}
+
+/// Encodes a target's result.
+pub(crate) fn encode_result<R: Serialize>(r: &R) -> Outcome {
+    ipc::encode(r).map_err(|e| Failure::BadResult {
+        type_name: type_name::<R>().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn double(x: u32) -> u32 {
+        x * 2
+    }
+
+    #[test]
+    fn offsets_round_trip_to_a_callable_target() {
+        let t = offset_of(trampoline::<u32, u32> as Trampoline as usize);
+        let f = offset_of(double as fn(u32) -> u32 as usize);
+        // SAFETY: the offset was taken from a `Trampoline` in this image just above.
+        let tr: Trampoline = unsafe { std::mem::transmute::<usize, Trampoline>(address_of(t)) };
+        let (args, fds) = ipc::encode(&21u32).unwrap();
+        let (out, _) = tr(address_of(f), &args, fds).unwrap();
+        assert_eq!(ipc::decode::<u32>(&out, Vec::new()).unwrap(), 42);
+    }
+
+    #[test]
+    fn bad_argument_names_the_type() {
+        let (args, fds) = ipc::encode(&()).unwrap();
+        let err = trampoline::<(u64, u64, u64), u32>(0, &args, fds).unwrap_err();
+        match err {
+            Failure::BadArgument { type_name, .. } => assert!(type_name.contains("u64")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Every system call gpuproc makes, in one place.
+//!
+//! The rest of the crate sees a small, safe API over file descriptors, process ids and
+//! sockets. Everything here is Linux-only; syscalls go through `rustix`, except `fork` and
+//! `_exit`, which must go through the C library so that its `atfork` handlers (malloc's
+//! locks, stdio) run and its exit handlers do not.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::{FdFlags, IoSlice, IoSliceMut};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use rustix::process::{Pid, Signal, WaitOptions};
+
+/// The most descriptors one message may carry (Linux's `SCM_MAX_FD`).
+pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// How a process ended, as `waitpid` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExitStatus {
+    /// It called `exit` (or returned from `main`) with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// Python's `exitcode`: the exit code, or minus the signal number.
+    pub fn exitcode(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => -s,
+        }
+    }
+}
+
+/// This process's id.
+pub(crate) fn getpid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+/// The parent's process id, if there is one.
+pub(crate) fn getppid() -> Option<u32> {
+    rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32)
+}
+
+/// Whether the calling thread is the process's main thread.
+pub(crate) fn on_main_thread() -> bool {
+    rustix::thread::gettid() == rustix::process::getpid()
+}
+
+/// The number of threads in this process, from `/proc/self/task`.
+pub(crate) fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+fn pid(p: u32) -> io::Result<Pid> {
+    Pid::from_raw(p as i32).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// A connected pair of `AF_UNIX` stream sockets, close-on-exec.
+pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// Clears close-on-exec so that `fd` survives an `exec`.
+pub(crate) fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::io::fcntl_setfd(fd, FdFlags::empty())?)
+}
+
+/// Duplicates `fd` (close-on-exec).
+pub(crate) fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, 0)?)
+}
+
+/// Makes `target` (0, 1 or 2, say) refer to the same file as `fd`.
+pub(crate) fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
+    // SAFETY: `target` is a descriptor number this process owns by convention (stdio); wrapping
+    // it in ManuallyDrop keeps us from closing it, `dup2` only replaces what it refers to.
+    let mut t = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(target) });
+    rustix::io::dup2(fd, &mut t)?;
+    Ok(())
+}
+
+/// Takes ownership of an inherited descriptor number, checking that it is open.
+pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `raw` was passed to us by our parent through the environment as a descriptor it
+    // left open for us; nothing else in this process owns it. We check it is valid first.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    rustix::io::fcntl_getfd(&fd)?;
+    rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC)?;
+    Ok(fd)
+}
+
+/// Closes a raw descriptor.
+///
+/// # Safety
+/// No `OwnedFd` or other owner of `raw` may be used or dropped afterwards.
+pub(crate) unsafe fn close_raw(raw: RawFd) {
+    // SAFETY: forwarded to the caller.
+    unsafe { libc::close(raw) };
+}
+
+/// What `fork` returned.
+pub(crate) enum Forked {
+    /// In the parent: the child's pid.
+    Parent(u32),
+    /// In the child.
+    Child,
+}
+
+/// `fork()` through the C library.
+///
+/// # Safety
+/// The child may only call async-signal-safe functions if the parent had other threads; the
+/// caller checks the thread count (or the user explicitly accepted the risk).
+pub(crate) unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: forwarded to the caller, see above.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        p => Ok(Forked::Parent(p as u32)),
+    }
+}
+
+/// Ends this process at once with `code`, running no exit handlers and no destructors.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` is always safe to call; it never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// Asks the kernel to send SIGKILL to this process when the thread that created it exits.
+pub(crate) fn kill_me_with_parent() -> io::Result<()> {
+    Ok(rustix::process::set_parent_process_death_signal(Some(
+        Signal::KILL,
+    ))?)
+}
+
+/// Sends SIGKILL to this process.
+pub(crate) fn kill_self() -> ! {
+    let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::KILL);
+    exit_now(137)
+}
+
+/// The signals gpuproc sends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Sig {
+    Term,
+    Kill,
+}
+
+impl Sig {
+    fn to_rustix(self) -> Signal {
+        match self {
+            Sig::Term => Signal::TERM,
+            Sig::Kill => Signal::KILL,
+        }
+    }
+}
+
+/// A `pidfd` for process `p`: a handle that cannot be confused with a later process that
+/// reuses the pid, and that polls readable when the process ends.
+pub(crate) fn pidfd_open(p: u32) -> io::Result<OwnedFd> {
+    Ok(rustix::process::pidfd_open(
+        pid(p)?,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// Sends `sig` to the process behind `pidfd`. A process that already ended is not an error.
+pub(crate) fn pidfd_signal(pidfd: BorrowedFd<'_>, sig: Sig) -> io::Result<()> {
+    match rustix::process::pidfd_send_signal(pidfd, sig.to_rustix()) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sends `sig` to process `p`. A process that already ended is not an error.
+pub(crate) fn signal(p: u32, sig: Sig) -> io::Result<()> {
+    match rustix::process::kill_process(pid(p)?, sig.to_rustix()) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reaps child `p`: `Some(status)` once it has ended, `None` if `block` is false and it runs on.
+pub(crate) fn waitpid(p: u32, block: bool) -> io::Result<Option<ExitStatus>> {
+    let opts = if block {
+        WaitOptions::empty()
+    } else {
+        WaitOptions::NOHANG
+    };
+    loop {
+        match rustix::process::waitpid(Some(pid(p)?), opts) {
+            Ok(Some((_, st))) => {
+                if let Some(c) = st.exit_status() {
+                    return Ok(Some(ExitStatus::Code(c)));
+                }
+                if let Some(s) = st.terminating_signal() {
+                    return Ok(Some(ExitStatus::Signal(s)));
+                }
+                // Stopped or continued: not an end; keep waiting if asked to.
+                if !block {
+                    return Ok(None);
+                }
+            }
+            Ok(None) => return Ok(None),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Which of the polled descriptors are ready.
+pub(crate) fn poll_readable(
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .collect();
+    loop {
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            Timespec {
+                tv_sec: left.as_secs() as _,
+                tv_nsec: left.subsec_nanos() as _,
+            }
+        });
+        match rustix::event::poll(&mut pfds, timeout.as_ref()) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect())
+}
+
+/// Sends `bytes` on a stream socket, the descriptors `fds` riding with the first byte.
+///
+/// Never raises SIGPIPE: a closed peer is an `io::ErrorKind::BrokenPipe` error.
+pub(crate) fn send_all(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a message can carry at most {MAX_FDS_PER_MESSAGE} file descriptors, not {}",
+                fds.len()
+            ),
+        ));
+    }
+    let mut sent = 0;
+    if !fds.is_empty() {
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(io::Error::other("ancillary buffer too small"));
+        }
+        loop {
+            match rustix::net::sendmsg(
+                sock,
+                &[IoSlice::new(bytes)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => {
+                    sent = n;
+                    break;
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    while sent < bytes.len() {
+        match rustix::net::send(sock, &bytes[sent..], SendFlags::NOSIGNAL) {
+            Ok(n) => sent += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => {
+                poll_writable(sock)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn poll_writable(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let mut p = [PollFd::new(&sock, PollFlags::OUT)];
+    loop {
+        match rustix::event::poll(&mut p, None) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// What one non-blocking receive brought.
+pub(crate) enum Received {
+    /// Some bytes (at least one) were appended.
+    Data,
+    /// Nothing is there yet.
+    WouldBlock,
+    /// The peer has closed its end.
+    Eof,
+}
+
+/// Receives what is available without blocking, appending bytes to `buf` and descriptors that
+/// came with them to `fds`.
+pub(crate) fn recv_nonblocking(
+    sock: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<Received> {
+    const CHUNK: usize = 64 * 1024;
+    let start = buf.len();
+    buf.resize(start + CHUNK, 0);
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let res = loop {
+        let mut iov = [IoSliceMut::new(&mut buf[start..])];
+        match rustix::net::recvmsg(
+            sock,
+            &mut iov,
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other,
+        }
+    };
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = msg {
+            fds.extend(received);
+        }
+    }
+    match res {
+        Ok(m) if m.bytes == 0 => {
+            buf.truncate(start);
+            Ok(Received::Eof)
+        }
+        Ok(m) => {
+            buf.truncate(start + m.bytes);
+            Ok(Received::Data)
+        }
+        Err(rustix::io::Errno::AGAIN) => {
+            buf.truncate(start);
+            Ok(Received::WouldBlock)
+        }
+        Err(rustix::io::Errno::CONNRESET) => {
+            buf.truncate(start);
+            Ok(Received::Eof)
+        }
+        Err(e) => {
+            buf.truncate(start);
+            Err(e.into())
+        }
+    }
+}
+
+/// Blocks until `sock`'s peer closes it (or it errors). Reads and discards anything sent.
+pub(crate) fn wait_for_eof(sock: BorrowedFd<'_>) {
+    let mut buf = [0u8; 256];
+    loop {
+        match rustix::io::read(sock, &mut buf) {
+            Ok(0) => return,
+            Ok(_) | Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// The number of CPUs online on this machine.
+pub(crate) fn cpus_online() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    parse_cpu_list(text.trim())
+}
+
+/// The number of CPUs this process may run on (its affinity mask).
+pub(crate) fn cpus_allowed() -> Option<usize> {
+    rustix::thread::sched_getaffinity(None)
+        .ok()
+        .map(|set| set.count() as usize)
+}
+
+/// Counts the CPUs in a kernel CPU list such as `0-3,8,10-11`.
+pub(crate) fn parse_cpu_list(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+                n += b.checked_sub(a)? + 1;
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                n += 1;
+            }
+        }
+    }
+    (n > 0).then_some(n)
+}
+
+/// A borrowed view of standard input, output and error, to hand to a fork server.
+pub(crate) fn stdio_fds() -> [BorrowedFd<'static>; 3] {
+    [
+        std::io::stdin().as_fd(),
+        std::io::stdout().as_fd(),
+        std::io::stderr().as_fd(),
+    ]
+    .map(|fd| {
+        // SAFETY: descriptors 0, 1 and 2 stay open for the life of the process.
+        unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&fd)) }
+    })
+}
+
+/// The conventional name of signal `sig`, such as `SIGKILL`.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        17 => "SIGCHLD",
+        18 => "SIGCONT",
+        19 => "SIGSTOP",
+        20 => "SIGTSTP",
+        24 => "SIGXCPU",
+        25 => "SIGXFSZ",
+        31 => "SIGSYS",
+        _ => "unknown signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0"), Some(1));
+        assert_eq!(parse_cpu_list("0-3"), Some(4));
+        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn exitcode_follows_python() {
+        assert_eq!(ExitStatus::Code(3).exitcode(), 3);
+        assert_eq!(ExitStatus::Signal(9).exitcode(), -9);
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(15), "SIGTERM");
+    }
+}
