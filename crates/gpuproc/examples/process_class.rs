@@ -22,10 +22,15 @@ fn hello(name: String) {
 }
 
 /// `def info(title)`: prints the title, the module name, the parent's pid and our pid.
+///
+/// The parent is the process that started us (`gpuproc::parent_process()`); with the fork
+/// server, the operating system's parent (`os.getppid()`) is the server instead, as in Python.
 fn info(title: &str) {
     println!("{title}");
     println!("module name: {}", module_path!());
-    println!("parent process: {}", std::os::unix::process::parent_id());
+    let parent =
+        gpuproc::parent_process().map_or_else(std::os::unix::process::parent_id, |p| p.pid);
+    println!("parent process: {parent}");
     println!("process id: {}", std::process::id());
 }
 

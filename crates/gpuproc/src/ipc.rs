@@ -180,12 +180,34 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
 pub(crate) fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     fds: Vec<OwnedFd>,
-) -> Result<T, postcard::Error> {
+) -> Result<T, DecodeError> {
     let guard = TableGuard::install(FdTable::Incoming(fds.into_iter().map(Some).collect()));
     let value = postcard::from_bytes(bytes);
     drop(guard);
-    value
+    value.map_err(DecodeError)
 }
+
+/// Why bytes did not decode as the expected type.
+#[derive(Debug)]
+pub(crate) struct DecodeError(postcard::Error);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use postcard::Error as E;
+        // postcard's own texts are terse, and it drops the message of a custom error.
+        match &self.0 {
+            E::SerdeDeCustom => {
+                f.write_str("the type's Deserialize implementation rejected the value")
+            }
+            E::DeserializeUnexpectedEnd => {
+                f.write_str("the data ended early (was a different type sent?)")
+            }
+            other => write!(f, "the data does not match the type ({other})"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
 
 /// Serialises a descriptor: a duplicate travels with the message; the original stays here.
 ///
@@ -266,12 +288,10 @@ mod tests {
         let mut w = unsafe { std::fs::File::from_raw_fd(got.fd.into_raw_fd()) };
         // SAFETY: as above.
         let mut rd = unsafe { std::fs::File::from_raw_fd(pipe_r.into_raw_fd()) };
-        drop(msg);
         w.write_all(b"x").unwrap();
-        drop(w);
-        let mut s = String::new();
-        rd.read_to_string(&mut s).unwrap();
-        assert_eq!(s, "x");
+        let mut byte = [0u8; 1];
+        rd.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
         let Read::Frame(f) = r.read(b.as_fd(), deadline).unwrap() else {
             panic!("no frame")
         };

@@ -1,1 +1,84 @@
 //! A simulated `libnvidia-ml.so`: exports the NVML C API and answers from a scenario file.
+//!
+//! It exists so that gpuproc's GPU layer (through `nvml-wrapper`), `pynvml` and `gpustat` can be
+//! exercised on machines without an NVIDIA GPU, over the real FFI path: the same `dlopen`, the
+//! same symbols, the same struct layouts and return codes as the real library. Scenarios describe
+//! GPUs, memory, utilisation, processes (by pid), MIG devices and injected failures; see the
+//! crate README for the format and [`BUNDLED_SCENARIOS`] for the built-in ones.
+//!
+//! Everything here is written by hand: no maintained crate exports a fake NVML (nvml-wrapper
+//! and nvml-wrapper-sys *consume* the C API, they do not provide it), and NVIDIA's own mock in
+//! k8s-test-infra is Go. The C structs in [`ffi`] are written out from nvml.h, checked against
+//! nvml-wrapper-sys's bindgen output by size tests, rather than depending on a bindings crate.
+//!
+//! # Using it
+//! - Rust (nvml-wrapper): `Nvml::builder().lib_path(nvml_sim::library_path()...)`, or gpuproc's
+//!   `GPUPROC_NVML_LIB=/path/to/libnvml_sim.so`.
+//! - Python (pynvml, gpustat): they `dlopen("libnvidia-ml.so.1")`, so create a directory with
+//!   that name linked to the simulator ([`make_pynvml_dir`]) and put it on `LD_LIBRARY_PATH`.
+//! - `NVML_SIM_SCENARIO` picks the scenario (bundled name or `.toml`/`.json` path),
+//!   `NVML_SIM_STATE_DIR` names the live-allocation directory (see [`state`]).
+//!
+//! The rlib half (this API) is for tests and tools; the cdylib half is the library itself.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub mod codes;
+pub mod ffi;
+pub mod scenario;
+pub mod state;
+
+pub use scenario::{Scenario, ScenarioError};
+pub use state::{SCENARIO_ENV, STATE_DIR_ENV};
+
+/// The file name cargo gives the built simulator.
+pub const LIBRARY_FILE: &str = "libnvml_sim.so";
+
+/// The names `NVML_SIM_SCENARIO` accepts besides file paths.
+pub const BUNDLED_SCENARIOS: &[&str] = scenario::BUNDLED_NAMES;
+
+/// The names of the bundled scenarios (`default`, `1gpu`, `4gpu`, `8gpu`, `mig`, `lost`,
+/// `nodevices`, `nodriver`).
+pub fn bundled_scenarios() -> &'static [&'static str] {
+    BUNDLED_SCENARIOS
+}
+
+/// Finds the built `libnvml_sim.so` near the running executable: its directory, and the parent
+/// of that (for test binaries in `target/<profile>/deps/` and examples in
+/// `target/<profile>/examples/`). `cargo test` builds the cdylib into `target/<profile>/deps/`
+/// without copying it up, `cargo build` puts it in `target/<profile>/`; both are found.
+pub fn library_path() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let found = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(LIBRARY_FILE))
+        .find(|p| p.is_file());
+    found
+}
+
+/// Makes `dir` (created if missing) hold `libnvidia-ml.so.1` and `libnvidia-ml.so` links to the
+/// simulator, so `LD_LIBRARY_PATH=dir` makes pynvml and gpustat load it.
+pub fn make_pynvml_dir(dir: &Path) -> io::Result<()> {
+    let lib = library_path().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{LIBRARY_FILE} not found next to {:?} or its parent; build it with `cargo build -p nvml-sim`",
+                std::env::current_exe().ok()
+            ),
+        )
+    })?;
+    std::fs::create_dir_all(dir)?;
+    for name in ["libnvidia-ml.so.1", "libnvidia-ml.so"] {
+        let link = dir.join(name);
+        match std::fs::remove_file(&link) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! gpuproc's integration tests: one binary, which re-runs itself as the child processes.
+
+gpuproc::enable_test_support!();
+
+mod examples;
+mod process;
+mod support;

@@ -1,0 +1,445 @@
+//! Run-time state: the reference-counted init, the loaded scenario, device handles, failure
+//! counters and live allocations from `NVML_SIM_STATE_DIR`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::codes::{self, Code};
+use crate::scenario::{Device, Feature, MigInstance, ProcessKind, Scenario};
+
+/// Environment variable naming the scenario: a bundled name or a `.toml`/`.json` path.
+pub const SCENARIO_ENV: &str = "NVML_SIM_SCENARIO";
+/// Environment variable naming the live allocation directory.
+pub const STATE_DIR_ENV: &str = "NVML_SIM_STATE_DIR";
+
+/// `NVML_VALUE_NOT_AVAILABLE` as an unsigned int: the GPU/compute instance id of a non-MIG process.
+pub const NOT_AVAILABLE_U32: u32 = u32::MAX;
+
+struct Global {
+    refcount: u32,
+    sim: Option<Arc<Sim>>,
+    spec_override: Option<String>,
+}
+
+static GLOBAL: Mutex<Global> = Mutex::new(Global {
+    refcount: 0,
+    sim: None,
+    spec_override: None,
+});
+
+fn global() -> MutexGuard<'static, Global> {
+    // A panic while holding the lock leaves the data consistent (every update is one assignment).
+    GLOBAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `nvmlInit*`: loads the scenario on the first call, counts nested calls.
+pub fn init() -> Result<(), Code> {
+    let mut g = global();
+    if g.refcount > 0 {
+        g.refcount += 1;
+        return Ok(());
+    }
+    let spec = g
+        .spec_override
+        .clone()
+        .or_else(|| std::env::var(SCENARIO_ENV).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "default".to_string());
+    let scenario = Scenario::from_spec(&spec).map_err(|e| {
+        eprintln!("nvml-sim: {e}");
+        codes::UNKNOWN
+    })?;
+    if let Some(code) = scenario.init_error {
+        return Err(code);
+    }
+    g.sim = Some(Arc::new(Sim::new(scenario)));
+    g.refcount = 1;
+    Ok(())
+}
+
+/// `nvmlShutdown`: drops the scenario when the last reference goes.
+pub fn shutdown() -> Result<(), Code> {
+    let mut g = global();
+    if g.refcount == 0 {
+        return Err(codes::UNINITIALIZED);
+    }
+    g.refcount -= 1;
+    if g.refcount == 0 {
+        g.sim = None;
+    }
+    Ok(())
+}
+
+/// The loaded simulation, or `NVML_ERROR_UNINITIALIZED`.
+pub fn current() -> Result<Arc<Sim>, Code> {
+    global().sim.clone().ok_or(codes::UNINITIALIZED)
+}
+
+/// Overrides `NVML_SIM_SCENARIO` for the next first `nvmlInit` (tests); `None` clears it.
+pub fn set_scenario_override(spec: Option<String>) {
+    global().spec_override = spec;
+}
+
+/// What a device handle refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A whole GPU, by index.
+    Gpu(usize),
+    /// MIG device `mig` of GPU `gpu`.
+    Mig {
+        /// The parent GPU index.
+        gpu: usize,
+        /// The index into the parent's MIG devices.
+        mig: usize,
+    },
+}
+
+const HANDLE_MAGIC: usize = 0x5e_0000;
+
+impl Target {
+    /// The opaque handle value given to callers. It is never dereferenced, by them or by us.
+    pub fn handle(self) -> usize {
+        match self {
+            Target::Gpu(g) => HANDLE_MAGIC | (g + 1) << 8,
+            Target::Mig { gpu, mig } => HANDLE_MAGIC | (gpu + 1) << 8 | (mig + 1),
+        }
+    }
+
+    /// The parent GPU index.
+    pub fn gpu(self) -> usize {
+        match self {
+            Target::Gpu(g) | Target::Mig { gpu: g, .. } => g,
+        }
+    }
+}
+
+/// One entry of a process list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Host pid.
+    pub pid: u32,
+    /// Bytes of GPU memory.
+    pub used: u64,
+    /// GPU instance id, or [`NOT_AVAILABLE_U32`].
+    pub gpu_instance_id: u32,
+    /// Compute instance id, or [`NOT_AVAILABLE_U32`].
+    pub compute_instance_id: u32,
+}
+
+/// Memory figures in bytes, NVML v2 semantics (`used` excludes `reserved`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// Total.
+    pub total: u64,
+    /// Reserved by the driver.
+    pub reserved: u64,
+    /// Used by processes and others.
+    pub used: u64,
+}
+
+/// A loaded scenario plus its counters.
+#[derive(Debug)]
+pub struct Sim {
+    /// The scenario.
+    pub scenario: Scenario,
+    failure_calls: Vec<AtomicU64>,
+    state_dir: Option<PathBuf>,
+}
+
+impl Sim {
+    fn new(scenario: Scenario) -> Sim {
+        let state_dir = std::env::var_os(STATE_DIR_ENV)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| scenario.state_dir.clone());
+        Sim {
+            failure_calls: scenario
+                .failures
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            scenario,
+            state_dir,
+        }
+    }
+
+    /// Returns the injected error for this call of `function`, if one is due.
+    pub fn inject(&self, function: &str, gpu: Option<usize>) -> Result<(), Code> {
+        for (f, calls) in self.scenario.failures.iter().zip(&self.failure_calls) {
+            if f.matches(function) && (f.device.is_none() || f.device == gpu) {
+                let n = calls.fetch_add(1, Ordering::Relaxed);
+                if n >= f.fail_after {
+                    return Err(f.error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a handle value into a target that exists in this scenario.
+    pub fn resolve(&self, handle: usize) -> Result<Target, Code> {
+        if handle & !0xffff != HANDLE_MAGIC {
+            return Err(codes::INVALID_ARGUMENT);
+        }
+        let gpu = (handle >> 8) & 0xff;
+        let mig = handle & 0xff;
+        let device = gpu
+            .checked_sub(1)
+            .and_then(|g| self.scenario.devices.get(g))
+            .ok_or(codes::INVALID_ARGUMENT)?;
+        match mig {
+            0 => Ok(Target::Gpu(gpu - 1)),
+            m if m <= device.mig.len() => Ok(Target::Mig {
+                gpu: gpu - 1,
+                mig: m - 1,
+            }),
+            _ => Err(codes::INVALID_ARGUMENT),
+        }
+    }
+
+    /// The GPU (the parent, for a MIG target).
+    pub fn device(&self, t: Target) -> &Device {
+        &self.scenario.devices[t.gpu()]
+    }
+
+    /// The MIG instance of a MIG target.
+    pub fn mig(&self, t: Target) -> Option<&MigInstance> {
+        match t {
+            Target::Gpu(_) => None,
+            Target::Mig { gpu, mig } => self.scenario.devices[gpu].mig.get(mig),
+        }
+    }
+
+    /// The checks every device query makes, in NVML's order: lost GPU, injected failure,
+    /// unsupported feature.
+    pub fn check(&self, function: &str, t: Target, feature: Option<Feature>) -> Result<(), Code> {
+        let d = self.device(t);
+        if d.lost {
+            return Err(codes::GPU_IS_LOST);
+        }
+        self.inject(function, Some(t.gpu()))?;
+        match feature {
+            Some(f) if d.unsupported(f) => Err(codes::NOT_SUPPORTED),
+            _ => Ok(()),
+        }
+    }
+
+    /// Finds a GPU or MIG device by UUID.
+    pub fn by_uuid(&self, uuid: &str) -> Option<Target> {
+        self.scenario.devices.iter().enumerate().find_map(|(g, d)| {
+            if d.uuid == uuid {
+                return Some(Target::Gpu(g));
+            }
+            d.mig
+                .iter()
+                .position(|m| m.uuid == uuid)
+                .map(|mig| Target::Mig { gpu: g, mig })
+        })
+    }
+
+    /// Processes of `kind` on a GPU (including those in its MIG devices) or a MIG device.
+    pub fn processes(&self, t: Target, kind: ProcessKind) -> Vec<ProcInfo> {
+        let d = self.device(t);
+        let listed = |m: Option<&MigInstance>| {
+            let (procs, gi, ci) = match m {
+                Some(m) => (&m.processes, m.gpu_instance_id, m.compute_instance_id),
+                None => (&d.processes, NOT_AVAILABLE_U32, NOT_AVAILABLE_U32),
+            };
+            procs
+                .iter()
+                .filter(|p| p.kind == kind)
+                .map(|p| ProcInfo {
+                    pid: p.pid.resolve(),
+                    used: p.used_memory.0,
+                    gpu_instance_id: gi,
+                    compute_instance_id: ci,
+                })
+                .collect::<Vec<_>>()
+        };
+        match t {
+            Target::Mig { .. } => listed(self.mig(t)),
+            Target::Gpu(g) => {
+                let mut out = listed(None);
+                for m in &d.mig {
+                    out.extend(listed(Some(m)));
+                }
+                if kind == ProcessKind::Compute {
+                    for (pid, used) in self.live_allocations(g) {
+                        match out.iter_mut().find(|p| p.pid == pid) {
+                            Some(p) => p.used += used,
+                            None => out.push(ProcInfo {
+                                pid,
+                                used,
+                                gpu_instance_id: NOT_AVAILABLE_U32,
+                                compute_instance_id: NOT_AVAILABLE_U32,
+                            }),
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Memory of a GPU or MIG device, counting listed processes and live allocations.
+    pub fn memory(&self, t: Target) -> Memory {
+        let d = self.device(t);
+        let procs =
+            |ps: &[crate::scenario::Process]| ps.iter().map(|p| p.used_memory.0).sum::<u64>();
+        match (t, self.mig(t)) {
+            (Target::Mig { .. }, Some(m)) => Memory {
+                total: m.memory_total.0,
+                reserved: 0,
+                used: m.memory_used.0 + procs(&m.processes),
+            },
+            _ => {
+                let mig: u64 = d
+                    .mig
+                    .iter()
+                    .map(|m| m.memory_used.0 + procs(&m.processes))
+                    .sum();
+                let live: u64 = self.live_allocations(t.gpu()).iter().map(|a| a.1).sum();
+                let used = d.memory_used.0 + procs(&d.processes) + mig + live;
+                let room = d.memory_total.0.saturating_sub(d.memory_reserved.0);
+                Memory {
+                    total: d.memory_total.0,
+                    reserved: d.memory_reserved.0,
+                    used: used.min(room),
+                }
+            }
+        }
+    }
+
+    /// `(pid, bytes)` from files `<gpu>-<pid>` in the state directory, live pids only.
+    pub fn live_allocations(&self, gpu: usize) -> Vec<(u32, u64)> {
+        self.state_dir
+            .as_deref()
+            .map_or_else(Vec::new, |dir| read_allocations(dir, gpu))
+    }
+}
+
+/// Unreadable, malformed or half-written files are skipped: a worker may be writing one.
+fn read_allocations(dir: &Path, gpu: usize) -> Vec<(u32, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u32, u64)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name();
+            let (g, pid) = name.to_str()?.split_once('-')?;
+            if g.parse::<usize>().ok()? != gpu {
+                return None;
+            }
+            let pid: u32 = pid.parse().ok()?;
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                return None;
+            }
+            let bytes = std::fs::read_to_string(e.path())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((pid, bytes))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Format;
+
+    fn sim(text: &str) -> Sim {
+        Sim::new(Scenario::parse(text, Format::Toml, "test").unwrap())
+    }
+
+    #[test]
+    fn handles_round_trip_and_reject_garbage() {
+        let s = Sim::new(Scenario::bundled("mig").unwrap());
+        for t in [
+            Target::Gpu(0),
+            Target::Gpu(1),
+            Target::Mig { gpu: 0, mig: 2 },
+        ] {
+            assert_eq!(s.resolve(t.handle()), Ok(t));
+        }
+        for bad in [
+            0,
+            1,
+            Target::Gpu(2).handle(),
+            Target::Mig { gpu: 0, mig: 3 }.handle(),
+        ] {
+            assert_eq!(s.resolve(bad), Err(codes::INVALID_ARGUMENT));
+        }
+    }
+
+    #[test]
+    fn fail_after_counts_calls_per_failure() {
+        let s = sim(
+            "devices = [{}, {}]\n[[failures]]\nfunction = \"nvmlDeviceGetPowerUsage\"\nerror = \"UNKNOWN\"\nfail_after = 2\ndevice = 1",
+        );
+        let call = |g| s.check("nvmlDeviceGetPowerUsage", Target::Gpu(g), None);
+        assert_eq!(
+            (call(1), call(1), call(1)),
+            (Ok(()), Ok(()), Err(codes::UNKNOWN))
+        );
+        assert_eq!(call(0), Ok(()));
+        assert_eq!(s.check("nvmlDeviceGetName", Target::Gpu(1), None), Ok(()));
+    }
+
+    #[test]
+    fn versioned_names_match_base_failures() {
+        let s = sim("devices = [{}]\n[[failures]]\nfunction = \"nvmlDeviceGetComputeRunningProcesses\"\nerror = 999");
+        assert_eq!(
+            s.inject("nvmlDeviceGetComputeRunningProcesses_v3", Some(0)),
+            Err(codes::UNKNOWN)
+        );
+    }
+
+    #[test]
+    fn live_allocations_add_processes_and_memory() {
+        let dir = std::env::temp_dir().join(format!("nvml-sim-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = std::process::id();
+        std::fs::write(dir.join(format!("0-{me}")), "1048576\n").unwrap();
+        std::fs::write(dir.join("0-4000000000"), "5").unwrap(); // no such pid
+        std::fs::write(dir.join(format!("1-{me}")), "7").unwrap(); // other GPU
+        std::fs::write(dir.join("junk"), "x").unwrap();
+        let mut scenario =
+            Scenario::parse("devices = [{memory_used = 10}, {}]", Format::Toml, "t").unwrap();
+        scenario.state_dir = Some(dir.clone());
+        let s = Sim {
+            failure_calls: Vec::new(),
+            state_dir: scenario.state_dir.clone(),
+            scenario,
+        };
+        let procs = s.processes(Target::Gpu(0), ProcessKind::Compute);
+        assert_eq!(procs.len(), 1);
+        assert_eq!((procs[0].pid, procs[0].used), (me, 1_048_576));
+        assert_eq!(procs[0].gpu_instance_id, NOT_AVAILABLE_U32);
+        assert_eq!(s.memory(Target::Gpu(0)).used, 10 + 1_048_576);
+        assert!(s
+            .processes(Target::Gpu(0), ProcessKind::Graphics)
+            .is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mig_memory_and_processes() {
+        let s = Sim::new(Scenario::bundled("mig").unwrap());
+        let parent = s.processes(Target::Gpu(0), ProcessKind::Compute);
+        assert_eq!(parent.len(), 3);
+        let m = Target::Mig { gpu: 0, mig: 1 };
+        let inst = s.processes(m, ProcessKind::Compute);
+        assert_eq!(inst.len(), 2);
+        assert!(inst
+            .iter()
+            .all(|p| p.gpu_instance_id == 3 && p.compute_instance_id == 0));
+        assert_eq!(s.memory(m).total, 19 << 30);
+        assert_eq!(s.memory(m).used, (64 << 20) + (6 << 30));
+        assert!(s.memory(Target::Gpu(0)).used > s.memory(m).used);
+    }
+}
