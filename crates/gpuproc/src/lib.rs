@@ -90,9 +90,12 @@
 //! descriptors over `SCM_RIGHTS` ([`ipc`](crate::ipc)), the fork server, and sending a
 //! monomorphised `fn` between processes of the same executable.
 
+pub mod channel;
 pub mod gpu;
 mod ipc;
 mod process;
+pub mod shm;
+pub mod sync;
 mod sys;
 
 pub use ipc::{deserialize_fd, serialize_fd};

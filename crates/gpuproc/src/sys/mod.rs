@@ -18,6 +18,9 @@ use rustix::net::{
 };
 use rustix::process::{Pid, Signal, WaitOptions};
 
+pub(crate) mod seqpacket;
+pub(crate) mod shm;
+
 /// The most descriptors one message may carry (Linux's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
 

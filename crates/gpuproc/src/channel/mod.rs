@@ -1,0 +1,1 @@
+//! Pipes and queues between processes: Python's `Pipe`, `Queue`, `SimpleQueue` and `JoinableQueue`.

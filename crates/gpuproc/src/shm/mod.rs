@@ -1,0 +1,1 @@
+//! Memory shared between processes: values, arrays and named blocks.

@@ -1,0 +1,1 @@
+//! Locks and other synchronisation primitives that work across processes.

@@ -1,0 +1,1 @@
+//! SOCK_SEQPACKET sockets for message queues.

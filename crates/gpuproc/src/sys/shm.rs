@@ -1,0 +1,1 @@
+//! Shared memory mappings (memfd, mmap) and futexes.
