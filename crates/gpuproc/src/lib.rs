@@ -23,13 +23,13 @@
 //!     println!("hello {name}");
 //! }
 //!
-//! fn main() -> Result<(), gpuproc::ProcessError> {
-//!     gpuproc::init(); // Python's `if __name__ == '__main__':`
-//!     let mut p = gpuproc::Process::new(f, "bob".to_string());
-//!     p.start()?;
-//!     p.join()?;
-//!     Ok(())
-//! }
+//! # fn main() -> Result<(), gpuproc::ProcessError> {
+//! gpuproc::init(); // first line of main: Python's `if __name__ == '__main__':`
+//! let mut p = gpuproc::Process::new(f, "bob".to_string());
+//! p.start()?;
+//! p.join()?;
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! # The one line of set-up
@@ -87,7 +87,7 @@
 //! System calls go through `rustix` (`fork` and `_exit` through `libc`, so that the C
 //! library's fork handlers run), serialisation through `serde` + `postcard`, NVML through
 //! `nvml-wrapper`. Written here because no maintained crate does them: framing with file
-//! descriptors over `SCM_RIGHTS` ([`ipc`](crate::ipc)), the fork server, and sending a
+//! descriptors over `SCM_RIGHTS` (the internal `ipc` module), the fork server, and sending a
 //! monomorphised `fn` between processes of the same executable.
 
 pub mod channel;

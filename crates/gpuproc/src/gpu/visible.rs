@@ -34,7 +34,7 @@ pub enum DeviceSelector {
 pub enum CudaDeviceOrder {
     /// `FASTEST_FIRST`, CUDA's default: the fastest device first, by a heuristic NVML cannot
     /// see. gpuproc uses PCI bus order for it, which is right when all devices are the same
-    /// model; see [`VisibleDevices::order_is_exact`].
+    /// model; see [`VisibleDevices::order_is_exact`](super::VisibleDevices::order_is_exact).
     #[default]
     FastestFirst,
     /// `PCI_BUS_ID`: ascending PCI bus id, the order NVML uses.

@@ -316,6 +316,167 @@ fn poll_writable(sock: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Readiness of one descriptor after [`poll`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ready {
+    /// Readable, closed by the peer, or in error.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+}
+
+/// Waits until one of `fds` is ready: each is polled for reading, and for writing too when
+/// its flag is set. `deadline: None` waits for ever.
+pub(crate) fn poll(fds: &[(BorrowedFd<'_>, bool)], deadline: Option<Instant>) -> io::Result<Vec<Ready>> {
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|(fd, write)| {
+            let flags = if *write { PollFlags::IN | PollFlags::OUT } else { PollFlags::IN };
+            PollFd::new(fd, flags)
+        })
+        .collect();
+    loop {
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ }
+        });
+        match rustix::event::poll(&mut pfds, timeout.as_ref()) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| {
+            let r = p.revents();
+            Ready {
+                read: r.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR),
+                write: r.intersects(PollFlags::OUT | PollFlags::ERR),
+            }
+        })
+        .collect())
+}
+
+/// Sends what the socket takes now, without blocking; `fds` ride with the first byte.
+/// Returns the number of bytes sent (0 when the socket is full).
+pub(crate) fn send_nonblocking(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+    loop {
+        let res = if fds.is_empty() {
+            rustix::net::send(sock, bytes, flags)
+        } else {
+            let mut space =
+                vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(io::Error::other("ancillary buffer too small"));
+            }
+            rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, flags)
+        };
+        match res {
+            Ok(n) => return Ok(n),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// An eventfd: one thread's way to wake another's `poll`.
+#[derive(Debug)]
+pub(crate) struct Waker(OwnedFd);
+
+impl Waker {
+    pub fn new() -> io::Result<Self> {
+        use rustix::event::EventfdFlags;
+        Ok(Waker(rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?))
+    }
+
+    /// Makes the descriptor readable.
+    pub fn wake(&self) {
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+
+    /// Makes it unreadable again.
+    pub fn reset(&self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.0, &mut buf);
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// A few `u64` words in memory shared with child processes (a memfd mapping): a process
+/// writes them with no system call, another reads them.
+#[derive(Debug)]
+pub(crate) struct SharedWords {
+    fd: OwnedFd,
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics, so sharing it between threads is safe.
+unsafe impl Send for SharedWords {}
+// SAFETY: as above.
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    const BYTES: usize = 4096;
+
+    /// A new zeroed page of words.
+    pub fn new(name: &str) -> io::Result<Self> {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, Self::BYTES as u64)?;
+        Self::map(fd)
+    }
+
+    /// Maps a page received from another process.
+    pub fn map(fd: OwnedFd) -> io::Result<Self> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        // SAFETY: a fresh shared mapping of a descriptor we own; the kernel picks the address.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                Self::BYTES,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )?
+        };
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SharedWords { fd, ptr, len: Self::BYTES / 8 })
+    }
+
+    /// Word `i`.
+    pub fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < self.len, "shared word {i} out of range");
+        // SAFETY: `i` is in bounds of the live mapping, which is page-aligned, and `AtomicU64`
+        // has the layout of `u64`; all access goes through atomics.
+        unsafe { &*self.ptr.as_ptr().add(i) }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no reference outlives `self`.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), Self::BYTES) };
+    }
+}
+
+/// Nanoseconds on the monotonic clock, comparable between processes of one machine.
+pub(crate) fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// What one non-blocking receive brought.
 pub(crate) enum Received {
     /// Some bytes (at least one) were appended.

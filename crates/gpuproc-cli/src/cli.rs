@@ -1,0 +1,95 @@
+//! Command-line syntax: clap derive types, documented so that `--help` is the manual.
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit status for any failure not listed separately.
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status when there is no NVIDIA driver or NVML library.
+pub const EXIT_NO_DRIVER: u8 = 2;
+/// Exit status for a command line that does not parse.
+pub const EXIT_USAGE: u8 = 64;
+
+const EXIT_STATUS: &str = "Exit status:
+  0   success
+  1   error
+  2   no NVIDIA driver or NVML library (nothing to show)
+  64  bad command line
+
+Environment:
+  GPUPROC_NVML_LIB  path of the libnvidia-ml to load instead of libnvidia-ml.so.1";
+
+/// GPU information and multi-process tools.
+#[derive(Debug, Parser)]
+#[command(name = "gpuproc", version, about, after_help = EXIT_STATUS)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List GPUs and the processes using them (like gpustat).
+    #[command(after_help = EXIT_STATUS)]
+    Gpus(GpusArgs),
+}
+
+/// Options of `gpuproc gpus`.
+#[derive(Debug, clap::Args)]
+pub struct GpusArgs {
+    /// Print the full snapshot as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Redraw every SECONDS seconds until interrupted.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_interval)]
+    pub watch: Option<f64>,
+
+    /// When to colour the table.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
+
+    /// Do not list the processes under each GPU.
+    #[arg(long)]
+    pub no_processes: bool,
+}
+
+/// `--color` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    /// Colour when standard output is a terminal.
+    Auto,
+    /// Always colour.
+    Always,
+    /// Never colour.
+    Never,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.1 => Ok(v),
+        _ => Err(format!(
+            "expected a number of seconds of at least 0.1, got {s:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn watch_interval() {
+        assert_eq!(parse_interval("2"), Ok(2.0));
+        assert_eq!(parse_interval("0.5"), Ok(0.5));
+        assert!(parse_interval("0").is_err());
+        assert!(parse_interval("-1").is_err());
+        assert!(parse_interval("nan").is_err());
+        assert!(parse_interval("soon").is_err());
+    }
+}

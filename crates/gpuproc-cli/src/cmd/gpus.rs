@@ -1,0 +1,49 @@
+//! `gpuproc gpus`: a table like gpustat, or the snapshot as JSON.
+
+use std::io::{self, IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use gpuproc::gpu::Gpus;
+
+use crate::cli::{ColorChoice, GpusArgs};
+use crate::table::{render, Style};
+
+/// Clears the terminal and moves the cursor home before each redraw.
+const CLEAR: &str = "\x1b[H\x1b[2J";
+
+pub fn run(args: &GpusArgs) -> anyhow::Result<()> {
+    let gpus = Gpus::open()?;
+    let stdout = io::stdout();
+    let colour = match args.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let style = Style {
+        colour,
+        processes: !args.no_processes,
+    };
+    loop {
+        let snapshot = gpus.snapshot()?;
+        let text = if args.json {
+            let mut json = serde_json::to_string_pretty(&snapshot)?;
+            json.push('\n');
+            json
+        } else {
+            render(&snapshot, style)
+        };
+        let mut out = stdout.lock();
+        if args.watch.is_some() && stdout.is_terminal() {
+            out.write_all(CLEAR.as_bytes())?;
+        }
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .context("writing to standard output")?;
+        drop(out);
+        match args.watch {
+            Some(seconds) => std::thread::sleep(Duration::from_secs_f64(seconds)),
+            None => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The `gpuproc` binary against the NVML simulator, and cross-checked against NVIDIA's
+//! `nvidia-ml-py` (pynvml) and `gpustat` reading the same scenario.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use gpuproc::gpu::Snapshot;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const MIB: u64 = 1 << 20;
+
+fn sim_lib() -> PathBuf {
+    nvml_sim::library_path()
+        .expect("libnvml_sim.so not found: build the workspace first (cargo build --workspace)")
+}
+
+fn gpuproc(scenario: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+    command
+        .env("GPUPROC_NVML_LIB", sim_lib())
+        .env("NVML_SIM_SCENARIO", scenario)
+        .env_remove("NVML_SIM_STATE_DIR")
+        .env_remove("NO_COLOR");
+    command
+}
+
+/// Runs `command` to completion, killing it if it outlives `deadline`.
+fn run(mut command: Command, deadline: Duration) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(output) => output.expect("wait for child"),
+        Err(_) => {
+            kill(pid);
+            panic!("{command:?} did not finish within {deadline:?}");
+        }
+    }
+}
+
+fn kill(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gpuproc-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+#[test]
+fn help_and_version() {
+    let mut help = gpuproc("default");
+    help.arg("--help");
+    let out = run(help, DEADLINE);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("gpus"), "{text}");
+    assert!(text.contains("Exit status"), "{text}");
+    assert!(text.contains("no NVIDIA driver"), "{text}");
+
+    let mut gpus_help = gpuproc("default");
+    gpus_help.args(["gpus", "--help"]);
+    let text = stdout(&run(gpus_help, DEADLINE));
+    for flag in ["--json", "--watch", "--color"] {
+        assert!(text.contains(flag), "{text}");
+    }
+
+    let mut version = gpuproc("default");
+    version.arg("--version");
+    let out = run(version, DEADLINE);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("gpuproc {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn usage_errors_have_their_own_status() {
+    let mut bad = gpuproc("default");
+    bad.args(["gpus", "--watch", "never"]);
+    let out = run(bad, DEADLINE);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("at least 0.1"), "{}", stderr(&out));
+}
+
+#[test]
+fn table_of_eight_gpus() {
+    let mut cmd = gpuproc("8gpu");
+    cmd.arg("gpus");
+    let out = run(cmd, DEADLINE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].contains("driver 550.54.15"), "{text}");
+    for i in 0..8 {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("[{i}] NVIDIA H100"))),
+            "{text}"
+        );
+    }
+    assert!(text.contains("MiB"));
+    assert!(text.contains("└─"), "{text}");
+    assert!(!text.contains('\x1b'), "no colour on a pipe");
+
+    let mut coloured = gpuproc("8gpu");
+    coloured.args(["gpus", "--color", "always", "--no-processes"]);
+    let text = stdout(&run(coloured, DEADLINE));
+    assert!(text.contains('\x1b'));
+    assert!(!text.contains("└─"));
+}
+
+#[test]
+fn json_is_the_snapshot() {
+    let mut cmd = gpuproc("mig");
+    cmd.args(["gpus", "--json"]);
+    let out = run(cmd, DEADLINE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap: Snapshot = serde_json::from_slice(&out.stdout).expect("a Snapshot");
+    assert_eq!(snap.devices.len(), 2);
+    assert_eq!(snap.devices[0].mig.as_ref().unwrap().instances.len(), 3);
+}
+
+#[test]
+fn lost_gpu_is_shown_not_fatal() {
+    let mut cmd = gpuproc("lost");
+    cmd.arg("gpus");
+    let out = run(cmd, DEADLINE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let line = text.lines().find(|l| l.starts_with("[2]")).unwrap();
+    assert!(line.contains("fell off the bus"), "{text}");
+}
+
+#[test]
+fn no_driver_exits_2_with_one_sentence() {
+    for (scenario, lib) in [
+        ("nodriver", None),
+        ("default", Some("/nonexistent/libnvidia-ml.so.1")),
+    ] {
+        let mut cmd = gpuproc(scenario);
+        cmd.arg("gpus");
+        if let Some(lib) = lib {
+            cmd.env("GPUPROC_NVML_LIB", lib);
+        }
+        let out = run(cmd, DEADLINE);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("driver"), "{err}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn no_devices() {
+    let mut cmd = gpuproc("nodevices");
+    cmd.arg("gpus");
+    let out = run(cmd, DEADLINE);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("no GPUs"));
+}
+
+#[test]
+fn a_closed_pipe_ends_watch_quietly() {
+    let mut child = gpuproc("8gpu")
+        .args(["gpus", "--watch", "0.1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gpuproc");
+    // Closing the read end: the next redraw meets a broken pipe.
+    drop(child.stdout.take());
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            kill(pid);
+            panic!("gpuproc gpus --watch did not stop on a closed pipe");
+        }
+    };
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
+}
+
+// ---- Cross-check with pynvml and gpustat ----
+
+fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("GPUPROC_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"));
+    if !python.exists() {
+        eprintln!(
+            "skipping the cross-check: no Python at {} (run scripts/pyenv or set GPUPROC_PYTHON)",
+            python.display()
+        );
+        return None;
+    }
+    let mut probe = Command::new(&python);
+    probe.args(["-c", "import pynvml, gpustat"]);
+    if !run(probe, DEADLINE).status.success() {
+        eprintln!(
+            "skipping the cross-check: {} lacks pynvml or gpustat",
+            python.display()
+        );
+        return None;
+    }
+    Some(python)
+}
+
+/// Per device: (uuid, name, total MiB, used MiB, processes as pid -> used MiB), with the
+/// scenario's "self" process (each tool's own pid) keyed as 0.
+type View = Vec<(String, String, u64, u64, BTreeMap<u32, u64>)>;
+
+fn self_as_zero(pid: u64, own: u64) -> u32 {
+    if pid == own {
+        0
+    } else {
+        pid as u32
+    }
+}
+
+#[test]
+fn cross_check_with_pynvml_and_gpustat() {
+    let Some(python) = python() else { return };
+    let dir = scratch_dir("crosscheck");
+    let libdir = dir.join("lib");
+    nvml_sim::make_pynvml_dir(&libdir).expect("pynvml library dir");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // A real, live process (this test) holding 3 GiB on GPU 4: every tool must see it.
+    let me = std::process::id();
+    std::fs::write(state.join(format!("4-{me}")), (3u64 << 30).to_string()).unwrap();
+
+    let env = |cmd: &mut Command| {
+        cmd.env("NVML_SIM_SCENARIO", "8gpu")
+            .env("NVML_SIM_STATE_DIR", &state)
+            .env("LD_LIBRARY_PATH", &libdir)
+            .env("GPUPROC_NVML_LIB", sim_lib());
+    };
+
+    // gpuproc
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+    cmd.args(["gpus", "--json"]);
+    env(&mut cmd);
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let gpuproc_pid = child.id() as u64;
+    let out = wait(child);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap: Snapshot = serde_json::from_slice(&out.stdout).unwrap();
+    let ours: View = snap
+        .devices
+        .iter()
+        .map(|d| {
+            let m = d.memory.unwrap();
+            let procs = d
+                .processes
+                .iter()
+                .flatten()
+                .map(|p| {
+                    (
+                        self_as_zero(p.nvml_pid as u64, gpuproc_pid),
+                        p.used_memory.unwrap() / MIB,
+                    )
+                })
+                .collect();
+            (
+                d.uuid.clone().unwrap(),
+                d.name.clone().unwrap(),
+                m.total / MIB,
+                m.used / MIB,
+                procs,
+            )
+        })
+        .collect();
+    assert!(ours[4].4.contains_key(&me), "{ours:?}");
+
+    // pynvml
+    let mut cmd = Command::new(&python);
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benchmarks/gpus/pynvml_dump.py"));
+    env(&mut cmd);
+    let out = run(cmd, DEADLINE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let own = py["self_pid"].as_u64().unwrap();
+    let theirs: View = py["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let procs = d["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    (
+                        self_as_zero(p["pid"].as_u64().unwrap(), own),
+                        p["used_memory"].as_u64().unwrap() / MIB,
+                    )
+                })
+                .collect();
+            (
+                d["uuid"].as_str().unwrap().to_string(),
+                d["name"].as_str().unwrap().to_string(),
+                d["memory"]["total"].as_u64().unwrap() / MIB,
+                d["memory"]["used"].as_u64().unwrap() / MIB,
+                procs,
+            )
+        })
+        .collect();
+    assert_eq!(ours, theirs, "gpuproc and pynvml disagree");
+    assert_eq!(
+        py["driver_version"].as_str(),
+        snap.driver_version.as_deref()
+    );
+
+    // gpustat: lists only processes that exist on this host.
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "gpustat", "--json"]);
+    env(&mut cmd);
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let gpustat_pid = child.id() as u64;
+    let out = wait(child);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gpus = gs["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), ours.len());
+    for (g, (uuid, name, total, used, procs)) in gpus.iter().zip(&ours) {
+        assert_eq!(g["uuid"].as_str(), Some(uuid.as_str()));
+        assert_eq!(g["name"].as_str(), Some(name.as_str()));
+        assert_eq!(g["memory.total"].as_u64(), Some(*total));
+        assert_eq!(g["memory.used"].as_u64(), Some(*used));
+        for p in g["processes"].as_array().unwrap() {
+            let pid = self_as_zero(p["pid"].as_u64().unwrap(), gpustat_pid);
+            assert_eq!(
+                procs.get(&pid).copied(),
+                p["gpu_memory_usage"].as_u64(),
+                "process {pid} on {uuid}"
+            );
+        }
+    }
+    let gpu4: Vec<u64> = gpus[4]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .collect();
+    assert!(
+        gpu4.contains(&(me as u64)),
+        "gpustat misses the live process"
+    );
+    // gpuproc's host information agrees with gpustat's for the live process.
+    let ours4 = snap.devices[4].processes.as_ref().unwrap();
+    let mine = ours4.iter().find(|p| p.pid == Some(me)).unwrap();
+    let theirs4 = gpus[4]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(me as u64))
+        .unwrap();
+    let host = mine.host.as_ref().unwrap();
+    assert_eq!(host.user.as_deref(), theirs4["username"].as_str());
+    let full: Vec<String> = theirs4["full_command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(host.cmdline, full);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn wait(child: std::process::Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait for child"),
+        Err(_) => {
+            kill(pid);
+            panic!("child {pid} did not finish within {DEADLINE:?}");
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The GPU layer against the NVML simulator, through the real dynamic-loading path.
+//!
+//! The simulator reads its scenario when NVML is initialised and keeps it for the life of the
+//! process, so every test re-runs this test binary as a child with the scenario in its
+//! environment (`GPUPROC_NVML_LIB` = the simulator), and the child does the checks.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use gpuproc::gpu::{self, CudaDeviceOrder, GpuErrorKind, Gpus, ProcessKind};
+
+const CHILD_ENV: &str = "GPUPROC_GPU_TEST_CHILD";
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn sim_lib() -> PathBuf {
+    nvml_sim::library_path()
+        .expect("libnvml_sim.so not found: build the workspace first (cargo build --workspace)")
+}
+
+/// Waits for `command` with a deadline, killing it when the deadline passes.
+fn output_within(mut command: Command, deadline: Duration) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(output) => output.expect("wait for child"),
+        Err(_) => {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            panic!("child {pid} did not finish within {deadline:?}");
+        }
+    }
+}
+
+/// Runs `body` in a child process of this test binary with the simulator loaded for
+/// `scenario` and `env` set; in the child (where `CHILD_ENV` names the test) runs `body`.
+fn in_scenario(test: &str, scenario: &str, env: &[(&str, &str)], body: fn()) {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        body();
+        return;
+    }
+    let mut command = Command::new(std::env::current_exe().expect("test binary path"));
+    command
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .env("NVML_SIM_SCENARIO", scenario)
+        .env(gpu::NVML_LIB_ENV, sim_lib())
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("CUDA_DEVICE_ORDER")
+        .env_remove("NVML_SIM_STATE_DIR");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = output_within(command, DEADLINE);
+    let text = format!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "child {test} failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "child {test} ran no test:\n{text}"
+    );
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gpuproc-gpu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+#[test]
+fn missing_library_is_a_typed_error() {
+    let err = Gpus::builder()
+        .library("/nonexistent/libnvidia-ml.so.1")
+        .build()
+        .unwrap_err();
+    assert!(err.is_no_library(), "{err:?}");
+    assert!(err.is_no_driver());
+    assert!(err.to_string().contains("/nonexistent/libnvidia-ml.so.1"));
+    assert!(std::error::Error::source(&err).is_some());
+}
+
+#[test]
+fn one_gpu_default_scenario() {
+    in_scenario("one_gpu_default_scenario", "default", &[], || {
+        assert_eq!(gpu::device_count().unwrap(), 1);
+        let snap = gpu::snapshot().unwrap();
+        assert_eq!(snap.devices.len(), 1);
+        assert!(snap.driver_version.is_some());
+        assert!(snap.nvml_version.is_some());
+        assert!(snap.cuda_driver_version.is_some());
+        assert!(!snap.hostname.is_empty());
+        let d = &snap.devices[0];
+        assert!(d.error.is_none(), "{d:?}");
+        assert!(d.name.is_some() && d.pci_bus_id.is_some());
+        assert!(d.uuid.as_deref().unwrap().starts_with("GPU-"));
+        let m = d.memory.unwrap();
+        assert!(m.total > 0 && m.used + m.free <= m.total);
+        assert!(d.utilization.is_some() && d.temperature_c.is_some());
+        assert!(d.power_draw_mw.is_some() && d.power_limit_mw.is_some());
+        assert!(d.performance_state.is_some() && d.compute_mode.is_some());
+        assert!(d.clocks.graphics_mhz.is_some() && d.clocks.max_memory_mhz.is_some());
+        // The snapshot survives a JSON round trip.
+        let json = serde_json::to_string(&snap).unwrap();
+        assert_eq!(serde_json::from_str::<gpu::Snapshot>(&json).unwrap(), snap);
+    });
+}
+
+#[test]
+fn four_gpus() {
+    in_scenario("four_gpus", "4gpu", &[], || {
+        let snap = gpu::snapshot().unwrap();
+        assert_eq!(snap.devices.len(), 4);
+        for (i, d) in snap.devices.iter().enumerate() {
+            assert_eq!(d.index as usize, i);
+            assert!(d.error.is_none());
+        }
+        let uuids: std::collections::HashSet<_> =
+            snap.devices.iter().map(|d| d.uuid.clone()).collect();
+        assert_eq!(uuids.len(), 4);
+    });
+}
+
+#[test]
+fn eight_gpus_with_processes() {
+    in_scenario("eight_gpus_with_processes", "8gpu", &[], || {
+        let snap = gpu::snapshot().unwrap();
+        assert_eq!(snap.devices.len(), 8);
+        let me = std::process::id();
+        // GPU 1 runs "self": this process, joined with /proc.
+        let mine = snap.devices[1]
+            .processes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|p| p.pid == Some(me))
+            .expect("own process on GPU 1");
+        assert_eq!(mine.used_memory, Some(1 << 30));
+        assert_eq!(mine.kind, ProcessKind::Compute);
+        let host = mine.host.as_ref().expect("host info for own process");
+        assert_eq!(
+            host.cmdline.first().map(PathBuf::from),
+            std::env::args().next().map(PathBuf::from)
+        );
+        assert!(host.rss_bytes.unwrap() > 0);
+        assert!(host.uid.is_some() && host.cpu_percent.is_some());
+        // GPU 5 has a graphics process.
+        assert!(snap.devices[5]
+            .processes
+            .iter()
+            .flatten()
+            .any(|p| p.kind != ProcessKind::Compute));
+        // GPU 0's processes (pids that do not exist here) keep their memory.
+        let p0 = snap.devices[0].processes.as_ref().unwrap();
+        assert!(p0.iter().any(|p| p.used_memory == Some(34 << 30)));
+
+        // Per-process view: this process uses 1 GiB on GPU 1, and so does its parent's tree.
+        let usage = gpu::usage_of(me, false).unwrap();
+        assert_eq!(usage.devices.len(), 1);
+        assert_eq!(usage.devices[0].index, 1);
+        assert_eq!(usage.devices[0].pids, vec![me]);
+        assert_eq!(usage.total_memory(), 1 << 30);
+        let parent = rustix::process::getppid().unwrap().as_raw_nonzero().get() as u32;
+        assert!(gpu::usage_of(parent, false).unwrap().devices.is_empty());
+        let tree = gpu::usage_of(parent, true).unwrap();
+        assert!(tree.pids.contains(&me), "{tree:?}");
+        assert_eq!(tree.total_memory(), 1 << 30);
+    });
+}
+
+#[test]
+fn live_processes_from_the_state_dir() {
+    let dir = scratch_dir("state");
+    let parent = std::process::id();
+    std::fs::write(dir.join(format!("3-{parent}")), (5u64 << 30).to_string()).unwrap();
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "live_processes_from_the_state_dir",
+        "4gpu",
+        &[("NVML_SIM_STATE_DIR", &dir_text)],
+        || {
+            let parent = rustix::process::getppid().unwrap().as_raw_nonzero().get() as u32;
+            let usage = gpu::usage_of(parent, false).unwrap();
+            assert_eq!(usage.devices.len(), 1, "{usage:?}");
+            assert_eq!(usage.devices[0].index, 3);
+            assert_eq!(usage.total_memory(), 5 << 30);
+            let snap = gpu::snapshot().unwrap();
+            let p = snap.devices[3].processes.as_ref().unwrap();
+            let entry = p.iter().find(|p| p.pid == Some(parent)).unwrap();
+            assert!(!entry.host.as_ref().unwrap().command().is_empty());
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn lost_gpu_is_marked_and_the_rest_is_read() {
+    in_scenario(
+        "lost_gpu_is_marked_and_the_rest_is_read",
+        "lost",
+        &[],
+        || {
+            let snap = gpu::snapshot().unwrap();
+            assert_eq!(snap.devices.len(), 4);
+            let lost = &snap.devices[2];
+            let fault = lost.error.as_ref().expect("GPU 2 is marked");
+            assert_eq!(fault.kind, GpuErrorKind::GpuLost);
+            assert!(fault.message.contains("GPU 2"), "{}", fault.message);
+            assert!(lost.memory.is_none());
+            for i in [0, 1, 3] {
+                assert!(snap.devices[i].error.is_none());
+                assert!(snap.devices[i].memory.is_some());
+            }
+            assert_eq!(snap.devices[3].memory.unwrap().used, 7 << 30);
+        },
+    );
+}
+
+#[test]
+fn no_driver_is_a_typed_error() {
+    in_scenario("no_driver_is_a_typed_error", "nodriver", &[], || {
+        let err = gpu::snapshot().unwrap_err();
+        assert!(err.is_driver_not_loaded(), "{err:?}");
+        assert!(err.is_no_driver());
+        assert!(err.to_string().contains("driver is not loaded"));
+        // The outcome is kept: a second call answers the same without reloading.
+        assert_eq!(gpu::device_count().unwrap_err().kind(), err.kind());
+        assert!(gpu::visible().unwrap_err().is_no_driver());
+    });
+}
+
+#[test]
+fn no_devices() {
+    in_scenario("no_devices", "nodevices", &[], || {
+        assert_eq!(gpu::device_count().unwrap(), 0);
+        assert!(gpu::snapshot().unwrap().devices.is_empty());
+        assert!(gpu::visible().unwrap().devices.is_empty());
+        assert!(gpu::usage_of(std::process::id(), true)
+            .unwrap()
+            .devices
+            .is_empty());
+    });
+}
+
+#[test]
+fn mig_instances_and_their_processes() {
+    in_scenario("mig_instances_and_their_processes", "mig", &[], || {
+        let snap = gpu::snapshot().unwrap();
+        let mig = snap.devices[0].mig.as_ref().expect("GPU 0 supports MIG");
+        assert!(mig.enabled);
+        assert_eq!(mig.instances.len(), 3);
+        assert_eq!(
+            mig.instances[1].uuid.as_deref(),
+            Some("MIG-9d4c2f63-a6b5-5d1f-8e3c-7d2a8b3f5c12")
+        );
+        assert_eq!(mig.instances[1].gpu_instance_id, Some(3));
+        assert_eq!(mig.instances[1].compute_instance_id, Some(0));
+        assert_eq!(mig.instances[0].memory.unwrap().total, 39 << 30);
+        let procs = snap.devices[0].processes.as_ref().unwrap();
+        let p = procs.iter().find(|p| p.nvml_pid == 7202).unwrap();
+        assert_eq!(p.gpu_instance_id, Some(3));
+        assert_eq!(p.used_memory, Some(5 << 30));
+        let other = snap.devices[1].mig.as_ref().expect("GPU 1 supports MIG");
+        assert!(!other.enabled && other.instances.is_empty());
+
+        let gpus = gpu::global().unwrap();
+        let v = gpus
+            .visible_for(
+                Some("MIG-ae5d,MIG-GPU-a1000000-4c2b-4e1d-9a7f-1234567890ab/2/0"),
+                CudaDeviceOrder::PciBusId,
+            )
+            .unwrap();
+        assert_eq!(v.devices.len(), 2);
+        assert_eq!(v.devices[0].mig.as_ref().unwrap().gpu_instance_id, Some(9));
+        assert_eq!(v.devices[1].mig.as_ref().unwrap().gpu_instance_id, Some(2));
+        assert_eq!(v.devices[1].device.index, 0);
+    });
+}
+
+#[test]
+fn unsupported_fields_and_injected_failures() {
+    let dir = scratch_dir("unsupported");
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+[[devices]]
+unsupported = ["fan", "ecc", "temperature", "power_usage", "processes", "clocks"]
+
+[[devices]]
+memory_used = "1 GiB"
+
+[[devices]]
+
+[[failures]]
+function = "nvmlDeviceGetUtilizationRates"
+error = "NOT_SUPPORTED"
+device = 1
+
+[[failures]]
+function = "nvmlDeviceGetUUID"
+error = "NO_PERMISSION"
+device = 2
+
+[[failures]]
+function = "nvmlSystemGetNVMLVersion"
+error = "FUNCTION_NOT_FOUND"
+"#,
+    )
+    .unwrap();
+    let path = scenario.to_string_lossy().into_owned();
+    in_scenario(
+        "unsupported_fields_and_injected_failures",
+        &path,
+        &[],
+        || {
+            let snap = gpu::snapshot().unwrap();
+            let d0 = &snap.devices[0];
+            assert!(d0.error.is_none());
+            assert_eq!(d0.fan_speed_percent, None);
+            assert_eq!(d0.ecc_errors, None);
+            assert_eq!(d0.temperature_c, None);
+            assert_eq!(d0.power_draw_mw, None);
+            assert_eq!(d0.clocks.graphics_mhz, None);
+            assert_eq!(d0.processes, None);
+            assert!(d0.memory.is_some() && d0.utilization.is_some());
+            let d1 = &snap.devices[1];
+            assert_eq!(d1.utilization, None);
+            assert_eq!(d1.memory.unwrap().used, 1 << 30);
+            let d2 = &snap.devices[2];
+            assert_eq!(
+                d2.error.as_ref().map(|f| f.kind),
+                Some(GpuErrorKind::PermissionDenied)
+            );
+            // A missing optional function leaves the field empty.
+            assert_eq!(snap.nvml_version, None);
+            assert!(snap.driver_version.is_some());
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn old_driver_lacking_a_function() {
+    let dir = scratch_dir("olddriver");
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        "[[devices]]\n\n[[failures]]\nfunction = \"nvmlDeviceGetCount\"\nerror = \"FUNCTION_NOT_FOUND\"\n",
+    )
+    .unwrap();
+    let path = scenario.to_string_lossy().into_owned();
+    in_scenario("old_driver_lacking_a_function", &path, &[], || {
+        let err = gpu::snapshot().unwrap_err();
+        assert!(err.is_missing_function(), "{err:?}");
+        assert!(err.to_string().contains("too old"));
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn cuda_visible_devices_from_the_environment() {
+    in_scenario(
+        "cuda_visible_devices_from_the_environment",
+        "8gpu",
+        &[
+            ("CUDA_VISIBLE_DEVICES", "GPU-3e3a, 6,x,1"),
+            ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+        ],
+        || {
+            let v = gpu::assigned().unwrap();
+            assert_eq!(v.order, CudaDeviceOrder::PciBusId);
+            assert!(v.order_is_exact);
+            // "6" ends a list of UUIDs, as in CUDA.
+            let indices: Vec<u32> = v.devices.iter().map(|d| d.device.index).collect();
+            assert_eq!(indices, vec![3]);
+            assert_eq!(v.devices[0].cuda_index, 0);
+            assert!(v.devices[0].device.memory.is_some());
+
+            let gpus = gpu::global().unwrap();
+            let pick = |env: Option<&str>| -> Vec<u32> {
+                gpus.visible_for(env, CudaDeviceOrder::FastestFirst)
+                    .unwrap()
+                    .devices
+                    .iter()
+                    .map(|d| d.device.index)
+                    .collect()
+            };
+            assert_eq!(pick(None), (0..8).collect::<Vec<_>>());
+            assert_eq!(pick(Some("")), Vec::<u32>::new());
+            assert_eq!(pick(Some("7,2,9,1")), vec![7, 2]);
+            assert_eq!(pick(Some("1,1")), Vec::<u32>::new());
+            assert_eq!(pick(Some("GPU-5")), vec![5]);
+            assert_eq!(pick(Some("GPU-nope,0")), Vec::<u32>::new());
+        },
+    );
+}
