@@ -27,21 +27,27 @@ pub(crate) struct Frame {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Appends one frame (header and payload) to `buf`; its `nfds` descriptors must be sent
+/// with the frame's first byte.
+pub(crate) fn append_frame(buf: &mut Vec<u8>, payload: &[u8], nfds: usize) {
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&(nfds as u32).to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
 /// Sends one frame.
 pub(crate) fn send_frame(sock: BorrowedFd<'_>, payload: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-    let len = u32::try_from(payload.len()).map_err(|_| {
-        io::Error::new(
+    if u32::try_from(payload.len()).is_err() {
+        return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
                 "message of {} bytes is larger than the 4 GiB frame limit",
                 payload.len()
             ),
-        )
-    })?;
+        ));
+    }
     let mut bytes = Vec::with_capacity(HEADER + payload.len());
-    bytes.extend_from_slice(&len.to_le_bytes());
-    bytes.extend_from_slice(&(fds.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(payload);
+    append_frame(&mut bytes, payload, fds.len());
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     sys::send_all(sock, &bytes, &borrowed)
 }
@@ -109,6 +115,15 @@ impl FrameReader {
         Ok(Some(Frame { bytes, fds }))
     }
 
+    /// Waits until more data (or EOF) arrives, then takes what is there.
+    pub fn wait_and_fill(&mut self, sock: BorrowedFd<'_>) -> io::Result<()> {
+        if !self.eof {
+            sys::poll_readable(&[sock], None)?;
+            self.fill(sock)?;
+        }
+        Ok(())
+    }
+
     /// Waits for the next frame until `deadline` (`None`: for ever).
     pub fn read(&mut self, sock: BorrowedFd<'_>, deadline: Option<Instant>) -> io::Result<Read> {
         loop {
@@ -174,6 +189,18 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
         _ => Vec::new(),
     };
     Ok((bytes?, fds))
+}
+
+/// Runs `f`, which serialises something, gathering the descriptors of any handles it meets
+/// (as [`encode`] does, for serialisers other than postcard's `Vec` one).
+pub(crate) fn encode_with<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
+    let guard = TableGuard::install(FdTable::Outgoing(Vec::new()));
+    let r = f();
+    let fds = match guard.take() {
+        Some(FdTable::Outgoing(fds)) => fds,
+        _ => Vec::new(),
+    };
+    (r, fds)
 }
 
 /// Decodes a `T`, handing the frame's descriptors to the handles inside it.

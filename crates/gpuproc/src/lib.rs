@@ -93,12 +93,14 @@
 pub mod channel;
 pub mod gpu;
 mod ipc;
+pub mod pool;
 mod process;
 pub mod shm;
 pub mod sync;
 mod sys;
 
 pub use ipc::{deserialize_fd, serialize_fd};
+pub use pool::{AsyncResult, Imap, Pool, PoolBuilder, PoolError};
 pub use process::{
     active_children, cpu_count, current_process, get_start_method, parent_process,
     process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo,

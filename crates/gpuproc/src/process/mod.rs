@@ -4,7 +4,7 @@
 //! argument, `start` it, `join` it. Start methods, as in Python, are [`StartMethod::Spawn`],
 //! [`StartMethod::ForkServer`] (the default) and [`StartMethod::Fork`].
 
-mod child;
+pub(crate) mod child;
 mod error;
 mod forkserver;
 mod handle;

@@ -2,6 +2,8 @@
 
 gpuproc::enable_test_support!();
 
+mod channel;
 mod examples;
+mod pool;
 mod process;
 mod support;

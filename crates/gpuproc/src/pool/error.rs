@@ -1,0 +1,179 @@
+//! The error type for pools and their tasks.
+
+use std::io;
+use std::time::Duration;
+
+use crate::process::ProcessError;
+use crate::sys::{signal_name, ExitStatus};
+
+/// Why a pool task produced no result, or why the pool could not do what was asked.
+///
+/// Errors about one task carry its index in the input ([`index`](Self::index)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// The task panicked; the worker survived.
+    #[error("task {index} panicked{}: {message}", location.as_deref().map(|l| format!(" at {l}")).unwrap_or_default())]
+    Panicked {
+        /// The task's index.
+        index: u64,
+        /// The panic message.
+        message: String,
+        /// `file:line:column` of the panic.
+        location: Option<String>,
+    },
+    /// The worker running the task died (killed by a signal, `exit`, out of memory).
+    #[error("task {index} was running in worker pid {pid} when it {}", describe(*status))]
+    WorkerDied {
+        /// The task's index.
+        index: u64,
+        /// The worker's pid.
+        pid: u32,
+        /// How the worker ended.
+        status: ExitStatus,
+    },
+    /// The task ran longer than the pool's task timeout; its worker was killed and replaced.
+    #[error(
+        "task {index} did not finish within the task timeout of {timeout:?}; its worker was killed"
+    )]
+    TimedOut {
+        /// The task's index.
+        index: u64,
+        /// The pool's task timeout.
+        timeout: Duration,
+    },
+    /// The task's argument could not be decoded in the worker.
+    #[error("task {index}: could not decode the argument as `{type_name}`: {reason}")]
+    BadArgument {
+        /// The task's index.
+        index: u64,
+        /// The argument type.
+        type_name: String,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// The task's argument could not be encoded.
+    #[error("task {index}: cannot encode the argument (`{type_name}`): {reason}")]
+    Encode {
+        /// The task's index.
+        index: u64,
+        /// The argument type.
+        type_name: String,
+        /// What the encoder said.
+        reason: String,
+    },
+    /// The task's result could not be transferred back.
+    #[error("task {index}: the result (`{type_name}`) could not be transferred: {reason}")]
+    BadResult {
+        /// The task's index.
+        index: u64,
+        /// The result type.
+        type_name: String,
+        /// What the encoder or decoder said.
+        reason: String,
+    },
+    /// The pool was terminated before the task finished.
+    #[error("task {index} was cancelled: the pool was terminated")]
+    Terminated {
+        /// The task's index.
+        index: u64,
+    },
+    /// The pool is closed (or terminated) and takes no new tasks.
+    #[error("the pool is closed and takes no new tasks")]
+    Closed,
+    /// A wait with a timeout gave up; the task or pool goes on.
+    #[error("not ready after {waited:?}")]
+    Timeout {
+        /// How long the call waited.
+        waited: Duration,
+    },
+    /// The result was already taken by an earlier `get`.
+    #[error("the result was already taken")]
+    AlreadyTaken,
+    /// A worker process could not be started.
+    #[error("cannot start a pool worker: {0}")]
+    Start(#[source] ProcessError),
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the pool was doing.
+        context: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn describe(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Signal(s) => format!("was killed by signal {s} ({})", signal_name(s)),
+        ExitStatus::Code(c) => format!("exited with code {c}"),
+    }
+}
+
+impl PoolError {
+    /// The index of the task this error is about, if it is about one.
+    pub fn index(&self) -> Option<u64> {
+        match self {
+            PoolError::Panicked { index, .. }
+            | PoolError::WorkerDied { index, .. }
+            | PoolError::TimedOut { index, .. }
+            | PoolError::BadArgument { index, .. }
+            | PoolError::Encode { index, .. }
+            | PoolError::BadResult { index, .. }
+            | PoolError::Terminated { index } => Some(*index),
+            _ => None,
+        }
+    }
+
+    /// The task panicked.
+    pub fn is_panic(&self) -> bool {
+        matches!(self, PoolError::Panicked { .. })
+    }
+
+    /// The task's worker died under it.
+    pub fn is_worker_died(&self) -> bool {
+        matches!(self, PoolError::WorkerDied { .. })
+    }
+
+    /// The task exceeded the pool's task timeout.
+    pub fn is_task_timeout(&self) -> bool {
+        matches!(self, PoolError::TimedOut { .. })
+    }
+
+    /// A `get_timeout`/`join_timeout` gave up.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, PoolError::Timeout { .. })
+    }
+
+    /// The pool was terminated (or closed) under the task.
+    pub fn is_terminated(&self) -> bool {
+        matches!(self, PoolError::Terminated { .. } | PoolError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_death_names_task_signal_and_pid() {
+        let e = PoolError::WorkerDied {
+            index: 17,
+            pid: 4242,
+            status: ExitStatus::Signal(9),
+        };
+        assert_eq!(
+            e.to_string(),
+            "task 17 was running in worker pid 4242 when it was killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(e.index(), Some(17));
+        let e = PoolError::WorkerDied {
+            index: 3,
+            pid: 1,
+            status: ExitStatus::Code(3),
+        };
+        assert!(e.to_string().ends_with("exited with code 3"));
+        assert_eq!(PoolError::Closed.index(), None);
+    }
+}

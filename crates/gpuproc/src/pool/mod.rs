@@ -1,0 +1,730 @@
+//! `Pool`: Python's `multiprocessing.Pool`, which never hangs when a worker dies.
+//!
+//! Each worker is a long-lived process with one connection to the pool; tasks are sent to it
+//! pipelined, in chunks, and results stream back as they finish. A background driver thread
+//! owns the workers (see `driver`). A worker that dies mid-task fails that task alone (with
+//! its index and the signal or exit code), is replaced, and the rest of the work goes on.
+//!
+//! ```
+//! # gpuproc::init();
+//! fn square(x: u64) -> u64 { x * x }
+//!
+//! let pool = gpuproc::Pool::new(2)?;
+//! let squares = pool.map(square, 0..10u64)?;
+//! assert_eq!(squares, [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]);
+//! # Ok::<(), gpuproc::PoolError>(())
+//! ```
+//!
+//! # Dropping
+//! Dropping a `Pool` terminates it, as leaving Python's `with Pool() as p:` block does: its
+//! workers are killed and unfinished tasks fail with [`PoolError::Terminated`]. Call
+//! [`Pool::close`] and [`Pool::join`] first to let queued work finish.
+
+mod driver;
+mod error;
+pub(crate) mod policy;
+pub(crate) mod worker;
+
+use std::any::type_name;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use self::driver::{Chunk, Driver, Inbox, Job, Outcome, Shared, Task};
+pub use self::error::PoolError;
+use self::worker::{FnRef, Init};
+use crate::ipc;
+use crate::process::wire::{self, Trampoline};
+use crate::process::{get_start_method, StartMethod};
+use crate::sys::Waker;
+
+type WorkerEnv = Box<dyn Fn(usize) -> Vec<(String, String)> + Send + Sync>;
+
+/// Everything a pool is built with.
+pub(crate) struct Config {
+    pub processes: usize,
+    pub start_method: StartMethod,
+    pub init: Option<Init>,
+    pub max_tasks_per_child: Option<u64>,
+    pub task_timeout: Option<Duration>,
+    pub retries: u32,
+    pub env: Vec<(String, String)>,
+    pub worker_env: Option<WorkerEnv>,
+    pub progress: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("processes", &self.processes)
+            .field("start_method", &self.start_method)
+            .field("max_tasks_per_child", &self.max_tasks_per_child)
+            .field("task_timeout", &self.task_timeout)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fn_ref<A: DeserializeOwned, R: Serialize>(f: fn(A) -> R) -> FnRef {
+    FnRef {
+        trampoline: wire::offset_of(wire::trampoline::<A, R> as Trampoline as usize),
+        target: wire::offset_of(f as usize),
+    }
+}
+
+/// Configures a [`Pool`]; Python's `Pool(processes, initializer, initargs, maxtasksperchild)`
+/// and more. Finish with [`build`](Self::build).
+#[must_use = "a builder does nothing until build() is called"]
+pub struct PoolBuilder {
+    config: Config,
+    init_error: Option<PoolError>,
+}
+
+impl std::fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.config.fmt(f)
+    }
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        PoolBuilder {
+            config: Config {
+                processes: crate::process_cpu_count(),
+                start_method: get_start_method(),
+                init: None,
+                max_tasks_per_child: None,
+                task_timeout: None,
+                retries: 0,
+                env: Vec::new(),
+                worker_env: None,
+                progress: false,
+            },
+            init_error: None,
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// The number of worker processes (default: the CPUs this process may use).
+    pub fn processes(mut self, n: usize) -> Self {
+        self.config.processes = n;
+        self
+    }
+
+    /// How workers are started (default: [`get_start_method`]). With `Fork`, replacement
+    /// workers are forked from the pool's driver thread.
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.config.start_method = method;
+        self
+    }
+
+    /// A function each worker runs once when it starts; Python's `initializer`/`initargs`.
+    pub fn initializer<A: Serialize + DeserializeOwned>(mut self, f: fn(A), args: A) -> Self {
+        match ipc::encode(&args) {
+            Ok((bytes, fds)) if fds.is_empty() => {
+                self.config.init = Some(Init {
+                    func: fn_ref(f),
+                    args: bytes,
+                });
+            }
+            Ok(_) => {
+                self.init_error = Some(PoolError::Encode {
+                    index: 0,
+                    type_name: type_name::<A>().to_string(),
+                    reason:
+                        "initializer arguments cannot carry handles (pipes, queues, shared memory)"
+                            .into(),
+                })
+            }
+            Err(e) => {
+                self.init_error = Some(PoolError::Encode {
+                    index: 0,
+                    type_name: type_name::<A>().to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+        self
+    }
+
+    /// Replace each worker after it has run this many tasks; Python's `maxtasksperchild`.
+    pub fn max_tasks_per_child(mut self, n: u64) -> Self {
+        self.config.max_tasks_per_child = Some(n.max(1));
+        self
+    }
+
+    /// Kill a worker whose current task has run this long; the task fails with
+    /// [`PoolError::TimedOut`] and the worker is replaced.
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.config.task_timeout = Some(timeout);
+        self
+    }
+
+    /// Run a task again, up to `n` times, when its worker dies under it (default 0: report
+    /// the failure). Tasks that fail by panicking are never retried.
+    pub fn retries(mut self, n: u32) -> Self {
+        self.config.retries = n;
+        self
+    }
+
+    /// Sets an environment variable in every worker.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Environment variables per worker slot (0-based; a replacement gets its slot's).
+    pub fn worker_env(
+        mut self,
+        f: impl Fn(usize) -> Vec<(String, String)> + Send + Sync + 'static,
+    ) -> Self {
+        self.config.worker_env = Some(Box::new(f));
+        self
+    }
+
+    /// Show a progress bar (indicatif, on standard error when it is a terminal) during
+    /// `map` and `imap`.
+    pub fn progress(mut self, show: bool) -> Self {
+        self.config.progress = show;
+        self
+    }
+
+    /// Starts the workers.
+    pub fn build(mut self) -> Result<Pool, PoolError> {
+        if let Some(e) = self.init_error.take() {
+            return Err(e);
+        }
+        self.config.processes = self.config.processes.max(1);
+        let config = Arc::new(self.config);
+        let shared = Arc::new(Shared {
+            inbox: Mutex::new(Inbox::default()),
+            waker: Waker::new().map_err(|source| PoolError::Io {
+                context: "creating an eventfd",
+                source,
+            })?,
+            pids: Mutex::new(Vec::new()),
+        });
+        let driver = Driver::new(config.clone(), shared.clone())?;
+        let thread = std::thread::Builder::new()
+            .name("gpuproc-pool".into())
+            .spawn(move || driver.run())
+            .map_err(|source| PoolError::Io {
+                context: "starting the pool thread",
+                source,
+            })?;
+        Ok(Pool {
+            config,
+            shared,
+            thread: Mutex::new(Some(thread)),
+            closed: AtomicBool::new(false),
+        })
+    }
+}
+
+/// A pool of worker processes; Python's `multiprocessing.Pool`.
+#[derive(Debug)]
+pub struct Pool {
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+impl Pool {
+    /// A pool of `processes` workers with the default settings.
+    pub fn new(processes: usize) -> Result<Pool, PoolError> {
+        Pool::builder().processes(processes).build()
+    }
+
+    /// A builder for a pool with more settings.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// The number of workers.
+    pub fn processes(&self) -> usize {
+        self.config.processes
+    }
+
+    /// The pids of the current workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.shared
+            .pids
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
+    }
+
+    fn new_job<A>(&self) -> (Arc<Job>, Receiver<Outcome>) {
+        let (tx, rx) = mpsc::channel();
+        let job = Arc::new(Job {
+            tx: Mutex::new(tx),
+            cancelled: AtomicBool::new(false),
+            arg_type: type_name::<A>(),
+        });
+        (job, rx)
+    }
+
+    fn submit(&self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(PoolError::Closed);
+        }
+        let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        if inbox.close || inbox.terminate {
+            return Err(PoolError::Closed);
+        }
+        inbox.chunks.extend(chunks);
+        drop(inbox);
+        self.shared.waker.wake();
+        Ok(())
+    }
+
+    /// Calls `f` on every item and returns the results in order; Python's `Pool.map`, with
+    /// its automatic chunk size. The first failed task's error is returned (with its index);
+    /// see [`map_results`](Self::map_results) to get every task's outcome.
+    pub fn map<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<Vec<R>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<A> = items.into_iter().collect();
+        let chunksize = policy::auto_chunksize(items.len(), self.processes());
+        self.map_chunksize(f, items, chunksize)
+    }
+
+    /// [`map`](Self::map) with an explicit chunk size.
+    pub fn map_chunksize<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        chunksize: usize,
+    ) -> Result<Vec<R>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<A> = items.into_iter().collect();
+        let len = items.len();
+        let mut out = Vec::with_capacity(len);
+        for r in self.imap(f, items).chunksize(chunksize).with_len(len) {
+            out.push(r?);
+        }
+        Ok(out)
+    }
+
+    /// Every task's outcome, in order: the results of the tasks that succeeded and the errors
+    /// of those that did not.
+    pub fn map_results<A, R, I>(&self, f: fn(A) -> R, items: I) -> Vec<Result<R, PoolError>>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<A> = items.into_iter().collect();
+        let len = items.len();
+        let chunksize = policy::auto_chunksize(len, self.processes());
+        self.imap(f, items)
+            .chunksize(chunksize)
+            .with_len(len)
+            .collect()
+    }
+
+    /// Python's `Pool.starmap`: Rust functions take one argument, so several travel as a
+    /// tuple and this is [`map`](Self::map) under the name Python users look for.
+    pub fn starmap<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<Vec<R>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.map(f, items)
+    }
+
+    /// A lazy, ordered iterator of results; Python's `Pool.imap`. Items are taken from the
+    /// input only as results are consumed, so an endless input uses bounded memory. The
+    /// chunk size defaults to 1, as in Python.
+    pub fn imap<A, R, I>(&self, f: fn(A) -> R, items: I) -> Imap<'_, A, R, I::IntoIter>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        Imap::new(self, f, items.into_iter(), true)
+    }
+
+    /// Like [`imap`](Self::imap), yielding results as they finish; Python's
+    /// `Pool.imap_unordered`. Each error carries its task's index.
+    pub fn imap_unordered<A, R, I>(&self, f: fn(A) -> R, items: I) -> Imap<'_, A, R, I::IntoIter>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        Imap::new(self, f, items.into_iter(), false)
+    }
+
+    /// Runs one task and waits for its result; Python's `Pool.apply`.
+    pub fn apply<A, R>(&self, f: fn(A) -> R, args: A) -> Result<R, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.apply_async(f, args)?.get()
+    }
+
+    /// Queues one task and returns at once; Python's `Pool.apply_async`.
+    pub fn apply_async<A, R>(&self, f: fn(A) -> R, args: A) -> Result<AsyncResult<R>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let (job, rx) = self.new_job::<A>();
+        let task = encode_task::<A>(0, &args)?;
+        self.submit(vec![Chunk {
+            job,
+            func: fn_ref(f),
+            tasks: vec![task],
+        }])?;
+        Ok(AsyncResult {
+            rx,
+            state: AsyncState::Waiting,
+            _r: PhantomData,
+        })
+    }
+
+    /// No more tasks will be submitted; queued ones still run. Python's `Pool.close`.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .close = true;
+        self.shared.waker.wake();
+    }
+
+    /// Waits for the workers to finish the queued tasks and exit; call [`close`](Self::close)
+    /// first (as in Python, `join` on an open pool closes it). Python's `Pool.join`.
+    pub fn join(&self) -> Result<(), PoolError> {
+        self.close();
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+
+    /// Kills the workers at once; unfinished tasks fail with [`PoolError::Terminated`].
+    /// Python's `Pool.terminate`.
+    pub fn terminate(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .terminate = true;
+        self.shared.waker.wake();
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+fn encode_task<A: Serialize>(index: u64, args: &A) -> Result<Task, PoolError> {
+    let (bytes, fds) = ipc::encode(args).map_err(|e| PoolError::Encode {
+        index,
+        type_name: type_name::<A>().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(Task {
+        index,
+        args: bytes,
+        fds,
+        attempts: 0,
+    })
+}
+
+fn decode_outcome<R: DeserializeOwned>(o: Outcome) -> Result<R, PoolError> {
+    let frame = o.result?;
+    ipc::decode(&frame.bytes, frame.fds).map_err(|e| PoolError::BadResult {
+        index: o.index,
+        type_name: type_name::<R>().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// The iterator behind [`Pool::imap`] and [`Pool::imap_unordered`]: yields each task's
+/// result or error. Dropping it cancels the tasks not yet sent to a worker.
+#[must_use = "an Imap does nothing until it is iterated"]
+pub struct Imap<'p, A, R, I> {
+    pool: &'p Pool,
+    func: FnRef,
+    input: std::iter::Fuse<I>,
+    ordered: bool,
+    chunksize: usize,
+    job: Arc<Job>,
+    rx: Receiver<Outcome>,
+    next_index: u64,
+    next_yield: u64,
+    outstanding: usize,
+    done: BTreeMap<u64, Outcome>,
+    len: Option<usize>,
+    bar: Option<indicatif::ProgressBar>,
+    _types: PhantomData<fn(A) -> R>,
+}
+
+impl<A, R, I> std::fmt::Debug for Imap<'_, A, R, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Imap")
+            .field("ordered", &self.ordered)
+            .field("chunksize", &self.chunksize)
+            .field("submitted", &self.next_index)
+            .field("outstanding", &self.outstanding)
+            .finish()
+    }
+}
+
+impl<'p, A, R, I> Imap<'p, A, R, I>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+    I: Iterator<Item = A>,
+{
+    fn new(pool: &'p Pool, f: fn(A) -> R, input: I, ordered: bool) -> Self {
+        let (job, rx) = pool.new_job::<A>();
+        Imap {
+            pool,
+            func: fn_ref(f),
+            input: input.fuse(),
+            ordered,
+            chunksize: 1,
+            job,
+            rx,
+            next_index: 0,
+            next_yield: 0,
+            outstanding: 0,
+            done: BTreeMap::new(),
+            len: None,
+            bar: None,
+            _types: PhantomData,
+        }
+    }
+
+    /// Sends tasks to workers in chunks of `n` (Python's `chunksize`; default 1).
+    pub fn chunksize(mut self, n: usize) -> Self {
+        self.chunksize = n.max(1);
+        self
+    }
+
+    /// The number of items, when known, for the progress bar.
+    pub fn with_len(mut self, len: usize) -> Self {
+        self.len = Some(len);
+        self
+    }
+
+    /// Takes more input while fewer than the window's tasks are outstanding.
+    fn fill(&mut self) -> Result<(), PoolError> {
+        let window = policy::imap_window(self.pool.processes(), self.chunksize);
+        let mut chunks = Vec::new();
+        while self.outstanding < window {
+            let mut tasks = Vec::with_capacity(self.chunksize);
+            for a in self.input.by_ref().take(self.chunksize) {
+                tasks.push(encode_task(self.next_index, &a)?);
+                self.next_index += 1;
+            }
+            if tasks.is_empty() {
+                break;
+            }
+            self.outstanding += tasks.len();
+            chunks.push(Chunk {
+                job: self.job.clone(),
+                func: self.func,
+                tasks,
+            });
+        }
+        if !chunks.is_empty() {
+            self.pool.submit(chunks)?;
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self) {
+        if !self.pool.config.progress {
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| match self.len {
+            Some(n) => indicatif::ProgressBar::new(n as u64),
+            None => indicatif::ProgressBar::no_length(),
+        });
+        bar.inc(1);
+    }
+}
+
+impl<A, R, I> Iterator for Imap<'_, A, R, I>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+    I: Iterator<Item = A>,
+{
+    type Item = Result<R, PoolError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Err(e) = self.fill() {
+                return Some(Err(e));
+            }
+            let ready = if self.ordered {
+                self.done.remove(&self.next_yield)
+            } else {
+                self.done.pop_first().map(|(_, o)| o)
+            };
+            if let Some(o) = ready {
+                self.next_yield += 1;
+                self.progress();
+                return Some(decode_outcome(o));
+            }
+            if self.outstanding == 0 {
+                if let Some(bar) = &self.bar {
+                    bar.finish_and_clear();
+                }
+                return None;
+            }
+            match self.rx.recv() {
+                Ok(o) => {
+                    self.outstanding -= 1;
+                    self.done.insert(o.index, o);
+                }
+                // The driver is gone, and with it every task's sender.
+                Err(_) => {
+                    self.outstanding = 0;
+                    let index = self.next_yield;
+                    self.next_yield += 1;
+                    return Some(Err(PoolError::Terminated { index }));
+                }
+            }
+        }
+    }
+}
+
+impl<A, R, I> Drop for Imap<'_, A, R, I> {
+    fn drop(&mut self) {
+        self.job.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+enum AsyncState<R> {
+    Waiting,
+    Done(Result<R, PoolError>),
+    Taken,
+}
+
+/// The pending result of [`Pool::apply_async`]; Python's `AsyncResult`.
+///
+/// Dropping it does not cancel the task: it still runs, as in Python.
+#[must_use = "the task's result or error is only seen through get()"]
+pub struct AsyncResult<R> {
+    rx: Receiver<Outcome>,
+    state: AsyncState<R>,
+    _r: PhantomData<fn() -> R>,
+}
+
+impl<R> std::fmt::Debug for AsyncResult<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            AsyncState::Waiting => "waiting",
+            AsyncState::Done(_) => "ready",
+            AsyncState::Taken => "taken",
+        };
+        f.debug_struct("AsyncResult")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<R: DeserializeOwned> AsyncResult<R> {
+    fn poll(&mut self, deadline: Option<Instant>) {
+        if !matches!(self.state, AsyncState::Waiting) {
+            return;
+        }
+        let got = match deadline {
+            None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => self
+                .rx
+                .recv_timeout(d.saturating_duration_since(Instant::now())),
+        };
+        match got {
+            Ok(o) => self.state = AsyncState::Done(decode_outcome(o)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                self.state = AsyncState::Done(Err(PoolError::Terminated { index: 0 }))
+            }
+        }
+    }
+
+    /// Waits for the result; Python's `get()`.
+    pub fn get(mut self) -> Result<R, PoolError> {
+        self.poll(None);
+        self.take()
+    }
+
+    /// Waits at most `timeout`; on [`PoolError::Timeout`] the task goes on and this can be
+    /// asked again. Python's `get(timeout)`.
+    pub fn get_timeout(&mut self, timeout: Duration) -> Result<R, PoolError> {
+        self.poll(Some(Instant::now() + timeout));
+        if matches!(self.state, AsyncState::Waiting) {
+            return Err(PoolError::Timeout { waited: timeout });
+        }
+        self.take()
+    }
+
+    fn take(&mut self) -> Result<R, PoolError> {
+        match std::mem::replace(&mut self.state, AsyncState::Taken) {
+            AsyncState::Done(r) => r,
+            AsyncState::Taken => Err(PoolError::AlreadyTaken),
+            AsyncState::Waiting => unreachable!("polled until done"),
+        }
+    }
+
+    /// Whether the task has finished (never blocks); Python's `ready()`.
+    pub fn ready(&mut self) -> bool {
+        self.poll(Some(Instant::now()));
+        !matches!(self.state, AsyncState::Waiting)
+    }
+
+    /// Waits until the task has finished; Python's `wait()`.
+    pub fn wait(&mut self) {
+        self.poll(None);
+    }
+
+    /// Waits at most `timeout`; returns whether the task has finished.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> bool {
+        self.poll(Some(Instant::now() + timeout));
+        !matches!(self.state, AsyncState::Waiting)
+    }
+
+    /// Whether the task succeeded, once it has finished; Python's `successful()`.
+    pub fn successful(&mut self) -> Option<bool> {
+        self.ready();
+        match &self.state {
+            AsyncState::Done(r) => Some(r.is_ok()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The pool's decisions, as pure functions: chunk sizes, how much to send a worker, retries.
+
+/// Python's automatic chunk size for `map`: the input split into about four chunks per
+/// worker, rounded up; at least 1.
+pub fn auto_chunksize(len: usize, workers: usize) -> usize {
+    let per = workers.max(1) * 4;
+    len.div_ceil(per).max(1)
+}
+
+/// At most this many tasks are sent ahead to one worker (unless a single chunk is larger),
+/// so that a slow worker does not hoard work and a dead one takes little with it.
+pub const MAX_ITEMS_IN_FLIGHT: usize = 128;
+
+/// Whether a worker with `chunks` chunks and `items` tasks in flight may be sent a chunk of
+/// `next` more: always when idle, up to two chunks, or while small chunks fit the budget.
+pub fn may_dispatch(chunks: usize, items: usize, next: usize) -> bool {
+    chunks < 2 || items + next <= MAX_ITEMS_IN_FLIGHT
+}
+
+/// How many of a chunk's `len` tasks a worker may take when it will exit after `budget` more
+/// (`max_tasks_per_child`); `None` means no limit.
+pub fn take_for_budget(len: usize, budget: Option<u64>) -> usize {
+    match budget {
+        Some(b) => len.min(b as usize),
+        None => len,
+    }
+}
+
+/// What to do with a task whose worker died under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterDeath {
+    /// Run it again on another worker.
+    Retry,
+    /// Report the failure.
+    Fail,
+}
+
+/// Retry a task whose worker died while `attempts` runs have been made, when `retries` are
+/// allowed (the default is 0: report, do not retry).
+pub fn after_worker_death(attempts: u32, retries: u32) -> AfterDeath {
+    if attempts <= retries {
+        AfterDeath::Retry
+    } else {
+        AfterDeath::Fail
+    }
+}
+
+/// How many tasks an ordered or unordered `imap` keeps in flight: enough to keep every
+/// worker busy with two chunks, bounded so an endless input uses bounded memory.
+pub fn imap_window(workers: usize, chunksize: usize) -> usize {
+    (workers.max(1) * chunksize.max(1) * 2).max(MAX_ITEMS_IN_FLIGHT * workers.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunksize_matches_python() {
+        // Python: divmod(len, workers * 4), plus one if there is a remainder.
+        assert_eq!(auto_chunksize(1_000_000, 2), 125_000);
+        assert_eq!(auto_chunksize(10_000, 2), 1_250);
+        assert_eq!(auto_chunksize(10_001, 2), 1_251);
+        assert_eq!(auto_chunksize(3, 2), 1);
+        assert_eq!(auto_chunksize(0, 2), 1);
+        assert_eq!(auto_chunksize(100, 0), 25);
+    }
+
+    #[test]
+    fn dispatch_window() {
+        assert!(may_dispatch(0, 0, 10_000));
+        assert!(may_dispatch(1, 5_000, 5_000));
+        assert!(!may_dispatch(2, 10_000, 5_000));
+        assert!(may_dispatch(100, 100, 1));
+        assert!(!may_dispatch(128, 128, 1));
+    }
+
+    #[test]
+    fn budget_limits_chunks() {
+        assert_eq!(take_for_budget(10, None), 10);
+        assert_eq!(take_for_budget(10, Some(1)), 1);
+        assert_eq!(take_for_budget(3, Some(5)), 3);
+    }
+
+    #[test]
+    fn retries() {
+        assert_eq!(after_worker_death(1, 0), AfterDeath::Fail);
+        assert_eq!(after_worker_death(1, 1), AfterDeath::Retry);
+        assert_eq!(after_worker_death(2, 1), AfterDeath::Fail);
+    }
+
+    #[test]
+    fn imap_window_is_bounded_and_busy() {
+        assert_eq!(imap_window(2, 1), 256);
+        assert_eq!(imap_window(2, 1_000), 4_000);
+    }
+}
