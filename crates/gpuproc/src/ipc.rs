@@ -79,9 +79,12 @@ impl FrameReader {
     /// Takes everything available now, without blocking.
     pub fn fill(&mut self, sock: BorrowedFd<'_>) -> io::Result<()> {
         let mut fds = Vec::new();
+        // Small reads first (most messages are small), growing while the socket has more.
+        let mut max = 4096;
         while !self.eof {
-            match sys::recv_nonblocking(sock, &mut self.buf, &mut fds)? {
-                sys::Received::Data => {}
+            match sys::recv_nonblocking(sock, &mut self.buf, &mut fds, max)? {
+                sys::Received::Data(n) if n == max => max = (max * 4).min(1 << 20),
+                sys::Received::Data(_) => {}
                 sys::Received::WouldBlock => break,
                 sys::Received::Eof => self.eof = true,
             }

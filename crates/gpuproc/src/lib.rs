@@ -99,6 +99,9 @@ pub mod shm;
 pub mod sync;
 mod sys;
 
+pub use channel::{
+    Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SendError, SimpleQueue,
+};
 pub use ipc::{deserialize_fd, serialize_fd};
 pub use pool::{AsyncResult, Imap, Pool, PoolBuilder, PoolError};
 pub use process::{
@@ -106,6 +109,8 @@ pub use process::{
     process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo,
     StartMethod,
 };
+pub use shm::{SharedArray, SharedMemory, SharedValue, ShmError};
+pub use sync::{Barrier, BoundedSemaphore, Condition, Event, Lock, RLock, Semaphore, SyncError};
 pub use sys::signal_name;
 
 /// The one line of set-up at the top of `main`: Python's `if __name__ == '__main__':`.

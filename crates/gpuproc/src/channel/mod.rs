@@ -1,1 +1,132 @@
-//! Pipes and queues between processes: Python's `Pipe`, `Queue`, `SimpleQueue` and `JoinableQueue`.
+//! Pipes and queues between processes: Python's `Pipe`, `Queue`, `SimpleQueue` and
+//! `JoinableQueue`.
+//!
+//! - [`Pipe::new`] returns two connected [`Connection`]s (duplex; [`Pipe::simplex`] for one
+//!   way). Values of any serde type go through `send`/`recv`; raw bytes through
+//!   `send_bytes`/`recv_bytes`.
+//! - [`Queue<T>`] is multi-producer, multi-consumer across processes, unbounded or
+//!   [`bounded`](Queue::bounded); [`JoinableQueue<T>`] adds `task_done`/`join`;
+//!   [`SimpleQueue<T>`] is the minimal form.
+//!
+//! All of them can be passed to child processes as arguments of
+//! [`Process::new`](crate::Process::new) (with every start method) and sent inside messages.
+//! Every blocking call has `try_` and `_timeout` forms; errors are one type,
+//! [`ChannelError`] (with [`SendError`] handing back a value that was not put).
+//!
+//! # How it works
+//! Each pipe or queue is a `SOCK_SEQPACKET` Unix socket pair: one receive takes exactly one
+//! whole message, so any number of processes can share one end without locks. Payloads
+//! over 64 KiB are written into a sealed memfd whose descriptor travels with the message,
+//! so large values cross through shared memory rather than through the socket. For bulk
+//! bytes use [`Bytes`]: a `Vec<u8>` is encoded element by element, `Bytes` in one copy.
+
+mod error;
+mod pipe;
+mod queue;
+mod wire;
+
+use std::ops::{Deref, DerefMut};
+use std::os::fd::BorrowedFd;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use self::error::{ChannelError, SendError};
+pub use self::pipe::{Connection, Pipe};
+pub use self::queue::{JoinableQueue, Queue, SimpleQueue};
+
+/// The default `max_message_size` of every handle: 4 GiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 << 30;
+
+/// Serialises a borrowed descriptor with [`crate::serialize_fd`].
+struct FdRef<'a>(BorrowedFd<'a>);
+
+impl Serialize for FdRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        crate::ipc::serialize_fd(self.0, s)
+    }
+}
+
+/// A byte buffer that serialises as bytes, in one copy; Python's `bytes`.
+///
+/// serde encodes a `Vec<u8>` as a sequence, one element at a time; `Bytes` is encoded as a
+/// single block, so a `Queue<Bytes>` moves large buffers at close to memory-copy speed.
+///
+/// ```
+/// let b = gpuproc::channel::Bytes::from(vec![1u8, 2, 3]);
+/// assert_eq!(&b[..], &[1, 2, 3]);
+/// let v: Vec<u8> = b.into();
+/// assert_eq!(v.len(), 3);
+/// ```
+#[doc(alias = "bytes")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Bytes {
+    /// The bytes, as a `Vec`.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes(v)
+    }
+}
+
+impl From<&[u8]> for Bytes {
+    fn from(v: &[u8]) -> Self {
+        Bytes(v.to_vec())
+    }
+}
+
+impl From<Bytes> for Vec<u8> {
+    fn from(b: Bytes) -> Self {
+        b.0
+    }
+}
+
+impl Deref for Bytes {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl DerefMut for Bytes {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Bytes, A::Error> {
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = a.next_element()? {
+                    v.push(b);
+                }
+                Ok(Bytes(v))
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
+}

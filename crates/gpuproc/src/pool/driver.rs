@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::policy::{self, AfterDeath};
-use super::worker::{self, Batch, Done, FnRef, Item, WorkerArgs, WORD_RUNNING, WORD_STARTED};
+use super::worker::{
+    self, Batch, Done, FnRef, Item, ToWorker, WorkerArgs, WORD_RUNNING, WORD_STARTED,
+};
 use super::{Config, PoolError};
 use crate::ipc::{self, Frame, FrameReader};
 use crate::process::wire::Failure;
@@ -278,12 +280,12 @@ impl Driver {
             task.attempts += 1;
             flights.push((seq, task));
         }
-        let batch = Batch {
+        let msg = ToWorker::Batch(Batch {
             func: chunk.func,
             items,
-        };
+        });
         let w = &mut self.workers[wi];
-        match postcard::to_stdvec(&batch) {
+        match postcard::to_stdvec(&msg) {
             Ok(payload) => {
                 let mut frame = Vec::with_capacity(payload.len() + 8);
                 ipc::append_frame(&mut frame, &payload, fds.len());
@@ -307,6 +309,9 @@ impl Driver {
         let batch_id = self.next_batch;
         self.next_batch += 1;
         let sent = flights.len();
+        let ToWorker::Batch(batch) = msg else {
+            unreachable!("built above")
+        };
         for ((seq, mut task), item) in flights.into_iter().zip(batch.items) {
             task.args = item.args;
             w.order.push_back(seq);
@@ -513,6 +518,9 @@ impl Driver {
             let Worker {
                 mut process, conn, ..
             } = w;
+            if let Ok(stop) = postcard::to_stdvec(&ToWorker::Stop) {
+                let _ = ipc::send_frame(conn.as_fd(), &stop, &[]);
+            }
             drop(conn);
             if process.join_timeout(Duration::from_secs(30)).is_err() {
                 let _ = process.kill();

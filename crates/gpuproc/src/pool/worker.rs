@@ -34,7 +34,17 @@ pub(crate) struct FnRef {
     pub target: isize,
 }
 
-/// Parent → worker: tasks to run, in order.
+/// Parent → worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToWorker {
+    /// Tasks to run, in order.
+    Batch(Batch),
+    /// Finish and exit (closing the connection means the same, but a forked sibling may
+    /// hold a copy of it).
+    Stop,
+}
+
+/// Tasks to run, in order.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Batch {
     pub func: FnRef,
@@ -102,7 +112,13 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
     loop {
         // Run everything that has arrived.
         while let Some(frame) = reader.next_frame().map_err(|e| e.to_string())? {
-            let batch: Batch = ipc::decode(&frame.bytes, Vec::new()).map_err(|e| e.to_string())?;
+            let batch = match ipc::decode(&frame.bytes, Vec::new()).map_err(|e| e.to_string())? {
+                ToWorker::Batch(b) => b,
+                ToWorker::Stop => {
+                    out.flush(&conn).map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+            };
             let mut fds = frame.fds.into_iter();
             let (t, target) = trampoline_at(batch.func);
             for item in batch.items {

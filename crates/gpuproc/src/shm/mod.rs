@@ -1,1 +1,932 @@
-//! Memory shared between processes: values, arrays and named blocks.
+//! Memory shared between processes: Python's `multiprocessing.Value` and `Array`
+//! ([`SharedValue`], [`SharedArray`]) and `multiprocessing.shared_memory.SharedMemory`
+//! ([`SharedMemory`], named blocks in `/dev/shm` that unrelated processes can attach).
+//!
+//! Values and arrays live in an anonymous memory file (memfd) and reach child processes as
+//! part of their argument, with every start method. Named blocks are found by name.
+//!
+//! # Access rules (why there is no `&mut [T]`)
+//!
+//! Another process may write shared memory at any moment, and Rust forbids a plain read or
+//! write racing with a write. So safe access is element-wise and atomic: [`SharedValue::get`]
+//! and [`set`](SharedValue::set), [`SharedArray::get`], [`set`](SharedArray::set),
+//! [`to_vec`](SharedArray::to_vec), [`SharedMemory::buf`] (a slice of `AtomicU8`). Each
+//! element is read or written whole (no torn values), but a sequence of them is not one step:
+//! hold the object's lock ([`SharedValue::get_lock`], [`SharedValue::update`]) for
+//! read-modify-write or to see an array consistently, as in Python. Where you know no one
+//! else writes, the `unsafe` [`SharedArray::as_slice`] and friends give plain slices.
+//!
+//! ```
+//! # gpuproc::init();
+//! use gpuproc::shm::{SharedArray, SharedValue};
+//!
+//! fn f((num, arr): (SharedValue<f64>, SharedArray<i32>)) {
+//!     num.set(3.1415927);
+//!     for i in 0..arr.len() {
+//!         arr.set(i, -arr.get(i).unwrap());
+//!     }
+//! }
+//!
+//! let num = SharedValue::new(0.0)?;
+//! let arr = SharedArray::from_slice(&(0..10).collect::<Vec<i32>>())?;
+//! let mut p = gpuproc::Process::new(f, (num.clone(), arr.clone()));
+//! p.start()?;
+//! p.join()?;
+//! assert_eq!(num.get(), 3.1415927);
+//! assert_eq!(arr.to_vec(), [0, -1, -2, -3, -4, -5, -6, -7, -8, -9]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::sync::{Lock, SyncError};
+use crate::sys::shm::{self as sys, Mapping};
+
+/// Why a shared memory operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShmError {
+    /// No block has this name.
+    #[error("no shared memory block named {name:?} (never created, or unlinked already)")]
+    NotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// A block with this name exists already.
+    #[error("a shared memory block named {name:?} already exists")]
+    AlreadyExists {
+        /// The name asked for.
+        name: String,
+    },
+    /// The name cannot name a block.
+    #[error("invalid shared memory name {name:?}: {reason}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Attaching asked for more bytes than the block has.
+    #[error(
+        "shared memory block {name:?} has {actual} bytes, fewer than the {requested} asked for"
+    )]
+    WrongSize {
+        /// The block's name.
+        name: String,
+        /// The size asked for.
+        requested: usize,
+        /// The block's size.
+        actual: usize,
+    },
+    /// A size of zero (or too large to map).
+    #[error("invalid size {size}: a shared memory block needs at least one byte")]
+    InvalidSize {
+        /// The size given.
+        size: usize,
+    },
+    /// [`SharedMemory::unlink`] was called twice on this handle.
+    #[error("shared memory block {name:?} was already unlinked through this handle")]
+    AlreadyUnlinked {
+        /// The block's name.
+        name: String,
+    },
+    /// [`SharedValue::update`] on a value made without a lock.
+    #[error("this shared value has no lock (it was made with new_unlocked)")]
+    NoLock,
+    /// Taking the object's lock failed.
+    #[error("locking the shared object failed")]
+    Lock(#[from] SyncError),
+    /// A handle received from another process is not what was expected.
+    #[error("the shared object received is not a {expected}: {reason}")]
+    WrongObject {
+        /// What the receiver expected.
+        expected: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A system call failed.
+    #[error("{op} failed")]
+    Os {
+        /// What was being done.
+        op: String,
+        /// The system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ShmError {
+    /// Whether no block had the name.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ShmError::NotFound { .. })
+    }
+    /// Whether the name was taken.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, ShmError::AlreadyExists { .. })
+    }
+    /// Whether the name was invalid.
+    pub fn is_invalid_name(&self) -> bool {
+        matches!(self, ShmError::InvalidName { .. })
+    }
+    /// Whether the block was smaller than asked for.
+    pub fn is_wrong_size(&self) -> bool {
+        matches!(self, ShmError::WrongSize { .. })
+    }
+    /// Whether this handle had unlinked the block already.
+    pub fn is_already_unlinked(&self) -> bool {
+        matches!(self, ShmError::AlreadyUnlinked { .. })
+    }
+    /// Whether a system call failed.
+    pub fn is_os(&self) -> bool {
+        matches!(self, ShmError::Os { .. })
+    }
+
+    fn os(op: impl Into<String>) -> impl FnOnce(io::Error) -> ShmError {
+        let op = op.into();
+        move |source| ShmError::Os { op, source }
+    }
+}
+
+// --- element types --------------------------------------------------------------------------
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Plain numbers that can live in shared memory: the integers, `f32`, `f64` and `bool`
+/// (Python's typecodes `'b'`, `'i'`, `'d'`, ...). Sealed: each is read and written with one
+/// atomic access of its own size.
+pub trait Scalar: sealed::Sealed + Copy + PartialEq + fmt::Debug + Send + Sync + 'static {
+    /// The type's name, for error messages.
+    const NAME: &'static str;
+    #[doc(hidden)]
+    const CODE: u32;
+    /// Reads `*p` atomically.
+    ///
+    /// # Safety
+    /// `p` is valid, aligned, and only ever accessed atomically.
+    #[doc(hidden)]
+    unsafe fn load(p: *mut Self) -> Self;
+    /// Writes `*p` atomically.
+    ///
+    /// # Safety
+    /// As for [`load`](Self::load).
+    #[doc(hidden)]
+    unsafe fn store(p: *mut Self, v: Self);
+}
+
+macro_rules! scalar {
+    ($($t:ty => $atomic:ty, $bits:ty, $code:expr, |$x:ident| $to:expr, |$b:ident| $from:expr;)*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Scalar for $t {
+            const NAME: &'static str = stringify!($t);
+            const CODE: u32 = $code;
+            unsafe fn load(p: *mut Self) -> Self {
+                // SAFETY: forwarded to the caller; the atomic has the size and alignment of
+                // the type.
+                let $b = unsafe { <$atomic>::from_ptr(p.cast::<$bits>()) }.load(Ordering::Acquire);
+                $from
+            }
+            unsafe fn store(p: *mut Self, $x: Self) {
+                // SAFETY: as in `load`.
+                unsafe { <$atomic>::from_ptr(p.cast::<$bits>()) }.store($to, Ordering::Release)
+            }
+        }
+    )*};
+}
+
+use std::sync::atomic::{AtomicU16, AtomicU64};
+
+scalar! {
+    u8 => AtomicU8, u8, 1, |x| x, |b| b;
+    i8 => AtomicU8, u8, 2, |x| x as u8, |b| b as i8;
+    u16 => AtomicU16, u16, 3, |x| x, |b| b;
+    i16 => AtomicU16, u16, 4, |x| x as u16, |b| b as i16;
+    u32 => AtomicU32, u32, 5, |x| x, |b| b;
+    i32 => AtomicU32, u32, 6, |x| x as u32, |b| b as i32;
+    u64 => AtomicU64, u64, 7, |x| x, |b| b;
+    i64 => AtomicU64, u64, 8, |x| x as u64, |b| b as i64;
+    usize => AtomicU64, u64, 9, |x| x as u64, |b| b as usize;
+    isize => AtomicU64, u64, 10, |x| x as u64, |b| b as isize;
+    f32 => AtomicU32, u32, 11, |x| x.to_bits(), |b| f32::from_bits(b);
+    f64 => AtomicU64, u64, 12, |x| x.to_bits(), |b| f64::from_bits(b);
+    bool => AtomicU8, u8, 13, |x| x as u8, |b| b != 0;
+}
+
+// usize/isize are stored as 64 bits above.
+const _: () = assert!(std::mem::size_of::<usize>() == 8);
+
+// --- the memory behind values and arrays ----------------------------------------------------
+
+const MAGIC: u32 = 0x6770_7368; // "gpsh"
+/// Header: magic, kind (1 value, 2 array), element code, padding, length (u64). Data follows.
+const DATA_AT: usize = 64;
+
+#[derive(Clone)]
+struct Cells<T> {
+    map: Arc<Mapping>,
+    len: usize,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Scalar> Cells<T> {
+    fn create(kind: u32, len: usize) -> Result<Self, ShmError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| b.checked_add(DATA_AT))
+            .ok_or(ShmError::InvalidSize { size: len })?;
+        let map = Mapping::anonymous(&format!("gpuproc-shared-{}", T::NAME), bytes)
+            .map_err(ShmError::os("creating shared memory"))?;
+        map.atomic_u32(4).store(kind, Ordering::SeqCst);
+        map.atomic_u32(8).store(T::CODE, Ordering::SeqCst);
+        map.atomic_u32(16).store(len as u32, Ordering::SeqCst);
+        map.atomic_u32(20)
+            .store((len as u64 >> 32) as u32, Ordering::SeqCst);
+        map.atomic_u32(0).store(MAGIC, Ordering::SeqCst);
+        Ok(Cells {
+            map: Arc::new(map),
+            len,
+            _t: std::marker::PhantomData,
+        })
+    }
+
+    fn open(fd: OwnedFd, kind: u32, what: &str) -> Result<Self, ShmError> {
+        let expected = format!("{what}<{}>", T::NAME);
+        let wrong = |reason: String| ShmError::WrongObject {
+            expected: expected.clone(),
+            reason,
+        };
+        let map = Mapping::map_existing(fd, DATA_AT).map_err(|e| wrong(e.to_string()))?;
+        if map.atomic_u32(0).load(Ordering::SeqCst) != MAGIC
+            || map.atomic_u32(4).load(Ordering::SeqCst) != kind
+        {
+            return Err(wrong(format!("it is not a gpuproc {what}")));
+        }
+        let code = map.atomic_u32(8).load(Ordering::SeqCst);
+        if code != T::CODE {
+            return Err(wrong(format!("its element type code is {code}")));
+        }
+        let len = map.atomic_u32(16).load(Ordering::SeqCst) as usize
+            | ((map.atomic_u32(20).load(Ordering::SeqCst) as usize) << 32);
+        if DATA_AT + len * std::mem::size_of::<T>() > map.len() {
+            return Err(wrong(format!(
+                "{len} elements do not fit in {} bytes",
+                map.len()
+            )));
+        }
+        Ok(Cells {
+            map: Arc::new(map),
+            len,
+            _t: std::marker::PhantomData,
+        })
+    }
+
+    fn ptr(&self, i: usize) -> *mut T {
+        assert!(i < self.len);
+        // SAFETY: in bounds (checked above; the mapping holds DATA_AT + len elements), and
+        // aligned: the mapping is page-aligned and DATA_AT is a multiple of 8.
+        unsafe { self.map.ptr().add(DATA_AT).cast::<T>().add(i) }
+    }
+
+    fn get(&self, i: usize) -> T {
+        // SAFETY: valid and aligned (see `ptr`); shared cells are only accessed atomically.
+        unsafe { T::load(self.ptr(i)) }
+    }
+
+    fn set(&self, i: usize, v: T) {
+        // SAFETY: as in `get`.
+        unsafe { T::store(self.ptr(i), v) }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    #[serde(
+        serialize_with = "ser_fd",
+        deserialize_with = "crate::ipc::deserialize_fd"
+    )]
+    fd: OwnedFd,
+    lock: Option<Lock>,
+}
+
+fn ser_fd<S: Serializer>(fd: &OwnedFd, s: S) -> Result<S::Ok, S::Error> {
+    crate::ipc::serialize_fd(fd.as_fd(), s)
+}
+
+fn wire<T>(cells: &Cells<T>, lock: &Option<Lock>) -> Result<Wire, io::Error> {
+    Ok(Wire {
+        fd: cells.map.fd().try_clone_to_owned()?,
+        lock: lock.clone(),
+    })
+}
+
+// --- SharedValue ----------------------------------------------------------------------------
+
+/// One number shared between processes; Python's `multiprocessing.Value`.
+///
+/// [`get`](Self::get) and [`set`](Self::set) are atomic. Like Python's default
+/// (`lock=True`), it comes with a [`Lock`] for read-modify-write: [`update`](Self::update),
+/// or [`get_lock`](Self::get_lock) to hold it around several steps. Clones, and copies
+/// passed to children, are the same value.
+#[derive(Clone)]
+pub struct SharedValue<T: Scalar> {
+    cells: Cells<T>,
+    lock: Option<Lock>,
+}
+
+impl<T: Scalar> SharedValue<T> {
+    /// A shared value with a lock; Python's `Value(typecode, value)`.
+    pub fn new(value: T) -> Result<Self, ShmError> {
+        let v = SharedValue::new_unlocked(value)?;
+        Ok(SharedValue {
+            lock: Some(Lock::new()?),
+            ..v
+        })
+    }
+
+    /// A shared value without a lock; Python's `RawValue` (or `Value(..., lock=False)`).
+    pub fn new_unlocked(value: T) -> Result<Self, ShmError> {
+        let cells = Cells::create(1, 1)?;
+        cells.set(0, value);
+        Ok(SharedValue { cells, lock: None })
+    }
+
+    /// The value now; Python's `.value`.
+    pub fn get(&self) -> T {
+        self.cells.get(0)
+    }
+
+    /// Replaces the value; Python's `.value = v`.
+    pub fn set(&self, value: T) {
+        self.cells.set(0, value)
+    }
+
+    /// The lock, if it has one; Python's `get_lock()`.
+    pub fn get_lock(&self) -> Option<&Lock> {
+        self.lock.as_ref()
+    }
+
+    /// Replaces the value with `f(value)` holding the lock, and returns the new value (for
+    /// example `counter.update(|n| n + 1)`); [`ShmError::NoLock`] without a lock.
+    ///
+    /// Other processes that change the value without holding the lock are not held back.
+    pub fn update(&self, f: impl FnOnce(T) -> T) -> Result<T, ShmError> {
+        let lock = self.lock.as_ref().ok_or(ShmError::NoLock)?;
+        let _guard = lock.lock()?;
+        let new = f(self.get());
+        self.set(new);
+        Ok(new)
+    }
+}
+
+impl<T: Scalar> fmt::Debug for SharedValue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedValue")
+            .field("value", &self.get())
+            .field("lock", &self.lock.is_some())
+            .finish()
+    }
+}
+
+impl<T: Scalar> Serialize for SharedValue<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        wire(&self.cells, &self.lock)
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+}
+
+impl<'de, T: Scalar> Deserialize<'de> for SharedValue<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = Wire::deserialize(d)?;
+        let cells = Cells::open(w.fd, 1, "SharedValue").map_err(serde::de::Error::custom)?;
+        Ok(SharedValue {
+            cells,
+            lock: w.lock,
+        })
+    }
+}
+
+// --- SharedArray ----------------------------------------------------------------------------
+
+/// A fixed-length array of numbers shared between processes; Python's
+/// `multiprocessing.Array`.
+///
+/// Elements are read and written atomically one at a time ([`get`](Self::get),
+/// [`set`](Self::set)); hold [`get_lock`](Self::get_lock) to make several steps one. Clones,
+/// and copies passed to children, are the same array.
+#[derive(Clone)]
+pub struct SharedArray<T: Scalar> {
+    cells: Cells<T>,
+    lock: Option<Lock>,
+}
+
+impl<T: Scalar> SharedArray<T> {
+    /// A shared array holding a copy of `values`, with a lock; Python's
+    /// `Array(typecode, values)`.
+    pub fn from_slice(values: &[T]) -> Result<Self, ShmError> {
+        let a = SharedArray::from_slice_unlocked(values)?;
+        Ok(SharedArray {
+            lock: Some(Lock::new()?),
+            ..a
+        })
+    }
+
+    /// Like [`from_slice`](Self::from_slice), without a lock; Python's `RawArray`.
+    pub fn from_slice_unlocked(values: &[T]) -> Result<Self, ShmError> {
+        let cells = Cells::create(2, values.len())?;
+        for (i, v) in values.iter().enumerate() {
+            cells.set(i, *v);
+        }
+        Ok(SharedArray { cells, lock: None })
+    }
+
+    /// `len` copies of `value`, with a lock; Python's `Array(typecode, size)` (for zeros).
+    pub fn filled(value: T, len: usize) -> Result<Self, ShmError> {
+        let cells = Cells::create(2, len)?;
+        for i in 0..len {
+            cells.set(i, value);
+        }
+        Ok(SharedArray {
+            cells,
+            lock: Some(Lock::new()?),
+        })
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.cells.len
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.cells.len == 0
+    }
+
+    /// Element `i`, or `None` past the end.
+    pub fn get(&self, i: usize) -> Option<T> {
+        (i < self.len()).then(|| self.cells.get(i))
+    }
+
+    /// Sets element `i`.
+    ///
+    /// # Panics
+    /// If `i` is out of bounds, like slice indexing.
+    pub fn set(&self, i: usize, value: T) {
+        assert!(
+            i < self.len(),
+            "index {i} out of bounds for a SharedArray of length {}",
+            self.len()
+        );
+        self.cells.set(i, value)
+    }
+
+    /// A copy of all elements (each read atomically; hold the lock for a consistent copy).
+    pub fn to_vec(&self) -> Vec<T> {
+        (0..self.len()).map(|i| self.cells.get(i)).collect()
+    }
+
+    /// Sets every element from `values`.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn copy_from_slice(&self, values: &[T]) {
+        assert_eq!(
+            values.len(),
+            self.len(),
+            "length mismatch in copy_from_slice"
+        );
+        for (i, v) in values.iter().enumerate() {
+            self.cells.set(i, *v);
+        }
+    }
+
+    /// The lock, if it has one; Python's `get_lock()`.
+    pub fn get_lock(&self) -> Option<&Lock> {
+        self.lock.as_ref()
+    }
+
+    /// The elements as a plain slice, without copying.
+    ///
+    /// # Safety
+    /// While the slice lives, no process or thread may write the array.
+    pub unsafe fn as_slice(&self) -> &[T] {
+        // SAFETY: the memory holds `len` initialised, aligned elements for the life of `self`;
+        // the caller promises that nobody writes them meanwhile.
+        unsafe { std::slice::from_raw_parts(self.cells.map.ptr().add(DATA_AT).cast(), self.len()) }
+    }
+
+    /// The elements as a plain mutable slice, without copying.
+    ///
+    /// # Safety
+    /// While the slice lives, no other process or thread may read or write the array, and no
+    /// other slice of it may exist (hold the lock and make sure every user does the same, or
+    /// use it before sharing the array).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn as_mut_slice(&self) -> &mut [T] {
+        // SAFETY: as in `as_slice`, and the caller promises exclusive access.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.cells.map.ptr().add(DATA_AT).cast(), self.len())
+        }
+    }
+}
+
+impl<T: Scalar> fmt::Debug for SharedArray<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedArray")
+            .field("values", &self.to_vec())
+            .field("lock", &self.lock.is_some())
+            .finish()
+    }
+}
+
+impl<T: Scalar> Serialize for SharedArray<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        wire(&self.cells, &self.lock)
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+}
+
+impl<'de, T: Scalar> Deserialize<'de> for SharedArray<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = Wire::deserialize(d)?;
+        let cells = Cells::open(w.fd, 2, "SharedArray").map_err(serde::de::Error::custom)?;
+        Ok(SharedArray {
+            cells,
+            lock: w.lock,
+        })
+    }
+}
+
+// --- SharedMemory ---------------------------------------------------------------------------
+
+/// A named block of shared memory in `/dev/shm`; Python's
+/// `multiprocessing.shared_memory.SharedMemory`.
+///
+/// One process [`create`](Self::create)s it; any process, related or not, can
+/// [`attach`](Self::attach) it by [`name`](Self::name). It can also be passed to a child as
+/// part of its argument (it arrives attached, not owning the name).
+///
+/// # Lifetime of the name
+/// The name is removed ([`unlink`](Self::unlink)) exactly once. The creating handle unlinks
+/// it when dropped, unless it was unlinked already (by anyone) or
+/// [`set_unlink_on_drop(false)`](Self::set_unlink_on_drop) was called: what Python's
+/// resource tracker does at exit, done at drop. Attached handles never unlink on drop, nor
+/// does the creator's handle in a child that got it through `fork` (only the creating
+/// process does). A
+/// second [`unlink`](Self::unlink) through the same handle is
+/// [`ShmError::AlreadyUnlinked`]; one after another process unlinked it is
+/// [`ShmError::NotFound`]. Before removing the name, the handle checks that it still names
+/// its own block, so a block created later under the same name is left alone. The memory
+/// itself lives until the last process unmaps it.
+///
+/// ```
+/// use gpuproc::shm::SharedMemory;
+///
+/// let shm = SharedMemory::create(16)?;
+/// shm.write_at(0, b"hello");
+/// let other = SharedMemory::attach(shm.name())?;
+/// let mut buf = [0u8; 5];
+/// other.read_at(0, &mut buf);
+/// assert_eq!(&buf, b"hello");
+/// shm.unlink()?;
+/// assert!(SharedMemory::attach(shm.name()).unwrap_err().is_not_found());
+/// # Ok::<(), gpuproc::shm::ShmError>(())
+/// ```
+pub struct SharedMemory {
+    name: String,
+    map: Option<Mapping>,
+    size: usize,
+    id: (u64, u64),
+    unlink_on_drop: bool,
+    /// The process whose drop may unlink: a forked copy of the handle never does.
+    owner_pid: u32,
+    unlinked: AtomicBool,
+}
+
+/// The longest name (a file name in /dev/shm).
+const NAME_MAX: usize = 255;
+
+fn check_name(name: &str) -> Result<&str, ShmError> {
+    let invalid = |reason| ShmError::InvalidName {
+        name: name.to_string(),
+        reason,
+    };
+    // POSIX names start with '/'; Python adds it. Accept both spellings.
+    let bare = name.strip_prefix('/').unwrap_or(name);
+    if bare.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if bare.len() > NAME_MAX {
+        return Err(invalid("it is longer than 255 bytes"));
+    }
+    if bare.contains('/') {
+        return Err(invalid("it contains '/' (other than a leading one)"));
+    }
+    if bare.contains('\0') {
+        return Err(invalid("it contains a NUL byte"));
+    }
+    if bare == "." || bare == ".." {
+        return Err(invalid("'.' and '..' are not names"));
+    }
+    Ok(bare)
+}
+
+impl SharedMemory {
+    /// Creates a block of `size` bytes (zero-filled) under a new random name (`psm_...`, as
+    /// Python does); Python's `SharedMemory(create=True, size=size)`.
+    pub fn create(size: usize) -> Result<SharedMemory, ShmError> {
+        loop {
+            let name = format!("psm_{:016x}", sys::unique_u64());
+            match SharedMemory::create_named(&name, size) {
+                Err(ShmError::AlreadyExists { .. }) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Creates a block of `size` bytes named `name`; [`ShmError::AlreadyExists`] if the name
+    /// is taken. Python's `SharedMemory(name, create=True, size=size)`.
+    pub fn create_named(name: &str, size: usize) -> Result<SharedMemory, ShmError> {
+        let bare = check_name(name)?;
+        if size == 0 || size > isize::MAX as usize {
+            return Err(ShmError::InvalidSize { size });
+        }
+        let fd = sys::shm_create(bare, size).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => ShmError::AlreadyExists { name: bare.into() },
+            _ => ShmError::Os {
+                op: format!("creating shared memory {bare:?} in {}", sys::SHM_DIR),
+                source: e,
+            },
+        })?;
+        let mut shm = SharedMemory::from_fd(bare, fd, size).inspect_err(|_| {
+            let _ = std::fs::remove_file(format!("{}/{bare}", sys::SHM_DIR));
+        })?;
+        shm.unlink_on_drop = true;
+        Ok(shm)
+    }
+
+    /// Attaches the existing block `name`, all of it; Python's `SharedMemory(name)`.
+    pub fn attach(name: &str) -> Result<SharedMemory, ShmError> {
+        SharedMemory::attach_with_size(name, 1)
+    }
+
+    /// Attaches the existing block `name`, which must have at least `size` bytes
+    /// ([`ShmError::WrongSize`] if not). The whole block is mapped.
+    pub fn attach_with_size(name: &str, size: usize) -> Result<SharedMemory, ShmError> {
+        let bare = check_name(name)?;
+        let fd = sys::shm_open(bare).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ShmError::NotFound { name: bare.into() },
+            _ => ShmError::Os {
+                op: format!("opening shared memory {bare:?} in {}", sys::SHM_DIR),
+                source: e,
+            },
+        })?;
+        let actual = sys::file_size(fd.as_fd()).map_err(ShmError::os("reading its size"))?;
+        if actual < size || actual == 0 {
+            return Err(ShmError::WrongSize {
+                name: bare.into(),
+                requested: size,
+                actual,
+            });
+        }
+        SharedMemory::from_fd(bare, fd, actual)
+    }
+
+    fn from_fd(name: &str, fd: OwnedFd, size: usize) -> Result<SharedMemory, ShmError> {
+        let id = sys::file_id(fd.as_fd()).map_err(ShmError::os("reading its identity"))?;
+        let map = Mapping::map(fd, size)
+            .map_err(ShmError::os(format!("mapping shared memory {name:?}")))?;
+        Ok(SharedMemory {
+            name: name.to_string(),
+            map: Some(map),
+            size,
+            id,
+            unlink_on_drop: false,
+            owner_pid: std::process::id(),
+            unlinked: AtomicBool::new(false),
+        })
+    }
+
+    /// The block's name (without a leading `/`), to give to [`attach`](Self::attach).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The block's size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn mapping(&self) -> &Mapping {
+        self.map
+            .as_ref()
+            .unwrap_or_else(|| panic!("shared memory {:?} is closed", self.name))
+    }
+
+    /// The block's bytes, each accessed atomically; Python's `buf`.
+    ///
+    /// # Panics
+    /// After [`close`](Self::close).
+    pub fn buf(&self) -> &[AtomicU8] {
+        let m = self.mapping();
+        // SAFETY: the mapping holds `size` bytes for the life of `self` (close needs `&mut`);
+        // AtomicU8 has the layout of u8, and shared memory is only accessed atomically here.
+        unsafe { std::slice::from_raw_parts(m.ptr().cast::<AtomicU8>(), self.size) }
+    }
+
+    /// Copies bytes from offset `at` into `out`.
+    ///
+    /// # Panics
+    /// If the range is out of bounds, or after [`close`](Self::close).
+    pub fn read_at(&self, at: usize, out: &mut [u8]) {
+        let src = &self.buf()[at..at + out.len()];
+        for (o, b) in out.iter_mut().zip(src) {
+            *o = b.load(Ordering::Relaxed);
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+    }
+
+    /// Copies `data` to offset `at`.
+    ///
+    /// # Panics
+    /// If the range is out of bounds, or after [`close`](Self::close).
+    pub fn write_at(&self, at: usize, data: &[u8]) {
+        let dst = &self.buf()[at..at + data.len()];
+        std::sync::atomic::fence(Ordering::Release);
+        for (d, b) in dst.iter().zip(data) {
+            d.store(*b, Ordering::Relaxed);
+        }
+    }
+
+    /// The block as a plain byte slice, without copying.
+    ///
+    /// # Safety
+    /// While the slice lives, no process or thread may write the block.
+    ///
+    /// # Panics
+    /// After [`close`](Self::close).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the caller promises no concurrent writes; the mapping is valid for `size`.
+        unsafe { std::slice::from_raw_parts(self.mapping().ptr(), self.size) }
+    }
+
+    /// The block as a plain mutable byte slice, without copying.
+    ///
+    /// # Safety
+    /// While the slice lives, no other process or thread may read or write the block, and
+    /// no other slice of it may exist.
+    ///
+    /// # Panics
+    /// After [`close`](Self::close).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn as_mut_slice(&self) -> &mut [u8] {
+        // SAFETY: the caller promises exclusive access; the mapping is valid for `size`.
+        unsafe { std::slice::from_raw_parts_mut(self.mapping().ptr(), self.size) }
+    }
+
+    /// Unmaps the block from this process; Python's `close()`. The name stays (and the
+    /// creator's unlink on drop still happens); [`buf`](Self::buf) panics afterwards.
+    /// Closing twice does nothing.
+    pub fn close(&mut self) {
+        self.map = None;
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.map.is_none()
+    }
+
+    /// Removes the name, so nobody can attach any more; Python's `unlink()`. Processes that
+    /// have it mapped keep their mapping.
+    pub fn unlink(&self) -> Result<(), ShmError> {
+        if self.unlinked.swap(true, Ordering::SeqCst) {
+            return Err(ShmError::AlreadyUnlinked {
+                name: self.name.clone(),
+            });
+        }
+        match sys::shm_unlink_if(&self.name, self.id) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ShmError::NotFound {
+                name: self.name.clone(),
+            }),
+            Err(e) => {
+                self.unlinked.store(false, Ordering::SeqCst);
+                Err(ShmError::Os {
+                    op: format!("unlinking shared memory {:?}", self.name),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// Whether dropping this handle unlinks the name: true for the creator, in the process
+    /// that created it (a copy in a forked child, or one received in a message, never does).
+    pub fn unlink_on_drop(&self) -> bool {
+        self.unlink_on_drop && self.owner_pid == std::process::id()
+    }
+
+    /// Chooses whether dropping this handle unlinks the name (Python 3.13's `track`), in this
+    /// process.
+    pub fn set_unlink_on_drop(&mut self, unlink: bool) {
+        self.unlink_on_drop = unlink;
+        self.owner_pid = std::process::id();
+    }
+}
+
+impl fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedMemory")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .field("closed", &self.is_closed())
+            .field("unlink_on_drop", &self.unlink_on_drop)
+            .finish()
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        if self.unlink_on_drop() && !self.unlinked.swap(true, Ordering::SeqCst) {
+            let _ = sys::shm_unlink_if(&self.name, self.id);
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ShmWire {
+    name: String,
+    #[serde(
+        serialize_with = "ser_fd",
+        deserialize_with = "crate::ipc::deserialize_fd"
+    )]
+    fd: OwnedFd,
+}
+
+impl Serialize for SharedMemory {
+    /// Sends the name and the block (the receiver maps the same memory, without owning the
+    /// name). A closed handle cannot be sent.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let map = self.map.as_ref().ok_or_else(|| {
+            serde::ser::Error::custom(format!("shared memory {:?} is closed", self.name))
+        })?;
+        let fd = map
+            .fd()
+            .try_clone_to_owned()
+            .map_err(serde::ser::Error::custom)?;
+        ShmWire {
+            name: self.name.clone(),
+            fd,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedMemory {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = ShmWire::deserialize(d)?;
+        let size = sys::file_size(w.fd.as_fd()).map_err(serde::de::Error::custom)?;
+        SharedMemory::from_fd(&w.name, w.fd, size).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", "/", "a/b", "..", "x\0y", &"n".repeat(256)] {
+            let e = SharedMemory::create_named(bad, 8).unwrap_err();
+            assert!(e.is_invalid_name(), "{bad:?}: {e}");
+        }
+        assert!(matches!(
+            SharedMemory::create(0).unwrap_err(),
+            ShmError::InvalidSize { size: 0 }
+        ));
+    }
+
+    #[test]
+    fn values_and_arrays_in_one_process() {
+        let v = SharedValue::new(1.5f32).unwrap();
+        assert_eq!(v.update(|x| x * 2.0).unwrap(), 3.0);
+        assert!(SharedValue::new_unlocked(1u8)
+            .unwrap()
+            .update(|x| x)
+            .is_err());
+        let a = SharedArray::filled(7i64, 3).unwrap();
+        a.set(1, -1);
+        assert_eq!(a.to_vec(), [7, -1, 7]);
+        assert_eq!(a.get(3), None);
+        let b = SharedArray::<bool>::from_slice_unlocked(&[true, false]).unwrap();
+        assert_eq!(b.to_vec(), [true, false]);
+        assert!(SharedArray::<u16>::from_slice(&[]).unwrap().is_empty());
+    }
+}

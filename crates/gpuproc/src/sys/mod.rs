@@ -327,18 +327,28 @@ pub(crate) struct Ready {
 
 /// Waits until one of `fds` is ready: each is polled for reading, and for writing too when
 /// its flag is set. `deadline: None` waits for ever.
-pub(crate) fn poll(fds: &[(BorrowedFd<'_>, bool)], deadline: Option<Instant>) -> io::Result<Vec<Ready>> {
+pub(crate) fn poll(
+    fds: &[(BorrowedFd<'_>, bool)],
+    deadline: Option<Instant>,
+) -> io::Result<Vec<Ready>> {
     let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
         .map(|(fd, write)| {
-            let flags = if *write { PollFlags::IN | PollFlags::OUT } else { PollFlags::IN };
+            let flags = if *write {
+                PollFlags::IN | PollFlags::OUT
+            } else {
+                PollFlags::IN
+            };
             PollFd::new(fd, flags)
         })
         .collect();
     loop {
         let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
-            Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ }
+            Timespec {
+                tv_sec: left.as_secs() as _,
+                tv_nsec: left.subsec_nanos() as _,
+            }
         });
         match rustix::event::poll(&mut pfds, timeout.as_ref()) {
             Ok(_) => break,
@@ -360,7 +370,11 @@ pub(crate) fn poll(fds: &[(BorrowedFd<'_>, bool)], deadline: Option<Instant>) ->
 
 /// Sends what the socket takes now, without blocking; `fds` ride with the first byte.
 /// Returns the number of bytes sent (0 when the socket is full).
-pub(crate) fn send_nonblocking(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+pub(crate) fn send_nonblocking(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
     loop {
         let res = if fds.is_empty() {
@@ -390,7 +404,10 @@ pub(crate) struct Waker(OwnedFd);
 impl Waker {
     pub fn new() -> io::Result<Self> {
         use rustix::event::EventfdFlags;
-        Ok(Waker(rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?))
+        Ok(Waker(rustix::event::eventfd(
+            0,
+            EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
+        )?))
     }
 
     /// Makes the descriptor readable.
@@ -447,8 +464,13 @@ impl SharedWords {
                 0,
             )?
         };
-        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(SharedWords { fd, ptr, len: Self::BYTES / 8 })
+        let ptr = std::ptr::NonNull::new(ptr.cast())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SharedWords {
+            fd,
+            ptr,
+            len: Self::BYTES / 8,
+        })
     }
 
     /// Word `i`.
@@ -479,26 +501,26 @@ pub(crate) fn monotonic_ns() -> u64 {
 
 /// What one non-blocking receive brought.
 pub(crate) enum Received {
-    /// Some bytes (at least one) were appended.
-    Data,
+    /// This many bytes (at least one) were appended.
+    Data(usize),
     /// Nothing is there yet.
     WouldBlock,
     /// The peer has closed its end.
     Eof,
 }
 
-/// Receives what is available without blocking, appending bytes to `buf` and descriptors that
-/// came with them to `fds`.
+/// Receives up to `max` bytes of what is available without blocking, appending bytes to
+/// `buf` and descriptors that came with them to `fds`.
 pub(crate) fn recv_nonblocking(
     sock: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
     fds: &mut Vec<OwnedFd>,
+    max: usize,
 ) -> io::Result<Received> {
-    const CHUNK: usize = 64 * 1024;
     let start = buf.len();
-    buf.resize(start + CHUNK, 0);
+    buf.resize(start + max, 0);
     let mut space =
-        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let res = loop {
         let mut iov = [IoSliceMut::new(&mut buf[start..])];
@@ -524,7 +546,7 @@ pub(crate) fn recv_nonblocking(
         }
         Ok(m) => {
             buf.truncate(start + m.bytes);
-            Ok(Received::Data)
+            Ok(Received::Data(m.bytes))
         }
         Err(rustix::io::Errno::AGAIN) => {
             buf.truncate(start);

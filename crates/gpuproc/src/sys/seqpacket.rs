@@ -1,1 +1,345 @@
-//! SOCK_SEQPACKET sockets for message queues.
+//! System calls behind `gpuproc::channel`: `SOCK_SEQPACKET` sockets (one `recv`, one whole
+//! message, so many readers and writers can share a socket without locks), sealed memfd
+//! mappings for large messages, and futexes on counters in shared memory.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
+use std::time::Instant;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::io::{Errno, IoSlice, IoSliceMut};
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use rustix::thread::futex;
+
+use super::MAX_FDS_PER_MESSAGE;
+
+/// The socket buffer asked for: it bounds how many bytes of messages can be in flight.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// A connected pair of `AF_UNIX` `SOCK_SEQPACKET` sockets, close-on-exec, with large buffers.
+pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (a, b) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    for s in [&a, &b] {
+        // A larger buffer holds more messages in flight; the kernel caps what it grants
+        // (net.core.wmem_max) unless the caller may force it, so failures are not errors.
+        if rustix::net::sockopt::set_socket_send_buffer_size_force(s, SOCKET_BUFFER).is_err() {
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size(s, SOCKET_BUFFER);
+        }
+    }
+    Ok((a, b))
+}
+
+/// What a send or receive with a deadline ended with.
+#[derive(Debug)]
+pub(crate) enum Outcome<T> {
+    Done(T),
+    /// The peer has closed its end.
+    Closed,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+fn timespec(deadline: Option<Instant>) -> Option<Timespec> {
+    deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        Timespec {
+            tv_sec: left.as_secs() as _,
+            tv_nsec: left.subsec_nanos() as _,
+        }
+    })
+}
+
+/// Waits until `sock` is ready for `flags` or `deadline` passes; `false` on timeout.
+pub(crate) fn wait_ready(
+    sock: BorrowedFd<'_>,
+    write: bool,
+    deadline: Option<Instant>,
+) -> io::Result<bool> {
+    let flags = if write { PollFlags::OUT } else { PollFlags::IN };
+    let mut p = [PollFd::new(&sock, flags)];
+    loop {
+        match rustix::event::poll(&mut p, timespec(deadline).as_ref()) {
+            Ok(0) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
+            Ok(0) => continue,
+            Ok(_) => return Ok(true),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends one message (`parts` concatenated), `fds` riding along, waiting for buffer space
+/// until `deadline` (`None`: for ever). Never raises SIGPIPE.
+pub(crate) fn send(
+    sock: BorrowedFd<'_>,
+    parts: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> io::Result<Outcome<()>> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a message can carry at most {MAX_FDS_PER_MESSAGE} file descriptors, not {}",
+                fds.len()
+            ),
+        ));
+    }
+    let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    loop {
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(io::Error::other("ancillary buffer too small"));
+        }
+        // Without a deadline, one blocking call (the common case, and the fastest).
+        let flags = if deadline.is_some() {
+            SendFlags::NOSIGNAL | SendFlags::DONTWAIT
+        } else {
+            SendFlags::NOSIGNAL
+        };
+        match rustix::net::sendmsg(sock, &iov, &mut control, flags) {
+            Ok(_) => return Ok(Outcome::Done(())),
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => {
+                if !wait_ready(sock, true, deadline)? {
+                    return Ok(Outcome::TimedOut);
+                }
+            }
+            Err(Errno::PIPE) | Err(Errno::CONNRESET) | Err(Errno::NOTCONN) => {
+                return Ok(Outcome::Closed)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One received message.
+#[derive(Debug)]
+pub(crate) struct Message {
+    /// Its length (it is in the first `len` bytes of the buffer).
+    pub len: usize,
+    /// The descriptors that came with it.
+    pub fds: Vec<OwnedFd>,
+    /// Whether it was longer than the buffer (the rest is lost) or lost descriptors.
+    pub truncated: bool,
+}
+
+/// Receives one whole message into `buf`, waiting until `deadline` (`None`: for ever;
+/// a deadline in the past: just look).
+pub(crate) fn recv(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> io::Result<Outcome<Message>> {
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    loop {
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        // Without a deadline, one blocking call (the common case, and the fastest).
+        let mut flags = RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC;
+        if deadline.is_some() {
+            flags |= RecvFlags::DONTWAIT;
+        }
+        let res = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, flags);
+        let mut fds = Vec::new();
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = msg {
+                fds.extend(received);
+            }
+        }
+        match res {
+            // Channels never send empty messages: zero bytes is the peer's end.
+            Ok(m) if m.bytes == 0 && fds.is_empty() => return Ok(Outcome::Closed),
+            Ok(m) => {
+                let truncated = m.bytes > buf.len()
+                    || m.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
+                return Ok(Outcome::Done(Message {
+                    len: m.bytes.min(buf.len()),
+                    fds,
+                    truncated,
+                }));
+            }
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => {
+                if !wait_ready(sock, false, deadline)? {
+                    return Ok(Outcome::TimedOut);
+                }
+            }
+            Err(Errno::CONNRESET) => return Ok(Outcome::Closed),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A shared memory mapping of a memfd (or of a part of one), unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the mapping is plain shared memory; access to it goes through `&`/`&mut` methods
+// (bytes) or atomics, so moving or sharing the handle between threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&self` only hands out `&[u8]` or atomics.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `fd` (`len` > 0), shared, readable (and writable if
+    /// asked); `populate` faults the pages in up front, in one system call.
+    fn map(fd: BorrowedFd<'_>, len: usize, writable: bool, populate: bool) -> io::Result<Self> {
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        let mut flags = MapFlags::SHARED;
+        if populate {
+            flags |= MapFlags::POPULATE;
+        }
+        // SAFETY: a fresh mapping at an address the kernel chooses (null hint), so no
+        // existing memory is affected; the callers checked that the file is at least `len`
+        // bytes long and cannot shrink (or created it so), so no access can fault.
+        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0)? };
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap: null"))?;
+        Ok(Mapping { ptr, len, writable })
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` is a live mapping for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The mapped bytes, for writing (the mapping must be writable).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        assert!(self.writable, "a read-only mapping was written");
+        // SAFETY: a live, writable mapping for as long as `self` lives; `&mut self` makes
+        // this the only reference through this handle.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The first `n` 32-bit words of the mapping, as atomics shared with other processes.
+    pub fn words(&self, n: usize) -> &[AtomicU32] {
+        assert!(n * 4 <= self.len, "mapping too small for {n} words");
+        // SAFETY: the mapping is page-aligned, at least `4n` bytes long and lives as long as
+        // `self`; `AtomicU32` has the layout of `u32` and every bit pattern is valid; all
+        // processes touch these words only through atomics.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU32>(), n) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range and no reference into it outlives `self`.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A new memfd of `len` bytes (`len` > 0) mapped read-write; the caller fills it and then
+/// calls [`seal`], which unmaps it and makes it immutable.
+pub(crate) fn memfd_for_writing(name: &str, len: usize) -> io::Result<(OwnedFd, Mapping)> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, len as u64)?;
+    let map = Mapping::map(fd.as_fd(), len, true, true)?;
+    Ok((fd, map))
+}
+
+/// Unmaps `map` and seals `fd`'s size, so that a receiver can map it without risk of a
+/// fault. (Not `F_SEAL_WRITE`: a child forked meanwhile may still hold a writable mapping.)
+pub(crate) fn seal(fd: &OwnedFd, map: Mapping) -> io::Result<()> {
+    drop(map);
+    Ok(rustix::fs::fcntl_add_seals(
+        fd,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )?)
+}
+
+/// Maps a received memfd read-only after checking that it is sealed against shrinking and
+/// holds at least `len` bytes (so that reading it can never fault).
+pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+    let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the descriptor sent with the message is not a memfd ({e})"),
+        )
+    })?;
+    if !seals.contains(SealFlags::SHRINK) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the memfd sent with the message is not sealed against shrinking",
+        ));
+    }
+    let size = rustix::fs::fstat(fd)?.st_size as u64;
+    if size < len as u64 || len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the message announces {len} bytes but its memfd holds {size}"),
+        ));
+    }
+    Mapping::map(fd, len, false, true)
+}
+
+/// A small read-write shared mapping for counters: a new memfd of `len` bytes.
+pub(crate) fn shared_words(len: usize) -> io::Result<(OwnedFd, Mapping)> {
+    let fd = rustix::fs::memfd_create("gpuproc-queue", MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&fd, len as u64)?;
+    let map = Mapping::map(fd.as_fd(), len, true, false)?;
+    Ok((fd, map))
+}
+
+/// Maps a received counters memfd (from [`shared_words`]) after checking its size.
+pub(crate) fn map_shared_words(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+    let size = rustix::fs::fstat(fd)?.st_size as u64;
+    if size < len as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the queue's shared state is {size} bytes, expected {len}"),
+        ));
+    }
+    Mapping::map(fd, len, true, false)
+}
+
+/// Sleeps while `*word == expected`, until woken or `deadline`; returns whether the deadline
+/// passed. Spurious wake-ups are possible: callers re-check their condition.
+pub(crate) fn futex_wait(
+    word: &AtomicU32,
+    expected: u32,
+    deadline: Option<Instant>,
+) -> io::Result<bool> {
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Ok(true);
+    }
+    // Not FUTEX_PRIVATE: the word is shared between processes.
+    match futex::wait(
+        word,
+        futex::Flags::empty(),
+        expected,
+        timespec(deadline).as_ref(),
+    ) {
+        Ok(()) | Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(false),
+        Err(Errno::TIMEDOUT) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Wakes up to `n` processes sleeping on `word`.
+pub(crate) fn futex_wake(word: &AtomicU32, n: u32) {
+    // Waking fails only for a bad address, which a live mapping cannot be.
+    let _ = futex::wake(word, futex::Flags::empty(), n);
+}

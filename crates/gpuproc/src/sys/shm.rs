@@ -1,1 +1,446 @@
-//! Shared memory mappings (memfd, mmap) and futexes.
+//! Shared memory mappings (memfd, /dev/shm, mmap), futexes and process-shared robust mutexes.
+//!
+//! Everything `sync` and `shm` need from the kernel and the C library is here; they see a
+//! small safe API: a [`Mapping`] of a shared file, futex wait/wake on a word inside it, and a
+//! [`RobustMutex`] living in it.
+//!
+//! Why pthread mutexes for locks: a lock whose holder dies must not stay held. The kernel's
+//! mechanism for that is the per-thread robust-futex list (`set_robust_list`), which the C
+//! library registers for every thread and owns; adding entries to it behind its back is not
+//! possible safely. glibc's process-shared robust mutexes use exactly that list, so the
+//! kernel marks a mutex `FUTEX_OWNER_DIED` and wakes a waiter when its holder exits, however
+//! it exits (SIGKILL included); the next locker gets `EOWNERDEAD`. Uncontended they are one
+//! compare-and-swap plus list bookkeeping, no system call.
+
+use std::cell::RefCell;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::thread::futex;
+
+/// Where named shared memory blocks live (what `shm_open` uses on Linux).
+pub(crate) const SHM_DIR: &str = "/dev/shm";
+
+/// A shared, read-write mapping of a whole file (a memfd or a file in /dev/shm).
+///
+/// Unmapped on drop. The file descriptor is kept so that the mapping can be sent to another
+/// process, which maps the same file.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory, valid until drop wherever the handle goes; all
+// access to its contents goes through atomics or the C library's process-shared primitives.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only hands out raw pointers and atomics.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// A new anonymous memory file of `len` bytes (zero-filled), mapped.
+    pub fn anonymous(name: &str, len: usize) -> io::Result<Mapping> {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, len as u64)?;
+        Mapping::map(fd, len)
+    }
+
+    /// Maps the whole of the file behind `fd`, whose size is `len`.
+    pub fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cannot map an empty file",
+            ));
+        }
+        // SAFETY: a fresh shared mapping chosen by the kernel (null hint), backed by `fd`, which
+        // we keep open; nothing else in this process refers to that address range.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )?
+        };
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Mapping { ptr, len, fd })
+    }
+
+    /// Maps the file behind `fd`, checking that it has at least `min` bytes.
+    pub fn map_existing(fd: OwnedFd, min: usize) -> io::Result<Mapping> {
+        let len = file_size(fd.as_fd())?;
+        if len < min {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the shared memory has {len} bytes, {min} expected"),
+            ));
+        }
+        Mapping::map(fd, len)
+    }
+
+    /// The start of the mapping.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The file behind the mapping.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The `u32` at byte `offset` (4-aligned, in bounds), as an atomic.
+    pub fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
+        assert!(
+            offset % 4 == 0 && offset + 4 <= self.len,
+            "bad offset {offset}"
+        );
+        // SAFETY: in bounds and aligned (mappings are page-aligned), valid for the life of
+        // `self`; shared memory is only ever accessed atomically or by the C library.
+        unsafe { AtomicU32::from_ptr(self.ptr().add(offset).cast()) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range in `map`; every reference into it borrows
+        // `self`, so none outlives it.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The size of the file behind `fd`.
+pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    Ok(rustix::fs::fstat(fd)?.st_size as usize)
+}
+
+/// `(device, inode)`: what identifies a file, whatever its name.
+pub(crate) fn file_id(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Creates `/dev/shm/<name>` exclusively with `len` bytes (owner read-write).
+pub(crate) fn shm_create(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let path = format!("{SHM_DIR}/{name}");
+    let fd = rustix::fs::open(
+        path.as_str(),
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::RUSR | Mode::WUSR,
+    )?;
+    if let Err(e) = rustix::fs::ftruncate(&fd, len as u64) {
+        let _ = rustix::fs::unlink(path.as_str());
+        return Err(e.into());
+    }
+    Ok(fd)
+}
+
+/// Opens an existing `/dev/shm/<name>` read-write.
+pub(crate) fn shm_open(name: &str) -> io::Result<OwnedFd> {
+    let path = format!("{SHM_DIR}/{name}");
+    Ok(rustix::fs::open(
+        path.as_str(),
+        OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?)
+}
+
+/// Removes the name `/dev/shm/<name>`, if it still names the file `id`.
+///
+/// `Ok(false)`: the name is gone, or names another block now (left alone).
+pub(crate) fn shm_unlink_if(name: &str, id: (u64, u64)) -> io::Result<bool> {
+    let path = format!("{SHM_DIR}/{name}");
+    let st = match rustix::fs::stat(path.as_str()) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    if (st.st_dev, st.st_ino) != id {
+        return Ok(false);
+    }
+    match rustix::fs::unlink(path.as_str()) {
+        Ok(()) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A number for generated names: different in each call and each process (not secret: only
+/// uniqueness matters, and creation is exclusive anyway).
+pub(crate) fn unique_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // A cheap mix (splitmix64's finaliser) so that names do not look sequential.
+    let mut x = t ^ (u64::from(super::getpid()) << 40) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Sleeps while `*word == expected`, until woken or `deadline` (`None`: no limit).
+///
+/// Returns `false` if the deadline passed. Spurious returns happen; callers re-check.
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, deadline: Option<Instant>) -> bool {
+    let timeout = match deadline {
+        None => None,
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            Some(timespec(left))
+        }
+    };
+    match futex::wait(word, futex::Flags::empty(), expected, timeout.as_ref()) {
+        Err(Errno::TIMEDOUT) => false,
+        // Woken, value changed (AGAIN) or interrupted: the caller looks again.
+        _ => true,
+    }
+}
+
+/// Wakes at most `n` processes or threads sleeping on `word`.
+pub(crate) fn futex_wake(word: &AtomicU32, n: u32) {
+    // Errors are impossible for a valid shared word; nothing useful to do with one anyway.
+    let _ = futex::wake(word, futex::Flags::empty(), n.min(i32::MAX as u32));
+}
+
+fn timespec(d: Duration) -> rustix::thread::futex::Timespec {
+    rustix::thread::futex::Timespec {
+        tv_sec: d.as_secs() as _,
+        tv_nsec: d.subsec_nanos() as _,
+    }
+}
+
+/// What locking a [`RobustMutex`] gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Locked {
+    /// Locked; the previous holder released it.
+    Clean,
+    /// Locked; the previous holder died holding it (the mutex is consistent again).
+    OwnerDied,
+}
+
+/// Why a [`RobustMutex`] operation failed.
+#[derive(Debug)]
+pub(crate) enum MutexError {
+    /// A timed or try lock found it held.
+    Busy,
+    /// This thread holds it already (and it is not recursive).
+    Deadlock,
+    /// Unlock by a thread that does not hold it.
+    NotOwner,
+    /// Recursion too deep, or an unexpected error.
+    Os(io::Error),
+}
+
+/// A process-shared, robust pthread mutex placed in a [`Mapping`].
+///
+/// While a thread holds one, the C library keeps it on that thread's robust list, so its
+/// mapping must stay mapped: each lock keeps a reference to the mapping in a per-thread list
+/// (released by the matching unlock, leaked if the thread ends holding it).
+#[derive(Debug, Clone)]
+pub(crate) struct RobustMutex {
+    map: Arc<Mapping>,
+    offset: usize,
+}
+
+thread_local! {
+    static HELD: RefCell<Held> = const { RefCell::new(Held(Vec::new())) };
+}
+
+/// Mappings of mutexes the current thread holds.
+struct Held(Vec<Arc<Mapping>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // The thread ends holding these: the kernel walks its robust list after this, so they
+        // must stay mapped. Leak them.
+        for m in self.0.drain(..) {
+            std::mem::forget(m);
+        }
+    }
+}
+
+/// Room a mutex takes in a mapping.
+pub(crate) const MUTEX_SIZE: usize = std::mem::size_of::<libc::pthread_mutex_t>();
+
+impl RobustMutex {
+    /// Initialises a mutex at `offset` (8-aligned) in a fresh, zeroed mapping.
+    pub fn init(map: Arc<Mapping>, offset: usize, recursive: bool) -> io::Result<RobustMutex> {
+        assert!(offset % 8 == 0 && offset + MUTEX_SIZE <= map.len());
+        let m = RobustMutex { map, offset };
+        let mut attr = MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+        let kind = if recursive {
+            libc::PTHREAD_MUTEX_RECURSIVE
+        } else {
+            libc::PTHREAD_MUTEX_ERRORCHECK
+        };
+        // SAFETY: `attr` is initialised by pthread_mutexattr_init before any other use and
+        // destroyed after; the mutex memory is in bounds, aligned, and not yet in use by
+        // anyone (the mapping was just created and not shared).
+        unsafe {
+            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+            let a = attr.as_mut_ptr();
+            let r = check(libc::pthread_mutexattr_setpshared(
+                a,
+                libc::PTHREAD_PROCESS_SHARED,
+            ))
+            .and_then(|_| {
+                check(libc::pthread_mutexattr_setrobust(
+                    a,
+                    libc::PTHREAD_MUTEX_ROBUST,
+                ))
+            })
+            .and_then(|_| check(libc::pthread_mutexattr_settype(a, kind)))
+            .and_then(|_| check(libc::pthread_mutex_init(m.raw(), a)));
+            libc::pthread_mutexattr_destroy(a);
+            r?;
+        }
+        Ok(m)
+    }
+
+    /// A mutex that another process initialised at `offset` of `map`.
+    pub fn existing(map: Arc<Mapping>, offset: usize) -> RobustMutex {
+        assert!(offset % 8 == 0 && offset + MUTEX_SIZE <= map.len());
+        RobustMutex { map, offset }
+    }
+
+    /// Whether two handles are the same mutex (the same shared file).
+    pub fn same_as(&self, other: &RobustMutex) -> bool {
+        Arc::ptr_eq(&self.map, &other.map)
+            || file_id(self.map.fd()).ok() == file_id(other.map.fd()).ok()
+    }
+
+    /// The mapping the mutex lives in.
+    pub fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    fn raw(&self) -> *mut libc::pthread_mutex_t {
+        // SAFETY: in bounds, checked at construction.
+        unsafe { self.map.ptr().add(self.offset).cast() }
+    }
+
+    /// Locks, waiting until `deadline` (`None`: no limit; `Some(past)`: try once).
+    pub fn lock(&self, deadline: Option<Instant>) -> Result<Locked, MutexError> {
+        // SAFETY: the mutex was initialised as process-shared and robust; the mapping lives
+        // as long as `self`, and while locked it is kept alive by the HELD list.
+        let rc = unsafe {
+            match deadline {
+                None => libc::pthread_mutex_lock(self.raw()),
+                Some(d) if d <= Instant::now() => libc::pthread_mutex_trylock(self.raw()),
+                Some(d) => {
+                    // pthread_mutex_timedlock counts in CLOCK_REALTIME.
+                    let left = d.saturating_duration_since(Instant::now());
+                    let at = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default()
+                        + left;
+                    let ts = libc::timespec {
+                        tv_sec: at.as_secs() as _,
+                        tv_nsec: at.subsec_nanos() as _,
+                    };
+                    libc::pthread_mutex_timedlock(self.raw(), &ts)
+                }
+            }
+        };
+        let locked = match rc {
+            0 => Locked::Clean,
+            libc::EOWNERDEAD => {
+                // SAFETY: we hold the mutex (EOWNERDEAD means it was given to us).
+                unsafe { libc::pthread_mutex_consistent(self.raw()) };
+                Locked::OwnerDied
+            }
+            libc::EBUSY | libc::ETIMEDOUT => return Err(MutexError::Busy),
+            libc::EDEADLK => return Err(MutexError::Deadlock),
+            e => return Err(MutexError::Os(io::Error::from_raw_os_error(e))),
+        };
+        HELD.with(|h| h.borrow_mut().0.push(self.map.clone()));
+        Ok(locked)
+    }
+
+    /// Unlocks (one level, if recursive). Only the holding thread may.
+    pub fn unlock(&self) -> Result<(), MutexError> {
+        // SAFETY: as in `lock`; an unlock by a non-owner is reported (EPERM), not undefined,
+        // for robust mutexes.
+        match unsafe { libc::pthread_mutex_unlock(self.raw()) } {
+            0 => {
+                HELD.with(|h| {
+                    let mut h = h.borrow_mut();
+                    if let Some(i) = h.0.iter().rposition(|m| Arc::ptr_eq(m, &self.map)) {
+                        h.0.swap_remove(i);
+                    }
+                });
+                Ok(())
+            }
+            libc::EPERM => Err(MutexError::NotOwner),
+            e => Err(MutexError::Os(io::Error::from_raw_os_error(e))),
+        }
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mutex_reports_deadlock_and_non_owner() {
+        let map = Arc::new(Mapping::anonymous("t", 4096).unwrap());
+        let m = RobustMutex::init(map, 64, false).unwrap();
+        assert_eq!(m.lock(None).unwrap(), Locked::Clean);
+        assert!(matches!(m.lock(None), Err(MutexError::Deadlock)));
+        let m2 = m.clone();
+        std::thread::spawn(move || {
+            assert!(matches!(m2.unlock(), Err(MutexError::NotOwner)));
+            let soon = Some(Instant::now() + Duration::from_millis(20));
+            assert!(matches!(m2.lock(soon), Err(MutexError::Busy)));
+        })
+        .join()
+        .unwrap();
+        m.unlock().unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_ends_holding_the_mutex_hands_it_on() {
+        let map = Arc::new(Mapping::anonymous("t", 4096).unwrap());
+        let m = RobustMutex::init(map, 0, false).unwrap();
+        let m2 = m.clone();
+        std::thread::spawn(move || m2.lock(None).map(|_| ()).unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(m.lock(None).unwrap(), Locked::OwnerDied);
+        m.unlock().unwrap();
+        assert_eq!(m.lock(None).unwrap(), Locked::Clean);
+        m.unlock().unwrap();
+    }
+}

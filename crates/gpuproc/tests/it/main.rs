@@ -6,4 +6,6 @@ mod channel;
 mod examples;
 mod pool;
 mod process;
+mod shm;
 mod support;
+mod sync;

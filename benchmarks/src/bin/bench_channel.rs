@@ -1,0 +1,186 @@
+//! Pipes and queues: gpuproc against a raw Unix socket pair, memcpy, and Python's
+//! `multiprocessing`, in one run, ratios printed.
+//!
+//! 1. Round-trip latency of a small message parent ↔ child: `gpuproc::channel::Pipe`
+//!    against a raw `UnixStream` ping-pong (8 bytes) and Python's `multiprocessing.Pipe`.
+//! 2. Throughput of 16 MiB messages child → parent through `gpuproc::channel::Queue<Bytes>`
+//!    against single-threaded memcpy bandwidth and Python's `multiprocessing.Queue`.
+//!
+//! Usage: `cargo run --release -p gpuproc-benchmarks --bin bench_channel [ROUND_TRIPS] [MESSAGES]`
+//! (Python from `$GPUPROC_PYTHON`, default `.venv/bin/python`).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gpuproc::channel::{Bytes, Connection, Pipe, Queue};
+use gpuproc::Process;
+use serde::{Deserialize, Serialize, Serializer};
+
+const MIB: usize = 16;
+const WARM_UP: u64 = 100;
+
+/// A raw socket passed to the child through gpuproc's descriptor passing.
+#[derive(Serialize, Deserialize)]
+struct Raw(
+    #[serde(
+        serialize_with = "ser_fd",
+        deserialize_with = "gpuproc::deserialize_fd"
+    )]
+    OwnedFd,
+);
+
+fn ser_fd<S: Serializer>(fd: &OwnedFd, s: S) -> Result<S::Ok, S::Error> {
+    gpuproc::serialize_fd(fd.as_fd(), s)
+}
+
+fn pipe_echo((conn, n): (Connection, u64)) {
+    for _ in 0..n {
+        let v: u64 = conn.recv().expect("recv");
+        conn.send(&v).expect("send");
+    }
+}
+
+fn raw_echo((raw, n): (Raw, u64)) {
+    let mut s = UnixStream::from(raw.0);
+    let mut buf = [0u8; 8];
+    for _ in 0..n {
+        s.read_exact(&mut buf).expect("read");
+        s.write_all(&buf).expect("write");
+    }
+}
+
+fn producer((q, n): (Queue<Bytes>, u64)) {
+    let payload = vec![7u8; MIB << 20];
+    for _ in 0..n {
+        q.put(Bytes(payload.clone())).expect("put");
+    }
+}
+
+fn pipe_rtt(trips: u64) -> Duration {
+    let (ours, theirs) = Pipe::new().expect("pipe");
+    let mut p = Process::new(pipe_echo, (theirs, trips + WARM_UP));
+    p.start().expect("start");
+    for i in 0..WARM_UP {
+        ours.send(&i).expect("send");
+        let _: u64 = ours.recv().expect("recv");
+    }
+    let t = Instant::now();
+    for i in 0..trips {
+        ours.send(&i).expect("send");
+        let back: u64 = ours.recv().expect("recv");
+        assert_eq!(back, i);
+    }
+    let rtt = t.elapsed() / trips as u32;
+    p.join().expect("join");
+    rtt
+}
+
+fn raw_rtt(trips: u64) -> Duration {
+    let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
+    let mut p = Process::new(raw_echo, (Raw(theirs.into()), trips + WARM_UP));
+    p.start().expect("start");
+    let mut buf = [0u8; 8];
+    for i in 0..WARM_UP {
+        ours.write_all(&i.to_le_bytes()).expect("write");
+        ours.read_exact(&mut buf).expect("read");
+    }
+    let t = Instant::now();
+    for i in 0..trips {
+        ours.write_all(&i.to_le_bytes()).expect("write");
+        ours.read_exact(&mut buf).expect("read");
+    }
+    let rtt = t.elapsed() / trips as u32;
+    p.join().expect("join");
+    rtt
+}
+
+/// MiB/s of 16 MiB `Bytes` messages from a child through a queue.
+fn queue_mib_s(messages: u64) -> f64 {
+    let q = Queue::<Bytes>::new().expect("queue");
+    let mut p = Process::new(producer, (q.clone(), messages + 1));
+    p.start().expect("start");
+    q.get().expect("warm-up get");
+    let t = Instant::now();
+    for _ in 0..messages {
+        assert_eq!(q.get().expect("get").len(), MIB << 20);
+    }
+    let s = t.elapsed().as_secs_f64();
+    p.join().expect("join");
+    (messages as usize * MIB) as f64 / s
+}
+
+/// MiB/s of copying 16 MiB buffers (into a buffer that is reused, so no page faults).
+fn memcpy_mib_s(messages: u64) -> f64 {
+    let src = vec![7u8; MIB << 20];
+    let mut dst = vec![0u8; MIB << 20];
+    dst.copy_from_slice(&src);
+    let t = Instant::now();
+    for i in 0..messages {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst)[0] = i as u8;
+    }
+    (messages as usize * MIB) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn python(trips: u64, messages: u64) -> Option<(f64, f64)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let py = std::env::var("GPUPROC_PYTHON")
+        .map(Into::into)
+        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let script = root.join("benchmarks/channel/bench_channel.py");
+    let out = Command::new(&py)
+        .arg(&script)
+        .args([trips.to_string(), messages.to_string(), MIB.to_string()])
+        .output()
+        .map_err(|e| eprintln!("python ({}) did not run: {e}", py.display()))
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("python failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((v["pipe_rtt_us"].as_f64()?, v["queue_mib_s"].as_f64()?))
+}
+
+fn main() {
+    gpuproc::init();
+    let mut args = std::env::args().skip(1);
+    let trips: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let messages: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
+
+    let pipe = pipe_rtt(trips).as_secs_f64() * 1e6;
+    let raw = raw_rtt(trips).as_secs_f64() * 1e6;
+    let queue = queue_mib_s(messages);
+    let memcpy = memcpy_mib_s(messages);
+    let py = python(trips, messages);
+
+    println!("round trip, small message ({trips} trips)     µs/trip   gpuproc is");
+    println!("  gpuproc Pipe                           {pipe:>9.2}");
+    println!(
+        "  raw UnixStream socketpair              {raw:>9.2}   {:.2}x raw (target ≤ 1.5x)",
+        pipe / raw
+    );
+    if let Some((py_rtt, _)) = py {
+        println!(
+            "  Python multiprocessing.Pipe            {py_rtt:>9.2}   {:.1}x faster (target ≥ 5x)",
+            py_rtt / pipe
+        );
+    }
+    println!();
+    println!("throughput, {MIB} MiB messages child → parent ({messages})  MiB/s   gpuproc is");
+    println!("  gpuproc Queue<Bytes>                   {queue:>9.0}");
+    println!(
+        "  memcpy (one thread, reused buffer)     {memcpy:>9.0}   {:.0}% of memcpy (target ≥ 50%)",
+        100.0 * queue / memcpy
+    );
+    if let Some((_, py_q)) = py {
+        println!(
+            "  Python multiprocessing.Queue           {py_q:>9.0}   {:.1}x faster (target ≥ 5x)",
+            queue / py_q
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! The one error type of pipes and queues, and the wrapper that hands a value back when a
+//! send fails.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+/// Why a pipe or queue operation failed.
+///
+/// The `is_*` predicates name the cases callers branch on; Python users find them as
+/// `EOFError` ([`is_disconnected`](Self::is_disconnected)), `queue.Empty`
+/// ([`is_empty`](Self::is_empty)), `queue.Full` ([`is_full`](Self::is_full)) and
+/// `TimeoutError` ([`is_timeout`](Self::is_timeout)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The other end is closed: every process holding it dropped or closed it (or died).
+    #[error("the other end of the pipe is closed")]
+    Disconnected,
+    /// A `_timeout` call waited this long and nothing happened.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// A `try_` receive found nothing waiting.
+    #[error("nothing to receive: the queue or pipe is empty")]
+    Empty,
+    /// A `try_` put found a bounded queue full.
+    #[error("the queue is full (maxsize {maxsize})")]
+    Full {
+        /// The queue's bound.
+        maxsize: usize,
+    },
+    /// A message is larger than the handle's `max_message_size`. The channel stays usable;
+    /// on the receiving side the message was discarded.
+    #[error("a message of {size} bytes is larger than max_message_size ({limit} bytes)")]
+    TooLarge {
+        /// The message's encoded size.
+        size: usize,
+        /// The limit it broke.
+        limit: usize,
+    },
+    /// The value could not be serialised.
+    #[error("cannot encode the message: {0}")]
+    Encode(String),
+    /// A message arrived but does not decode as the type asked for (it was consumed).
+    #[error("cannot decode the message as {type_name}: {reason}")]
+    Decode {
+        /// The Rust type the receiver asked for.
+        type_name: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Bytes on the wire that no gpuproc sender produces (it was consumed).
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The call does not apply to this handle (sending on the read end of a one-way pipe,
+    /// say).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// An argument is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// `task_done` was called more times than items were put; Python's `ValueError`.
+    #[error("task_done() called more times than there were items put in the queue")]
+    TaskDoneTooOften,
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What gpuproc was doing.
+        context: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ChannelError {
+    /// The other end is closed (Python's `EOFError` / `BrokenPipeError`).
+    pub fn is_disconnected(&self) -> bool {
+        matches!(self, ChannelError::Disconnected)
+    }
+
+    /// A timeout expired.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ChannelError::Timeout(_))
+    }
+
+    /// A `try_` receive found nothing (Python's `queue.Empty`).
+    pub fn is_empty(&self) -> bool {
+        matches!(self, ChannelError::Empty)
+    }
+
+    /// A `try_` put found the queue full (Python's `queue.Full`).
+    pub fn is_full(&self) -> bool {
+        matches!(self, ChannelError::Full { .. })
+    }
+
+    /// The message broke `max_message_size`.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, ChannelError::TooLarge { .. })
+    }
+
+    /// A message arrived that was malformed or not of the expected type.
+    pub fn is_malformed(&self) -> bool {
+        matches!(
+            self,
+            ChannelError::Malformed(_) | ChannelError::Decode { .. }
+        )
+    }
+
+    pub(crate) fn io(context: &'static str) -> impl FnOnce(io::Error) -> ChannelError {
+        move |source| ChannelError::Io { context, source }
+    }
+}
+
+/// A failed send or put: the error, and the value that was not sent, handed back.
+///
+/// Converts into [`ChannelError`] with `?` when the value is not wanted.
+pub struct SendError<T> {
+    value: T,
+    error: ChannelError,
+}
+
+impl<T> SendError<T> {
+    pub(crate) fn new(value: T, error: ChannelError) -> Self {
+        SendError { value, error }
+    }
+
+    /// The value that was not sent.
+    pub fn into_inner(self) -> T {
+        self.value
+    }
+
+    /// Why it was not sent.
+    pub fn error(&self) -> &ChannelError {
+        &self.error
+    }
+
+    /// Why it was not sent, dropping the value.
+    pub fn into_error(self) -> ChannelError {
+        self.error
+    }
+
+    /// See [`ChannelError::is_timeout`].
+    pub fn is_timeout(&self) -> bool {
+        self.error.is_timeout()
+    }
+
+    /// See [`ChannelError::is_full`].
+    pub fn is_full(&self) -> bool {
+        self.error.is_full()
+    }
+
+    /// See [`ChannelError::is_disconnected`].
+    pub fn is_disconnected(&self) -> bool {
+        self.error.is_disconnected()
+    }
+
+    /// See [`ChannelError::is_too_large`].
+    pub fn is_too_large(&self) -> bool {
+        self.error.is_too_large()
+    }
+}
+
+impl<T> fmt::Debug for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> fmt::Display for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not sent: {}", self.error)
+    }
+}
+
+impl<T> std::error::Error for SendError<T> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<T> From<SendError<T>> for ChannelError {
+    fn from(e: SendError<T>) -> Self {
+        e.error
+    }
+}

@@ -1,0 +1,571 @@
+//! `Queue`, `JoinableQueue` and `SimpleQueue`: Python's multi-producer, multi-consumer
+//! queues between processes.
+//!
+//! All handles to one queue share one `SOCK_SEQPACKET` socket pair (puts send on one end,
+//! gets receive on the other; each receive takes exactly one whole message, so any number of
+//! processes can put and get without a lock) and one page of shared memory with counters:
+//! the approximate size, the free slots of a bounded queue, and the unfinished tasks of a
+//! joinable one, each waited on with a futex.
+
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::wire::{self, Wait};
+use super::{ChannelError, FdRef, SendError, DEFAULT_MAX_MESSAGE_SIZE};
+use crate::sys::seqpacket::{self as sp, Mapping};
+
+/// The shared page: these 32-bit words.
+const WORDS: usize = 5;
+const STATE_LEN: usize = 4096;
+/// Messages in the queue (signed, may dip below zero for a moment).
+const ITEMS: usize = 0;
+/// Free slots of a bounded queue.
+const FREE: usize = 1;
+/// Processes waiting for a free slot.
+const FREE_WAITERS: usize = 2;
+/// Items put and not yet marked done (joinable queues).
+const UNFINISHED: usize = 3;
+/// 1 if the queue is joinable.
+const JOINABLE: usize = 4;
+
+/// The largest bound a queue accepts.
+const MAX_BOUND: usize = i32::MAX as usize;
+
+#[derive(Debug)]
+struct Shared {
+    tx: OwnedFd,
+    rx: OwnedFd,
+    state_fd: OwnedFd,
+    state: Mapping,
+    maxsize: usize,
+}
+
+impl Shared {
+    fn create(maxsize: usize, joinable: bool) -> Result<Self, ChannelError> {
+        let (tx, rx) = sp::socketpair().map_err(ChannelError::io("creating a socket pair"))?;
+        let (state_fd, state) =
+            sp::shared_words(STATE_LEN).map_err(ChannelError::io("creating shared memory"))?;
+        let w = state.words(WORDS);
+        w[FREE].store(maxsize as u32, SeqCst);
+        w[JOINABLE].store(joinable as u32, SeqCst);
+        Ok(Shared {
+            tx,
+            rx,
+            state_fd,
+            state,
+            maxsize,
+        })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU32 {
+        &self.state.words(WORDS)[i]
+    }
+
+    fn bounded(&self) -> bool {
+        self.maxsize > 0
+    }
+
+    /// Takes a free slot of a bounded queue; `false` if none came before `deadline`.
+    fn acquire_slot(&self, wait: Wait) -> Result<bool, ChannelError> {
+        let free = self.word(FREE);
+        let deadline = match wait {
+            Wait::Forever => None,
+            Wait::Never => Some(Instant::now()),
+            Wait::For(d) => Some(Instant::now() + d),
+        };
+        loop {
+            let v = free.load(SeqCst);
+            if v > 0 {
+                if free.compare_exchange(v, v - 1, SeqCst, SeqCst).is_ok() {
+                    return Ok(true);
+                }
+                continue;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            let waiters = self.word(FREE_WAITERS);
+            waiters.fetch_add(1, SeqCst);
+            let waited = sp::futex_wait(free, 0, deadline);
+            waiters.fetch_sub(1, SeqCst);
+            waited.map_err(ChannelError::io("waiting for room in the queue"))?;
+        }
+    }
+
+    fn release_slot(&self) {
+        let free = self.word(FREE);
+        free.fetch_add(1, SeqCst);
+        if self.word(FREE_WAITERS).load(SeqCst) > 0 {
+            sp::futex_wake(free, 1);
+        }
+    }
+
+    fn joinable(&self) -> bool {
+        self.word(JOINABLE).load(SeqCst) == 1
+    }
+
+    fn task_done(&self) -> Result<(), ChannelError> {
+        let unfinished = self.word(UNFINISHED);
+        loop {
+            let v = unfinished.load(SeqCst);
+            if v == 0 {
+                return Err(ChannelError::TaskDoneTooOften);
+            }
+            if unfinished
+                .compare_exchange(v, v - 1, SeqCst, SeqCst)
+                .is_ok()
+            {
+                if v == 1 {
+                    sp::futex_wake(unfinished, u32::MAX);
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    fn join(&self, wait: Wait) -> Result<(), ChannelError> {
+        let unfinished = self.word(UNFINISHED);
+        let deadline = match wait {
+            Wait::Forever | Wait::Never => None,
+            Wait::For(d) => Some(Instant::now() + d),
+        };
+        loop {
+            let v = unfinished.load(SeqCst);
+            if v == 0 {
+                return Ok(());
+            }
+            let timed_out = sp::futex_wait(unfinished, v, deadline)
+                .map_err(ChannelError::io("waiting for the queue's tasks"))?;
+            if timed_out && unfinished.load(SeqCst) != 0 {
+                return Err(wait.expired(ChannelError::Empty));
+            }
+        }
+    }
+
+    fn put<T: Serialize>(&self, value: T, max: usize, wait: Wait) -> Result<(), SendError<T>> {
+        if self.bounded() {
+            match self.acquire_slot(wait) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let full = ChannelError::Full {
+                        maxsize: self.maxsize,
+                    };
+                    return Err(SendError::new(value, wait.expired(full)));
+                }
+                Err(e) => return Err(SendError::new(value, e)),
+            }
+        }
+        let joinable = self.joinable();
+        if joinable {
+            self.word(UNFINISHED).fetch_add(1, SeqCst);
+        }
+        match wire::send_value(self.tx.as_fd(), &value, max, wait) {
+            Ok(()) => {
+                self.word(ITEMS).fetch_add(1, SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                if joinable {
+                    let _ = self.task_done();
+                }
+                if self.bounded() {
+                    self.release_slot();
+                }
+                let e = match e {
+                    // The socket itself was full: for a caller that is the queue being full.
+                    ChannelError::Full { .. } => ChannelError::Full {
+                        maxsize: self.maxsize,
+                    },
+                    other => other,
+                };
+                Err(SendError::new(value, e))
+            }
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, max: usize, wait: Wait) -> Result<T, ChannelError> {
+        let got = wire::recv_with(
+            self.rx.as_fd(),
+            max,
+            wait,
+            || {
+                self.word(ITEMS).fetch_sub(1, SeqCst);
+                if self.bounded() {
+                    self.release_slot();
+                }
+            },
+            wire::decode,
+        );
+        if let Err(e) = &got {
+            // A message that was taken but cannot be used counts as done, so that join()
+            // does not wait for it for ever.
+            if (e.is_malformed() || e.is_too_large()) && self.joinable() {
+                let _ = self.task_done();
+            }
+        }
+        got
+    }
+
+    fn qsize(&self) -> usize {
+        (self.word(ITEMS).load(SeqCst) as i32).max(0) as usize
+    }
+}
+
+fn check_bound(maxsize: usize) -> Result<(), ChannelError> {
+    if maxsize == 0 || maxsize > MAX_BOUND {
+        return Err(ChannelError::InvalidArgument(format!(
+            "a queue's maxsize must be between 1 and {MAX_BOUND}, not {maxsize} \
+             (use new() for an unbounded queue)"
+        )));
+    }
+    Ok(())
+}
+
+/// A queue between processes; Python's `multiprocessing.Queue`.
+///
+/// Any number of processes (and threads) can [`put`](Self::put) and [`get`](Self::get);
+/// each item is received exactly once. Items are serde values; payloads over 64 KiB travel
+/// through shared memory. Pass the queue to a child as (part of) the argument of
+/// [`Process::new`](crate::Process::new), with any start method; clone it to share it
+/// between threads (clones are cheap handles to the same queue).
+///
+/// An unbounded queue holds as many items as the kernel's socket buffer has room for
+/// (4 MiB where the system allows, several thousand small items); beyond that `put` waits,
+/// like a full pipe. A [`bounded`](Self::bounded) queue holds at most `maxsize` items.
+///
+/// ```
+/// # gpuproc::init();
+/// fn worker(q: gpuproc::channel::Queue<Vec<u32>>) {
+///     q.put(vec![1, 2, 3]).unwrap();
+/// }
+///
+/// let q = gpuproc::channel::Queue::new()?;
+/// let mut p = gpuproc::Process::new(worker, q.clone());
+/// p.start()?;
+/// assert_eq!(q.get_timeout(std::time::Duration::from_secs(60))?, vec![1, 2, 3]);
+/// p.join()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Dropping
+/// Dropping the last handle in a process (or [`close`](Self::close)) releases this process's
+/// descriptors; the queue lives on while any process holds a handle. Items put and not yet
+/// taken when the last handle anywhere goes are lost.
+#[doc(alias = "multiprocessing.Queue")]
+pub struct Queue<T> {
+    shared: Arc<Shared>,
+    max_message_size: usize,
+    _items: PhantomData<fn(T) -> T>,
+}
+
+impl<T> std::fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("maxsize", &self.shared.maxsize)
+            .field("qsize", &self.shared.qsize())
+            .finish()
+    }
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            shared: Arc::clone(&self.shared),
+            max_message_size: self.max_message_size,
+            _items: PhantomData,
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Queue<T> {
+    /// An unbounded queue; Python's `Queue()`.
+    pub fn new() -> Result<Self, ChannelError> {
+        Self::create(0, false)
+    }
+
+    /// A queue holding at most `maxsize` items (at least 1); Python's `Queue(maxsize)`.
+    pub fn bounded(maxsize: usize) -> Result<Self, ChannelError> {
+        check_bound(maxsize)?;
+        Self::create(maxsize, false)
+    }
+
+    fn create(maxsize: usize, joinable: bool) -> Result<Self, ChannelError> {
+        Ok(Queue {
+            shared: Arc::new(Shared::create(maxsize, joinable)?),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            _items: PhantomData,
+        })
+    }
+
+    /// Sets the largest item this handle puts or accepts (default 4 GiB); see
+    /// [`Connection::with_max_message_size`](super::Connection::with_max_message_size).
+    /// Applies to this handle and the ones cloned or sent from it afterwards.
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Puts an item, waiting for room; Python's `q.put(obj)`. On failure the item comes
+    /// back inside the error.
+    pub fn put(&self, item: T) -> Result<(), SendError<T>> {
+        self.shared.put(item, self.max_message_size, Wait::Forever)
+    }
+
+    /// Puts an item if there is room now, else [`ChannelError::Full`]; Python's
+    /// `q.put_nowait(obj)`.
+    #[doc(alias = "put_nowait")]
+    pub fn try_put(&self, item: T) -> Result<(), SendError<T>> {
+        self.shared.put(item, self.max_message_size, Wait::Never)
+    }
+
+    /// Puts an item, waiting at most `timeout` for room ([`ChannelError::Timeout`]);
+    /// Python's `q.put(obj, timeout=...)`.
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), SendError<T>> {
+        self.shared
+            .put(item, self.max_message_size, Wait::For(timeout))
+    }
+
+    /// Takes the next item, waiting for one; Python's `q.get()`.
+    pub fn get(&self) -> Result<T, ChannelError> {
+        self.shared.get(self.max_message_size, Wait::Forever)
+    }
+
+    /// Takes the next item if there is one, else [`ChannelError::Empty`]; Python's
+    /// `q.get_nowait()`.
+    #[doc(alias = "get_nowait")]
+    pub fn try_get(&self) -> Result<T, ChannelError> {
+        self.shared.get(self.max_message_size, Wait::Never)
+    }
+
+    /// Takes the next item, waiting at most `timeout` ([`ChannelError::Timeout`]); Python's
+    /// `q.get(timeout=...)`.
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T, ChannelError> {
+        self.shared.get(self.max_message_size, Wait::For(timeout))
+    }
+}
+
+impl<T> Queue<T> {
+    /// The approximate number of items in the queue; Python's `q.qsize()`. Other processes
+    /// may change it at any moment.
+    pub fn qsize(&self) -> usize {
+        self.shared.qsize()
+    }
+
+    /// Whether the queue is (approximately) empty; Python's `q.empty()`.
+    pub fn empty(&self) -> bool {
+        self.qsize() == 0
+    }
+
+    /// Whether a bounded queue is (approximately) full; Python's `q.full()`.
+    pub fn full(&self) -> bool {
+        self.shared.bounded() && self.shared.word(FREE).load(SeqCst) == 0
+    }
+
+    /// The bound, or `None` for an unbounded queue; Python's `q._maxsize`.
+    pub fn maxsize(&self) -> Option<usize> {
+        self.shared.bounded().then_some(self.shared.maxsize)
+    }
+
+    /// The largest item this handle puts or accepts.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// Drops this handle; Python's `q.close()` (this process will put no more through it).
+    pub fn close(self) {}
+}
+
+#[derive(Serialize)]
+struct QueueOut<'a> {
+    tx: FdRef<'a>,
+    rx: FdRef<'a>,
+    state: FdRef<'a>,
+    maxsize: u64,
+    max_message_size: u64,
+}
+
+#[derive(Deserialize)]
+struct QueueIn {
+    #[serde(deserialize_with = "crate::ipc::deserialize_fd")]
+    tx: OwnedFd,
+    #[serde(deserialize_with = "crate::ipc::deserialize_fd")]
+    rx: OwnedFd,
+    #[serde(deserialize_with = "crate::ipc::deserialize_fd")]
+    state: OwnedFd,
+    maxsize: u64,
+    max_message_size: u64,
+}
+
+/// A queue serialises as duplicates of its descriptors: it can be passed to a child process
+/// (or sent through a pipe or queue) inside a gpuproc message, and only there.
+impl<T> Serialize for Queue<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let sh = &self.shared;
+        QueueOut {
+            tx: FdRef(sh.tx.as_fd()),
+            rx: FdRef(sh.rx.as_fd()),
+            state: FdRef(sh.state_fd.as_fd()),
+            maxsize: sh.maxsize as u64,
+            max_message_size: self.max_message_size as u64,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Queue<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let q = QueueIn::deserialize(d)?;
+        let maxsize = usize::try_from(q.maxsize)
+            .ok()
+            .filter(|&m| m <= MAX_BOUND)
+            .ok_or_else(|| serde::de::Error::custom("a queue's maxsize is out of range"))?;
+        let state = sp::map_shared_words(q.state.as_fd(), STATE_LEN)
+            .map_err(|e| serde::de::Error::custom(format!("cannot map a queue's state: {e}")))?;
+        Ok(Queue {
+            shared: Arc::new(Shared {
+                tx: q.tx,
+                rx: q.rx,
+                state_fd: q.state,
+                state,
+                maxsize,
+            }),
+            max_message_size: usize::try_from(q.max_message_size).unwrap_or(usize::MAX),
+            _items: PhantomData,
+        })
+    }
+}
+
+/// A [`Queue`] that counts unfinished tasks; Python's `multiprocessing.JoinableQueue`.
+///
+/// Every [`put`](Queue::put) adds a task; a consumer calls [`task_done`](Self::task_done)
+/// after processing each item it got; [`join`](Self::join) waits until every task is done.
+/// It derefs to [`Queue`] (in Python it is a subclass) for `put`, `get` and the rest.
+/// An item that was taken but failed to decode counts as done at once.
+#[doc(alias = "multiprocessing.JoinableQueue")]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JoinableQueue<T> {
+    queue: Queue<T>,
+}
+
+impl<T> Clone for JoinableQueue<T> {
+    fn clone(&self) -> Self {
+        JoinableQueue {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
+    /// An unbounded joinable queue; Python's `JoinableQueue()`.
+    pub fn new() -> Result<Self, ChannelError> {
+        Ok(JoinableQueue {
+            queue: Queue::create(0, true)?,
+        })
+    }
+
+    /// A joinable queue holding at most `maxsize` items; Python's `JoinableQueue(maxsize)`.
+    pub fn bounded(maxsize: usize) -> Result<Self, ChannelError> {
+        check_bound(maxsize)?;
+        Ok(JoinableQueue {
+            queue: Queue::create(maxsize, true)?,
+        })
+    }
+}
+
+impl<T> JoinableQueue<T> {
+    /// Marks one item taken with `get` as processed; Python's `q.task_done()`.
+    /// [`ChannelError::TaskDoneTooOften`] if called more times than items were put.
+    pub fn task_done(&self) -> Result<(), ChannelError> {
+        self.queue.shared.task_done()
+    }
+
+    /// Waits until every item put has been marked done; Python's `q.join()`.
+    pub fn join(&self) -> Result<(), ChannelError> {
+        self.queue.shared.join(Wait::Forever)
+    }
+
+    /// [`join`](Self::join), waiting at most `timeout` ([`ChannelError::Timeout`]).
+    pub fn join_timeout(&self, timeout: Duration) -> Result<(), ChannelError> {
+        self.queue.shared.join(Wait::For(timeout))
+    }
+
+    /// Drops this handle; Python's `q.close()`.
+    pub fn close(self) {}
+}
+
+impl<T> Deref for JoinableQueue<T> {
+    type Target = Queue<T>;
+    fn deref(&self) -> &Queue<T> {
+        &self.queue
+    }
+}
+
+/// A plain queue with only `put`, `get` and `empty`; Python's `multiprocessing.SimpleQueue`.
+///
+/// The same machinery as an unbounded [`Queue`] (there is no feeder thread to leave out).
+#[doc(alias = "multiprocessing.SimpleQueue")]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SimpleQueue<T> {
+    queue: Queue<T>,
+}
+
+impl<T> Clone for SimpleQueue<T> {
+    fn clone(&self) -> Self {
+        SimpleQueue {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
+    /// A new queue; Python's `SimpleQueue()`.
+    pub fn new() -> Result<Self, ChannelError> {
+        Ok(SimpleQueue {
+            queue: Queue::new()?,
+        })
+    }
+
+    /// Puts an item; Python's `q.put(obj)`. See [`Queue::put`].
+    pub fn put(&self, item: T) -> Result<(), SendError<T>> {
+        self.queue.put(item)
+    }
+
+    /// [`put`](Self::put), waiting at most `timeout` for room in the socket buffer.
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), SendError<T>> {
+        self.queue.put_timeout(item, timeout)
+    }
+
+    /// Takes the next item, waiting for one; Python's `q.get()`.
+    pub fn get(&self) -> Result<T, ChannelError> {
+        self.queue.get()
+    }
+
+    /// The next item if there is one, else [`ChannelError::Empty`].
+    pub fn try_get(&self) -> Result<T, ChannelError> {
+        self.queue.try_get()
+    }
+
+    /// [`get`](Self::get), waiting at most `timeout`.
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T, ChannelError> {
+        self.queue.get_timeout(timeout)
+    }
+}
+
+impl<T> SimpleQueue<T> {
+    /// Whether the queue is (approximately) empty; Python's `q.empty()`.
+    pub fn empty(&self) -> bool {
+        self.queue.empty()
+    }
+
+    /// Drops this handle; Python's `q.close()`.
+    pub fn close(self) {}
+}

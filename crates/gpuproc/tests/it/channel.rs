@@ -1,0 +1,473 @@
+//! Pipes and queues: with every start method, under load, and against faults and bad input.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
+
+use gpuproc::channel::{Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SimpleQueue};
+use gpuproc::{Process, StartMethod};
+use proptest::prelude::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::support::{self, TIMEOUT};
+
+const SHORT: Duration = Duration::from_millis(50);
+
+fn start<A, R>(method: StartMethod, f: fn(A) -> R, a: A) -> Process<A, R>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    let mut p = Process::new(f, a)
+        .with_start_method(method)
+        .allow_fork_with_threads(true);
+    p.start().unwrap();
+    p
+}
+
+fn echo(conn: Connection) -> u32 {
+    // With the Fork start method the child also holds the parent's end, so it would never
+    // see the pipe close: a sentinel says when to stop.
+    let mut n = 0;
+    loop {
+        let v: Option<(u32, String)> = conn.recv_timeout(TIMEOUT).unwrap();
+        match v {
+            Some(v) => conn.send(&v).unwrap(),
+            None => return n,
+        }
+        n += 1;
+    }
+}
+
+#[test]
+fn pipe_round_trips_with_every_start_method() {
+    for m in StartMethod::all() {
+        let (ours, theirs) = Pipe::new().unwrap();
+        let mut p = start(m, echo, theirs);
+        for i in 0..10 {
+            ours.send(&Some((i, format!("message {i}")))).unwrap();
+            let back: (u32, String) = ours.recv_timeout(TIMEOUT).unwrap();
+            assert_eq!(back, (i, format!("message {i}")), "{m:?}");
+        }
+        ours.send(&None::<(u32, String)>).unwrap();
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 10, "{m:?}");
+    }
+}
+
+fn put_three(q: Queue<(i32, Option<i32>, String)>) {
+    for i in 0..3 {
+        q.put((i, None, "hello".into())).unwrap();
+    }
+}
+
+#[test]
+fn queue_passed_to_a_child_with_every_start_method() {
+    for m in StartMethod::all() {
+        let q = Queue::new().unwrap();
+        let mut p = start(m, put_three, q.clone());
+        for i in 0..3 {
+            assert_eq!(
+                q.get_timeout(TIMEOUT).unwrap(),
+                (i, None, "hello".to_string()),
+                "{m:?}"
+            );
+        }
+        p.join_timeout(TIMEOUT).unwrap();
+        assert!(q.empty());
+        assert!(q.try_get().unwrap_err().is_empty());
+    }
+}
+
+fn produce((q, id): (Queue<Option<u32>>, u32)) {
+    for i in 0..1000 {
+        q.put(Some(id * 1000 + i)).unwrap();
+    }
+}
+
+fn consume(q: Queue<Option<u32>>) -> Vec<u32> {
+    let mut got = Vec::new();
+    while let Some(v) = q.get_timeout(TIMEOUT).unwrap() {
+        got.push(v);
+    }
+    got
+}
+
+#[test]
+fn four_producers_four_consumers_each_message_exactly_once() {
+    for (m, q) in [
+        (StartMethod::ForkServer, Queue::new().unwrap()),
+        (StartMethod::Fork, Queue::bounded(64).unwrap()),
+    ] {
+        let consumers: Vec<_> = (0..4).map(|_| start(m, consume, q.clone())).collect();
+        let producers: Vec<_> = (0..4)
+            .map(|id| start(m, produce, (q.clone(), id)))
+            .collect();
+        for mut p in producers {
+            p.join_timeout(TIMEOUT).unwrap();
+        }
+        for _ in 0..4 {
+            q.put_timeout(None, TIMEOUT).unwrap();
+        }
+        let mut all = Vec::new();
+        for mut c in consumers {
+            all.extend(c.join_timeout(TIMEOUT).unwrap());
+        }
+        assert_eq!(all.len(), 4000, "{m:?}");
+        let set: BTreeSet<u32> = all.into_iter().collect();
+        assert_eq!(set, (0..4000).collect(), "{m:?}");
+        assert_eq!(q.qsize(), 0);
+    }
+}
+
+fn worker(q: JoinableQueue<u64>) {
+    loop {
+        let v = q.get_timeout(TIMEOUT).unwrap();
+        if v == u64::MAX {
+            q.task_done().unwrap();
+            return;
+        }
+        q.task_done().unwrap();
+    }
+}
+
+#[test]
+fn joinable_queue_join_returns_after_task_done() {
+    let q = JoinableQueue::<u64>::new().unwrap();
+    for i in 0..100 {
+        q.put(i).unwrap();
+    }
+    // Nobody consumes yet: join waits, and times out.
+    assert!(q.join_timeout(SHORT).unwrap_err().is_timeout());
+    q.put(u64::MAX).unwrap();
+    let mut p = start(StartMethod::ForkServer, worker, q.clone());
+    q.join_timeout(TIMEOUT).unwrap();
+    assert!(q.empty());
+    p.join_timeout(TIMEOUT).unwrap();
+    let err = q.task_done().unwrap_err();
+    assert!(matches!(err, ChannelError::TaskDoneTooOften), "{err}");
+}
+
+#[test]
+fn simple_queue_and_simplex_pipe() {
+    let q = SimpleQueue::new().unwrap();
+    assert!(q.empty());
+    q.put("x".to_string()).unwrap();
+    assert!(!q.empty());
+    assert_eq!(q.get_timeout(TIMEOUT).unwrap(), "x");
+    assert!(q.try_get().unwrap_err().is_empty());
+
+    let (r, w) = Pipe::simplex().unwrap();
+    assert!(r.readable() && !r.writable() && w.writable() && !w.readable());
+    let e = r.send(&1).unwrap_err();
+    assert!(matches!(e, ChannelError::Unsupported(_)), "{e}");
+    assert!(w.recv::<i32>().is_err());
+    w.send(&7u8).unwrap();
+    assert!(r.poll(TIMEOUT));
+    assert_eq!(r.recv::<u8>().unwrap(), 7);
+    assert!(!r.poll(Duration::ZERO));
+}
+
+fn big_echo(conn: Connection) {
+    let b: Bytes = conn.recv_timeout(TIMEOUT).unwrap();
+    let v: Vec<f32> = conn.recv_timeout(TIMEOUT).unwrap();
+    conn.send(&b).unwrap();
+    conn.send(&v).unwrap();
+    let raw = conn.recv_bytes_timeout(TIMEOUT).unwrap();
+    conn.send_bytes(&raw).unwrap();
+}
+
+#[test]
+fn large_payloads_through_shared_memory() {
+    let bytes = Bytes((0..16 << 20).map(|i: u32| (i % 251) as u8).collect());
+    let floats: Vec<f32> = (0..1_000_000).map(|i| i as f32 * 0.5).collect();
+    for m in StartMethod::all() {
+        let (ours, theirs) = Pipe::new().unwrap();
+        let mut p = start(m, big_echo, theirs);
+        ours.send(&bytes).unwrap();
+        ours.send(&floats).unwrap();
+        ours.send_bytes(&bytes[..100_000]).unwrap();
+        assert_eq!(ours.recv_timeout::<Bytes>(TIMEOUT).unwrap(), bytes);
+        assert_eq!(ours.recv_timeout::<Vec<f32>>(TIMEOUT).unwrap(), floats);
+        assert_eq!(ours.recv_bytes_timeout(TIMEOUT).unwrap(), &bytes[..100_000]);
+        p.join_timeout(TIMEOUT).unwrap();
+    }
+    let q = Queue::<Bytes>::bounded(2).unwrap();
+    q.put(bytes.clone()).unwrap();
+    assert_eq!(q.get_timeout(TIMEOUT).unwrap(), bytes);
+}
+
+#[test]
+fn handles_travel_inside_messages() {
+    let (a, b) = Pipe::new().unwrap();
+    let (c, d) = Pipe::new().unwrap();
+    let q = Queue::<String>::new().unwrap();
+    a.send(&(d, q.clone())).unwrap();
+    let (d2, q2): (Connection, Queue<String>) = b.recv_timeout(TIMEOUT).unwrap();
+    c.send(&"through the sent end").unwrap();
+    assert_eq!(
+        d2.recv_timeout::<String>(TIMEOUT).unwrap(),
+        "through the sent end"
+    );
+    q2.put("via the sent queue".into()).unwrap();
+    assert_eq!(q.get_timeout(TIMEOUT).unwrap(), "via the sent queue");
+}
+
+fn sit(conn: Connection) {
+    // Holds its end without reading until it is killed.
+    let _keep = conn;
+    support::block_forever()
+}
+
+#[test]
+fn a_receiver_that_dies_with_messages_in_flight_disconnects_the_sender() {
+    for m in StartMethod::all() {
+        let (ours, theirs) = Pipe::new().unwrap();
+        let mut p = start(m, sit, theirs);
+        for i in 0..100u32 {
+            ours.send(&i).unwrap();
+        }
+        p.kill().unwrap();
+        assert!(p.join_timeout(TIMEOUT).is_err());
+        drop(p);
+        let err = ours.send_timeout(&1u32, TIMEOUT).unwrap_err();
+        assert!(err.is_disconnected(), "{m:?}: {err}");
+        assert!(ours
+            .recv_timeout::<u32>(TIMEOUT)
+            .unwrap_err()
+            .is_disconnected());
+        assert!(ours.poll(Duration::ZERO));
+    }
+}
+
+#[test]
+fn peer_closed_and_timeouts() {
+    let (a, b) = Pipe::new().unwrap();
+    assert!(a.try_recv::<u8>().unwrap_err().is_empty());
+    let t0 = Instant::now();
+    let err = a.recv_timeout::<u8>(SHORT).unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(t0.elapsed() >= SHORT);
+    assert!(err.to_string().contains("timed out"));
+    b.send(&5u8).unwrap();
+    b.close();
+    // What was sent before closing is still delivered, then the end shows.
+    assert_eq!(a.recv_timeout::<u8>(TIMEOUT).unwrap(), 5);
+    let err = a.recv_timeout::<u8>(TIMEOUT).unwrap_err();
+    assert!(err.is_disconnected(), "{err}");
+    assert!(a.send(&1u8).unwrap_err().is_disconnected());
+}
+
+#[test]
+fn a_full_bounded_queue_with_no_consumer_times_out() {
+    let q = Queue::<u32>::bounded(3).unwrap();
+    assert_eq!(q.maxsize(), Some(3));
+    for i in 0..3 {
+        q.try_put(i).unwrap();
+    }
+    assert!(q.full());
+    assert_eq!(q.qsize(), 3);
+    let err = q.try_put(9).unwrap_err();
+    assert!(err.is_full(), "{err}");
+    assert_eq!(err.into_inner(), 9);
+    let err = q.put_timeout(10, SHORT).unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(err.into_inner(), 10);
+    assert_eq!(q.get_timeout(TIMEOUT).unwrap(), 0);
+    q.put_timeout(3, TIMEOUT).unwrap();
+    assert!(Queue::<u32>::bounded(0).is_err());
+}
+
+fn hold_queue(q: Queue<u32>) {
+    let _keep = q;
+    support::block_forever()
+}
+
+#[test]
+fn a_bounded_queue_whose_consumer_died_times_out_instead_of_hanging() {
+    let q = Queue::<u32>::bounded(2).unwrap();
+    let mut p = start(StartMethod::ForkServer, hold_queue, q.clone());
+    q.put(1).unwrap();
+    q.put(2).unwrap();
+    p.kill().unwrap();
+    assert!(p.join_timeout(TIMEOUT).is_err());
+    let err = q.put_timeout(3, SHORT).unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+}
+
+#[test]
+fn messages_over_max_message_size_are_refused_and_the_pipe_stays_usable() {
+    let (a, b) = Pipe::new().unwrap();
+    let a = a.with_max_message_size(1000);
+    let err = a.send(&Bytes(vec![0; 2000])).unwrap_err();
+    assert!(err.is_too_large(), "{err}");
+    assert!(err.to_string().contains("max_message_size"), "{err}");
+    a.send(&Bytes(vec![1; 10])).unwrap();
+    assert_eq!(b.recv_timeout::<Bytes>(TIMEOUT).unwrap().0, vec![1; 10]);
+
+    // The receiving side enforces its own limit, for inline and shared-memory messages.
+    let (a, b) = Pipe::new().unwrap();
+    let b = b.with_max_message_size(1000);
+    a.send(&Bytes(vec![2; 2000])).unwrap();
+    a.send(&Bytes(vec![3; 200_000])).unwrap();
+    a.send(&Bytes(vec![4; 10])).unwrap();
+    for _ in 0..2 {
+        let err = b.recv_timeout::<Bytes>(TIMEOUT).unwrap_err();
+        assert!(err.is_too_large(), "{err}");
+    }
+    assert_eq!(b.recv_timeout::<Bytes>(TIMEOUT).unwrap().0, vec![4; 10]);
+}
+
+/// Writes one raw datagram (and optionally a descriptor) onto a connection's socket.
+fn send_raw(conn: &Connection, bytes: &[u8], fd: Option<i32>) {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut _,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(4) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is valid; the fields set point at live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control holds room for one header with one descriptor.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        }
+    }
+    // SAFETY: `msg` describes valid buffers; the socket is open.
+    let n = unsafe { libc::sendmsg(conn.as_fd().as_raw_fd(), &msg, 0) };
+    assert_eq!(n, bytes.len() as isize);
+}
+
+#[test]
+fn malformed_frames_on_the_wire_are_errors_and_the_pipe_stays_usable() {
+    let (a, b) = Pipe::new().unwrap();
+    let (pipe_r, _pipe_w) = support::pipe();
+    let mut huge = vec![0xA2];
+    huge.extend_from_slice(&1000u64.to_le_bytes());
+    let cases: Vec<(Vec<u8>, Option<i32>)> = vec![
+        (vec![0x00, 1, 2, 3], None),          // unknown tag
+        (vec![0xA2, 1, 2], None),             // short shared-memory header
+        (huge.clone(), None),                 // shared-memory message without its memfd
+        (huge, Some(pipe_r.as_raw_fd())),     // ... with a descriptor that is no memfd
+        (vec![0xA1, 0xff, 0xff, 0xff], None), // payload that is not a (u32, String)
+    ];
+    for (bytes, fd) in &cases {
+        send_raw(&a, bytes, *fd);
+        let err = b.recv_timeout::<(u32, String)>(TIMEOUT).unwrap_err();
+        assert!(err.is_malformed(), "{bytes:?}: {err}");
+    }
+    // A value of another type is a decode error naming the type asked for.
+    a.send(&1u8).unwrap();
+    let err = b.recv_timeout::<String>(TIMEOUT).unwrap_err();
+    assert!(matches!(err, ChannelError::Decode { .. }), "{err}");
+    assert!(err.to_string().contains("String"), "{err}");
+    a.send(&(1u32, "fine".to_string())).unwrap();
+    assert_eq!(
+        b.recv_timeout::<(u32, String)>(TIMEOUT).unwrap(),
+        (1, "fine".to_string())
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Arbitrary bytes, and arbitrary truncations of valid messages, decode to an error (or
+    /// a value), never a crash; the connection keeps working.
+    #[test]
+    fn arbitrary_bytes_on_the_wire_never_crash(
+        junk in proptest::collection::vec(any::<u8>(), 1..200),
+        text in ".{0,30}",
+        cut in any::<proptest::sample::Index>(),
+    ) {
+        let (a, b) = Pipe::new().unwrap();
+        a.send_bytes(&junk).unwrap();
+        let _ = b.recv_timeout::<(u32, Option<String>, Vec<i16>)>(TIMEOUT);
+        send_raw(&a, &junk, None);
+        let _ = b.recv_timeout::<(u32, Option<String>, Vec<i16>)>(TIMEOUT);
+
+        let value = (7u32, Some(text), vec![-1i16, 2]);
+        a.send(&value).unwrap();
+        let frame = b.recv_bytes_timeout(TIMEOUT).unwrap();
+        let at = cut.index(frame.len());
+        a.send_bytes(&frame[..at]).unwrap();
+        prop_assert!(b.recv_timeout::<(u32, Option<String>, Vec<i16>)>(TIMEOUT).is_err());
+        a.send(&value).unwrap();
+        prop_assert_eq!(b.recv_timeout::<(u32, Option<String>, Vec<i16>)>(TIMEOUT).unwrap(), value);
+    }
+}
+
+#[test]
+fn no_descriptors_leak() {
+    let before = support::open_fds();
+    for _ in 0..20 {
+        let (a, b) = Pipe::new().unwrap();
+        let q = Queue::<Bytes>::new().unwrap();
+        a.send(&Bytes(vec![1; 100_000])).unwrap();
+        q.put(b.recv_timeout(TIMEOUT).unwrap()).unwrap();
+        a.send(&q).unwrap();
+        let q2: Queue<Bytes> = b.recv_timeout(TIMEOUT).unwrap();
+        assert_eq!(q2.get_timeout(TIMEOUT).unwrap().len(), 100_000);
+    }
+    // Other tests run in parallel and open descriptors too: allow some slack, not 20x.
+    assert!(support::open_fds() < before + 20, "descriptors leaked");
+}
+
+#[test]
+fn example_exchange_queue_prints_pythons_line() {
+    let out = run_example("exchange_queue");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "[42, None, 'hello']\n"
+    );
+}
+
+#[test]
+fn example_exchange_pipe_prints_pythons_line() {
+    let out = run_example("exchange_pipe");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "[42, None, 'hello']\n"
+    );
+}
+
+/// Runs a built example (cargo builds examples before integration tests) with a timeout.
+fn run_example(name: &str) -> std::process::Output {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(path.exists(), "{} is not built", path.display());
+    let child = std::process::Command::new(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let reader = std::thread::spawn(move || child.wait_with_output().unwrap());
+    if !support::wait_all_ended(&[pid], Instant::now() + TIMEOUT).is_empty() {
+        // SAFETY: a plain system call on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("example {name} did not finish within {TIMEOUT:?}");
+    }
+    let out = reader.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
