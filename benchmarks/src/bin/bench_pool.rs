@@ -216,7 +216,9 @@ fn procspawn_run(pool: &procspawn::Pool, n: u64) -> f64 {
 }
 
 fn ratio(x: f64) -> String {
-    if x.is_finite() {
+    if x.is_finite() && x < 10.0 {
+        format!("{x:.2}x")
+    } else if x.is_finite() {
         format!("{x:.1}x")
     } else {
         "-".into()
@@ -548,7 +550,7 @@ fn main() {
         py.idle.len(),
         p_mem.0,
         p_mem.1,
-        ratio2(1.0),
+        ratio2(if p_mem.0 > 0 { 1.0 } else { f64::NAN }),
         pids(py.idle.iter().map(|x| x.pid).collect())
     );
 
@@ -571,7 +573,7 @@ fn main() {
         "python Pool() + apply",
         p_start * 1e3,
         "-",
-        ratio(1.0)
+        ratio(if p_start.is_finite() { 1.0 } else { f64::NAN })
     );
 
     println!();

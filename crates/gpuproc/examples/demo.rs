@@ -39,7 +39,7 @@ fn report(slot: u32) -> Result<Report, String> {
         .usage_of(std::process::id(), false)
         .map_err(|e| e.to_string())?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let memory = d.memory.clone().unwrap_or_default();
+    let memory = d.memory.unwrap_or_default();
     Ok(Report {
         slot,
         pid: std::process::id(),

@@ -66,6 +66,9 @@ pub(crate) enum Read {
 #[derive(Debug, Default)]
 pub(crate) struct FrameReader {
     buf: Vec<u8>,
+    /// Where the next unread frame starts in `buf` (consumed bytes are dropped in bulk, not
+    /// one frame at a time, so reading many small frames stays linear).
+    pos: usize,
     fds: VecDeque<OwnedFd>,
     eof: bool,
 }
@@ -78,6 +81,10 @@ impl FrameReader {
 
     /// Takes everything available now, without blocking.
     pub fn fill(&mut self, sock: BorrowedFd<'_>) -> io::Result<()> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
         let mut fds = Vec::new();
         // Small reads first (most messages are small), growing while the socket has more.
         let mut max = 4096;
@@ -95,12 +102,13 @@ impl FrameReader {
 
     /// A complete frame, if one has arrived.
     pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
-        if self.buf.len() < HEADER {
+        let rest = &self.buf[self.pos..];
+        if rest.len() < HEADER {
             return Ok(None);
         }
-        let len = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize;
-        let nfds = u32::from_le_bytes(self.buf[4..8].try_into().expect("4 bytes")) as usize;
-        if self.buf.len() < HEADER + len {
+        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let nfds = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
+        if rest.len() < HEADER + len {
             return Ok(None);
         }
         if self.fds.len() < nfds {
@@ -112,8 +120,12 @@ impl FrameReader {
                 ),
             ));
         }
-        let bytes = self.buf[HEADER..HEADER + len].to_vec();
-        self.buf.drain(..HEADER + len);
+        let bytes = rest[HEADER..HEADER + len].to_vec();
+        self.pos += HEADER + len;
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
         let fds = self.fds.drain(..nfds).collect();
         Ok(Some(Frame { bytes, fds }))
     }

@@ -120,6 +120,7 @@ pub use sys::signal_name;
 /// should come before it.
 ///
 /// ```no_run
+/// # #![allow(clippy::needless_doctest_main)]
 /// fn main() {
 ///     gpuproc::init();
 ///     // ... the program ...

@@ -77,6 +77,8 @@ pub(crate) struct Inbox {
 pub(crate) struct Shared {
     pub inbox: Mutex<Inbox>,
     pub waker: Waker,
+    /// The driver is (about to be) blocked in `poll`: submitters must wake it.
+    pub sleeping: AtomicBool,
     pub pids: Mutex<Vec<u32>>,
 }
 
@@ -333,20 +335,27 @@ impl Driver {
     /// and timeouts.
     fn wait_and_handle(&mut self) -> std::io::Result<()> {
         let deadline = self.next_timeout_check();
+        // Announce the sleep, then look once more: a submitter either sees the flag and
+        // wakes us, or its work is already in the inbox (both sides use SeqCst).
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let queued = {
+            let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            !inbox.chunks.is_empty() || inbox.close || inbox.terminate
+        };
+        let no_wait = Some(Instant::now());
         let ready = {
             let mut fds: Vec<(BorrowedFd<'_>, bool)> = vec![(self.shared.waker.fd(), false)];
             for w in &self.workers {
                 fds.push((w.conn.as_fd(), !w.outbox.is_empty()));
             }
-            sys::poll(&fds, deadline)?
+            sys::poll(&fds, if queued { no_wait } else { deadline })?
         };
+        self.shared.sleeping.store(false, Ordering::SeqCst);
         let mut dead = Vec::new();
         for (i, r) in ready.iter().skip(1).enumerate() {
             let w = &mut self.workers[i];
-            if r.write {
-                if flush_outbox(w).is_err() {
-                    w.eof = true;
-                }
+            if r.write && flush_outbox(w).is_err() {
+                w.eof = true;
             }
             if r.read {
                 if w.reader.fill(w.conn.as_fd()).is_err() {

@@ -211,6 +211,7 @@ impl PoolBuilder {
                 source,
             })?,
             pids: Mutex::new(Vec::new()),
+            sleeping: AtomicBool::new(false),
         });
         let driver = Driver::new(config.clone(), shared.clone())?;
         let thread = std::thread::Builder::new()
@@ -283,7 +284,9 @@ impl Pool {
         }
         inbox.chunks.extend(chunks);
         drop(inbox);
-        self.shared.waker.wake();
+        if self.shared.sleeping.load(Ordering::SeqCst) {
+            self.shared.waker.wake();
+        }
         Ok(())
     }
 
