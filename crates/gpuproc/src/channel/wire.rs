@@ -6,10 +6,17 @@
 //!   sealed memfd holding the payload (for payloads over [`INLINE_MAX`] bytes, which then
 //!   travel through shared memory instead of byte by byte through the socket).
 //!
+//! - [`TAG_MEMFD_POOLED`]: like [`TAG_MEMFD`], then a second little-endian `u64`: the
+//!   offset of a control word in the memfd, which the receiver sets to zero (through
+//!   `pwrite`) once it has copied the payload out, so that the sender can reuse the memfd
+//!   for a later message instead of creating, filling with fresh pages and freeing one
+//!   per message.
+//!
 //! Any further descriptors belong to handles inside the payload (see `crate::ipc`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, SeqCst};
 use std::time::{Duration, Instant};
 
 use postcard::ser_flavors::Size;
@@ -18,10 +25,11 @@ use serde::Serialize;
 
 use super::ChannelError;
 use crate::ipc;
-use crate::sys::seqpacket::{self as sp, Outcome};
+use crate::sys::seqpacket::{self as sp, Mapping, Outcome};
 
 pub(crate) const TAG_INLINE: u8 = 0xA1;
 pub(crate) const TAG_MEMFD: u8 = 0xA2;
+pub(crate) const TAG_MEMFD_POOLED: u8 = 0xA3;
 /// The largest payload sent inside the datagram itself.
 pub(crate) const INLINE_MAX: usize = 64 * 1024;
 /// A receive buffer one byte larger than any valid datagram, so that truncation shows.
@@ -92,17 +100,126 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
         let (frame, fds) = inline_frame(value, size)?;
         return finish(sock, &[&frame], None, &fds, deadline, wait);
     }
+    let encode = |buf: &mut [u8]| {
+        let (n, fds) = ipc::encode_with(|| postcard::to_slice(value, buf).map(|s| s.len()));
+        let n = n.map_err(|e| {
+            ChannelError::Encode(format!(
+                "the value encoded to a different size the second time ({e})"
+            ))
+        })?;
+        Ok((n, fds))
+    };
+    if size <= POOL_MAX_CAP {
+        let mut slot = Pooled::claim(size)?;
+        let (n, fds) = match encode(slot.map.prefix_mut(size)) {
+            Ok(r) => r,
+            Err(e) => {
+                slot.give_back(true);
+                return Err(e);
+            }
+        };
+        let header = pooled_header(n, slot.cap);
+        let sent = finish(
+            sock,
+            &[&header],
+            Some(slot.fd.as_fd()),
+            &fds,
+            deadline,
+            wait,
+        );
+        // A message that did not go out leaves the memfd free for the next one.
+        slot.give_back(sent.is_err());
+        return sent;
+    }
     let (memfd, mut map) = sp::memfd_for_writing("gpuproc-message", size)
         .map_err(ChannelError::io("creating a memfd"))?;
-    let (n, fds) = ipc::encode_with(|| postcard::to_slice(value, map.bytes_mut()).map(|s| s.len()));
-    let n = n.map_err(|e| {
-        ChannelError::Encode(format!(
-            "the value encoded to a different size the second time ({e})"
-        ))
-    })?;
+    let (n, fds) = encode(map.prefix_mut(size))?;
     sp::seal(&memfd, map).map_err(ChannelError::io("sealing a memfd"))?;
     let header = memfd_header(n);
-    finish(sock, &[&header], Some(memfd), &fds, deadline, wait)
+    finish(sock, &[&header], Some(memfd.as_fd()), &fds, deadline, wait)
+}
+
+/// Payloads up to this size go through reused memfds (larger ones get a fresh memfd each).
+const POOL_MAX_CAP: usize = 256 << 20;
+/// How many reusable memfds each thread keeps.
+const POOL_SLOTS: usize = 4;
+/// The control word of a pooled memfd: a receiver may still be reading it.
+const IN_USE: u32 = 1;
+/// The control word of a pooled memfd: free for the next message.
+const FREE: u32 = 0;
+
+/// A memfd this thread reuses for large messages: `cap` payload bytes, then the control
+/// word (see [`TAG_MEMFD_POOLED`]). Kept mapped read-write and sealed against resizing.
+struct Pooled {
+    fd: OwnedFd,
+    map: Mapping,
+    cap: usize,
+}
+
+thread_local! {
+    /// This thread's reusable memfds (a slot is taken out while a message is written).
+    static POOL: RefCell<Vec<Pooled>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pooled {
+    fn word(&self) -> &std::sync::atomic::AtomicU32 {
+        self.map.word_at(self.cap)
+    }
+
+    /// Claims the word (another process forked from this one may hold the same memfd).
+    fn try_claim(&self) -> bool {
+        self.word()
+            .compare_exchange(FREE, IN_USE, Acquire, Relaxed)
+            .is_ok()
+    }
+
+    /// A memfd of at least `size` bytes that no receiver uses, marked in use: a free one
+    /// from the pool, else a new one.
+    fn claim(size: usize) -> Result<Pooled, ChannelError> {
+        let found = POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            let i = pool.iter().position(|s| s.cap >= size && s.try_claim())?;
+            Some(pool.swap_remove(i))
+        });
+        if let Some(slot) = found {
+            return Ok(slot);
+        }
+        let cap = size.div_ceil(sp::PAGE) * sp::PAGE;
+        let (fd, map) = sp::memfd_pooled("gpuproc-message", cap)
+            .map_err(ChannelError::io("creating a memfd"))?;
+        let slot = Pooled { fd, map, cap };
+        slot.word().store(IN_USE, SeqCst);
+        Ok(slot)
+    }
+
+    /// Returns the slot to the pool (marked free again if `unused`), making room by
+    /// dropping the oldest slot (a receiver that still holds it keeps its memory alive).
+    fn give_back(self, unused: bool) {
+        if unused {
+            self.word().store(FREE, SeqCst);
+        }
+        POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.len() >= POOL_SLOTS {
+                // Prefer dropping a slot that is in use (its receiver may be gone) or small.
+                let victim = pool
+                    .iter()
+                    .position(|s| s.word().load(Relaxed) != FREE)
+                    .or_else(|| (0..pool.len()).min_by_key(|&i| pool[i].cap))
+                    .unwrap_or(0);
+                pool.remove(victim);
+            }
+            pool.push(self);
+        });
+    }
+}
+
+fn pooled_header(len: usize, control: usize) -> [u8; 17] {
+    let mut h = [0u8; 17];
+    h[0] = TAG_MEMFD_POOLED;
+    h[1..9].copy_from_slice(&(len as u64).to_le_bytes());
+    h[9..].copy_from_slice(&(control as u64).to_le_bytes());
+    h
 }
 
 /// Sends `bytes` as they are (no encoding) on `sock`.
@@ -122,12 +239,20 @@ pub(crate) fn send_raw(
     if bytes.len() <= INLINE_MAX {
         return finish(sock, &[&[TAG_INLINE], bytes], None, &[], deadline, wait);
     }
+    if bytes.len() <= POOL_MAX_CAP {
+        let mut slot = Pooled::claim(bytes.len())?;
+        slot.map.prefix_mut(bytes.len()).copy_from_slice(bytes);
+        let header = pooled_header(bytes.len(), slot.cap);
+        let sent = finish(sock, &[&header], Some(slot.fd.as_fd()), &[], deadline, wait);
+        slot.give_back(sent.is_err());
+        return sent;
+    }
     let (memfd, mut map) = sp::memfd_for_writing("gpuproc-message", bytes.len())
         .map_err(ChannelError::io("creating a memfd"))?;
-    map.bytes_mut().copy_from_slice(bytes);
+    map.prefix_mut(bytes.len()).copy_from_slice(bytes);
     sp::seal(&memfd, map).map_err(ChannelError::io("sealing a memfd"))?;
     let header = memfd_header(bytes.len());
-    finish(sock, &[&header], Some(memfd), &[], deadline, wait)
+    finish(sock, &[&header], Some(memfd.as_fd()), &[], deadline, wait)
 }
 
 fn memfd_header(len: usize) -> [u8; 9] {
@@ -140,12 +265,15 @@ fn memfd_header(len: usize) -> [u8; 9] {
 fn finish(
     sock: BorrowedFd<'_>,
     parts: &[&[u8]],
-    memfd: Option<OwnedFd>,
+    memfd: Option<BorrowedFd<'_>>,
     fds: &[OwnedFd],
     deadline: Option<Instant>,
     wait: Wait,
 ) -> Result<(), ChannelError> {
-    let all: Vec<BorrowedFd<'_>> = memfd.iter().chain(fds.iter()).map(|f| f.as_fd()).collect();
+    let all: Vec<BorrowedFd<'_>> = memfd
+        .into_iter()
+        .chain(fds.iter().map(|f| f.as_fd()))
+        .collect();
     match sp::send(sock, parts, &all, deadline).map_err(ChannelError::io("sending a message"))? {
         Outcome::Done(()) => Ok(()),
         Outcome::Closed => Err(ChannelError::Disconnected),
@@ -209,14 +337,18 @@ pub(crate) fn with_payload<R>(
             }
             f(payload, fds)
         }
-        Some(&TAG_MEMFD) => {
-            let len: [u8; 8] = msg[1..].try_into().map_err(|_| {
-                ChannelError::Malformed(format!(
-                    "a shared-memory message header of {} bytes, expected 9",
+        Some(&tag @ (TAG_MEMFD | TAG_MEMFD_POOLED)) => {
+            let expected = if tag == TAG_MEMFD { 9 } else { 17 };
+            if msg.len() != expected {
+                return Err(ChannelError::Malformed(format!(
+                    "a shared-memory message header of {} bytes, expected {expected}",
                     msg.len()
-                ))
-            })?;
-            let len = u64::from_le_bytes(len);
+                )));
+            }
+            let word = |i: usize| u64::from_le_bytes(msg[i..i + 8].try_into().unwrap_or([0; 8]));
+            let len = word(1);
+            // Where the receiver signals that it is done (pooled memfds only).
+            let control = (tag == TAG_MEMFD_POOLED).then(|| word(9));
             if len > max as u64 {
                 return Err(ChannelError::TooLarge {
                     size: usize::try_from(len).unwrap_or(usize::MAX),
@@ -229,10 +361,23 @@ pub(crate) fn with_payload<R>(
                 ));
             }
             let memfd = fds.remove(0);
-            let map = sp::map_sealed(memfd.as_fd(), len as usize)
-                .map_err(|e| ChannelError::Malformed(e.to_string()))?;
-            drop(memfd);
-            f(map.bytes(), fds)
+            if let Some(c) = control {
+                if c < len || c % 4 != 0 || c > u64::MAX - 4 {
+                    return Err(ChannelError::Malformed(format!(
+                        "a shared-memory message with its control word at {c}, inside or \
+                         misaligned with its {len} bytes of payload"
+                    )));
+                }
+            }
+            let min_size = control.map_or(0, |c| c + 4);
+            let result = sp::map_sealed(memfd.as_fd(), len as usize, min_size)
+                .map_err(|e| ChannelError::Malformed(e.to_string()))
+                .and_then(|map| f(map.bytes(), fds));
+            // The payload has been copied out (or rejected): the sender may reuse the memfd.
+            if let Some(c) = control {
+                sp::release_pooled(memfd.as_fd(), c);
+            }
+            result
         }
         Some(other) => Err(ChannelError::Malformed(format!(
             "unknown message tag 0x{other:02x}"
@@ -280,6 +425,27 @@ mod tests {
         assert!(decode_datagram(&h).unwrap_err().is_malformed());
         h = memfd_header(usize::MAX).to_vec();
         assert!(decode_datagram(&h).unwrap_err().is_too_large());
+    }
+
+    #[test]
+    fn pooled_memfds_are_reused_once_the_receiver_is_done() {
+        let (a, b) = sp::socketpair().unwrap();
+        for i in 0..5u8 {
+            let msg = vec![i; INLINE_MAX * 3 + 7];
+            send_raw(a.as_fd(), &msg, 1 << 30, Wait::Forever).unwrap();
+            let got = recv_with(
+                b.as_fd(),
+                1 << 30,
+                Wait::Forever,
+                || {},
+                |p, _| Ok(p.to_vec()),
+            );
+            assert_eq!(got.unwrap(), msg);
+            // The receiver released it, so the one pooled memfd serves every message.
+            assert_eq!(POOL.with(|p| p.borrow().len()), 1);
+        }
+        let h = pooled_header(10, 6);
+        assert!(with_payload(&h, Vec::new(), false, 1 << 20, decode::<Value>).is_err());
     }
 
     proptest! {

@@ -234,6 +234,25 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// The first `len` mapped bytes, for writing (the mapping must be writable).
+    pub fn prefix_mut(&mut self, len: usize) -> &mut [u8] {
+        &mut self.bytes_mut()[..len]
+    }
+
+    /// The 32-bit word at byte `offset` (4-aligned, inside the mapping), as an atomic shared
+    /// with other processes.
+    pub fn word_at(&self, offset: usize) -> &AtomicU32 {
+        assert!(
+            offset % 4 == 0 && offset + 4 <= self.len,
+            "word at {offset} outside a mapping of {} bytes",
+            self.len
+        );
+        // SAFETY: in bounds and 4-aligned (the mapping is page-aligned); `AtomicU32` has the
+        // layout of `u32` and every bit pattern is valid; the word is only ever accessed
+        // through atomics (here) or whole-word writes by the kernel (`pwrite`).
+        unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() }
+    }
+
     /// The first `n` 32-bit words of the mapping, as atomics shared with other processes.
     pub fn words(&self, n: usize) -> &[AtomicU32] {
         assert!(n * 4 <= self.len, "mapping too small for {n} words");
@@ -260,6 +279,28 @@ pub(crate) fn memfd_for_writing(name: &str, len: usize) -> io::Result<(OwnedFd, 
     Ok((fd, map))
 }
 
+/// A new memfd for reuse across many messages: `cap` payload bytes (a multiple of the page
+/// size), then one page whose first word says whether a receiver still uses it (see
+/// [`release_pooled`]). Sealed against resizing at once and kept mapped read-write.
+pub(crate) fn memfd_pooled(name: &str, cap: usize) -> io::Result<(OwnedFd, Mapping)> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, (cap + PAGE) as u64)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    let map = Mapping::map(fd.as_fd(), cap + PAGE, true, true)?;
+    Ok((fd, map))
+}
+
+/// The page size assumed for the layout of pooled memfds (mappings need only 4-byte
+/// alignment of the control word; this just keeps payload and control apart).
+pub(crate) const PAGE: usize = 4096;
+
+/// Tells the sender of a pooled memfd that this receiver is done with it: writes a zero
+/// word at `offset` (through the descriptor, so no writable mapping is needed). Best effort:
+/// a memfd sealed against writing simply stays in use for its sender.
+pub(crate) fn release_pooled(fd: BorrowedFd<'_>, offset: u64) {
+    let _ = rustix::io::pwrite(fd, &0u32.to_ne_bytes(), offset);
+}
+
 /// Unmaps `map` and seals `fd`'s size, so that a receiver can map it without risk of a
 /// fault. (Not `F_SEAL_WRITE`: a child forked meanwhile may still hold a writable mapping.)
 pub(crate) fn seal(fd: &OwnedFd, map: Mapping) -> io::Result<()> {
@@ -272,7 +313,7 @@ pub(crate) fn seal(fd: &OwnedFd, map: Mapping) -> io::Result<()> {
 
 /// Maps a received memfd read-only after checking that it is sealed against shrinking and
 /// holds at least `len` bytes (so that reading it can never fault).
-pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize, min_size: u64) -> io::Result<Mapping> {
     let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -286,10 +327,13 @@ pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> 
         ));
     }
     let size = rustix::fs::fstat(fd)?.st_size as u64;
-    if size < len as u64 || len == 0 {
+    if size < len as u64 || size < min_size || len == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("the message announces {len} bytes but its memfd holds {size}"),
+            format!(
+                "the message announces {} bytes but its memfd holds {size}",
+                (len as u64).max(min_size)
+            ),
         ));
     }
     Mapping::map(fd, len, false, true)

@@ -424,7 +424,7 @@ fn no_descriptors_leak() {
 
 #[test]
 fn example_exchange_queue_prints_pythons_line() {
-    let out = run_example("exchange_queue");
+    let out = support::run_example("exchange_queue");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "[42, None, 'hello']\n"
@@ -433,41 +433,9 @@ fn example_exchange_queue_prints_pythons_line() {
 
 #[test]
 fn example_exchange_pipe_prints_pythons_line() {
-    let out = run_example("exchange_pipe");
+    let out = support::run_example("exchange_pipe");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "[42, None, 'hello']\n"
     );
-}
-
-/// Runs a built example (cargo builds examples before integration tests) with a timeout.
-fn run_example(name: &str) -> std::process::Output {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(path.exists(), "{} is not built", path.display());
-    let child = std::process::Command::new(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let reader = std::thread::spawn(move || child.wait_with_output().unwrap());
-    if !support::wait_all_ended(&[pid], Instant::now() + TIMEOUT).is_empty() {
-        // SAFETY: a plain system call on our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("example {name} did not finish within {TIMEOUT:?}");
-    }
-    let out = reader.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }

@@ -1,46 +1,6 @@
 //! The examples print what the Python article and docs print.
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::Instant;
-
-use crate::support::{self, TIMEOUT};
-
-/// Runs a built example (cargo builds examples before integration tests) with a timeout.
-fn run_example(name: &str) -> Output {
-    let exe = std::env::current_exe().unwrap();
-    let dir: PathBuf = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is not built", path.display());
-    let child = Command::new(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let reader = std::thread::spawn(move || child.wait_with_output().unwrap());
-    let left = support::wait_all_ended(&[pid], Instant::now() + TIMEOUT);
-    if !left.is_empty() {
-        // SAFETY: a plain system call on our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("example {name} did not finish within {TIMEOUT:?}");
-    }
-    let out = reader.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout_lines(out: &Output) -> Vec<String> {
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
+use crate::support::{run_example, stdout_lines};
 
 #[test]
 fn cube_square_prints_the_articles_lines() {

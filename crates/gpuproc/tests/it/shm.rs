@@ -1,10 +1,6 @@
 //! `gpuproc::shm` across processes: values and arrays with every start method, named
 //! shared memory blocks; and the `shared_state` and `shared_memory` examples.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::Instant;
-
 use gpuproc::shm::{SharedArray, SharedMemory, SharedValue};
 use gpuproc::StartMethod;
 
@@ -141,41 +137,10 @@ fn a_block_is_unlinked_exactly_once() {
     drop(second);
 }
 
-/// Runs a built example with a timeout and returns its standard output's lines.
-pub fn example_lines(name: &str) -> Vec<String> {
-    let exe = std::env::current_exe().unwrap();
-    let dir: PathBuf = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is not built", path.display());
-    let child = Command::new(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let reader = std::thread::spawn(move || child.wait_with_output().unwrap());
-    if !support::wait_all_ended(&[pid], Instant::now() + TIMEOUT).is_empty() {
-        // SAFETY: a plain system call on our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("example {name} did not finish within {TIMEOUT:?}");
-    }
-    let out = reader.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn shared_state_example_prints_pythons_lines() {
     assert_eq!(
-        example_lines("shared_state"),
+        support::stdout_lines(&support::run_example("shared_state")),
         ["3.1415927", "[0, -1, -2, -3, -4, -5, -6, -7, -8, -9]"]
     );
 }
@@ -183,7 +148,7 @@ fn shared_state_example_prints_pythons_lines() {
 #[test]
 fn shared_memory_example_prints_pythons_lines() {
     assert_eq!(
-        example_lines("shared_memory"),
+        support::stdout_lines(&support::run_example("shared_memory")),
         ["[22, 33, 44, 55, 100]", "howdy"]
     );
 }

@@ -3,6 +3,8 @@
 use std::fs;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize, Serializer};
@@ -139,4 +141,40 @@ pub fn block_forever() -> ! {
     loop {
         std::thread::park();
     }
+}
+
+/// Runs a built example (cargo builds examples before integration tests) with a timeout.
+pub fn run_example(name: &str) -> Output {
+    let exe = std::env::current_exe().unwrap();
+    let dir: PathBuf = exe.parent().unwrap().parent().unwrap().join("examples");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is not built", path.display());
+    let child = Command::new(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let reader = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let left = wait_all_ended(&[pid], Instant::now() + TIMEOUT);
+    if !left.is_empty() {
+        // SAFETY: a plain system call on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("example {name} did not finish within {TIMEOUT:?}");
+    }
+    let out = reader.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout_lines(out: &Output) -> Vec<String> {
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }

@@ -250,7 +250,7 @@ fn condition_wait_refuses_another_locks_guard() {
 
 #[test]
 fn sync_lock_example_prints_ten_whole_lines() {
-    let mut lines = crate::shm::example_lines("sync_lock");
+    let mut lines = crate::support::stdout_lines(&crate::support::run_example("sync_lock"));
     lines.sort();
     let mut want: Vec<String> = (0..10).map(|i| format!("hello world {i}")).collect();
     want.sort();
