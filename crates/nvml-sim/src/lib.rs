@@ -74,11 +74,18 @@ pub fn make_pynvml_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for name in ["libnvidia-ml.so.1", "libnvidia-ml.so"] {
         let link = dir.join(name);
+        if std::fs::read_link(&link).is_ok_and(|target| target == lib) {
+            continue; // already in place (another test may have made it)
+        }
         match std::fs::remove_file(&link) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        std::os::unix::fs::symlink(&lib, &link)?;
+        match std::os::unix::fs::symlink(&lib, &link) {
+            // Made by a concurrent caller between our check and here: same target.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
     }
     Ok(())
 }
