@@ -231,7 +231,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
 
 /// Why bytes did not decode as the expected type.
 #[derive(Debug)]
-pub(crate) struct DecodeError(postcard::Error);
+pub(crate) struct DecodeError(pub(crate) postcard::Error);
 
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -1,11 +1,12 @@
 //! The pool's driver thread: owns the workers, sends them work, collects results, replaces
 //! the dead, enforces task timeouts.
 //!
-//! API calls hand chunks of encoded tasks to the driver through a queue and an eventfd; each
-//! task's outcome goes back on its job's channel. The driver never blocks on a worker: sends
-//! are non-blocking with a per-worker outbox, and one `poll` covers every descriptor.
+//! API calls hand chunks of encoded tasks to the driver through a queue and an eventfd; the
+//! outcomes go back on each job's channel, a batch of runs per wake-up. The driver never
+//! blocks on a worker: sends are non-blocking with a per-worker outbox, and one `poll`
+//! covers every descriptor.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::policy::{self, AfterDeath};
 use super::worker::{
-    self, Batch, Done, FnRef, Item, ToWorker, WorkerArgs, WORD_RUNNING, WORD_STARTED,
+    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WORD_RUNNING, WORD_STARTED,
 };
 use super::{Config, PoolError};
 use crate::ipc::{self, Frame, FrameReader};
@@ -22,46 +23,88 @@ use crate::process::wire::Failure;
 use crate::process::{Process, ProcessError};
 use crate::sys::{self, ExitStatus, SharedWords, Waker};
 
-/// One task's outcome, as sent to the API side.
-#[derive(Debug)]
-pub(crate) struct Outcome {
-    pub index: u64,
-    pub result: Result<Frame, PoolError>,
+/// Outcomes of consecutive tasks of one job: the successful ones' encoded results back to
+/// back, and the failures.
+#[derive(Debug, Default)]
+pub(crate) struct Run {
+    pub first_index: u64,
+    /// Each task's result length (0 for a failure).
+    pub lens: Vec<u32>,
+    /// Each task's result descriptor count (empty: none).
+    pub nfds: Vec<u32>,
+    pub results: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    /// Failed tasks, by offset in the run.
+    pub errors: Vec<(u32, PoolError)>,
+}
+
+impl Run {
+    fn failure(index: u64, err: PoolError) -> Run {
+        Run {
+            first_index: index,
+            lens: vec![0],
+            errors: vec![(0, err)],
+            ..Run::default()
+        }
+    }
 }
 
 /// A submission (`map`, `imap`, `apply_async`): where its outcomes go.
 #[derive(Debug)]
 pub(crate) struct Job {
-    pub tx: Mutex<Sender<Outcome>>,
+    pub tx: Mutex<Sender<Vec<Run>>>,
     /// Set when nobody waits for the results any more: pending tasks are dropped.
     pub cancelled: AtomicBool,
-    pub arg_type: &'static str,
 }
 
 impl Job {
-    fn send(&self, index: u64, result: Result<Frame, PoolError>) {
+    fn send(&self, runs: Vec<Run>) {
         if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(Outcome { index, result });
+            let _ = tx.send(runs);
         }
     }
 }
 
-/// A task waiting to be run.
-#[derive(Debug)]
-pub(crate) struct Task {
-    pub index: u64,
-    pub args: Vec<u8>,
-    pub fds: Vec<OwnedFd>,
-    /// Runs started so far (for the retry policy).
-    pub attempts: u32,
-}
-
-/// Tasks of one job that go to a worker together.
+/// Consecutive tasks of one job, encoded, that go to a worker together.
 #[derive(Debug)]
 pub(crate) struct Chunk {
     pub job: Arc<Job>,
     pub func: FnRef,
-    pub tasks: Vec<Task>,
+    pub first_index: u64,
+    /// The arguments, back to back.
+    pub args: Vec<u8>,
+    pub lens: Vec<u32>,
+    /// Descriptor count per task (empty: none).
+    pub nfds: Vec<u32>,
+    pub fds: Vec<OwnedFd>,
+    /// Runs of these tasks that ended with a worker dying under them.
+    pub attempts: u32,
+}
+
+impl Chunk {
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Splits off the tasks from `k` on.
+    pub fn split_off(&mut self, k: usize) -> Chunk {
+        let bytes: usize = self.lens[..k].iter().map(|&l| l as usize).sum();
+        let nfds_before: usize = self.nfds.iter().take(k).map(|&n| n as usize).sum();
+        Chunk {
+            job: self.job.clone(),
+            func: self.func,
+            first_index: self.first_index + k as u64,
+            args: self.args.split_off(bytes),
+            lens: self.lens.split_off(k),
+            nfds: if self.nfds.is_empty() {
+                Vec::new()
+            } else {
+                self.nfds.split_off(k)
+            },
+            fds: self.fds.split_off(nfds_before),
+            attempts: self.attempts,
+        }
+    }
 }
 
 /// What API calls ask of the driver.
@@ -82,12 +125,13 @@ pub(crate) struct Shared {
     pub pids: Mutex<Vec<u32>>,
 }
 
-struct InFlight {
-    job: Arc<Job>,
-    func: FnRef,
-    task: Task,
-    /// The batch it was sent in.
-    batch: u64,
+/// A chunk a worker is working on.
+struct Sent {
+    chunk: Chunk,
+    /// The worker's sequence number of its first task.
+    first_seq: u64,
+    /// How many of its tasks have reported (always a prefix: workers run in order).
+    done: usize,
 }
 
 struct Worker {
@@ -98,14 +142,13 @@ struct Worker {
     reader: FrameReader,
     /// Frames not yet (fully) sent: bytes, descriptors, bytes already sent.
     outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>, usize)>,
-    inflight: HashMap<u64, InFlight>,
-    /// Order in which in-flight tasks were sent (the worker runs them in this order).
-    order: VecDeque<u64>,
-    /// Tasks not yet done, per batch sent.
-    batches: HashMap<u64, usize>,
+    sent: VecDeque<Sent>,
+    /// Tasks sent and not yet reported.
+    tasks_inflight: usize,
+    next_seq: u64,
     /// Tasks it may still be sent before it exits (`max_tasks_per_child`).
     budget: Option<u64>,
-    /// The task it was killed for exceeding the timeout, if any.
+    /// The task (sequence number) it was killed for exceeding the timeout, if any.
     timed_out: Option<u64>,
     eof: bool,
 }
@@ -115,9 +158,11 @@ pub(crate) struct Driver {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
     pending: VecDeque<Chunk>,
-    next_seq: u64,
-    next_batch: u64,
     closing: bool,
+}
+
+fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> PoolError {
+    move |source| PoolError::Io { context, source }
 }
 
 impl Driver {
@@ -129,8 +174,6 @@ impl Driver {
             shared,
             workers: Vec::new(),
             pending: VecDeque::new(),
-            next_seq: 0,
-            next_batch: 0,
             closing: false,
         };
         for i in 0..d.config.processes {
@@ -148,23 +191,16 @@ impl Driver {
     }
 
     fn start_worker(&self, slot: usize) -> Result<Worker, PoolError> {
-        let (ours, theirs) = sys::socketpair().map_err(|source| PoolError::Io {
-            context: "creating a worker connection",
-            source,
-        })?;
-        let page = SharedWords::new("gpuproc-pool-worker").map_err(|source| PoolError::Io {
-            context: "creating a worker status page",
-            source,
-        })?;
-        let page_fd = sys::dup(page.fd()).map_err(|source| PoolError::Io {
-            context: "sharing the status page",
-            source,
-        })?;
+        let (ours, theirs) = sys::socketpair().map_err(io("creating a worker connection"))?;
+        let page =
+            SharedWords::new("gpuproc-pool-worker").map_err(io("creating a worker status page"))?;
+        let page_fd = sys::dup(page.fd()).map_err(io("sharing the status page"))?;
         let args = WorkerArgs {
             conn: theirs,
             page: page_fd,
             init: self.config.init.clone(),
             max_tasks: self.config.max_tasks_per_child,
+            track_time: self.config.task_timeout.is_some(),
         };
         let mut p = Process::new(worker::worker_main, args)
             .with_name(format!("PoolWorker-{}", slot + 1))
@@ -188,9 +224,9 @@ impl Driver {
             page,
             reader: FrameReader::default(),
             outbox: VecDeque::new(),
-            inflight: HashMap::new(),
-            order: VecDeque::new(),
-            batches: HashMap::new(),
+            sent: VecDeque::new(),
+            tasks_inflight: 0,
+            next_seq: 0,
             budget: self.config.max_tasks_per_child,
             timed_out: None,
             eof: false,
@@ -209,7 +245,7 @@ impl Driver {
             self.dispatch();
             if self.closing
                 && self.pending.is_empty()
-                && self.workers.iter().all(|w| w.inflight.is_empty())
+                && self.workers.iter().all(|w| w.sent.is_empty())
             {
                 self.shutdown();
                 return;
@@ -236,7 +272,7 @@ impl Driver {
                 self.pending.pop_front();
                 continue;
             }
-            let len = chunk.tasks.len();
+            let len = chunk.len();
             let best = self
                 .workers
                 .iter()
@@ -244,90 +280,21 @@ impl Driver {
                 .filter(|(_, w)| !w.eof && w.budget != Some(0))
                 .filter(|(_, w)| {
                     policy::may_dispatch(
-                        w.batches.len(),
-                        w.inflight.len(),
+                        w.sent.len(),
+                        w.tasks_inflight,
                         len.min(policy::MAX_ITEMS_IN_FLIGHT),
                     )
                 })
-                .min_by_key(|(_, w)| w.inflight.len())
+                .min_by_key(|(_, w)| w.tasks_inflight)
                 .map(|(i, _)| i);
             let Some(wi) = best else { break };
             let mut chunk = self.pending.pop_front().expect("front exists");
-            let take = policy::take_for_budget(chunk.tasks.len(), self.workers[wi].budget);
-            if take < chunk.tasks.len() {
-                let rest = chunk.tasks.split_off(take);
-                self.pending.push_front(Chunk {
-                    job: chunk.job.clone(),
-                    func: chunk.func,
-                    tasks: rest,
-                });
+            let take = policy::take_for_budget(chunk.len(), self.workers[wi].budget);
+            if take < chunk.len() {
+                let rest = chunk.split_off(take);
+                self.pending.push_front(rest);
             }
-            self.send_chunk(wi, chunk);
-        }
-    }
-
-    fn send_chunk(&mut self, wi: usize, chunk: Chunk) {
-        let mut items = Vec::with_capacity(chunk.tasks.len());
-        let mut fds = Vec::new();
-        let mut flights = Vec::with_capacity(chunk.tasks.len());
-        for mut task in chunk.tasks {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            items.push(Item {
-                seq,
-                args: std::mem::take(&mut task.args),
-                nfds: task.fds.len() as u32,
-            });
-            fds.append(&mut task.fds);
-            task.attempts += 1;
-            flights.push((seq, task));
-        }
-        let msg = ToWorker::Batch(Batch {
-            func: chunk.func,
-            items,
-        });
-        let w = &mut self.workers[wi];
-        match postcard::to_stdvec(&msg) {
-            Ok(payload) => {
-                let mut frame = Vec::with_capacity(payload.len() + 8);
-                ipc::append_frame(&mut frame, &payload, fds.len());
-                w.outbox.push_back((frame, fds, 0));
-            }
-            Err(e) => {
-                for (_, task) in flights {
-                    chunk.job.send(
-                        task.index,
-                        Err(PoolError::Encode {
-                            index: task.index,
-                            type_name: chunk.job.arg_type.to_string(),
-                            reason: e.to_string(),
-                        }),
-                    );
-                }
-                return;
-            }
-        }
-        // Keep the arguments to re-send if the worker dies before running them.
-        let batch_id = self.next_batch;
-        self.next_batch += 1;
-        let sent = flights.len();
-        let ToWorker::Batch(batch) = msg else {
-            unreachable!("built above")
-        };
-        for ((seq, mut task), item) in flights.into_iter().zip(batch.items) {
-            task.args = item.args;
-            w.order.push_back(seq);
-            let f = InFlight {
-                job: chunk.job.clone(),
-                func: chunk.func,
-                task,
-                batch: batch_id,
-            };
-            w.inflight.insert(seq, f);
-        }
-        w.batches.insert(batch_id, sent);
-        if let Some(b) = w.budget.as_mut() {
-            *b = b.saturating_sub(sent as u64);
+            send_chunk(&mut self.workers[wi], chunk);
         }
     }
 
@@ -342,15 +309,22 @@ impl Driver {
             let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
             !inbox.chunks.is_empty() || inbox.close || inbox.terminate
         };
-        let no_wait = Some(Instant::now());
         let ready = {
             let mut fds: Vec<(BorrowedFd<'_>, bool)> = vec![(self.shared.waker.fd(), false)];
             for w in &self.workers {
                 fds.push((w.conn.as_fd(), !w.outbox.is_empty()));
             }
-            sys::poll(&fds, if queued { no_wait } else { deadline })?
+            sys::poll(
+                &fds,
+                if queued {
+                    Some(Instant::now())
+                } else {
+                    deadline
+                },
+            )?
         };
         self.shared.sleeping.store(false, Ordering::SeqCst);
+        let mut deliveries: Vec<(Arc<Job>, Vec<Run>)> = Vec::new();
         let mut dead = Vec::new();
         for (i, r) in ready.iter().skip(1).enumerate() {
             let w = &mut self.workers[i];
@@ -362,7 +336,7 @@ impl Driver {
                     w.eof = true;
                 }
                 while let Ok(Some(frame)) = w.reader.next_frame() {
-                    deliver(w, frame);
+                    receive(w, frame, &mut deliveries);
                 }
                 if w.reader.at_eof() {
                     w.eof = true;
@@ -372,6 +346,7 @@ impl Driver {
                 dead.push(i);
             }
         }
+        deliver(deliveries);
         self.check_timeouts();
         for i in dead.into_iter().rev() {
             self.replace(i);
@@ -382,16 +357,15 @@ impl Driver {
     fn next_timeout_check(&self) -> Option<Instant> {
         let timeout = self.config.task_timeout?;
         let now_ns = sys::monotonic_ns();
-        let mut next: Option<Instant> = Some(Instant::now() + timeout);
+        let mut next = Instant::now() + timeout;
         for w in &self.workers {
             if w.page.word(WORD_RUNNING).load(Ordering::Acquire) != 0 {
                 let started = w.page.word(WORD_STARTED).load(Ordering::Relaxed);
                 let ran = Duration::from_nanos(now_ns.saturating_sub(started));
-                let at = Instant::now() + timeout.saturating_sub(ran);
-                next = next.map(|n| n.min(at));
+                next = next.min(Instant::now() + timeout.saturating_sub(ran));
             }
         }
-        next
+        Some(next)
     }
 
     fn check_timeouts(&mut self) {
@@ -419,14 +393,12 @@ impl Driver {
             .join_timeout(Duration::from_secs(10))
         {
             Ok(_) => ExitStatus::Code(0),
-            Err(e) => match e {
-                ProcessError::Killed { signal, .. } => ExitStatus::Signal(signal),
-                ProcessError::Exited { code, .. } => ExitStatus::Code(code),
-                _ => {
-                    let _ = self.workers[i].process.kill();
-                    ExitStatus::Signal(9)
-                }
-            },
+            Err(ProcessError::Killed { signal, .. }) => ExitStatus::Signal(signal),
+            Err(ProcessError::Exited { code, .. }) => ExitStatus::Code(code),
+            Err(_) => {
+                let _ = self.workers[i].process.kill();
+                ExitStatus::Signal(9)
+            }
         };
         let mut w = self.workers.swap_remove(i);
         let running = w
@@ -434,50 +406,55 @@ impl Driver {
             .word(WORD_RUNNING)
             .load(Ordering::Acquire)
             .checked_sub(1);
-        let mut requeue: Vec<InFlight> = Vec::new();
-        for seq in w.order.drain(..) {
-            let Some(f) = w.inflight.remove(&seq) else {
-                continue;
-            };
-            let culprit =
-                w.timed_out == Some(seq) || (w.timed_out.is_none() && running == Some(seq));
-            if !culprit {
-                requeue.push(f);
-                continue;
-            }
-            let index = f.task.index;
-            match policy::after_worker_death(f.task.attempts, self.config.retries) {
-                AfterDeath::Retry => requeue.push(f),
-                AfterDeath::Fail => {
-                    let err = match (w.timed_out, self.config.task_timeout) {
-                        (Some(_), Some(timeout)) => PoolError::TimedOut { index, timeout },
-                        _ => PoolError::WorkerDied {
-                            index,
-                            pid: w.pid,
-                            status,
-                        },
-                    };
-                    f.job.send(index, Err(err));
+        let culprit_seq = w.timed_out.or(running);
+        let mut requeue: Vec<Chunk> = Vec::new();
+        for sent in w.sent.drain(..) {
+            let Sent {
+                mut chunk,
+                first_seq,
+                done,
+            } = sent;
+            // Tasks that reported are settled; the rest never ran, ran and lost their
+            // results with the worker (they run again), or killed it.
+            let mut rest = chunk.split_off(done);
+            let start = first_seq + done as u64;
+            match culprit_seq.filter(|&c| c >= start && c < start + rest.len() as u64) {
+                None => requeue.push(rest),
+                Some(c) => {
+                    let k = (c - start) as usize;
+                    let mut culprit = rest.split_off(k);
+                    let after = culprit.split_off(1);
+                    if !rest.lens.is_empty() {
+                        requeue.push(rest);
+                    }
+                    culprit.attempts += 1;
+                    let index = culprit.first_index;
+                    match policy::after_worker_death(culprit.attempts, self.config.retries) {
+                        AfterDeath::Retry => requeue.push(culprit),
+                        AfterDeath::Fail => {
+                            let err = match (w.timed_out, self.config.task_timeout) {
+                                (Some(_), Some(timeout)) => PoolError::TimedOut { index, timeout },
+                                _ => PoolError::WorkerDied {
+                                    index,
+                                    pid: w.pid,
+                                    status,
+                                },
+                            };
+                            culprit.job.send(vec![Run::failure(index, err)]);
+                        }
+                    }
+                    if !after.lens.is_empty() {
+                        requeue.push(after);
+                    }
                 }
             }
         }
-        // Back to the front of the queue, in their order, one chunk per run of the same job.
-        for f in requeue.into_iter().rev() {
-            let InFlight {
-                job, func, task, ..
-            } = f;
-            match self.pending.front_mut() {
-                Some(c) if Arc::ptr_eq(&c.job, &job) => c.tasks.insert(0, task),
-                _ => self.pending.push_front(Chunk {
-                    job,
-                    func,
-                    tasks: vec![task],
-                }),
-            }
+        // Back to the front of the queue, in their order.
+        for c in requeue.into_iter().rev() {
+            self.pending.push_front(c);
         }
-        let slot = i;
         if !self.closing || !self.pending.is_empty() {
-            match self.start_worker(slot) {
+            match self.start_worker(i) {
                 Ok(nw) => self.workers.push(nw),
                 Err(e) => {
                     eprintln!("gpuproc pool: {e}");
@@ -496,9 +473,10 @@ impl Driver {
 
     fn fail_all_pending(&mut self, err: impl Fn(u64) -> PoolError) {
         for chunk in self.pending.drain(..) {
-            for t in chunk.tasks {
-                chunk.job.send(t.index, Err(err(t.index)));
-            }
+            let runs = (0..chunk.len() as u64)
+                .map(|k| Run::failure(chunk.first_index + k, err(chunk.first_index + k)))
+                .collect();
+            chunk.job.send(runs);
         }
     }
 
@@ -506,22 +484,21 @@ impl Driver {
         for w in &self.workers {
             let _ = w.process.kill();
         }
+        let mut unfinished = Vec::new();
         for mut w in self.workers.drain(..) {
             let _ = w.process.join_timeout(Duration::from_secs(10));
-            for (_, f) in w.inflight.drain() {
-                f.job.send(
-                    f.task.index,
-                    Err(PoolError::Terminated {
-                        index: f.task.index,
-                    }),
-                );
+            for mut sent in w.sent.drain(..) {
+                unfinished.push(sent.chunk.split_off(sent.done));
             }
+        }
+        for c in unfinished.into_iter().rev() {
+            self.pending.push_front(c);
         }
         self.fail_all_pending(|index| PoolError::Terminated { index });
         self.publish_pids();
     }
 
-    /// All work is done: closing each connection tells its worker to exit.
+    /// All work is done: ask each worker to exit, and wait for it.
     fn shutdown(&mut self) {
         for w in self.workers.drain(..) {
             let Worker {
@@ -539,6 +516,50 @@ impl Driver {
     }
 }
 
+/// Queues one chunk for a worker (coalescing with what is not yet on the wire).
+fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
+    let header = ToWorker::Chunk(ChunkHeader {
+        func: chunk.func,
+        first_seq: w.next_seq,
+        lens: chunk.lens.clone(),
+        nfds: chunk.nfds.clone(),
+    });
+    let Ok(mut payload) = postcard::to_stdvec(&header) else {
+        // A header of integers always encodes.
+        return;
+    };
+    payload.extend_from_slice(&chunk.args);
+    let fds: Vec<OwnedFd> = std::mem::take(&mut chunk.fds);
+    // Keep our own copies of the descriptors, to send again if the worker dies.
+    chunk.fds = fds
+        .iter()
+        .filter_map(|f| sys::dup(f.as_fd()).ok())
+        .collect();
+    match w.outbox.back_mut() {
+        Some((bytes, out_fds, 0)) => {
+            ipc::append_frame(bytes, &payload, fds.len());
+            out_fds.extend(fds);
+        }
+        _ => {
+            let mut bytes = Vec::with_capacity(payload.len() + 8);
+            ipc::append_frame(&mut bytes, &payload, fds.len());
+            w.outbox.push_back((bytes, fds, 0));
+        }
+    }
+    let n = chunk.len();
+    w.sent.push_back(Sent {
+        chunk,
+        first_seq: w.next_seq,
+        done: 0,
+    });
+    w.next_seq += n as u64;
+    w.tasks_inflight += n;
+    if let Some(b) = w.budget.as_mut() {
+        *b = b.saturating_sub(n as u64);
+    }
+    let _ = flush_outbox(w);
+}
+
 fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
     while let Some((bytes, fds, sent)) = w.outbox.front_mut() {
         let borrowed: Vec<BorrowedFd<'_>> = if *sent == 0 {
@@ -551,55 +572,100 @@ fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
             return Ok(());
         }
         *sent += n;
-        if *sent == bytes.len() {
-            w.outbox.pop_front();
-        } else {
+        if *sent < bytes.len() {
             return Ok(());
         }
+        w.outbox.pop_front();
     }
     Ok(())
 }
 
-fn deliver(w: &mut Worker, frame: Frame) {
-    let Ok(done) = ipc::decode::<Done>(&frame.bytes, Vec::new()) else {
+/// A worker reported a run of results: split it over the chunks it covers.
+fn receive(w: &mut Worker, frame: Frame, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
+    let Ok((done, mut results)) = postcard::take_from_bytes::<DoneHeader>(&frame.bytes) else {
         return;
     };
-    let Some(f) = w.inflight.remove(&done.seq) else {
-        return;
-    };
-    // Results come back in the order tasks were sent, so this is nearly always the front.
-    if let Some(pos) = w.order.iter().position(|s| *s == done.seq) {
-        w.order.remove(pos);
-    }
-    if let Some(left) = w.batches.get_mut(&f.batch) {
-        *left -= 1;
-        if *left == 0 {
-            w.batches.remove(&f.batch);
+    let mut fds = frame.fds.into_iter();
+    let mut failures = done.failures.into_iter().peekable();
+    let mut pos = 0usize; // offset in the run
+    let count = done.count as usize;
+    while pos < count {
+        let seq = done.first_seq + pos as u64;
+        let Some(sent) = w.sent.front_mut() else {
+            return;
+        };
+        let offset = (seq - sent.first_seq) as usize;
+        if seq < sent.first_seq || offset != sent.done {
+            return; // out of step: ignore (cannot happen with a well-behaved worker)
         }
+        let take = (sent.chunk.len() - sent.done).min(count - pos);
+        let lens = done.lens[pos..pos + take].to_vec();
+        let nfds: Vec<u32> = if done.nfds.is_empty() {
+            Vec::new()
+        } else {
+            done.nfds[pos..pos + take].to_vec()
+        };
+        let bytes: usize = lens.iter().map(|&l| l as usize).sum();
+        let (mine, tail) = results.split_at(bytes.min(results.len()));
+        results = tail;
+        let nfd_total: usize = nfds.iter().map(|&n| n as usize).sum();
+        let first_index = sent.chunk.first_index + sent.done as u64;
+        let mut errors = Vec::new();
+        while let Some((off, _)) = failures.peek() {
+            let off = *off as usize;
+            if off >= pos + take {
+                break;
+            }
+            let (_, f) = failures.next().expect("peeked");
+            let index = first_index + (off - pos) as u64;
+            errors.push(((off - pos) as u32, failure_error(index, f)));
+        }
+        let run = Run {
+            first_index,
+            lens,
+            nfds,
+            results: mine.to_vec(),
+            fds: fds.by_ref().take(nfd_total).collect(),
+            errors,
+        };
+        let job = sent.chunk.job.clone();
+        sent.done += take;
+        w.tasks_inflight -= take;
+        if sent.done == sent.chunk.len() {
+            w.sent.pop_front();
+        }
+        match out.iter_mut().find(|(j, _)| Arc::ptr_eq(j, &job)) {
+            Some((_, runs)) => runs.push(run),
+            None => out.push((job, vec![run])),
+        }
+        pos += take;
     }
-    let index = f.task.index;
-    let result = match done.outcome {
-        Ok(bytes) => Ok(Frame {
-            bytes,
-            fds: frame.fds,
-        }),
-        Err(Failure::Panicked {
+}
+
+fn failure_error(index: u64, f: Failure) -> PoolError {
+    match f {
+        Failure::Panicked {
             message, location, ..
-        }) => Err(PoolError::Panicked {
+        } => PoolError::Panicked {
             index,
             message,
             location,
-        }),
-        Err(Failure::BadArgument { type_name, reason }) => Err(PoolError::BadArgument {
+        },
+        Failure::BadArgument { type_name, reason } => PoolError::BadArgument {
             index,
             type_name,
             reason,
-        }),
-        Err(Failure::BadResult { type_name, reason }) => Err(PoolError::BadResult {
+        },
+        Failure::BadResult { type_name, reason } => PoolError::BadResult {
             index,
             type_name,
             reason,
-        }),
-    };
-    f.job.send(index, result);
+        },
+    }
+}
+
+fn deliver(deliveries: Vec<(Arc<Job>, Vec<Run>)>) {
+    for (job, runs) in deliveries {
+        job.send(runs);
+    }
 }

@@ -37,11 +37,10 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use self::driver::{Chunk, Driver, Inbox, Job, Outcome, Shared, Task};
+use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared};
 pub use self::error::PoolError;
 use self::worker::{FnRef, Init};
 use crate::ipc;
-use crate::process::wire::{self, Trampoline};
 use crate::process::{get_start_method, StartMethod};
 use crate::sys::Waker;
 
@@ -73,10 +72,7 @@ impl std::fmt::Debug for Config {
 }
 
 fn fn_ref<A: DeserializeOwned, R: Serialize>(f: fn(A) -> R) -> FnRef {
-    FnRef {
-        trampoline: wire::offset_of(wire::trampoline::<A, R> as Trampoline as usize),
-        target: wire::offset_of(f as usize),
-    }
+    FnRef::task(f)
 }
 
 /// Configures a [`Pool`]; Python's `Pool(processes, initializer, initargs, maxtasksperchild)`
@@ -264,12 +260,11 @@ impl Pool {
             .unwrap_or_default()
     }
 
-    fn new_job<A>(&self) -> (Arc<Job>, Receiver<Outcome>) {
+    fn new_job(&self) -> (Arc<Job>, Receiver<Vec<Run>>) {
         let (tx, rx) = mpsc::channel();
         let job = Arc::new(Job {
             tx: Mutex::new(tx),
             cancelled: AtomicBool::new(false),
-            arg_type: type_name::<A>(),
         });
         (job, rx)
     }
@@ -391,13 +386,10 @@ impl Pool {
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let (job, rx) = self.new_job::<A>();
-        let task = encode_task::<A>(0, &args)?;
-        self.submit(vec![Chunk {
-            job,
-            func: fn_ref(f),
-            tasks: vec![task],
-        }])?;
+        let (job, rx) = self.new_job();
+        let mut chunk = new_chunk(job, fn_ref(f), 0);
+        push_task(&mut chunk, &args)?;
+        self.submit(vec![chunk])?;
         Ok(AsyncResult {
             rx,
             state: AsyncState::Waiting,
@@ -450,27 +442,96 @@ impl Drop for Pool {
     }
 }
 
-fn encode_task<A: Serialize>(index: u64, args: &A) -> Result<Task, PoolError> {
-    let (bytes, fds) = ipc::encode(args).map_err(|e| PoolError::Encode {
-        index,
-        type_name: type_name::<A>().to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(Task {
-        index,
-        args: bytes,
-        fds,
+fn new_chunk(job: Arc<Job>, func: FnRef, first_index: u64) -> Chunk {
+    Chunk {
+        job,
+        func,
+        first_index,
+        args: Vec::new(),
+        lens: Vec::new(),
+        nfds: Vec::new(),
+        fds: Vec::new(),
         attempts: 0,
-    })
+    }
 }
 
-fn decode_outcome<R: DeserializeOwned>(o: Outcome) -> Result<R, PoolError> {
-    let frame = o.result?;
-    ipc::decode(&frame.bytes, frame.fds).map_err(|e| PoolError::BadResult {
-        index: o.index,
-        type_name: type_name::<R>().to_string(),
-        reason: e.to_string(),
-    })
+/// Appends one task's encoded argument to a chunk.
+fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError> {
+    let index = chunk.first_index + chunk.len() as u64;
+    let start = chunk.args.len();
+    let fds = worker::encode_into(&mut chunk.args, args).map_err(|reason| PoolError::Encode {
+        index,
+        type_name: type_name::<A>().to_string(),
+        reason,
+    })?;
+    chunk.lens.push((chunk.args.len() - start) as u32);
+    if !fds.is_empty() && chunk.nfds.is_empty() {
+        chunk.nfds.resize(chunk.lens.len() - 1, 0);
+    }
+    if !chunk.nfds.is_empty() {
+        chunk.nfds.push(fds.len() as u32);
+    }
+    chunk.fds.extend(fds);
+    Ok(())
+}
+
+/// Reads the outcomes of a [`Run`] one task at a time.
+#[derive(Debug)]
+struct RunReader {
+    run: Run,
+    /// Next task's offset in the run, and its result's offset in `run.results`.
+    i: usize,
+    at: usize,
+    fds: std::vec::IntoIter<std::os::fd::OwnedFd>,
+    errors: std::iter::Peekable<std::vec::IntoIter<(u32, PoolError)>>,
+}
+
+impl RunReader {
+    fn new(mut run: Run) -> Self {
+        let fds = std::mem::take(&mut run.fds).into_iter();
+        let errors = std::mem::take(&mut run.errors).into_iter().peekable();
+        RunReader {
+            run,
+            i: 0,
+            at: 0,
+            fds,
+            errors,
+        }
+    }
+
+    fn next_index(&self) -> u64 {
+        self.run.first_index + self.i as u64
+    }
+
+    fn is_done(&self) -> bool {
+        self.i >= self.run.lens.len()
+    }
+
+    fn next<R: DeserializeOwned>(&mut self) -> Result<R, PoolError> {
+        let (i, index) = (self.i, self.next_index());
+        self.i += 1;
+        let len = self.run.lens[i] as usize;
+        let bytes = &self.run.results[self.at..(self.at + len).min(self.run.results.len())];
+        self.at += len;
+        let n = self.run.nfds.get(i).copied().unwrap_or(0) as usize;
+        let fds: Vec<_> = if n == 0 {
+            Vec::new()
+        } else {
+            self.fds.by_ref().take(n).collect()
+        };
+        if self
+            .errors
+            .peek()
+            .is_some_and(|(off, _)| *off as usize == i)
+        {
+            return Err(self.errors.next().expect("peeked").1);
+        }
+        worker::decode_from(bytes, fds).map_err(|e| PoolError::BadResult {
+            index,
+            type_name: type_name::<R>().to_string(),
+            reason: e.to_string(),
+        })
+    }
 }
 
 /// The iterator behind [`Pool::imap`] and [`Pool::imap_unordered`]: yields each task's
@@ -483,11 +544,14 @@ pub struct Imap<'p, A, R, I> {
     ordered: bool,
     chunksize: usize,
     job: Arc<Job>,
-    rx: Receiver<Outcome>,
+    rx: Receiver<Vec<Run>>,
     next_index: u64,
     next_yield: u64,
     outstanding: usize,
-    done: BTreeMap<u64, Outcome>,
+    /// Runs received and not yet read, by first index.
+    done: BTreeMap<u64, RunReader>,
+    /// The run being read.
+    current: Option<RunReader>,
     len: Option<usize>,
     bar: Option<indicatif::ProgressBar>,
     _types: PhantomData<fn(A) -> R>,
@@ -511,7 +575,7 @@ where
     I: Iterator<Item = A>,
 {
     fn new(pool: &'p Pool, f: fn(A) -> R, input: I, ordered: bool) -> Self {
-        let (job, rx) = pool.new_job::<A>();
+        let (job, rx) = pool.new_job();
         Imap {
             pool,
             func: fn_ref(f),
@@ -524,6 +588,7 @@ where
             next_yield: 0,
             outstanding: 0,
             done: BTreeMap::new(),
+            current: None,
             len: None,
             bar: None,
             _types: PhantomData,
@@ -547,20 +612,16 @@ where
         let window = policy::imap_window(self.pool.processes(), self.chunksize);
         let mut chunks = Vec::new();
         while self.outstanding < window {
-            let mut tasks = Vec::with_capacity(self.chunksize);
+            let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
             for a in self.input.by_ref().take(self.chunksize) {
-                tasks.push(encode_task(self.next_index, &a)?);
-                self.next_index += 1;
+                push_task(&mut chunk, &a)?;
             }
-            if tasks.is_empty() {
+            if chunk.len() == 0 {
                 break;
             }
-            self.outstanding += tasks.len();
-            chunks.push(Chunk {
-                job: self.job.clone(),
-                func: self.func,
-                tasks,
-            });
+            self.next_index += chunk.len() as u64;
+            self.outstanding += chunk.len();
+            chunks.push(chunk);
         }
         if !chunks.is_empty() {
             self.pool.submit(chunks)?;
@@ -590,18 +651,26 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
+            if let Some(cur) = self.current.as_mut() {
+                if !cur.is_done() {
+                    let r = cur.next::<R>();
+                    self.next_yield += 1;
+                    self.outstanding -= 1;
+                    self.progress();
+                    return Some(r);
+                }
+                self.current = None;
+            }
             if let Err(e) = self.fill() {
                 return Some(Err(e));
             }
-            let ready = if self.ordered {
+            self.current = if self.ordered {
                 self.done.remove(&self.next_yield)
             } else {
-                self.done.pop_first().map(|(_, o)| o)
+                self.done.pop_first().map(|(_, r)| r)
             };
-            if let Some(o) = ready {
-                self.next_yield += 1;
-                self.progress();
-                return Some(decode_outcome(o));
+            if self.current.is_some() {
+                continue;
             }
             if self.outstanding == 0 {
                 if let Some(bar) = &self.bar {
@@ -610,9 +679,10 @@ where
                 return None;
             }
             match self.rx.recv() {
-                Ok(o) => {
-                    self.outstanding -= 1;
-                    self.done.insert(o.index, o);
+                Ok(runs) => {
+                    for run in runs {
+                        self.done.insert(run.first_index, RunReader::new(run));
+                    }
                 }
                 // The driver is gone, and with it every task's sender.
                 Err(_) => {
@@ -643,7 +713,7 @@ enum AsyncState<R> {
 /// Dropping it does not cancel the task: it still runs, as in Python.
 #[must_use = "the task's result or error is only seen through get()"]
 pub struct AsyncResult<R> {
-    rx: Receiver<Outcome>,
+    rx: Receiver<Vec<Run>>,
     state: AsyncState<R>,
     _r: PhantomData<fn() -> R>,
 }
@@ -673,7 +743,13 @@ impl<R: DeserializeOwned> AsyncResult<R> {
                 .recv_timeout(d.saturating_duration_since(Instant::now())),
         };
         match got {
-            Ok(o) => self.state = AsyncState::Done(decode_outcome(o)),
+            Ok(runs) => {
+                let result = match runs.into_iter().next() {
+                    Some(run) => RunReader::new(run).next(),
+                    None => Err(PoolError::Terminated { index: 0 }),
+                };
+                self.state = AsyncState::Done(result);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 self.state = AsyncState::Done(Err(PoolError::Terminated { index: 0 }))

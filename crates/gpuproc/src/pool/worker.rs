@@ -1,31 +1,46 @@
-//! A pool worker: a process that runs task batches from its connection until it closes.
+//! A pool worker: a process that runs chunks of tasks from its connection until told to stop.
 //!
-//! Tasks arrive pipelined; results go back in as few writes as the load allows (everything
-//! finished while more input was waiting, flushed at least every few milliseconds). Before
-//! each task the worker writes the task's sequence number and start time into a page shared
-//! with the parent, so that when the worker dies the parent knows which task killed it, and
-//! can enforce a task timeout, without a message per task.
+//! A chunk arrives as one frame: a small header (first sequence number, each task's encoded
+//! length and descriptor count) followed by the tasks' encoded arguments back to back. The
+//! worker decodes each argument in place, calls the function, and appends the encoded result
+//! to an outgoing buffer: no allocation per task. Results go back as frames that each cover a
+//! contiguous run of a chunk, in as few writes as the load allows (everything finished while
+//! more input was waiting, and at least every few milliseconds).
+//!
+//! Before each task the worker writes the task's sequence number (and, when the pool has a
+//! task timeout, its start time) into a page shared with the parent, so that when the worker
+//! dies the parent knows which task killed it, without a message per task.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::ipc::{self, FrameReader};
 use crate::process::child::run_catching;
-use crate::process::wire::{self, Failure, Trampoline};
+use crate::process::wire::{self, Failure};
 use crate::sys::{self, SharedWords};
 
 /// Word 0 of the shared page: sequence number + 1 of the running task (0: idle).
 pub(crate) const WORD_RUNNING: usize = 0;
-/// Word 1: when that task started, in [`sys::monotonic_ns`].
+/// Word 1: when that task started, in [`sys::monotonic_ns`] (only with a task timeout).
 pub(crate) const WORD_STARTED: usize = 1;
 
 /// How long finished results may wait in the worker before they are sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
 /// Send results once this many bytes have piled up.
-const FLUSH_BYTES: usize = 256 * 1024;
+const FLUSH_BYTES: usize = 1 << 20;
+
+/// Runs one task: decodes the argument from `args` (with its descriptors), calls the target,
+/// appends the encoded result to `out` and returns the result's descriptors.
+pub(crate) type TaskTrampoline = fn(
+    target: usize,
+    args: &[u8],
+    fds: Vec<OwnedFd>,
+    out: &mut Vec<u8>,
+) -> Result<Vec<OwnedFd>, Failure>;
 
 /// A function in this executable, by offsets (see `process::wire`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -34,36 +49,113 @@ pub(crate) struct FnRef {
     pub target: isize,
 }
 
+impl FnRef {
+    /// The task trampoline and target for `f`.
+    pub fn task<A: DeserializeOwned, R: Serialize>(f: fn(A) -> R) -> FnRef {
+        FnRef {
+            trampoline: wire::offset_of(task_trampoline::<A, R> as TaskTrampoline as usize),
+            target: wire::offset_of(f as usize),
+        }
+    }
+}
+
+/// Lets postcard append to a borrowed `Vec` (it only takes writers by value).
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter)
+    }
+}
+
+/// Appends `value`'s encoding to `out`; returns the descriptors of handles inside it.
+pub(crate) fn encode_into<T: Serialize>(
+    out: &mut Vec<u8>,
+    value: &T,
+) -> Result<Vec<OwnedFd>, String> {
+    let start = out.len();
+    // Fast path: plain data. A handle refuses to serialise outside a gpuproc message, so on
+    // error try again with the descriptor table in place.
+    if postcard::to_extend(value, Append(out)).is_ok() {
+        return Ok(Vec::new());
+    }
+    out.truncate(start);
+    let (res, fds) = ipc::encode_with(|| postcard::to_extend(value, Append(out)).map(|_| ()));
+    match res {
+        Ok(()) => Ok(fds),
+        Err(e) => {
+            out.truncate(start);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Decodes a `T` from `bytes`, handing it `fds`.
+pub(crate) fn decode_from<T: DeserializeOwned>(
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<T, ipc::DecodeError> {
+    if fds.is_empty() {
+        postcard::from_bytes(bytes).map_err(ipc::DecodeError)
+    } else {
+        ipc::decode(bytes, fds)
+    }
+}
+
+fn task_trampoline<A: DeserializeOwned, R: Serialize>(
+    target: usize,
+    args: &[u8],
+    fds: Vec<OwnedFd>,
+    out: &mut Vec<u8>,
+) -> Result<Vec<OwnedFd>, Failure> {
+    let a: A = decode_from(args, fds).map_err(|e| Failure::BadArgument {
+        type_name: std::any::type_name::<A>().to_string(),
+        reason: e.to_string(),
+    })?;
+    // SAFETY: the parent computed `target` from a `fn(A) -> R` in this same executable image
+    // (see `process::wire`), and this trampoline was instantiated with the same A and R.
+    let f: fn(A) -> R = unsafe { std::mem::transmute::<usize, fn(A) -> R>(target) };
+    let r = f(a);
+    encode_into(out, &r).map_err(|reason| Failure::BadResult {
+        type_name: std::any::type_name::<R>().to_string(),
+        reason,
+    })
+}
+
 /// Parent → worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ToWorker {
-    /// Tasks to run, in order.
-    Batch(Batch),
+    /// A chunk of tasks; the header is followed in the frame by the arguments' bytes.
+    Chunk(ChunkHeader),
     /// Finish and exit (closing the connection means the same, but a forked sibling may
     /// hold a copy of it).
     Stop,
 }
 
-/// Tasks to run, in order.
+/// The description of a chunk's tasks.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Batch {
+pub(crate) struct ChunkHeader {
     pub func: FnRef,
-    pub items: Vec<Item>,
+    /// Sequence number of the first task; the others follow consecutively.
+    pub first_seq: u64,
+    /// Each task's encoded argument length.
+    pub lens: Vec<u32>,
+    /// Each task's descriptor count (empty: none has any).
+    pub nfds: Vec<u32>,
 }
 
-/// One task of a batch. Its descriptors follow the previous items' in the frame.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Item {
-    pub seq: u64,
-    pub args: Vec<u8>,
-    pub nfds: u32,
-}
-
-/// Worker → parent: one task's outcome (the result's descriptors ride in the frame).
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Done {
-    pub seq: u64,
-    pub outcome: Result<Vec<u8>, Failure>,
+/// Worker → parent: the outcomes of tasks `first_seq .. first_seq + count`; followed in the
+/// frame by the successful results' bytes, back to back.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct DoneHeader {
+    pub first_seq: u64,
+    pub count: u32,
+    /// Each task's result length (0 for a failed task).
+    pub lens: Vec<u32>,
+    /// Each task's result descriptor count (empty: none has any).
+    pub nfds: Vec<u32>,
+    /// The tasks (offsets in this run) that failed, and why.
+    pub failures: Vec<(u32, Failure)>,
 }
 
 /// An initializer: a function and its encoded argument, run once when the worker starts.
@@ -83,16 +175,19 @@ pub(crate) struct WorkerArgs {
     pub init: Option<Init>,
     /// Exit after this many tasks (`max_tasks_per_child`).
     pub max_tasks: Option<u64>,
+    /// Record each task's start time (the pool has a task timeout).
+    pub track_time: bool,
 }
 
 fn ser_fd<S: serde::Serializer>(fd: &OwnedFd, s: S) -> Result<S::Ok, S::Error> {
     ipc::serialize_fd(fd.as_fd(), s)
 }
 
-fn trampoline_at(func: FnRef) -> (Trampoline, usize) {
-    // SAFETY: the parent computed these offsets from a `Trampoline` and a target of the
+fn resolve(func: FnRef) -> (TaskTrampoline, usize) {
+    // SAFETY: the parent computed these offsets from a `TaskTrampoline` and a target of the
     // matching types in this same executable image (see `process::wire`).
-    let t = unsafe { std::mem::transmute::<usize, Trampoline>(wire::address_of(func.trampoline)) };
+    let t =
+        unsafe { std::mem::transmute::<usize, TaskTrampoline>(wire::address_of(func.trampoline)) };
     (t, wire::address_of(func.target))
 }
 
@@ -100,100 +195,164 @@ fn trampoline_at(func: FnRef) -> (Trampoline, usize) {
 pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
     let page = SharedWords::map(args.page).map_err(|e| format!("mapping the status page: {e}"))?;
     if let Some(init) = args.init {
-        let (t, target) = trampoline_at(init.func);
-        if let Err(f) = run_catching(|| t(target, &init.args, Vec::new())) {
+        let (t, target) = resolve(init.func);
+        let mut sink = Vec::new();
+        if let Err(f) = run_catching(|| t(target, &init.args, Vec::new(), &mut sink)) {
             return Err(format!("the initializer failed: {f:?}"));
         }
     }
-    let conn = args.conn;
+    let (conn, track_time, max_tasks) = (args.conn, args.track_time, args.max_tasks);
+    let err = |e: std::io::Error| e.to_string();
     let mut reader = FrameReader::default();
     let mut out = Outbox::default();
     let mut done: u64 = 0;
     loop {
-        // Run everything that has arrived.
-        while let Some(frame) = reader.next_frame().map_err(|e| e.to_string())? {
-            let batch = match ipc::decode(&frame.bytes, Vec::new()).map_err(|e| e.to_string())? {
-                ToWorker::Batch(b) => b,
+        while let Some(frame) = reader.next_frame().map_err(err)? {
+            let (msg, mut rest) =
+                postcard::take_from_bytes::<ToWorker>(&frame.bytes).map_err(|e| e.to_string())?;
+            let chunk = match msg {
+                ToWorker::Chunk(c) => c,
                 ToWorker::Stop => {
-                    out.flush(&conn).map_err(|e| e.to_string())?;
+                    out.flush(&conn).map_err(err)?;
                     return Ok(());
                 }
             };
+            let (t, target) = resolve(chunk.func);
             let mut fds = frame.fds.into_iter();
-            let (t, target) = trampoline_at(batch.func);
-            for item in batch.items {
-                let item_fds: Vec<OwnedFd> = fds.by_ref().take(item.nfds as usize).collect();
-                page.word(WORD_STARTED)
-                    .store(sys::monotonic_ns(), Ordering::Relaxed);
-                page.word(WORD_RUNNING)
-                    .store(item.seq + 1, Ordering::Release);
-                let outcome = run_catching(|| t(target, &item.args, item_fds));
+            out.begin(chunk.first_seq);
+            for (i, &len) in chunk.lens.iter().enumerate() {
+                let (item, tail) = rest.split_at((len as usize).min(rest.len()));
+                rest = tail;
+                let n = chunk.nfds.get(i).copied().unwrap_or(0) as usize;
+                let item_fds: Vec<OwnedFd> = if n == 0 {
+                    Vec::new()
+                } else {
+                    fds.by_ref().take(n).collect()
+                };
+                let seq = chunk.first_seq + i as u64;
+                if track_time {
+                    page.word(WORD_STARTED)
+                        .store(sys::monotonic_ns(), Ordering::Relaxed);
+                }
+                page.word(WORD_RUNNING).store(seq + 1, Ordering::Release);
+                let start = out.results.len();
+                let res = run_catching(|| t(target, item, item_fds, &mut out.results));
                 page.word(WORD_RUNNING).store(0, Ordering::Release);
-                out.push(&conn, item.seq, outcome)
-                    .map_err(|e| e.to_string())?;
+                match res {
+                    Ok(result_fds) => out.push_ok(out.results.len() - start, result_fds),
+                    Err(f) => {
+                        out.results.truncate(start);
+                        out.push_err(f);
+                    }
+                }
                 done += 1;
                 if out.due() {
-                    out.flush(&conn).map_err(|e| e.to_string())?;
+                    out.flush(&conn).map_err(err)?;
+                    out.begin(seq + 1);
                 }
             }
+            if max_tasks.is_some_and(|m| done >= m) {
+                out.flush(&conn).map_err(err)?;
+                return Ok(());
+            }
         }
-        out.flush(&conn).map_err(|e| e.to_string())?;
-        if args.max_tasks.is_some_and(|m| done >= m) {
-            return Ok(());
-        }
+        out.flush(&conn).map_err(err)?;
         if reader.at_eof() {
             return Ok(());
         }
-        reader
-            .wait_and_fill(conn.as_fd())
-            .map_err(|e| e.to_string())?;
+        reader.wait_and_fill(conn.as_fd()).map_err(err)?;
     }
 }
 
-/// Results waiting to be sent, as ready-made frames.
+/// Results waiting to be sent: finished frames, and the run being filled.
 #[derive(Default)]
 struct Outbox {
-    bytes: Vec<u8>,
+    /// Complete frames, back to back.
+    frames: Vec<u8>,
+    /// Their descriptors, in frame order (all ride with the first byte of the write).
+    fds: Vec<OwnedFd>,
+    /// The run being filled: its header, results and descriptors.
+    run: DoneHeader,
+    results: Vec<u8>,
+    run_fds: Vec<OwnedFd>,
     since: Option<Instant>,
+    /// The clock is read every `stride` tasks: rarely while tasks are trivial.
+    stride: u32,
+    tick: u32,
+    last_check: Option<Instant>,
 }
 
 impl Outbox {
-    fn push(&mut self, conn: &OwnedFd, seq: u64, outcome: wire::Outcome) -> std::io::Result<()> {
-        let (msg, fds) = match outcome {
-            Ok((bytes, fds)) => (
-                Done {
-                    seq,
-                    outcome: Ok(bytes),
-                },
-                fds,
-            ),
-            Err(f) => (
-                Done {
-                    seq,
-                    outcome: Err(f),
-                },
-                Vec::new(),
-            ),
-        };
-        let payload = postcard::to_stdvec(&msg).map_err(std::io::Error::other)?;
-        if !fds.is_empty() {
-            // Descriptors must ride with their own frame's first byte: send in order, now.
-            self.flush(conn)?;
-            return ipc::send_frame(conn.as_fd(), &payload, &fds);
-        }
-        ipc::append_frame(&mut self.bytes, &payload, 0);
-        self.since.get_or_insert_with(Instant::now);
-        Ok(())
+    /// Starts a run at task `first_seq` (closing the current one).
+    fn begin(&mut self, first_seq: u64) {
+        self.close_run();
+        self.run.first_seq = first_seq;
     }
 
-    fn due(&self) -> bool {
-        self.bytes.len() >= FLUSH_BYTES || self.since.is_some_and(|s| s.elapsed() >= FLUSH_EVERY)
+    fn push_ok(&mut self, len: usize, fds: Vec<OwnedFd>) {
+        if !fds.is_empty() && self.run.nfds.is_empty() {
+            self.run.nfds.resize(self.run.count as usize, 0);
+        }
+        if !self.run.nfds.is_empty() {
+            self.run.nfds.push(fds.len() as u32);
+        }
+        self.run.lens.push(len as u32);
+        self.run.count += 1;
+        self.run_fds.extend(fds);
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn push_err(&mut self, f: Failure) {
+        self.run.failures.push((self.run.count, f));
+        if !self.run.nfds.is_empty() {
+            self.run.nfds.push(0);
+        }
+        self.run.lens.push(0);
+        self.run.count += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn close_run(&mut self) {
+        if self.run.count == 0 {
+            return;
+        }
+        let header = std::mem::take(&mut self.run);
+        let mut payload = postcard::to_stdvec(&header).unwrap_or_default();
+        payload.extend_from_slice(&self.results);
+        self.results.clear();
+        ipc::append_frame(&mut self.frames, &payload, self.run_fds.len());
+        self.fds.append(&mut self.run_fds);
+    }
+
+    fn due(&mut self) -> bool {
+        if self.frames.len() + self.results.len() >= FLUSH_BYTES {
+            return true;
+        }
+        self.tick += 1;
+        if self.tick < self.stride {
+            return false;
+        }
+        self.tick = 0;
+        let now = Instant::now();
+        let quick = self
+            .last_check
+            .is_some_and(|l| now - l < Duration::from_micros(100));
+        self.last_check = Some(now);
+        self.stride = if quick {
+            (self.stride * 2).clamp(1, 1024)
+        } else {
+            1
+        };
+        self.since.is_some_and(|s| now - s >= FLUSH_EVERY)
     }
 
     fn flush(&mut self, conn: &OwnedFd) -> std::io::Result<()> {
-        if !self.bytes.is_empty() {
-            sys::send_all(conn.as_fd(), &self.bytes, &[])?;
-            self.bytes.clear();
+        self.close_run();
+        if !self.frames.is_empty() {
+            let fds: Vec<_> = self.fds.iter().map(|f| f.as_fd()).collect();
+            sys::send_all(conn.as_fd(), &self.frames, &fds)?;
+            self.frames.clear();
+            self.fds.clear();
         }
         self.since = None;
         Ok(())

@@ -93,7 +93,7 @@ static HOOK: Once = Once::new();
 /// Runs `f`, turning a panic into [`Failure::Panicked`] with its message and location.
 /// The default hook still prints the panic on this process's stderr, as Python prints a
 /// child's traceback.
-pub(crate) fn run_catching(f: impl FnOnce() -> Outcome) -> Outcome {
+pub(crate) fn run_catching<T>(f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
     HOOK.call_once(|| {
         let default = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
