@@ -296,6 +296,12 @@ impl Driver {
             }
             send_chunk(&mut self.workers[wi], chunk);
         }
+        // One write per worker for everything queued this round.
+        for w in &mut self.workers {
+            if !w.outbox.is_empty() && flush_outbox(w).is_err() {
+                w.eof = true;
+            }
+        }
     }
 
     /// One round: poll every descriptor, then read results, write outboxes, handle deaths
@@ -557,7 +563,6 @@ fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
     if let Some(b) = w.budget.as_mut() {
         *b = b.saturating_sub(n as u64);
     }
-    let _ = flush_outbox(w);
 }
 
 fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {

@@ -59,12 +59,25 @@ impl FnRef {
     }
 }
 
-/// Lets postcard append to a borrowed `Vec` (it only takes writers by value).
+/// A postcard output that appends to a borrowed `Vec` (postcard's own take theirs by value,
+/// and its `Extend` one pushes byte by byte through an iterator).
 struct Append<'a>(&'a mut Vec<u8>);
 
-impl Extend<u8> for Append<'_> {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
-        self.0.extend(iter)
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 
@@ -76,11 +89,11 @@ pub(crate) fn encode_into<T: Serialize>(
     let start = out.len();
     // Fast path: plain data. A handle refuses to serialise outside a gpuproc message, so on
     // error try again with the descriptor table in place.
-    if postcard::to_extend(value, Append(out)).is_ok() {
+    if postcard::serialize_with_flavor(value, Append(out)).is_ok() {
         return Ok(Vec::new());
     }
     out.truncate(start);
-    let (res, fds) = ipc::encode_with(|| postcard::to_extend(value, Append(out)).map(|_| ()));
+    let (res, fds) = ipc::encode_with(|| postcard::serialize_with_flavor(value, Append(out)));
     match res {
         Ok(()) => Ok(fds),
         Err(e) => {
@@ -283,8 +296,12 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Starts a run at task `first_seq` (closing the current one).
+    /// Starts a run at task `first_seq`, closing the current one unless this continues it
+    /// (consecutive chunks to one worker have consecutive sequence numbers).
     fn begin(&mut self, first_seq: u64) {
+        if self.run.count > 0 && self.run.first_seq + u64::from(self.run.count) == first_seq {
+            return;
+        }
         self.close_run();
         self.run.first_seq = first_seq;
     }
