@@ -6,6 +6,10 @@
 //! 2. Throughput of 16 MiB messages child → parent through `gpuproc::channel::Queue<Bytes>`
 //!    against single-threaded memcpy bandwidth and Python's `multiprocessing.Queue`.
 //!
+//! Each measurement is taken in [`ROUNDS`] rounds (after a warm-up) and the median round is
+//! reported, for gpuproc, the baselines and Python alike, so that a burst of load from
+//! other processes on a shared machine does not decide the result.
+//!
 //! Usage: `cargo run --release -p gpuproc-benchmarks --bin bench_channel [ROUND_TRIPS] [MESSAGES]`
 //! (Python from `$GPUPROC_PYTHON`, default `.venv/bin/python`).
 
@@ -14,7 +18,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use gpuproc::channel::{Bytes, Connection, Pipe, Queue};
 use gpuproc::Process;
@@ -22,6 +26,19 @@ use serde::{Deserialize, Serialize, Serializer};
 
 const MIB: usize = 16;
 const WARM_UP: u64 = 100;
+/// Rounds per measurement; the median round is reported.
+const ROUNDS: u64 = 8;
+
+/// The median of some samples.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
 
 /// A raw socket passed to the child through gpuproc's descriptor passing.
 #[derive(Serialize, Deserialize)]
@@ -64,70 +81,91 @@ fn producer((q, n): (Queue<Bytes>, u64)) {
     }
 }
 
-fn pipe_rtt(trips: u64) -> Duration {
+/// The median round trip (µs) of `trips` (in [`ROUNDS`] rounds) through a `Pipe`.
+fn pipe_rtt(trips: u64) -> f64 {
+    let per_round = (trips / ROUNDS).max(1);
     let (ours, theirs) = Pipe::new().expect("pipe");
-    let mut p = Process::new(pipe_echo, (theirs, trips + WARM_UP));
+    let mut p = Process::new(pipe_echo, (theirs, per_round * ROUNDS + WARM_UP));
     p.start().expect("start");
     for i in 0..WARM_UP {
         ours.send(&i).expect("send");
         let _: u64 = ours.recv().expect("recv");
     }
-    let t = Instant::now();
-    for i in 0..trips {
-        ours.send(&i).expect("send");
-        let back: u64 = ours.recv().expect("recv");
-        assert_eq!(back, i);
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for i in 0..per_round {
+            ours.send(&i).expect("send");
+            let back: u64 = ours.recv().expect("recv");
+            assert_eq!(back, i);
+        }
+        rounds.push(t.elapsed().as_secs_f64() * 1e6 / per_round as f64);
     }
-    let rtt = t.elapsed() / trips as u32;
     p.join().expect("join");
-    rtt
+    median(rounds)
 }
 
-fn raw_rtt(trips: u64) -> Duration {
+/// The median round trip (µs) of 8 bytes through a raw `UnixStream` pair.
+fn raw_rtt(trips: u64) -> f64 {
+    let per_round = (trips / ROUNDS).max(1);
     let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
-    let mut p = Process::new(raw_echo, (Raw(theirs.into()), trips + WARM_UP));
+    let mut p = Process::new(raw_echo, (Raw(theirs.into()), per_round * ROUNDS + WARM_UP));
     p.start().expect("start");
     let mut buf = [0u8; 8];
     for i in 0..WARM_UP {
         ours.write_all(&i.to_le_bytes()).expect("write");
         ours.read_exact(&mut buf).expect("read");
     }
-    let t = Instant::now();
-    for i in 0..trips {
-        ours.write_all(&i.to_le_bytes()).expect("write");
-        ours.read_exact(&mut buf).expect("read");
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for i in 0..per_round {
+            ours.write_all(&i.to_le_bytes()).expect("write");
+            ours.read_exact(&mut buf).expect("read");
+        }
+        rounds.push(t.elapsed().as_secs_f64() * 1e6 / per_round as f64);
     }
-    let rtt = t.elapsed() / trips as u32;
     p.join().expect("join");
-    rtt
+    median(rounds)
 }
 
-/// MiB/s of 16 MiB `Bytes` messages from a child through a queue.
+/// The median MiB/s of 16 MiB `Bytes` messages from a child through a queue (`messages`
+/// in [`ROUNDS`] rounds).
 fn queue_mib_s(messages: u64) -> f64 {
+    let per_round = (messages / ROUNDS).max(1);
     let q = Queue::<Bytes>::new().expect("queue");
-    let mut p = Process::new(producer, (q.clone(), messages + 1));
+    let mut p = Process::new(producer, (q.clone(), per_round * ROUNDS + 1));
     p.start().expect("start");
     q.get().expect("warm-up get");
-    let t = Instant::now();
-    for _ in 0..messages {
-        assert_eq!(q.get().expect("get").len(), MIB << 20);
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for _ in 0..per_round {
+            assert_eq!(q.get().expect("get").len(), MIB << 20);
+        }
+        rounds.push((per_round as usize * MIB) as f64 / t.elapsed().as_secs_f64());
     }
-    let s = t.elapsed().as_secs_f64();
     p.join().expect("join");
-    (messages as usize * MIB) as f64 / s
+    median(rounds)
 }
 
-/// MiB/s of copying 16 MiB buffers (into a buffer that is reused, so no page faults).
+/// The median MiB/s of copying 16 MiB buffers (into a buffer that is reused, so no page
+/// faults), in as many copies and rounds as [`queue_mib_s`] receives.
 fn memcpy_mib_s(messages: u64) -> f64 {
+    let per_round = (messages / ROUNDS).max(1);
     let src = vec![7u8; MIB << 20];
     let mut dst = vec![0u8; MIB << 20];
     dst.copy_from_slice(&src);
-    let t = Instant::now();
-    for i in 0..messages {
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&mut dst)[0] = i as u8;
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for i in 0..per_round {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst)[0] = i as u8;
+        }
+        rounds.push((per_round as usize * MIB) as f64 / t.elapsed().as_secs_f64());
     }
-    (messages as usize * MIB) as f64 / t.elapsed().as_secs_f64()
+    median(rounds)
 }
 
 fn python(trips: u64, messages: u64) -> Option<(f64, f64)> {
@@ -138,7 +176,7 @@ fn python(trips: u64, messages: u64) -> Option<(f64, f64)> {
     let script = root.join("benchmarks/channel/bench_channel.py");
     let out = Command::new(&py)
         .arg(&script)
-        .args([trips.to_string(), messages.to_string(), MIB.to_string()])
+        .args([trips, messages, MIB as u64, ROUNDS].map(|a| a.to_string()))
         .output()
         .map_err(|e| eprintln!("python ({}) did not run: {e}", py.display()))
         .ok()?;
@@ -156,12 +194,13 @@ fn main() {
     let trips: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let messages: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
 
-    let pipe = pipe_rtt(trips).as_secs_f64() * 1e6;
-    let raw = raw_rtt(trips).as_secs_f64() * 1e6;
+    let pipe = pipe_rtt(trips);
+    let raw = raw_rtt(trips);
     let queue = queue_mib_s(messages);
     let memcpy = memcpy_mib_s(messages);
     let py = python(trips, messages);
 
+    println!("(each figure: the median of {ROUNDS} rounds)");
     println!("round trip, small message ({trips} trips)     µs/trip   gpuproc is");
     println!("  gpuproc Pipe                           {pipe:>9.2}");
     println!(

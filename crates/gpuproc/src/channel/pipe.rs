@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::wire::{self, Wait};
 use super::{ChannelError, FdRef, DEFAULT_MAX_MESSAGE_SIZE};
-use crate::sys::seqpacket as sp;
+use crate::sys::seqpacket::{self as sp, MapCache};
 
 /// Creates connected pairs of [`Connection`]s; Python's `multiprocessing.Pipe()`.
 ///
@@ -78,6 +78,8 @@ pub struct Connection {
     readable: bool,
     writable: bool,
     max_message_size: usize,
+    /// This end's mappings of the reused memfds that large messages come in.
+    maps: MapCache,
 }
 
 impl Connection {
@@ -87,6 +89,7 @@ impl Connection {
             readable,
             writable,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            maps: MapCache::default(),
         }
     }
 
@@ -176,6 +179,7 @@ impl Connection {
         self.check_recv()?;
         wire::recv_with(
             self.fd.as_fd(),
+            &self.maps,
             self.max_message_size,
             wait,
             || {},
@@ -204,10 +208,11 @@ impl Connection {
         self.check_recv()?;
         wire::recv_with(
             self.fd.as_fd(),
+            &self.maps,
             self.max_message_size,
             wait,
             || {},
-            |payload, _fds| Ok(payload.to_vec()),
+            |payload, _fds| Ok(super::copy_to_vec(payload)),
         )
     }
 
@@ -278,6 +283,7 @@ impl<'de> Deserialize<'de> for Connection {
             readable: c.readable,
             writable: c.writable,
             max_message_size: usize::try_from(c.max_message_size).unwrap_or(usize::MAX),
+            maps: MapCache::default(),
         })
     }
 }

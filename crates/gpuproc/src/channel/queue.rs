@@ -19,7 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::wire::{self, Wait};
 use super::{ChannelError, FdRef, SendError, DEFAULT_MAX_MESSAGE_SIZE};
-use crate::sys::seqpacket::{self as sp, Mapping};
+use crate::sys::seqpacket::{self as sp, MapCache, Mapping};
 
 /// The shared page: these 32-bit words.
 const WORDS: usize = 5;
@@ -45,6 +45,8 @@ struct Shared {
     state_fd: OwnedFd,
     state: Mapping,
     maxsize: usize,
+    /// This process's mappings of the reused memfds that large items come in.
+    maps: MapCache,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             state_fd,
             state,
             maxsize,
+            maps: MapCache::default(),
         })
     }
 
@@ -193,6 +196,7 @@ impl Shared {
     fn get<T: DeserializeOwned>(&self, max: usize, wait: Wait) -> Result<T, ChannelError> {
         let got = wire::recv_with(
             self.rx.as_fd(),
+            &self.maps,
             max,
             wait,
             || {
@@ -435,6 +439,7 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
                 state_fd: q.state,
                 state,
                 maxsize,
+                maps: MapCache::default(),
             }),
             max_message_size: usize::try_from(q.max_message_size).unwrap_or(usize::MAX),
             _items: PhantomData,

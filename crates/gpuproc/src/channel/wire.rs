@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use super::ChannelError;
 use crate::ipc;
-use crate::sys::seqpacket::{self as sp, Mapping, Outcome};
+use crate::sys::seqpacket::{self as sp, MapCache, Mapping, Outcome};
 
 pub(crate) const TAG_INLINE: u8 = 0xA1;
 pub(crate) const TAG_MEMFD: u8 = 0xA2;
@@ -68,17 +68,30 @@ fn encode_error(e: postcard::Error) -> ChannelError {
     ChannelError::Encode(e.to_string())
 }
 
-/// Encodes `value` into an inline datagram: the tag, then the payload.
-pub(crate) fn inline_frame<T: Serialize + ?Sized>(
+thread_local! {
+    /// Each thread's buffer for encoding inline datagrams, kept between calls (taken out
+    /// while in use). It only ever grows, to `INLINE_MAX + 1` bytes, zeroed once.
+    static SEND_BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Encodes `value` as an inline datagram (the tag, then the payload) into the start of
+/// `buf`, if its payload fits in [`INLINE_MAX`] bytes: the datagram's length and the
+/// descriptors of the handles inside it, or `None` if it is larger.
+fn encode_inline<T: Serialize + ?Sized>(
+    buf: &mut Vec<u8>,
     value: &T,
-    size: usize,
-) -> Result<(Vec<u8>, Vec<OwnedFd>), ChannelError> {
-    let mut buf = vec![0u8; size + 1];
+) -> Result<Option<(usize, Vec<OwnedFd>)>, ChannelError> {
+    if buf.len() < INLINE_MAX + 1 {
+        buf.resize(INLINE_MAX + 1, 0);
+    }
     buf[0] = TAG_INLINE;
-    let (n, fds) = ipc::encode_with(|| postcard::to_slice(value, &mut buf[1..]).map(|s| s.len()));
-    let n = n.map_err(encode_error)?;
-    buf.truncate(n + 1);
-    Ok((buf, fds))
+    let slot = &mut buf[1..INLINE_MAX + 1];
+    let (n, fds) = ipc::encode_with(|| postcard::to_slice(value, slot).map(|s| s.len()));
+    match n {
+        Ok(n) => Ok(Some((n + 1, fds))),
+        Err(postcard::Error::SerializeBufferFull) => Ok(None),
+        Err(e) => Err(encode_error(e)),
+    }
 }
 
 /// Sends `value` (postcard-encoded) on `sock`.
@@ -89,7 +102,24 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
     wait: Wait,
 ) -> Result<(), ChannelError> {
     let deadline = wait.deadline();
-    // Measuring first lets a large payload be encoded straight into shared memory.
+    // A small value: one encoding, into this thread's reused buffer, and one `sendmsg`.
+    let mut buf = SEND_BUF.with(|b| b.take());
+    let small = encode_inline(&mut buf, value);
+    let large = matches!(small, Ok(None));
+    let result = match small {
+        Ok(Some((len, _))) if len - 1 > max => Err(ChannelError::TooLarge {
+            size: len - 1,
+            limit: max,
+        }),
+        Ok(Some((len, fds))) => finish(sock, &[&buf[..len]], None, &fds, deadline, wait),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    SEND_BUF.with(|b| b.set(buf));
+    if !large {
+        return result;
+    }
+    // A large value: measuring first lets it be encoded straight into shared memory.
     let (size, _measuring_fds) =
         ipc::encode_with(|| postcard::serialize_with_flavor(value, Size::default()));
     let size = size.map_err(encode_error)?;
@@ -97,8 +127,9 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
         return Err(ChannelError::TooLarge { size, limit: max });
     }
     if size <= INLINE_MAX {
-        let (frame, fds) = inline_frame(value, size)?;
-        return finish(sock, &[&frame], None, &fds, deadline, wait);
+        return Err(ChannelError::Encode(format!(
+            "the value encoded to more than {INLINE_MAX} bytes, then to {size}"
+        )));
     }
     let encode = |buf: &mut [u8]| {
         let (n, fds) = ipc::encode_with(|| postcard::to_slice(value, buf).map(|s| s.len()));
@@ -141,8 +172,14 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
 
 /// Payloads up to this size go through reused memfds (larger ones get a fresh memfd each).
 const POOL_MAX_CAP: usize = 256 << 20;
-/// How many reusable memfds each thread keeps.
+/// How many free reusable memfds each thread keeps for later messages.
 const POOL_SLOTS: usize = 4;
+/// How many memfds each thread keeps at most, counting those that receivers still read: a
+/// sender that runs ahead of its receivers then reuses them once they are released instead
+/// of creating (and zero-filling) a new memfd per message, within [`POOL_BYTES`].
+const POOL_TRACKED: usize = 16;
+/// How many bytes of memfds each thread keeps at most (beyond [`POOL_SLOTS`] of them).
+const POOL_BYTES: usize = 512 << 20;
 /// The control word of a pooled memfd: a receiver may still be reading it.
 const IN_USE: u32 = 1;
 /// The control word of a pooled memfd: free for the next message.
@@ -192,24 +229,36 @@ impl Pooled {
         Ok(slot)
     }
 
-    /// Returns the slot to the pool (marked free again if `unused`), making room by
-    /// dropping the oldest slot (a receiver that still holds it keeps its memory alive).
+    /// Returns the slot to the pool (marked free again if `unused`), then trims the pool:
+    /// at most [`POOL_SLOTS`] free slots (dropping the smallest), and at most
+    /// [`POOL_TRACKED`] slots or [`POOL_BYTES`] in all (dropping the oldest in use: its
+    /// receiver may be gone; one that still holds it keeps its memory alive).
     fn give_back(self, unused: bool) {
         if unused {
             self.word().store(FREE, SeqCst);
         }
         POOL.with(|p| {
             let mut pool = p.borrow_mut();
-            if pool.len() >= POOL_SLOTS {
-                // Prefer dropping a slot that is in use (its receiver may be gone) or small.
-                let victim = pool
-                    .iter()
-                    .position(|s| s.word().load(Relaxed) != FREE)
-                    .or_else(|| (0..pool.len()).min_by_key(|&i| pool[i].cap))
-                    .unwrap_or(0);
-                pool.remove(victim);
-            }
             pool.push(self);
+            loop {
+                let free = |s: &Pooled| s.word().load(Relaxed) == FREE;
+                let bytes: usize = pool.iter().map(|s| s.cap).sum();
+                let victim = if pool.iter().filter(|s| free(s)).count() > POOL_SLOTS {
+                    (0..pool.len())
+                        .filter(|&i| free(&pool[i]))
+                        .min_by_key(|&i| pool[i].cap)
+                } else if pool.len() > POOL_SLOTS
+                    && (pool.len() > POOL_TRACKED || bytes > POOL_BYTES)
+                {
+                    Some(pool.iter().position(|s| !free(s)).unwrap_or(0))
+                } else {
+                    None
+                };
+                match victim {
+                    Some(i) => drop(pool.remove(i)),
+                    None => break,
+                }
+            }
         });
     }
 }
@@ -270,11 +319,21 @@ fn finish(
     deadline: Option<Instant>,
     wait: Wait,
 ) -> Result<(), ChannelError> {
-    let all: Vec<BorrowedFd<'_>> = memfd
-        .into_iter()
-        .chain(fds.iter().map(|f| f.as_fd()))
-        .collect();
-    match sp::send(sock, parts, &all, deadline).map_err(ChannelError::io("sending a message"))? {
+    let one: [BorrowedFd<'_>; 1];
+    let many: Vec<BorrowedFd<'_>>;
+    // No allocation unless the value itself carries descriptors.
+    let all: &[BorrowedFd<'_>] = match (memfd, fds.is_empty()) {
+        (None, true) => &[],
+        (Some(m), true) => {
+            one = [m];
+            &one
+        }
+        (m, false) => {
+            many = m.into_iter().chain(fds.iter().map(|f| f.as_fd())).collect();
+            &many
+        }
+    };
+    match sp::send(sock, parts, all, deadline).map_err(ChannelError::io("sending a message"))? {
         Outcome::Done(()) => Ok(()),
         Outcome::Closed => Err(ChannelError::Disconnected),
         Outcome::TimedOut => Err(wait.expired(ChannelError::Full { maxsize: 0 })),
@@ -290,6 +349,7 @@ thread_local! {
 /// message has been taken off the socket, whatever it turns out to contain.
 pub(crate) fn recv_with<R>(
     sock: BorrowedFd<'_>,
+    cache: &MapCache,
     max: usize,
     wait: Wait,
     on_message: impl FnOnce(),
@@ -304,19 +364,21 @@ pub(crate) fn recv_with<R>(
         Ok(Outcome::TimedOut) => Err(wait.expired(ChannelError::Empty)),
         Ok(Outcome::Done(m)) => {
             on_message();
-            with_payload(&buf[..m.len], m.fds, m.truncated, max, f)
+            with_payload(&buf[..m.len], m.fds, m.truncated, max, Some(cache), f)
         }
     };
     BUF.with(|b| b.set(buf));
     result
 }
 
-/// Finds a datagram's payload (inline, or in its memfd) and hands it to `f`.
+/// Finds a datagram's payload (inline, or in its memfd) and hands it to `f`. Reused
+/// (pooled) memfds are mapped through `cache` when there is one.
 pub(crate) fn with_payload<R>(
     msg: &[u8],
     mut fds: Vec<OwnedFd>,
     truncated: bool,
     max: usize,
+    cache: Option<&MapCache>,
     f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<R, ChannelError>,
 ) -> Result<R, ChannelError> {
     if truncated {
@@ -370,9 +432,16 @@ pub(crate) fn with_payload<R>(
                 }
             }
             let min_size = control.map_or(0, |c| c + 4);
-            let result = sp::map_sealed(memfd.as_fd(), len as usize, min_size)
-                .map_err(|e| ChannelError::Malformed(e.to_string()))
-                .and_then(|map| f(map.bytes(), fds));
+            let malformed = |e: std::io::Error| ChannelError::Malformed(e.to_string());
+            let result = match cache.filter(|_| control.is_some()) {
+                Some(cache) => cache
+                    .map(memfd.as_fd(), len as usize, min_size)
+                    .map_err(malformed)
+                    .and_then(|map| f(&map.bytes()[..len as usize], fds)),
+                None => sp::map_sealed(memfd.as_fd(), len as usize, min_size)
+                    .map_err(malformed)
+                    .and_then(|map| f(map.bytes(), fds)),
+            };
             // The payload has been copied out (or rejected): the sender may reuse the memfd.
             if let Some(c) = control {
                 sp::release_pooled(memfd.as_fd(), c);
@@ -404,15 +473,22 @@ mod tests {
     type Value = (u32, Option<String>, Vec<(i64, bool)>);
 
     fn decode_datagram(msg: &[u8]) -> Result<Value, ChannelError> {
-        with_payload(msg, Vec::new(), false, 1 << 20, decode::<Value>)
+        with_payload(msg, Vec::new(), false, 1 << 20, None, decode::<Value>)
+    }
+
+    fn inline_frame(v: &Value) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let (n, fds) = encode_inline(&mut buf, v).unwrap().unwrap();
+        assert!(fds.is_empty());
+        buf.truncate(n);
+        buf
     }
 
     #[test]
     fn a_valid_inline_frame_round_trips() {
         let v: Value = (42, None, vec![(-1, true)]);
-        let size = postcard::to_stdvec(&v).unwrap().len();
-        let (frame, fds) = inline_frame(&v, size).unwrap();
-        assert!(fds.is_empty());
+        let frame = inline_frame(&v);
+        assert_eq!(frame.len(), postcard::to_stdvec(&v).unwrap().len() + 1);
         assert_eq!(decode_datagram(&frame).unwrap(), v);
     }
 
@@ -430,22 +506,73 @@ mod tests {
     #[test]
     fn pooled_memfds_are_reused_once_the_receiver_is_done() {
         let (a, b) = sp::socketpair().unwrap();
+        let cache = MapCache::default();
         for i in 0..5u8 {
             let msg = vec![i; INLINE_MAX * 3 + 7];
             send_raw(a.as_fd(), &msg, 1 << 30, Wait::Forever).unwrap();
             let got = recv_with(
                 b.as_fd(),
+                &cache,
                 1 << 30,
                 Wait::Forever,
                 || {},
                 |p, _| Ok(p.to_vec()),
             );
             assert_eq!(got.unwrap(), msg);
-            // The receiver released it, so the one pooled memfd serves every message.
+            // The receiver released it, so the one pooled memfd serves every message,
+            // and the receiver maps it once.
             assert_eq!(POOL.with(|p| p.borrow().len()), 1);
+            assert_eq!(cache.len(), 1);
         }
+        // A shorter message through the same memfd uses the same mapping.
+        send_raw(a.as_fd(), &[9; INLINE_MAX + 1], 1 << 30, Wait::Forever).unwrap();
+        let got = recv_with(
+            b.as_fd(),
+            &cache,
+            1 << 30,
+            Wait::Forever,
+            || {},
+            |p, _| Ok(p.to_vec()),
+        );
+        assert_eq!(got.unwrap(), vec![9; INLINE_MAX + 1]);
+        assert_eq!(cache.len(), 1);
         let h = pooled_header(10, 6);
-        assert!(with_payload(&h, Vec::new(), false, 1 << 20, decode::<Value>).is_err());
+        assert!(with_payload(&h, Vec::new(), false, 1 << 20, None, decode::<Value>).is_err());
+    }
+
+    #[test]
+    fn the_map_cache_checks_every_memfd_every_time() {
+        let cache = MapCache::default();
+        let got = |fd: &OwnedFd, header: &[u8]| {
+            let fds = vec![fd.try_clone().unwrap()];
+            with_payload(
+                header,
+                fds,
+                false,
+                1 << 20,
+                Some(&cache),
+                |p, _| Ok(p.len()),
+            )
+        };
+        // Not sealed: refused, and not cached.
+        let unsealed = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&unsealed, 8192).unwrap();
+        assert!(got(&unsealed, &pooled_header(100, 4096))
+            .unwrap_err()
+            .is_malformed());
+        assert_eq!(cache.len(), 0);
+        // Sealed: mapped once, then found again for the next message.
+        let (fd, _map) = sp::memfd_pooled("t", sp::PAGE).unwrap();
+        assert_eq!(got(&fd, &pooled_header(100, 4096)).unwrap(), 100);
+        assert_eq!(got(&fd, &pooled_header(4096, 4096)).unwrap(), 4096);
+        assert_eq!(cache.len(), 1);
+        // A header claiming more than the memfd holds is refused although it is cached.
+        assert!(got(&fd, &pooled_header(4096, 8192))
+            .unwrap_err()
+            .is_malformed());
+        let (other, _map) = sp::memfd_pooled("t", sp::PAGE).unwrap();
+        assert_eq!(got(&other, &pooled_header(1, 4096)).unwrap(), 1);
+        assert_eq!(cache.len(), 2);
     }
 
     proptest! {
@@ -465,8 +592,7 @@ mod tests {
             cut in any::<proptest::sample::Index>(),
         ) {
             let v: Value = (n, s, pairs);
-            let size = postcard::to_stdvec(&v).unwrap().len();
-            let (frame, _) = inline_frame(&v, size).unwrap();
+            let frame = inline_frame(&v);
             prop_assert_eq!(decode_datagram(&frame).unwrap(), v);
             let at = cut.index(frame.len());
             prop_assert!(decode_datagram(&frame[..at]).is_err());

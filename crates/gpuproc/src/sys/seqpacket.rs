@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -81,7 +82,10 @@ pub(crate) fn wait_ready(
     }
 }
 
-/// Sends one message (`parts` concatenated), `fds` riding along, waiting for buffer space
+/// The most parts [`send`] gathers into one message.
+const MAX_PARTS: usize = 4;
+
+/// Sends one message (`parts` concatenated, at most [`MAX_PARTS`]), `fds` riding along, waiting for buffer space
 /// until `deadline` (`None`: for ever). Never raises SIGPIPE.
 pub(crate) fn send(
     sock: BorrowedFd<'_>,
@@ -98,8 +102,20 @@ pub(crate) fn send(
             ),
         ));
     }
-    let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    // On the stack: a send allocates nothing.
+    let mut iov_buf = [IoSlice::new(&[]); MAX_PARTS];
+    let iov = iov_buf.get_mut(..parts.len()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a message is sent in at most {MAX_PARTS} parts"),
+        )
+    })?;
+    for (slot, part) in iov.iter_mut().zip(parts) {
+        *slot = IoSlice::new(part);
+    }
+    let iov = &*iov;
+    let mut space =
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     loop {
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -111,7 +127,7 @@ pub(crate) fn send(
         } else {
             SendFlags::NOSIGNAL
         };
-        match rustix::net::sendmsg(sock, &iov, &mut control, flags) {
+        match rustix::net::sendmsg(sock, iov, &mut control, flags) {
             Ok(_) => return Ok(Outcome::Done(())),
             Err(Errno::INTR) => continue,
             Err(Errno::AGAIN) => {
@@ -145,8 +161,9 @@ pub(crate) fn recv(
     buf: &mut [u8],
     deadline: Option<Instant>,
 ) -> io::Result<Outcome<Message>> {
+    // On the stack: a receive allocates nothing unless descriptors come with the message.
     let mut space =
-        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     loop {
         let mut control = RecvAncillaryBuffer::new(&mut space);
         // Without a deadline, one blocking call (the common case, and the fastest).
@@ -311,9 +328,10 @@ pub(crate) fn seal(fd: &OwnedFd, map: Mapping) -> io::Result<()> {
     )?)
 }
 
-/// Maps a received memfd read-only after checking that it is sealed against shrinking and
-/// holds at least `len` bytes (so that reading it can never fault).
-pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize, min_size: u64) -> io::Result<Mapping> {
+/// Checks that a received memfd is sealed against shrinking and holds at least `len`
+/// (> 0) and `min_size` bytes, so that reading that much of it can never fault; returns
+/// its `fstat`.
+fn check_sealed(fd: BorrowedFd<'_>, len: usize, min_size: u64) -> io::Result<rustix::fs::Stat> {
     let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -326,7 +344,8 @@ pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize, min_size: u64) -> io::R
             "the memfd sent with the message is not sealed against shrinking",
         ));
     }
-    let size = rustix::fs::fstat(fd)?.st_size as u64;
+    let st = rustix::fs::fstat(fd)?;
+    let size = st.st_size as u64;
     if size < len as u64 || size < min_size || len == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -336,7 +355,112 @@ pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize, min_size: u64) -> io::R
             ),
         ));
     }
+    Ok(st)
+}
+
+/// Maps a received memfd read-only after checking that it is sealed against shrinking and
+/// holds at least `len` bytes (so that reading it can never fault).
+pub(crate) fn map_sealed(fd: BorrowedFd<'_>, len: usize, min_size: u64) -> io::Result<Mapping> {
+    check_sealed(fd, len, min_size)?;
     Mapping::map(fd, len, false, true)
+}
+
+/// How many memfd mappings one [`MapCache`] keeps.
+const CACHE_ENTRIES: usize = 8;
+/// How many bytes of mappings one [`MapCache`] keeps (a cached mapping keeps its memfd's
+/// memory alive after the sender has dropped it, so this bounds what a receiver retains).
+const CACHE_BYTES: usize = 512 << 20;
+
+/// A receiver's read-only mappings of the reused (pooled) memfds that senders send again
+/// and again, so that a message costs no `mmap`/`munmap` of its pages: the first message
+/// through a memfd maps the whole memfd, later ones find that mapping by the memfd's
+/// identity. Bounded (least recently used first out); dropped with its channel handle.
+#[derive(Debug, Default)]
+pub(crate) struct MapCache {
+    /// Most recently used first.
+    entries: Mutex<Vec<CacheEntry>>,
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    map: Arc<Mapping>,
+}
+
+impl MapCache {
+    /// How many mappings are cached.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A read-only mapping of at least the first `len` bytes of a received memfd: checked
+    /// on every call like [`map_sealed`] (sealed against shrinking, at least `len` and
+    /// `min_size` bytes), then taken from the cache or mapped whole and cached.
+    ///
+    /// A cached mapping is found by the memfd's device, inode and size. While it is
+    /// cached its memfd stays alive, so no other live file can have the same device and
+    /// inode (short of the kernel's 32-bit inode counter wrapping round onto a live memfd
+    /// of exactly the same size, which would give wrong bytes, never a bad memory access:
+    /// every cached mapping lies within a memfd that was checked, when it was mapped, to
+    /// be sealed against shrinking — a seal that can never be removed).
+    pub(crate) fn map(
+        &self,
+        fd: BorrowedFd<'_>,
+        len: usize,
+        min_size: u64,
+    ) -> io::Result<Arc<Mapping>> {
+        let st = check_sealed(fd, len, min_size)?;
+        let (dev, ino, size) = (st.st_dev as u64, st.st_ino as u64, st.st_size as u64);
+        let lock = || self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut entries = lock();
+            if let Some(i) = entries
+                .iter()
+                .position(|e| e.dev == dev && e.ino == ino && e.size == size)
+            {
+                if entries[i].map.len >= len {
+                    let e = entries.remove(i);
+                    let map = Arc::clone(&e.map);
+                    entries.insert(0, e);
+                    return Ok(map);
+                }
+                entries.remove(i);
+            }
+        }
+        // Mapped without the lock held, so that other receivers are not held up.
+        let whole = usize::try_from(size).unwrap_or(usize::MAX);
+        if whole > CACHE_BYTES {
+            return Ok(Arc::new(Mapping::map(fd, len, false, true)?));
+        }
+        // The whole memfd: `check_sealed` saw `size` bytes, and it cannot shrink.
+        let map = Arc::new(Mapping::map(fd, whole, false, true)?);
+        let mut entries = lock();
+        // Another thread may have mapped the same memfd meanwhile: keep one entry.
+        entries.retain(|e| !(e.dev == dev && e.ino == ino && e.size == size));
+        entries.insert(
+            0,
+            CacheEntry {
+                dev,
+                ino,
+                size,
+                map: Arc::clone(&map),
+            },
+        );
+        let mut total = 0usize;
+        let keep = entries
+            .iter()
+            .take_while(|e| {
+                total = total.saturating_add(e.map.len);
+                total <= CACHE_BYTES
+            })
+            .count()
+            .clamp(1, CACHE_ENTRIES);
+        entries.truncate(keep);
+        Ok(map)
+    }
 }
 
 /// A small read-write shared mapping for counters: a new memfd of `len` bytes.
