@@ -610,7 +610,8 @@ where
     /// Takes more input while fewer than the window's tasks are outstanding.
     fn fill(&mut self) -> Result<(), PoolError> {
         let window = policy::imap_window(self.pool.processes(), self.chunksize);
-        let mut chunks = Vec::new();
+        let mut batch: Vec<Chunk> = Vec::new();
+        let mut batched = 0;
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
             for a in self.input.by_ref().take(self.chunksize) {
@@ -621,10 +622,17 @@ where
             }
             self.next_index += chunk.len() as u64;
             self.outstanding += chunk.len();
-            chunks.push(chunk);
+            // Big chunks go as soon as they are encoded, so workers start while we encode
+            // on; small ones go together, to wake the driver once.
+            batched += chunk.len();
+            batch.push(chunk);
+            if batched >= 256 {
+                self.pool.submit(std::mem::take(&mut batch))?;
+                batched = 0;
+            }
         }
-        if !chunks.is_empty() {
-            self.pool.submit(chunks)?;
+        if !batch.is_empty() {
+            self.pool.submit(batch)?;
         }
         Ok(())
     }
