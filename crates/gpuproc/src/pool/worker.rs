@@ -11,6 +11,7 @@
 //! task timeout, its start time) into a page shared with the parent, so that when the worker
 //! dies the parent knows which task killed it, without a message per task.
 
+use std::cell::Cell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -221,7 +222,7 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
     let mut done: u64 = 0;
     loop {
         while let Some(frame) = reader.next_frame().map_err(err)? {
-            let (msg, mut rest) =
+            let (msg, rest) =
                 postcard::take_from_bytes::<ToWorker>(&frame.bytes).map_err(|e| e.to_string())?;
             let chunk = match msg {
                 ToWorker::Chunk(c) => c,
@@ -232,38 +233,65 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
             };
             let (t, target) = resolve(chunk.func);
             let mut fds = frame.fds.into_iter();
+            let rest: &[u8] = rest;
             out.begin(chunk.first_seq);
-            for (i, &len) in chunk.lens.iter().enumerate() {
-                let (item, tail) = rest.split_at((len as usize).min(rest.len()));
-                rest = tail;
-                let n = chunk.nfds.get(i).copied().unwrap_or(0) as usize;
-                let item_fds: Vec<OwnedFd> = if n == 0 {
-                    Vec::new()
-                } else {
-                    fds.by_ref().take(n).collect()
-                };
-                let seq = chunk.first_seq + i as u64;
-                if track_time {
-                    page.word(WORD_STARTED)
-                        .store(sys::monotonic_ns(), Ordering::Relaxed);
-                }
-                page.word(WORD_RUNNING).store(seq + 1, Ordering::Release);
-                let start = out.results.len();
-                let res = run_catching(|| t(target, item, item_fds, &mut out.results));
-                page.word(WORD_RUNNING).store(0, Ordering::Release);
+            // One panic guard for the whole chunk (a guard per task costs more than a trivial
+            // task): after a panic, record it against the task that was running and go on
+            // with the next one.
+            let count = chunk.lens.len();
+            let (mut next, mut pos) = (0usize, 0usize);
+            while next < count {
+                let cursor = Cell::new((next, pos, out.results.len()));
+                let res = run_catching(|| {
+                    let mut pos = pos;
+                    for i in next..count {
+                        let len = chunk.lens[i] as usize;
+                        let item = rest.get(pos..pos + len).unwrap_or_default();
+                        pos += len;
+                        let n = chunk.nfds.get(i).copied().unwrap_or(0) as usize;
+                        let item_fds: Vec<OwnedFd> = if n == 0 {
+                            Vec::new()
+                        } else {
+                            fds.by_ref().take(n).collect()
+                        };
+                        let seq = chunk.first_seq + i as u64;
+                        let start = out.results.len();
+                        cursor.set((i, pos, start));
+                        if track_time {
+                            page.word(WORD_STARTED)
+                                .store(sys::monotonic_ns(), Ordering::Relaxed);
+                        }
+                        page.word(WORD_RUNNING).store(seq + 1, Ordering::Release);
+                        match t(target, item, item_fds, &mut out.results) {
+                            Ok(result_fds) => out.push_ok(out.results.len() - start, result_fds),
+                            Err(f) => {
+                                out.results.truncate(start);
+                                out.push_err(f);
+                            }
+                        }
+                        done += 1;
+                        if out.due() {
+                            if let Err(e) = out.flush(&conn) {
+                                return Ok(Err(e.to_string()));
+                            }
+                            out.begin(seq + 1);
+                        }
+                    }
+                    Ok(Ok(()))
+                });
                 match res {
-                    Ok(result_fds) => out.push_ok(out.results.len() - start, result_fds),
-                    Err(f) => {
+                    Ok(Ok(())) => next = count,
+                    Ok(Err(e)) => return Err(e),
+                    Err(panicked) => {
+                        let (i, after, start) = cursor.get();
                         out.results.truncate(start);
-                        out.push_err(f);
+                        out.push_err(panicked);
+                        done += 1;
+                        (next, pos) = (i + 1, after);
                     }
                 }
-                done += 1;
-                if out.due() {
-                    out.flush(&conn).map_err(err)?;
-                    out.begin(seq + 1);
-                }
             }
+            page.word(WORD_RUNNING).store(0, Ordering::Release);
             if max_tasks.is_some_and(|m| done >= m) {
                 out.flush(&conn).map_err(err)?;
                 return Ok(());
