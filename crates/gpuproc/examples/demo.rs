@@ -1,111 +1,136 @@
-//! The main demo: a pool of worker processes, each reading GPU information from inside itself
-//! through NVML, then a summary table.
+//! The main demo: a pool of worker processes, each given its own GPU, each reading its GPU
+//! and its own GPU memory through NVML from inside itself; then a summary table.
 //!
 //! With no NVIDIA driver on the machine it says so in one line and uses the bundled NVML
-//! simulator (`crates/nvml-sim`, its 4-GPU scenario) through the same dynamic-loading path.
+//! simulator (`crates/nvml-sim`, its 4-GPU scenario) through the same dynamic-loading path;
+//! there each worker "allocates" GPU memory the way the simulator sees it.
 //!
 //! ```text
-//! $ cargo run --release -p gpuproc --example demo
+//! $ cargo build --release -p nvml-sim && cargo run --release -p gpuproc --example demo
 //! ```
 
 use std::error::Error;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use gpuproc::gpu::{self, Gpus};
 use gpuproc::Pool;
 use serde::{Deserialize, Serialize};
 
+const SIM_STATE_DIR: &str = "NVML_SIM_STATE_DIR";
+
 /// What one worker saw from inside its own process.
 #[derive(Debug, Serialize, Deserialize)]
 struct Report {
-    slot: u32,
+    task: u32,
     pid: u32,
-    parent: u32,
-    device: String,
+    gpu: u32,
+    name: String,
     uuid: String,
-    memory_total_gib: f64,
-    memory_used_gib: f64,
-    my_gpu_memory_mib: u64,
+    my_memory_mib: u64,
 }
 
-/// Runs in a worker: which process am I, which GPU is mine, what does it look like now.
-fn report(slot: u32) -> Result<Report, String> {
-    let gpus = Gpus::open().map_err(|e| e.to_string())?;
-    let devices = gpus.devices(false).map_err(|e| e.to_string())?;
-    if devices.is_empty() {
-        return Err("no GPUs".into());
+/// Runs in a worker: which GPU is mine, what does it look like, how much of it do I use.
+fn work(task: u32) -> Result<Report, String> {
+    let assigned = gpu::assigned().map_err(|e| e.to_string())?;
+    let mine = assigned
+        .devices
+        .first()
+        .ok_or("no GPU was assigned to this worker")?;
+    let d = &mine.device;
+    let pid = std::process::id();
+    if let Some(dir) = std::env::var_os(SIM_STATE_DIR) {
+        // On the simulator, stand in for a framework's allocation: (task + 1) GiB.
+        let file = PathBuf::from(dir).join(format!("{}-{pid}", d.index));
+        std::fs::write(file, ((u64::from(task) + 1) << 30).to_string())
+            .map_err(|e| e.to_string())?;
     }
-    let d = &devices[slot as usize % devices.len()];
-    let mine = gpus
-        .usage_of(std::process::id(), false)
-        .map_err(|e| e.to_string())?;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let used = gpu::usage_of(pid, true).map_err(|e| e.to_string())?;
+    let my_memory_mib = used.devices.iter().map(|u| u.used_memory).sum::<u64>() >> 20;
     let memory = d.memory.unwrap_or_default();
+    println!(
+        "task {task}: pid {pid}, GPU {} {} {} ({:.1}/{:.1} GiB used), mine {my_memory_mib} MiB",
+        d.index,
+        d.name.as_deref().unwrap_or("?"),
+        d.uuid.as_deref().unwrap_or("?"),
+        memory.used as f64 / f64::from(1u32 << 30),
+        memory.total as f64 / f64::from(1u32 << 30),
+    );
     Ok(Report {
-        slot,
-        pid: std::process::id(),
-        parent: gpuproc::parent_process().map_or(0, |p| p.pid),
-        device: d.name.clone().unwrap_or_else(|| "?".into()),
-        uuid: d.uuid.clone().unwrap_or_else(|| "?".into()),
-        memory_total_gib: gib(memory.total),
-        memory_used_gib: gib(memory.used),
-        my_gpu_memory_mib: mine.devices.iter().map(|u| u.used_memory).sum::<u64>() >> 20,
+        task,
+        pid,
+        gpu: d.index,
+        name: d.name.clone().unwrap_or_default(),
+        uuid: d.uuid.clone().unwrap_or_default(),
+        my_memory_mib,
     })
 }
 
-/// Points NVML at the bundled simulator when the machine has no driver.
-fn choose_nvml() -> Result<(), Box<dyn Error>> {
+/// Points NVML at the bundled simulator when the machine has no driver; returns the
+/// simulator's state folder to clean up.
+fn choose_nvml() -> Result<Option<PathBuf>, Box<dyn Error>> {
     if std::env::var_os(gpu::NVML_LIB_ENV).is_some() {
-        return Ok(());
+        return Ok(None);
     }
-    if let Err(e) = Gpus::open() {
-        let sim = nvml_sim::library_path().ok_or(
-            "the NVML simulator is not built: run `cargo build --release -p nvml-sim` first",
-        )?;
-        println!("No NVIDIA driver here ({e}); using the bundled simulator with 4 GPUs.");
-        std::env::set_var(gpu::NVML_LIB_ENV, sim);
-        if std::env::var_os("NVML_SIM_SCENARIO").is_none() {
-            std::env::set_var("NVML_SIM_SCENARIO", "4gpu");
-        }
+    let Err(e) = Gpus::open() else {
+        return Ok(None);
+    };
+    let sim = nvml_sim::library_path()
+        .ok_or("the NVML simulator is not built: run `cargo build --release -p nvml-sim` first")?;
+    println!("No NVIDIA driver here ({e}); using the bundled simulator with 4 GPUs.");
+    let state = std::env::temp_dir().join(format!("gpuproc-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&state)?;
+    std::env::set_var(gpu::NVML_LIB_ENV, sim);
+    std::env::set_var(SIM_STATE_DIR, &state);
+    std::env::set_var(gpu::RUNTIME_DIR_ENV, &state);
+    if std::env::var_os("NVML_SIM_SCENARIO").is_none() {
+        std::env::set_var("NVML_SIM_SCENARIO", "4gpu");
     }
-    Ok(())
+    Ok(Some(state))
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
     gpuproc::init();
-    choose_nvml()?;
+    let sim_state = choose_nvml()?;
 
-    let gpus = Gpus::open()?;
-    let snap = gpus.snapshot()?;
+    let snap = gpu::snapshot()?;
+    let workers = snap.devices.len().clamp(1, 4);
     println!(
-        "driver {}, {} GPU(s); starting a pool of 4 workers in pid {}",
+        "driver {}, {} GPU(s); a pool of {workers} workers, one GPU each, from pid {}",
         snap.driver_version.as_deref().unwrap_or("?"),
         snap.devices.len(),
         std::process::id()
     );
+    let pool = Pool::builder()
+        .processes(workers)
+        .gpus_per_worker(1)
+        .gpu_sampling(Duration::from_millis(20))
+        .build()?;
+    let reports = pool.map_chunksize(work, 0..workers as u32, 1)?;
+    let usage = pool.gpu_usage()?;
 
-    let pool = Pool::new(4)?;
-    let reports = pool.map_chunksize(report, 0..4u32, 1)?;
     println!();
     println!(
-        "{:<5} {:>8} {:>8}  {:<28} {:<42} {:>16} {:>10}",
-        "slot", "pid", "parent", "device", "uuid", "memory used/GiB", "mine/MiB"
+        "{:<5} {:>8} {:>4}  {:<24} {:<42} {:>9} {:>9}",
+        "task", "pid", "gpu", "name", "uuid", "MiB", "peak MiB"
     );
     for r in reports {
         let r = r?;
+        let peak = usage
+            .iter()
+            .find(|u| u.pid == r.pid)
+            .map_or(0, |u| u.peak_memory >> 20);
         println!(
-            "{:<5} {:>8} {:>8}  {:<28} {:<42} {:>7.1}/{:<8.1} {:>10}",
-            r.slot,
-            r.pid,
-            r.parent,
-            r.device,
-            r.uuid,
-            r.memory_used_gib,
-            r.memory_total_gib,
-            r.my_gpu_memory_mib
+            "{:<5} {:>8} {:>4}  {:<24} {:<42} {:>9} {:>9}",
+            r.task, r.pid, r.gpu, r.name, r.uuid, r.my_memory_mib, peak
         );
     }
     pool.close();
     pool.join()?;
-    println!("\nDone: every worker read its GPU through NVML, with no CUDA context.");
+    drop(pool);
+    if let Some(dir) = sim_state {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    println!("\nDone: each worker had its own GPU and read it through NVML, with no CUDA context.");
     Ok(())
 }

@@ -30,9 +30,18 @@ pub(crate) struct Frame {
 /// Appends one frame (header and payload) to `buf`; its `nfds` descriptors must be sent
 /// with the frame's first byte.
 pub(crate) fn append_frame(buf: &mut Vec<u8>, payload: &[u8], nfds: usize) {
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    append_frame_parts(buf, &[payload], nfds)
+}
+
+/// Like [`append_frame`], for a payload in several pieces (no copy to join them first).
+pub(crate) fn append_frame_parts(buf: &mut Vec<u8>, parts: &[&[u8]], nfds: usize) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    buf.reserve(HEADER + len);
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
     buf.extend_from_slice(&(nfds as u32).to_le_bytes());
-    buf.extend_from_slice(payload);
+    for p in parts {
+        buf.extend_from_slice(p);
+    }
 }
 
 /// Sends one frame.

@@ -9,7 +9,11 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use gpuproc::gpu::{self, CudaDeviceOrder, GpuErrorKind, Gpus, ProcessKind};
+use gpuproc::gpu::{self, Criteria, CudaDeviceOrder, GpuErrorKind, Gpus, ProcessKind};
+use gpuproc::Process;
+
+// Processes with GPUs re-run this binary as their children.
+gpuproc::enable_test_support!();
 
 const CHILD_ENV: &str = "GPUPROC_GPU_TEST_CHILD";
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -408,4 +412,112 @@ fn cuda_visible_devices_from_the_environment() {
             assert_eq!(pick(Some("GPU-nope,0")), Vec::<u32>::new());
         },
     );
+}
+
+/// What a child given GPUs sees: its environment and `gpu::assigned()`.
+fn report_gpus(_: ()) -> (Option<String>, Option<String>, Vec<u32>) {
+    let assigned = gpu::assigned().expect("assigned() in the child");
+    (
+        std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+        std::env::var("NVIDIA_VISIBLE_DEVICES").ok(),
+        assigned.devices.iter().map(|d| d.device.index).collect(),
+    )
+}
+
+/// Waits for its argument's pipe to close, so the test decides when it ends.
+fn block_on(pipe: gpuproc::Connection) {
+    let _ = pipe.recv_bytes_timeout(DEADLINE);
+}
+
+#[test]
+fn processes_get_leased_gpus() {
+    let dir = scratch_dir("leases");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "processes_get_leased_gpus",
+        "4gpu",
+        &[(gpu::RUNTIME_DIR_ENV, &dir_text)],
+        || {
+            let timeout = Duration::from_secs(60);
+            // Most free memory first: GPU 2, then GPU 0.
+            let mut p = Process::new(report_gpus, ()).with_gpus(2);
+            p.start().unwrap();
+            let lease = p.gpu_lease().expect("a started process holds its lease");
+            assert_eq!(lease.indices(), vec![2, 0]);
+            let value = lease.cuda_visible_devices();
+            assert_eq!(value, lease.uuids().join(","));
+            assert_eq!(gpu::leases().unwrap().leases().len(), 1);
+            let (cuda, nvidia, indices) = p.join_timeout(timeout).unwrap();
+            assert_eq!(cuda.as_deref(), Some(value.as_str()));
+            assert_eq!(nvidia.as_deref(), Some(value.as_str()));
+            assert_eq!(indices, vec![2, 0]);
+            // Joined: the GPUs are free again.
+            assert!(p.gpu_lease().is_none());
+            assert!(gpu::leases().unwrap().leases().is_empty());
+
+            let mut q = Process::new(report_gpus, ()).with_devices([3u32]);
+            q.start().unwrap();
+            assert_eq!(q.join_timeout(timeout).unwrap().2, vec![3]);
+
+            // All four leased elsewhere: the process is not started, and says why.
+            let all = gpu::pick(&Criteria::new().count(4)).unwrap();
+            let mut r = Process::new(report_gpus, ()).with_gpus(1);
+            let err = r.start().unwrap_err();
+            let why = err.gpu_error().expect("a GPU error");
+            assert!(why.is_none_free(), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("could not get its GPUs: none free"),
+                "{err}"
+            );
+            assert!(r.pid().is_none());
+            all.release().unwrap();
+
+            // Dropping a running process kills it, then frees its GPUs.
+            let (keep, theirs) = gpuproc::Pipe::new().unwrap();
+            let mut s = Process::new(block_on, theirs).with_gpus(4);
+            s.start().unwrap();
+            assert_eq!(gpu::leases().unwrap().leases().len(), 1);
+            drop(s);
+            drop(keep);
+            assert!(gpu::leases().unwrap().leases().is_empty());
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn picks_wait_for_gpus_to_free_up() {
+    let dir = scratch_dir("wait");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "picks_wait_for_gpus_to_free_up",
+        "4gpu",
+        &[(gpu::RUNTIME_DIR_ENV, &dir_text)],
+        || {
+            let held = gpu::pick(&Criteria::new().count(4)).unwrap();
+            // Without waiting: none free at once.
+            assert!(gpu::pick(&Criteria::new()).unwrap_err().is_none_free());
+            // More GPUs than exist: no use waiting.
+            let err =
+                gpu::pick(&Criteria::new().count(5).wait(Duration::from_secs(600))).unwrap_err();
+            assert!(err.unavailable().unwrap().is_impossible(), "{err}");
+            // A short wait runs out and says how long it waited.
+            let err = gpu::pick(&Criteria::new().wait(Duration::from_millis(100))).unwrap_err();
+            assert!(err.unavailable().unwrap().waited.is_some());
+            assert!(err.to_string().contains("after waiting"), "{err}");
+
+            let (tx, rx) = mpsc::channel();
+            let waiter = std::thread::spawn(move || {
+                let got = gpu::pick(&Criteria::new().wait(Duration::from_secs(60)));
+                let _ = tx.send(got.map(|lease| lease.indices()));
+            });
+            let first = held.indices()[0];
+            held.release().unwrap();
+            let got = rx.recv_timeout(DEADLINE).expect("the waiter answers");
+            assert_eq!(got.unwrap(), vec![first]);
+            waiter.join().unwrap();
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

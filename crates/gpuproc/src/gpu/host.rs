@@ -54,6 +54,8 @@ pub(crate) fn parse_status(text: &str) -> Status {
 /// The fields of `/proc/PID/stat` the GPU layer uses; times are in clock ticks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Stat {
+    /// The state letter: `R`, `S`, `D`, `Z` (zombie), `X` (dead), ...
+    pub state: char,
     pub ppid: u32,
     pub cpu_ticks: u64,
     pub start_ticks: u64,
@@ -66,6 +68,7 @@ pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
     // fields[0] is field 3 (state) of proc(5).
     let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
     Some(Stat {
+        state: fields.first()?.chars().next()?,
         ppid: field(4)? as u32,
         cpu_ticks: field(14)? + field(15)?,
         start_ticks: field(22)?,
@@ -340,6 +343,7 @@ mod tests {
         let text = "4242 (we (ird) name) S 17 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 \
                     3 0 98765 1000000 2000 18446744073709551615";
         let stat = parse_stat(text).unwrap();
+        assert_eq!(stat.state, 'S');
         assert_eq!(stat.ppid, 17);
         assert_eq!(stat.cpu_ticks, 300);
         assert_eq!(stat.start_ticks, 98765);

@@ -31,17 +31,36 @@
 //! order, `FASTEST_FIRST`, can differ when the machine mixes GPU models, which
 //! [`VisibleDevices::order_is_exact`] reports. [`usage_of()`] says which GPUs a process
 //! (and optionally its descendants) uses and how much memory.
+//!
+//! # Picking GPUs
+//! [`pick()`] chooses GPUs that meet [`Criteria`] (count, free memory, utilisation, no
+//! other processes, an explicit list, an order) and records a [`GpuLease`] in a lease table
+//! under [`runtime_dir()`], guarded by `flock`, so that concurrent pickers, in this program
+//! or another, never hand out the same GPU beyond its allowed share. A lease ends when
+//! released, dropped, or when its holder dies. [`Process::with_gpus`](crate::Process::with_gpus)
+//! picks at start and passes `CUDA_VISIBLE_DEVICES` (full UUIDs) to the child, where
+//! [`assigned()`] reports them; [`pick_for_workers`] does the same for a pool's workers.
+//! The policy is the pure function [`select`].
 
 mod error;
 mod host;
+mod lease;
 mod nvml;
+mod pick;
 mod types;
 mod visible;
 
 use std::sync::OnceLock;
 
 pub use error::{GpuError, GpuErrorKind};
+pub use lease::{
+    leases, pick, pick_for_workers, runtime_dir, worker_slots, GpuLease, Holder, LeaseRecord,
+    LeaseTable, Share, WorkerGpus, RUNTIME_DIR_ENV,
+};
 pub use nvml::{Gpus, GpusBuilder, VisibleDevice, VisibleDevices, NVML_LIB_ENV};
+pub use pick::{
+    select, Criteria, DeviceId, Order, PickError, PickedDevice, Rejection, Unavailable, Verdict,
+};
 pub use types::{
     Clocks, ComputeMode, CudaVersion, Device, DeviceFault, DeviceUsage, EccErrors, GpuProcess,
     HostProcess, Memory, Mig, MigInstance, ProcessKind, ProcessUsage, Snapshot, Utilization,

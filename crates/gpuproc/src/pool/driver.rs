@@ -123,6 +123,8 @@ pub(crate) struct Shared {
     /// The driver is (about to be) blocked in `poll`: submitters must wake it.
     pub sleeping: AtomicBool,
     pub pids: Mutex<Vec<u32>>,
+    /// Per worker slot: its GPUs and the GPU memory the sampler saw.
+    pub usage: Mutex<Vec<super::WorkerGpuUsage>>,
 }
 
 /// A chunk a worker is working on.
@@ -136,6 +138,8 @@ struct Sent {
 
 struct Worker {
     process: Process<WorkerArgs, Result<(), String>>,
+    /// Its slot (0-based); a replacement takes the slot of the worker it replaces.
+    slot: usize,
     pid: u32,
     conn: OwnedFd,
     page: SharedWords,
@@ -159,6 +163,8 @@ pub(crate) struct Driver {
     workers: Vec<Worker>,
     pending: VecDeque<Chunk>,
     closing: bool,
+    /// When the GPU memory sampler runs next.
+    next_sample: Option<Instant>,
 }
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> PoolError {
@@ -175,6 +181,7 @@ impl Driver {
             workers: Vec::new(),
             pending: VecDeque::new(),
             closing: false,
+            next_sample: None,
         };
         for i in 0..d.config.processes {
             let w = d.start_worker(i)?;
@@ -187,6 +194,49 @@ impl Driver {
     fn publish_pids(&self) {
         if let Ok(mut p) = self.shared.pids.lock() {
             *p = self.workers.iter().map(|w| w.pid).collect();
+        }
+        if let Ok(mut usage) = self.shared.usage.lock() {
+            let devices = |slot: usize| -> Vec<String> {
+                let Some(g) = &self.config.gpus else {
+                    return Vec::new();
+                };
+                g.slots()
+                    .get(slot)
+                    .map(|s| s.iter().map(|d| d.uuid.clone()).collect())
+                    .unwrap_or_default()
+            };
+            let mut next: Vec<super::WorkerGpuUsage> = self
+                .workers
+                .iter()
+                .map(|w| {
+                    let old = usage.iter().find(|u| u.pid == w.pid);
+                    super::WorkerGpuUsage {
+                        slot: w.slot,
+                        pid: w.pid,
+                        devices: devices(w.slot),
+                        memory: old.map_or(0, |u| u.memory),
+                        peak_memory: old.map_or(0, |u| u.peak_memory),
+                    }
+                })
+                .collect();
+            next.sort_by_key(|u| u.slot);
+            *usage = next;
+        }
+    }
+
+    /// Reads each worker's GPU memory through NVML and keeps the peaks.
+    fn sample_gpu_memory(&mut self) {
+        let Ok(gpus) = crate::gpu::global() else {
+            return;
+        };
+        let Ok(mut usage) = self.shared.usage.lock() else {
+            return;
+        };
+        for u in usage.iter_mut() {
+            if let Ok(now) = gpus.usage_of(u.pid, true) {
+                u.memory = now.devices.iter().map(|d| d.used_memory).sum();
+                u.peak_memory = u.peak_memory.max(u.memory);
+            }
         }
     }
 
@@ -215,10 +265,16 @@ impl Driver {
                 p = p.with_env(k, v);
             }
         }
+        if let Some(g) = &self.config.gpus {
+            for (k, v) in g.env(slot) {
+                p = p.with_env(k, v);
+            }
+        }
         p.start().map_err(PoolError::Start)?;
         let pid = p.pid().expect("started");
         Ok(Worker {
             process: p,
+            slot,
             pid,
             conn: ours,
             page,
@@ -307,7 +363,17 @@ impl Driver {
     /// One round: poll every descriptor, then read results, write outboxes, handle deaths
     /// and timeouts.
     fn wait_and_handle(&mut self) -> std::io::Result<()> {
-        let deadline = self.next_timeout_check();
+        let mut deadline = self.next_timeout_check();
+        if let Some(every) = self.config.gpu_sampling {
+            let now = Instant::now();
+            let at = *self.next_sample.get_or_insert(now);
+            if at <= now {
+                self.sample_gpu_memory();
+                self.next_sample = Some(now + every);
+            }
+            let next = self.next_sample.expect("set above");
+            deadline = Some(deadline.map_or(next, |d| d.min(next)));
+        }
         // Announce the sleep, then look once more: a submitter either sees the flag and
         // wakes us, or its work is already in the inbox (both sides use SeqCst).
         self.shared.sleeping.store(true, Ordering::SeqCst);
@@ -407,6 +473,7 @@ impl Driver {
             }
         };
         let mut w = self.workers.swap_remove(i);
+        let slot = w.slot;
         let running = w
             .page
             .word(WORD_RUNNING)
@@ -460,7 +527,7 @@ impl Driver {
             self.pending.push_front(c);
         }
         if !self.closing || !self.pending.is_empty() {
-            match self.start_worker(i) {
+            match self.start_worker(slot) {
                 Ok(nw) => self.workers.push(nw),
                 Err(e) => {
                     eprintln!("gpuproc pool: {e}");
@@ -530,11 +597,10 @@ fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
         lens: chunk.lens.clone(),
         nfds: chunk.nfds.clone(),
     });
-    let Ok(mut payload) = postcard::to_stdvec(&header) else {
+    let Ok(header) = postcard::to_stdvec(&header) else {
         // A header of integers always encodes.
         return;
     };
-    payload.extend_from_slice(&chunk.args);
     let fds: Vec<OwnedFd> = std::mem::take(&mut chunk.fds);
     // Keep our own copies of the descriptors, to send again if the worker dies.
     chunk.fds = fds
@@ -543,12 +609,12 @@ fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
         .collect();
     match w.outbox.back_mut() {
         Some((bytes, out_fds, 0)) => {
-            ipc::append_frame(bytes, &payload, fds.len());
+            ipc::append_frame_parts(bytes, &[&header, &chunk.args], fds.len());
             out_fds.extend(fds);
         }
         _ => {
-            let mut bytes = Vec::with_capacity(payload.len() + 8);
-            ipc::append_frame(&mut bytes, &payload, fds.len());
+            let mut bytes = Vec::new();
+            ipc::append_frame_parts(&mut bytes, &[&header, &chunk.args], fds.len());
             w.outbox.push_back((bytes, fds, 0));
         }
     }

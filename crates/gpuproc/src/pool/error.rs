@@ -90,6 +90,9 @@ pub enum PoolError {
     /// The result was already taken by an earlier `get`.
     #[error("the result was already taken")]
     AlreadyTaken,
+    /// GPUs for the workers could not be picked, or read.
+    #[error("{0}")]
+    Gpu(#[source] crate::gpu::PickError),
     /// A worker process could not be started.
     #[error("cannot start a pool worker: {0}")]
     Start(#[source] ProcessError),

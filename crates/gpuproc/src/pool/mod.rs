@@ -40,6 +40,7 @@ use serde::Serialize;
 use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared};
 pub use self::error::PoolError;
 use self::worker::{FnRef, Init};
+use crate::gpu;
 use crate::ipc;
 use crate::process::{get_start_method, StartMethod};
 use crate::sys::Waker;
@@ -57,6 +58,10 @@ pub(crate) struct Config {
     pub env: Vec<(String, String)>,
     pub worker_env: Option<WorkerEnv>,
     pub progress: bool,
+    /// GPUs leased for the workers (held as long as the pool lives).
+    pub gpus: Option<gpu::WorkerGpus>,
+    /// How often the driver samples each worker's GPU memory through NVML.
+    pub gpu_sampling: Option<Duration>,
 }
 
 impl std::fmt::Debug for Config {
@@ -81,6 +86,8 @@ fn fn_ref<A: DeserializeOwned, R: Serialize>(f: fn(A) -> R) -> FnRef {
 pub struct PoolBuilder {
     config: Config,
     init_error: Option<PoolError>,
+    gpu_share: Option<gpu::Share>,
+    gpu_criteria: gpu::Criteria,
 }
 
 impl std::fmt::Debug for PoolBuilder {
@@ -102,8 +109,12 @@ impl Default for PoolBuilder {
                 env: Vec::new(),
                 worker_env: None,
                 progress: false,
+                gpus: None,
+                gpu_sampling: None,
             },
             init_error: None,
+            gpu_share: None,
+            gpu_criteria: gpu::Criteria::new(),
         }
     }
 }
@@ -193,12 +204,47 @@ impl PoolBuilder {
         self
     }
 
+    /// Gives each worker `n` GPUs of its own, picked (and leased, so that other pools and
+    /// `gpuproc pick` cannot take them) when the pool is built: each worker sees them in
+    /// `CUDA_VISIBLE_DEVICES` (by UUID) and through [`gpu::assigned`](crate::gpu::assigned).
+    pub fn gpus_per_worker(mut self, n: usize) -> Self {
+        self.gpu_share = Some(gpu::Share::GpusPerWorker(n));
+        self
+    }
+
+    /// Lets `k` workers share each GPU (worker `i` gets GPU `i % gpus`).
+    pub fn workers_per_gpu(mut self, k: usize) -> Self {
+        self.gpu_share = Some(gpu::Share::WorkersPerGpu(k));
+        self
+    }
+
+    /// Which GPUs qualify (free memory, utilisation, an explicit list, waiting, ...); used
+    /// with [`gpus_per_worker`](Self::gpus_per_worker) or
+    /// [`workers_per_gpu`](Self::workers_per_gpu) (alone it means one GPU per worker).
+    pub fn gpu_criteria(mut self, criteria: gpu::Criteria) -> Self {
+        self.gpu_criteria = criteria;
+        self.gpu_share.get_or_insert(gpu::Share::GpusPerWorker(1));
+        self
+    }
+
+    /// Samples each worker's GPU memory through NVML every `interval`, for
+    /// [`Pool::gpu_usage`]'s peaks.
+    pub fn gpu_sampling(mut self, interval: Duration) -> Self {
+        self.config.gpu_sampling = Some(interval);
+        self
+    }
+
     /// Starts the workers.
     pub fn build(mut self) -> Result<Pool, PoolError> {
         if let Some(e) = self.init_error.take() {
             return Err(e);
         }
         self.config.processes = self.config.processes.max(1);
+        if let Some(share) = self.gpu_share {
+            let picked = gpu::pick_for_workers(self.config.processes, share, &self.gpu_criteria)
+                .map_err(PoolError::Gpu)?;
+            self.config.gpus = Some(picked);
+        }
         let config = Arc::new(self.config);
         let shared = Arc::new(Shared {
             inbox: Mutex::new(Inbox::default()),
@@ -207,6 +253,7 @@ impl PoolBuilder {
                 source,
             })?,
             pids: Mutex::new(Vec::new()),
+            usage: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
         });
         let driver = Driver::new(config.clone(), shared.clone())?;
@@ -224,6 +271,21 @@ impl PoolBuilder {
             closed: AtomicBool::new(false),
         })
     }
+}
+
+/// One worker's GPUs and GPU memory (see [`Pool::gpu_usage`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerGpuUsage {
+    /// The worker's slot (0-based; a replacement takes its predecessor's).
+    pub slot: usize,
+    /// The worker's pid.
+    pub pid: u32,
+    /// UUIDs of the GPUs given to the worker (empty when the pool assigns none).
+    pub devices: Vec<String>,
+    /// GPU memory the worker (and its children) use now, in bytes.
+    pub memory: u64,
+    /// The most seen by the sampler (or by `gpu_usage` calls) for this worker, in bytes.
+    pub peak_memory: u64,
 }
 
 /// A pool of worker processes; Python's `multiprocessing.Pool`.
@@ -249,6 +311,27 @@ impl Pool {
     /// The number of workers.
     pub fn processes(&self) -> usize {
         self.config.processes
+    }
+
+    /// Each worker's GPUs and GPU memory, read through NVML now, with the peak seen by the
+    /// sampler (see [`PoolBuilder::gpu_sampling`]). Workers with no GPU memory in use are
+    /// listed with zero.
+    pub fn gpu_usage(&self) -> Result<Vec<WorkerGpuUsage>, PoolError> {
+        let gpus = gpu::global().map_err(|e| PoolError::Gpu(e.into()))?;
+        let mut usage = self
+            .shared
+            .usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for u in &mut usage {
+            let now = gpus
+                .usage_of(u.pid, true)
+                .map_err(|e| PoolError::Gpu(e.into()))?;
+            u.memory = now.devices.iter().map(|d| d.used_memory).sum();
+            u.peak_memory = u.peak_memory.max(u.memory);
+        }
+        Ok(usage)
     }
 
     /// The pids of the current workers.
@@ -614,6 +697,8 @@ where
         let mut batched = 0;
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
+            chunk.lens.reserve(self.chunksize);
+            chunk.args.reserve(self.chunksize.saturating_mul(4));
             for a in self.input.by_ref().take(self.chunksize) {
                 push_task(&mut chunk, &a)?;
             }

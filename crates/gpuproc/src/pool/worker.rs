@@ -362,10 +362,13 @@ impl Outbox {
             return;
         }
         let header = std::mem::take(&mut self.run);
-        let mut payload = postcard::to_stdvec(&header).unwrap_or_default();
-        payload.extend_from_slice(&self.results);
+        let header = postcard::to_stdvec(&header).unwrap_or_default();
+        ipc::append_frame_parts(
+            &mut self.frames,
+            &[&header, &self.results],
+            self.run_fds.len(),
+        );
         self.results.clear();
-        ipc::append_frame(&mut self.frames, &payload, self.run_fds.len());
         self.fds.append(&mut self.run_fds);
     }
 

@@ -3,6 +3,7 @@
 use std::io;
 use std::time::Duration;
 
+use crate::gpu::PickError;
 use crate::sys::signal_name;
 
 /// Why a process could not be started, or produced no result.
@@ -130,6 +131,16 @@ pub enum ProcessError {
         /// What went wrong.
         reason: String,
     },
+    /// The GPUs asked for with [`Process::with_gpus`](crate::Process::with_gpus) (or its
+    /// siblings) could not be picked; the process was not started.
+    #[error("process {name:?} could not get its GPUs: {source}")]
+    Gpu {
+        /// The process's name.
+        name: String,
+        /// Why: [`PickError::is_none_free`] when too few GPUs qualify.
+        #[source]
+        source: PickError,
+    },
     /// A system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -175,6 +186,14 @@ impl ProcessError {
     pub fn signal(&self) -> Option<i32> {
         match self {
             ProcessError::Killed { signal, .. } => Some(*signal),
+            _ => None,
+        }
+    }
+
+    /// Why the process's GPUs could not be picked, if that is what happened.
+    pub fn gpu_error(&self) -> Option<&PickError> {
+        match self {
+            ProcessError::Gpu { source, .. } => Some(source),
             _ => None,
         }
     }

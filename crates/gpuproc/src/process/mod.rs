@@ -25,6 +25,7 @@ use self::child::ParentWatch;
 pub use self::error::ProcessError;
 use self::handle::{ChildHandle, Report};
 use self::wire::{Call, Failure, Identity, Trampoline};
+use crate::gpu::{Criteria, DeviceId, GpuLease};
 use crate::ipc;
 use crate::sys::{self, Forked, Sig};
 
@@ -282,6 +283,9 @@ pub struct Process<A, R> {
     env: Vec<(String, Option<String>)>,
     child: Option<Arc<ChildHandle>>,
     joined: bool,
+    gpus: Option<Criteria>,
+    // After `child`: dropped once the child is killed and reaped.
+    gpu_lease: Option<GpuLease>,
 }
 
 impl<A, R> std::fmt::Debug for Process<A, R> {
@@ -312,6 +316,8 @@ where
             env: Vec::new(),
             child: None,
             joined: false,
+            gpus: None,
+            gpu_lease: None,
         }
     }
 
@@ -379,8 +385,81 @@ where
         self
     }
 
+    /// Gives the child `n` GPUs of its own: at [`start`](Self::start) they are picked with
+    /// [`gpu::pick`](crate::gpu::pick) and leased to this process until the child is joined
+    /// or the `Process` dropped; the child gets `CUDA_VISIBLE_DEVICES` (their UUIDs) and
+    /// `NVIDIA_VISIBLE_DEVICES`, and [`gpu::assigned`](crate::gpu::assigned) there lists them.
+    ///
+    /// ```no_run
+    /// # gpuproc::init();
+    /// fn train(_epochs: u32) -> usize {
+    ///     gpuproc::gpu::assigned().map(|v| v.devices.len()).unwrap_or(0)
+    /// }
+    /// let mut p = gpuproc::Process::new(train, 10).with_gpus(2);
+    /// p.start()?;   // fails with ProcessError::Gpu when two GPUs are not free
+    /// assert_eq!(p.join()?, 2);
+    /// # Ok::<(), gpuproc::ProcessError>(())
+    /// ```
+    pub fn with_gpus(self, n: usize) -> Self {
+        self.with_gpu_criteria(Criteria::new().count(n))
+    }
+
+    /// Like [`with_gpus`](Self::with_gpus), choosing GPUs by `criteria` (count, free memory,
+    /// utilisation, order, waiting, ...).
+    pub fn with_gpu_criteria(mut self, criteria: Criteria) -> Self {
+        self.gpus = Some(criteria);
+        self
+    }
+
+    /// Like [`with_gpus`](Self::with_gpus), with exactly these GPUs (NVML indices or UUIDs),
+    /// still leased, so that no other picker takes them meanwhile.
+    pub fn with_devices<I>(self, devices: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<DeviceId>,
+    {
+        self.with_gpu_criteria(Criteria::new().devices(devices))
+    }
+
+    /// The lease on the child's GPUs, from [`start`](Self::start) until the child is joined.
+    pub fn gpu_lease(&self) -> Option<&GpuLease> {
+        self.gpu_lease.as_ref()
+    }
+
     /// Starts the process; Python's `p.start()`.
+    ///
+    /// With [`with_gpus`](Self::with_gpus) and friends, picks the GPUs first.
     pub fn start(&mut self) -> Result<(), ProcessError> {
+        let Some(criteria) = &self.gpus else {
+            return self.start_child();
+        };
+        if self.child.is_some() || self.args.is_none() {
+            return self.start_child();
+        }
+        let lease = crate::gpu::pick(criteria).map_err(|source| ProcessError::Gpu {
+            name: self.name.clone(),
+            source,
+        })?;
+        let before = self.env.len();
+        self.env.extend(
+            lease
+                .env()
+                .into_iter()
+                .map(|(key, value)| (key, Some(value))),
+        );
+        match self.start_child() {
+            Ok(()) => {
+                self.gpu_lease = Some(lease);
+                Ok(())
+            }
+            Err(e) => {
+                self.env.truncate(before);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_child(&mut self) -> Result<(), ProcessError> {
         if self.child.is_some() || self.args.is_none() {
             return Err(ProcessError::AlreadyStarted {
                 name: self.name.clone(),
@@ -577,6 +656,8 @@ where
             });
         }
         self.joined = true;
+        // The child has ended: its GPUs are free.
+        self.gpu_lease = None;
         let name = self.name.clone();
         match child.take_report() {
             Some(Report::Returned(frame)) => {

@@ -5,6 +5,7 @@ gpuproc::enable_test_support!();
 mod channel;
 mod examples;
 mod pool;
+mod pool_gpu;
 mod process;
 mod shm;
 mod support;

@@ -1,0 +1,163 @@
+//! GPU-aware pools on the NVML simulator: workers get their GPUs in CUDA_VISIBLE_DEVICES,
+//! see them through `gpu::assigned()`, and their GPU memory is sampled by pid.
+//!
+//! Each test body runs in a spawned process whose environment points NVML at the simulator
+//! before anything reads it (NVML is opened once per process).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use gpuproc::{Pool, Process, StartMethod};
+
+use crate::support::TIMEOUT;
+
+fn sim_env(scenario: &str) -> Vec<(String, String)> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let lib = nvml_sim::library_path().expect("the NVML simulator is built");
+    // A lease table of its own, so tests running side by side do not see each other's.
+    let runtime = std::env::temp_dir().join(format!("gpuproc-pool-gpu-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&runtime).unwrap();
+    vec![
+        (
+            "GPUPROC_NVML_LIB".into(),
+            lib.to_string_lossy().into_owned(),
+        ),
+        ("NVML_SIM_SCENARIO".into(), scenario.into()),
+        (
+            "GPUPROC_RUNTIME_DIR".into(),
+            runtime.to_string_lossy().into_owned(),
+        ),
+    ]
+}
+
+fn in_sim<A, R>(scenario: &str, extra: &[(&str, &str)], f: fn(A) -> R, a: A) -> R
+where
+    A: serde::Serialize + serde::de::DeserializeOwned,
+    R: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let mut p = Process::new(f, a).with_start_method(StartMethod::Spawn);
+    let extra = extra.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    for (k, v) in sim_env(scenario).into_iter().chain(extra) {
+        p = p.with_env(k, v);
+    }
+    p.start().unwrap();
+    p.join_timeout(TIMEOUT).unwrap()
+}
+
+/// In a worker: the UUIDs `gpu::assigned()` reports, and the raw variable.
+fn my_gpus(_: u32) -> (Vec<String>, String) {
+    let assigned = gpuproc::gpu::assigned().map_err(|e| e.to_string()).unwrap();
+    let uuids = assigned
+        .devices
+        .iter()
+        .map(|d| d.device.uuid.clone().unwrap_or_default())
+        .collect();
+    (
+        uuids,
+        std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default(),
+    )
+}
+
+fn eight_workers_two_per_gpu(_: ()) -> BTreeMap<String, usize> {
+    let pool = Pool::builder()
+        .processes(8)
+        .workers_per_gpu(2)
+        .build()
+        .unwrap();
+    // One task per worker: a chunk of one, eight tasks, with a barrier-free check that every
+    // worker answered by collecting distinct pids.
+    let mut per_gpu = BTreeMap::new();
+    let mut seen_pids = std::collections::BTreeSet::new();
+    for u in pool.gpu_usage().unwrap() {
+        assert_eq!(u.devices.len(), 1, "{u:?}");
+        *per_gpu.entry(u.devices[0].clone()).or_insert(0) += 1;
+        seen_pids.insert(u.pid);
+    }
+    assert_eq!(seen_pids.len(), 8);
+    for (uuids, var) in pool.map_chunksize(my_gpus, 0..64u32, 1).unwrap() {
+        assert_eq!(uuids.len(), 1, "{var}");
+        assert_eq!(var, uuids[0], "CUDA_VISIBLE_DEVICES holds the full UUID");
+        assert!(per_gpu.contains_key(&uuids[0]));
+    }
+    per_gpu
+}
+
+#[test]
+fn eight_workers_on_four_gpus_land_two_per_gpu() {
+    let per_gpu = in_sim("4gpu", &[], eight_workers_two_per_gpu, ());
+    assert_eq!(per_gpu.len(), 4, "{per_gpu:?}");
+    assert!(per_gpu.values().all(|&n| n == 2), "{per_gpu:?}");
+}
+
+/// Two pools in one program share the lease table: the second cannot take the first's GPUs.
+fn two_pools_do_not_share(_: ()) -> (usize, String) {
+    let a = Pool::builder()
+        .processes(3)
+        .gpus_per_worker(1)
+        .build()
+        .unwrap();
+    let taken = a.gpu_usage().unwrap().len();
+    let err = Pool::builder()
+        .processes(2)
+        .gpus_per_worker(1)
+        .build()
+        .unwrap_err();
+    (taken, err.to_string())
+}
+
+#[test]
+fn pools_lease_their_gpus() {
+    let (taken, err) = in_sim("4gpu", &[], two_pools_do_not_share, ());
+    assert_eq!(taken, 3);
+    assert!(
+        err.to_lowercase().contains("free") || err.contains("GPU"),
+        "{err}"
+    );
+}
+
+/// A worker "allocates" GPU memory the way the simulator sees it: a state file per pid.
+fn allocate(mib: u64) -> u32 {
+    let dir = PathBuf::from(std::env::var("NVML_SIM_STATE_DIR").unwrap());
+    let gpu = gpuproc::gpu::assigned().unwrap().devices[0].device.index;
+    std::fs::write(
+        dir.join(format!("{gpu}-{}", std::process::id())),
+        (mib << 20).to_string(),
+    )
+    .unwrap();
+    std::process::id()
+}
+
+fn sampled_memory(_: ()) -> Vec<(u32, u64, u64)> {
+    let pool = Pool::builder()
+        .processes(2)
+        .gpus_per_worker(1)
+        .gpu_sampling(std::time::Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let pids = pool.map_chunksize(allocate, [100u64, 300], 1).unwrap();
+    let usage = pool.gpu_usage().unwrap();
+    usage
+        .iter()
+        .filter(|u| pids.contains(&u.pid))
+        .map(|u| (u.pid, u.memory >> 20, u.peak_memory >> 20))
+        .collect()
+}
+
+#[test]
+fn worker_gpu_memory_is_read_by_pid() {
+    let dir = std::env::temp_dir().join(format!("gpuproc-sim-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let got = in_sim(
+        "4gpu",
+        &[("NVML_SIM_STATE_DIR", &dir_str)],
+        sampled_memory,
+        (),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut mibs: Vec<u64> = got.iter().map(|g| g.1).collect();
+    mibs.sort();
+    assert_eq!(mibs, [100, 300], "{got:?}");
+    assert!(got.iter().all(|g| g.2 >= g.1));
+}
