@@ -45,6 +45,8 @@ fn work(task: u32) -> Result<Report, String> {
         std::fs::write(file, ((u64::from(task) + 1) << 30).to_string())
             .map_err(|e| e.to_string())?;
     }
+    // The "work": hold the memory a moment, so the pool's sampler sees it.
+    std::thread::sleep(Duration::from_millis(200));
     let used = gpu::usage_of(pid, true).map_err(|e| e.to_string())?;
     let my_memory_mib = used.devices.iter().map(|u| u.used_memory).sum::<u64>() >> 20;
     let memory = d.memory.unwrap_or_default();
@@ -106,23 +108,30 @@ fn main() -> Result<(), Box<dyn Error>> {
         .gpus_per_worker(1)
         .gpu_sampling(Duration::from_millis(20))
         .build()?;
-    let reports = pool.map_chunksize(work, 0..workers as u32, 1)?;
+    let reports = pool.map_with_gpu_memory(work, 0..workers as u32)?;
     let usage = pool.gpu_usage()?;
 
     println!();
     println!(
-        "{:<5} {:>8} {:>4}  {:<24} {:<42} {:>9} {:>9}",
-        "task", "pid", "gpu", "name", "uuid", "MiB", "peak MiB"
+        "{:<5} {:>8} {:>4}  {:<24} {:<42} {:>8} {:>14} {:>16}",
+        "task", "pid", "gpu", "name", "uuid", "MiB", "task peak MiB", "worker peak MiB"
     );
-    for r in reports {
+    for (r, task_peak) in reports {
         let r = r?;
-        let peak = usage
+        let worker_peak = usage
             .iter()
             .find(|u| u.pid == r.pid)
-            .map_or(0, |u| u.peak_memory >> 20);
+            .map_or(0, |u| u.peak_memory);
         println!(
-            "{:<5} {:>8} {:>4}  {:<24} {:<42} {:>9} {:>9}",
-            r.task, r.pid, r.gpu, r.name, r.uuid, r.my_memory_mib, peak
+            "{:<5} {:>8} {:>4}  {:<24} {:<42} {:>8} {:>14} {:>16}",
+            r.task,
+            r.pid,
+            r.gpu,
+            r.name,
+            r.uuid,
+            r.my_memory_mib,
+            task_peak >> 20,
+            worker_peak >> 20
         );
     }
     pool.close();

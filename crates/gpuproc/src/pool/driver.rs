@@ -36,6 +36,8 @@ pub(crate) struct Run {
     pub fds: Vec<OwnedFd>,
     /// Failed tasks, by offset in the run.
     pub errors: Vec<(u32, PoolError)>,
+    /// Each task's GPU memory peak as sampled while it ran (empty: no samples).
+    pub peaks: Vec<u64>,
 }
 
 impl Run {
@@ -155,6 +157,8 @@ struct Worker {
     /// The task (sequence number) it was killed for exceeding the timeout, if any.
     timed_out: Option<u64>,
     eof: bool,
+    /// GPU memory peaks sampled while tasks ran, by sequence number, until reported.
+    task_peaks: std::collections::HashMap<u64, u64>,
 }
 
 pub(crate) struct Driver {
@@ -232,10 +236,24 @@ impl Driver {
         let Ok(mut usage) = self.shared.usage.lock() else {
             return;
         };
-        for u in usage.iter_mut() {
-            if let Ok(now) = gpus.usage_of(u.pid, true) {
-                u.memory = now.devices.iter().map(|d| d.used_memory).sum();
-                u.peak_memory = u.peak_memory.max(u.memory);
+        for w in &mut self.workers {
+            let Ok(now) = gpus.usage_of(w.pid, true) else {
+                continue;
+            };
+            let memory: u64 = now.devices.iter().map(|d| d.used_memory).sum();
+            if let Some(u) = usage.iter_mut().find(|u| u.pid == w.pid) {
+                u.memory = memory;
+                u.peak_memory = u.peak_memory.max(memory);
+            }
+            // Charge the sample to the task running now.
+            if let Some(seq) = w
+                .page
+                .word(WORD_RUNNING)
+                .load(Ordering::Acquire)
+                .checked_sub(1)
+            {
+                let peak = w.task_peaks.entry(seq).or_insert(0);
+                *peak = (*peak).max(memory);
             }
         }
     }
@@ -286,6 +304,7 @@ impl Driver {
             budget: self.config.max_tasks_per_child,
             timed_out: None,
             eof: false,
+            task_peaks: std::collections::HashMap::new(),
         })
     }
 
@@ -691,6 +710,13 @@ fn receive(w: &mut Worker, frame: Frame, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
             let index = first_index + (off - pos) as u64;
             errors.push(((off - pos) as u32, failure_error(index, f)));
         }
+        let peaks = if w.task_peaks.is_empty() {
+            Vec::new()
+        } else {
+            (0..take as u64)
+                .map(|k| w.task_peaks.remove(&(seq + k)).unwrap_or(0))
+                .collect()
+        };
         let run = Run {
             first_index,
             lens,
@@ -698,6 +724,7 @@ fn receive(w: &mut Worker, frame: Frame, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
             results: mine.to_vec(),
             fds: fds.by_ref().take(nfd_total).collect(),
             errors,
+            peaks,
         };
         let job = sent.chunk.job.clone();
         sent.done += take;

@@ -420,6 +420,30 @@ impl Pool {
             .collect()
     }
 
+    /// Like [`map`](Self::map), with each task's GPU memory peak in bytes as sampled through
+    /// NVML while it ran (needs [`PoolBuilder::gpu_sampling`]; a task shorter than the
+    /// sampling interval may show 0).
+    pub fn map_with_gpu_memory<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+    ) -> Result<Vec<(R, u64)>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<A> = items.into_iter().collect();
+        let len = items.len();
+        let chunksize = policy::auto_chunksize(len, self.processes());
+        let mut it = self.imap(f, items).chunksize(chunksize).with_len(len);
+        let mut out = Vec::with_capacity(len);
+        while let Some(r) = it.next() {
+            out.push((r?, it.last_gpu_memory_peak()));
+        }
+        Ok(out)
+    }
+
     /// Python's `Pool.starmap`: Rust functions take one argument, so several travel as a
     /// tuple and this is [`map`](Self::map) under the name Python users look for.
     pub fn starmap<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<Vec<R>, PoolError>
@@ -590,6 +614,11 @@ impl RunReader {
         self.i >= self.run.lens.len()
     }
 
+    /// The sampled GPU memory peak of the task `next` returns next.
+    fn peak(&self) -> u64 {
+        self.run.peaks.get(self.i).copied().unwrap_or(0)
+    }
+
     fn next<R: DeserializeOwned>(&mut self) -> Result<R, PoolError> {
         let (i, index) = (self.i, self.next_index());
         self.i += 1;
@@ -635,6 +664,7 @@ pub struct Imap<'p, A, R, I> {
     done: BTreeMap<u64, RunReader>,
     /// The run being read.
     current: Option<RunReader>,
+    last_peak: u64,
     len: Option<usize>,
     bar: Option<indicatif::ProgressBar>,
     _types: PhantomData<fn(A) -> R>,
@@ -672,6 +702,7 @@ where
             outstanding: 0,
             done: BTreeMap::new(),
             current: None,
+            last_peak: 0,
             len: None,
             bar: None,
             _types: PhantomData,
@@ -682,6 +713,12 @@ where
     pub fn chunksize(mut self, n: usize) -> Self {
         self.chunksize = n.max(1);
         self
+    }
+
+    /// The GPU memory peak of the task whose outcome was yielded last, as sampled through
+    /// NVML while it ran (see [`PoolBuilder::gpu_sampling`]); 0 when no sample fell in it.
+    pub fn last_gpu_memory_peak(&self) -> u64 {
+        self.last_peak
     }
 
     /// The number of items, when known, for the progress bar.
@@ -746,6 +783,7 @@ where
         loop {
             if let Some(cur) = self.current.as_mut() {
                 if !cur.is_done() {
+                    self.last_peak = cur.peak();
                     let r = cur.next::<R>();
                     self.next_yield += 1;
                     self.outstanding -= 1;

@@ -46,3 +46,33 @@ fn process_class_examples() {
     assert_eq!(lines[7], format!("parent process: {main_pid}"));
     assert_eq!(lines[9], "hello bob");
 }
+
+#[test]
+fn the_main_demo_gives_each_worker_its_own_gpu() {
+    let lines = stdout_lines(&run_example("demo"));
+    let table: Vec<&String> = lines
+        .iter()
+        .skip_while(|l| !(l.starts_with("task") && l.contains("uuid")))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(table.len(), 4, "{lines:#?}");
+    let mut gpus = Vec::new();
+    for row in table {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        let task: u64 = cols[0].parse().unwrap();
+        let n = cols.len();
+        let (mine, task_peak) = (cols[n - 3], cols[n - 2]);
+        assert_eq!(mine, ((task + 1) * 1024).to_string(), "{row}");
+        // A peak is sampled: it is the allocation, or 0 if no sample fell in the task.
+        assert!(task_peak == mine || task_peak == "0", "{row}");
+        let uuid = cols
+            .iter()
+            .find(|c| c.starts_with("GPU-"))
+            .unwrap_or_else(|| panic!("{row}"));
+        gpus.push(uuid.to_string());
+    }
+    gpus.sort();
+    gpus.dedup();
+    assert_eq!(gpus.len(), 4, "one GPU per worker");
+}
