@@ -76,7 +76,24 @@
 //! # GPUs
 //!
 //! [`gpu`] reads NVML (never CUDA, so no context is created and it is safe before fork) from
-//! any process.
+//! any process: [`gpu::snapshot`] for every device and its processes, [`gpu::usage_of`] for
+//! one process, [`gpu::assigned`] for the GPUs this process was given.
+//!
+//! Giving each worker its own GPU is one builder call; the GPUs are leased, so other pools
+//! and `gpuproc pick` on the same machine cannot hand them out again:
+//!
+//! ```no_run
+//! fn which_gpu(_: u32) -> String {
+//!     std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
+//! }
+//! # fn main() -> Result<(), gpuproc::PoolError> {
+//! let pool = gpuproc::Pool::builder().processes(4).gpus_per_worker(1).build()?;
+//! println!("{:?}", pool.map(which_gpu, 0..4u32)?); // four GPU-... UUIDs
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`Process::with_gpus`] does the same for one process.
 //!
 //! # Platform support
 //!

@@ -206,7 +206,7 @@ impl PoolBuilder {
 
     /// Gives each worker `n` GPUs of its own, picked (and leased, so that other pools and
     /// `gpuproc pick` cannot take them) when the pool is built: each worker sees them in
-    /// `CUDA_VISIBLE_DEVICES` (by UUID) and through [`gpu::assigned`](crate::gpu::assigned).
+    /// `CUDA_VISIBLE_DEVICES` (by UUID) and through [`gpu::assigned`].
     pub fn gpus_per_worker(mut self, n: usize) -> Self {
         self.gpu_share = Some(gpu::Share::GpusPerWorker(n));
         self
