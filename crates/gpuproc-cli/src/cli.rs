@@ -31,6 +31,11 @@ pub enum Command {
     /// List GPUs and the processes using them (like gpustat).
     #[command(after_help = EXIT_STATUS)]
     Gpus(GpusArgs),
+    /// Pick free GPUs and lease them: print a CUDA_VISIBLE_DEVICES value, or run a command
+    /// with it (--hold).
+    Pick(crate::cmd::pick::PickArgs),
+    /// Run a queue of shell commands spread over GPUs (like GNU parallel).
+    Run(crate::run::RunArgs),
 }
 
 /// Options of `gpuproc gpus`.

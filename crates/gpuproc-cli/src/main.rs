@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd;
+mod run;
 mod table;
 
 use std::io::{self, Write};
@@ -24,6 +25,16 @@ fn main() -> ExitCode {
         Err(err) => {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
+            }
+            if let Some(failed) = err.downcast_ref::<run::RunFailed>() {
+                let _ = writeln!(io::stderr(), "gpuproc: {failed}");
+                return ExitCode::from(failed.exit_code());
+            }
+            if let Some((code, message)) = cmd::pick::failure(&err) {
+                if let Some(message) = message {
+                    let _ = writeln!(io::stderr(), "gpuproc: {message}");
+                }
+                return ExitCode::from(code);
             }
             let gpu_error = err.downcast_ref::<gpuproc::gpu::GpuError>();
             let no_driver = gpu_error.is_some_and(|e| e.is_no_driver());

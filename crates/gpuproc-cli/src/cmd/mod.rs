@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 mod gpus;
+pub mod pick;
+mod run;
 
 use crate::cli::{Cli, Command};
 
@@ -8,5 +10,7 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Gpus(args) => gpus::run(&args),
+        Command::Pick(args) => pick::run(&args),
+        Command::Run(args) => run::run(&args),
     }
 }

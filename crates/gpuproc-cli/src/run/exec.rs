@@ -1,0 +1,505 @@
+//! The executor: starts the scheduler's launches as `sh -c` process groups, waits for them
+//! (one `poll` on signals and the next deadline), enforces timeouts, forwards Ctrl-C,
+//! writes logs and the job log, and samples each job's GPU memory.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::joblog::Entry;
+use super::jobs::Job;
+use super::schedule::{Launch, Scheduler, Verdict};
+use super::slots::Gpu;
+use super::sys::{self, Exit, Sig, Signals};
+
+/// How often running jobs' GPU memory is sampled.
+const MEMORY_SAMPLE: Duration = Duration::from_secs(1);
+
+/// What the executor needs besides the jobs and the scheduler.
+#[derive(Debug)]
+pub struct Settings {
+    /// The GPUs the scheduler's positions refer to (empty: CPU-only).
+    pub gpus: Vec<Gpu>,
+    /// Default timeout per attempt.
+    pub timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL for a job that timed out or was asked to stop.
+    pub kill_after: Duration,
+    /// Directory for `<seq>.out` / `<seq>.err`; `None`: jobs share the runner's output.
+    pub logs: Option<PathBuf>,
+    /// The job log, open for appending.
+    pub joblog: Option<File>,
+    /// How to report progress.
+    pub progress: Progress,
+    /// Give no new jobs to a GPU while processes other than this run's jobs use it.
+    pub wait_free: bool,
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A bar with ETA (standard error is a terminal).
+    Bar,
+    /// One line per finished or retried job on standard error.
+    Lines,
+    /// Nothing.
+    Quiet,
+}
+
+/// What became of one job.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Sequence number.
+    pub seq: usize,
+    /// The command of the last attempt.
+    pub command: String,
+    /// Attempts made (0: never started).
+    pub attempts: u32,
+    /// How the last attempt ended.
+    pub exit: Option<Exit>,
+    /// Whether the last attempt ran out of time.
+    pub timed_out: bool,
+    /// Run time of the last attempt.
+    pub runtime: Duration,
+    /// Highest GPU memory seen in use by the job's processes, over all attempts.
+    pub peak_memory: Option<u64>,
+    /// NVML indices of the last attempt's GPUs.
+    pub gpus: Vec<u32>,
+    /// Already done in an earlier run (`--resume`).
+    pub skipped: bool,
+}
+
+impl Outcome {
+    /// Whether the job ran and succeeded (or was skipped as done).
+    pub fn succeeded(&self) -> bool {
+        self.skipped || (self.exit == Some(Exit::Code(0)) && !self.timed_out)
+    }
+}
+
+/// The end of a run.
+#[derive(Debug)]
+pub struct Report {
+    /// Every job, in sequence order.
+    pub outcomes: Vec<Outcome>,
+    /// Whether Ctrl-C (or SIGTERM/SIGHUP) stopped the run early.
+    pub interrupted: bool,
+}
+
+struct Running {
+    launch: Launch,
+    start: Instant,
+    start_wall: SystemTime,
+    command: String,
+    deadline: Option<Instant>,
+    kill_at: Option<Instant>,
+    timed_out: bool,
+}
+
+/// Runs `jobs` as `scheduler` decides.
+pub struct Executor<'a> {
+    jobs: &'a [Job],
+    scheduler: Scheduler,
+    settings: Settings,
+    running: HashMap<u32, Running>,
+    outcomes: Vec<Outcome>,
+    bar: Option<ProgressBar>,
+    done: usize,
+    total: usize,
+    busy_gpus: Vec<String>,
+}
+
+impl std::fmt::Debug for Executor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("running", &self.running.len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Executor<'a> {
+    /// An executor for `jobs`; `skip[i]` marks jobs already done.
+    pub fn new(jobs: &'a [Job], skip: &[bool], scheduler: Scheduler, settings: Settings) -> Self {
+        let outcomes: Vec<Outcome> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, job)| Outcome {
+                seq: job.seq,
+                command: job.command.clone(),
+                attempts: 0,
+                exit: None,
+                timed_out: false,
+                runtime: Duration::ZERO,
+                peak_memory: None,
+                gpus: Vec::new(),
+                skipped: skip.get(i).copied().unwrap_or(false),
+            })
+            .collect();
+        let total = outcomes.iter().filter(|o| !o.skipped).count();
+        let bar = (settings.progress == Progress::Bar).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} jobs ({per_sec}, ETA {eta}) {msg}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Executor {
+            jobs,
+            scheduler,
+            settings,
+            running: HashMap::new(),
+            outcomes,
+            bar,
+            done: 0,
+            total,
+            busy_gpus: Vec::new(),
+        }
+    }
+
+    /// Runs until every job is done or the run is interrupted and its jobs have ended.
+    ///
+    /// # Errors
+    /// When signal handlers cannot be installed, waiting fails, or the job log cannot be
+    /// written. Running jobs are killed before the error is returned.
+    pub fn run(mut self) -> anyhow::Result<Report> {
+        let mut signals = Signals::install().context("installing signal handlers")?;
+        let mut stopping = false;
+        let mut interrupts = 0;
+        let mut next_sample = Instant::now() + MEMORY_SAMPLE;
+        if self.settings.wait_free {
+            self.refresh_availability();
+        }
+        loop {
+            if !stopping {
+                while let Some(launch) = self.scheduler.next() {
+                    self.start(launch)?;
+                }
+            }
+            if self.running.is_empty() && (stopping || self.scheduler.queued() == 0) {
+                break;
+            }
+            let now = Instant::now();
+            let mut wake = self
+                .running
+                .values()
+                .filter_map(|r| r.kill_at.or(r.deadline))
+                .min();
+            if !self.settings.gpus.is_empty() {
+                wake = Some(wake.map_or(next_sample, |w| w.min(next_sample)));
+            }
+            let received = signals
+                .wait(wake.map(|w| w.saturating_duration_since(now)))
+                .context("waiting for jobs")?;
+            if received.interrupt || received.terminate {
+                interrupts += 1;
+                if !stopping {
+                    stopping = true;
+                    self.scheduler.clear();
+                }
+                let (sig, grace) = if received.terminate {
+                    (Sig::Term, Some(self.settings.kill_after))
+                } else if interrupts == 1 {
+                    (Sig::Int, None)
+                } else {
+                    (Sig::Kill, None)
+                };
+                self.note(&match sig {
+                    Sig::Int => format!(
+                        "interrupted: starting no more jobs; SIGINT sent to {} running; Ctrl-C again kills them",
+                        self.running.len()
+                    ),
+                    Sig::Term => format!(
+                        "terminating: starting no more jobs; SIGTERM sent to {} running",
+                        self.running.len()
+                    ),
+                    Sig::Kill => format!("killing {} running jobs", self.running.len()),
+                });
+                let now = Instant::now();
+                for (&pid, r) in &mut self.running {
+                    sys::signal_group(pid, sig);
+                    if let Some(grace) = grace {
+                        r.kill_at.get_or_insert(now + grace);
+                    }
+                }
+            }
+            while let Some((pid, exit)) = sys::reap_any().context("reaping jobs")? {
+                if let Some(running) = self.running.remove(&pid) {
+                    // The job is its shell; whatever it left behind in its group goes too.
+                    sys::signal_group(pid, Sig::Kill);
+                    self.finish(running, exit, stopping)?;
+                }
+            }
+            let now = Instant::now();
+            for (&pid, r) in &mut self.running {
+                if r.kill_at.is_some_and(|k| k <= now) {
+                    sys::signal_group(pid, Sig::Kill);
+                    r.kill_at = Some(now + Duration::from_secs(3600));
+                } else if r.kill_at.is_none() && r.deadline.is_some_and(|d| d <= now) {
+                    r.timed_out = true;
+                    sys::signal_group(pid, Sig::Term);
+                    r.kill_at = Some(now + self.settings.kill_after);
+                }
+            }
+            if !self.settings.gpus.is_empty() && now >= next_sample {
+                self.sample_memory();
+                if self.settings.wait_free {
+                    self.refresh_availability();
+                }
+                next_sample = now + MEMORY_SAMPLE;
+            }
+        }
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        Ok(Report {
+            outcomes: std::mem::take(&mut self.outcomes),
+            interrupted: stopping,
+        })
+    }
+
+    fn start(&mut self, launch: Launch) -> anyhow::Result<()> {
+        let job = &self.jobs[launch.job];
+        let command = job.command_for_slot(launch.slot);
+        let mut env: BTreeMap<String, String> = job.env.clone();
+        if !self.settings.gpus.is_empty() {
+            let uuids: Vec<&str> = launch
+                .gpus
+                .iter()
+                .map(|&g| self.settings.gpus[g].uuid.as_str())
+                .collect();
+            let list = uuids.join(",");
+            env.insert("CUDA_VISIBLE_DEVICES".into(), list.clone());
+            env.insert("NVIDIA_VISIBLE_DEVICES".into(), list);
+        }
+        env.insert("GPUPROC_JOB_SEQ".into(), job.seq.to_string());
+        env.insert("GPUPROC_JOB_SLOT".into(), launch.slot.to_string());
+        env.insert("GPUPROC_JOB_ATTEMPT".into(), launch.attempt.to_string());
+        let (stdout, stderr) = match &self.settings.logs {
+            Some(dir) => {
+                let open = |ext: &str| {
+                    let path = dir.join(format!("{}.{ext}", job.seq));
+                    File::create(&path)
+                        .map(Stdio::from)
+                        .with_context(|| format!("creating log {}", path.display()))
+                };
+                (open("out")?, open("err")?)
+            }
+            None => (Stdio::inherit(), Stdio::inherit()),
+        };
+        let timeout = job
+            .timeout
+            .map(Duration::from_secs_f64)
+            .or(self.settings.timeout);
+        let start = Instant::now();
+        let start_wall = SystemTime::now();
+        match sys::spawn(&command, &env, stdout, stderr) {
+            Ok(pid) => {
+                self.running.insert(
+                    pid,
+                    Running {
+                        launch,
+                        start,
+                        start_wall,
+                        command,
+                        deadline: timeout.map(|t| start + t),
+                        kill_at: None,
+                        timed_out: false,
+                    },
+                );
+            }
+            Err(e) => {
+                // As a shell reports a command it cannot run.
+                self.note(&format!("job {}: cannot start /bin/sh: {e}", job.seq));
+                let running = Running {
+                    launch,
+                    start,
+                    start_wall,
+                    command,
+                    deadline: None,
+                    kill_at: None,
+                    timed_out: false,
+                };
+                self.finish(running, Exit::Code(127), false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, running: Running, exit: Exit, stopping: bool) -> anyhow::Result<()> {
+        let runtime = running.start.elapsed();
+        let failed = exit != Exit::Code(0) || running.timed_out;
+        let verdict = self.scheduler.finish(&running.launch, failed, stopping);
+        let job = &self.jobs[running.launch.job];
+        let (code, signal) = match exit {
+            Exit::Code(c) => (c, 0),
+            Exit::Signal(s) => (-1, s),
+        };
+        if let Some(log) = &mut self.settings.joblog {
+            let entry = Entry {
+                seq: job.seq,
+                start: running
+                    .start_wall
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                runtime: runtime.as_secs_f64(),
+                exit: code,
+                signal,
+                command: running.command.clone(),
+            };
+            // One write per line, so a killed runner leaves only whole lines.
+            let line = format!("{}\n", entry.to_line());
+            log.write_all(line.as_bytes())
+                .context("writing the job log")?;
+        }
+        let gpus: Vec<u32> = running
+            .launch
+            .gpus
+            .iter()
+            .map(|&g| self.settings.gpus[g].index)
+            .collect();
+        let outcome = &mut self.outcomes[running.launch.job];
+        outcome.command = running.command;
+        outcome.attempts = running.launch.attempt;
+        outcome.exit = Some(exit);
+        outcome.timed_out = running.timed_out;
+        outcome.runtime = runtime;
+        outcome.gpus = gpus;
+        let how = describe(exit, running.timed_out);
+        let seq = job.seq;
+        match verdict {
+            Verdict::Retry => {
+                let retries = job.retries.unwrap_or(0);
+                self.note(&format!(
+                    "job {seq} {how}; retrying (retry {} of {retries})",
+                    running.launch.attempt
+                ));
+            }
+            Verdict::Done => {
+                self.done += 1;
+                match (&self.bar, self.settings.progress) {
+                    (Some(bar), _) => {
+                        bar.inc(1);
+                        if failed {
+                            bar.println(format!("gpuproc: job {seq} {how}"));
+                        }
+                    }
+                    (None, Progress::Lines) => eprintln!(
+                        "gpuproc: [{}/{}] job {seq} {how} in {:.2}s",
+                        self.done,
+                        self.total,
+                        runtime.as_secs_f64()
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn note(&self, message: &str) {
+        match (&self.bar, self.settings.progress) {
+            (Some(bar), _) => bar.println(format!("gpuproc: {message}")),
+            (None, Progress::Quiet) => {}
+            (None, _) => eprintln!("gpuproc: {message}"),
+        }
+    }
+
+    fn sample_memory(&mut self) {
+        let Ok(gpus) = gpuproc::gpu::global() else {
+            return;
+        };
+        for (&pid, r) in &self.running {
+            if let Ok(usage) = gpus.usage_of(pid, true) {
+                let used = usage.total_memory();
+                let peak = &mut self.outcomes[r.launch.job].peak_memory;
+                *peak = Some(peak.unwrap_or(0).max(used));
+            }
+        }
+    }
+}
+
+impl Executor<'_> {
+    /// Marks GPUs used by processes that are not this run's (nor this runner) unavailable
+    /// for new jobs: other users' work, or a job's leftovers that escaped its group.
+    fn refresh_availability(&mut self) {
+        let Ok(nvml) = gpuproc::gpu::global() else {
+            return;
+        };
+        let Ok(devices) = nvml.devices(true) else {
+            return;
+        };
+        let mut ours: HashSet<u32> = HashSet::from([std::process::id()]);
+        for &pid in self.running.keys() {
+            ours.insert(pid);
+            if let Ok(usage) = nvml.usage_of(pid, true) {
+                ours.extend(usage.pids);
+            }
+        }
+        let mut waiting = Vec::new();
+        for (pos, gpu) in self.settings.gpus.iter().enumerate() {
+            let busy = devices
+                .iter()
+                .find(|d| d.index == gpu.index)
+                .and_then(|d| d.processes.as_ref())
+                .is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p.pid.is_none_or(|pid| !ours.contains(&pid)))
+                });
+            self.scheduler.set_available(pos, !busy);
+            if busy {
+                waiting.push(gpu.index.to_string());
+            }
+        }
+        if waiting != self.busy_gpus {
+            if !waiting.is_empty() {
+                self.note(&format!(
+                    "GPU {} in use by other processes; waiting for {} before giving {} jobs",
+                    waiting.join(","),
+                    if waiting.len() == 1 { "it" } else { "them" },
+                    if waiting.len() == 1 { "it" } else { "them" },
+                ));
+            }
+            self.busy_gpus = waiting;
+        }
+    }
+}
+
+impl Drop for Executor<'_> {
+    /// On an early return (an error), no job outlives the runner.
+    fn drop(&mut self) {
+        for &pid in self.running.keys() {
+            sys::signal_group(pid, Sig::Kill);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.running.is_empty() && Instant::now() < deadline {
+            match sys::reap_any() {
+                Ok(Some((pid, _))) => {
+                    self.running.remove(&pid);
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// "exited 0", "exited 3", "killed by signal 9", "timed out (killed by signal 15)".
+pub fn describe(exit: Exit, timed_out: bool) -> String {
+    let base = match exit {
+        Exit::Code(c) => format!("exited {c}"),
+        Exit::Signal(s) => format!("killed by signal {s}"),
+    };
+    if timed_out {
+        format!("timed out ({base})")
+    } else {
+        base
+    }
+}

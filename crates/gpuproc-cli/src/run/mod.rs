@@ -1,0 +1,419 @@
+//! `gpuproc run`: a job runner that spreads shell commands over GPUs.
+//!
+//! - [`jobs`]: the job list (files, stdin, templates), pure;
+//! - [`slots`]: where GPUs come from (the seam for leases from `gpuproc pick`);
+//! - [`schedule`]: which job runs where next, and retries, pure;
+//! - [`exec`]: processes, timeouts, signals, logs (its system calls in [`sys`]);
+//! - [`joblog`]: GNU parallel's job log and `--resume`; [`summary`]: the final table.
+
+pub mod exec;
+pub mod joblog;
+pub mod jobs;
+pub mod schedule;
+pub mod slots;
+pub mod summary;
+pub mod sys;
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use exec::{Executor, Progress, Settings};
+use jobs::{Format, Job};
+use schedule::Scheduler;
+use slots::{GpuSource, NvmlSource, Selection};
+use summary::SummaryRows;
+
+/// Exit status when at least one job failed.
+pub const EXIT_JOBS_FAILED: u8 = 3;
+/// Exit status when the run was interrupted (Ctrl-C, SIGTERM, SIGHUP).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+const RUN_HELP: &str = "Jobs:
+  gpuproc run -f jobs.txt                 one shell command per line (# comments)
+  gpuproc run -f jobs.toml                [[job]] cmd = \"...\", gpus, env, retries, timeout
+  gpuproc run < jobs.txt                  commands from standard input
+  gpuproc run -- python train.py --lr {1} --seed {2} ::: 0.1 0.01 ::: 1 2 3
+  ls *.cfg | gpuproc run -- python train.py --config {}
+Placeholders (templates only, as GNU parallel): {} all arguments, {1} {2} ... one of them,
+{#} the job's number, {%} its slot number. Arguments are shell-quoted.
+
+Each job runs as `sh -c COMMAND` in its own process group, with CUDA_VISIBLE_DEVICES and
+NVIDIA_VISIBLE_DEVICES set to the UUIDs of its GPUs, and GPUPROC_JOB_SEQ, GPUPROC_JOB_SLOT,
+GPUPROC_JOB_ATTEMPT. When a job's shell exits, what it left in its process group is killed.
+
+Ctrl-C once: start no more jobs and send SIGINT to running ones; twice: kill them.
+SIGTERM/SIGHUP: start no more jobs, send SIGTERM, SIGKILL after --kill-after.
+
+Exit status:
+  0    every job succeeded
+  1    error (bad job file, no GPUs, ...)
+  2    no NVIDIA driver or NVML library (use --cpu-only)
+  3    at least one job failed
+  64   bad command line
+  130  interrupted
+
+Environment:
+  GPUPROC_NVML_LIB  path of the libnvidia-ml to load instead of libnvidia-ml.so.1";
+
+/// Options of `gpuproc run`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = RUN_HELP)]
+pub struct RunArgs {
+    /// Read jobs from FILE (`-`: standard input). With a template, each line is one argument.
+    #[arg(short, long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Job file format; `auto`: TOML for files named *.toml, else one command per line.
+    #[arg(long, value_enum, default_value_t = FileFormat::Auto, value_name = "FORMAT")]
+    pub format: FileFormat,
+
+    /// GPUs to use: `all`, or NVML indices or UUIDs separated by commas (`0,1,3`).
+    #[arg(long, value_name = "LIST", default_value = "all", value_parser = Selection::parse)]
+    pub gpus: Selection,
+
+    /// Jobs sharing each GPU at once.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_gpu: u32,
+
+    /// GPUs each job gets (a TOML job's `gpus` overrides it).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub gpus_per_job: usize,
+
+    /// Run without GPUs: N slots (-j), no CUDA_VISIBLE_DEVICES, no NVML needed.
+    #[arg(long)]
+    pub cpu_only: bool,
+
+    /// At most N jobs at once (with --cpu-only: default the number of CPUs).
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_jobs: Option<u32>,
+
+    /// Retry a job that exits non-zero, is killed by a signal or times out, up to N times,
+    /// on other GPUs when there are any.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: u32,
+
+    /// Stop a job after SECONDS: SIGTERM, then SIGKILL after --kill-after.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: Option<f64>,
+
+    /// Seconds between SIGTERM and SIGKILL for a job that timed out or is being stopped.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_seconds)]
+    pub kill_after: f64,
+
+    /// Write each job's output to DIR/<job>.out and DIR/<job>.err (the latest attempt's),
+    /// instead of the runner's standard output and error.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+
+    /// Append a line per attempt to FILE, in GNU parallel's --joblog format.
+    #[arg(long, value_name = "FILE")]
+    pub joblog: Option<PathBuf>,
+
+    /// Skip jobs that --joblog records as succeeded (failed or interrupted ones run again).
+    #[arg(long, requires = "joblog")]
+    pub resume: bool,
+
+    /// Give no new jobs to a GPU while processes other than this run's jobs use it
+    /// (checked every second); jobs wait for such GPUs to become free.
+    #[arg(long, conflicts_with = "cpu_only")]
+    pub wait_free: bool,
+
+    /// Print which jobs would run, and where, without running anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// No progress bar or progress lines (the summary's totals line is still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Which jobs the final summary table lists.
+    #[arg(long, value_enum, default_value_t = SummaryRows::Auto, value_name = "ROWS")]
+    pub summary: SummaryRows,
+
+    /// The command template, then `:::` and argument lists; without a template, jobs are
+    /// whole commands from --file or standard input.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<String>,
+}
+
+/// `--format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FileFormat {
+    /// By the file name.
+    Auto,
+    /// One command per line.
+    Lines,
+    /// TOML `[[job]]` tables.
+    Toml,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a positive number of seconds, got {s:?}")),
+    }
+}
+
+/// Jobs failed or the run was interrupted: `main` turns this into the exit status after
+/// the summary has been printed.
+#[derive(Debug)]
+pub struct RunFailed {
+    /// Jobs that did not succeed.
+    pub failed: usize,
+    /// Whether the run was interrupted.
+    pub interrupted: bool,
+}
+
+impl RunFailed {
+    /// The process exit status.
+    pub fn exit_code(&self) -> u8 {
+        if self.interrupted {
+            EXIT_INTERRUPTED
+        } else {
+            EXIT_JOBS_FAILED
+        }
+    }
+}
+
+impl fmt::Display for RunFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.interrupted {
+            write!(f, "interrupted")
+        } else {
+            write!(
+                f,
+                "{} job{} failed",
+                self.failed,
+                if self.failed == 1 { "" } else { "s" }
+            )
+        }
+    }
+}
+
+impl std::error::Error for RunFailed {}
+
+/// Reads the job list the arguments describe.
+fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
+    let read_input = |path: &Option<PathBuf>| -> anyhow::Result<(String, String)> {
+        match path {
+            Some(p) if p.as_os_str() != "-" => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading job file {}", p.display()))?;
+                Ok((text, p.display().to_string()))
+            }
+            _ => {
+                if io::stdin().is_terminal() {
+                    eprintln!("gpuproc: reading jobs from standard input (Ctrl-D to end)");
+                }
+                let mut text = String::new();
+                io::stdin()
+                    .read_to_string(&mut text)
+                    .context("reading jobs from standard input")?;
+                Ok((text, "standard input".to_owned()))
+            }
+        }
+    };
+    let (template, lists) = jobs::split_template(&args.command);
+    if template.is_empty() && !lists.is_empty() {
+        bail!("`:::` without a command template before it; expected COMMAND ... ::: ARGS");
+    }
+    let jobs = if template.is_empty() {
+        let (text, source) = read_input(&args.file)?;
+        let format = match args.format {
+            FileFormat::Lines => Format::Lines,
+            FileFormat::Toml => Format::Toml,
+            FileFormat::Auto => match &args.file {
+                Some(p) if p.extension().is_some_and(|e| e == "toml") => Format::Toml,
+                _ => Format::Lines,
+            },
+        };
+        jobs::parse(&text, format, &source)?
+    } else if !lists.is_empty() {
+        if args.file.is_some() {
+            bail!("give arguments either after `:::` or with --file, not both");
+        }
+        jobs::expand(&template, &jobs::cartesian(&lists))?
+    } else {
+        let (text, _) = read_input(&args.file)?;
+        let rows: Vec<Vec<String>> = text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| vec![l.to_owned()])
+            .collect();
+        jobs::expand(&template, &rows)?
+    };
+    Ok(jobs)
+}
+
+/// Runs `gpuproc run`.
+///
+/// # Errors
+/// Bad input, no GPUs, an unwritable log; [`RunFailed`] when jobs failed or the run was
+/// interrupted.
+pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let mut jobs = load_jobs(args)?;
+    for job in &mut jobs {
+        job.retries.get_or_insert(args.retries);
+    }
+    let gpus = if args.cpu_only {
+        if let Some(job) = jobs.iter().find(|j| j.gpus.is_some_and(|n| n > 0)) {
+            bail!(
+                "job {} asks for {} GPUs, but --cpu-only runs without GPUs",
+                job.seq,
+                job.gpus.unwrap_or(0)
+            );
+        }
+        Vec::new()
+    } else {
+        let mut source = NvmlSource {
+            selection: args.gpus.clone(),
+        };
+        source.gpus()?
+    };
+    let needs: Vec<usize> = jobs
+        .iter()
+        .map(|j| {
+            if args.cpu_only {
+                0
+            } else {
+                j.gpus.unwrap_or(args.gpus_per_job)
+            }
+        })
+        .collect();
+    if let Some((i, &need)) = needs.iter().enumerate().find(|(_, &n)| n > gpus.len()) {
+        bail!(
+            "job {} needs {need} GPUs, but only {} {} selected",
+            jobs[i].seq,
+            gpus.len(),
+            if gpus.len() == 1 { "is" } else { "are" }
+        );
+    }
+    let per_gpu = args.per_gpu as usize;
+    let max_slots = if args.cpu_only {
+        args.max_jobs
+            .map_or_else(gpuproc::cpu_count, |j| j as usize)
+    } else {
+        let capacity = gpus.len() * per_gpu;
+        args.max_jobs
+            .map_or(capacity, |j| (j as usize).min(capacity))
+    };
+
+    let mut skip = vec![false; jobs.len()];
+    if args.resume {
+        if let Some(path) = &args.joblog {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let done = joblog::succeeded(&text, &path.display().to_string())?;
+                    for (i, job) in jobs.iter().enumerate() {
+                        if let Some(command) = done.get(&job.seq) {
+                            if !job.slot_placeholder
+                                && command != &job.command.replace(['\t', '\n'], " ")
+                            {
+                                bail!(
+                                    "--resume: job {} in {} was `{command}`, now it is `{}`; \
+                                     the job list changed (start a new job log)",
+                                    job.seq,
+                                    path.display(),
+                                    job.command
+                                );
+                            }
+                            skip[i] = true;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading job log {}", path.display()))
+                }
+            }
+        }
+    }
+
+    let retries: Vec<u32> = jobs.iter().map(|j| j.retries.unwrap_or(0)).collect();
+    let scheduler = Scheduler::new(needs, retries, &skip, gpus.len(), per_gpu, max_slots);
+
+    if args.dry_run {
+        let mut out = io::stdout().lock();
+        writeln!(out, "job\tslot\tgpus\tcommand")?;
+        for launch in schedule::simulate(scheduler) {
+            let job = &jobs[launch.job];
+            let gpu_list: Vec<String> = launch
+                .gpus
+                .iter()
+                .map(|&g| gpus[g].index.to_string())
+                .collect();
+            writeln!(
+                out,
+                "{}\t{}\t{}\t{}",
+                job.seq,
+                launch.slot,
+                if gpu_list.is_empty() {
+                    "-".to_owned()
+                } else {
+                    gpu_list.join(",")
+                },
+                job.command_for_slot(launch.slot)
+            )?;
+        }
+        out.flush()?;
+        return Ok(());
+    }
+
+    if let Some(dir) = &args.logs {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating log directory {}", dir.display()))?;
+    }
+    let joblog = match &args.joblog {
+        Some(path) => {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening job log {}", path.display()))?;
+            if file.metadata().map(|m| m.len() == 0).unwrap_or(false) {
+                writeln!(file, "{}", joblog::HEADER)
+                    .with_context(|| format!("writing job log {}", path.display()))?;
+            }
+            Some(file)
+        }
+        None => None,
+    };
+    let progress = if args.quiet {
+        Progress::Quiet
+    } else if io::stderr().is_terminal() {
+        Progress::Bar
+    } else {
+        Progress::Lines
+    };
+    let gpu_mode = !gpus.is_empty();
+    let settings = Settings {
+        gpus,
+        timeout: args.timeout.map(Duration::from_secs_f64),
+        kill_after: Duration::from_secs_f64(args.kill_after),
+        logs: args.logs.clone(),
+        joblog,
+        progress,
+        wait_free: args.wait_free,
+    };
+    let report = Executor::new(&jobs, &skip, scheduler, settings).run()?;
+    let text = summary::render(&report, args.summary, gpu_mode);
+    let _ = io::stderr().write_all(text.as_bytes());
+    let failed = report.outcomes.iter().filter(|o| !o.succeeded()).count();
+    if report.interrupted || failed > 0 {
+        return Err(RunFailed {
+            failed,
+            interrupted: report.interrupted,
+        }
+        .into());
+    }
+    Ok(())
+}

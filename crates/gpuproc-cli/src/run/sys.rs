@@ -1,0 +1,189 @@
+//! Every system call the runner makes: spawning jobs in their own process groups, reaping
+//! them, signalling groups, and turning signals into something a loop can wait on.
+//! No `unsafe` here: signal-hook installs the handlers, rustix makes the calls.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{kill_process_group, wait, Pid, Signal, WaitOptions};
+
+/// How a job's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this status.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// Starts `sh -c command` as the leader of a new process group, with stdin from
+/// `/dev/null`, the given environment additions and output, and returns its pid.
+///
+/// The job's own group lets the runner signal everything the job started at once, and
+/// keeps the terminal's Ctrl-C from reaching jobs directly: the runner decides what they
+/// get.
+///
+/// # Errors
+/// When `sh` cannot be started.
+pub fn spawn(
+    command: &str,
+    env: &BTreeMap<String, String>,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> io::Result<u32> {
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()?;
+    // The runner reaps with waitpid(-1); the `Child` handle is not needed (dropping it
+    // neither waits nor kills).
+    Ok(child.id())
+}
+
+/// Reaps one finished child without blocking; `None` when none has finished (or there
+/// are no children).
+///
+/// # Errors
+/// An unexpected `waitpid` failure.
+pub fn reap_any() -> io::Result<Option<(u32, Exit)>> {
+    match wait(WaitOptions::NOHANG) {
+        Ok(Some((pid, status))) => {
+            let exit = match (status.exit_status(), status.terminating_signal()) {
+                (Some(code), _) => Exit::Code(code),
+                (None, Some(sig)) => Exit::Signal(sig),
+                (None, None) => return Ok(None),
+            };
+            Ok(Some((pid.as_raw_nonzero().get() as u32, exit)))
+        }
+        Ok(None) => Ok(None),
+        Err(rustix::io::Errno::CHILD) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The signals the runner sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    /// SIGINT, forwarded on the first Ctrl-C.
+    Int,
+    /// SIGTERM, on a timeout or when the runner is asked to terminate.
+    Term,
+    /// SIGKILL, when a job ignores the above, or on the second Ctrl-C.
+    Kill,
+}
+
+/// Sends `sig` to process group `pgid`. A group that no longer exists is not an error.
+pub fn signal_group(pgid: u32, sig: Sig) {
+    let sig = match sig {
+        Sig::Int => Signal::INT,
+        Sig::Term => Signal::TERM,
+        Sig::Kill => Signal::KILL,
+    };
+    if let Some(pid) = Pid::from_raw(pgid as i32) {
+        // ESRCH (already gone) and EPERM (pid reused by another user) both mean "not ours".
+        let _ = kill_process_group(pid, sig);
+    }
+}
+
+/// What the runner was asked to do by signals since the last look.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// SIGINT arrived.
+    pub interrupt: bool,
+    /// SIGTERM or SIGHUP arrived.
+    pub terminate: bool,
+}
+
+/// SIGCHLD, SIGINT, SIGTERM and SIGHUP turned into a wake-up on a socket, so that one
+/// `poll` waits for "a job ended", "the user pressed Ctrl-C" and the next deadline.
+/// The handlers are removed on drop.
+#[derive(Debug)]
+pub struct Signals {
+    wake: UnixStream,
+    interrupt: Arc<AtomicBool>,
+    terminate: Arc<AtomicBool>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    ///
+    /// # Errors
+    /// When the socket pair or a handler cannot be set up.
+    pub fn install() -> io::Result<Signals> {
+        use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+        let (wake, writer) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let terminate = Arc::new(AtomicBool::new(false));
+        let mut ids = vec![
+            signal_hook::flag::register(SIGINT, Arc::clone(&interrupt))?,
+            signal_hook::flag::register(SIGTERM, Arc::clone(&terminate))?,
+            signal_hook::flag::register(SIGHUP, Arc::clone(&terminate))?,
+        ];
+        for sig in [SIGCHLD, SIGINT, SIGTERM, SIGHUP] {
+            ids.push(signal_hook::low_level::pipe::register(
+                sig,
+                writer.try_clone()?,
+            )?);
+        }
+        Ok(Signals {
+            wake,
+            interrupt,
+            terminate,
+            ids,
+        })
+    }
+
+    /// Waits until a signal arrives or `timeout` passes (`None`: no limit), then reports
+    /// (and clears) the interrupt and terminate requests.
+    ///
+    /// # Errors
+    /// An unexpected `poll` or `read` failure.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<Received> {
+        let timeout = timeout.map(|t| Timespec {
+            tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        let mut fds = [PollFd::new(&self.wake, PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut buf = [0u8; 256];
+        loop {
+            match self.wake.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Received {
+            interrupt: self.interrupt.swap(false, Ordering::SeqCst),
+            terminate: self.terminate.swap(false, Ordering::SeqCst),
+        })
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}

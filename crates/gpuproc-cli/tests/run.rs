@@ -1,0 +1,562 @@
+//! `gpuproc run` end to end: real `sh -c` jobs on the NVML simulator's GPUs.
+//!
+//! Jobs report what they saw by writing files; the tests poll for those files with
+//! deadlines, never sleep to synchronise, and kill whatever they started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn sim_lib() -> PathBuf {
+    nvml_sim::library_path()
+        .expect("libnvml_sim.so not found: build the workspace first (cargo build --workspace)")
+}
+
+fn gpuproc(scenario: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+    command
+        .env("GPUPROC_NVML_LIB", sim_lib())
+        .env("NVML_SIM_SCENARIO", scenario)
+        .env_remove("NVML_SIM_STATE_DIR")
+        .env_remove("CUDA_VISIBLE_DEVICES");
+    command
+}
+
+/// Runs `command` to completion with `stdin`, killing it if it outlives `DEADLINE`.
+fn run_with(mut command: Command, stdin: Stdio) -> Output {
+    let child = command
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(output) => output.expect("wait for gpuproc"),
+        Err(_) => {
+            signal(pid as i32, rustix::process::Signal::KILL);
+            panic!("{command:?} did not finish within {DEADLINE:?}");
+        }
+    }
+}
+
+fn run(command: Command) -> Output {
+    run_with(command, Stdio::null())
+}
+
+fn signal(pid: i32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+fn kill_group(pgid: i32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pgid) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gpuproc-run-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Polls `check` until it returns `Some`, or panics after `DEADLINE`.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Whether `pid` is gone (or a zombie, which can run nothing).
+fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// The simulated GPUs' UUIDs, by NVML index, from `gpuproc gpus --json`.
+fn uuids(scenario: &str) -> Vec<String> {
+    let mut cmd = gpuproc(scenario);
+    cmd.args(["gpus", "--json"]);
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("gpus --json");
+    json["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["uuid"].as_str().expect("uuid").to_owned())
+        .collect()
+}
+
+/// A job line that records what it saw in `dir/seen.<seq>` and, when `hold`, waits for
+/// `dir/go` before exiting.
+fn reporting_job(dir: &Path, hold: bool) -> String {
+    let d = dir.display();
+    let wait = if hold {
+        format!("; while [ ! -e {d}/go ]; do sleep 0.01; done")
+    } else {
+        String::new()
+    };
+    format!(
+        "echo \"$CUDA_VISIBLE_DEVICES $NVIDIA_VISIBLE_DEVICES $GPUPROC_JOB_SLOT\" > {d}/seen.tmp.$GPUPROC_JOB_SEQ && mv {d}/seen.tmp.$GPUPROC_JOB_SEQ {d}/seen.$GPUPROC_JOB_SEQ{wait}"
+    )
+}
+
+fn seen(dir: &Path) -> Vec<(usize, String)> {
+    let mut seen: Vec<(usize, String)> = std::fs::read_dir(dir)
+        .expect("read scratch dir")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let seq = name.strip_prefix("seen.")?.parse().ok()?;
+            Some((seq, read(&dir.join(name)).trim().to_owned()))
+        })
+        .collect();
+    seen.sort();
+    seen
+}
+
+#[test]
+fn jobs_spread_over_gpus_respecting_per_gpu() {
+    let dir = scratch_dir("spread");
+    let uuids = uuids("4gpu");
+    let jobs = dir.join("jobs.txt");
+    let line = reporting_job(&dir, true);
+    std::fs::write(&jobs, format!("{line}\n").repeat(8)).expect("write jobs");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus", "0,2", "--per-gpu", "2", "-f"])
+        .arg(&jobs);
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gpuproc");
+    let pid = child.id() as i32;
+    // Four slots (2 GPUs x 2): the first wave holds until `go` exists.
+    let first = wait_for("the first four jobs", || {
+        let s = seen(&dir);
+        (s.len() >= 4).then_some(s)
+    });
+    let count = |uuid: &str, of: &[(usize, String)]| {
+        of.iter()
+            .filter(|(_, s)| s.split(' ').next() == Some(uuid))
+            .count()
+    };
+    assert_eq!(first.len(), 4, "{first:?}");
+    assert_eq!(count(&uuids[0], &first), 2, "{first:?}");
+    assert_eq!(count(&uuids[2], &first), 2, "{first:?}");
+    std::fs::write(dir.join("go"), "").expect("release the jobs");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            signal(pid, rustix::process::Signal::KILL);
+            panic!("gpuproc run did not finish");
+        }
+    };
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = seen(&dir);
+    assert_eq!(all.len(), 8, "{all:?}");
+    for (_, s) in &all {
+        let fields: Vec<&str> = s.split(' ').collect();
+        assert!(fields[0] == uuids[0] || fields[0] == uuids[2], "{s}");
+        assert_eq!(fields[0], fields[1], "NVIDIA_VISIBLE_DEVICES matches: {s}");
+        let slot: usize = fields[2].parse().expect("slot");
+        assert!((1..=4).contains(&slot), "{s}");
+    }
+    assert!(
+        stderr(&out).contains("8 succeeded, 0 failed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn multi_gpu_jobs_and_templates() {
+    let dir = scratch_dir("template");
+    let uuids = uuids("4gpu");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus-per-job", "2", "--", "echo"])
+        .arg(format!(
+            "\"$CUDA_VISIBLE_DEVICES\" > {}/seen.{{#}}; echo {{2}}-{{1}} {{}} > {}/args.{{#}}",
+            dir.display(),
+            dir.display()
+        ))
+        .args([":::", "a b", "c", ":::", "1", "2"]);
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read(&dir.join("args.1")), "1-a b a b 1\n");
+    assert_eq!(read(&dir.join("args.4")), "2-c c 2\n");
+    for (_, s) in seen(&dir) {
+        let gpus: Vec<&str> = s.split(',').collect();
+        assert_eq!(gpus.len(), 2, "{s}");
+        assert!(gpus.iter().all(|g| uuids.iter().any(|u| u == g)), "{s}");
+        assert_ne!(gpus[0], gpus[1], "{s}");
+    }
+}
+
+#[test]
+fn failing_job_is_retried_on_another_gpu_then_reported() {
+    let dir = scratch_dir("retry");
+    let uuids = uuids("4gpu");
+    let joblog = dir.join("log.tsv");
+    let tries = dir.join("tries");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus", "0,1", "--retries", "2", "--joblog"])
+        .arg(&joblog)
+        .arg("--")
+        .arg(format!(
+            "echo $CUDA_VISIBLE_DEVICES >> {}; exit 7",
+            tries.display()
+        ))
+        .args([":::", "x"]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let tried: Vec<String> = read(&tries).lines().map(str::to_owned).collect();
+    assert_eq!(
+        tried,
+        [uuids[0].clone(), uuids[1].clone(), uuids[0].clone()],
+        "retries move GPUs"
+    );
+    let err = stderr(&out);
+    assert!(err.contains("retrying (retry 1 of 2)"), "{err}");
+    assert!(err.contains("0 succeeded, 1 failed"), "{err}");
+    assert!(err.contains("gpuproc: 1 job failed"), "{err}");
+    let row = err
+        .lines()
+        .find(|l| l.trim_start().starts_with("1 "))
+        .expect("summary row");
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cols[1], cols[3]), ("7", "2"), "{row}");
+    let log = read(&joblog);
+    assert_eq!(log.lines().count(), 4, "header and three attempts: {log}");
+    assert!(
+        log.lines()
+            .skip(1)
+            .all(|l| l.split('\t').nth(6) == Some("7")),
+        "{log}"
+    );
+}
+
+#[test]
+fn resume_after_killing_the_runner_runs_only_the_rest() {
+    let dir = scratch_dir("resume");
+    let joblog = dir.join("log.tsv");
+    let d = dir.display();
+    // Job 4 of 6 blocks (until `go` exists) and records its pid, so the runner can be
+    // killed while it runs.
+    let lines: Vec<String> = (1..=6)
+        .map(|i| {
+            let hold = if i == 4 {
+                format!("; echo $$ > {d}/pid4; while [ ! -e {d}/go ]; do sleep 0.01; done")
+            } else {
+                String::new()
+            };
+            format!("echo {i} >> {d}/ran.$RUN{hold}")
+        })
+        .collect();
+    let jobs = dir.join("jobs.txt");
+    std::fs::write(&jobs, lines.join("\n")).expect("write jobs");
+    let mut first = gpuproc("4gpu");
+    first
+        .args(["run", "--cpu-only", "-j", "1", "--joblog"])
+        .arg(&joblog)
+        .arg("-f")
+        .arg(&jobs)
+        .env("RUN", "a")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut runner: Child = first.spawn().expect("spawn gpuproc");
+    let job4: i32 = wait_for("job 4 to start", || {
+        read(&dir.join("pid4")).trim().parse().ok()
+    });
+    signal(runner.id() as i32, rustix::process::Signal::KILL);
+    let _ = runner.wait();
+    // The runner died without cleaning up; job 4 is in its own group.
+    kill_group(job4);
+    wait_for("job 4 to die", || is_gone(job4).then_some(()));
+    assert_eq!(read(&dir.join("ran.a")), "1\n2\n3\n4\n");
+
+    std::fs::write(dir.join("go"), "").expect("go");
+    let mut second = gpuproc("4gpu");
+    second
+        .args(["run", "--cpu-only", "-j", "2", "--resume", "--joblog"])
+        .arg(&joblog)
+        .arg("-f")
+        .arg(&jobs)
+        .env("RUN", "b");
+    let out = run(second);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut ran: Vec<String> = read(&dir.join("ran.b"))
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    ran.sort();
+    assert_eq!(ran, ["4", "5", "6"]);
+    assert!(
+        stderr(&out).contains("3 done before (--resume)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A changed job list is refused rather than silently mismatched.
+    std::fs::write(&jobs, "echo other\n").expect("rewrite jobs");
+    let mut third = gpuproc("4gpu");
+    third
+        .args(["run", "--cpu-only", "--resume", "--joblog"])
+        .arg(&joblog)
+        .arg("-f")
+        .arg(&jobs);
+    let out = run(third);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("the job list changed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn sigint_twice_leaves_no_processes() {
+    let dir = scratch_dir("sigint");
+    let joblog = dir.join("log.tsv");
+    let d = dir.display();
+    // Job 1 leaves a background grandchild (which a non-interactive shell starts with
+    // SIGINT ignored) and waits; job 2 ignores SIGINT altogether.
+    let jobs = format!(
+        "sleep 1000 & echo $$ $! > {d}/pids.1; wait\n\
+         trap '' INT; sleep 1000 & echo $$ $! > {d}/pids.2; while :; do wait; done\n"
+    );
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus", "0,1", "--joblog"])
+        .arg(&joblog)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut runner = cmd.spawn().expect("spawn gpuproc");
+    {
+        use std::io::Write;
+        let mut stdin = runner.stdin.take().expect("stdin");
+        stdin.write_all(jobs.as_bytes()).expect("write jobs");
+    }
+    let runner_pid = runner.id() as i32;
+    let pids: Vec<i32> = (1..=2)
+        .flat_map(|i| {
+            let path = dir.join(format!("pids.{i}"));
+            wait_for("the jobs to start", || {
+                let text = read(&path);
+                let p: Vec<i32> = text
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
+                (p.len() == 2).then_some(p)
+            })
+        })
+        .collect();
+    signal(runner_pid, rustix::process::Signal::INT);
+    // Job 1's shell dies of SIGINT and its leftover sleep is killed with its group.
+    wait_for("job 1 to end", || {
+        (read(&joblog).lines().count() >= 2).then_some(())
+    });
+    wait_for("job 1's processes to go", || {
+        (is_gone(pids[0]) && is_gone(pids[1])).then_some(())
+    });
+    assert!(
+        !is_gone(pids[2]),
+        "job 2 ignores SIGINT and is still running"
+    );
+    signal(runner_pid, rustix::process::Signal::INT);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(runner.wait_with_output());
+    });
+    let out = match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            signal(runner_pid, rustix::process::Signal::KILL);
+            for &p in &pids {
+                kill_group(p);
+            }
+            panic!("gpuproc run did not end after the second Ctrl-C");
+        }
+    };
+    for &p in &pids {
+        kill_group(p);
+    }
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    for &p in &pids {
+        wait_for("every job process to go", || is_gone(p).then_some(()));
+    }
+    let err = stderr(&out);
+    assert!(err.contains("interrupted: starting no more jobs"), "{err}");
+    assert!(err.contains("(interrupted)"), "{err}");
+}
+
+#[test]
+fn timeout_stops_a_job() {
+    let mut cmd = gpuproc("4gpu");
+    cmd.args([
+        "run",
+        "--cpu-only",
+        "--timeout",
+        "0.3",
+        "--",
+        "sleep",
+        ":::",
+        "1000",
+    ]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timeout"), "{}", stderr(&out));
+}
+
+#[test]
+fn busy_gpus_wait_with_wait_free() {
+    let dir = scratch_dir("waitfree");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    // This test process "uses" 1 GiB on GPU 0: someone else's work.
+    std::fs::write(
+        state.join(format!("0-{}", std::process::id())),
+        "1073741824",
+    )
+    .expect("state");
+    let uuids = uuids("4gpu");
+    let mut cmd = gpuproc("4gpu");
+    cmd.env("NVML_SIM_STATE_DIR", &state)
+        .args(["run", "--gpus", "0,1", "--wait-free", "--", "echo"])
+        .arg(format!(
+            "$CUDA_VISIBLE_DEVICES > {}/seen.{{#}} # {{}}",
+            dir.display()
+        ))
+        .args([":::", "a", "b", "c"]);
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = seen(&dir);
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|(_, s)| s == &uuids[1]), "{all:?}");
+    assert!(
+        stderr(&out).contains("GPU 0 in use by other processes"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn malformed_job_files_name_the_line() {
+    let dir = scratch_dir("malformed");
+    let lines = dir.join("jobs.txt");
+    std::fs::write(&lines, "echo a\n\necho 'b\necho c\n").expect("write");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--cpu-only", "-f"]).arg(&lines);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let expected = format!("{}: line 3: unterminated single quote", lines.display());
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+
+    let toml = dir.join("jobs.toml");
+    std::fs::write(
+        &toml,
+        "[[job]]\ncmd = \"echo a\"\n\n[[job]]\ncmd = \"echo b\"\nretries = \"many\"\n",
+    )
+    .expect("write");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--cpu-only", "-f"]).arg(&toml);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("jobs.toml: line 6:"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Nothing ran.
+    assert!(seen(&dir).is_empty());
+}
+
+#[test]
+fn toml_jobs_dry_run_and_help() {
+    let dir = scratch_dir("toml");
+    let toml = dir.join("jobs.toml");
+    std::fs::write(
+        &toml,
+        "[defaults]\nenv = { GREETING = \"hi\" }\n\n[[job]]\ncmd = \"echo $GREETING one\"\ngpus = 2\n\n[[job]]\ncmd = \"echo $GREETING two\"\n",
+    )
+    .expect("write");
+    let mut dry = gpuproc("4gpu");
+    dry.args(["run", "--dry-run", "-f"]).arg(&toml);
+    let out = run(dry);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "job\tslot\tgpus\tcommand\n1\t1\t0,1\techo $GREETING one\n2\t2\t2\techo $GREETING two\n"
+    );
+    let mut real = gpuproc("4gpu");
+    real.args(["run", "-f"]).arg(&toml);
+    let out = run(real);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut printed: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    printed.sort();
+    assert_eq!(printed, ["hi one", "hi two"]);
+
+    let mut help = gpuproc("4gpu");
+    help.args(["run", "--help"]);
+    let text = stdout(&run(help));
+    for needle in [
+        "--per-gpu",
+        "--gpus-per-job",
+        "--resume",
+        ":::",
+        "{%}",
+        "Ctrl-C",
+        "130",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+
+    let mut no_jobs = gpuproc("4gpu");
+    no_jobs.args(["run", "--cpu-only"]);
+    let out = run_with(no_jobs, Stdio::null());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("0 succeeded, 0 failed"),
+        "{}",
+        stderr(&out)
+    );
+}
