@@ -46,6 +46,16 @@ pub(crate) fn append_frame_parts(buf: &mut Vec<u8>, parts: &[&[u8]], nfds: usize
 
 /// Sends one frame.
 pub(crate) fn send_frame(sock: BorrowedFd<'_>, payload: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    send_frame_borrowed(sock, payload, &borrowed)
+}
+
+/// Sends one frame with borrowed descriptors (the kernel duplicates them into the message).
+pub(crate) fn send_frame_borrowed(
+    sock: BorrowedFd<'_>,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
     if u32::try_from(payload.len()).is_err() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -57,8 +67,7 @@ pub(crate) fn send_frame(sock: BorrowedFd<'_>, payload: &[u8], fds: &[OwnedFd]) 
     }
     let mut bytes = Vec::with_capacity(HEADER + payload.len());
     append_frame(&mut bytes, payload, fds.len());
-    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-    sys::send_all(sock, &bytes, &borrowed)
+    sys::send_all(sock, &bytes, fds)
 }
 
 /// What [`FrameReader::read`] found.

@@ -37,6 +37,8 @@ struct Client {
     reader: FrameReader,
     /// The process that started this server; a forked child must start its own.
     owner: u32,
+    /// The server's pid, to reap it if it dies before we do.
+    pid: u32,
 }
 
 static SERVER: Mutex<Option<Client>> = Mutex::new(None);
@@ -71,29 +73,28 @@ impl Client {
         let child = cmd.spawn().map_err(ProcessError::io(
             "starting the fork server (/proc/self/exe)",
         ))?;
-        // The server is reaped by the kernel's init when it exits after we do, or by us never:
-        // it lives as long as this process, so its `Child` handle is simply dropped.
+        // The server lives as long as this process (init reaps it after we exit); if it dies
+        // first, `fork_child` reaps it. std's handle neither waits nor kills on drop.
+        let pid = child.id();
         drop(child);
         drop(theirs);
         Ok(Client {
             sock: ours,
             reader: FrameReader::default(),
             owner: sys::getpid(),
+            pid,
         })
     }
 
-    fn request(&mut self, child_ctrl: OwnedFd) -> Result<u32, ProcessError> {
+    fn request(&mut self, child_ctrl: &OwnedFd) -> Result<u32, ProcessError> {
         let (bytes, _) = ipc::encode(&ForkRequest {
             parent_pid: sys::getpid(),
         })
         .map_err(|e| lost(e.to_string()))?;
-        let mut fds = vec![child_ctrl];
-        for fd in sys::stdio_fds() {
-            fds.push(sys::dup(fd).map_err(ProcessError::io("duplicating standard streams"))?);
-        }
-        ipc::send_frame(self.sock.as_fd(), &bytes, &fds)
+        let [stdin, stdout, stderr] = sys::stdio_fds();
+        let fds = [child_ctrl.as_fd(), stdin, stdout, stderr];
+        ipc::send_frame_borrowed(self.sock.as_fd(), &bytes, &fds)
             .map_err(|e| lost(format!("cannot send it a request: {e}")))?;
-        drop(fds);
         match self
             .reader
             .read(self.sock.as_fd(), Some(Instant::now() + REPLY_TIMEOUT))
@@ -116,21 +117,31 @@ impl Client {
 pub(crate) fn fork_child(child_ctrl: OwnedFd) -> Result<u32, ProcessError> {
     let mut guard = SERVER.lock().unwrap_or_else(|p| p.into_inner());
     if guard.as_ref().is_some_and(|c| c.owner != sys::getpid()) {
-        // Inherited through a fork: that server belongs to our parent.
-        if let Some(old) = guard.take() {
-            std::mem::forget(old.sock);
-        }
-    }
-    if guard.is_none() {
-        *guard = Some(Client::start()?);
-    }
-    let client = guard.as_mut().expect("just set");
-    let res = client.request(child_ctrl);
-    if let Err(ProcessError::ForkServer { .. }) = res {
-        // Start afresh next time.
+        // Inherited through a fork: that server belongs to our parent (closing our copy of
+        // its socket does not affect the parent's).
         *guard = None;
     }
-    res
+    // A server that died since the last request (killed by someone) is replaced once.
+    for attempt in 0..2 {
+        if guard.is_none() {
+            *guard = Some(Client::start()?);
+        }
+        let client = guard.as_mut().expect("just set");
+        match client.request(&child_ctrl) {
+            Err(ProcessError::ForkServer { reason }) => {
+                // Make sure the old server is gone and reaped (no zombie), then start afresh.
+                if let Some(old) = guard.take() {
+                    let _ = sys::signal(old.pid, sys::Sig::Kill);
+                    let _ = sys::waitpid(old.pid, true);
+                }
+                if attempt == 1 {
+                    return Err(ProcessError::ForkServer { reason });
+                }
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns on its second attempt")
 }
 
 struct Running {

@@ -423,3 +423,25 @@ fn killing_the_parent_kills_every_child_and_the_fork_server() {
     );
     assert!(mid.join_timeout(TIMEOUT).unwrap_err().is_killed());
 }
+
+fn os_parent(_: ()) -> u32 {
+    std::os::unix::process::parent_id()
+}
+
+#[test]
+fn a_killed_fork_server_is_replaced_and_reaped() {
+    // A fork-server child's operating-system parent is the server.
+    let server = run(StartMethod::ForkServer, os_parent, ()).unwrap();
+    assert_ne!(server, std::process::id());
+    // SAFETY: a plain system call on our own fork server.
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    assert!(support::wait_all_ended(&[server], Instant::now() + TIMEOUT).is_empty());
+    // The next start notices, reaps the old server and starts a new one.
+    assert_eq!(run(StartMethod::ForkServer, square, 5).unwrap(), 25);
+    let replacement = run(StartMethod::ForkServer, os_parent, ()).unwrap();
+    assert_ne!(replacement, server);
+    assert!(
+        !support::zombie_children().contains(&server),
+        "the dead server was not reaped"
+    );
+}
