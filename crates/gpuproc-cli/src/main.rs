@@ -4,6 +4,7 @@ mod cli;
 mod cmd;
 mod run;
 mod table;
+mod units;
 
 use std::io::{self, Write};
 use std::process::ExitCode;

@@ -1,7 +1,8 @@
 //! `gpuproc run` end to end: real `sh -c` jobs on the NVML simulator's GPUs.
 //!
 //! Jobs report what they saw by writing files; the tests poll for those files with
-//! deadlines, never sleep to synchronise, and kill whatever they started.
+//! deadlines, never sleep to synchronise, and kill whatever they started. Each test has its
+//! own GPU lease table (`GPUPROC_RUNTIME_DIR`, named after the test's thread).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -15,10 +16,23 @@ fn sim_lib() -> PathBuf {
         .expect("libnvml_sim.so not found: build the workspace first (cargo build --workspace)")
 }
 
+/// The calling test's lease table directory: libtest names each test's thread after it.
+fn runtime_dir() -> PathBuf {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    let dir =
+        std::env::temp_dir().join(format!("gpuproc-run-{}-runtime-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create runtime dir");
+    dir
+}
+
 fn gpuproc(scenario: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
     command
         .env("GPUPROC_NVML_LIB", sim_lib())
+        .env("GPUPROC_RUNTIME_DIR", runtime_dir())
         .env("NVML_SIM_SCENARIO", scenario)
         .env_remove("NVML_SIM_STATE_DIR")
         .env_remove("CUDA_VISIBLE_DEVICES");
@@ -446,21 +460,214 @@ fn timeout_stops_a_job() {
     assert!(stderr(&out).contains("timeout"), "{}", stderr(&out));
 }
 
+/// Lines of a child's pipe, as they come.
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A child killed (with its process group) and reaped when dropped, so that no test leaves
+/// processes behind, even when it fails.
+struct Guard {
+    child: Option<Child>,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    seen_stderr: String,
+}
+
+impl Guard {
+    fn start(mut command: Command) -> Guard {
+        use std::os::unix::process::CommandExt;
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let stdout = lines(child.stdout.take().expect("stdout"));
+        let stderr = lines(child.stderr.take().expect("stderr"));
+        Guard {
+            child: Some(child),
+            stdout,
+            stderr,
+            seen_stderr: String::new(),
+        }
+    }
+
+    fn line(&self) -> String {
+        self.stdout
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no line from the child within {DEADLINE:?}"))
+    }
+
+    /// Standard error up to the first line containing `needle`.
+    fn stderr_until(&mut self, needle: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        while !self.seen_stderr.contains(needle) {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen_stderr.push_str(&line);
+                    self.seen_stderr.push('\n');
+                }
+                Err(_) => panic!(
+                    "{needle:?} not on stderr within {DEADLINE:?}:\n{}",
+                    self.seen_stderr
+                ),
+            }
+        }
+        self.seen_stderr.clone()
+    }
+
+    /// Waits for the child to exit (with a deadline) and returns its status and the rest of
+    /// its standard error.
+    fn finish(&mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("child");
+        let end = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= end {
+                kill_group(child.id() as i32);
+                let _ = child.wait();
+                panic!("child did not exit within {DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut text = std::mem::take(&mut self.seen_stderr);
+        while let Ok(line) = self.stderr.recv_timeout(DEADLINE) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        (status, text)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_group(child.id() as i32);
+            let _ = child.wait();
+        }
+    }
+}
+
 #[test]
 fn busy_gpus_wait_with_wait_free() {
     let dir = scratch_dir("waitfree");
     let state = dir.join("state");
     std::fs::create_dir_all(&state).expect("state dir");
     // This test process "uses" 1 GiB on GPU 0: someone else's work.
-    std::fs::write(
-        state.join(format!("0-{}", std::process::id())),
-        "1073741824",
-    )
-    .expect("state");
+    let foreign = state.join(format!("0-{}", std::process::id()));
+    std::fs::write(&foreign, "1073741824").expect("state");
     let uuids = uuids("4gpu");
     let mut cmd = gpuproc("4gpu");
     cmd.env("NVML_SIM_STATE_DIR", &state)
-        .args(["run", "--gpus", "0,1", "--wait-free", "--", "echo"])
+        .args(["run", "--gpus", "0", "--wait-free", "--", "echo"])
+        .arg(format!(
+            "$CUDA_VISIBLE_DEVICES > {}/seen.{{#}} # {{}}",
+            dir.display()
+        ))
+        .args([":::", "a", "b", "c"]);
+    let mut runner = Guard::start(cmd);
+    runner.stderr_until("GPU 0: used by other processes");
+    assert!(seen(&dir).is_empty(), "no job ran on the busy GPU");
+    // The other user finishes: the run goes on.
+    std::fs::remove_file(&foreign).expect("free GPU 0");
+    let (status, err) = runner.finish();
+    assert!(status.success(), "{err}");
+    let all = seen(&dir);
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|(_, s)| s == &uuids[0]), "{all:?}");
+}
+
+#[test]
+fn gpus_leased_by_others_are_not_used_until_released() {
+    let dir = scratch_dir("leased");
+    let uuids = uuids("4gpu");
+    // Someone holds GPU 1 with `gpuproc pick --hold` (the loop is bounded: 60 s at most).
+    let release = dir.join("release");
+    let mut pick = gpuproc("4gpu");
+    pick.args(["pick", "--devices", "1", "--hold", "--", "sh", "-c"])
+        .arg(format!(
+            "echo $CUDA_VISIBLE_DEVICES; i=0; while [ ! -e {} ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done",
+            release.display()
+        ));
+    let mut holder = Guard::start(pick);
+    assert_eq!(holder.line(), uuids[1], "the holder has GPU 1");
+
+    // Two jobs that would run at once on GPUs 0 and 1: the second waits for the lease.
+    let first = dir.join("first");
+    std::fs::create_dir_all(&first).expect("mkdir");
+    let jobs = first.join("jobs.txt");
+    let line = reporting_job(&first, true);
+    std::fs::write(&jobs, format!("{line}\n{line}\n")).expect("write jobs");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus", "0,1", "-f"]).arg(&jobs);
+    let mut runner = Guard::start(cmd);
+    runner.stderr_until("GPU 1: leased by pid");
+    std::fs::write(first.join("go"), "").expect("go");
+    let (status, err) = runner.finish();
+    assert!(status.success(), "{err}");
+    let all = seen(&first);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(
+        all.iter()
+            .all(|(_, s)| s.split(' ').next() == Some(uuids[0].as_str())),
+        "{all:?}"
+    );
+
+    // Released: two jobs that run at once get both GPUs.
+    std::fs::write(&release, "").expect("release");
+    let (status, err) = holder.finish();
+    assert!(status.success(), "{err}");
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).expect("mkdir");
+    let jobs = second.join("jobs.txt");
+    let line = reporting_job(&second, true);
+    std::fs::write(&jobs, format!("{line}\n{line}\n")).expect("write jobs");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus", "0,1", "-f"]).arg(&jobs);
+    let mut runner = Guard::start(cmd);
+    let both = wait_for("both jobs", || {
+        let s = seen(&second);
+        (s.len() == 2).then_some(s)
+    });
+    std::fs::write(second.join("go"), "").expect("go");
+    let (status, err) = runner.finish();
+    assert!(status.success(), "{err}");
+    let mut got: Vec<&str> = both
+        .iter()
+        .filter_map(|(_, s)| s.split(' ').next())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, [uuids[0].as_str(), uuids[1].as_str()], "{both:?}");
+}
+
+#[test]
+fn min_free_skips_a_busy_gpu() {
+    let dir = scratch_dir("minfree");
+    let scenario = dir.join("busy.toml");
+    std::fs::write(
+        &scenario,
+        "[[devices]]\nmemory_used = \"75 GiB\"\n\n[[devices]]\nmemory_used = \"1 GiB\"\n",
+    )
+    .expect("scenario");
+    let scenario = scenario.to_string_lossy().into_owned();
+    let uuids = uuids(&scenario);
+    let mut cmd = gpuproc(&scenario);
+    cmd.args(["run", "--min-free", "10GiB", "--", "echo"])
         .arg(format!(
             "$CUDA_VISIBLE_DEVICES > {}/seen.{{#}} # {{}}",
             dir.display()
@@ -469,10 +676,26 @@ fn busy_gpus_wait_with_wait_free() {
     let out = run(cmd);
     assert!(out.status.success(), "{}", stderr(&out));
     let all = seen(&dir);
-    assert_eq!(all.len(), 3);
+    assert_eq!(all.len(), 3, "{all:?}");
     assert!(all.iter().all(|(_, s)| s == &uuids[1]), "{all:?}");
+
+    // More than any GPU has: the run gives up at once instead of waiting.
+    let mut cmd = gpuproc(&scenario);
+    cmd.args([
+        "run",
+        "--min-free",
+        "100GiB",
+        "--wait",
+        "1m",
+        "--",
+        "true",
+        ":::",
+        "x",
+    ]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("GPU 0 in use by other processes"),
+        stderr(&out).contains("no GPUs for the remaining jobs"),
         "{}",
         stderr(&out)
     );
@@ -542,6 +765,11 @@ fn toml_jobs_dry_run_and_help() {
         "--per-gpu",
         "--gpus-per-job",
         "--resume",
+        "--min-free",
+        "--max-util",
+        "--no-foreign",
+        "--wait-free",
+        "GPU leases",
         ":::",
         "{%}",
         "Ctrl-C",

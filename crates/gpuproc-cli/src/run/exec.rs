@@ -1,8 +1,9 @@
 //! The executor: starts the scheduler's launches as `sh -c` process groups, waits for them
 //! (one `poll` on signals and the next deadline), enforces timeouts, forwards Ctrl-C,
-//! writes logs and the job log, and samples each job's GPU memory.
+//! writes logs and the job log, and samples each job's GPU memory. In a GPU run every job
+//! starts under a lease from [`Leaser`] and its lease is released when it ends.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,11 +16,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::joblog::Entry;
 use super::jobs::Job;
 use super::schedule::{Launch, Scheduler, Verdict};
-use super::slots::Gpu;
+use super::slots::{Gpu, Leaser};
 use super::sys::{self, Exit, Sig, Signals};
 
 /// How often running jobs' GPU memory is sampled.
 const MEMORY_SAMPLE: Duration = Duration::from_secs(1);
+/// How often a job waiting for GPUs tries to lease them again.
+const LEASE_RETRY: Duration = Duration::from_millis(250);
 
 /// What the executor needs besides the jobs and the scheduler.
 #[derive(Debug)]
@@ -36,8 +39,8 @@ pub struct Settings {
     pub joblog: Option<File>,
     /// How to report progress.
     pub progress: Progress,
-    /// Give no new jobs to a GPU while processes other than this run's jobs use it.
-    pub wait_free: bool,
+    /// Leases GPUs for jobs (`None`: CPU-only).
+    pub leaser: Option<Leaser>,
 }
 
 /// How progress is shown.
@@ -88,6 +91,8 @@ pub struct Report {
     pub outcomes: Vec<Outcome>,
     /// Whether Ctrl-C (or SIGTERM/SIGHUP) stopped the run early.
     pub interrupted: bool,
+    /// Why jobs were left unstarted for want of GPUs (past `--wait`), when they were.
+    pub starved: Option<String>,
 }
 
 struct Running {
@@ -98,6 +103,7 @@ struct Running {
     deadline: Option<Instant>,
     kill_at: Option<Instant>,
     timed_out: bool,
+    lease: Option<gpuproc::gpu::GpuLease>,
 }
 
 /// Runs `jobs` as `scheduler` decides.
@@ -110,7 +116,10 @@ pub struct Executor<'a> {
     bar: Option<ProgressBar>,
     done: usize,
     total: usize,
-    busy_gpus: Vec<String>,
+    /// The GPUs last reported as unavailable, so each change is reported once.
+    unavailable: Vec<String>,
+    /// Since when nothing runs and the next job cannot get GPUs.
+    starved_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Executor<'_> {
@@ -160,7 +169,8 @@ impl<'a> Executor<'a> {
             bar,
             done: 0,
             total,
-            busy_gpus: Vec::new(),
+            unavailable: Vec::new(),
+            starved_since: None,
         }
     }
 
@@ -174,13 +184,23 @@ impl<'a> Executor<'a> {
         let mut stopping = false;
         let mut interrupts = 0;
         let mut next_sample = Instant::now() + MEMORY_SAMPLE;
-        if self.settings.wait_free {
-            self.refresh_availability();
-        }
+        let mut starved = None;
         loop {
+            let mut retry_at = None;
             if !stopping {
-                while let Some(launch) = self.scheduler.next() {
+                while let Some(launch) = self.next_launch()? {
                     self.start(launch)?;
+                }
+                if self.scheduler.queued() > 0 {
+                    match self.check_starved() {
+                        Ok(retry) => retry_at = retry,
+                        Err(why) => {
+                            // Printed after the summary, as the run's last word.
+                            starved = Some(why);
+                            stopping = true;
+                            self.scheduler.clear();
+                        }
+                    }
                 }
             }
             if self.running.is_empty() && (stopping || self.scheduler.queued() == 0) {
@@ -191,6 +211,7 @@ impl<'a> Executor<'a> {
                 .running
                 .values()
                 .filter_map(|r| r.kill_at.or(r.deadline))
+                .chain(retry_at)
                 .min();
             if !self.settings.gpus.is_empty() {
                 wake = Some(wake.map_or(next_sample, |w| w.min(next_sample)));
@@ -250,9 +271,6 @@ impl<'a> Executor<'a> {
             }
             if !self.settings.gpus.is_empty() && now >= next_sample {
                 self.sample_memory();
-                if self.settings.wait_free {
-                    self.refresh_availability();
-                }
                 next_sample = now + MEMORY_SAMPLE;
             }
         }
@@ -261,7 +279,8 @@ impl<'a> Executor<'a> {
         }
         Ok(Report {
             outcomes: std::mem::take(&mut self.outcomes),
-            interrupted: stopping,
+            interrupted: stopping && starved.is_none(),
+            starved,
         })
     }
 
@@ -300,8 +319,16 @@ impl<'a> Executor<'a> {
             .or(self.settings.timeout);
         let start = Instant::now();
         let start_wall = SystemTime::now();
+        let mut lease = self.settings.leaser.as_mut().and_then(|l| l.pending.take());
         match sys::spawn(&command, &env, stdout, stderr) {
             Ok(pid) => {
+                if let Some(lease) = &mut lease {
+                    // The lease lasts while the runner *or* the job runs: a job orphaned by
+                    // a killed runner keeps its GPUs.
+                    if let Err(e) = lease.share_with(pid) {
+                        self.note(&format!("job {}: GPU lease: {e}", job.seq));
+                    }
+                }
                 self.running.insert(
                     pid,
                     Running {
@@ -312,6 +339,7 @@ impl<'a> Executor<'a> {
                         deadline: timeout.map(|t| start + t),
                         kill_at: None,
                         timed_out: false,
+                        lease,
                     },
                 );
             }
@@ -326,6 +354,7 @@ impl<'a> Executor<'a> {
                     deadline: None,
                     kill_at: None,
                     timed_out: false,
+                    lease,
                 };
                 self.finish(running, Exit::Code(127), false)?;
             }
@@ -333,8 +362,13 @@ impl<'a> Executor<'a> {
         Ok(())
     }
 
-    fn finish(&mut self, running: Running, exit: Exit, stopping: bool) -> anyhow::Result<()> {
+    fn finish(&mut self, mut running: Running, exit: Exit, stopping: bool) -> anyhow::Result<()> {
         let runtime = running.start.elapsed();
+        if let Some(lease) = running.lease.take() {
+            if let Err(e) = lease.release() {
+                self.note(&format!("releasing a GPU lease: {e}"));
+            }
+        }
         let failed = exit != Exit::Code(0) || running.timed_out;
         let verdict = self.scheduler.finish(&running.launch, failed, stopping);
         let job = &self.jobs[running.launch.job];
@@ -427,47 +461,98 @@ impl<'a> Executor<'a> {
 }
 
 impl Executor<'_> {
-    /// Marks GPUs used by processes that are not this run's (nor this runner) unavailable
-    /// for new jobs: other users' work, or a job's leftovers that escaped its group.
-    fn refresh_availability(&mut self) {
-        let Ok(nvml) = gpuproc::gpu::global() else {
-            return;
+    /// The next job to start, with its GPUs leased in a GPU run.
+    ///
+    /// # Errors
+    /// When the lease table or NVML cannot be used.
+    fn next_launch(&mut self) -> anyhow::Result<Option<Launch>> {
+        let Some(leaser) = self.settings.leaser.as_mut() else {
+            return Ok(self.scheduler.next());
         };
-        let Ok(devices) = nvml.devices(true) else {
-            return;
-        };
-        let mut ours: HashSet<u32> = HashSet::from([std::process::id()]);
-        for &pid in self.running.keys() {
-            ours.insert(pid);
-            if let Ok(usage) = nvml.usage_of(pid, true) {
-                ours.extend(usage.pids);
-            }
+        leaser.shortage = None;
+        let gpus = &self.settings.gpus;
+        let launch = self
+            .scheduler
+            .next_with(|request| leaser.choose(request, gpus));
+        for &dead in &leaser.dead {
+            self.scheduler.set_available(dead, false);
         }
-        let mut waiting = Vec::new();
-        for (pos, gpu) in self.settings.gpus.iter().enumerate() {
-            let busy = devices
+        if let Some(e) = leaser.error.take() {
+            return Err(anyhow::Error::new(e).context("leasing GPUs for a job"));
+        }
+        if launch.is_some() {
+            self.starved_since = None;
+        }
+        Ok(launch)
+    }
+
+    /// After the queue's head could not start: reports GPUs newly unavailable, and says
+    /// when to try again (`None`: when a job ends). `Err` with the reason when the run must
+    /// give up: nothing of this run is running, and no GPUs can be had within `--wait`.
+    fn check_starved(&mut self) -> Result<Option<Instant>, String> {
+        let Some(leaser) = self.settings.leaser.as_ref() else {
+            return Ok(None);
+        };
+        let Some(shortage) = leaser.shortage.clone() else {
+            if !self.running.is_empty() {
+                return Ok(None);
+            }
+            // Nothing runs, yet the scheduler offered no GPUs: too few can ever qualify.
+            let dead: Vec<String> = leaser
+                .dead
                 .iter()
-                .find(|d| d.index == gpu.index)
-                .and_then(|d| d.processes.as_ref())
-                .is_some_and(|ps| {
-                    ps.iter()
-                        .any(|p| p.pid.is_none_or(|pid| !ours.contains(&pid)))
-                });
-            self.scheduler.set_available(pos, !busy);
-            if busy {
-                waiting.push(gpu.index.to_string());
-            }
-        }
-        if waiting != self.busy_gpus {
-            if !waiting.is_empty() {
+                .map(|&g| self.settings.gpus[g].index.to_string())
+                .collect();
+            return Err(format!(
+                "too few usable GPUs left for the next job (GPU {} can never qualify)",
+                dead.join(",")
+            ));
+        };
+        let wait = leaser.wait;
+        if shortage.unavailable != self.unavailable {
+            if !shortage.unavailable.is_empty() {
                 self.note(&format!(
-                    "GPU {} in use by other processes; waiting for {} before giving {} jobs",
-                    waiting.join(","),
-                    if waiting.len() == 1 { "it" } else { "them" },
-                    if waiting.len() == 1 { "it" } else { "them" },
+                    "waiting for GPUs: {}",
+                    shortage.unavailable.join("; ")
                 ));
             }
-            self.busy_gpus = waiting;
+            self.unavailable = shortage.unavailable.clone();
+        }
+        let now = Instant::now();
+        if !self.running.is_empty() {
+            self.starved_since = None;
+            return Ok(Some(now + LEASE_RETRY));
+        }
+        let since = *self.starved_since.get_or_insert(now);
+        let give_up = |waited: Option<Duration>| {
+            let waited = waited.map_or(String::new(), |w| {
+                format!(" (after waiting {:.0}s)", w.as_secs_f64())
+            });
+            format!(
+                "no GPUs for the remaining jobs{waited}: {}",
+                shortage.message
+            )
+        };
+        if shortage.impossible {
+            return Err(give_up(None));
+        }
+        match wait {
+            Some(wait) if now.duration_since(since) < wait => {
+                if since == now {
+                    self.note(&format!(
+                        "waiting{} for GPUs ({})",
+                        if wait == Duration::MAX {
+                            String::new()
+                        } else {
+                            format!(" up to {}", crate::units::human(wait))
+                        },
+                        shortage.message.lines().next().unwrap_or_default()
+                    ));
+                }
+                Ok(Some(now + LEASE_RETRY))
+            }
+            Some(_) => Err(give_up(Some(now.duration_since(since)))),
+            None => Err(give_up(None)),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `gpuproc run`: a job runner that spreads shell commands over GPUs.
 //!
 //! - [`jobs`]: the job list (files, stdin, templates), pure;
-//! - [`slots`]: where GPUs come from (the seam for leases from `gpuproc pick`);
+//! - [`slots`]: where GPUs come from, and the per-job leases jobs run under (why per job
+//!   rather than one lease for the run: see there);
 //! - [`schedule`]: which job runs where next, and retries, pure;
 //! - [`exec`]: processes, timeouts, signals, logs (its system calls in [`sys`]);
 //! - [`joblog`]: GNU parallel's job log and `--resume`; [`summary`]: the final table.
@@ -23,10 +24,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use exec::{Executor, Progress, Settings};
+use gpuproc::gpu::Criteria;
 use jobs::{Format, Job};
 use schedule::Scheduler;
-use slots::{GpuSource, NvmlSource, Selection};
+use slots::{GpuSource, Leaser, NvmlSource, Selection};
 use summary::SummaryRows;
+
+use crate::units::OrderArg;
 
 /// Exit status when at least one job failed.
 pub const EXIT_JOBS_FAILED: u8 = 3;
@@ -46,6 +50,17 @@ Each job runs as `sh -c COMMAND` in its own process group, with CUDA_VISIBLE_DEV
 NVIDIA_VISIBLE_DEVICES set to the UUIDs of its GPUs, and GPUPROC_JOB_SEQ, GPUPROC_JOB_SLOT,
 GPUPROC_JOB_ATTEMPT. When a job's shell exits, what it left in its process group is killed.
 
+GPU leases: each job leases its GPUs when it starts and releases them when it ends, in the
+same table as `gpuproc pick` (see `gpuproc pick --help`), with --per-gpu as the lease's
+share limit. A GPU leased by someone else (another run, `gpuproc pick --hold`, a pool) gets
+no job; nor does one that fails --min-free, --max-util or --no-foreign when the job would
+start (this run's own jobs count towards a GPU's memory and utilisation, not as foreign
+processes). Per-job leases rather than one for the whole run: the run takes GPUs only while
+it has work for them, grows onto GPUs others free, and judges each GPU when work is handed
+out rather than once at the start. While its jobs run, the run waits for GPUs as they end;
+when none of its jobs runs and no GPU can be leased, it waits up to --wait (default: not at
+all) and then leaves the remaining jobs unstarted (exit status 3). --dry-run takes no leases.
+
 Ctrl-C once: start no more jobs and send SIGINT to running ones; twice: kill them.
 SIGTERM/SIGHUP: start no more jobs, send SIGTERM, SIGKILL after --kill-after.
 
@@ -58,7 +73,8 @@ Exit status:
   130  interrupted
 
 Environment:
-  GPUPROC_NVML_LIB  path of the libnvidia-ml to load instead of libnvidia-ml.so.1";
+  GPUPROC_RUNTIME_DIR  directory of the GPU lease table
+  GPUPROC_NVML_LIB     path of the libnvidia-ml to load instead of libnvidia-ml.so.1";
 
 /// Options of `gpuproc run`.
 #[derive(Debug, clap::Args)]
@@ -118,8 +134,31 @@ pub struct RunArgs {
     #[arg(long, requires = "joblog")]
     pub resume: bool,
 
-    /// Give no new jobs to a GPU while processes other than this run's jobs use it
-    /// (checked every second); jobs wait for such GPUs to become free.
+    /// Start a job only on GPUs with at least SIZE of free memory (500MiB, 10GiB, 10G =
+    /// 10GiB, 1.5TB = 1.5e12 bytes), as measured when it starts.
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size, conflicts_with = "cpu_only")]
+    pub min_free: Option<u64>,
+
+    /// Start a job only on GPUs at most PCT percent utilized when it starts.
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(0..=100), conflicts_with = "cpu_only")]
+    pub max_util: Option<u32>,
+
+    /// Start a job only on GPUs where no process other than this run's jobs runs.
+    #[arg(long, conflicts_with = "cpu_only")]
+    pub no_foreign: bool,
+
+    /// Which qualifying GPUs a job gets first.
+    #[arg(long, value_enum, default_value_t = OrderArg::MostFree, value_name = "ORDER", conflicts_with = "cpu_only")]
+    pub order: OrderArg,
+
+    /// When none of this run's jobs runs and no GPU can be leased, wait up to DURATION
+    /// (30s, 5m, 1h30m, a bare number of seconds, or `forever`) before giving up on the
+    /// remaining jobs.
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait, conflicts_with = "cpu_only")]
+    pub wait: Option<Duration>,
+
+    /// Same as --no-foreign --wait forever: give jobs only GPUs that no other process
+    /// uses, waiting for them as long as it takes.
     #[arg(long, conflicts_with = "cpu_only")]
     pub wait_free: bool,
 
@@ -154,6 +193,13 @@ pub enum FileFormat {
     Lines,
     /// TOML `[[job]]` tables.
     Toml,
+}
+
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    if ["forever", "inf", "infinity"].contains(&s.trim().to_ascii_lowercase().as_str()) {
+        return Ok(Duration::MAX);
+    }
+    crate::units::parse_duration(s)
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -395,6 +441,26 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         Progress::Lines
     };
     let gpu_mode = !gpus.is_empty();
+    let leaser = gpu_mode.then(|| {
+        let mut criteria = Criteria::new()
+            .max_per_gpu(args.per_gpu)
+            .no_foreign_processes(args.no_foreign || args.wait_free)
+            .order(args.order.into())
+            // The run's GPUs are already chosen (--gpus); each job names its own.
+            .within_visible(false);
+        if let Some(bytes) = args.min_free {
+            criteria = criteria.min_free(bytes);
+        }
+        if let Some(pct) = args.max_util {
+            criteria = criteria.max_utilization(pct);
+        }
+        let wait = if args.wait_free {
+            Some(Duration::MAX)
+        } else {
+            args.wait
+        };
+        Leaser::new(criteria, wait)
+    });
     let settings = Settings {
         gpus,
         timeout: args.timeout.map(Duration::from_secs_f64),
@@ -402,11 +468,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         logs: args.logs.clone(),
         joblog,
         progress,
-        wait_free: args.wait_free,
+        leaser,
     };
     let report = Executor::new(&jobs, &skip, scheduler, settings).run()?;
     let text = summary::render(&report, args.summary, gpu_mode);
     let _ = io::stderr().write_all(text.as_bytes());
+    if let Some(why) = &report.starved {
+        let _ = writeln!(io::stderr(), "gpuproc: {why}");
+    }
     let failed = report.outcomes.iter().filter(|o| !o.succeeded()).count();
     if report.interrupted || failed > 0 {
         return Err(RunFailed {

@@ -21,6 +21,19 @@ pub struct Launch {
     pub slot: usize,
 }
 
+/// The head job's turn, as [`Scheduler::next_with`] offers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Index into the job list.
+    pub job: usize,
+    /// How many GPUs it needs (at least 1).
+    pub need: usize,
+    /// Every GPU with a free share, best first (at least `need` of them).
+    pub candidates: Vec<usize>,
+    /// Those not used by the job's failed previous attempt, best first.
+    pub preferred: Vec<usize>,
+}
+
 /// What became of a finished attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -106,10 +119,50 @@ impl Scheduler {
     /// that needs more GPUs than are free waits, and those behind it wait too, so that
     /// a big job is never starved by small ones.
     pub fn next(&mut self) -> Option<Launch> {
+        self.next_with(|request| {
+            let mut chosen = request.candidates[..request.need].to_vec();
+            chosen.sort_unstable();
+            Some(chosen)
+        })
+    }
+
+    /// As [`next`](Self::next), but `choose` decides which of the candidate GPUs the head
+    /// job gets (the executor leases them there). `choose` must return `need` distinct
+    /// candidates, or `None` to leave the job at the head of the queue for now; it is not
+    /// called for jobs that need no GPU.
+    pub fn next_with<F>(&mut self, choose: F) -> Option<Launch>
+    where
+        F: FnOnce(&Request) -> Option<Vec<usize>>,
+    {
         let head = self.queue.front()?;
         let need = self.needs[head.job];
         let slot = *self.free_slots.first()?;
-        let gpus = self.choose(need, &head.avoid)?;
+        let gpus = if need == 0 {
+            Vec::new()
+        } else {
+            let candidates = self.candidates(&head.avoid);
+            if candidates.len() < need {
+                return None;
+            }
+            let preferred = candidates
+                .iter()
+                .copied()
+                .filter(|g| !head.avoid.contains(g))
+                .collect();
+            let request = Request {
+                job: head.job,
+                need,
+                candidates,
+                preferred,
+            };
+            let mut chosen = choose(&request)?;
+            chosen.sort_unstable();
+            chosen.dedup();
+            if chosen.len() != need || !chosen.iter().all(|g| request.candidates.contains(g)) {
+                return None;
+            }
+            chosen
+        };
         let head = self.queue.pop_front()?;
         self.free_slots.remove(&slot);
         for &g in &gpus {
@@ -123,19 +176,14 @@ impl Scheduler {
         })
     }
 
-    /// Picks `need` distinct GPUs with a free share: the least loaded first (most free
-    /// shares, then lowest position), preferring GPUs not in `avoid`.
-    fn choose(&self, need: usize, avoid: &[usize]) -> Option<Vec<usize>> {
+    /// GPUs with a free share, in order of preference: those not in `avoid` first, then the
+    /// least loaded (most free shares), then the lowest position.
+    fn candidates(&self, avoid: &[usize]) -> Vec<usize> {
         let mut candidates: Vec<usize> = (0..self.free.len())
             .filter(|&g| self.free[g] > 0 && self.available[g])
             .collect();
-        if candidates.len() < need {
-            return None;
-        }
         candidates.sort_by_key(|&g| (avoid.contains(&g), std::cmp::Reverse(self.free[g]), g));
-        candidates.truncate(need);
-        candidates.sort_unstable();
-        Some(candidates)
+        candidates
     }
 
     /// Records that `launch` ended; `failed` when it exited non-zero, was killed by a signal
@@ -266,6 +314,42 @@ mod tests {
         assert!(s.next().is_none());
         s.set_available(0, true);
         assert_eq!(s.next().unwrap().gpus, [0]);
+    }
+
+    #[test]
+    fn next_with_lets_the_chooser_decide_or_refuse() {
+        let mut s = Scheduler::new(vec![1, 1, 0], vec![1; 3], &[], 3, 1, 3);
+        assert!(
+            s.next_with(|_| None).is_none(),
+            "refused: the job stays queued"
+        );
+        assert_eq!(s.queued(), 3);
+        let a = s
+            .next_with(|r| {
+                assert_eq!((r.job, r.need, r.candidates.clone()), (0, 1, vec![0, 1, 2]));
+                Some(vec![2])
+            })
+            .unwrap();
+        assert_eq!(a.gpus, [2]);
+        // A choice outside the candidates (GPU 2 is taken) is refused.
+        assert!(s.next_with(|_| Some(vec![2])).is_none());
+        assert_eq!(s.finish(&a, true, false), Verdict::Retry);
+        let b = s.next_with(|r| Some(vec![r.candidates[0]])).unwrap();
+        assert_eq!(b.job, 1);
+        // A job needing no GPU is not offered to the chooser.
+        let c = s.next_with(|_| panic!("not asked")).unwrap();
+        assert!(c.gpus.is_empty());
+        // The retry prefers GPUs its failed attempt did not use.
+        let d = s
+            .next_with(|r| {
+                assert_eq!(
+                    (r.candidates.clone(), r.preferred.clone()),
+                    (vec![1, 2], vec![1])
+                );
+                Some(r.preferred.clone())
+            })
+            .unwrap();
+        assert_eq!((d.job, d.attempt, d.gpus.clone()), (0, 2, vec![1]));
     }
 
     #[test]

@@ -1,11 +1,30 @@
-//! Where the runner's GPUs come from.
+//! Where the runner's GPUs come from, and the leases its jobs run under.
 //!
-//! [`GpuSource`] is the seam: today [`NvmlSource`] lists NVML devices (optionally a
-//! `--gpus` selection of them); a source that takes leases from `gpuproc pick` only has to
-//! return the leased devices here and release them when dropped. Everything after this
-//! point (shares, slot numbers, retries) is the scheduler's pure policy.
+//! [`GpuSource`] lists the GPUs a run may use: [`NvmlSource`] lists NVML devices
+//! (optionally a `--gpus` selection of them). Shares, slot numbers and retries are the
+//! scheduler's pure policy; but no job starts on a GPU before [`Leaser`] has leased it
+//! through [`gpuproc::gpu::pick`], in the machine-wide lease table that `gpuproc pick`,
+//! other runs and worker pools use too.
+//!
+//! # One lease per job
+//! Each job attempt leases its GPUs when it starts and releases them when it ends
+//! (`max_per_gpu` = `--per-gpu`, so the run's own jobs share a GPU as asked and nobody
+//! else joins an exclusive one). A lease for the whole run would be simpler, but it keeps
+//! GPUs from other users while the run has nothing to put on them (the tail of a run, a
+//! retry backlog, jobs waiting for a multi-GPU slot), and it decides the GPUs' fitness
+//! (`--min-free`, `--max-util`, `--no-foreign`) once, at the start, while a long run
+//! needs it decided whenever work is handed out. Per-job leases give each job GPUs that
+//! qualify when it starts, let a run grow onto GPUs freed by others, and turn "wait for
+//! busy GPUs" into "wait until a lease can be had". The job's process is added as a holder
+//! of its lease, so a job orphaned by a killed runner keeps its GPUs until it exits.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use gpuproc::gpu::{self, Criteria, GpuLease, PickError, Rejection};
+
+use super::schedule::Request;
 
 /// A GPU the runner may give to jobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +139,110 @@ impl GpuSource for NvmlSource {
             bail!("NVML lists no usable GPU; use --cpu-only -j N to run without GPUs");
         }
         self.selection.apply(&all)
+    }
+}
+
+/// What the last failed lease attempt found.
+#[derive(Debug, Clone)]
+pub struct Shortage {
+    /// The pick's explanation, every GPU with its reason.
+    pub message: String,
+    /// Whether waiting cannot help (fewer GPUs could ever qualify than the job needs).
+    pub impossible: bool,
+    /// `GPU N: reason` for each candidate GPU that did not qualify.
+    pub unavailable: Vec<String>,
+}
+
+/// Leases GPUs for jobs as the scheduler hands them out.
+#[derive(Debug)]
+pub struct Leaser {
+    /// The run's criteria: everything but the count and the device list.
+    pub criteria: Criteria,
+    /// How long the run may wait, with nothing running, for a lease (`None`: not at all).
+    pub wait: Option<Duration>,
+    /// The lease taken by the last successful [`choose`](Self::choose), for the job about
+    /// to start.
+    pub pending: Option<GpuLease>,
+    /// Why the last attempt failed, when it did.
+    pub shortage: Option<Shortage>,
+    /// An error other than "none free" (the lease table is unusable, NVML failed).
+    pub error: Option<PickError>,
+    /// Positions of GPUs that can never qualify (too little memory in all, MIG, lost).
+    pub dead: BTreeSet<usize>,
+}
+
+impl Leaser {
+    /// A leaser applying `criteria` (count and devices are set per job).
+    pub fn new(criteria: Criteria, wait: Option<Duration>) -> Leaser {
+        Leaser {
+            criteria,
+            wait,
+            pending: None,
+            shortage: None,
+            error: None,
+            dead: BTreeSet::new(),
+        }
+    }
+
+    /// Leases `request.need` of the request's candidate GPUs (those not used by a failed
+    /// previous attempt if enough of them qualify); returns their positions in `gpus`.
+    /// The lease waits in [`pending`](Self::pending).
+    pub fn choose(&mut self, request: &Request, gpus: &[Gpu]) -> Option<Vec<usize>> {
+        self.pending = None;
+        let mut tries = vec![&request.candidates];
+        if request.preferred.len() >= request.need && request.preferred != request.candidates {
+            tries.insert(0, &request.preferred);
+        }
+        let mut last = None;
+        for candidates in tries {
+            let indices: Vec<u32> = candidates.iter().map(|&g| gpus[g].index).collect();
+            let criteria = self.criteria.clone().count(request.need).devices(indices);
+            match gpu::pick(&criteria) {
+                Ok(lease) => {
+                    let positions: Option<Vec<usize>> = lease
+                        .uuids()
+                        .iter()
+                        .map(|u| gpus.iter().position(|g| g.uuid == *u))
+                        .collect();
+                    let Some(positions) = positions else {
+                        // Not one of ours (cannot happen with an explicit device list).
+                        let _ = lease.release();
+                        return None;
+                    };
+                    self.shortage = None;
+                    self.pending = Some(lease);
+                    return Some(positions);
+                }
+                Err(PickError::NoneFree(why)) => last = Some((why, candidates)),
+                Err(e) => {
+                    self.error = Some(e);
+                    return None;
+                }
+            }
+        }
+        if let Some((why, candidates)) = last {
+            let mut unavailable = Vec::new();
+            for verdict in &why.devices {
+                let Some(rejection) = &verdict.rejection else {
+                    continue;
+                };
+                if matches!(rejection, Rejection::NotListed) {
+                    continue;
+                }
+                if let Some(pos) = gpus.iter().position(|g| g.index == verdict.index) {
+                    if rejection.is_permanent() && candidates.contains(&pos) {
+                        self.dead.insert(pos);
+                    }
+                }
+                unavailable.push(format!("GPU {}: {rejection}", verdict.index));
+            }
+            self.shortage = Some(Shortage {
+                message: why.to_string(),
+                impossible: why.is_impossible(),
+                unavailable,
+            });
+        }
+        None
     }
 }
 

@@ -162,6 +162,7 @@ mod tests {
                 outcome(4, None, 0),
             ],
             interrupted: true,
+            starved: None,
         };
         let text = render(&report, SummaryRows::Auto, true);
         let lines: Vec<&str> = text.lines().collect();
