@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use gpuproc::gpu::{Device, GpuProcess, Snapshot};
+use gpuproc::gpu::{Device, GpuProcess, LeaseRecord, Snapshot};
 
 /// How to draw the table.
 #[derive(Debug, Clone, Copy)]
@@ -28,8 +28,9 @@ impl Paint {
     }
 }
 
-/// Renders the snapshot: a header line, one line per GPU, its processes underneath.
-pub fn render(snap: &Snapshot, style: Style) -> String {
+/// Renders the snapshot: a header line, one line per GPU (with who leased it, from `leases`),
+/// its processes underneath.
+pub fn render(snap: &Snapshot, leases: &[LeaseRecord], style: Style) -> String {
     let p = Paint(style.colour);
     let mut out = String::new();
     let mut header = vec![
@@ -61,6 +62,9 @@ pub fn render(snap: &Snapshot, style: Style) -> String {
         .unwrap_or(1);
     for device in &snap.devices {
         device_line(&mut out, &p, device, name_width, total_width);
+        if let Some(note) = device.uuid.as_deref().and_then(|u| lease_note(u, leases)) {
+            let _ = writeln!(out, " └─ {}", p.paint("35", &note));
+        }
         if style.processes {
             for process in device.processes.iter().flatten() {
                 process_line(&mut out, &p, process);
@@ -120,6 +124,28 @@ fn device_line(out: &mut String, p: &Paint, d: &Device, name_width: usize, total
         let _ = write!(line, "  MIG x{count}");
     }
     let _ = writeln!(out, "{line}");
+}
+
+/// "leased by pid 12, 34 (2 of 2 shares)" for a GPU that `gpuproc pick`, a pool or a
+/// process holds, or `None`.
+fn lease_note(uuid: &str, leases: &[LeaseRecord]) -> Option<String> {
+    let holding: Vec<&LeaseRecord> = leases
+        .iter()
+        .filter(|l| l.devices.iter().any(|d| d.uuid == uuid))
+        .collect();
+    if holding.is_empty() {
+        return None;
+    }
+    let pids: Vec<String> = holding
+        .iter()
+        .flat_map(|l| l.holders.iter().map(|h| h.pid.to_string()))
+        .collect();
+    let limit = holding.iter().map(|l| l.max_per_gpu).min().unwrap_or(1);
+    Some(format!(
+        "leased by pid {} ({} of {limit} shares)",
+        pids.join(", "),
+        holding.len()
+    ))
 }
 
 fn bar(p: &Paint, fraction: f64) -> String {
@@ -238,12 +264,38 @@ mod tests {
     }
 
     #[test]
+    fn leased_gpus_name_their_holders() {
+        use gpuproc::gpu::{Holder, PickedDevice};
+        let lease = |pid: u32, uuid: &str| LeaseRecord {
+            id: format!("l{pid}"),
+            boot_id: String::new(),
+            created_ms: 0,
+            max_per_gpu: 2,
+            holders: vec![Holder {
+                pid,
+                start_ticks: 1,
+            }],
+            devices: vec![PickedDevice {
+                index: 0,
+                uuid: uuid.into(),
+                name: None,
+            }],
+        };
+        let leases = [lease(12, "GPU-a"), lease(34, "GPU-a"), lease(56, "GPU-b")];
+        assert_eq!(
+            lease_note("GPU-a", &leases).as_deref(),
+            Some("leased by pid 12, 34 (2 of 2 shares)")
+        );
+        assert_eq!(lease_note("GPU-c", &leases), None);
+    }
+
+    #[test]
     fn plain_table() {
         let style = Style {
             colour: false,
             processes: true,
         };
-        let text = render(&snapshot(), style);
+        let text = render(&snapshot(), &[], style);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("node1  "), "{text}");
         assert!(lines[0].ends_with("driver 550.54.15"), "{text}");
@@ -265,10 +317,10 @@ mod tests {
             colour: true,
             processes: false,
         };
-        let text = render(&snapshot(), style);
+        let text = render(&snapshot(), &[], style);
         assert!(text.contains("\x1b[36m[0]\x1b[0m"));
         assert!(!text.contains("alice"));
-        let empty = render(&Snapshot::default(), style);
+        let empty = render(&Snapshot::default(), &[], style);
         assert!(empty.ends_with("no GPUs\n"));
     }
 }

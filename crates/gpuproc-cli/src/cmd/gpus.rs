@@ -31,7 +31,11 @@ pub fn run(args: &GpusArgs) -> anyhow::Result<()> {
             json.push('\n');
             json
         } else {
-            render(&snapshot, style)
+            // Leases are advisory here: a missing or unreadable table shows none.
+            let leases = gpuproc::gpu::leases()
+                .map(|t| t.leases().to_vec())
+                .unwrap_or_default();
+            render(&snapshot, &leases, style)
         };
         let mut out = stdout.lock();
         if args.watch.is_some() && stdout.is_terminal() {
