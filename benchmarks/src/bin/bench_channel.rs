@@ -4,7 +4,10 @@
 //! 1. Round-trip latency of a small message parent ↔ child: `gpuproc::channel::Pipe`
 //!    against a raw `UnixStream` ping-pong (8 bytes) and Python's `multiprocessing.Pipe`.
 //! 2. Throughput of 16 MiB messages child → parent through `gpuproc::channel::Queue<Bytes>`
-//!    against single-threaded memcpy bandwidth and Python's `multiprocessing.Queue`.
+//!    against single-threaded memcpy bandwidth and Python's `multiprocessing.Queue`; and
+//!    the same items got as `SharedBytes` (`Queue::get_shared`: read in place in the
+//!    sender's shared memory, so one copy in all instead of two; the parent checks the
+//!    length and the first and last bytes, it does not read the whole payload).
 //!
 //! Each measurement is taken in [`ROUNDS`] rounds (after a warm-up) and the median round is
 //! reported, for gpuproc, the baselines and Python alike, so that a burst of load from
@@ -149,6 +152,27 @@ fn queue_mib_s(messages: u64) -> f64 {
     median(rounds)
 }
 
+/// [`queue_mib_s`], with the items got as `SharedBytes` (no copy out of shared memory).
+fn queue_shared_mib_s(messages: u64) -> f64 {
+    let per_round = (messages / ROUNDS).max(1);
+    let q = Queue::<Bytes>::new().expect("queue");
+    let mut p = Process::new(producer, (q.clone(), per_round * ROUNDS + 1));
+    p.start().expect("start");
+    drop(q.get_shared().expect("warm-up get"));
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for _ in 0..per_round {
+            let got = q.get_shared().expect("get");
+            assert_eq!(got.len(), MIB << 20);
+            assert_eq!((got[0], got[got.len() - 1]), (7, 7));
+        }
+        rounds.push((per_round as usize * MIB) as f64 / t.elapsed().as_secs_f64());
+    }
+    p.join().expect("join");
+    median(rounds)
+}
+
 /// The median MiB/s of copying 16 MiB buffers (into a buffer that is reused, so no page
 /// faults), in as many copies and rounds as [`queue_mib_s`] receives.
 fn memcpy_mib_s(messages: u64) -> f64 {
@@ -197,6 +221,7 @@ fn main() {
     let pipe = pipe_rtt(trips);
     let raw = raw_rtt(trips);
     let queue = queue_mib_s(messages);
+    let shared = queue_shared_mib_s(messages);
     let memcpy = memcpy_mib_s(messages);
     let py = python(trips, messages);
 
@@ -219,6 +244,10 @@ fn main() {
     println!(
         "  memcpy (one thread, reused buffer)     {memcpy:>9.0}   {:.0}% of memcpy (target ≥ 50%)",
         100.0 * queue / memcpy
+    );
+    println!(
+        "  gpuproc Queue bytes, zero-copy receive {shared:>9.0}   {:.0}% of memcpy (target ≥ 50%)",
+        100.0 * shared / memcpy
     );
     if let Some((_, py_q)) = py {
         println!(

@@ -19,10 +19,13 @@
 //! over 64 KiB are written into a sealed memfd whose descriptor travels with the message,
 //! so large values cross through shared memory rather than through the socket. For bulk
 //! bytes use [`Bytes`]: a `Vec<u8>` is encoded element by element, `Bytes` in one copy.
+//! To read a large payload where its sender wrote it, without copying it out, receive it as
+//! [`SharedBytes`] ([`Connection::recv_bytes_shared`], [`Queue::get_shared`]).
 
 mod error;
 mod pipe;
 mod queue;
+mod shared;
 mod wire;
 
 use std::ops::{Deref, DerefMut};
@@ -33,6 +36,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use self::error::{ChannelError, SendError};
 pub use self::pipe::{Connection, Pipe};
 pub use self::queue::{JoinableQueue, Queue, SimpleQueue};
+pub use self::shared::SharedBytes;
 
 /// The default `max_message_size` of every handle: 4 GiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 << 30;
@@ -43,7 +47,8 @@ const HUGE_COPY: usize = 4 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 
 /// A copy of `bytes` in a new `Vec`: one `memcpy` into memory that is not zero-filled
-/// first. (A received payload must be copied out: its sender reuses the shared memory.)
+/// first. (A received payload is copied out, so that its sender can reuse the shared
+/// memory at once; [`SharedBytes`] is the exception.)
 /// For a large copy, the fresh part of the allocation is offered transparent huge pages,
 /// so that the kernel faults it in 2 MiB at a time instead of 4 KiB.
 pub(crate) fn copy_to_vec(bytes: &[u8]) -> Vec<u8> {
@@ -76,6 +81,15 @@ struct FdRef<'a>(BorrowedFd<'a>);
 impl Serialize for FdRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         crate::ipc::serialize_fd(self.0, s)
+    }
+}
+
+/// Borrowed bytes that serialise like [`Bytes`].
+pub(crate) struct BytesRef<'a>(pub(crate) &'a [u8]);
+
+impl Serialize for BytesRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
     }
 }
 

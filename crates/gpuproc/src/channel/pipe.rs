@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::wire::{self, Wait};
-use super::{ChannelError, FdRef, DEFAULT_MAX_MESSAGE_SIZE};
+use super::{ChannelError, FdRef, SharedBytes, DEFAULT_MAX_MESSAGE_SIZE};
 use crate::sys::seqpacket::{self as sp, MapCache};
 
 /// Creates connected pairs of [`Connection`]s; Python's `multiprocessing.Pipe()`.
@@ -224,6 +224,34 @@ impl Connection {
     /// [`recv_bytes`](Self::recv_bytes), waiting at most `timeout`.
     pub fn recv_bytes_timeout(&self, timeout: Duration) -> Result<Vec<u8>, ChannelError> {
         self.recv_bytes_wait(Wait::For(timeout))
+    }
+
+    fn recv_bytes_shared_wait(&self, wait: Wait) -> Result<SharedBytes, ChannelError> {
+        self.check_recv()?;
+        wire::recv_shared(
+            self.fd.as_fd(),
+            &self.maps,
+            self.max_message_size,
+            wait,
+            || {},
+            |payload, _fds| Ok((0, payload.len())),
+        )
+    }
+
+    /// Receives the next message's bytes as they are, like [`recv_bytes`](Self::recv_bytes),
+    /// but reads a large one (over 64 KiB) in place in the sender's shared memory instead
+    /// of copying it out. The sender reuses that memory only once the [`SharedBytes`] is
+    /// dropped (see there).
+    pub fn recv_bytes_shared(&self) -> Result<SharedBytes, ChannelError> {
+        self.recv_bytes_shared_wait(Wait::Forever)
+    }
+
+    /// [`recv_bytes_shared`](Self::recv_bytes_shared), waiting at most `timeout`.
+    pub fn recv_bytes_shared_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<SharedBytes, ChannelError> {
+        self.recv_bytes_shared_wait(Wait::For(timeout))
     }
 
     /// Whether a message (or the other end's closing) is waiting, after waiting at most

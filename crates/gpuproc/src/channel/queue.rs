@@ -18,7 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::wire::{self, Wait};
-use super::{ChannelError, FdRef, SendError, DEFAULT_MAX_MESSAGE_SIZE};
+use super::{
+    Bytes, BytesRef, ChannelError, FdRef, SendError, SharedBytes, DEFAULT_MAX_MESSAGE_SIZE,
+};
 use crate::sys::seqpacket::{self as sp, MapCache, Mapping};
 
 /// The shared page: these 32-bit words.
@@ -199,14 +201,34 @@ impl Shared {
             &self.maps,
             max,
             wait,
-            || {
-                self.word(ITEMS).fetch_sub(1, SeqCst);
-                if self.bounded() {
-                    self.release_slot();
-                }
-            },
+            || self.taken(),
             wire::decode,
         );
+        self.got(got)
+    }
+
+    /// Takes the next item, which must be a [`Bytes`], as [`SharedBytes`].
+    fn get_shared(&self, max: usize, wait: Wait) -> Result<SharedBytes, ChannelError> {
+        let got = wire::recv_shared(
+            self.rx.as_fd(),
+            &self.maps,
+            max,
+            wait,
+            || self.taken(),
+            wire::bytes_in_payload,
+        );
+        self.got(got)
+    }
+
+    /// A message has been taken off the socket.
+    fn taken(&self) {
+        self.word(ITEMS).fetch_sub(1, SeqCst);
+        if self.bounded() {
+            self.release_slot();
+        }
+    }
+
+    fn got<R>(&self, got: Result<R, ChannelError>) -> Result<R, ChannelError> {
         if let Err(e) = &got {
             // A message that was taken but cannot be used counts as done, so that join()
             // does not wait for it for ever.
@@ -352,6 +374,44 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// `q.get(timeout=...)`.
     pub fn get_timeout(&self, timeout: Duration) -> Result<T, ChannelError> {
         self.shared.get(self.max_message_size, Wait::For(timeout))
+    }
+}
+
+/// Bulk bytes: put from a borrowed slice, and got without copying a large item out of
+/// shared memory. Items put either way can be got either way.
+impl Queue<Bytes> {
+    /// Puts `bytes` as a [`Bytes`] item (one copy, straight into shared memory for a large
+    /// one), waiting for room; the caller keeps its buffer.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<(), ChannelError> {
+        self.shared
+            .put(BytesRef(bytes), self.max_message_size, Wait::Forever)
+            .map_err(SendError::into_error)
+    }
+
+    /// [`put_bytes`](Self::put_bytes), waiting at most `timeout` for room.
+    pub fn put_bytes_timeout(&self, bytes: &[u8], timeout: Duration) -> Result<(), ChannelError> {
+        self.shared
+            .put(BytesRef(bytes), self.max_message_size, Wait::For(timeout))
+            .map_err(SendError::into_error)
+    }
+
+    /// Takes the next item like [`get`](Self::get), but reads a large one (over 64 KiB) in
+    /// place in its sender's shared memory instead of copying it out. The sender reuses
+    /// that memory only once the [`SharedBytes`] is dropped (see there).
+    pub fn get_shared(&self) -> Result<SharedBytes, ChannelError> {
+        self.shared.get_shared(self.max_message_size, Wait::Forever)
+    }
+
+    /// [`get_shared`](Self::get_shared) if an item is waiting, else [`ChannelError::Empty`].
+    pub fn try_get_shared(&self) -> Result<SharedBytes, ChannelError> {
+        self.shared.get_shared(self.max_message_size, Wait::Never)
+    }
+
+    /// [`get_shared`](Self::get_shared), waiting at most `timeout`
+    /// ([`ChannelError::Timeout`]).
+    pub fn get_shared_timeout(&self, timeout: Duration) -> Result<SharedBytes, ChannelError> {
+        self.shared
+            .get_shared(self.max_message_size, Wait::For(timeout))
     }
 }
 

@@ -8,7 +8,8 @@
 //!
 //! - [`TAG_MEMFD_POOLED`]: like [`TAG_MEMFD`], then a second little-endian `u64`: the
 //!   offset of a control word in the memfd, which the receiver sets to zero (through
-//!   `pwrite`) once it has copied the payload out, so that the sender can reuse the memfd
+//!   `pwrite`) once it has copied the payload out (or, for a payload received as
+//!   [`SharedBytes`], once that is dropped), so that the sender can reuse the memfd
 //!   for a later message instead of creating, filling with fresh pages and freeing one
 //!   per message.
 //!
@@ -17,12 +18,14 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postcard::ser_flavors::Size;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::shared::{Release, SharedBytes};
 use super::ChannelError;
 use crate::ipc;
 use crate::sys::seqpacket::{self as sp, MapCache, Mapping, Outcome};
@@ -371,16 +374,29 @@ pub(crate) fn recv_with<R>(
     result
 }
 
-/// Finds a datagram's payload (inline, or in its memfd) and hands it to `f`. Reused
-/// (pooled) memfds are mapped through `cache` when there is one.
-pub(crate) fn with_payload<R>(
-    msg: &[u8],
+/// Where a received message's payload is.
+pub(crate) enum Payload<'a> {
+    /// In the datagram itself.
+    Inline(&'a [u8]),
+    /// The first `len` bytes of a read-only mapping of the message's memfd, which goes
+    /// back to its sender when `release` is dropped.
+    Mapped {
+        map: Arc<Mapping>,
+        len: usize,
+        release: Release,
+    },
+}
+
+/// Finds a datagram's payload (inline, or in its memfd), and the descriptors that came
+/// with it for handles inside the payload. Reused (pooled) memfds are mapped through
+/// `cache` when there is one.
+pub(crate) fn payload<'a>(
+    msg: &'a [u8],
     mut fds: Vec<OwnedFd>,
     truncated: bool,
     max: usize,
     cache: Option<&MapCache>,
-    f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<R, ChannelError>,
-) -> Result<R, ChannelError> {
+) -> Result<(Payload<'a>, Vec<OwnedFd>), ChannelError> {
     if truncated {
         return Err(ChannelError::Malformed(format!(
             "a datagram longer than {} bytes, or with too many descriptors",
@@ -397,7 +413,7 @@ pub(crate) fn with_payload<R>(
                     limit: max,
                 });
             }
-            f(payload, fds)
+            Ok((Payload::Inline(payload), fds))
         }
         Some(&tag @ (TAG_MEMFD | TAG_MEMFD_POOLED)) => {
             let expected = if tag == TAG_MEMFD { 9 } else { 17 };
@@ -433,25 +449,109 @@ pub(crate) fn with_payload<R>(
             }
             let min_size = control.map_or(0, |c| c + 4);
             let malformed = |e: std::io::Error| ChannelError::Malformed(e.to_string());
-            let result = match cache.filter(|_| control.is_some()) {
-                Some(cache) => cache
-                    .map(memfd.as_fd(), len as usize, min_size)
-                    .map_err(malformed)
-                    .and_then(|map| f(&map.bytes()[..len as usize], fds)),
-                None => sp::map_sealed(memfd.as_fd(), len as usize, min_size)
-                    .map_err(malformed)
-                    .and_then(|map| f(map.bytes(), fds)),
+            let map = match cache.filter(|_| control.is_some()) {
+                Some(cache) => cache.map(memfd.as_fd(), len as usize, min_size),
+                None => sp::map_sealed(memfd.as_fd(), len as usize, min_size).map(Arc::new),
             };
-            // The payload has been copied out (or rejected): the sender may reuse the memfd.
-            if let Some(c) = control {
-                sp::release_pooled(memfd.as_fd(), c);
-            }
-            result
+            // Hands the memfd back to its sender once the payload has been read (or at
+            // once, here, if it is rejected).
+            let release = Release::new(memfd, control);
+            let map = map.map_err(malformed)?;
+            Ok((
+                Payload::Mapped {
+                    map,
+                    len: len as usize,
+                    release,
+                },
+                fds,
+            ))
         }
         Some(other) => Err(ChannelError::Malformed(format!(
             "unknown message tag 0x{other:02x}"
         ))),
     }
+}
+
+/// Finds a datagram's payload (inline, or in its memfd) and hands it to `f`, then hands a
+/// reused memfd back to its sender. Reused (pooled) memfds are mapped through `cache` when
+/// there is one.
+pub(crate) fn with_payload<R>(
+    msg: &[u8],
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+    max: usize,
+    cache: Option<&MapCache>,
+    f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<R, ChannelError>,
+) -> Result<R, ChannelError> {
+    match payload(msg, fds, truncated, max, cache)? {
+        (Payload::Inline(p), fds) => f(p, fds),
+        (Payload::Mapped { map, len, release }, fds) => {
+            let result = f(&map.bytes()[..len], fds);
+            // The payload has been copied out (or rejected): the sender may reuse the memfd.
+            drop(release);
+            result
+        }
+    }
+}
+
+/// Receives one message, `on_message` as in [`recv_with`], and returns its payload without
+/// copying a large one out of shared memory: `f` gets the payload's bytes and returns the
+/// part of them (`start`, `len`) to keep.
+pub(crate) fn recv_shared(
+    sock: BorrowedFd<'_>,
+    cache: &MapCache,
+    max: usize,
+    wait: Wait,
+    on_message: impl FnOnce(),
+    f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<(usize, usize), ChannelError>,
+) -> Result<SharedBytes, ChannelError> {
+    let mut buf = BUF.with(|b| b.take());
+    buf.resize(RECV_BUF, 0);
+    let got = sp::recv(sock, &mut buf, wait.deadline());
+    let result = match got.map_err(ChannelError::io("receiving a message")) {
+        Err(e) => Err(e),
+        Ok(Outcome::Closed) => Err(ChannelError::Disconnected),
+        Ok(Outcome::TimedOut) => Err(wait.expired(ChannelError::Empty)),
+        Ok(Outcome::Done(m)) => {
+            on_message();
+            match payload(&buf[..m.len], m.fds, m.truncated, max, Some(cache)) {
+                Err(e) => Err(e),
+                Ok((Payload::Inline(p), fds)) => {
+                    f(p, fds).map(|(start, len)| SharedBytes::owned(p[start..start + len].to_vec()))
+                }
+                Ok((Payload::Mapped { map, len, release }, fds)) => {
+                    match f(&map.bytes()[..len], fds) {
+                        Ok((start, n)) => Ok(SharedBytes::mapped(map, start, n, release)),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        }
+    };
+    BUF.with(|b| b.set(buf));
+    result
+}
+
+/// The bytes inside a postcard-encoded [`Bytes`](super::Bytes) payload, as (start, len):
+/// the whole payload must be one length-prefixed byte string.
+pub(crate) fn bytes_in_payload(
+    payload: &[u8],
+    _fds: Vec<OwnedFd>,
+) -> Result<(usize, usize), ChannelError> {
+    let malformed = |reason: String| ChannelError::Decode {
+        type_name: std::any::type_name::<super::Bytes>(),
+        reason,
+    };
+    let (inner, rest) =
+        postcard::take_from_bytes::<&[u8]>(payload).map_err(|e| malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(malformed(format!(
+            "{} bytes left over after the byte string",
+            rest.len()
+        )));
+    }
+    let start = inner.as_ptr() as usize - payload.as_ptr() as usize;
+    Ok((start, inner.len()))
 }
 
 /// Decodes a payload as a `T`.

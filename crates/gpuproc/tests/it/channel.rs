@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
-use gpuproc::channel::{Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SimpleQueue};
+use gpuproc::channel::{
+    Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SharedBytes, SimpleQueue,
+};
 use gpuproc::{Process, StartMethod};
 use proptest::prelude::*;
 use serde::de::DeserializeOwned;
@@ -438,4 +440,139 @@ fn example_exchange_pipe_prints_pythons_line() {
         String::from_utf8_lossy(&out.stdout),
         "[42, None, 'hello']\n"
     );
+}
+
+/// `len` bytes that differ with `seed` and along the buffer (built a block at a time, so
+/// that children that build them end soon even in a debug build: a child forked meanwhile
+/// holds copies of other tests' descriptors until it ends).
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    let block: Vec<u8> = (0..=255u8)
+        .map(|i| i.wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        let n = (len - v.len()).min(block.len());
+        v.extend_from_slice(&block[..n]);
+    }
+    v
+}
+
+fn put_big((q, conn, seed): (Queue<Bytes>, Connection, u8)) {
+    q.put_bytes(&pattern(seed, 16 << 20)).unwrap();
+    q.put(Bytes(pattern(seed, 100))).unwrap();
+    conn.send_bytes(&pattern(seed.wrapping_add(1), 16 << 20))
+        .unwrap();
+}
+
+#[test]
+fn sixteen_mib_received_as_shared_bytes_with_every_start_method() {
+    for (i, m) in StartMethod::all().into_iter().enumerate() {
+        let q = Queue::<Bytes>::new().unwrap();
+        let (ours, theirs) = Pipe::new().unwrap();
+        let seed = i as u8 * 10;
+        let mut p = start(m, put_big, (q.clone(), theirs, seed));
+        let got: SharedBytes = q.get_shared_timeout(TIMEOUT).unwrap();
+        assert!(got.is_shared(), "{m:?}");
+        assert!(*got == *pattern(seed, 16 << 20), "{m:?}");
+        // A small item comes in an owned buffer.
+        let small = q.get_shared_timeout(TIMEOUT).unwrap();
+        assert!(!small.is_shared(), "{m:?}");
+        assert_eq!(&*small, &pattern(seed, 100)[..], "{m:?}");
+        let got = ours.recv_bytes_shared_timeout(TIMEOUT).unwrap();
+        assert!(got.is_shared(), "{m:?}");
+        assert!(*got == *pattern(seed + 1, 16 << 20), "{m:?}");
+        p.join_timeout(TIMEOUT).unwrap();
+    }
+}
+
+#[test]
+fn shared_bytes_and_bytes_items_mix_on_one_queue() {
+    let q = Queue::<Bytes>::new().unwrap();
+    q.put(Bytes(pattern(1, 1 << 20))).unwrap();
+    q.put_bytes(&pattern(2, 1 << 20)).unwrap();
+    assert_eq!(
+        q.get_shared_timeout(TIMEOUT).unwrap().to_vec(),
+        pattern(1, 1 << 20)
+    );
+    assert_eq!(q.get_timeout(TIMEOUT).unwrap().0, pattern(2, 1 << 20));
+    assert!(q.try_get_shared().unwrap_err().is_empty());
+}
+
+/// Sends `n` messages of 1 MiB, each after the receiver has said it dropped the previous.
+fn send_after_acks((conn, n): (Connection, u8)) {
+    for i in 0..n {
+        conn.send_bytes(&pattern(i, 1 << 20)).unwrap();
+        let _: () = conn.recv_timeout(TIMEOUT).unwrap();
+    }
+}
+
+#[test]
+fn a_held_shared_buffer_is_never_overwritten() {
+    for m in StartMethod::all() {
+        let (ours, theirs) = Pipe::new().unwrap();
+        let n = 20;
+        let mut p = start(m, send_after_acks, (theirs, n));
+        let held = ours.recv_bytes_shared_timeout(TIMEOUT).unwrap();
+        assert!(held.is_shared());
+        ours.send(&()).unwrap();
+        // The sender now reuses the memory of every message but the held one.
+        for i in 1..n {
+            let got = ours.recv_bytes_shared_timeout(TIMEOUT).unwrap();
+            assert!(*got == *pattern(i, 1 << 20), "{m:?}");
+            drop(got);
+            ours.send(&()).unwrap();
+        }
+        p.join_timeout(TIMEOUT).unwrap();
+        assert!(
+            *held == *pattern(0, 1 << 20),
+            "{m:?}: a held buffer changed"
+        );
+    }
+}
+
+/// The inodes of the message memfds this process has open.
+fn open_memfds() -> BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let link = std::fs::read_link(&path).ok()?;
+            link.to_string_lossy()
+                .contains("gpuproc-message")
+                .then(|| std::fs::metadata(&path).ok().map(|m| m.ino()))?
+        })
+        .collect()
+}
+
+/// Sends and receives `n` messages through a queue in this (child) process, holding one
+/// received buffer throughout; returns the most message memfds open at once, and how many
+/// different ones were open over all.
+fn memfds_over_messages(n: u32) -> (usize, usize) {
+    let q = Queue::<Bytes>::new().unwrap();
+    q.put_bytes(&pattern(0, 1 << 20)).unwrap();
+    let held = q.get_shared_timeout(TIMEOUT).unwrap();
+    let (mut most, mut seen) = (0, BTreeSet::new());
+    for i in 0..n {
+        q.put_bytes(&pattern(i as u8, 1 << 20)).unwrap();
+        let got = q.get_shared_timeout(TIMEOUT).unwrap();
+        assert!(got.is_shared() && got[1] == pattern(i as u8, 2)[1]);
+        let open = open_memfds();
+        most = most.max(open.len());
+        seen.extend(open);
+        drop(got);
+    }
+    assert!(*held == *pattern(0, 1 << 20));
+    (most, seen.len())
+}
+
+#[test]
+fn dropped_shared_buffers_are_reused_not_piled_up() {
+    // In a child: other tests in this process open memfds too.
+    let mut p = start(StartMethod::Spawn, memfds_over_messages, 100);
+    let (most, seen) = p.join_timeout(TIMEOUT).unwrap();
+    // The held buffer and the one reused for every other message (each open in the
+    // sender's pool and, while received, in the receiver): not one per message.
+    assert!(most <= 4, "{most} memfds open at once");
+    assert!(seen <= 3, "{seen} memfds used for 100 messages");
 }
