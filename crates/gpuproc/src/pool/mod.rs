@@ -377,9 +377,28 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
+        let mut out = Vec::new();
+        self.all(f, items, None).drain_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// An ordered [`Imap`] over a whole input, its length known, with `chunksize` or
+    /// Python's automatic one.
+    fn all<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        chunksize: Option<usize>,
+    ) -> Imap<'_, A, R, std::vec::IntoIter<A>>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
         let items: Vec<A> = items.into_iter().collect();
-        let chunksize = policy::auto_chunksize(items.len(), self.processes());
-        self.map_chunksize(f, items, chunksize)
+        let len = items.len();
+        let chunksize = chunksize.unwrap_or_else(|| policy::auto_chunksize(len, self.processes()));
+        self.imap(f, items).chunksize(chunksize).with_len(len)
     }
 
     /// [`map`](Self::map) with an explicit chunk size.
@@ -394,17 +413,8 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<A> = items.into_iter().collect();
-        let len = items.len();
-        let mut out = Vec::with_capacity(len);
-        let mut it = self.imap(f, items).chunksize(chunksize).with_len(len);
-        if self.config.progress {
-            for r in it {
-                out.push(r?);
-            }
-        } else {
-            it.drain_into(&mut out)?;
-        }
+        let mut out = Vec::new();
+        self.all(f, items, Some(chunksize)).drain_into(&mut out)?;
         Ok(out)
     }
 
@@ -416,13 +426,7 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<A> = items.into_iter().collect();
-        let len = items.len();
-        let chunksize = policy::auto_chunksize(len, self.processes());
-        self.imap(f, items)
-            .chunksize(chunksize)
-            .with_len(len)
-            .collect()
+        self.all(f, items, None).collect()
     }
 
     /// Like [`map`](Self::map), with each task's GPU memory peak in bytes as sampled through
@@ -438,11 +442,8 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<A> = items.into_iter().collect();
-        let len = items.len();
-        let chunksize = policy::auto_chunksize(len, self.processes());
-        let mut it = self.imap(f, items).chunksize(chunksize).with_len(len);
-        let mut out = Vec::with_capacity(len);
+        let mut it = self.all(f, items, None);
+        let mut out = Vec::with_capacity(it.len.unwrap_or(0));
         while let Some(r) = it.next() {
             out.push((r?, it.last_gpu_memory_peak()));
         }
@@ -736,6 +737,14 @@ where
     /// iterator bookkeeping): `map`'s fast path. Stops at the first failed task.
     fn drain_into(&mut self, out: &mut Vec<R>) -> Result<(), PoolError> {
         debug_assert!(self.ordered);
+        out.reserve(self.len.unwrap_or(0));
+        if self.pool.config.progress {
+            // The bar moves per item: go through `next`.
+            for r in self.by_ref() {
+                out.push(r?);
+            }
+            return Ok(());
+        }
         loop {
             if let Some(mut cur) = self.current.take() {
                 let n = cur.run.lens.len() - cur.i;
