@@ -3,78 +3,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use gpuproc::gpu::Snapshot;
 
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+use common::{run, scratch_dir, sim_gpuproc, sim_lib, stderr, stdout, wait_output};
+
 const MIB: u64 = 1 << 20;
 
-fn sim_lib() -> PathBuf {
-    nvml_sim::library_path()
-        .expect("libnvml_sim.so not found: build the workspace first (cargo build --workspace)")
-}
-
 fn gpuproc(scenario: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
-    command
-        .env("GPUPROC_NVML_LIB", sim_lib())
-        .env("NVML_SIM_SCENARIO", scenario)
-        .env_remove("NVML_SIM_STATE_DIR")
-        .env_remove("NO_COLOR");
-    command
-}
-
-/// Runs `command` to completion, killing it if it outlives `deadline`.
-fn run(mut command: Command, deadline: Duration) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(deadline) {
-        Ok(output) => output.expect("wait for child"),
-        Err(_) => {
-            kill(pid);
-            panic!("{command:?} did not finish within {deadline:?}");
-        }
-    }
-}
-
-fn kill(pid: u32) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-    }
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gpuproc-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
+    sim_gpuproc(scenario, None)
 }
 
 #[test]
 fn help_and_version() {
     let mut help = gpuproc("default");
     help.arg("--help");
-    let out = run(help, DEADLINE);
+    let out = run(help);
     assert!(out.status.success());
     let text = stdout(&out);
     assert!(text.contains("gpus"), "{text}");
@@ -83,14 +29,14 @@ fn help_and_version() {
 
     let mut gpus_help = gpuproc("default");
     gpus_help.args(["gpus", "--help"]);
-    let text = stdout(&run(gpus_help, DEADLINE));
+    let text = stdout(&run(gpus_help));
     for flag in ["--json", "--watch", "--color"] {
         assert!(text.contains(flag), "{text}");
     }
 
     let mut version = gpuproc("default");
     version.arg("--version");
-    let out = run(version, DEADLINE);
+    let out = run(version);
     assert!(out.status.success());
     assert_eq!(
         stdout(&out).trim(),
@@ -102,7 +48,7 @@ fn help_and_version() {
 fn usage_errors_have_their_own_status() {
     let mut bad = gpuproc("default");
     bad.args(["gpus", "--watch", "never"]);
-    let out = run(bad, DEADLINE);
+    let out = run(bad);
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("at least 0.1"), "{}", stderr(&out));
 }
@@ -111,7 +57,7 @@ fn usage_errors_have_their_own_status() {
 fn table_of_eight_gpus() {
     let mut cmd = gpuproc("8gpu");
     cmd.arg("gpus");
-    let out = run(cmd, DEADLINE);
+    let out = run(cmd);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
@@ -130,7 +76,7 @@ fn table_of_eight_gpus() {
 
     let mut coloured = gpuproc("8gpu");
     coloured.args(["gpus", "--color", "always", "--no-processes"]);
-    let text = stdout(&run(coloured, DEADLINE));
+    let text = stdout(&run(coloured));
     assert!(text.contains('\x1b'));
     assert!(!text.contains("└─"));
 }
@@ -139,7 +85,7 @@ fn table_of_eight_gpus() {
 fn json_is_the_snapshot() {
     let mut cmd = gpuproc("mig");
     cmd.args(["gpus", "--json"]);
-    let out = run(cmd, DEADLINE);
+    let out = run(cmd);
     assert!(out.status.success(), "{}", stderr(&out));
     let snap: Snapshot = serde_json::from_slice(&out.stdout).expect("a Snapshot");
     assert_eq!(snap.devices.len(), 2);
@@ -150,7 +96,7 @@ fn json_is_the_snapshot() {
 fn lost_gpu_is_shown_not_fatal() {
     let mut cmd = gpuproc("lost");
     cmd.arg("gpus");
-    let out = run(cmd, DEADLINE);
+    let out = run(cmd);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let line = text.lines().find(|l| l.starts_with("[2]")).unwrap();
@@ -168,7 +114,7 @@ fn no_driver_exits_2_with_one_sentence() {
         if let Some(lib) = lib {
             cmd.env("GPUPROC_NVML_LIB", lib);
         }
-        let out = run(cmd, DEADLINE);
+        let out = run(cmd);
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         let err = stderr(&out);
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -181,7 +127,7 @@ fn no_driver_exits_2_with_one_sentence() {
 fn no_devices() {
     let mut cmd = gpuproc("nodevices");
     cmd.arg("gpus");
-    let out = run(cmd, DEADLINE);
+    let out = run(cmd);
     assert!(out.status.success());
     assert!(stdout(&out).contains("no GPUs"));
 }
@@ -197,18 +143,7 @@ fn a_closed_pipe_ends_watch_quietly() {
         .expect("spawn gpuproc");
     // Closing the read end: the next redraw meets a broken pipe.
     drop(child.stdout.take());
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            kill(pid);
-            panic!("gpuproc gpus --watch did not stop on a closed pipe");
-        }
-    };
+    let out = wait_output(child, "gpuproc gpus --watch on a closed pipe");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stderr.is_empty(), "{}", stderr(&out));
 }
@@ -228,7 +163,7 @@ fn python() -> Option<PathBuf> {
     }
     let mut probe = Command::new(&python);
     probe.args(["-c", "import pynvml, gpustat"]);
-    if !run(probe, DEADLINE).status.success() {
+    if !run(probe).status.success() {
         eprintln!(
             "skipping the cross-check: {} lacks pynvml or gpustat",
             python.display()
@@ -279,7 +214,7 @@ fn cross_check_with_pynvml_and_gpustat() {
         .spawn()
         .unwrap();
     let gpuproc_pid = child.id() as u64;
-    let out = wait(child);
+    let out = wait_output(child, "gpuproc gpus --json");
     assert!(out.status.success(), "{}", stderr(&out));
     let snap: Snapshot = serde_json::from_slice(&out.stdout).unwrap();
     let ours: View = snap
@@ -313,7 +248,7 @@ fn cross_check_with_pynvml_and_gpustat() {
     let mut cmd = Command::new(&python);
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benchmarks/gpus/pynvml_dump.py"));
     env(&mut cmd);
-    let out = run(cmd, DEADLINE);
+    let out = run(cmd);
     assert!(out.status.success(), "{}", stderr(&out));
     let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let own = py["self_pid"].as_u64().unwrap();
@@ -358,7 +293,7 @@ fn cross_check_with_pynvml_and_gpustat() {
         .spawn()
         .unwrap();
     let gpustat_pid = child.id() as u64;
-    let out = wait(child);
+    let out = wait_output(child, "gpustat --json");
     assert!(out.status.success(), "{}", stderr(&out));
     let gs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let gpus = gs["gpus"].as_array().unwrap();
@@ -406,19 +341,4 @@ fn cross_check_with_pynvml_and_gpustat() {
         .collect();
     assert_eq!(host.cmdline, full);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn wait(child: std::process::Child) -> Output {
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for child"),
-        Err(_) => {
-            kill(pid);
-            panic!("child {pid} did not finish within {DEADLINE:?}");
-        }
-    }
 }

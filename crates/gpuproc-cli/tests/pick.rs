@@ -7,13 +7,15 @@
 //! test fails.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+use common::{
+    run, scratch_dir, signal, sim_env, sim_gpuproc, stderr, stdout, Background, Signal, DEADLINE,
+};
 
 /// The UUIDs of the bundled `4gpu` scenario, GPU 0 first.
 const FOUR: [&str; 4] = [
@@ -28,176 +30,11 @@ const FOUR: [&str; 4] = [
 const REPORT_AND_WAIT: &str =
     r#"echo "$$ $CUDA_VISIBLE_DEVICES $NVIDIA_VISIBLE_DEVICES"; read x || true"#;
 
-fn sim_lib() -> PathBuf {
-    nvml_sim::library_path()
-        .expect("libnvml_sim.so not found: build the workspace first (cargo build --workspace)")
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gpuproc-pick-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
-}
-
 /// `gpuproc pick ARGS` on `scenario`, with the lease table in `runtime`.
 fn pick(scenario: &str, runtime: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+    let mut command = sim_gpuproc(scenario, Some(runtime));
     command.arg("pick").args(args);
-    sim_env(&mut command, scenario, runtime);
     command
-}
-
-/// Sets up `command`'s environment for the simulator and a lease table in `runtime`.
-fn sim_env(command: &mut Command, scenario: &str, runtime: &Path) {
-    command
-        .env("GPUPROC_NVML_LIB", sim_lib())
-        .env("NVML_SIM_SCENARIO", scenario)
-        .env("GPUPROC_RUNTIME_DIR", runtime)
-        .env_remove("NVML_SIM_STATE_DIR")
-        .env_remove("CUDA_VISIBLE_DEVICES")
-        .env_remove("CUDA_DEVICE_ORDER");
-}
-
-fn kill(pid: u32, signal: rustix::process::Signal) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(pid, signal);
-    }
-}
-
-/// Runs `command` to completion, killing it if it outlives `deadline`.
-fn run(mut command: Command) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(output) => output.expect("wait for child"),
-        Err(_) => {
-            kill(pid, rustix::process::Signal::KILL);
-            panic!("{command:?} did not finish within {DEADLINE:?}");
-        }
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A process running in the background: its output arrives line by line on channels, its
-/// standard input stays open until [`finish`](Self::finish). Dropping it kills and reaps it.
-struct Running {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: Receiver<String>,
-    stderr: Receiver<String>,
-}
-
-fn lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-impl Running {
-    fn start(mut command: Command) -> Running {
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-        let stdout = lines(child.stdout.take().unwrap());
-        let stderr = lines(child.stderr.take().unwrap());
-        Running {
-            stdin: child.stdin.take(),
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The next line of standard output; `None` at its end.
-    fn line(&self) -> Option<String> {
-        match self.stdout.recv_timeout(DEADLINE) {
-            Ok(line) => Some(line),
-            Err(mpsc::RecvTimeoutError::Disconnected) => None,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no output within {DEADLINE:?}"),
-        }
-    }
-
-    /// Reads standard error until a line contains `needle`.
-    fn stderr_until(&self, needle: &str) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no {needle:?} on stderr: {e}"),
-            }
-        }
-    }
-
-    /// All of standard error (after the process has exited).
-    fn stderr(&self) -> String {
-        let mut all = String::new();
-        while let Ok(line) = self.stderr.recv_timeout(DEADLINE) {
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    }
-
-    /// Closes standard input (ending a waiting command) and waits for the exit.
-    fn finish(&mut self) -> ExitStatus {
-        self.stdin = None;
-        self.wait()
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process {} did not exit",
-                self.pid()
-            );
-            // Polling a child's status has no blocking form with a timeout in std.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stdin = None;
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// Waits until process `pid` (not necessarily our child) has exited.
@@ -230,9 +67,9 @@ fn report(line: &str) -> (u32, String, String) {
 #[test]
 fn twenty_concurrent_pickers_share_four_gpus() {
     let dir = scratch_dir("twenty");
-    let mut pickers: Vec<Running> = (0..20)
+    let mut pickers: Vec<Background> = (0..20)
         .map(|_| {
-            Running::start(pick(
+            Background::start(pick(
                 "4gpu",
                 &dir,
                 &[
@@ -290,7 +127,7 @@ fn twenty_concurrent_pickers_share_four_gpus() {
     }
     // Every lease ended with its command: all four GPUs are free again.
     let out = run(pick("4gpu", &dir, &["-n", "4", "--hold", "--", "true"]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -331,15 +168,15 @@ utilization_gpu = 10
     let mut args = criteria.to_vec();
     args.extend(["--hold", "--", "sh", "-c", "echo $CUDA_VISIBLE_DEVICES"]);
     let out = run(pick(&scenario, &runtime, &args));
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let uuid = text(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let uuid = stdout(&out).trim().to_string();
     assert!(uuid.starts_with("GPU-"), "{uuid}");
 
     let mut args = criteria.to_vec();
     args.extend(["-n", "2"]);
     let out = run(pick(&scenario, &runtime, &args));
     assert_eq!(out.status.code(), Some(3));
-    let stderr = text(&out.stderr);
+    let stderr = stderr(&out);
     assert!(
         stderr.starts_with("gpuproc: none free: 2 GPUs needed, 1 qualifies\n"),
         "{stderr}"
@@ -367,44 +204,44 @@ fn stdout_is_empty(out: &Output) -> bool {
 fn a_killed_holder_frees_its_gpu() {
     let dir = scratch_dir("killed");
     // The lease goes to another process (--for-pid), which is then killed.
-    let mut shell = Running::start({
+    let mut shell = Background::start({
         let mut c = Command::new("sh");
         c.args(["-c", "read x"]);
         c
     });
     let holder = shell.pid().to_string();
     let out = run(pick("default", &dir, &["--for-pid", &holder]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).trim().starts_with("GPU-"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).trim().starts_with("GPU-"));
     let out = run(pick("default", &dir, &[]));
     assert_eq!(out.status.code(), Some(3));
     assert!(
-        text(&out.stderr).contains(&format!("leased by pid {holder} (1 of 1 allowed lease)")),
+        stderr(&out).contains(&format!("leased by pid {holder} (1 of 1 allowed lease)")),
         "{}",
-        text(&out.stderr)
+        stderr(&out)
     );
-    kill(shell.pid(), rustix::process::Signal::KILL);
+    signal(shell.pid(), Signal::KILL);
     assert!(shell.wait().code().is_none());
     let out = run(pick("default", &dir, &["--hold", "--", "true"]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // Under --hold the command holds the lease too: killing gpuproc leaves it with the
     // command, and the GPU is free once the command is gone as well.
-    let mut held = Running::start(pick(
+    let mut held = Background::start(pick(
         "default",
         &dir,
         &["--hold", "--", "sh", "-c", REPORT_AND_WAIT],
     ));
     let (command_pid, _, _) = report(&held.line().expect("the command reports"));
-    kill(held.pid(), rustix::process::Signal::KILL);
+    signal(held.pid(), Signal::KILL);
     assert!(held.wait().code().is_none());
     let out = run(pick("default", &dir, &[]));
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     // The command reads the same stdin pipe: closing it ends the command.
     held.stdin = None;
     await_exit(command_pid);
     let out = run(pick("default", &dir, &["--hold", "--", "true"]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
     let _ = shell.finish();
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -427,12 +264,8 @@ fn cuda_visible_devices_in_the_parent_restricts_the_pick() {
     );
     restricted.env("CUDA_VISIBLE_DEVICES", "1,3");
     let out = run(restricted);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let got: HashSet<String> = text(&out.stdout)
-        .trim()
-        .split(',')
-        .map(str::to_string)
-        .collect();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got: HashSet<String> = stdout(&out).trim().split(',').map(str::to_string).collect();
     assert_eq!(got, [FOUR[1], FOUR[3]].map(str::to_string).into());
 
     let mut too_many = pick("4gpu", &dir, &["-n", "3", "--wait", "10m"]);
@@ -442,7 +275,7 @@ fn cuda_visible_devices_in_the_parent_restricts_the_pick() {
     assert_eq!(out.status.code(), Some(3));
     // No use waiting for GPUs that can never qualify.
     assert!(started.elapsed() < Duration::from_secs(300));
-    let stderr = text(&out.stderr);
+    let stderr = stderr(&out);
     assert!(stderr.contains("waiting cannot change that"), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -472,7 +305,7 @@ fn cuda_visible_devices_in_the_parent_restricts_the_pick() {
 #[test]
 fn wait_until_a_gpu_frees_up() {
     let dir = scratch_dir("wait");
-    let mut holder = Running::start(pick(
+    let mut holder = Background::start(pick(
         "default",
         &dir,
         &["--hold", "--", "sh", "-c", REPORT_AND_WAIT],
@@ -481,13 +314,9 @@ fn wait_until_a_gpu_frees_up() {
 
     let out = run(pick("default", &dir, &["--wait", "200ms"]));
     assert_eq!(out.status.code(), Some(3));
-    assert!(
-        text(&out.stderr).contains("after waiting"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(stderr(&out).contains("after waiting"), "{}", stderr(&out));
 
-    let mut waiter = Running::start(pick(
+    let mut waiter = Background::start(pick(
         "default",
         &dir,
         &["--wait", "1m", "--hold", "--", "sh", "-c", REPORT_AND_WAIT],
@@ -513,37 +342,33 @@ fn hold_forwards_exit_status_and_signals() {
         &["--hold", "--", "sh", "-c", "exit 7"],
     ));
     assert_eq!(out.status.code(), Some(7));
-    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
 
     let out = run(pick("default", &dir, &["--hold", "--", "/nonexistent/cmd"]));
     assert_eq!(out.status.code(), Some(127));
-    assert!(text(&out.stderr).contains("cannot run /nonexistent/cmd"));
+    assert!(stderr(&out).contains("cannot run /nonexistent/cmd"));
 
-    for (signal, code) in [
-        (rustix::process::Signal::TERM, 143),
-        (rustix::process::Signal::INT, 130),
-        (rustix::process::Signal::HUP, 129),
-    ] {
-        let mut held = Running::start(pick(
+    for (sig, code) in [(Signal::TERM, 143), (Signal::INT, 130), (Signal::HUP, 129)] {
+        let mut held = Background::start(pick(
             "default",
             &dir,
             &["--hold", "--", "sh", "-c", REPORT_AND_WAIT],
         ));
         let (command_pid, _, _) = report(&held.line().expect("the command reports"));
-        kill(held.pid(), signal);
-        assert_eq!(held.wait().code(), Some(code), "{signal:?}");
+        signal(held.pid(), sig);
+        assert_eq!(held.wait().code(), Some(code), "{sig:?}");
         await_exit(command_pid);
     }
     // Every lease ended: the GPU is free.
     let out = run(pick("default", &dir, &["--hold", "--", "true"]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn json_and_the_lease_left_to_the_parent() {
     let dir = scratch_dir("json");
-    let mut shell = Running::start({
+    let mut shell = Background::start({
         let mut c = Command::new("sh");
         c.args(["-c", "read x"]);
         c
@@ -562,7 +387,7 @@ fn json_and_the_lease_left_to_the_parent() {
             &holder,
         ],
     ));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(
         json["cuda_visible_devices"],
@@ -583,17 +408,17 @@ fn json_and_the_lease_left_to_the_parent() {
     );
     let mut sh = Command::new("sh");
     sh.args(["-c", &script]);
-    sim_env(&mut sh, "4gpu", &dir);
+    sim_env(&mut sh, "4gpu", Some(&dir));
     let out = run(sh);
-    let stdout = text(&out.stdout);
-    assert_eq!(stdout, format!("{}\n3\n", FOUR[2]), "{}", text(&out.stderr));
+    let stdout = stdout(&out);
+    assert_eq!(stdout, format!("{}\n3\n", FOUR[2]), "{}", stderr(&out));
     // That shell has exited, so its lease has ended.
     let out = run(pick("4gpu", &dir, &["-n", "2", "--hold", "--", "true"]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
 
     let _ = shell.finish();
     let out = run(pick("4gpu", &dir, &["-n", "4", "--hold", "--", "true"]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -610,24 +435,19 @@ fn bad_values_and_help() {
         &["--hold"],
     ] {
         let out = run(pick("default", &dir, args));
-        assert_eq!(
-            out.status.code(),
-            Some(64),
-            "{args:?}: {}",
-            text(&out.stderr)
-        );
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
     }
     let out = run(pick("4gpu", &dir, &["--devices", "9"]));
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("no GPU 9 on this machine (4 GPUs found)"),
+        stderr(&out).contains("no GPU 9 on this machine (4 GPUs found)"),
         "{}",
-        text(&out.stderr)
+        stderr(&out)
     );
     let out = run(pick("nodriver", &dir, &[]));
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let out = run(pick("default", &dir, &["--help"]));
-    let help = text(&out.stdout);
+    let help = stdout(&out);
     assert!(help.contains("3    none free"), "{help}");
     assert!(help.contains("--for-pid"), "{help}");
     let _ = std::fs::remove_dir_all(dir);

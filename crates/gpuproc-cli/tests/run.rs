@@ -5,16 +5,15 @@
 //! own GPU lease table (`GPUPROC_RUNTIME_DIR`, named after the test's thread).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn sim_lib() -> PathBuf {
-    nvml_sim::library_path()
-        .expect("libnvml_sim.so not found: build the workspace first (cargo build --workspace)")
-}
+mod common;
+use common::{
+    kill_group, run, run_with, scratch_dir, signal, sim_gpuproc, stderr, stdout, wait_output,
+    Background, Signal, DEADLINE,
+};
 
 /// The calling test's lease table directory: libtest names each test's thread after it.
 fn runtime_dir() -> PathBuf {
@@ -29,67 +28,7 @@ fn runtime_dir() -> PathBuf {
 }
 
 fn gpuproc(scenario: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
-    command
-        .env("GPUPROC_NVML_LIB", sim_lib())
-        .env("GPUPROC_RUNTIME_DIR", runtime_dir())
-        .env("NVML_SIM_SCENARIO", scenario)
-        .env_remove("NVML_SIM_STATE_DIR")
-        .env_remove("CUDA_VISIBLE_DEVICES");
-    command
-}
-
-/// Runs `command` to completion with `stdin`, killing it if it outlives `DEADLINE`.
-fn run_with(mut command: Command, stdin: Stdio) -> Output {
-    let child = command
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(output) => output.expect("wait for gpuproc"),
-        Err(_) => {
-            signal(pid as i32, rustix::process::Signal::KILL);
-            panic!("{command:?} did not finish within {DEADLINE:?}");
-        }
-    }
-}
-
-fn run(command: Command) -> Output {
-    run_with(command, Stdio::null())
-}
-
-fn signal(pid: i32, sig: rustix::process::Signal) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-        let _ = rustix::process::kill_process(pid, sig);
-    }
-}
-
-fn kill_group(pgid: i32) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pgid) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gpuproc-run-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
+    sim_gpuproc(scenario, Some(&runtime_dir()))
 }
 
 /// Polls `check` until it returns `Some`, or panics after `DEADLINE`.
@@ -177,7 +116,6 @@ fn jobs_spread_over_gpus_respecting_per_gpu() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn gpuproc");
-    let pid = child.id() as i32;
     // Four slots (2 GPUs x 2): the first wave holds until `go` exists.
     let first = wait_for("the first four jobs", || {
         let s = seen(&dir);
@@ -192,17 +130,7 @@ fn jobs_spread_over_gpus_respecting_per_gpu() {
     assert_eq!(count(&uuids[0], &first), 2, "{first:?}");
     assert_eq!(count(&uuids[2], &first), 2, "{first:?}");
     std::fs::write(dir.join("go"), "").expect("release the jobs");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            signal(pid, rustix::process::Signal::KILL);
-            panic!("gpuproc run did not finish");
-        }
-    };
+    let out = wait_output(child, "gpuproc run");
     assert!(out.status.success(), "{}", stderr(&out));
     let all = seen(&dir);
     assert_eq!(all.len(), 8, "{all:?}");
@@ -320,7 +248,7 @@ fn resume_after_killing_the_runner_runs_only_the_rest() {
     let job4: i32 = wait_for("job 4 to start", || {
         read(&dir.join("pid4")).trim().parse().ok()
     });
-    signal(runner.id() as i32, rustix::process::Signal::KILL);
+    signal(runner.id(), Signal::KILL);
     let _ = runner.wait();
     // The runner died without cleaning up; job 4 is in its own group.
     kill_group(job4);
@@ -389,7 +317,7 @@ fn sigint_twice_leaves_no_processes() {
         let mut stdin = runner.stdin.take().expect("stdin");
         stdin.write_all(jobs.as_bytes()).expect("write jobs");
     }
-    let runner_pid = runner.id() as i32;
+    let runner_pid = runner.id();
     let pids: Vec<i32> = (1..=2)
         .flat_map(|i| {
             let path = dir.join(format!("pids.{i}"));
@@ -403,7 +331,7 @@ fn sigint_twice_leaves_no_processes() {
             })
         })
         .collect();
-    signal(runner_pid, rustix::process::Signal::INT);
+    signal(runner_pid, Signal::INT);
     // Job 1's shell dies of SIGINT and its leftover sleep is killed with its group.
     wait_for("job 1 to end", || {
         (read(&joblog).lines().count() >= 2).then_some(())
@@ -415,7 +343,7 @@ fn sigint_twice_leaves_no_processes() {
         !is_gone(pids[2]),
         "job 2 ignores SIGINT and is still running"
     );
-    signal(runner_pid, rustix::process::Signal::INT);
+    signal(runner_pid, Signal::INT);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(runner.wait_with_output());
@@ -423,7 +351,7 @@ fn sigint_twice_leaves_no_processes() {
     let out = match rx.recv_timeout(DEADLINE) {
         Ok(out) => out.expect("wait"),
         Err(_) => {
-            signal(runner_pid, rustix::process::Signal::KILL);
+            signal(runner_pid, Signal::KILL);
             for &p in &pids {
                 kill_group(p);
             }
@@ -460,109 +388,6 @@ fn timeout_stops_a_job() {
     assert!(stderr(&out).contains("timeout"), "{}", stderr(&out));
 }
 
-/// Lines of a child's pipe, as they come.
-fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// A child killed (with its process group) and reaped when dropped, so that no test leaves
-/// processes behind, even when it fails.
-struct Guard {
-    child: Option<Child>,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-    seen_stderr: String,
-}
-
-impl Guard {
-    fn start(mut command: Command) -> Guard {
-        use std::os::unix::process::CommandExt;
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-        let stdout = lines(child.stdout.take().expect("stdout"));
-        let stderr = lines(child.stderr.take().expect("stderr"));
-        Guard {
-            child: Some(child),
-            stdout,
-            stderr,
-            seen_stderr: String::new(),
-        }
-    }
-
-    fn line(&self) -> String {
-        self.stdout
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("no line from the child within {DEADLINE:?}"))
-    }
-
-    /// Standard error up to the first line containing `needle`.
-    fn stderr_until(&mut self, needle: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        while !self.seen_stderr.contains(needle) {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen_stderr.push_str(&line);
-                    self.seen_stderr.push('\n');
-                }
-                Err(_) => panic!(
-                    "{needle:?} not on stderr within {DEADLINE:?}:\n{}",
-                    self.seen_stderr
-                ),
-            }
-        }
-        self.seen_stderr.clone()
-    }
-
-    /// Waits for the child to exit (with a deadline) and returns its status and the rest of
-    /// its standard error.
-    fn finish(&mut self) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().expect("child");
-        let end = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= end {
-                kill_group(child.id() as i32);
-                let _ = child.wait();
-                panic!("child did not exit within {DEADLINE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut text = std::mem::take(&mut self.seen_stderr);
-        while let Ok(line) = self.stderr.recv_timeout(DEADLINE) {
-            text.push_str(&line);
-            text.push('\n');
-        }
-        (status, text)
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            kill_group(child.id() as i32);
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn busy_gpus_wait_with_wait_free() {
     let dir = scratch_dir("waitfree");
@@ -580,12 +405,13 @@ fn busy_gpus_wait_with_wait_free() {
             dir.display()
         ))
         .args([":::", "a", "b", "c"]);
-    let mut runner = Guard::start(cmd);
+    let mut runner = Background::start_in_group(cmd);
     runner.stderr_until("GPU 0: used by other processes");
     assert!(seen(&dir).is_empty(), "no job ran on the busy GPU");
     // The other user finishes: the run goes on.
     std::fs::remove_file(&foreign).expect("free GPU 0");
-    let (status, err) = runner.finish();
+    let status = runner.finish();
+    let err = runner.stderr();
     assert!(status.success(), "{err}");
     let all = seen(&dir);
     assert_eq!(all.len(), 3);
@@ -604,8 +430,12 @@ fn gpus_leased_by_others_are_not_used_until_released() {
             "echo $CUDA_VISIBLE_DEVICES; i=0; while [ ! -e {} ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done",
             release.display()
         ));
-    let mut holder = Guard::start(pick);
-    assert_eq!(holder.line(), uuids[1], "the holder has GPU 1");
+    let mut holder = Background::start_in_group(pick);
+    assert_eq!(
+        holder.line().expect("the holder reports"),
+        uuids[1],
+        "the holder has GPU 1"
+    );
 
     // Two jobs that would run at once on GPUs 0 and 1: the second waits for the lease.
     let first = dir.join("first");
@@ -615,10 +445,11 @@ fn gpus_leased_by_others_are_not_used_until_released() {
     std::fs::write(&jobs, format!("{line}\n{line}\n")).expect("write jobs");
     let mut cmd = gpuproc("4gpu");
     cmd.args(["run", "--gpus", "0,1", "-f"]).arg(&jobs);
-    let mut runner = Guard::start(cmd);
+    let mut runner = Background::start_in_group(cmd);
     runner.stderr_until("GPU 1: leased by pid");
     std::fs::write(first.join("go"), "").expect("go");
-    let (status, err) = runner.finish();
+    let status = runner.finish();
+    let err = runner.stderr();
     assert!(status.success(), "{err}");
     let all = seen(&first);
     assert_eq!(all.len(), 2, "{all:?}");
@@ -630,7 +461,8 @@ fn gpus_leased_by_others_are_not_used_until_released() {
 
     // Released: two jobs that run at once get both GPUs.
     std::fs::write(&release, "").expect("release");
-    let (status, err) = holder.finish();
+    let status = holder.finish();
+    let err = holder.stderr();
     assert!(status.success(), "{err}");
     let second = dir.join("second");
     std::fs::create_dir_all(&second).expect("mkdir");
@@ -639,13 +471,14 @@ fn gpus_leased_by_others_are_not_used_until_released() {
     std::fs::write(&jobs, format!("{line}\n{line}\n")).expect("write jobs");
     let mut cmd = gpuproc("4gpu");
     cmd.args(["run", "--gpus", "0,1", "-f"]).arg(&jobs);
-    let mut runner = Guard::start(cmd);
+    let mut runner = Background::start_in_group(cmd);
     let both = wait_for("both jobs", || {
         let s = seen(&second);
         (s.len() == 2).then_some(s)
     });
     std::fs::write(second.join("go"), "").expect("go");
-    let (status, err) = runner.finish();
+    let status = runner.finish();
+    let err = runner.stderr();
     assert!(status.success(), "{err}");
     let mut got: Vec<&str> = both
         .iter()
