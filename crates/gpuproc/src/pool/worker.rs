@@ -162,8 +162,10 @@ pub(crate) struct ChunkHeader {
     /// Sequence number of the first task; the others follow consecutively.
     pub first_seq: u64,
     /// Each task's encoded argument length.
+    #[serde(with = "u32_block")]
     pub lens: Vec<u32>,
     /// Each task's descriptor count (empty: none has any).
+    #[serde(with = "u32_block")]
     pub nfds: Vec<u32>,
 }
 
@@ -174,11 +176,50 @@ pub(crate) struct DoneHeader {
     pub first_seq: u64,
     pub count: u32,
     /// Each task's result length (0 for a failed task).
+    #[serde(with = "u32_block")]
     pub lens: Vec<u32>,
     /// Each task's result descriptor count (empty: none has any).
+    #[serde(with = "u32_block")]
     pub nfds: Vec<u32>,
     /// The tasks (offsets in this run) that failed, and why.
     pub failures: Vec<(u32, Failure)>,
+}
+
+/// A `Vec<u32>` as one block of little-endian bytes: postcard would write a varint per
+/// element, which costs more than a trivial task itself.
+mod u32_block {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(v.len() * 4);
+        for x in v {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        s.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        struct Block;
+        impl Visitor<'_> for Block {
+            type Value = Vec<u32>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a block of little-endian u32s")
+            }
+            fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Vec<u32>, E> {
+                if b.len() % 4 != 0 {
+                    return Err(E::custom(format!(
+                        "{} bytes is not a whole number of u32s",
+                        b.len()
+                    )));
+                }
+                Ok(b.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            }
+        }
+        d.deserialize_bytes(Block)
+    }
 }
 
 /// An initializer: a function and its encoded argument, run once when the worker starts.
@@ -413,5 +454,44 @@ impl Outbox {
         }
         self.since = None;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_with_u32_blocks() {
+        let h = DoneHeader {
+            first_seq: 7,
+            count: 3,
+            lens: vec![0, 1, u32::MAX],
+            nfds: Vec::new(),
+            failures: vec![(
+                1,
+                Failure::BadResult {
+                    type_name: "T".into(),
+                    reason: "r".into(),
+                },
+            )],
+        };
+        let bytes = postcard::to_stdvec(&h).unwrap();
+        let (back, rest) = postcard::take_from_bytes::<DoneHeader>(&bytes).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!((back.first_seq, back.count), (7, 3));
+        assert_eq!(back.lens, [0, 1, u32::MAX]);
+        assert!(back.nfds.is_empty());
+        assert_eq!(back.failures.len(), 1);
+    }
+
+    #[test]
+    fn a_ragged_u32_block_is_an_error() {
+        // A byte block of 5 bytes where the lengths should be.
+        let mut bytes = postcard::to_stdvec(&(7u64, 1u32)).unwrap();
+        bytes.push(5);
+        bytes.extend_from_slice(&[1, 2, 3, 4, 5]);
+        bytes.push(0);
+        assert!(postcard::from_bytes::<DoneHeader>(&bytes).is_err());
     }
 }
