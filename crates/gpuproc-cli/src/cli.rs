@@ -13,7 +13,9 @@ const EXIT_STATUS: &str = "Exit status:
   0   success
   1   error
   2   no NVIDIA driver or NVML library (nothing to show)
+  3   pick: no GPU free; run: a job failed or could not start
   64  bad command line
+  130 run: interrupted (Ctrl-C)
 
 Environment:
   GPUPROC_NVML_LIB  path of the libnvidia-ml to load instead of libnvidia-ml.so.1";
