@@ -258,7 +258,8 @@ impl Connection {
     /// `timeout`; Python's `conn.poll(timeout)`. A failure to poll reports `true`, so that
     /// the next receive reports the error.
     pub fn poll(&self, timeout: Duration) -> bool {
-        sp::wait_ready(self.fd.as_fd(), false, Some(Instant::now() + timeout)).unwrap_or(true)
+        crate::sys::wait_ready(self.fd.as_fd(), false, Some(Instant::now() + timeout))
+            .unwrap_or(true)
     }
 
     /// Closes this end; Python's `conn.close()`. The same as dropping it.

@@ -21,7 +21,8 @@ use super::wire::{self, Wait};
 use super::{
     Bytes, BytesRef, ChannelError, FdRef, SendError, SharedBytes, DEFAULT_MAX_MESSAGE_SIZE,
 };
-use crate::sys::seqpacket::{self as sp, MapCache, Mapping};
+use crate::sys::seqpacket::{self as sp, MapCache};
+use crate::sys::shm::{self, Mapping};
 
 /// The shared page: these 32-bit words.
 const WORDS: usize = 5;
@@ -44,7 +45,7 @@ const MAX_BOUND: usize = i32::MAX as usize;
 struct Shared {
     tx: OwnedFd,
     rx: OwnedFd,
-    state_fd: OwnedFd,
+    /// The shared page of counters (its memfd travels with the queue).
     state: Mapping,
     maxsize: usize,
     /// This process's mappings of the reused memfds that large items come in.
@@ -54,23 +55,23 @@ struct Shared {
 impl Shared {
     fn create(maxsize: usize, joinable: bool) -> Result<Self, ChannelError> {
         let (tx, rx) = sp::socketpair().map_err(ChannelError::io("creating a socket pair"))?;
-        let (state_fd, state) =
-            sp::shared_words(STATE_LEN).map_err(ChannelError::io("creating shared memory"))?;
-        let w = state.words(WORDS);
-        w[FREE].store(maxsize as u32, SeqCst);
-        w[JOINABLE].store(joinable as u32, SeqCst);
-        Ok(Shared {
+        let state = Mapping::anonymous("gpuproc-queue", STATE_LEN)
+            .map_err(ChannelError::io("creating shared memory"))?;
+        let shared = Shared {
             tx,
             rx,
-            state_fd,
             state,
             maxsize,
             maps: MapCache::default(),
-        })
+        };
+        shared.word(FREE).store(maxsize as u32, SeqCst);
+        shared.word(JOINABLE).store(joinable as u32, SeqCst);
+        Ok(shared)
     }
 
     fn word(&self, i: usize) -> &AtomicU32 {
-        &self.state.words(WORDS)[i]
+        debug_assert!(i < WORDS);
+        self.state.atomic_u32(i * 4)
     }
 
     fn bounded(&self) -> bool {
@@ -98,9 +99,9 @@ impl Shared {
             }
             let waiters = self.word(FREE_WAITERS);
             waiters.fetch_add(1, SeqCst);
-            let waited = sp::futex_wait(free, 0, deadline);
+            // A timeout shows in the next round's deadline check.
+            shm::futex_wait(free, 0, deadline);
             waiters.fetch_sub(1, SeqCst);
-            waited.map_err(ChannelError::io("waiting for room in the queue"))?;
         }
     }
 
@@ -108,7 +109,7 @@ impl Shared {
         let free = self.word(FREE);
         free.fetch_add(1, SeqCst);
         if self.word(FREE_WAITERS).load(SeqCst) > 0 {
-            sp::futex_wake(free, 1);
+            shm::futex_wake(free, 1);
         }
     }
 
@@ -128,7 +129,7 @@ impl Shared {
                 .is_ok()
             {
                 if v == 1 {
-                    sp::futex_wake(unfinished, u32::MAX);
+                    shm::futex_wake(unfinished, u32::MAX);
                 }
                 return Ok(());
             }
@@ -146,8 +147,7 @@ impl Shared {
             if v == 0 {
                 return Ok(());
             }
-            let timed_out = sp::futex_wait(unfinished, v, deadline)
-                .map_err(ChannelError::io("waiting for the queue's tasks"))?;
+            let timed_out = !shm::futex_wait(unfinished, v, deadline);
             if timed_out && unfinished.load(SeqCst) != 0 {
                 return Err(wait.expired(ChannelError::Empty));
             }
@@ -475,7 +475,7 @@ impl<T> Serialize for Queue<T> {
         QueueOut {
             tx: FdRef(sh.tx.as_fd()),
             rx: FdRef(sh.rx.as_fd()),
-            state: FdRef(sh.state_fd.as_fd()),
+            state: FdRef(sh.state.fd()),
             maxsize: sh.maxsize as u64,
             max_message_size: self.max_message_size as u64,
         }
@@ -490,13 +490,12 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
             .ok()
             .filter(|&m| m <= MAX_BOUND)
             .ok_or_else(|| serde::de::Error::custom("a queue's maxsize is out of range"))?;
-        let state = sp::map_shared_words(q.state.as_fd(), STATE_LEN)
+        let state = Mapping::map_existing(q.state, STATE_LEN)
             .map_err(|e| serde::de::Error::custom(format!("cannot map a queue's state: {e}")))?;
         Ok(Queue {
             shared: Arc::new(Shared {
                 tx: q.tx,
                 rx: q.rx,
-                state_fd: q.state,
                 state,
                 maxsize,
                 maps: MapCache::default(),

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 
 use super::policy::{self, AfterDeath};
 use super::worker::{
-    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WORD_RUNNING, WORD_STARTED,
+    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, RUNNING_AT, STARTED_AT,
 };
 use super::{Config, PoolError};
 use crate::ipc::{self, Frame, FrameReader};
 use crate::process::wire::Failure;
 use crate::process::{Process, ProcessError};
-use crate::sys::{self, ExitStatus, SharedWords, Waker};
+use crate::sys::shm::Mapping;
+use crate::sys::{self, ExitStatus, Waker};
 
 /// Outcomes of consecutive tasks of one job: the successful ones' encoded results back to
 /// back, and the failures.
@@ -144,7 +145,7 @@ struct Worker {
     slot: usize,
     pid: u32,
     conn: OwnedFd,
-    page: SharedWords,
+    page: Mapping,
     reader: FrameReader,
     /// Frames not yet (fully) sent: bytes, descriptors, bytes already sent.
     outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>, usize)>,
@@ -248,7 +249,7 @@ impl Driver {
             // Charge the sample to the task running now.
             if let Some(seq) = w
                 .page
-                .word(WORD_RUNNING)
+                .atomic_u64(RUNNING_AT)
                 .load(Ordering::Acquire)
                 .checked_sub(1)
             {
@@ -260,8 +261,8 @@ impl Driver {
 
     fn start_worker(&self, slot: usize) -> Result<Worker, PoolError> {
         let (ours, theirs) = sys::socketpair().map_err(io("creating a worker connection"))?;
-        let page =
-            SharedWords::new("gpuproc-pool-worker").map_err(io("creating a worker status page"))?;
+        let page = Mapping::anonymous("gpuproc-pool-worker", worker::PAGE_LEN)
+            .map_err(io("creating a worker status page"))?;
         let page_fd = sys::dup(page.fd()).map_err(io("sharing the status page"))?;
         let args = WorkerArgs {
             conn: theirs,
@@ -450,8 +451,8 @@ impl Driver {
         let now_ns = sys::monotonic_ns();
         let mut next = Instant::now() + timeout;
         for w in &self.workers {
-            if w.page.word(WORD_RUNNING).load(Ordering::Acquire) != 0 {
-                let started = w.page.word(WORD_STARTED).load(Ordering::Relaxed);
+            if w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire) != 0 {
+                let started = w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed);
                 let ran = Duration::from_nanos(now_ns.saturating_sub(started));
                 next = next.min(Instant::now() + timeout.saturating_sub(ran));
             }
@@ -465,11 +466,11 @@ impl Driver {
         };
         let now_ns = sys::monotonic_ns();
         for w in &mut self.workers {
-            let running = w.page.word(WORD_RUNNING).load(Ordering::Acquire);
+            let running = w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire);
             if running == 0 || w.timed_out.is_some() {
                 continue;
             }
-            let started = w.page.word(WORD_STARTED).load(Ordering::Relaxed);
+            let started = w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed);
             if Duration::from_nanos(now_ns.saturating_sub(started)) >= timeout {
                 w.timed_out = Some(running - 1);
                 let _ = w.process.kill();
@@ -495,7 +496,7 @@ impl Driver {
         let slot = w.slot;
         let running = w
             .page
-            .word(WORD_RUNNING)
+            .atomic_u64(RUNNING_AT)
             .load(Ordering::Acquire)
             .checked_sub(1);
         let culprit_seq = w.timed_out.or(running);

@@ -22,12 +22,15 @@ use serde::{Deserialize, Serialize};
 use crate::ipc::{self, FrameReader};
 use crate::process::child::run_catching;
 use crate::process::wire::{self, Failure};
-use crate::sys::{self, SharedWords};
+use crate::sys;
+use crate::sys::shm::Mapping;
 
-/// Word 0 of the shared page: sequence number + 1 of the running task (0: idle).
-pub(crate) const WORD_RUNNING: usize = 0;
-/// Word 1: when that task started, in [`sys::monotonic_ns`] (only with a task timeout).
-pub(crate) const WORD_STARTED: usize = 1;
+/// The size of the status page shared with the parent.
+pub(crate) const PAGE_LEN: usize = 4096;
+/// Byte offset in the status page of the running task's sequence number + 1 (0: idle).
+pub(crate) const RUNNING_AT: usize = 0;
+/// Byte offset of when that task started, in [`sys::monotonic_ns`] (only with a task timeout).
+pub(crate) const STARTED_AT: usize = 8;
 
 /// How long finished results may wait in the worker before they are sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
@@ -257,7 +260,8 @@ fn resolve(func: FnRef) -> (TaskTrampoline, usize) {
 
 /// The worker's main loop: the target of each worker `Process`.
 pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
-    let page = SharedWords::map(args.page).map_err(|e| format!("mapping the status page: {e}"))?;
+    let page = Mapping::map_existing(args.page, PAGE_LEN)
+        .map_err(|e| format!("mapping the status page: {e}"))?;
     if let Some(init) = args.init {
         let (t, target) = resolve(init.func);
         let mut sink = Vec::new();
@@ -308,10 +312,11 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
                         let start = out.results.len();
                         cursor.set((i, pos, start));
                         if track_time {
-                            page.word(WORD_STARTED)
+                            page.atomic_u64(STARTED_AT)
                                 .store(sys::monotonic_ns(), Ordering::Relaxed);
                         }
-                        page.word(WORD_RUNNING).store(seq + 1, Ordering::Release);
+                        page.atomic_u64(RUNNING_AT)
+                            .store(seq + 1, Ordering::Release);
                         match t(target, item, item_fds, &mut out.results) {
                             Ok(result_fds) => out.push_ok(out.results.len() - start, result_fds),
                             Err(f) => {
@@ -341,7 +346,7 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
                     }
                 }
             }
-            page.word(WORD_RUNNING).store(0, Ordering::Release);
+            page.atomic_u64(RUNNING_AT).store(0, Ordering::Release);
             if max_tasks.is_some_and(|m| done >= m) {
                 out.flush(&conn).map_err(err)?;
                 return Ok(());

@@ -226,14 +226,15 @@ pub(crate) fn waitpid(p: u32, block: bool) -> io::Result<Option<ExitStatus>> {
     }
 }
 
-/// Which of the polled descriptors are ready.
-pub(crate) fn poll_readable(
-    fds: &[BorrowedFd<'_>],
+/// `poll(2)` on `fds` with the given interests until one is ready or `deadline` passes
+/// (`None`: for ever); returns each descriptor's events (all empty on timeout).
+fn poll_events(
+    fds: &[(BorrowedFd<'_>, PollFlags)],
     deadline: Option<Instant>,
-) -> io::Result<Vec<bool>> {
+) -> io::Result<Vec<PollFlags>> {
     let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .map(|(fd, flags)| PollFd::new(fd, *flags))
         .collect();
     loop {
         let timeout = deadline.map(|d| {
@@ -244,12 +245,36 @@ pub(crate) fn poll_readable(
             }
         });
         match rustix::event::poll(&mut pfds, timeout.as_ref()) {
-            Ok(_) => break,
+            // The kernel may round a timeout down: a wake-up before the deadline is not one.
+            Ok(0) if deadline.is_some_and(|d| Instant::now() < d) => continue,
+            Ok(_) => return Ok(pfds.iter().map(|p| p.revents()).collect()),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect())
+}
+
+/// Which of the polled descriptors are readable (or closed) before `deadline`.
+pub(crate) fn poll_readable(
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> io::Result<Vec<bool>> {
+    let fds: Vec<_> = fds.iter().map(|fd| (*fd, PollFlags::IN)).collect();
+    Ok(poll_events(&fds, deadline)?
+        .iter()
+        .map(|r| !r.is_empty())
+        .collect())
+}
+
+/// Waits until `sock` is readable (or writable, if `write`) or `deadline` passes; `false` on
+/// timeout.
+pub(crate) fn wait_ready(
+    sock: BorrowedFd<'_>,
+    write: bool,
+    deadline: Option<Instant>,
+) -> io::Result<bool> {
+    let flags = if write { PollFlags::OUT } else { PollFlags::IN };
+    Ok(!poll_events(&[(sock, flags)], deadline)?[0].is_empty())
 }
 
 /// Sends `bytes` on a stream socket, the descriptors `fds` riding with the first byte.
@@ -298,23 +323,12 @@ pub(crate) fn send_all(
             Ok(n) => sent += n,
             Err(rustix::io::Errno::INTR) => continue,
             Err(rustix::io::Errno::AGAIN) => {
-                poll_writable(sock)?;
+                wait_ready(sock, true, None)?;
             }
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
-}
-
-fn poll_writable(sock: BorrowedFd<'_>) -> io::Result<()> {
-    let mut p = [PollFd::new(&sock, PollFlags::OUT)];
-    loop {
-        match rustix::event::poll(&mut p, None) {
-            Ok(_) => return Ok(()),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// Readiness of one descriptor after [`poll`].
@@ -332,39 +346,24 @@ pub(crate) fn poll(
     fds: &[(BorrowedFd<'_>, bool)],
     deadline: Option<Instant>,
 ) -> io::Result<Vec<Ready>> {
-    let mut pfds: Vec<PollFd<'_>> = fds
+    let interests: Vec<_> = fds
         .iter()
         .map(|(fd, write)| {
-            let flags = if *write {
-                PollFlags::IN | PollFlags::OUT
-            } else {
-                PollFlags::IN
-            };
-            PollFd::new(fd, flags)
+            (
+                *fd,
+                if *write {
+                    PollFlags::IN | PollFlags::OUT
+                } else {
+                    PollFlags::IN
+                },
+            )
         })
         .collect();
-    loop {
-        let timeout = deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
-            Timespec {
-                tv_sec: left.as_secs() as _,
-                tv_nsec: left.subsec_nanos() as _,
-            }
-        });
-        match rustix::event::poll(&mut pfds, timeout.as_ref()) {
-            Ok(_) => break,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(pfds
-        .iter()
-        .map(|p| {
-            let r = p.revents();
-            Ready {
-                read: r.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR),
-                write: r.intersects(PollFlags::OUT | PollFlags::ERR),
-            }
+    Ok(poll_events(&interests, deadline)?
+        .into_iter()
+        .map(|r| Ready {
+            read: r.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR),
+            write: r.intersects(PollFlags::OUT | PollFlags::ERR),
         })
         .collect())
 }
@@ -424,73 +423,6 @@ impl Waker {
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
-    }
-}
-
-/// A few `u64` words in memory shared with child processes (a memfd mapping): a process
-/// writes them with no system call, another reads them.
-#[derive(Debug)]
-pub(crate) struct SharedWords {
-    fd: OwnedFd,
-    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
-    len: usize,
-}
-
-// SAFETY: the mapping is only accessed through atomics, so sharing it between threads is safe.
-unsafe impl Send for SharedWords {}
-// SAFETY: as above.
-unsafe impl Sync for SharedWords {}
-
-impl SharedWords {
-    const BYTES: usize = 4096;
-
-    /// A new zeroed page of words.
-    pub fn new(name: &str) -> io::Result<Self> {
-        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
-        rustix::fs::ftruncate(&fd, Self::BYTES as u64)?;
-        Self::map(fd)
-    }
-
-    /// Maps a page received from another process.
-    pub fn map(fd: OwnedFd) -> io::Result<Self> {
-        use rustix::mm::{MapFlags, ProtFlags};
-        // SAFETY: a fresh shared mapping of a descriptor we own; the kernel picks the address.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                Self::BYTES,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )?
-        };
-        let ptr = std::ptr::NonNull::new(ptr.cast())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(SharedWords {
-            fd,
-            ptr,
-            len: Self::BYTES / 8,
-        })
-    }
-
-    /// Word `i`.
-    pub fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(i < self.len, "shared word {i} out of range");
-        // SAFETY: `i` is in bounds of the live mapping, which is page-aligned, and `AtomicU64`
-        // has the layout of `u64`; all access goes through atomics.
-        unsafe { &*self.ptr.as_ptr().add(i) }
-    }
-
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl Drop for SharedWords {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`; no reference outlives `self`.
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), Self::BYTES) };
     }
 }
 

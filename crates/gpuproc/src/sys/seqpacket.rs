@@ -10,7 +10,6 @@ use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::io::{Errno, IoSlice, IoSliceMut};
 use rustix::mm::{MapFlags, ProtFlags};
@@ -18,7 +17,6 @@ use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
     SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
 };
-use rustix::thread::futex;
 
 use super::MAX_FDS_PER_MESSAGE;
 
@@ -53,34 +51,7 @@ pub(crate) enum Outcome<T> {
     TimedOut,
 }
 
-fn timespec(deadline: Option<Instant>) -> Option<Timespec> {
-    deadline.map(|d| {
-        let left = d.saturating_duration_since(Instant::now());
-        Timespec {
-            tv_sec: left.as_secs() as _,
-            tv_nsec: left.subsec_nanos() as _,
-        }
-    })
-}
-
-/// Waits until `sock` is ready for `flags` or `deadline` passes; `false` on timeout.
-pub(crate) fn wait_ready(
-    sock: BorrowedFd<'_>,
-    write: bool,
-    deadline: Option<Instant>,
-) -> io::Result<bool> {
-    let flags = if write { PollFlags::OUT } else { PollFlags::IN };
-    let mut p = [PollFd::new(&sock, flags)];
-    loop {
-        match rustix::event::poll(&mut p, timespec(deadline).as_ref()) {
-            Ok(0) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
-            Ok(0) => continue,
-            Ok(_) => return Ok(true),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
+use super::wait_ready;
 
 /// The most parts [`send`] gathers into one message.
 const MAX_PARTS: usize = 4;
@@ -269,15 +240,6 @@ impl Mapping {
         // through atomics (here) or whole-word writes by the kernel (`pwrite`).
         unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() }
     }
-
-    /// The first `n` 32-bit words of the mapping, as atomics shared with other processes.
-    pub fn words(&self, n: usize) -> &[AtomicU32] {
-        assert!(n * 4 <= self.len, "mapping too small for {n} words");
-        // SAFETY: the mapping is page-aligned, at least `4n` bytes long and lives as long as
-        // `self`; `AtomicU32` has the layout of `u32` and every bit pattern is valid; all
-        // processes touch these words only through atomics.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU32>(), n) }
-    }
 }
 
 impl Drop for Mapping {
@@ -461,53 +423,4 @@ impl MapCache {
         entries.truncate(keep);
         Ok(map)
     }
-}
-
-/// A small read-write shared mapping for counters: a new memfd of `len` bytes.
-pub(crate) fn shared_words(len: usize) -> io::Result<(OwnedFd, Mapping)> {
-    let fd = rustix::fs::memfd_create("gpuproc-queue", MemfdFlags::CLOEXEC)?;
-    rustix::fs::ftruncate(&fd, len as u64)?;
-    let map = Mapping::map(fd.as_fd(), len, true, false)?;
-    Ok((fd, map))
-}
-
-/// Maps a received counters memfd (from [`shared_words`]) after checking its size.
-pub(crate) fn map_shared_words(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
-    let size = rustix::fs::fstat(fd)?.st_size as u64;
-    if size < len as u64 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("the queue's shared state is {size} bytes, expected {len}"),
-        ));
-    }
-    Mapping::map(fd, len, true, false)
-}
-
-/// Sleeps while `*word == expected`, until woken or `deadline`; returns whether the deadline
-/// passed. Spurious wake-ups are possible: callers re-check their condition.
-pub(crate) fn futex_wait(
-    word: &AtomicU32,
-    expected: u32,
-    deadline: Option<Instant>,
-) -> io::Result<bool> {
-    if deadline.is_some_and(|d| Instant::now() >= d) {
-        return Ok(true);
-    }
-    // Not FUTEX_PRIVATE: the word is shared between processes.
-    match futex::wait(
-        word,
-        futex::Flags::empty(),
-        expected,
-        timespec(deadline).as_ref(),
-    ) {
-        Ok(()) | Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(false),
-        Err(Errno::TIMEDOUT) => Ok(true),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Wakes up to `n` processes sleeping on `word`.
-pub(crate) fn futex_wake(word: &AtomicU32, n: u32) {
-    // Waking fails only for a bad address, which a live mapping cannot be.
-    let _ = futex::wake(word, futex::Flags::empty(), n);
 }

@@ -17,7 +17,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -104,6 +104,17 @@ impl Mapping {
     /// The file behind the mapping.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The `u64` at byte `offset` (8-aligned, in bounds), as an atomic.
+    pub fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len,
+            "bad offset {offset}"
+        );
+        // SAFETY: in bounds and aligned (mappings are page-aligned), valid for the life of
+        // `self`; shared memory is only ever accessed atomically.
+        unsafe { AtomicU64::from_ptr(self.ptr().add(offset).cast()) }
     }
 
     /// The `u32` at byte `offset` (4-aligned, in bounds), as an atomic.
