@@ -358,6 +358,19 @@ pub(crate) fn recv_with<R>(
     on_message: impl FnOnce(),
     f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<R, ChannelError>,
 ) -> Result<R, ChannelError> {
+    recv_message(sock, wait, on_message, |msg, fds, truncated| {
+        with_payload(msg, fds, truncated, max, Some(cache), f)
+    })
+}
+
+/// Receives one message into this thread's reusable buffer and hands it (bytes, descriptors,
+/// whether it was cut short) to `f`; `on_message` runs once a message has been taken.
+fn recv_message<R>(
+    sock: BorrowedFd<'_>,
+    wait: Wait,
+    on_message: impl FnOnce(),
+    f: impl FnOnce(&[u8], Vec<OwnedFd>, bool) -> Result<R, ChannelError>,
+) -> Result<R, ChannelError> {
     let mut buf = BUF.with(|b| b.take());
     buf.resize(RECV_BUF, 0);
     let got = sp::recv(sock, &mut buf, wait.deadline());
@@ -367,7 +380,7 @@ pub(crate) fn recv_with<R>(
         Ok(Outcome::TimedOut) => Err(wait.expired(ChannelError::Empty)),
         Ok(Outcome::Done(m)) => {
             on_message();
-            with_payload(&buf[..m.len], m.fds, m.truncated, max, Some(cache), f)
+            f(&buf[..m.len], m.fds, m.truncated)
         }
     };
     BUF.with(|b| b.set(buf));
@@ -505,31 +518,21 @@ pub(crate) fn recv_shared(
     on_message: impl FnOnce(),
     f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<(usize, usize), ChannelError>,
 ) -> Result<SharedBytes, ChannelError> {
-    let mut buf = BUF.with(|b| b.take());
-    buf.resize(RECV_BUF, 0);
-    let got = sp::recv(sock, &mut buf, wait.deadline());
-    let result = match got.map_err(ChannelError::io("receiving a message")) {
-        Err(e) => Err(e),
-        Ok(Outcome::Closed) => Err(ChannelError::Disconnected),
-        Ok(Outcome::TimedOut) => Err(wait.expired(ChannelError::Empty)),
-        Ok(Outcome::Done(m)) => {
-            on_message();
-            match payload(&buf[..m.len], m.fds, m.truncated, max, Some(cache)) {
-                Err(e) => Err(e),
-                Ok((Payload::Inline(p), fds)) => {
-                    f(p, fds).map(|(start, len)| SharedBytes::owned(p[start..start + len].to_vec()))
-                }
-                Ok((Payload::Mapped { map, len, release }, fds)) => {
-                    match f(&map.bytes()[..len], fds) {
-                        Ok((start, n)) => Ok(SharedBytes::mapped(map, start, n, release)),
-                        Err(e) => Err(e),
-                    }
-                }
-            }
+    recv_message(sock, wait, on_message, |msg, fds, truncated| match payload(
+        msg,
+        fds,
+        truncated,
+        max,
+        Some(cache),
+    )? {
+        (Payload::Inline(p), fds) => {
+            f(p, fds).map(|(start, len)| SharedBytes::owned(p[start..start + len].to_vec()))
         }
-    };
-    BUF.with(|b| b.set(buf));
-    result
+        (Payload::Mapped { map, len, release }, fds) => {
+            let (start, n) = f(&map.bytes()[..len], fds)?;
+            Ok(SharedBytes::mapped(map, start, n, release))
+        }
+    })
 }
 
 /// The bytes inside a postcard-encoded [`Bytes`](super::Bytes) payload, as (start, len):
