@@ -19,7 +19,6 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -193,10 +192,8 @@ fn memcpy_mib_s(messages: u64) -> f64 {
 }
 
 fn python(trips: u64, messages: u64) -> Option<(f64, f64)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let py = std::env::var("GPUPROC_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let root = gpuproc_benchmarks::workspace_root();
+    let py = gpuproc_benchmarks::python();
     let script = root.join("benchmarks/channel/bench_channel.py");
     let out = Command::new(&py)
         .arg(&script)

@@ -11,7 +11,6 @@
 //! Usage: `cargo run --release -p gpuproc-benchmarks --bin bench_gpus [ITERATIONS]`
 //! (Python from `$GPUPROC_PYTHON`, default `.venv/bin/python`).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = gpuproc_benchmarks::workspace_root();
     // A dependency's cdylib lands in target/<profile>/deps, next to which this binary is not.
     let lib = nvml_sim::library_path()
         .or_else(|| {
@@ -67,9 +66,7 @@ fn main() {
     }
     let gpuproc = start.elapsed() / iterations;
 
-    let python = std::env::var_os("GPUPROC_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv/bin/python"));
+    let python = gpuproc_benchmarks::python();
 
     // gpustat --json, as a command.
     let runs = (iterations / 50).clamp(5, 20);

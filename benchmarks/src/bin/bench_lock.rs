@@ -9,7 +9,6 @@
 //! Usage: `cargo run --release -p gpuproc-benchmarks --bin bench_lock [N]`
 //! (Python from `$GPUPROC_PYTHON`, default `.venv/bin/python`).
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -65,10 +64,8 @@ fn gpuproc_rates(n: u64) -> Rates {
 }
 
 fn python_rates(n: u64) -> Option<Rates> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = std::env::var("GPUPROC_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let root = gpuproc_benchmarks::workspace_root();
+    let python = gpuproc_benchmarks::python();
     let out = Command::new(&python)
         .arg(root.join("benchmarks/sync/lock.py"))
         .arg(n.to_string())

@@ -32,7 +32,7 @@
 //! Python's futures and loky rows.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -86,18 +86,6 @@ fn memory_kb(pid: u32) -> (i64, i64) {
     }
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     (field(&s, "VmRSS:").unwrap_or(-1), -1)
-}
-
-fn python_path(root: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("GPUPROC_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = root.join(".venv/bin/python");
-    if venv.is_file() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -274,9 +262,8 @@ fn main() {
     let reps = 3;
 
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().unwrap_or(manifest);
     let script = manifest.join("pool/bench_pool.py");
-    let python = python_path(root);
+    let python = gpuproc_benchmarks::python();
     raise_nofile_limit();
 
     let started = Instant::now();

@@ -20,7 +20,7 @@
 //! each). `--only` keeps the methods whose row name contains one of the NAMEs (for profiling
 //! one method, e.g. `--only "gpuproc forkserver"`). Python from `$GPUPROC_PYTHON`, else `<workspace>/.venv/bin/python`, else `python3`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -102,18 +102,6 @@ fn gpuproc_once(method: StartMethod, i: u64) {
         .join()
         .unwrap_or_else(|e| panic!("gpuproc {} join: {e}", method.name()));
     assert_eq!(r, i);
-}
-
-fn python_path(root: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("GPUPROC_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = root.join(".venv/bin/python");
-    if venv.is_file() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
 }
 
 /// Runs the Python anchor; `Err` says why there are no Python figures.
@@ -232,9 +220,8 @@ fn main() {
     };
     let at_least = |k: usize| k.max(10);
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().unwrap_or(manifest);
     let script = manifest.join("process/bench_process.py");
-    let python = python_path(root);
+    let python = gpuproc_benchmarks::python();
     assert_eq!(
         thread_count(),
         1,
