@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    cmd::pick::gate_if_asked();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version print to stdout and exit 0; usage errors get their own status.

@@ -4,6 +4,8 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -253,6 +255,46 @@ fn print(lease: &GpuLease, holder: u32, json: bool) -> anyhow::Result<()> {
         .context("writing to standard output")
 }
 
+/// Set when gpuproc runs as the gate in front of a held command (see [`hold`]): the number
+/// of the pipe descriptor to wait on.
+const GATE_ENV: &str = "GPUPROC_HOLD_GATE";
+
+/// If this process is a `--hold` gate, waits for the go-ahead and becomes the command (or
+/// exits with 126/127 and a message if it cannot run it, 125 if gpuproc went away first).
+/// Returns when this process is not a gate.
+pub fn gate_if_asked() {
+    let Some(fd) = std::env::var(GATE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    std::env::remove_var(GATE_ENV);
+    // SAFETY: the parent passed this descriptor to us for this purpose; nothing else owns it.
+    let gate = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut byte = [0u8; 1];
+    if !matches!(rustix::io::read(&gate, &mut byte), Ok(1)) {
+        std::process::exit(125);
+    }
+    drop(gate);
+    let mut args = std::env::args_os().skip(1);
+    let Some(program) = args.next() else {
+        std::process::exit(EXIT_CANNOT_RUN.into())
+    };
+    let e = Command::new(&program).args(args).exec();
+    let code = if e.kind() == io::ErrorKind::NotFound {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_CANNOT_RUN
+    };
+    let _ = writeln!(
+        io::stderr(),
+        "gpuproc: cannot run {}: {e}",
+        program.to_string_lossy()
+    );
+    std::process::exit(code.into());
+}
+
 /// Runs `command` with the lease's environment, forwarding signals, until it exits.
 fn hold(mut lease: GpuLease, command: &[OsString]) -> anyhow::Result<()> {
     let (program, rest) = command
@@ -261,31 +303,35 @@ fn hold(mut lease: GpuLease, command: &[OsString]) -> anyhow::Result<()> {
     // Catch the signals before CMD exists and hold them back until it can be told, so that
     // none is lost or kills gpuproc in between.
     let forwarding = forward::Forwarding::start().context("installing signal handlers")?;
-    let mut command = Command::new(program);
-    command.args(rest).envs(lease.env());
+    // CMD must hold the lease before it runs: gpuproc starts itself as a gate that waits on a
+    // pipe, records that process (whose pid and start time CMD keeps across exec) as a
+    // co-holder, then opens the gate and the gate execs CMD.
+    let (gate_r, gate_w) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("creating a pipe")?;
+    let gate_fd = gate_r.as_raw_fd();
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .env(GATE_ENV, gate_fd.to_string())
+        .arg(program)
+        .args(rest)
+        .envs(lease.env());
+    // SAFETY: between fork and exec the closure makes one async-signal-safe system call
+    // (fcntl) on a descriptor this process owns.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(gate_fd);
+            Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?)
+        });
+    }
     forwarding.unblock_in_child(&mut command);
-    let spawned = command.spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            drop(forwarding);
-            let code = if e.kind() == io::ErrorKind::NotFound {
-                EXIT_NOT_FOUND
-            } else {
-                EXIT_CANNOT_RUN
-            };
-            return Err(Exit {
-                code,
-                message: Some(format!("cannot run {}: {e}", program.to_string_lossy())),
-            }
-            .into());
-        }
-    };
+    let mut child = command.spawn().context("starting the command")?;
+    drop(gate_r);
     let pid = child.id();
     forwarding.to(pid);
-    // CMD holds the lease too: it keeps its GPUs should gpuproc be killed. (A CMD that has
-    // already exited cannot be added, and needs nothing.)
+    // CMD holds the lease too: it keeps its GPUs should gpuproc be killed.
     let _ = lease.share_with(pid);
+    let _ = rustix::io::write(&gate_w, b"\n");
+    drop(gate_w);
     let status = child.wait().context("waiting for the command");
     drop(forwarding);
     let status = status?;
