@@ -21,11 +21,17 @@
 //! bytes use [`Bytes`]: a `Vec<u8>` is encoded element by element, `Bytes` in one copy.
 //! To read a large payload where its sender wrote it, without copying it out, receive it as
 //! [`SharedBytes`] ([`Connection::recv_bytes_shared`], [`Queue::get_shared`]).
+//!
+//! A blocking receive polls the socket for a short, adaptive while (at most [`MAX_SPIN`])
+//! before it sleeps, so that a reply that comes at once is taken without the cost of waking
+//! a sleeping process; a thread whose messages come rarely soon stops polling.
+//! [`set_max_spin`] changes the limit or turns polling off.
 
 mod error;
 mod pipe;
 mod queue;
 mod shared;
+mod spin;
 mod wire;
 
 use std::ops::{Deref, DerefMut};
@@ -37,6 +43,7 @@ pub use self::error::{ChannelError, SendError};
 pub use self::pipe::{Connection, Pipe};
 pub use self::queue::{JoinableQueue, Queue, SimpleQueue};
 pub use self::shared::SharedBytes;
+pub use self::spin::{max_spin, set_max_spin, MAX_SPIN};
 
 /// The default `max_message_size` of every handle: 4 GiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 << 30;

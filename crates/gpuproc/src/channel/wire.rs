@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::shared::{Release, SharedBytes};
+use super::spin;
 use super::ChannelError;
 use crate::ipc;
 use crate::sys::seqpacket::{self as sp, MapCache, Mapping, Outcome};
@@ -373,7 +374,24 @@ fn recv_message<R>(
 ) -> Result<R, ChannelError> {
     let mut buf = BUF.with(|b| b.take());
     buf.resize(RECV_BUF, 0);
-    let got = sp::recv(sock, &mut buf, wait.deadline());
+    let start = Instant::now();
+    let deadline = match wait {
+        Wait::Forever => None,
+        Wait::Never => Some(start),
+        Wait::For(d) => Some(start + d),
+    };
+    // Only a receive that may wait polls first (see `spin`), and tells how long it waited.
+    let may_wait = !matches!(wait, Wait::Never);
+    let budget = if may_wait {
+        spin::budget()
+    } else {
+        Duration::ZERO
+    };
+    let spin_until = (!budget.is_zero()).then(|| start + budget);
+    let got = sp::recv(sock, &mut buf, deadline, spin_until);
+    if may_wait && matches!(got, Ok(Outcome::Done(_) | Outcome::TimedOut)) {
+        spin::record(start.elapsed());
+    }
     let result = match got.map_err(ChannelError::io("receiving a message")) {
         Err(e) => Err(e),
         Ok(Outcome::Closed) => Err(ChannelError::Disconnected),

@@ -126,20 +126,28 @@ pub(crate) struct Message {
 }
 
 /// Receives one whole message into `buf`, waiting until `deadline` (`None`: for ever;
-/// a deadline in the past: just look).
+/// a deadline in the past: just look). Until `spin_until` (if any, and not past the
+/// deadline) it polls without sleeping, so that a message that comes soon is taken without
+/// the cost of waking a sleeping process.
 pub(crate) fn recv(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     deadline: Option<Instant>,
+    spin_until: Option<Instant>,
 ) -> io::Result<Outcome<Message>> {
     // On the stack: a receive allocates nothing unless descriptors come with the message.
     let mut space =
         [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let spin_until = match (spin_until, deadline) {
+        (Some(s), Some(d)) => Some(s.min(d)),
+        (s, _) => s,
+    };
     loop {
         let mut control = RecvAncillaryBuffer::new(&mut space);
-        // Without a deadline, one blocking call (the common case, and the fastest).
+        let spinning = spin_until.is_some_and(|t| Instant::now() < t);
+        // Without a deadline, once done spinning, one blocking call.
         let mut flags = RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC;
-        if deadline.is_some() {
+        if deadline.is_some() || spinning {
             flags |= RecvFlags::DONTWAIT;
         }
         let res = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, flags);
@@ -162,6 +170,7 @@ pub(crate) fn recv(
                 }));
             }
             Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) if spinning => std::hint::spin_loop(),
             Err(Errno::AGAIN) => {
                 if !wait_ready(sock, false, deadline)? {
                     return Ok(Outcome::TimedOut);

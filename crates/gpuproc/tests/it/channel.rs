@@ -57,6 +57,47 @@ fn pipe_round_trips_with_every_start_method() {
     }
 }
 
+fn echo_without_polling(conn: Connection) -> u32 {
+    gpuproc::channel::set_max_spin(Duration::ZERO);
+    echo(conn)
+}
+
+#[test]
+fn receives_that_sleep_at_once_still_wake_for_every_message() {
+    // Polling off on both sides: every receive sleeps in the kernel and is woken by the
+    // send, so nothing relies on the receiver polling. (Process-wide, so restored after.)
+    let saved = gpuproc::channel::max_spin();
+    gpuproc::channel::set_max_spin(Duration::ZERO);
+    assert_eq!(gpuproc::channel::max_spin(), Duration::ZERO);
+    for m in StartMethod::all() {
+        let (ours, theirs) = Pipe::new().unwrap();
+        let mut p = start(m, echo_without_polling, theirs);
+        for i in 0..20 {
+            ours.send(&Some((i, String::new()))).unwrap();
+            let back: (u32, String) = ours.recv_timeout(TIMEOUT).unwrap();
+            assert_eq!(back.0, i, "{m:?}");
+        }
+        ours.send(&None::<(u32, String)>).unwrap();
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 20, "{m:?}");
+    }
+    gpuproc::channel::set_max_spin(saved);
+}
+
+#[test]
+fn a_timeout_shorter_than_the_polling_time_is_kept() {
+    // The receive polls for at most its timeout, then reports it, however long max_spin is.
+    gpuproc::channel::set_max_spin(Duration::from_secs(1));
+    let (a, _b) = Pipe::new().unwrap();
+    let q = Queue::<u8>::new().unwrap();
+    for timeout in [Duration::from_micros(20), SHORT] {
+        let t0 = Instant::now();
+        assert!(a.recv_timeout::<u8>(timeout).unwrap_err().is_timeout());
+        assert!(q.get_timeout(timeout).unwrap_err().is_timeout());
+        assert!(t0.elapsed() >= timeout * 2);
+    }
+    gpuproc::channel::set_max_spin(gpuproc::channel::MAX_SPIN);
+}
+
 fn put_three(q: Queue<(i32, Option<i32>, String)>) {
     for i in 0..3 {
         q.put((i, None, "hello".into())).unwrap();
