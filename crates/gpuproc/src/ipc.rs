@@ -81,15 +81,26 @@ pub(crate) enum Read {
 }
 
 /// Reassembles frames from a stream socket; reads never block past a deadline.
+///
+/// Received bytes are kept in one buffer that is reused from read to read: it is zero-filled
+/// only when it grows, never per read, and a frame can be looked at in place
+/// ([`next_frame_ref`](Self::next_frame_ref)) instead of being copied out.
 #[derive(Debug, Default)]
 pub(crate) struct FrameReader {
+    /// All initialised; the unread bytes are `buf[pos..end]`.
     buf: Vec<u8>,
-    /// Where the next unread frame starts in `buf` (consumed bytes are dropped in bulk, not
-    /// one frame at a time, so reading many small frames stays linear).
+    /// Where the next unread frame starts (consumed bytes are dropped in bulk, not one
+    /// frame at a time, so reading many small frames stays linear).
     pos: usize,
+    end: usize,
     fds: VecDeque<OwnedFd>,
     eof: bool,
 }
+
+/// The smallest free space a read is given.
+const MIN_READ: usize = 64 * 1024;
+/// A buffer larger than this is given back once it is empty.
+const KEEP_BUFFER: usize = 16 << 20;
 
 impl FrameReader {
     /// Whether the peer has closed its end.
@@ -100,16 +111,22 @@ impl FrameReader {
     /// Takes everything available now, without blocking.
     pub fn fill(&mut self, sock: BorrowedFd<'_>) -> io::Result<()> {
         if self.pos > 0 {
-            self.buf.drain(..self.pos);
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
             self.pos = 0;
         }
+        if self.end == 0 && self.buf.len() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
         let mut fds = Vec::new();
-        // Small reads first (most messages are small), growing while the socket has more.
-        let mut max = 4096;
         while !self.eof {
-            match sys::recv_nonblocking(sock, &mut self.buf, &mut fds, max)? {
-                sys::Received::Data(n) if n == max => max = (max * 4).min(1 << 20),
-                sys::Received::Data(_) => {}
+            if self.buf.len() - self.end < MIN_READ {
+                // Doubling, so that a large frame costs few reads and few zero-fills.
+                let want = (self.end + MIN_READ).max(self.buf.len() * 2);
+                self.buf.resize(want, 0);
+            }
+            match sys::recv_nonblocking(sock, &mut self.buf[self.end..], &mut fds)? {
+                sys::Received::Data(n) => self.end += n,
                 sys::Received::WouldBlock => break,
                 sys::Received::Eof => self.eof = true,
             }
@@ -118,9 +135,10 @@ impl FrameReader {
         Ok(())
     }
 
-    /// A complete frame, if one has arrived.
-    pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
-        let rest = &self.buf[self.pos..];
+    /// The next complete frame, if one has arrived: its payload, in place in the buffer,
+    /// and its descriptors.
+    pub fn next_frame_ref(&mut self) -> io::Result<Option<(&[u8], Vec<OwnedFd>)>> {
+        let rest = &self.buf[self.pos..self.end];
         if rest.len() < HEADER {
             return Ok(None);
         }
@@ -138,14 +156,18 @@ impl FrameReader {
                 ),
             ));
         }
-        let bytes = rest[HEADER..HEADER + len].to_vec();
-        self.pos += HEADER + len;
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        }
+        let start = self.pos + HEADER;
+        self.pos = start + len;
         let fds = self.fds.drain(..nfds).collect();
-        Ok(Some(Frame { bytes, fds }))
+        Ok(Some((&self.buf[start..start + len], fds)))
+    }
+
+    /// A complete frame, if one has arrived (copied out of the buffer).
+    pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
+        Ok(self.next_frame_ref()?.map(|(bytes, fds)| Frame {
+            bytes: bytes.to_vec(),
+            fds,
+        }))
     }
 
     /// Waits until more data (or EOF) arrives, then takes what is there.

@@ -48,36 +48,12 @@ pub use self::spin::{max_spin, set_max_spin, MAX_SPIN};
 /// The default `max_message_size` of every handle: 4 GiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 << 30;
 
-/// Copies of at least this many bytes ask for transparent huge pages.
-const HUGE_COPY: usize = 4 << 20;
-/// The size of a transparent huge page (x86-64, arm64 with 4 KiB pages).
-const HUGE_PAGE: usize = 2 << 20;
-
 /// A copy of `bytes` in a new `Vec`: one `memcpy` into memory that is not zero-filled
-/// first. (A received payload is copied out, so that its sender can reuse the shared
-/// memory at once; [`SharedBytes`] is the exception.)
-/// For a large copy, the fresh part of the allocation is offered transparent huge pages,
-/// so that the kernel faults it in 2 MiB at a time instead of 4 KiB.
+/// first (a large one backed by huge pages where the kernel allows, see
+/// [`sys::vec_for_bulk`](crate::sys::vec_for_bulk)). A received payload is copied out, so
+/// that its sender can reuse the shared memory at once; [`SharedBytes`] is the exception.
 pub(crate) fn copy_to_vec(bytes: &[u8]) -> Vec<u8> {
-    let mut v: Vec<u8> = Vec::with_capacity(bytes.len());
-    if bytes.len() >= HUGE_COPY {
-        let base = v.as_mut_ptr();
-        let addr = base as usize;
-        let start = addr.next_multiple_of(HUGE_PAGE);
-        let end = (addr + v.capacity()) / HUGE_PAGE * HUGE_PAGE;
-        if start < end {
-            // SAFETY: the range lies inside the allocation `v` owns, and MADV_HUGEPAGE
-            // only changes how the kernel backs the pages, never their contents or
-            // whether they can be accessed. A refusal (no THP) changes nothing.
-            let _ = unsafe {
-                rustix::mm::madvise(
-                    base.wrapping_add(start - addr).cast(),
-                    end - start,
-                    rustix::mm::Advice::LinuxHugepage,
-                )
-            };
-        }
-    }
+    let mut v: Vec<u8> = crate::sys::vec_for_bulk(bytes.len());
     v.extend_from_slice(bytes);
     v
 }

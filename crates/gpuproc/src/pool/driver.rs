@@ -13,12 +13,13 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::lens::Lens;
 use super::policy::{self, AfterDeath};
 use super::worker::{
     self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, RUNNING_AT, STARTED_AT,
 };
 use super::{Config, PoolError};
-use crate::ipc::{self, Frame, FrameReader};
+use crate::ipc::{self, FrameReader};
 use crate::process::wire::Failure;
 use crate::process::{Process, ProcessError};
 use crate::sys::shm::Mapping;
@@ -30,10 +31,12 @@ use crate::sys::{self, ExitStatus, Waker};
 pub(crate) struct Run {
     pub first_index: u64,
     /// Each task's result length (0 for a failure).
-    pub lens: Vec<u32>,
+    pub lens: Lens,
     /// Each task's result descriptor count (empty: none).
     pub nfds: Vec<u32>,
     pub results: Vec<u8>,
+    /// The shape of the results when they are plain data (see `plain`), else postcard.
+    pub shape: Option<Vec<u8>>,
     pub fds: Vec<OwnedFd>,
     /// Failed tasks, by offset in the run.
     pub errors: Vec<(u32, PoolError)>,
@@ -45,7 +48,7 @@ impl Run {
     fn failure(index: u64, err: PoolError) -> Run {
         Run {
             first_index: index,
-            lens: vec![0],
+            lens: Lens::Fixed { len: 0, count: 1 },
             errors: vec![(0, err)],
             ..Run::default()
         }
@@ -76,7 +79,9 @@ pub(crate) struct Chunk {
     pub first_index: u64,
     /// The arguments, back to back.
     pub args: Vec<u8>,
-    pub lens: Vec<u32>,
+    /// The shape of the arguments when they are plain data (see `plain`), else postcard.
+    pub shape: Option<Vec<u8>>,
+    pub lens: Lens,
     /// Descriptor count per task (empty: none).
     pub nfds: Vec<u32>,
     pub fds: Vec<OwnedFd>,
@@ -91,13 +96,14 @@ impl Chunk {
 
     /// Splits off the tasks from `k` on.
     pub fn split_off(&mut self, k: usize) -> Chunk {
-        let bytes: usize = self.lens[..k].iter().map(|&l| l as usize).sum();
+        let bytes = self.lens.bytes_before(k);
         let nfds_before: usize = self.nfds.iter().take(k).map(|&n| n as usize).sum();
         Chunk {
             job: self.job.clone(),
             func: self.func,
             first_index: self.first_index + k as u64,
             args: self.args.split_off(bytes),
+            shape: self.shape.clone(),
             lens: self.lens.split_off(k),
             nfds: if self.nfds.is_empty() {
                 Vec::new()
@@ -427,9 +433,12 @@ impl Driver {
                 if w.reader.fill(w.conn.as_fd()).is_err() {
                     w.eof = true;
                 }
-                while let Ok(Some(frame)) = w.reader.next_frame() {
-                    receive(w, frame, &mut deliveries);
+                // Frames are read in place: the reader is set aside meanwhile.
+                let mut reader = std::mem::take(&mut w.reader);
+                while let Ok(Some((bytes, fds))) = reader.next_frame_ref() {
+                    receive(w, bytes, fds, &mut deliveries);
                 }
+                w.reader = reader;
                 if w.reader.at_eof() {
                     w.eof = true;
                 }
@@ -614,6 +623,7 @@ fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
     let header = ToWorker::Chunk(ChunkHeader {
         func: chunk.func,
         first_seq: w.next_seq,
+        shape: chunk.shape.clone(),
         lens: chunk.lens.clone(),
         nfds: chunk.nfds.clone(),
     });
@@ -672,11 +682,11 @@ fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
 }
 
 /// A worker reported a run of results: split it over the chunks it covers.
-fn receive(w: &mut Worker, frame: Frame, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
-    let Ok((done, mut results)) = postcard::take_from_bytes::<DoneHeader>(&frame.bytes) else {
+fn receive(w: &mut Worker, bytes: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
+    let Ok((done, mut results)) = postcard::take_from_bytes::<DoneHeader>(bytes) else {
         return;
     };
-    let mut fds = frame.fds.into_iter();
+    let mut fds = fds.into_iter();
     let mut failures = done.failures.into_iter().peekable();
     let mut pos = 0usize; // offset in the run
     let count = done.count as usize;
@@ -690,13 +700,13 @@ fn receive(w: &mut Worker, frame: Frame, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
             return; // out of step: ignore (cannot happen with a well-behaved worker)
         }
         let take = (sent.chunk.len() - sent.done).min(count - pos);
-        let lens = done.lens[pos..pos + take].to_vec();
+        let lens = done.lens.slice(pos, take);
         let nfds: Vec<u32> = if done.nfds.is_empty() {
             Vec::new()
         } else {
             done.nfds[pos..pos + take].to_vec()
         };
-        let bytes: usize = lens.iter().map(|&l| l as usize).sum();
+        let bytes = lens.bytes_before(take);
         let (mine, tail) = results.split_at(bytes.min(results.len()));
         results = tail;
         let nfd_total: usize = nfds.iter().map(|&n| n as usize).sum();
@@ -723,6 +733,7 @@ fn receive(w: &mut Worker, frame: Frame, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
             lens,
             nfds,
             results: mine.to_vec(),
+            shape: done.shape.clone(),
             fds: fds.by_ref().take(nfd_total).collect(),
             errors,
             peaks,

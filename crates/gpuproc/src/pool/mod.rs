@@ -22,6 +22,8 @@
 
 mod driver;
 mod error;
+mod lens;
+mod plain;
 pub(crate) mod policy;
 pub(crate) mod worker;
 
@@ -39,11 +41,12 @@ use serde::Serialize;
 
 use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared};
 pub use self::error::PoolError;
+use self::lens::Lens;
 use self::worker::{FnRef, Init};
 use crate::gpu;
 use crate::ipc;
 use crate::process::{get_start_method, StartMethod};
-use crate::sys::Waker;
+use crate::sys::{self, Waker};
 
 type WorkerEnv = Box<dyn Fn(usize) -> Vec<(String, String)> + Send + Sync>;
 
@@ -76,7 +79,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-fn fn_ref<A: DeserializeOwned, R: Serialize>(f: fn(A) -> R) -> FnRef {
+fn fn_ref<A: DeserializeOwned, R: Serialize + DeserializeOwned>(f: fn(A) -> R) -> FnRef {
     FnRef::task(f)
 }
 
@@ -389,14 +392,14 @@ impl Pool {
         f: fn(A) -> R,
         items: I,
         chunksize: Option<usize>,
-    ) -> Imap<'_, A, R, std::vec::IntoIter<A>>
+    ) -> Imap<'_, A, R, Input<A, I::IntoIter>>
     where
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<A> = items.into_iter().collect();
-        let len = items.len();
+        let items = Input::new(items.into_iter());
+        let len = items.len;
         let chunksize = chunksize.unwrap_or_else(|| policy::auto_chunksize(len, self.processes()));
         self.imap(f, items).chunksize(chunksize).with_len(len)
     }
@@ -561,7 +564,8 @@ fn new_chunk(job: Arc<Job>, func: FnRef, first_index: u64) -> Chunk {
         func,
         first_index,
         args: Vec::new(),
-        lens: Vec::new(),
+        shape: None,
+        lens: Lens::default(),
         nfds: Vec::new(),
         fds: Vec::new(),
         attempts: 0,
@@ -586,6 +590,99 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
     }
     chunk.fds.extend(fds);
     Ok(())
+}
+
+/// A whole input whose length is known: taken as it comes when the iterator says exactly
+/// how long it is, else collected first.
+#[derive(Debug)]
+struct Input<A, I> {
+    items: Either<I, std::vec::IntoIter<A>>,
+    len: usize,
+}
+
+#[derive(Debug)]
+enum Either<L, R> {
+    Direct(L),
+    Collected(R),
+}
+
+impl<A, I: Iterator<Item = A>> Input<A, I> {
+    fn new(it: I) -> Self {
+        match it.size_hint() {
+            (lo, Some(hi)) if lo == hi => Input {
+                items: Either::Direct(it),
+                len: lo,
+            },
+            _ => {
+                let v: Vec<A> = it.collect();
+                Input {
+                    len: v.len(),
+                    items: Either::Collected(v.into_iter()),
+                }
+            }
+        }
+    }
+}
+
+impl<A, I: Iterator<Item = A>> Iterator for Input<A, I> {
+    type Item = A;
+
+    #[inline]
+    fn next(&mut self) -> Option<A> {
+        match &mut self.items {
+            Either::Direct(it) => it.next(),
+            Either::Collected(it) => it.next(),
+        }
+    }
+}
+
+/// Appends one task's argument to a chunk as plain data (see [`plain`]) while `plain` holds
+/// an encoder, else with postcard. The first plain argument fixes the shape (and must decode
+/// again); an argument that is not plain data of that shape gives plain encoding up for the
+/// rest of the job (`plain` becomes `None`), re-encoding the chunk so far with postcard.
+fn push_item<A: Serialize + DeserializeOwned>(
+    chunk: &mut Chunk,
+    plain: &mut Option<plain::Encoder>,
+    args: &A,
+) -> Result<(), PoolError> {
+    if let Some(enc) = plain.as_mut() {
+        let start = chunk.args.len();
+        // The common case: a shape is set and this chunk has it.
+        if chunk.shape.is_some() && enc.push(&mut chunk.args, args) {
+            chunk.lens.push((chunk.args.len() - start) as u32);
+            return Ok(());
+        }
+        let first = enc.shape().is_none();
+        if enc.push(&mut chunk.args, args) {
+            let shape = enc.shape().unwrap_or_default();
+            if !first || plain::decode::<A>(&chunk.args[start..], shape).is_ok() {
+                if chunk.shape.is_none() {
+                    chunk.shape = Some(shape.to_vec());
+                }
+                chunk.lens.push((chunk.args.len() - start) as u32);
+                return Ok(());
+            }
+            chunk.args.truncate(start);
+        }
+        *plain = None;
+        if let Some(shape) = chunk.shape.take() {
+            let old = std::mem::take(&mut chunk.args);
+            let lens = std::mem::take(&mut chunk.lens);
+            let mut at = 0;
+            for k in 0..lens.len() {
+                let len = lens.get(k);
+                let a: A =
+                    plain::decode(&old[at..at + len], &shape).map_err(|e| PoolError::Encode {
+                        index: chunk.first_index + chunk.len() as u64,
+                        type_name: type_name::<A>().to_string(),
+                        reason: e.to_string(),
+                    })?;
+                at += len;
+                push_task(chunk, &a)?;
+            }
+        }
+    }
+    push_task(chunk, args)
 }
 
 /// Reads the outcomes of a [`Run`] one task at a time.
@@ -625,10 +722,48 @@ impl RunReader {
         self.run.peaks.get(self.i).copied().unwrap_or(0)
     }
 
+    /// Decodes the rest of a run of plain results with no failures in one tight loop:
+    /// `None` if the run is not like that (then use `next`).
+    fn drain_plain<R: DeserializeOwned>(
+        &mut self,
+        out: &mut Vec<R>,
+    ) -> Option<Result<(), PoolError>> {
+        let (Some(shape), Lens::Fixed { len, .. }) = (&self.run.shape, &self.run.lens) else {
+            return None;
+        };
+        if self.errors.peek().is_some() || !self.run.nfds.is_empty() {
+            return None;
+        }
+        let len = *len as usize;
+        let n = self.run.lens.len();
+        let first = self.next_index();
+        for (k, i) in (self.i..n).enumerate() {
+            let bytes = self
+                .run
+                .results
+                .get(self.at..self.at + len)
+                .unwrap_or_default();
+            match plain::decode(bytes, shape) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    self.i = i + 1;
+                    return Some(Err(PoolError::BadResult {
+                        index: first + k as u64,
+                        type_name: type_name::<R>().to_string(),
+                        reason: e.to_string(),
+                    }));
+                }
+            }
+            self.at += len;
+        }
+        self.i = n;
+        Some(Ok(()))
+    }
+
     fn next<R: DeserializeOwned>(&mut self) -> Result<R, PoolError> {
         let (i, index) = (self.i, self.next_index());
         self.i += 1;
-        let len = self.run.lens[i] as usize;
+        let len = self.run.lens.get(i);
         let bytes = &self.run.results[self.at..(self.at + len).min(self.run.results.len())];
         self.at += len;
         let n = self.run.nfds.get(i).copied().unwrap_or(0) as usize;
@@ -644,10 +779,14 @@ impl RunReader {
         {
             return Err(self.errors.next().expect("peeked").1);
         }
-        worker::decode_from(bytes, fds).map_err(|e| PoolError::BadResult {
+        let decoded = match &self.run.shape {
+            Some(shape) => plain::decode(bytes, shape).map_err(|e| e.to_string()),
+            None => worker::decode_from(bytes, fds).map_err(|e| e.to_string()),
+        };
+        decoded.map_err(|reason| PoolError::BadResult {
             index,
             type_name: type_name::<R>().to_string(),
-            reason: e.to_string(),
+            reason,
         })
     }
 }
@@ -673,6 +812,10 @@ pub struct Imap<'p, A, R, I> {
     last_peak: u64,
     len: Option<usize>,
     bar: Option<indicatif::ProgressBar>,
+    /// Encodes the arguments as plain data, until one is not (then postcard).
+    plain: Option<plain::Encoder>,
+    /// The encoded size of an argument in the last chunk, to size the next one.
+    bytes_per_task: usize,
     _types: PhantomData<fn(A) -> R>,
 }
 
@@ -711,6 +854,8 @@ where
             last_peak: 0,
             len: None,
             bar: None,
+            plain: Some(plain::Encoder::default()),
+            bytes_per_task: 8,
             _types: PhantomData,
         }
     }
@@ -737,7 +882,11 @@ where
     /// iterator bookkeeping): `map`'s fast path. Stops at the first failed task.
     fn drain_into(&mut self, out: &mut Vec<R>) -> Result<(), PoolError> {
         debug_assert!(self.ordered);
-        out.reserve(self.len.unwrap_or(0));
+        let len = self.len.unwrap_or(0);
+        if out.is_empty() && out.capacity() < len {
+            *out = sys::vec_for_bulk(len);
+        }
+        out.reserve(len);
         if self.pool.config.progress {
             // The bar moves per item: go through `next`.
             for r in self.by_ref() {
@@ -748,8 +897,13 @@ where
         loop {
             if let Some(mut cur) = self.current.take() {
                 let n = cur.run.lens.len() - cur.i;
-                for _ in 0..n {
-                    out.push(cur.next::<R>()?);
+                match cur.drain_plain(out) {
+                    Some(r) => r?,
+                    None => {
+                        for _ in 0..n {
+                            out.push(cur.next::<R>()?);
+                        }
+                    }
                 }
                 self.next_yield += n as u64;
                 self.outstanding -= n;
@@ -785,15 +939,16 @@ where
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
             chunk.lens.reserve(self.chunksize);
-            chunk.args.reserve(self.chunksize.saturating_mul(4));
+            chunk.args = sys::vec_for_bulk(self.chunksize.saturating_mul(self.bytes_per_task));
             for a in self.input.by_ref().take(self.chunksize) {
-                push_task(&mut chunk, &a)?;
+                push_item(&mut chunk, &mut self.plain, &a)?;
             }
             if chunk.len() == 0 {
                 break;
             }
             self.next_index += chunk.len() as u64;
             self.outstanding += chunk.len();
+            self.bytes_per_task = chunk.args.len().div_ceil(chunk.len()).max(1);
             // Big chunks go as soon as they are encoded, so workers start while we encode
             // on; small ones go together, to wake the driver once.
             batched += chunk.len();

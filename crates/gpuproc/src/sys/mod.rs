@@ -434,7 +434,7 @@ pub(crate) fn monotonic_ns() -> u64 {
 
 /// What one non-blocking receive brought.
 pub(crate) enum Received {
-    /// This many bytes (at least one) were appended.
+    /// This many bytes (at least one) were received.
     Data(usize),
     /// Nothing is there yet.
     WouldBlock,
@@ -442,21 +442,18 @@ pub(crate) enum Received {
     Eof,
 }
 
-/// Receives up to `max` bytes of what is available without blocking, appending bytes to
-/// `buf` and descriptors that came with them to `fds`.
+/// Receives what is available without blocking into `buf` (as much as fits; `buf` must not
+/// be empty), and the descriptors that came with it into `fds`.
 pub(crate) fn recv_nonblocking(
     sock: BorrowedFd<'_>,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
-    max: usize,
 ) -> io::Result<Received> {
-    let start = buf.len();
-    buf.resize(start + max, 0);
     let mut space =
         [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let res = loop {
-        let mut iov = [IoSliceMut::new(&mut buf[start..])];
+        let mut iov = [IoSliceMut::new(&mut *buf)];
         match rustix::net::recvmsg(
             sock,
             &mut iov,
@@ -473,26 +470,11 @@ pub(crate) fn recv_nonblocking(
         }
     }
     match res {
-        Ok(m) if m.bytes == 0 => {
-            buf.truncate(start);
-            Ok(Received::Eof)
-        }
-        Ok(m) => {
-            buf.truncate(start + m.bytes);
-            Ok(Received::Data(m.bytes))
-        }
-        Err(rustix::io::Errno::AGAIN) => {
-            buf.truncate(start);
-            Ok(Received::WouldBlock)
-        }
-        Err(rustix::io::Errno::CONNRESET) => {
-            buf.truncate(start);
-            Ok(Received::Eof)
-        }
-        Err(e) => {
-            buf.truncate(start);
-            Err(e.into())
-        }
+        Ok(m) if m.bytes == 0 => Ok(Received::Eof),
+        Ok(m) => Ok(Received::Data(m.bytes)),
+        Err(rustix::io::Errno::AGAIN) => Ok(Received::WouldBlock),
+        Err(rustix::io::Errno::CONNRESET) => Ok(Received::Eof),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -579,6 +561,40 @@ pub fn signal_name(sig: i32) -> &'static str {
         31 => "SIGSYS",
         _ => "unknown signal",
     }
+}
+
+/// Allocations of at least this many bytes ask for transparent huge pages.
+const HUGE_ALLOC: usize = 4 << 20;
+/// The size of a transparent huge page (x86-64, arm64 with 4 KiB pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// An empty `Vec` with room for `n` items. When that is large (4 MiB or more), the whole
+/// 2 MiB pages inside the allocation are offered transparent huge pages (`MADV_HUGEPAGE`),
+/// so that the kernel faults them in 2 MiB at a time instead of 4 KiB: filling a fresh
+/// buffer of many MiB then costs a few page faults instead of thousands. Where the kernel
+/// has no huge pages this changes nothing.
+pub(crate) fn vec_for_bulk<T>(n: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let bytes = v.capacity().saturating_mul(std::mem::size_of::<T>());
+    if bytes >= HUGE_ALLOC {
+        let base = v.as_mut_ptr().cast::<u8>();
+        let addr = base as usize;
+        let start = addr.next_multiple_of(HUGE_PAGE);
+        let end = (addr + bytes) / HUGE_PAGE * HUGE_PAGE;
+        if start < end {
+            // SAFETY: the range lies inside the allocation `v` owns, and MADV_HUGEPAGE only
+            // changes how the kernel backs the pages, never their contents or whether they
+            // can be accessed. A refusal (no THP) changes nothing.
+            let _ = unsafe {
+                rustix::mm::madvise(
+                    base.wrapping_add(start - addr).cast(),
+                    end - start,
+                    rustix::mm::Advice::LinuxHugepage,
+                )
+            };
+        }
+    }
+    v
 }
 
 #[cfg(test)]
