@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::sys;
 
-const HEADER: usize = 8;
+pub(crate) const HEADER: usize = 8;
 
 /// One received message.
 #[derive(Debug)]
@@ -27,18 +27,20 @@ pub(crate) struct Frame {
     pub fds: Vec<OwnedFd>,
 }
 
-/// Appends one frame (header and payload) to `buf`; its `nfds` descriptors must be sent
-/// with the frame's first byte.
-pub(crate) fn append_frame(buf: &mut Vec<u8>, payload: &[u8], nfds: usize) {
-    append_frame_parts(buf, &[payload], nfds)
+/// The header of a frame whose payload is `len` bytes with `nfds` descriptors.
+pub(crate) fn frame_header(len: usize, nfds: usize) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    h[4..].copy_from_slice(&(nfds as u32).to_le_bytes());
+    h
 }
 
-/// Like [`append_frame`], for a payload in several pieces (no copy to join them first).
+/// Appends one frame (header and payload, given in pieces) to `buf`; its `nfds`
+/// descriptors must be sent with the frame's first byte.
 pub(crate) fn append_frame_parts(buf: &mut Vec<u8>, parts: &[&[u8]], nfds: usize) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     buf.reserve(HEADER + len);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    buf.extend_from_slice(&(nfds as u32).to_le_bytes());
+    buf.extend_from_slice(&frame_header(len, nfds));
     for p in parts {
         buf.extend_from_slice(p);
     }
@@ -65,9 +67,11 @@ pub(crate) fn send_frame_borrowed(
             ),
         ));
     }
-    let mut bytes = Vec::with_capacity(HEADER + payload.len());
-    append_frame(&mut bytes, payload, fds.len());
-    sys::send_all(sock, &bytes, fds)
+    sys::send_all(
+        sock,
+        &[&frame_header(payload.len(), fds.len()), payload],
+        fds,
+    )
 }
 
 /// What [`FrameReader::read`] found.
@@ -398,7 +402,7 @@ mod tests {
         // A header announcing one descriptor that never came.
         let mut raw = 0u32.to_le_bytes().to_vec();
         raw.extend_from_slice(&1u32.to_le_bytes());
-        sys::send_all(a.as_fd(), &raw, &[]).unwrap();
+        sys::send_all(a.as_fd(), &[&raw], &[]).unwrap();
         let mut r = FrameReader::default();
         let err = r
             .read(b.as_fd(), Some(Instant::now() + Duration::from_secs(10)))

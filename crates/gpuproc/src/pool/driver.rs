@@ -136,6 +136,22 @@ pub(crate) struct Shared {
     pub usage: Mutex<Vec<super::WorkerGpuUsage>>,
 }
 
+/// Chunk arguments up to this size are copied into the outbox (so that many small chunks
+/// go out in one write); larger ones are sent from the chunk itself.
+const COPY_MAX: usize = 64 * 1024;
+
+/// Bytes waiting in a worker's outbox: `head` (whole small frames, or the start of a large
+/// chunk's frame), then, for a large chunk, its arguments, sent in place from the chunk in
+/// `Worker::sent` whose first sequence number is `body`.
+struct OutFrame {
+    head: Vec<u8>,
+    body: Option<u64>,
+    /// The descriptors, sent with the first byte.
+    fds: Vec<OwnedFd>,
+    /// Bytes already sent.
+    sent: usize,
+}
+
 /// A chunk a worker is working on.
 struct Sent {
     chunk: Chunk,
@@ -153,8 +169,8 @@ struct Worker {
     conn: OwnedFd,
     page: Mapping,
     reader: FrameReader,
-    /// Frames not yet (fully) sent: bytes, descriptors, bytes already sent.
-    outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>, usize)>,
+    /// Frames not yet (fully) sent.
+    outbox: VecDeque<OutFrame>,
     sent: VecDeque<Sent>,
     /// Tasks sent and not yet reported.
     tasks_inflight: usize,
@@ -637,15 +653,31 @@ fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
         .iter()
         .filter_map(|f| sys::dup(f.as_fd()).ok())
         .collect();
+    let frame_len = header.len() + chunk.args.len();
     match w.outbox.back_mut() {
-        Some((bytes, out_fds, 0)) => {
-            ipc::append_frame_parts(bytes, &[&header, &chunk.args], fds.len());
-            out_fds.extend(fds);
+        Some(f) if f.sent == 0 && f.body.is_none() && chunk.args.len() <= COPY_MAX => {
+            ipc::append_frame_parts(&mut f.head, &[&header, &chunk.args], fds.len());
+            f.fds.extend(fds);
+        }
+        _ if chunk.args.len() <= COPY_MAX => {
+            let mut head = Vec::new();
+            ipc::append_frame_parts(&mut head, &[&header, &chunk.args], fds.len());
+            w.outbox.push_back(OutFrame {
+                head,
+                body: None,
+                fds,
+                sent: 0,
+            });
         }
         _ => {
-            let mut bytes = Vec::new();
-            ipc::append_frame_parts(&mut bytes, &[&header, &chunk.args], fds.len());
-            w.outbox.push_back((bytes, fds, 0));
+            let mut head = ipc::frame_header(frame_len, fds.len()).to_vec();
+            head.extend_from_slice(&header);
+            w.outbox.push_back(OutFrame {
+                head,
+                body: Some(w.next_seq),
+                fds,
+                sent: 0,
+            });
         }
     }
     let n = chunk.len();
@@ -662,18 +694,25 @@ fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
 }
 
 fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
-    while let Some((bytes, fds, sent)) = w.outbox.front_mut() {
-        let borrowed: Vec<BorrowedFd<'_>> = if *sent == 0 {
-            fds.iter().map(|f| f.as_fd()).collect()
+    while let Some(f) = w.outbox.front_mut() {
+        let body: &[u8] = match f.body {
+            None => &[],
+            Some(seq) => match w.sent.iter().find(|s| s.first_seq == seq) {
+                Some(s) => &s.chunk.args,
+                None => return Err(std::io::Error::other("a queued chunk went missing")),
+            },
+        };
+        let borrowed: Vec<BorrowedFd<'_>> = if f.sent == 0 {
+            f.fds.iter().map(|f| f.as_fd()).collect()
         } else {
             Vec::new()
         };
-        let n = sys::send_nonblocking(w.conn.as_fd(), &bytes[*sent..], &borrowed)?;
+        let n = sys::send_nonblocking(w.conn.as_fd(), &[&f.head, body], f.sent, &borrowed)?;
         if n == 0 {
             return Ok(());
         }
-        *sent += n;
-        if *sent < bytes.len() {
+        f.sent += n;
+        if f.sent < f.head.len() + body.len() {
             return Ok(());
         }
         w.outbox.pop_front();

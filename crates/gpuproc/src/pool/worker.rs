@@ -521,28 +521,37 @@ impl Outbox {
         self.since.get_or_insert_with(Instant::now);
     }
 
-    fn close_run(&mut self) {
+    /// Encodes the run's header into `self.header` and starts a new, empty run (its results
+    /// and descriptors stay in `results` and `run_fds`); false if the run was empty.
+    fn end_run(&mut self) -> bool {
         self.codec = RunCodec::Untried;
         if self.run.count == 0 {
             self.run.shape = None;
-            return;
+            return false;
         }
         // Encoded in place and then cleared, so that the run's vectors keep their capacity.
         let mut header = std::mem::take(&mut self.header);
         header.clear();
-        let header = postcard::to_extend(&self.run, header).unwrap_or_default();
+        self.header = postcard::to_extend(&self.run, header).unwrap_or_default();
         self.run.count = 0;
         self.run.shape = None;
         self.run.lens.clear();
         self.run.nfds.clear();
         self.run.failures.clear();
+        true
+    }
+
+    /// Ends the run and moves it into `frames`.
+    fn close_run(&mut self) {
+        if !self.end_run() {
+            return;
+        }
         ipc::append_frame_parts(
             &mut self.frames,
-            &[&header, &self.results],
+            &[&self.header, &self.results],
             self.run_fds.len(),
         );
         self.results.clear();
-        self.header = header;
         self.fds.append(&mut self.run_fds);
     }
 
@@ -570,10 +579,20 @@ impl Outbox {
     }
 
     fn flush(&mut self, conn: &OwnedFd) -> std::io::Result<()> {
-        self.close_run();
-        if !self.frames.is_empty() {
+        if self.frames.is_empty() {
+            // The common case, one run: sent from where its results are, without a copy.
+            if self.end_run() {
+                let len = self.header.len() + self.results.len();
+                let prefix = ipc::frame_header(len, self.run_fds.len());
+                let fds: Vec<_> = self.run_fds.iter().map(|f| f.as_fd()).collect();
+                sys::send_all(conn.as_fd(), &[&prefix, &self.header, &self.results], &fds)?;
+                self.results.clear();
+                self.run_fds.clear();
+            }
+        } else {
+            self.close_run();
             let fds: Vec<_> = self.fds.iter().map(|f| f.as_fd()).collect();
-            sys::send_all(conn.as_fd(), &self.frames, &fds)?;
+            sys::send_all(conn.as_fd(), &[&self.frames], &fds)?;
             self.frames.clear();
             self.fds.clear();
         }

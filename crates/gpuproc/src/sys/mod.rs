@@ -277,14 +277,46 @@ pub(crate) fn wait_ready(
     Ok(!poll_events(&[(sock, flags)], deadline)?[0].is_empty())
 }
 
-/// Sends `bytes` on a stream socket, the descriptors `fds` riding with the first byte.
-///
-/// Never raises SIGPIPE: a closed peer is an `io::ErrorKind::BrokenPipe` error.
-pub(crate) fn send_all(
+/// The most parts one vectored send gathers.
+const MAX_PARTS: usize = 4;
+
+/// `parts` (at most [`MAX_PARTS`]) as I/O slices, without their first `skip` bytes.
+fn io_slices<'a>(parts: &[&'a [u8]], mut skip: usize) -> ([IoSlice<'a>; MAX_PARTS], usize) {
+    let mut iov = [IoSlice::new(&[]); MAX_PARTS];
+    let mut n = 0;
+    for p in parts.iter().take(MAX_PARTS) {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        iov[n] = IoSlice::new(&p[skip..]);
+        skip = 0;
+        n += 1;
+    }
+    (iov, n)
+}
+
+/// One `sendmsg` of `parts` from byte `skip` on, `fds` riding along (when not empty).
+fn send_parts(
     sock: BorrowedFd<'_>,
-    bytes: &[u8],
+    parts: &[&[u8]],
+    skip: usize,
     fds: &[BorrowedFd<'_>],
-) -> io::Result<()> {
+    flags: SendFlags,
+) -> rustix::io::Result<usize> {
+    let (iov, n) = io_slices(parts, skip);
+    if fds.is_empty() {
+        return rustix::net::sendmsg(sock, &iov[..n], &mut SendAncillaryBuffer::default(), flags);
+    }
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(rustix::io::Errno::NOBUFS);
+    }
+    rustix::net::sendmsg(sock, &iov[..n], &mut control, flags)
+}
+
+fn check_parts(parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -294,33 +326,36 @@ pub(crate) fn send_all(
             ),
         ));
     }
-    let mut sent = 0;
-    if !fds.is_empty() {
-        let mut space =
-            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !control.push(SendAncillaryMessage::ScmRights(fds)) {
-            return Err(io::Error::other("ancillary buffer too small"));
-        }
-        loop {
-            match rustix::net::sendmsg(
-                sock,
-                &[IoSlice::new(bytes)],
-                &mut control,
-                SendFlags::NOSIGNAL,
-            ) {
-                Ok(n) => {
-                    sent = n;
-                    break;
-                }
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+    if parts.len() > MAX_PARTS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "at most {MAX_PARTS} parts are sent at once, not {}",
+                parts.len()
+            ),
+        ));
     }
-    while sent < bytes.len() {
-        match rustix::net::send(sock, &bytes[sent..], SendFlags::NOSIGNAL) {
-            Ok(n) => sent += n,
+    Ok(parts.iter().map(|p| p.len()).sum())
+}
+
+/// Sends `parts` (at most four, back to back, without joining them first) on a stream
+/// socket, the descriptors `fds` riding with the first byte.
+///
+/// Never raises SIGPIPE: a closed peer is an `io::ErrorKind::BrokenPipe` error.
+pub(crate) fn send_all(
+    sock: BorrowedFd<'_>,
+    parts: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let total = check_parts(parts, fds)?;
+    let mut sent = 0;
+    let mut fds = fds;
+    while sent < total || !fds.is_empty() {
+        match send_parts(sock, parts, sent, fds, SendFlags::NOSIGNAL) {
+            Ok(n) => {
+                sent += n;
+                fds = &[];
+            }
             Err(rustix::io::Errno::INTR) => continue,
             Err(rustix::io::Errno::AGAIN) => {
                 wait_ready(sock, true, None)?;
@@ -329,6 +364,27 @@ pub(crate) fn send_all(
         }
     }
     Ok(())
+}
+
+/// Sends what the socket takes now of `parts` from byte `skip` on, without blocking;
+/// `fds` ride with the first byte sent (pass them only when `skip` is 0). Returns the
+/// number of bytes sent (0 when the socket is full).
+pub(crate) fn send_nonblocking(
+    sock: BorrowedFd<'_>,
+    parts: &[&[u8]],
+    skip: usize,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    check_parts(parts, fds)?;
+    let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+    loop {
+        match send_parts(sock, parts, skip, fds, flags) {
+            Ok(n) => return Ok(n),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Readiness of one descriptor after [`poll`].
@@ -366,35 +422,6 @@ pub(crate) fn poll(
             write: r.intersects(PollFlags::OUT | PollFlags::ERR),
         })
         .collect())
-}
-
-/// Sends what the socket takes now, without blocking; `fds` ride with the first byte.
-/// Returns the number of bytes sent (0 when the socket is full).
-pub(crate) fn send_nonblocking(
-    sock: BorrowedFd<'_>,
-    bytes: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> io::Result<usize> {
-    let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
-    loop {
-        let res = if fds.is_empty() {
-            rustix::net::send(sock, bytes, flags)
-        } else {
-            let mut space =
-                vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
-            let mut control = SendAncillaryBuffer::new(&mut space);
-            if !control.push(SendAncillaryMessage::ScmRights(fds)) {
-                return Err(io::Error::other("ancillary buffer too small"));
-            }
-            rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, flags)
-        };
-        match res {
-            Ok(n) => return Ok(n),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(rustix::io::Errno::AGAIN) => return Ok(0),
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// An eventfd: one thread's way to wake another's `poll`.
