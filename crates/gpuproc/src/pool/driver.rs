@@ -13,6 +13,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::buffers::Buffers;
 use super::lens::Lens;
 use super::policy::{self, AfterDeath};
 use super::worker::{
@@ -128,6 +129,8 @@ pub(crate) struct Inbox {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub inbox: Mutex<Inbox>,
+    /// Chunk and run buffers for reuse.
+    pub buffers: Buffers,
     pub waker: Waker,
     /// The driver is (about to be) blocked in `poll`: submitters must wake it.
     pub sleeping: AtomicBool,
@@ -452,7 +455,7 @@ impl Driver {
                 // Frames are read in place: the reader is set aside meanwhile.
                 let mut reader = std::mem::take(&mut w.reader);
                 while let Ok(Some((bytes, fds))) = reader.next_frame_ref() {
-                    receive(w, bytes, fds, &mut deliveries);
+                    receive(w, bytes, fds, &self.shared.buffers, &mut deliveries);
                 }
                 w.reader = reader;
                 if w.reader.at_eof() {
@@ -721,7 +724,13 @@ fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
 }
 
 /// A worker reported a run of results: split it over the chunks it covers.
-fn receive(w: &mut Worker, bytes: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<(Arc<Job>, Vec<Run>)>) {
+fn receive(
+    w: &mut Worker,
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+    buffers: &Buffers,
+    out: &mut Vec<(Arc<Job>, Vec<Run>)>,
+) {
     let Ok((done, mut results)) = postcard::take_from_bytes::<DoneHeader>(bytes) else {
         return;
     };
@@ -771,7 +780,11 @@ fn receive(w: &mut Worker, bytes: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<(Arc<J
             first_index,
             lens,
             nfds,
-            results: mine.to_vec(),
+            results: {
+                let mut v = buffers.take(mine.len());
+                v.extend_from_slice(mine);
+                v
+            },
             shape: done.shape.clone(),
             fds: fds.by_ref().take(nfd_total).collect(),
             errors,
@@ -781,7 +794,9 @@ fn receive(w: &mut Worker, bytes: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<(Arc<J
         sent.done += take;
         w.tasks_inflight -= take;
         if sent.done == sent.chunk.len() {
-            w.sent.pop_front();
+            if let Some(done) = w.sent.pop_front() {
+                buffers.give(done.chunk.args);
+            }
         }
         match out.iter_mut().find(|(j, _)| Arc::ptr_eq(j, &job)) {
             Some((_, runs)) => runs.push(run),

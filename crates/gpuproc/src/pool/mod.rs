@@ -20,6 +20,7 @@
 //! workers are killed and unfinished tasks fail with [`PoolError::Terminated`]. Call
 //! [`Pool::close`] and [`Pool::join`] first to let queued work finish.
 
+mod buffers;
 mod driver;
 mod error;
 mod lens;
@@ -256,6 +257,7 @@ impl PoolBuilder {
                 source,
             })?,
             pids: Mutex::new(Vec::new()),
+            buffers: Default::default(),
             usage: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
         });
@@ -905,6 +907,7 @@ where
                         }
                     }
                 }
+                self.pool.shared.buffers.give(cur.run.results);
                 self.next_yield += n as u64;
                 self.outstanding -= n;
             }
@@ -939,7 +942,8 @@ where
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
             chunk.lens.reserve(self.chunksize);
-            chunk.args = sys::vec_for_bulk(self.chunksize.saturating_mul(self.bytes_per_task));
+            chunk.args =
+                (self.pool.shared.buffers).take(self.chunksize.saturating_mul(self.bytes_per_task));
             for a in self.input.by_ref().take(self.chunksize) {
                 push_item(&mut chunk, &mut self.plain, &a)?;
             }
@@ -995,7 +999,9 @@ where
                     self.progress();
                     return Some(r);
                 }
-                self.current = None;
+                if let Some(done) = self.current.take() {
+                    self.pool.shared.buffers.give(done.run.results);
+                }
             }
             if let Err(e) = self.fill() {
                 return Some(Err(e));
