@@ -286,6 +286,10 @@ impl Driver {
 
     fn start_worker(&self, slot: usize) -> Result<Worker, PoolError> {
         let (ours, theirs) = sys::socketpair().map_err(io("creating a worker connection"))?;
+        // Chunks and runs of results are up to a few MiB: each should take few writes.
+        for end in [&ours, &theirs] {
+            sys::set_send_buffer(end.as_fd(), 4 << 20);
+        }
         let page = Mapping::anonymous("gpuproc-pool-worker", worker::PAGE_LEN)
             .map_err(io("creating a worker status page"))?;
         let page_fd = sys::dup(page.fd()).map_err(io("sharing the status page"))?;

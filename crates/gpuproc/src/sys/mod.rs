@@ -78,6 +78,15 @@ pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
+/// Asks for `bytes` of send buffer on `sock`, so that a large frame goes out in few
+/// writes (the kernel caps what it grants at `net.core.wmem_max` unless the caller may
+/// force it; what it grants is fine either way).
+pub(crate) fn set_send_buffer(sock: BorrowedFd<'_>, bytes: usize) {
+    if rustix::net::sockopt::set_socket_send_buffer_size_force(sock, bytes).is_err() {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(sock, bytes);
+    }
+}
+
 /// Clears close-on-exec so that `fd` survives an `exec`.
 pub(crate) fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::io::fcntl_setfd(fd, FdFlags::empty())?)
