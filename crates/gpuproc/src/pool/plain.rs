@@ -160,16 +160,26 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Notes that the next primitive is of kind `k`: records it (first item) or checks it.
     #[inline(always)]
     fn kind(&mut self, k: u8) -> Result<(), Error> {
-        if self.record {
-            if self.shape.len() >= MAX_SHAPE {
-                return not_plain("a value this large");
-            }
-            self.shape.push(k);
-        } else if self.shape.get(self.at) != Some(&k) {
+        if !self.record && self.shape.get(self.at) == Some(&k) {
+            self.at += 1;
+            return Ok(());
+        }
+        self.kind_slow(k)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn kind_slow(&mut self, k: u8) -> Result<(), Error> {
+        if !self.record {
             return Err(Error::new("a value of another shape".into()));
         }
+        if self.shape.len() >= MAX_SHAPE {
+            return not_plain("a value this large");
+        }
+        self.shape.push(k);
         self.at += 1;
         Ok(())
     }
@@ -385,8 +395,10 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Reads the next primitive as the kind it was written and hands it to `v`.
-    #[inline]
+    /// Reads the next primitive as the kind it was written and hands it to `v` (the slow
+    /// path of the typed `deserialize_*`, and the path of `deserialize_any`).
+    #[cold]
+    #[inline(never)]
     fn visit<'de, V: Visitor<'de>>(&mut self, v: V) -> Result<V::Value, Error> {
         let k = *self
             .shape
