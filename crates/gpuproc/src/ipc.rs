@@ -102,7 +102,7 @@ pub(crate) struct FrameReader {
 }
 
 /// The smallest free space a read is given.
-const MIN_READ: usize = 64 * 1024;
+const MIN_READ: usize = 16 * 1024;
 /// A buffer larger than this is given back once it is empty.
 const KEEP_BUFFER: usize = 16 << 20;
 

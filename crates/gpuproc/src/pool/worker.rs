@@ -448,12 +448,18 @@ impl Outbox {
     /// (the first result decides, and must decode again), else as postcard. A result of
     /// another shape ends the plain run; the rest of it becomes a postcard run. On error
     /// nothing is appended.
+    #[inline(always)]
     fn push_result<R: Serialize + DeserializeOwned>(&mut self, r: &R) -> Result<(), String> {
         let start = self.results.len();
         match &mut self.codec {
             RunCodec::Plain(enc) => {
                 if enc.push(&mut self.results, r) {
-                    self.push_ok(self.results.len() - start, Vec::new());
+                    // (A plain run has no descriptors.)
+                    self.run.lens.push((self.results.len() - start) as u32);
+                    self.run.count += 1;
+                    if self.since.is_none() {
+                        self.since = Some(Instant::now());
+                    }
                     return Ok(());
                 }
                 let mut bytes = Vec::new();
