@@ -104,8 +104,11 @@
 //! System calls go through `rustix` (`fork` and `_exit` through `libc`, so that the C
 //! library's fork handlers run), serialisation through `serde` + `postcard`, NVML through
 //! `nvml-wrapper`. Written here because no maintained crate does them: framing with file
-//! descriptors over `SCM_RIGHTS` (the internal `ipc` module), the fork server, and sending a
-//! monomorphised `fn` between processes of the same executable.
+//! descriptors over `SCM_RIGHTS` (the internal `ipc` module), the fork server, sending a
+//! monomorphised `fn` between processes of the same executable, and the pool's fixed-width
+//! encoding of plain data (a serde format whose shape is checked item by item, so that a
+//! chunk of numbers travels without a length per item; `bincode`'s fixed-int mode encodes
+//! at a fixed width but cannot tell when every item of a chunk has the same layout).
 
 pub mod channel;
 pub mod gpu;

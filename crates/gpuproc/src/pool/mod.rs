@@ -5,6 +5,11 @@
 //! owns the workers (see `driver`). A worker that dies mid-task fails that task alone (with
 //! its index and the signal or exit code), is replaced, and the rest of the work goes on.
 //!
+//! Arguments and results are encoded with postcard, except plain data — numbers, `bool`,
+//! `char`, and tuples, arrays and structs of them — which goes at a fixed width with one
+//! length for a whole chunk (see `plain`), so that a `map` over a million numbers costs a
+//! few nanoseconds per item in encoding.
+//!
 //! ```
 //! # gpuproc::init();
 //! fn square(x: u64) -> u64 { x * x }

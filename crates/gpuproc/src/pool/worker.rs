@@ -635,4 +635,29 @@ mod tests {
         assert!(back.nfds.is_empty());
         assert_eq!(back.failures.len(), 1);
     }
+
+    #[test]
+    fn a_result_of_another_layout_ends_the_plain_run() {
+        let mut out = Outbox::default();
+        out.begin(10);
+        out.push_result(&1u64).unwrap();
+        out.push_result(&2u64).unwrap();
+        out.push_result(&"three".to_string()).unwrap();
+        out.push_result(&4u64).unwrap();
+        out.close_run();
+        // Two frames: a plain run of tasks 10-11, then a postcard run of tasks 12-13.
+        let mut frames = &out.frames[..];
+        let mut runs = Vec::new();
+        while !frames.is_empty() {
+            let len = u32::from_le_bytes(frames[..4].try_into().unwrap()) as usize;
+            let body = &frames[ipc::HEADER..ipc::HEADER + len];
+            let (h, results) = postcard::take_from_bytes::<DoneHeader>(body).unwrap();
+            runs.push((h.first_seq, h.count, h.shape.is_some(), results.len()));
+            frames = &frames[ipc::HEADER + len..];
+        }
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_eq!(runs[0], (10, 2, true, 16));
+        let (first, count, plain, _) = runs[1];
+        assert_eq!((first, count, plain), (12, 2, false));
+    }
 }

@@ -326,3 +326,160 @@ fn close_then_join_finishes_queued_work() {
     let left = support::wait_all_ended(&pids, Instant::now() + TIMEOUT);
     assert!(left.is_empty());
 }
+
+/// Plain data of several layouts: numbers, tuples, arrays, nested structs.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Particle {
+    pos: [f32; 3],
+    id: (u16, i64),
+    alive: bool,
+    tag: char,
+}
+
+fn step(p: Particle) -> (Particle, f64) {
+    let moved = Particle {
+        pos: [p.pos[0] + 1.0, p.pos[1] * 2.0, -p.pos[2]],
+        id: (p.id.0.wrapping_add(1), p.id.1 - 1),
+        alive: !p.alive,
+        tag: p.tag.to_ascii_uppercase(),
+    };
+    (moved, f64::from(p.pos[0]) * 0.5)
+}
+
+fn particle(i: u64) -> Particle {
+    Particle {
+        pos: [i as f32, 1.5, -(i as f32)],
+        id: (i as u16, -(i as i64)),
+        alive: i % 3 == 0,
+        tag: char::from(b'a' + (i % 26) as u8),
+    }
+}
+
+#[test]
+fn plain_structs_round_trip_through_a_map() {
+    let pool = Pool::new(2).unwrap();
+    let input: Vec<Particle> = (0..5000).map(particle).collect();
+    let got = pool.map(step, input.clone()).unwrap();
+    let want: Vec<(Particle, f64)> = input.into_iter().map(step).collect();
+    assert_eq!(got, want);
+    // Small and signed numbers, in chunks of every size.
+    let small = pool
+        .map_chunksize(|x: i8| x.wrapping_mul(3), -128..=127i8, 7)
+        .unwrap();
+    assert_eq!(
+        small,
+        (-128..=127i8)
+            .map(|x| x.wrapping_mul(3))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// One value whose encoding changes layout with the value: a tag, then a pair of numbers
+/// (plain data) or text (not), to mix plain and postcard items within one chunk and within
+/// one run of results.
+#[derive(Debug, Clone, PartialEq)]
+enum Mixed {
+    Pair(u32, u32),
+    Text(String),
+}
+
+impl serde::Serialize for Mixed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut t = s.serialize_tuple(2)?;
+        match self {
+            Mixed::Pair(a, b) => {
+                t.serialize_element(&0u8)?;
+                t.serialize_element(&(a, b))?;
+            }
+            Mixed::Text(x) => {
+                t.serialize_element(&1u8)?;
+                t.serialize_element(x)?;
+            }
+        }
+        t.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mixed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Tagged;
+        impl<'de> serde::de::Visitor<'de> for Tagged {
+            type Value = Mixed;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a tag, then a pair or text")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Mixed, A::Error> {
+                let missing = || serde::de::Error::custom("missing element");
+                let tag: u8 = a.next_element()?.ok_or_else(missing)?;
+                Ok(match tag {
+                    0 => {
+                        let (x, y): (u32, u32) = a.next_element()?.ok_or_else(missing)?;
+                        Mixed::Pair(x, y)
+                    }
+                    _ => Mixed::Text(a.next_element()?.ok_or_else(missing)?),
+                })
+            }
+        }
+        d.deserialize_tuple(2, Tagged)
+    }
+}
+
+fn mixed(i: u64) -> Mixed {
+    match i % 5 {
+        0..=2 => Mixed::Pair(i as u32, 1),
+        3 => Mixed::Pair(7, i as u32),
+        _ => Mixed::Text(format!("item {i}")),
+    }
+}
+
+fn describe(m: Mixed) -> Mixed {
+    match m {
+        Mixed::Pair(a, b) if a % 7 == 0 => Mixed::Text(format!("{a}/{b}")),
+        Mixed::Pair(a, b) => Mixed::Pair(b, a),
+        Mixed::Text(t) => Mixed::Text(t.to_uppercase()),
+    }
+}
+
+fn double_or_name(x: u64) -> Mixed {
+    if x % 1000 == 999 {
+        Mixed::Text(format!("n{x}"))
+    } else {
+        Mixed::Pair(x as u32, 2 * x as u32)
+    }
+}
+
+#[test]
+fn items_whose_layout_changes_mid_chunk_still_round_trip() {
+    let pool = Pool::new(2).unwrap();
+    // Arguments: plain for a few items, then not (the chunk is re-encoded).
+    let input: Vec<Mixed> = (0..3000).map(mixed).collect();
+    let want: Vec<Mixed> = input.iter().cloned().map(describe).collect();
+    assert_eq!(pool.map(describe, input.clone()).unwrap(), want);
+    assert_eq!(pool.map_chunksize(describe, input, 1).unwrap(), want);
+    // Results: plain for long runs, then one of another layout now and then.
+    let got = pool.map(double_or_name, 0..10_000u64).unwrap();
+    let want: Vec<Mixed> = (0..10_000u64).map(double_or_name).collect();
+    assert_eq!(got, want);
+}
+
+fn panics_on_a_plain_multiple_of_1000(x: u64) -> (u64, bool) {
+    assert!(x % 1000 != 500, "bad {x}");
+    (x, x % 2 == 0)
+}
+
+#[test]
+fn a_panic_inside_a_plain_run_fails_that_task_alone() {
+    let pool = Pool::new(2).unwrap();
+    let results = pool.map_results(panics_on_a_plain_multiple_of_1000, 0..5000u64);
+    for (i, r) in results.into_iter().enumerate() {
+        let i = i as u64;
+        match r {
+            Ok(v) => assert_eq!(v, (i, i % 2 == 0)),
+            Err(e) => {
+                assert_eq!(i % 1000, 500, "{e}");
+                assert!(e.is_panic() && e.index() == Some(i), "{e}");
+            }
+        }
+    }
+}
