@@ -453,7 +453,7 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         let mut it = self.all(f, items, None);
-        let mut out = Vec::with_capacity(it.len.unwrap_or(0));
+        let mut out = Vec::with_capacity(it.len.unwrap_or(0).min(MAX_RESERVE));
         while let Some(r) = it.next() {
             out.push((r?, it.last_gpu_memory_peak()));
         }
@@ -598,6 +598,9 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
     chunk.fds.extend(fds);
     Ok(())
 }
+
+/// The most results `map` reserves room for up front (more grow the vector as they come).
+const MAX_RESERVE: usize = 1 << 26;
 
 /// A whole input whose length is known: taken as it comes when the iterator says exactly
 /// how long it is, else collected first.
@@ -889,7 +892,8 @@ where
     /// iterator bookkeeping): `map`'s fast path. Stops at the first failed task.
     fn drain_into(&mut self, out: &mut Vec<R>) -> Result<(), PoolError> {
         debug_assert!(self.ordered);
-        let len = self.len.unwrap_or(0);
+        // (An iterator's length is only a hint: a wrong one must not reserve absurdly.)
+        let len = self.len.unwrap_or(0).min(MAX_RESERVE);
         if out.is_empty() && out.capacity() < len {
             *out = sys::vec_for_bulk(len);
         }
