@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rustix::fs::{MemfdFlags, SealFlags};
-use rustix::io::{Errno, IoSlice, IoSliceMut};
+use rustix::io::{Errno, IoSliceMut};
 use rustix::mm::{MapFlags, ProtFlags};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
@@ -51,12 +51,9 @@ pub(crate) enum Outcome<T> {
     TimedOut,
 }
 
-use super::wait_ready;
+use super::{check_parts, io_slices, wait_ready};
 
-/// The most parts [`send`] gathers into one message.
-const MAX_PARTS: usize = 4;
-
-/// Sends one message (`parts` concatenated, at most [`MAX_PARTS`]), `fds` riding along, waiting for buffer space
+/// Sends one message (`parts` concatenated, at most four), `fds` riding along, waiting for buffer space
 /// until `deadline` (`None`: for ever). Never raises SIGPIPE.
 pub(crate) fn send(
     sock: BorrowedFd<'_>,
@@ -64,27 +61,10 @@ pub(crate) fn send(
     fds: &[BorrowedFd<'_>],
     deadline: Option<Instant>,
 ) -> io::Result<Outcome<()>> {
-    if fds.len() > MAX_FDS_PER_MESSAGE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "a message can carry at most {MAX_FDS_PER_MESSAGE} file descriptors, not {}",
-                fds.len()
-            ),
-        ));
-    }
     // On the stack: a send allocates nothing.
-    let mut iov_buf = [IoSlice::new(&[]); MAX_PARTS];
-    let iov = iov_buf.get_mut(..parts.len()).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("a message is sent in at most {MAX_PARTS} parts"),
-        )
-    })?;
-    for (slot, part) in iov.iter_mut().zip(parts) {
-        *slot = IoSlice::new(part);
-    }
-    let iov = &*iov;
+    check_parts(parts, fds)?;
+    let (iov_buf, n) = io_slices(parts, 0);
+    let iov = &iov_buf[..n];
     let mut space =
         [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     loop {
