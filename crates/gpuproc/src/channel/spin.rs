@@ -7,12 +7,13 @@
 //! adaptive while — like glibc's adaptive mutexes or MPI's progress loops — and only then
 //! sleeps. Each thread keeps its own spin budget:
 //!
-//! - a receive whose message came within [`MAX_SPIN`] of the call (spinning would have
-//!   caught it, or did) sets the budget to [`MAX_SPIN`];
+//! - a receive whose message came within the ceiling ([`MAX_SPIN`] by default) of the call
+//!   (spinning would have caught it, or did) sets the budget to the ceiling;
 //! - a receive that waited longer halves the budget, down to zero, so that a thread whose
 //!   messages come rarely stops burning CPU after a few waits.
 //!
-//! [`set_max_spin`] changes the ceiling for the whole process (zero turns spinning off).
+//! [`set_max_spin`] changes the ceiling for the whole process (zero turns spinning off). On
+//! a machine with a single CPU the default ceiling is zero.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -25,8 +26,31 @@ pub const MAX_SPIN: Duration = Duration::from_micros(50);
 /// A budget under this is not worth a spin: it becomes zero.
 const MIN_SPIN_NS: u64 = 2_000;
 
-/// The process-wide ceiling, in nanoseconds.
-static CEILING_NS: AtomicU64 = AtomicU64::new(MAX_SPIN.as_nanos() as u64);
+/// The process-wide ceiling, in nanoseconds ([`UNSET`] until first used or set).
+static CEILING_NS: AtomicU64 = AtomicU64::new(UNSET);
+
+/// [`CEILING_NS`] before anything set it.
+const UNSET: u64 = u64::MAX;
+
+/// The ceiling in nanoseconds: as set, else [`MAX_SPIN`] — or zero on a machine with one
+/// CPU, where a spinning receiver could only delay the sender it waits for.
+fn ceiling_ns() -> u64 {
+    let v = CEILING_NS.load(Relaxed);
+    if v != UNSET {
+        return v;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = if cpus > 1 {
+        MAX_SPIN.as_nanos() as u64
+    } else {
+        0
+    };
+    // Another thread may have set it meanwhile: its value wins.
+    match CEILING_NS.compare_exchange(UNSET, default, Relaxed, Relaxed) {
+        Ok(_) => default,
+        Err(set) => set,
+    }
+}
 
 thread_local! {
     /// This thread's budget, in nanoseconds (starts at the ceiling).
@@ -34,7 +58,7 @@ thread_local! {
 }
 
 /// Sets how long a blocking receive in this process may poll before it sleeps (default
-/// [`MAX_SPIN`]); `Duration::ZERO` turns polling off, so that every blocking receive
+/// [`MAX_SPIN`], or zero on a machine with a single CPU); `Duration::ZERO` turns polling off, so that every blocking receive
 /// sleeps at once (for machines with more busy processes than cores, where a spinning
 /// receiver would take CPU time from the process it waits for).
 ///
@@ -42,24 +66,27 @@ thread_local! {
 /// is forked (not with the spawn or fork-server start methods), so call this in the
 /// child's target too where it matters.
 pub fn set_max_spin(max: Duration) {
-    CEILING_NS.store(u64::try_from(max.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    let ns = u64::try_from(max.as_nanos())
+        .unwrap_or(UNSET - 1)
+        .min(UNSET - 1);
+    CEILING_NS.store(ns, Relaxed);
 }
 
 /// The ceiling set by [`set_max_spin`].
 pub fn max_spin() -> Duration {
-    Duration::from_nanos(CEILING_NS.load(Relaxed))
+    Duration::from_nanos(ceiling_ns())
 }
 
 /// How long this thread's next blocking receive may poll.
 pub(crate) fn budget() -> Duration {
-    let ceiling = CEILING_NS.load(Relaxed);
+    let ceiling = ceiling_ns();
     let ns = BUDGET_NS.with(|b| b.get()).unwrap_or(ceiling).min(ceiling);
     Duration::from_nanos(ns)
 }
 
 /// Records how long a blocking receive waited for its message.
 pub(crate) fn record(waited: Duration) {
-    let ceiling = CEILING_NS.load(Relaxed);
+    let ceiling = ceiling_ns();
     BUDGET_NS.with(|b| {
         let now = b.get().unwrap_or(ceiling);
         b.set(Some(next_budget(now, waited_ns(waited), ceiling)));
