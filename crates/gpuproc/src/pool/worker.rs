@@ -197,6 +197,15 @@ fn chunk_trampoline<A: DeserializeOwned, R: Serialize + DeserializeOwned>(
         .filter(|_| st.track_time)
         .map(|p| p.atomic_u64(STARTED_AT));
     while st.next < count {
+        // Plain arguments and a plain run of results: the tight loop, for as long as it
+        // goes (a task it stops at is run below).
+        if let (Some(shape), RunCodec::Plain(_), None) = (shape, &st.out.codec, started) {
+            let before = st.next;
+            plain_tasks(f, st, shape, running)?;
+            if st.next != before {
+                continue;
+            }
+        }
         let i = st.next;
         let len = header.lens.get(i);
         let item = st.args.get(st.pos..st.pos + len).unwrap_or_default();
@@ -245,6 +254,69 @@ fn chunk_trampoline<A: DeserializeOwned, R: Serialize + DeserializeOwned>(
                 st.out.flush(conn).map_err(|e| e.to_string())?;
             }
             st.out.begin(seq + 1);
+        }
+    }
+    Ok(())
+}
+
+/// [`chunk_trampoline`]'s loop for plain arguments while the results go into a plain run:
+/// the same steps with less bookkeeping. Returns at the end of the chunk, or when a task's
+/// argument or result is not plain data of the expected shape (that task is left for the
+/// general loop, which handles it), or after a result that was not (it is kept). Not used
+/// when tasks' start times are tracked.
+#[inline(always)]
+fn plain_tasks<A: DeserializeOwned, R: Serialize + DeserializeOwned>(
+    f: fn(A) -> R,
+    st: &mut ChunkState<'_>,
+    shape: &[u8],
+    running: Option<&std::sync::atomic::AtomicU64>,
+) -> Result<(), String> {
+    let header = st.header;
+    let count = header.lens.len();
+    while st.next < count {
+        let i = st.next;
+        let len = header.lens.get(i);
+        let Some(item) = st.args.get(st.pos..st.pos + len) else {
+            return Ok(());
+        };
+        let Ok(a) = plain::decode::<A>(item, shape) else {
+            return Ok(());
+        };
+        st.pos += len;
+        st.next = i + 1;
+        let start = st.out.results.len();
+        st.start = start;
+        let seq = header.first_seq + i as u64;
+        if let Some(running) = running {
+            running.store(seq + 1, Ordering::Release);
+        }
+        let r = f(a);
+        let out = &mut *st.out;
+        let pushed = match &mut out.codec {
+            RunCodec::Plain(enc) => enc.push(&mut out.results, &r),
+            _ => false,
+        };
+        if pushed {
+            out.run.lens.push((out.results.len() - start) as u32);
+            out.run.count += 1;
+            if out.since.is_none() {
+                out.since = Some(Instant::now());
+            }
+        } else if let Err(reason) = out.push_result(&r) {
+            out.push_err(Failure::BadResult {
+                type_name: std::any::type_name::<R>().to_string(),
+                reason,
+            });
+        }
+        st.done += 1;
+        if st.out.due() {
+            if let Some(conn) = st.conn {
+                st.out.flush(conn).map_err(|e| e.to_string())?;
+            }
+            st.out.begin(seq + 1);
+        }
+        if !pushed {
+            return Ok(());
         }
     }
     Ok(())
