@@ -17,7 +17,7 @@
 //! - pool start: build a pool and get the first result (`Pool::new(2)` + `apply(square, 3)`;
 //!   Python `Pool(2)` + `apply`), median of several after one warm-up start.
 //!
-//! gpuproc's (a) and (b) and Python Pool's are each run 3 times and the median is shown;
+//! gpuproc's (a) and (b) and Python Pool's are each run 5 times and the median is shown;
 //! futures, loky and procspawn run once. Ratios are per task (Python's µs per task over
 //! this row's), so rows with different task counts compare.
 //!
@@ -119,6 +119,7 @@ struct PyCounts {
     n2: u64,
     sleep_n: u64,
     starts: usize,
+    reps: usize,
 }
 
 fn run_python(python: &Path, script: &Path, c: &PyCounts) -> Result<PyOut, String> {
@@ -131,6 +132,7 @@ fn run_python(python: &Path, script: &Path, c: &PyCounts) -> Result<PyOut, Strin
         .args(["--n2", &c.n2.to_string()])
         .args(["--sleep-n", &c.sleep_n.to_string()])
         .args(["--starts", &c.starts.to_string()])
+        .args(["--reps", &c.reps.to_string()])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
     if !out.status.success() {
@@ -259,7 +261,7 @@ fn main() {
     let sleep_n = scaled(1000);
     let procspawn_n = scaled(100_000);
     let starts = 5;
-    let reps = 3;
+    let reps = 5;
 
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = manifest.join("pool/bench_pool.py");
@@ -380,6 +382,7 @@ fn main() {
             n2: if wanted("b") { n2 } else { 0 },
             sleep_n: if wanted("c") { sleep_n } else { 0 },
             starts: if wanted("start") { starts } else { 0 },
+            reps,
         };
         match run_python(&python, &script, &counts) {
             Ok(out) => {
@@ -520,7 +523,12 @@ fn main() {
         "{:<34} {:>8} {:>14} {:>14} {:>10}",
         "idle workers (d)", "workers", "sum Rss KiB", "sum Pss KiB", "Rss/python"
     );
-    let mem_ratio = g_mem.0 as f64 / p_mem.0 as f64;
+    // Not measured (NaN) unless both sides measured some worker.
+    let mem_ratio = if idle_kb.is_empty() || p_mem.0 <= 0 {
+        f64::NAN
+    } else {
+        g_mem.0 as f64 / p_mem.0 as f64
+    };
     let pids = |v: Vec<u32>| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     println!(
         "{:<34} {:>8} {:>14} {:>14} {:>10}   pids {}",
