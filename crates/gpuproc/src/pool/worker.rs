@@ -168,6 +168,19 @@ impl<'a> ChunkState<'a> {
         }
     }
 
+    /// Counts task `seq` as done, and sends the results if they are due.
+    #[inline]
+    fn finish_task(&mut self, seq: u64) -> Result<(), String> {
+        self.done += 1;
+        if self.out.due() {
+            if let Some(conn) = self.conn {
+                self.out.flush(conn).map_err(|e| e.to_string())?;
+            }
+            self.out.begin(seq + 1);
+        }
+        Ok(())
+    }
+
     /// Records a panic in the running task (the one before `next`) and drops any part of
     /// its result.
     fn panicked(&mut self, f: Failure) {
@@ -235,26 +248,14 @@ fn chunk_trampoline<A: DeserializeOwned, R: Serialize + DeserializeOwned>(
         match arg {
             Ok(a) => {
                 let r = f(a);
-                // On error the result is not appended.
-                if let Err(reason) = st.out.push_result(&r) {
-                    st.out.push_err(Failure::BadResult {
-                        type_name: std::any::type_name::<R>().to_string(),
-                        reason,
-                    });
-                }
+                st.out.push_result_or_failure(&r);
             }
             Err(reason) => st.out.push_err(Failure::BadArgument {
                 type_name: std::any::type_name::<A>().to_string(),
                 reason,
             }),
         }
-        st.done += 1;
-        if st.out.due() {
-            if let Some(conn) = st.conn {
-                st.out.flush(conn).map_err(|e| e.to_string())?;
-            }
-            st.out.begin(seq + 1);
-        }
+        st.finish_task(seq)?;
     }
     Ok(())
 }
@@ -302,19 +303,10 @@ fn plain_tasks<A: DeserializeOwned, R: Serialize + DeserializeOwned>(
             if out.since.is_none() {
                 out.since = Some(Instant::now());
             }
-        } else if let Err(reason) = out.push_result(&r) {
-            out.push_err(Failure::BadResult {
-                type_name: std::any::type_name::<R>().to_string(),
-                reason,
-            });
+        } else {
+            out.push_result_or_failure(&r);
         }
-        st.done += 1;
-        if st.out.due() {
-            if let Some(conn) = st.conn {
-                st.out.flush(conn).map_err(|e| e.to_string())?;
-            }
-            st.out.begin(seq + 1);
-        }
+        st.finish_task(seq)?;
         if !pushed {
             return Ok(());
         }
@@ -566,6 +558,18 @@ impl Outbox {
         let fds = encode_into(&mut self.results, r)?;
         self.push_ok(self.results.len() - start, fds);
         Ok(())
+    }
+
+    /// [`push_result`](Self::push_result), or the task's failure if its result does not
+    /// encode.
+    #[inline(always)]
+    fn push_result_or_failure<R: Serialize + DeserializeOwned>(&mut self, r: &R) {
+        if let Err(reason) = self.push_result(r) {
+            self.push_err(Failure::BadResult {
+                type_name: std::any::type_name::<R>().to_string(),
+                reason,
+            });
+        }
     }
 
     #[inline]
