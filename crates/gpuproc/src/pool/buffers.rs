@@ -11,7 +11,7 @@ const MIN: usize = 64 * 1024;
 /// At most this many buffers are kept...
 const KEEP: usize = 16;
 /// ...and at most this many bytes of them.
-const KEEP_BYTES: usize = 64 << 20;
+const KEEP_BYTES: usize = 32 << 20;
 
 /// Free buffers, for reuse.
 #[derive(Debug, Default)]
