@@ -190,6 +190,8 @@ impl Connection {
     /// Receives the next value as a `T`, waiting for it; Python's `conn.recv()`.
     ///
     /// [`ChannelError::Disconnected`] once the other end is closed and nothing is left.
+    /// While it waits it first polls briefly, then sleeps (see
+    /// [`set_max_spin`](super::set_max_spin)).
     pub fn recv<T: DeserializeOwned>(&self) -> Result<T, ChannelError> {
         self.recv_wait(Wait::Forever)
     }

@@ -358,7 +358,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             .put(item, self.max_message_size, Wait::For(timeout))
     }
 
-    /// Takes the next item, waiting for one; Python's `q.get()`.
+    /// Takes the next item, waiting for one; Python's `q.get()`. While it waits it first
+    /// polls briefly, then sleeps (see [`set_max_spin`](super::set_max_spin)).
     pub fn get(&self) -> Result<T, ChannelError> {
         self.shared.get(self.max_message_size, Wait::Forever)
     }
