@@ -294,98 +294,6 @@ impl Lock {
         let map = create(kind)?;
         RobustMutex::init(map, MUTEX_AT, recursive).map_err(SyncError::os("initialising a mutex"))
     }
-
-    /// Waits for the lock and returns a guard that releases it on drop.
-    pub fn lock(&self) -> Result<LockGuard<'_>, SyncError> {
-        let a = lock_until(&self.mutex, None)?.expect("no deadline");
-        Ok(LockGuard::new(self, a))
-    }
-
-    /// Like [`lock`](Self::lock), giving up after `timeout` (`Ok(None)`).
-    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<LockGuard<'_>>, SyncError> {
-        Ok(lock_until(&self.mutex, Some(deadline(timeout)))?.map(|a| LockGuard::new(self, a)))
-    }
-
-    /// Takes the lock if it is free now (`Ok(None)` if not).
-    pub fn try_lock(&self) -> Result<Option<LockGuard<'_>>, SyncError> {
-        Ok(lock_until(&self.mutex, Some(Instant::now()))?.map(|a| LockGuard::new(self, a)))
-    }
-
-    /// Waits for the lock; Python's `lock.acquire()`. Release it with [`release`](Self::release)
-    /// from the same thread.
-    pub fn acquire(&self) -> Result<Acquired, SyncError> {
-        Ok(lock_until(&self.mutex, None)?.expect("no deadline"))
-    }
-
-    /// Waits at most `timeout` for the lock; `Ok(None)` if it stayed held. Python's
-    /// `lock.acquire(timeout=...)`.
-    pub fn acquire_timeout(&self, timeout: Duration) -> Result<Option<Acquired>, SyncError> {
-        lock_until(&self.mutex, Some(deadline(timeout)))
-    }
-
-    /// Takes the lock if it is free now; Python's `lock.acquire(block=False)`.
-    pub fn try_acquire(&self) -> Result<Option<Acquired>, SyncError> {
-        lock_until(&self.mutex, Some(Instant::now()))
-    }
-
-    /// Releases the lock taken with [`acquire`](Self::acquire); Python's `lock.release()`.
-    /// Only the thread holding it may ([`SyncError::NotOwner`]).
-    pub fn release(&self) -> Result<(), SyncError> {
-        Ok(self.mutex.unlock()?)
-    }
-}
-
-impl Serialize for Lock {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        ser_map(self.mutex.mapping(), s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Lock {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = de_map(d, Kind::Lock)?;
-        Ok(Lock {
-            mutex: RobustMutex::existing(map, MUTEX_AT),
-        })
-    }
-}
-
-/// Holds a [`Lock`]; releases it when dropped. Stays on the thread that locked it.
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct LockGuard<'a> {
-    lock: &'a Lock,
-    owner_died: bool,
-    _not_send: PhantomData<*const ()>,
-}
-
-impl<'a> LockGuard<'a> {
-    fn new(lock: &'a Lock, a: Acquired) -> Self {
-        LockGuard {
-            lock,
-            owner_died: a.owner_died,
-            _not_send: PhantomData,
-        }
-    }
-
-    /// Whether the previous holder ended without releasing the lock (see [`Acquired::owner_died`]).
-    pub fn owner_died(&self) -> bool {
-        self.owner_died
-    }
-}
-
-impl fmt::Debug for LockGuard<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LockGuard")
-            .field("owner_died", &self.owner_died)
-            .finish()
-    }
-}
-
-impl Drop for LockGuard<'_> {
-    fn drop(&mut self) {
-        // Fails only if the lock was already released through `Lock::release`.
-        let _ = self.lock.mutex.unlock();
-    }
 }
 
 // --- RLock ----------------------------------------------------------------------------------
@@ -404,95 +312,130 @@ impl RLock {
     pub fn new() -> Result<RLock, SyncError> {
         Lock::create(Kind::RLock, true).map(|mutex| RLock { mutex })
     }
-
-    /// Waits for the lock (or takes it once more) and returns a guard that releases one level.
-    pub fn lock(&self) -> Result<RLockGuard<'_>, SyncError> {
-        let a = lock_until(&self.mutex, None)?.expect("no deadline");
-        Ok(RLockGuard::new(self, a))
-    }
-
-    /// Like [`lock`](Self::lock), giving up after `timeout` (`Ok(None)`).
-    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<RLockGuard<'_>>, SyncError> {
-        Ok(lock_until(&self.mutex, Some(deadline(timeout)))?.map(|a| RLockGuard::new(self, a)))
-    }
-
-    /// Takes the lock if it is free (or already ours) now.
-    pub fn try_lock(&self) -> Result<Option<RLockGuard<'_>>, SyncError> {
-        Ok(lock_until(&self.mutex, Some(Instant::now()))?.map(|a| RLockGuard::new(self, a)))
-    }
-
-    /// Python's `rlock.acquire()`.
-    pub fn acquire(&self) -> Result<Acquired, SyncError> {
-        Ok(lock_until(&self.mutex, None)?.expect("no deadline"))
-    }
-
-    /// Python's `rlock.acquire(timeout=...)`: `Ok(None)` if it stayed held by someone else.
-    pub fn acquire_timeout(&self, timeout: Duration) -> Result<Option<Acquired>, SyncError> {
-        lock_until(&self.mutex, Some(deadline(timeout)))
-    }
-
-    /// Python's `rlock.acquire(block=False)`.
-    pub fn try_acquire(&self) -> Result<Option<Acquired>, SyncError> {
-        lock_until(&self.mutex, Some(Instant::now()))
-    }
-
-    /// Releases one level; Python's `rlock.release()`. Only the holding thread may.
-    pub fn release(&self) -> Result<(), SyncError> {
-        Ok(self.mutex.unlock()?)
-    }
 }
 
-impl Serialize for RLock {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        ser_map(self.mutex.mapping(), s)
-    }
-}
+/// The locking methods, serde support and guard of a lock type around a robust mutex
+/// ([`Lock`] and [`RLock`] differ only in the mutex's kind and recursion).
+macro_rules! robust_lock {
+    ($ty:ident, $guard:ident, $kind:expr, $py:literal, $guard_doc:literal) => {
+        impl $ty {
+            /// Waits for the lock and returns a guard that releases it (one level, for an
+            /// `RLock`) when dropped.
+            pub fn lock(&self) -> Result<$guard<'_>, SyncError> {
+                let a = lock_until(&self.mutex, None)?.expect("no deadline");
+                Ok($guard::new(self, a))
+            }
 
-impl<'de> Deserialize<'de> for RLock {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = de_map(d, Kind::RLock)?;
-        Ok(RLock {
-            mutex: RobustMutex::existing(map, MUTEX_AT),
-        })
-    }
-}
+            /// Like [`lock`](Self::lock), giving up after `timeout` (`Ok(None)`).
+            pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<$guard<'_>>, SyncError> {
+                Ok(lock_until(&self.mutex, Some(deadline(timeout)))?.map(|a| $guard::new(self, a)))
+            }
 
-/// Holds one level of an [`RLock`]; releases it when dropped.
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct RLockGuard<'a> {
-    lock: &'a RLock,
-    owner_died: bool,
-    _not_send: PhantomData<*const ()>,
-}
+            /// Takes the lock if it can be had now (`Ok(None)` if not).
+            pub fn try_lock(&self) -> Result<Option<$guard<'_>>, SyncError> {
+                Ok(lock_until(&self.mutex, Some(Instant::now()))?.map(|a| $guard::new(self, a)))
+            }
 
-impl<'a> RLockGuard<'a> {
-    fn new(lock: &'a RLock, a: Acquired) -> Self {
-        RLockGuard {
-            lock,
-            owner_died: a.owner_died,
-            _not_send: PhantomData,
+            #[doc = concat!("Waits for the lock; Python's `", $py, ".acquire()`. Release it with")]
+            /// [`release`](Self::release) from the same thread.
+            pub fn acquire(&self) -> Result<Acquired, SyncError> {
+                Ok(lock_until(&self.mutex, None)?.expect("no deadline"))
+            }
+
+            /// Waits at most `timeout` for the lock; `Ok(None)` if another holder kept it.
+            #[doc = concat!("Python's `", $py, ".acquire(timeout=...)`.")]
+            pub fn acquire_timeout(
+                &self,
+                timeout: Duration,
+            ) -> Result<Option<Acquired>, SyncError> {
+                lock_until(&self.mutex, Some(deadline(timeout)))
+            }
+
+            /// Takes the lock if it can be had now;
+            #[doc = concat!("Python's `", $py, ".acquire(block=False)`.")]
+            pub fn try_acquire(&self) -> Result<Option<Acquired>, SyncError> {
+                lock_until(&self.mutex, Some(Instant::now()))
+            }
+
+            /// Releases the lock (one level, for an `RLock`) taken with
+            #[doc = concat!("[`acquire`](Self::acquire); Python's `", $py, ".release()`. Only the")]
+            /// thread holding it may ([`SyncError::NotOwner`]).
+            pub fn release(&self) -> Result<(), SyncError> {
+                Ok(self.mutex.unlock()?)
+            }
         }
-    }
 
-    /// Whether the previous holder ended without releasing the lock.
-    pub fn owner_died(&self) -> bool {
-        self.owner_died
-    }
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                ser_map(self.mutex.mapping(), s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let map = de_map(d, $kind)?;
+                Ok($ty {
+                    mutex: RobustMutex::existing(map, MUTEX_AT),
+                })
+            }
+        }
+
+        #[doc = $guard_doc]
+        #[must_use = "the lock is released as soon as the guard is dropped"]
+        pub struct $guard<'a> {
+            lock: &'a $ty,
+            owner_died: bool,
+            _not_send: PhantomData<*const ()>,
+        }
+
+        impl<'a> $guard<'a> {
+            fn new(lock: &'a $ty, a: Acquired) -> Self {
+                $guard {
+                    lock,
+                    owner_died: a.owner_died,
+                    _not_send: PhantomData,
+                }
+            }
+
+            /// Whether the previous holder ended without releasing the lock (see
+            /// [`Acquired::owner_died`]).
+            pub fn owner_died(&self) -> bool {
+                self.owner_died
+            }
+        }
+
+        impl fmt::Debug for $guard<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($guard))
+                    .field("owner_died", &self.owner_died)
+                    .finish()
+            }
+        }
+
+        impl Drop for $guard<'_> {
+            fn drop(&mut self) {
+                // Fails only if the lock was already released through `release`.
+                let _ = self.lock.mutex.unlock();
+            }
+        }
+    };
 }
 
-impl fmt::Debug for RLockGuard<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RLockGuard")
-            .field("owner_died", &self.owner_died)
-            .finish()
-    }
-}
-
-impl Drop for RLockGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.lock.mutex.unlock();
-    }
-}
+robust_lock!(
+    Lock,
+    LockGuard,
+    Kind::Lock,
+    "lock",
+    "Holds a [`Lock`]; releases it when dropped. Stays on the thread that locked it."
+);
+robust_lock!(
+    RLock,
+    RLockGuard,
+    Kind::RLock,
+    "rlock",
+    "Holds one level of an [`RLock`]; releases it when dropped. Stays on the thread that \
+     locked it."
+);
 
 // --- Semaphore ------------------------------------------------------------------------------
 
