@@ -175,7 +175,12 @@ impl Connection {
         )
     }
 
-    fn recv_wait<T: DeserializeOwned>(&self, wait: Wait) -> Result<T, ChannelError> {
+    /// Receives one message and hands its payload (and descriptors) to `f`.
+    fn recv_as<R>(
+        &self,
+        wait: Wait,
+        f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<R, ChannelError>,
+    ) -> Result<R, ChannelError> {
         self.check_recv()?;
         wire::recv_with(
             self.fd.as_fd(),
@@ -183,8 +188,12 @@ impl Connection {
             self.max_message_size,
             wait,
             || {},
-            wire::decode,
+            f,
         )
+    }
+
+    fn recv_wait<T: DeserializeOwned>(&self, wait: Wait) -> Result<T, ChannelError> {
+        self.recv_as(wait, wire::decode)
     }
 
     /// Receives the next value as a `T`, waiting for it; Python's `conn.recv()`.
@@ -207,15 +216,7 @@ impl Connection {
     }
 
     fn recv_bytes_wait(&self, wait: Wait) -> Result<Vec<u8>, ChannelError> {
-        self.check_recv()?;
-        wire::recv_with(
-            self.fd.as_fd(),
-            &self.maps,
-            self.max_message_size,
-            wait,
-            || {},
-            |payload, _fds| Ok(super::copy_to_vec(payload)),
-        )
+        self.recv_as(wait, |payload, _fds| Ok(super::copy_to_vec(payload)))
     }
 
     /// Receives the next message's bytes as they are; Python's `conn.recv_bytes()`.

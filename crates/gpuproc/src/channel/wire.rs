@@ -628,18 +628,20 @@ mod tests {
     fn pooled_memfds_are_reused_once_the_receiver_is_done() {
         let (a, b) = sp::socketpair().unwrap();
         let cache = MapCache::default();
-        for i in 0..5u8 {
-            let msg = vec![i; INLINE_MAX * 3 + 7];
-            send_raw(a.as_fd(), &msg, 1 << 30, Wait::Forever).unwrap();
-            let got = recv_with(
+        let recv = || {
+            recv_with(
                 b.as_fd(),
                 &cache,
                 1 << 30,
                 Wait::Forever,
                 || {},
                 |p, _| Ok(p.to_vec()),
-            );
-            assert_eq!(got.unwrap(), msg);
+            )
+        };
+        for i in 0..5u8 {
+            let msg = vec![i; INLINE_MAX * 3 + 7];
+            send_raw(a.as_fd(), &msg, 1 << 30, Wait::Forever).unwrap();
+            assert_eq!(recv().unwrap(), msg);
             // The receiver released it, so the one pooled memfd serves every message,
             // and the receiver maps it once.
             assert_eq!(POOL.with(|p| p.borrow().len()), 1);
@@ -647,15 +649,7 @@ mod tests {
         }
         // A shorter message through the same memfd uses the same mapping.
         send_raw(a.as_fd(), &[9; INLINE_MAX + 1], 1 << 30, Wait::Forever).unwrap();
-        let got = recv_with(
-            b.as_fd(),
-            &cache,
-            1 << 30,
-            Wait::Forever,
-            || {},
-            |p, _| Ok(p.to_vec()),
-        );
-        assert_eq!(got.unwrap(), vec![9; INLINE_MAX + 1]);
+        assert_eq!(recv().unwrap(), vec![9; INLINE_MAX + 1]);
         assert_eq!(cache.len(), 1);
         let h = pooled_header(10, 6);
         assert!(with_payload(&h, Vec::new(), false, 1 << 20, None, decode::<Value>).is_err());
