@@ -1,6 +1,7 @@
 //! Shared helpers for gpuproc's comparative benchmarks.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The workspace root (where `.venv` and `benchmarks/` live).
 pub fn workspace_root() -> PathBuf {
@@ -20,4 +21,39 @@ pub fn python() -> PathBuf {
     } else {
         PathBuf::from("python3")
     }
+}
+
+/// Runs the Python anchor `script` (with [`python`]) with `args` and parses the JSON it
+/// prints; the error says what failed, with Python's standard error.
+pub fn run_python_json<T: serde::de::DeserializeOwned>(
+    script: &Path,
+    args: &[String],
+) -> Result<T, String> {
+    let python = python();
+    let out = Command::new(&python)
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run {} (scripts/pyenv makes it): {e}",
+                python.display()
+            )
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} {} failed ({}): {}",
+            python.display(),
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "unreadable output from {}: {e}: {:?}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }

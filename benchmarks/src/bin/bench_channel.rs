@@ -23,7 +23,6 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gpuproc::channel::{Bytes, Connection, Pipe, Queue};
@@ -204,20 +203,11 @@ fn memcpy_mib_s(messages: u64) -> f64 {
 }
 
 fn python(trips: u64, messages: u64) -> Option<(f64, f64)> {
-    let root = gpuproc_benchmarks::workspace_root();
-    let py = gpuproc_benchmarks::python();
-    let script = root.join("benchmarks/channel/bench_channel.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .args([trips, messages, MIB as u64, ROUNDS].map(|a| a.to_string()))
-        .output()
-        .map_err(|e| eprintln!("python ({}) did not run: {e}", py.display()))
+    let script = gpuproc_benchmarks::workspace_root().join("benchmarks/channel/bench_channel.py");
+    let args = [trips, messages, MIB as u64, ROUNDS].map(|a| a.to_string());
+    let v: serde_json::Value = gpuproc_benchmarks::run_python_json(&script, &args)
+        .map_err(|e| eprintln!("no Python figures: {e}"))
         .ok()?;
-    if !out.status.success() {
-        eprintln!("python failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     Some((v["pipe_rtt_us"].as_f64()?, v["queue_mib_s"].as_f64()?))
 }
 

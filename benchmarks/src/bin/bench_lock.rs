@@ -9,7 +9,6 @@
 //! Usage: `cargo run --release -p gpuproc-benchmarks --bin bench_lock [N]`
 //! (Python from `$GPUPROC_PYTHON`, default `.venv/bin/python`).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gpuproc::shm::SharedValue;
@@ -64,30 +63,10 @@ fn gpuproc_rates(n: u64) -> Rates {
 }
 
 fn python_rates(n: u64) -> Option<Rates> {
-    let root = gpuproc_benchmarks::workspace_root();
-    let python = gpuproc_benchmarks::python();
-    let out = Command::new(&python)
-        .arg(root.join("benchmarks/sync/lock.py"))
-        .arg(n.to_string())
-        .output();
-    let out = match out {
-        Ok(o) if o.status.success() => o,
-        Ok(o) => {
-            eprintln!(
-                "python failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return None;
-        }
-        Err(e) => {
-            eprintln!(
-                "cannot run {}: {e} (scripts/pyenv creates it)",
-                python.display()
-            );
-            return None;
-        }
-    };
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let script = gpuproc_benchmarks::workspace_root().join("benchmarks/sync/lock.py");
+    let v: serde_json::Value = gpuproc_benchmarks::run_python_json(&script, &[n.to_string()])
+        .map_err(|e| eprintln!("no Python figures: {e}"))
+        .ok()?;
     Some(Rates {
         contended: v["contended_per_sec"].as_f64()?,
         uncontended: v["uncontended_per_sec"].as_f64()?,

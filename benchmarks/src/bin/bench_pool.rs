@@ -33,7 +33,6 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gpuproc::Pool;
@@ -122,35 +121,22 @@ struct PyCounts {
     reps: usize,
 }
 
-fn run_python(python: &Path, script: &Path, c: &PyCounts) -> Result<PyOut, String> {
-    let out = Command::new(python)
-        .arg(script)
-        .args(["--processes", &WORKERS.to_string()])
-        .args(["--n1", &c.n1.to_string()])
-        .args(["--futures-n", &c.futures_n.to_string()])
-        .args(["--loky-n", &c.loky_n.to_string()])
-        .args(["--n2", &c.n2.to_string()])
-        .args(["--sleep-n", &c.sleep_n.to_string()])
-        .args(["--starts", &c.starts.to_string()])
-        .args(["--reps", &c.reps.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} {} failed ({}): {}",
-            python.display(),
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "unreadable output from {}: {e}: {:?}",
-            script.display(),
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+fn run_python(script: &Path, c: &PyCounts) -> Result<PyOut, String> {
+    let args = [
+        ("--processes", WORKERS.to_string()),
+        ("--n1", c.n1.to_string()),
+        ("--futures-n", c.futures_n.to_string()),
+        ("--loky-n", c.loky_n.to_string()),
+        ("--n2", c.n2.to_string()),
+        ("--sleep-n", c.sleep_n.to_string()),
+        ("--starts", c.starts.to_string()),
+        ("--reps", c.reps.to_string()),
+    ];
+    let args: Vec<String> = args
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect();
+    gpuproc_benchmarks::run_python_json(script, &args)
 }
 
 /// One throughput row: `samples` total seconds for `tasks` tasks each.
@@ -384,7 +370,7 @@ fn main() {
             starts: if wanted("start") { starts } else { 0 },
             reps,
         };
-        match run_python(&python, &script, &counts) {
+        match run_python(&script, &counts) {
             Ok(out) => {
                 py_note = format!(
                     "{} (start method {}, loky {})",

@@ -21,7 +21,6 @@
 //! one method, e.g. `--only "gpuproc forkserver"`). Python from `$GPUPROC_PYTHON`, else `<workspace>/.venv/bin/python`, else `python3`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use gpuproc::{Process, StartMethod};
@@ -106,28 +105,11 @@ fn gpuproc_once(method: StartMethod, i: u64) {
 
 /// Runs the Python anchor; `Err` says why there are no Python figures.
 fn run_python(
-    python: &Path,
     script: &Path,
     fork: usize,
     forkserver: usize,
     spawn: usize,
 ) -> Result<(String, Vec<Series>), String> {
-    let out = Command::new(python)
-        .arg(script)
-        .args(["--fork", &fork.to_string()])
-        .args(["--forkserver", &forkserver.to_string()])
-        .args(["--spawn", &spawn.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} {} failed ({}): {}",
-            python.display(),
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
     #[derive(serde::Deserialize)]
     struct PyResult {
         method: String,
@@ -138,13 +120,15 @@ fn run_python(
         python: String,
         results: Vec<PyResult>,
     }
-    let parsed: PyOut = serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "unreadable output from {}: {e}: {:?}",
-            script.display(),
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })?;
+    let args = [
+        "--fork".to_string(),
+        fork.to_string(),
+        "--forkserver".to_string(),
+        forkserver.to_string(),
+        "--spawn".to_string(),
+        spawn.to_string(),
+    ];
+    let parsed: PyOut = gpuproc_benchmarks::run_python_json(script, &args)?;
     let series = parsed
         .results
         .into_iter()
@@ -261,7 +245,7 @@ fn main() {
         py_iters("spawn", n / 25),
     );
     let py = if py_fork_n + py_fs_n + py_spawn_n > 0 {
-        run_python(&python, &script, py_fork_n, py_fs_n, py_spawn_n)
+        run_python(&script, py_fork_n, py_fs_n, py_spawn_n)
     } else {
         Err("not selected by --only".into())
     };
