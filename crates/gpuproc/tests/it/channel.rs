@@ -7,26 +7,12 @@ use std::time::{Duration, Instant};
 use gpuproc::channel::{
     Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SharedBytes, SimpleQueue,
 };
-use gpuproc::{Process, StartMethod};
+use gpuproc::StartMethod;
 use proptest::prelude::*;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-use crate::support::{self, TIMEOUT};
+use crate::support::{self, start, TIMEOUT};
 
 const SHORT: Duration = Duration::from_millis(50);
-
-fn start<A, R>(method: StartMethod, f: fn(A) -> R, a: A) -> Process<A, R>
-where
-    A: Serialize + DeserializeOwned,
-    R: Serialize + DeserializeOwned,
-{
-    let mut p = Process::new(f, a)
-        .with_start_method(method)
-        .allow_fork_with_threads(true);
-    p.start().unwrap();
-    p
-}
 
 fn echo(conn: Connection) -> u32 {
     // With the Fork start method the child also holds the parent's end, so it would never

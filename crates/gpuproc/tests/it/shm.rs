@@ -4,8 +4,8 @@
 use gpuproc::shm::{SharedArray, SharedMemory, SharedValue};
 use gpuproc::StartMethod;
 
+use crate::support::start;
 use crate::support::{self, TIMEOUT};
-use crate::sync::start;
 
 fn negate(a: SharedArray<i32>) -> usize {
     for i in 0..a.len() {

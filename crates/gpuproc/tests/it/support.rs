@@ -7,10 +7,40 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use gpuproc::{Process, StartMethod};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// The longest any single blocking step of a test may take.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A started process with the given start method (forking this multi-threaded binary allowed).
+pub fn start<A, R>(method: StartMethod, f: fn(A) -> R, a: A) -> Process<A, R>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    let mut p = Process::new(f, a)
+        .with_start_method(method)
+        .allow_fork_with_threads(true);
+    p.start().unwrap();
+    p
+}
+
+/// Waits until `fd` is readable or `deadline` passes; whether it became readable.
+pub fn readable_before(fd: BorrowedFd<'_>, deadline: Instant) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
 
 /// The children of this process that are zombies (ended, not reaped).
 pub fn zombie_children() -> Vec<u32> {
@@ -63,17 +93,7 @@ pub fn wait_all_ended(pids: &[u32], deadline: Instant) -> Vec<u32> {
         }
         // SAFETY: pidfd_open returned a new descriptor that we now own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i32;
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n <= 0 && !has_ended(pid) {
+        if !readable_before(fd.as_fd(), deadline) && !has_ended(pid) {
             left.push(pid);
         }
     }
@@ -117,17 +137,10 @@ pub fn read_lines(fd: &OwnedFd, n: usize) -> Vec<String> {
     let mut text = String::new();
     let mut file = fs::File::from(fd.try_clone().unwrap());
     while text.lines().count() < n {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i32;
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
-        assert!(ready > 0, "timed out waiting for {n} lines, got {text:?}");
+        assert!(
+            readable_before(fd.as_fd(), deadline),
+            "timed out waiting for {n} lines, got {text:?}"
+        );
         let mut buf = [0u8; 4096];
         let got = file.read(&mut buf).unwrap();
         assert!(got > 0, "pipe closed after {text:?}, wanted {n} lines");

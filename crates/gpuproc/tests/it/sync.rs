@@ -5,24 +5,9 @@ use std::time::Duration;
 
 use gpuproc::shm::SharedValue;
 use gpuproc::sync::{Barrier, BoundedSemaphore, Condition, Event, Lock, RLock, Semaphore};
-use gpuproc::{Process, StartMethod};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use gpuproc::StartMethod;
 
-use crate::support::{self, TIMEOUT};
-
-/// A started process with the given start method (forking this multi-threaded binary allowed).
-pub fn start<A, R>(method: StartMethod, f: fn(A) -> R, a: A) -> Process<A, R>
-where
-    A: Serialize + DeserializeOwned,
-    R: Serialize + DeserializeOwned,
-{
-    let mut p = Process::new(f, a)
-        .with_start_method(method)
-        .allow_fork_with_threads(true);
-    p.start().unwrap();
-    p
-}
+use crate::support::{self, start, TIMEOUT};
 
 fn increment((lock, counter, times): (Lock, SharedValue<u64>, u32)) {
     for _ in 0..times {
