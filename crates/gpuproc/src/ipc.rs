@@ -268,23 +268,59 @@ pub(crate) fn decode<T: DeserializeOwned>(
     fds: Vec<OwnedFd>,
 ) -> Result<T, DecodeError> {
     let guard = TableGuard::install(FdTable::Incoming(fds.into_iter().map(Some).collect()));
-    let value = postcard::from_bytes(bytes);
+    let value = decode_without_fds(bytes);
     drop(guard);
-    value.map_err(DecodeError)
+    value
+}
+
+/// Decodes a `T` that carries no descriptors (a handle inside it is an error).
+pub(crate) fn decode_without_fds<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    LAST_CUSTOM.with(|l| l.borrow_mut().take());
+    postcard::from_bytes(bytes).map_err(DecodeError::new)
+}
+
+thread_local! {
+    /// The message of the last error made with [`de_error`] on this thread: postcard keeps
+    /// only the fact that a custom error happened, not its text.
+    static LAST_CUSTOM: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// A custom deserialisation error whose message [`DecodeError`] can still show.
+pub(crate) fn de_error<E: serde::de::Error>(msg: impl std::fmt::Display) -> E {
+    let msg = msg.to_string();
+    LAST_CUSTOM.with(|l| *l.borrow_mut() = Some(msg.clone()));
+    E::custom(msg)
 }
 
 /// Why bytes did not decode as the expected type.
 #[derive(Debug)]
-pub(crate) struct DecodeError(pub(crate) postcard::Error);
+pub(crate) struct DecodeError {
+    error: postcard::Error,
+    /// The message of a custom error made with [`de_error`].
+    detail: Option<String>,
+}
+
+impl DecodeError {
+    /// Wraps postcard's error, with the message of the custom error behind it, if any.
+    pub(crate) fn new(error: postcard::Error) -> Self {
+        let detail = LAST_CUSTOM.with(|l| l.borrow_mut().take());
+        let detail = detail.filter(|_| matches!(error, postcard::Error::SerdeDeCustom));
+        DecodeError { error, detail }
+    }
+}
 
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use postcard::Error as E;
         // postcard's own texts are terse, and it drops the message of a custom error.
-        match &self.0 {
-            E::SerdeDeCustom => {
-                f.write_str("the type's Deserialize implementation rejected the value")
-            }
+        match &self.error {
+            E::SerdeDeCustom => match &self.detail {
+                Some(d) => write!(
+                    f,
+                    "the type's Deserialize implementation rejected the value: {d}"
+                ),
+                None => f.write_str("the type's Deserialize implementation rejected the value"),
+            },
             E::DeserializeUnexpectedEnd => {
                 f.write_str("the data ended early (was a different type sent?)")
             }
@@ -321,12 +357,12 @@ pub fn deserialize_fd<'de, D: Deserializer<'de>>(d: D) -> Result<OwnedFd, D::Err
     FDS.with(|t| match t.borrow_mut().as_mut() {
         Some(FdTable::Incoming(fds)) => {
             fds.get_mut(index).and_then(Option::take).ok_or_else(|| {
-                serde::de::Error::custom(format!(
+                de_error(format!(
                     "file descriptor #{index} is missing from the message (or used twice)"
                 ))
             })
         }
-        _ => Err(serde::de::Error::custom(
+        _ => Err(de_error(
             "a gpuproc handle can only be deserialised inside a gpuproc message",
         )),
     })
@@ -339,7 +375,7 @@ mod tests {
     use std::os::fd::{FromRawFd, IntoRawFd};
     use std::time::Duration;
 
-    #[derive(Serialize, Deserialize)]
+    #[derive(Debug, Serialize, Deserialize)]
     struct WithFd {
         label: String,
         #[serde(serialize_with = "ser_owned", deserialize_with = "deserialize_fd")]
@@ -408,6 +444,30 @@ mod tests {
             .read(b.as_fd(), Some(Instant::now() + Duration::from_secs(10)))
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_rejected_handle_says_why() {
+        let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
+        let msg = WithFd {
+            label: "x".into(),
+            fd: pipe_r,
+        };
+        let (bytes, fds) = encode(&msg).unwrap();
+        assert_eq!(fds.len(), 1);
+        // Decoded without its descriptors: postcard alone would only say "custom error".
+        let err = decode_without_fds::<WithFd>(&bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only be deserialised inside a gpuproc message"),
+            "{err}"
+        );
+        // A later, unrelated failure does not inherit that text.
+        let err = decode_without_fds::<(u8, u8)>(&[1])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("gpuproc message"), "{err}");
     }
 
     #[test]

@@ -589,10 +589,9 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
         reason,
     })?;
     chunk.lens.push((chunk.args.len() - start) as u32);
-    if !fds.is_empty() && chunk.nfds.is_empty() {
+    // Descriptor counts are kept once any task has descriptors (earlier tasks: 0).
+    if !fds.is_empty() || !chunk.nfds.is_empty() {
         chunk.nfds.resize(chunk.lens.len() - 1, 0);
-    }
-    if !chunk.nfds.is_empty() {
         chunk.nfds.push(fds.len() as u32);
     }
     chunk.fds.extend(fds);

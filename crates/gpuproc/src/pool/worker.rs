@@ -118,7 +118,7 @@ pub(crate) fn decode_from<T: DeserializeOwned>(
     fds: Vec<OwnedFd>,
 ) -> Result<T, ipc::DecodeError> {
     if fds.is_empty() {
-        postcard::from_bytes(bytes).map_err(ipc::DecodeError)
+        ipc::decode_without_fds(bytes)
     } else {
         ipc::decode(bytes, fds)
     }
@@ -582,12 +582,9 @@ impl Outbox {
             self.run.count += 1;
             return;
         }
-        if !fds.is_empty() && self.run.nfds.is_empty() {
-            self.run.nfds.resize(self.run.count as usize, 0);
-        }
-        if !self.run.nfds.is_empty() {
-            self.run.nfds.push(fds.len() as u32);
-        }
+        // Descriptor counts are kept once any result has descriptors (earlier ones: 0).
+        self.run.nfds.resize(self.run.count as usize, 0);
+        self.run.nfds.push(fds.len() as u32);
         self.run.lens.push(len as u32);
         self.run.count += 1;
         self.run_fds.extend(fds);

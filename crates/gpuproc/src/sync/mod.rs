@@ -220,7 +220,7 @@ fn ser_map<S: Serializer>(map: &Mapping, s: S) -> Result<S::Ok, S::Error> {
 
 fn de_map<'de, D: Deserializer<'de>>(d: D, kind: Kind) -> Result<Arc<Mapping>, D::Error> {
     let fd = crate::ipc::deserialize_fd(d)?;
-    open(fd, kind).map_err(serde::de::Error::custom)
+    open(fd, kind).map_err(crate::ipc::de_error)
 }
 
 fn deadline(timeout: Duration) -> Instant {

@@ -483,3 +483,82 @@ fn a_panic_inside_a_plain_run_fails_that_task_alone() {
         }
     }
 }
+
+fn put_square((q, x): (gpuproc::channel::Queue<u64>, u64)) -> u64 {
+    q.put(x * x).unwrap();
+    x
+}
+
+fn add_under_lock(
+    (lock, total, x): (gpuproc::sync::Lock, gpuproc::shm::SharedValue<u64>, u64),
+) -> u64 {
+    let _g = lock.lock_timeout(TIMEOUT).unwrap().expect("lock in time");
+    let before = total.get();
+    total.set(before + x);
+    before
+}
+
+#[test]
+fn queues_locks_and_shared_values_travel_in_pool_tasks() {
+    for m in StartMethod::all() {
+        let pool = Pool::builder()
+            .processes(2)
+            .start_method(m)
+            .build()
+            .unwrap();
+        // A map whose every argument carries a queue (descriptors, so not plain data).
+        let q = gpuproc::channel::Queue::<u64>::new().unwrap();
+        let got = pool
+            .map(put_square, (0..50u64).map(|x| (q.clone(), x)))
+            .unwrap();
+        assert_eq!(got, (0..50).collect::<Vec<u64>>(), "{m:?}");
+        let mut squares: Vec<u64> = (0..50).map(|_| q.get_timeout(TIMEOUT).unwrap()).collect();
+        squares.sort_unstable();
+        assert_eq!(
+            squares,
+            (0..50u64).map(|x| x * x).collect::<Vec<_>>(),
+            "{m:?}"
+        );
+        // apply_async with a lock and a shared value: every addition lands exactly once.
+        let lock = gpuproc::sync::Lock::new().unwrap();
+        let total = gpuproc::shm::SharedValue::new(0u64).unwrap();
+        let handles: Vec<_> = (1..=40u64)
+            .map(|x| {
+                pool.apply_async(add_under_lock, (lock.clone(), total.clone(), x))
+                    .unwrap()
+            })
+            .collect();
+        for mut h in handles {
+            h.get_timeout(TIMEOUT).unwrap();
+        }
+        assert_eq!(total.get(), 40 * 41 / 2, "{m:?}");
+    }
+}
+
+/// For an even `x`, one end of a new pipe with `x` waiting in it; for an odd one, nothing.
+fn pipe_with_greeting(x: u64) -> Option<gpuproc::channel::Connection> {
+    if x % 2 == 1 {
+        return None;
+    }
+    let (ours, theirs) = gpuproc::channel::Pipe::new().unwrap();
+    ours.send(&x).unwrap();
+    Some(theirs)
+}
+
+#[test]
+fn results_can_carry_handles_among_results_that_do_not() {
+    let pool = Pool::new(2).unwrap();
+    // Chunks where the first results carry no descriptor and later ones do, and the
+    // reverse; and one task at a time.
+    for chunksize in [1, 3, 8] {
+        let got = pool
+            .map_chunksize(pipe_with_greeting, 1..17u64, chunksize)
+            .unwrap();
+        for (x, conn) in (1..17u64).zip(got) {
+            match conn {
+                None => assert_eq!(x % 2, 1),
+                Some(conn) => assert_eq!(conn.recv_timeout::<u64>(TIMEOUT).unwrap(), x),
+            }
+        }
+    }
+}
