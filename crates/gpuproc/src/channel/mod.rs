@@ -35,7 +35,6 @@ mod spin;
 mod wire;
 
 use std::ops::{Deref, DerefMut};
-use std::os::fd::BorrowedFd;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -58,14 +57,7 @@ pub(crate) fn copy_to_vec(bytes: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Serialises a borrowed descriptor with [`crate::serialize_fd`].
-struct FdRef<'a>(BorrowedFd<'a>);
-
-impl Serialize for FdRef<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        crate::ipc::serialize_fd(self.0, s)
-    }
-}
+pub(crate) use crate::ipc::FdRef;
 
 /// Borrowed bytes that serialise like [`Bytes`].
 pub(crate) struct BytesRef<'a>(pub(crate) &'a [u8]);

@@ -17,7 +17,7 @@ use super::buffers::Buffers;
 use super::lens::Lens;
 use super::policy::{self, AfterDeath};
 use super::worker::{
-    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, RUNNING_AT, STARTED_AT,
+    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WorkerError, RUNNING_AT, STARTED_AT,
 };
 use super::{Config, PoolError};
 use crate::ipc::{self, FrameReader};
@@ -165,7 +165,7 @@ struct Sent {
 }
 
 struct Worker {
-    process: Process<WorkerArgs, Result<(), String>>,
+    process: Process<WorkerArgs, Result<(), WorkerError>>,
     /// Its slot (0-based); a replacement takes the slot of the worker it replaces.
     slot: usize,
     pid: u32,
@@ -195,6 +195,11 @@ pub(crate) struct Driver {
     closing: bool,
     /// When the GPU memory sampler runs next.
     next_sample: Option<Instant>,
+    /// Workers in a row whose initializer failed, with no task finished since.
+    init_failures: u32,
+    /// Set once the initializer has failed too often (see
+    /// [`policy::initializer_broken`]): no more workers are started, and tasks fail.
+    broken: Option<String>,
 }
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> PoolError {
@@ -212,6 +217,8 @@ impl Driver {
             pending: VecDeque::new(),
             closing: false,
             next_sample: None,
+            init_failures: 0,
+            broken: None,
         };
         for i in 0..d.config.processes {
             let w = d.start_worker(i)?;
@@ -372,6 +379,15 @@ impl Driver {
 
     /// Sends pending chunks to workers with room, least loaded first.
     fn dispatch(&mut self) {
+        if self.workers.is_empty() {
+            if let Some(message) = self.broken.clone() {
+                self.fail_all_pending(|index| PoolError::InitializerFailed {
+                    index,
+                    message: message.clone(),
+                });
+                return;
+            }
+        }
         while let Some(chunk) = self.pending.front() {
             if chunk.job.cancelled.load(Ordering::Relaxed) {
                 self.pending.pop_front();
@@ -462,6 +478,10 @@ impl Driver {
                     receive(w, bytes, fds, &self.shared.buffers, &mut deliveries);
                 }
                 w.reader = reader;
+                if !deliveries.is_empty() {
+                    // A worker got past its initializer and ran tasks.
+                    self.init_failures = 0;
+                }
                 if w.reader.at_eof() {
                     w.eof = true;
                 }
@@ -512,10 +532,15 @@ impl Driver {
 
     /// A worker's connection closed: learn how it ended, settle its tasks, start another.
     fn replace(&mut self, i: usize) {
+        let mut init_failed = None;
         let status = match self.workers[i]
             .process
             .join_timeout(Duration::from_secs(10))
         {
+            Ok(Err(WorkerError::Initializer(message))) => {
+                init_failed = Some(message);
+                ExitStatus::Code(0)
+            }
             Ok(_) => ExitStatus::Code(0),
             Err(ProcessError::Killed { signal, .. }) => ExitStatus::Signal(signal),
             Err(ProcessError::Exited { code, .. }) => ExitStatus::Code(code),
@@ -577,6 +602,21 @@ impl Driver {
         // Back to the front of the queue, in their order.
         for c in requeue.into_iter().rev() {
             self.pending.push_front(c);
+        }
+        if let Some(message) = init_failed {
+            eprintln!(
+                "gpuproc pool: the initializer failed in worker pid {}: {message}",
+                w.pid
+            );
+            self.init_failures += 1;
+            if policy::initializer_broken(self.init_failures, self.config.processes) {
+                self.broken = Some(message);
+            }
+        }
+        if self.broken.is_some() {
+            // No more workers; once none is left, every queued task fails (see `dispatch`).
+            self.publish_pids();
+            return;
         }
         if !self.closing || !self.pending.is_empty() {
             match self.start_worker(slot) {

@@ -72,6 +72,15 @@ pub enum PoolError {
         /// What the encoder or decoder said.
         reason: String,
     },
+    /// The task was not run: the pool's initializer failed in every worker started for it,
+    /// several times running, so the pool stopped starting workers.
+    #[error("task {index} was not run: the pool's initializer failed in every worker: {message}")]
+    InitializerFailed {
+        /// The task's index.
+        index: u64,
+        /// How the initializer failed (its panic message, say).
+        message: String,
+    },
     /// The pool was terminated before the task finished.
     #[error("task {index} was cancelled: the pool was terminated")]
     Terminated {
@@ -124,9 +133,15 @@ impl PoolError {
             | PoolError::BadArgument { index, .. }
             | PoolError::Encode { index, .. }
             | PoolError::BadResult { index, .. }
+            | PoolError::InitializerFailed { index, .. }
             | PoolError::Terminated { index } => Some(*index),
             _ => None,
         }
+    }
+
+    /// The task was not run because the pool's initializer kept failing.
+    pub fn is_initializer_failed(&self) -> bool {
+        matches!(self, PoolError::InitializerFailed { .. })
     }
 
     /// The task panicked.

@@ -143,22 +143,44 @@ impl PoolBuilder {
     }
 
     /// A function each worker runs once when it starts; Python's `initializer`/`initargs`.
+    /// The arguments may hold handles — queues, locks, shared values — as in Python, where
+    /// `initargs` is the way to give every worker the same lock: each worker, replacements
+    /// included, gets its own copy, which the initializer can keep (in a `static`, say).
+    ///
+    /// ```
+    /// # gpuproc::init();
+    /// use std::sync::OnceLock;
+    /// use gpuproc::{shm::SharedValue, sync::Lock, Pool};
+    ///
+    /// static SHARED: OnceLock<(Lock, SharedValue<u64>)> = OnceLock::new();
+    ///
+    /// fn keep(shared: (Lock, SharedValue<u64>)) {
+    ///     let _ = SHARED.set(shared);
+    /// }
+    ///
+    /// fn add(x: u64) {
+    ///     let (lock, total) = SHARED.get().expect("the initializer ran");
+    ///     let _held = lock.lock().unwrap();
+    ///     total.set(total.get() + x);
+    /// }
+    ///
+    /// let (lock, total) = (Lock::new()?, SharedValue::new(0u64)?);
+    /// let pool = Pool::builder()
+    ///     .processes(2)
+    ///     .initializer(keep, (lock, total.clone()))
+    ///     .build()?;
+    /// pool.map(add, 1..=100u64)?;
+    /// assert_eq!(total.get(), 5050);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn initializer<A: Serialize + DeserializeOwned>(mut self, f: fn(A), args: A) -> Self {
         match ipc::encode(&args) {
-            Ok((bytes, fds)) if fds.is_empty() => {
+            Ok((bytes, fds)) => {
                 self.config.init = Some(Init {
                     func: fn_ref(f),
                     args: bytes,
+                    fds: worker::InitFds(Arc::new(fds)),
                 });
-            }
-            Ok(_) => {
-                self.init_error = Some(PoolError::Encode {
-                    index: 0,
-                    type_name: type_name::<A>().to_string(),
-                    reason:
-                        "initializer arguments cannot carry handles (pipes, queues, shared memory)"
-                            .into(),
-                })
             }
             Err(e) => {
                 self.init_error = Some(PoolError::Encode {

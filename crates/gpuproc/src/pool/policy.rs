@@ -45,6 +45,17 @@ pub fn after_worker_death(attempts: u32, retries: u32) -> AfterDeath {
     }
 }
 
+/// Whether to stop starting workers because the initializer failed in the last
+/// `consecutive` workers started (no task finished in between), for a pool of `workers`:
+/// twice the pool size, and at least three, so that a passing failure does not end the pool
+/// but a broken initializer cannot make it start and lose workers for ever.
+pub fn initializer_broken(consecutive: u32, workers: usize) -> bool {
+    let limit = u32::try_from(workers.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .max(3);
+    consecutive >= limit
+}
+
 /// How many tasks an ordered or unordered `imap` keeps in flight: enough to keep every
 /// worker busy with two chunks, bounded so an endless input uses bounded memory.
 pub fn imap_window(workers: usize, chunksize: usize) -> usize {
@@ -64,6 +75,18 @@ mod tests {
         assert_eq!(auto_chunksize(3, 2), 1);
         assert_eq!(auto_chunksize(0, 2), 1);
         assert_eq!(auto_chunksize(100, 0), 25);
+    }
+
+    #[test]
+    fn a_broken_initializer_is_given_up_on() {
+        assert!(!initializer_broken(0, 2));
+        assert!(!initializer_broken(3, 2));
+        assert!(initializer_broken(4, 2));
+        assert!(!initializer_broken(2, 1));
+        assert!(initializer_broken(3, 1));
+        assert!(initializer_broken(3, 0));
+        assert!(!initializer_broken(15, 8));
+        assert!(initializer_broken(16, 8));
     }
 
     #[test]

@@ -361,6 +361,35 @@ pub(crate) struct DoneHeader {
 pub(crate) struct Init {
     pub func: FnRef,
     pub args: Vec<u8>,
+    /// The descriptors of the handles inside `args` (queues, locks, ...).
+    pub fds: InitFds,
+}
+
+/// The initializer's descriptors: kept once by the pool, and sent (duplicated, as handles
+/// are) with the start of every worker, replacements included.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InitFds(pub std::sync::Arc<Vec<OwnedFd>>);
+
+impl Serialize for InitFds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for fd in self.0.iter() {
+            seq.serialize_element(&ipc::FdRef(fd.as_fd()))?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for InitFds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct One(#[serde(deserialize_with = "ipc::deserialize_fd")] OwnedFd);
+        let fds: Vec<One> = Vec::deserialize(d)?;
+        Ok(InitFds(std::sync::Arc::new(
+            fds.into_iter().map(|one| one.0).collect(),
+        )))
+    }
 }
 
 /// What a worker is started with.
@@ -389,13 +418,36 @@ fn resolve(func: FnRef) -> (ChunkTrampoline, usize) {
     (t, wire::address_of(func.target))
 }
 
+/// Why a worker ended early.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum WorkerError {
+    /// The pool's initializer failed in it (the text says how).
+    Initializer(String),
+    /// Its connection to the pool failed.
+    Connection(String),
+}
+
+impl From<String> for WorkerError {
+    fn from(e: String) -> Self {
+        WorkerError::Connection(e)
+    }
+}
+
 /// The worker's main loop: the target of each worker `Process`.
-pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
+pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
     let page = Mapping::map_existing(args.page, PAGE_LEN)
         .map_err(|e| format!("mapping the status page: {e}"))?;
     if let Some(init) = args.init {
         // Run like a chunk of one task whose result is dropped.
         let (t, target) = resolve(init.func);
+        // Received with this worker's start (spawn, fork server), or inherited with the
+        // pool's memory (fork): then still shared, so duplicated.
+        let fds = std::sync::Arc::try_unwrap(init.fds.0).unwrap_or_else(|shared| {
+            shared
+                .iter()
+                .filter_map(|fd| sys::dup(fd.as_fd()).ok())
+                .collect()
+        });
         let header = ChunkHeader {
             func: init.func,
             first_seq: 0,
@@ -404,17 +456,17 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
                 len: init.args.len() as u32,
                 count: 1,
             },
-            nfds: Vec::new(),
+            nfds: vec![fds.len() as u32],
         };
         let mut sink = Outbox::default();
-        let mut st = ChunkState::new(&header, &init.args, Vec::new(), &mut sink);
+        let mut st = ChunkState::new(&header, &init.args, fds, &mut sink);
         let failure = match run_catching(|| Ok(t(target, &mut st))) {
             Ok(Ok(())) => sink.run.failures.pop().map(|(_, f)| f),
-            Ok(Err(e)) => return Err(e),
+            Ok(Err(e)) => return Err(e.into()),
             Err(f) => Some(f),
         };
         if let Some(f) = failure {
-            return Err(format!("the initializer failed: {f:?}"));
+            return Err(WorkerError::Initializer(f.to_string()));
         }
     }
     let (conn, track_time, max_tasks) = (args.conn, args.track_time, args.max_tasks);
@@ -445,7 +497,7 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), String> {
             while st.next < chunk.lens.len() {
                 match run_catching(|| Ok(t(target, &mut st))) {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(e),
+                    Ok(Err(e)) => return Err(e.into()),
                     Err(panicked) => st.panicked(panicked),
                 }
             }

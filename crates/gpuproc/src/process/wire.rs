@@ -65,6 +65,28 @@ pub(crate) enum Failure {
     BadResult { type_name: String, reason: String },
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Panicked {
+                message, location, ..
+            } => match location {
+                Some(l) => write!(f, "panicked at {l}: {message}"),
+                None => write!(f, "panicked: {message}"),
+            },
+            Failure::BadArgument { type_name, reason } => {
+                write!(
+                    f,
+                    "could not decode its argument as `{type_name}`: {reason}"
+                )
+            }
+            Failure::BadResult { type_name, reason } => {
+                write!(f, "could not encode its result (`{type_name}`): {reason}")
+            }
+        }
+    }
+}
+
 /// A request to the fork server. The frame carries the child's control socket and this
 /// process's standard input, output and error, in that order.
 #[derive(Debug, Serialize, Deserialize)]

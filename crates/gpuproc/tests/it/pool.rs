@@ -562,3 +562,87 @@ fn results_can_carry_handles_among_results_that_do_not() {
         }
     }
 }
+
+/// What the initializer below hands each worker: a queue to report on.
+static REPORT: std::sync::OnceLock<gpuproc::channel::Queue<u32>> = std::sync::OnceLock::new();
+
+fn keep_report_queue(q: gpuproc::channel::Queue<u32>) {
+    q.put(std::process::id()).unwrap();
+    let _ = REPORT.set(q);
+}
+
+fn report_pid(x: u64) -> u64 {
+    REPORT
+        .get()
+        .expect("the initializer ran")
+        .put(std::process::id())
+        .unwrap();
+    x
+}
+
+#[test]
+fn initializer_arguments_can_hold_handles_for_every_worker_and_replacement() {
+    for m in StartMethod::all() {
+        let q = gpuproc::channel::Queue::<u32>::new().unwrap();
+        // One task per worker life: every task runs in a fresh (replacement) worker, whose
+        // initializer must have received the queue too.
+        let pool = Pool::builder()
+            .processes(2)
+            .start_method(m)
+            .max_tasks_per_child(1)
+            .initializer(keep_report_queue, q.clone())
+            .build()
+            .unwrap();
+        let got = pool.map_chunksize(report_pid, 0..6u64, 1).unwrap();
+        assert_eq!(got, (0..6).collect::<Vec<u64>>(), "{m:?}");
+        pool.close();
+        pool.join().unwrap();
+        // Each task's worker reported twice: once from its initializer, once from the task.
+        let mut reports = Vec::new();
+        while let Ok(pid) = q.try_get() {
+            reports.push(pid);
+        }
+        let task_pids: std::collections::BTreeSet<u32> = reports.iter().copied().collect();
+        assert!(task_pids.len() >= 6, "{m:?}: {reports:?}");
+        for pid in &task_pids {
+            let n = reports.iter().filter(|p| *p == pid).count();
+            assert!(n == 1 || n == 2, "{m:?}: {pid} reported {n} times");
+        }
+        assert!(reports.len() >= 12, "{m:?}: {reports:?}");
+    }
+}
+
+fn broken_init(code: u32) {
+    panic!("initializer refuses to start ({code})");
+}
+
+#[test]
+fn a_failing_initializer_fails_the_tasks_instead_of_restarting_workers_for_ever() {
+    for m in StartMethod::all() {
+        let pool = Pool::builder()
+            .processes(2)
+            .start_method(m)
+            .initializer(broken_init, 7)
+            .build()
+            .unwrap();
+        let t0 = Instant::now();
+        let results = pool.map_results(square, 0..20u64);
+        assert!(t0.elapsed() < TIMEOUT, "{m:?}");
+        assert_eq!(results.len(), 20);
+        for (i, r) in results.into_iter().enumerate() {
+            let e = r.unwrap_err();
+            assert!(e.is_initializer_failed(), "{m:?}: {e}");
+            assert_eq!(e.index(), Some(i as u64));
+            assert!(
+                e.to_string().contains("initializer refuses to start (7)"),
+                "{e}"
+            );
+        }
+        // Later work fails the same way, at once; closing and joining still work.
+        let e = pool.apply(square, 3).unwrap_err();
+        assert!(e.is_initializer_failed(), "{m:?}: {e}");
+        assert!(pool.worker_pids().is_empty(), "{m:?}");
+        pool.close();
+        pool.join().unwrap();
+    }
+}
