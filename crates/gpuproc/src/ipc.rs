@@ -1,7 +1,7 @@
 //! Framed messages over Unix stream sockets, with file descriptors riding along.
 //!
-//! A frame is an 8-byte header (payload length and descriptor count, little-endian `u32`s)
-//! followed by the payload; the frame's descriptors travel as `SCM_RIGHTS` with its first
+//! A frame is a 12-byte header (payload length as a little-endian `u64`, descriptor count
+//! as a little-endian `u32`) followed by the payload; the frame's descriptors travel as `SCM_RIGHTS` with its first
 //! byte. Payloads are postcard-encoded serde values. Values that own a descriptor (pipes,
 //! queues, shared memory) serialise it through [`serialize_fd`]/[`deserialize_fd`], which
 //! move it into and out of the frame's descriptor list: this is how handles are passed to
@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::sys;
 
-pub(crate) const HEADER: usize = 8;
+pub(crate) const HEADER: usize = 12;
 
 /// One received message.
 #[derive(Debug)]
@@ -30,8 +30,8 @@ pub(crate) struct Frame {
 /// The header of a frame whose payload is `len` bytes with `nfds` descriptors.
 pub(crate) fn frame_header(len: usize, nfds: usize) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
-    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    h[4..].copy_from_slice(&(nfds as u32).to_le_bytes());
+    h[..8].copy_from_slice(&(len as u64).to_le_bytes());
+    h[8..].copy_from_slice(&(nfds as u32).to_le_bytes());
     h
 }
 
@@ -58,15 +58,6 @@ pub(crate) fn send_frame_borrowed(
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
-    if u32::try_from(payload.len()).is_err() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "message of {} bytes is larger than the 4 GiB frame limit",
-                payload.len()
-            ),
-        ));
-    }
     sys::send_all(
         sock,
         &[&frame_header(payload.len(), fds.len()), payload],
@@ -146,9 +137,18 @@ impl FrameReader {
         if rest.len() < HEADER {
             return Ok(None);
         }
-        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let nfds = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
-        if rest.len() < HEADER + len {
+        let len = u64::from_le_bytes(rest[0..8].try_into().expect("8 bytes"));
+        let nfds = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
+        let Some(len) = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= isize::MAX as usize)
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("malformed frame: a length of {len} bytes"),
+            ));
+        };
+        if rest.len() - HEADER < len {
             return Ok(None);
         }
         if self.fds.len() < nfds {
@@ -445,8 +445,7 @@ mod tests {
     fn missing_descriptor_is_an_error() {
         let (a, b) = sys::socketpair().unwrap();
         // A header announcing one descriptor that never came.
-        let mut raw = 0u32.to_le_bytes().to_vec();
-        raw.extend_from_slice(&1u32.to_le_bytes());
+        let raw = frame_header(0, 1);
         sys::send_all(a.as_fd(), &[&raw], &[]).unwrap();
         let mut r = FrameReader::default();
         let err = r

@@ -610,7 +610,16 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
         type_name: type_name::<A>().to_string(),
         reason,
     })?;
-    chunk.lens.push((chunk.args.len() - start) as u32);
+    let len = chunk.args.len() - start;
+    let Ok(len) = u32::try_from(len) else {
+        chunk.args.truncate(start);
+        return Err(PoolError::Encode {
+            index,
+            type_name: type_name::<A>().to_string(),
+            reason: format!("it encodes to {len} bytes; a task's argument may take 4 GiB"),
+        });
+    };
+    chunk.lens.push(len);
     // Descriptor counts are kept once any task has descriptors (earlier tasks: 0).
     if !fds.is_empty() || !chunk.nfds.is_empty() {
         chunk.nfds.resize(chunk.lens.len() - 1, 0);
@@ -619,6 +628,11 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
     chunk.fds.extend(fds);
     Ok(())
 }
+
+/// A chunk stops taking items once its arguments reach this many bytes: the rest go in the
+/// next chunk (so that a chunk of large items neither waits to be encoded whole nor holds
+/// gigabytes in one frame).
+const MAX_CHUNK_BYTES: usize = 64 << 20;
 
 /// The most results `map` reserves room for up front (more grow the vector as they come).
 const MAX_RESERVE: usize = 1 << 26;
@@ -972,9 +986,11 @@ where
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
             chunk.lens.reserve(self.chunksize);
-            chunk.args =
-                (self.pool.shared.buffers).take(self.chunksize.saturating_mul(self.bytes_per_task));
-            for a in self.input.by_ref().take(self.chunksize) {
+            let room = self.chunksize.saturating_mul(self.bytes_per_task);
+            chunk.args = (self.pool.shared.buffers).take(room.min(MAX_CHUNK_BYTES));
+            // A chunk of large items ends early, at MAX_CHUNK_BYTES; the next takes the rest.
+            while chunk.len() < self.chunksize && chunk.args.len() < MAX_CHUNK_BYTES {
+                let Some(a) = self.input.next() else { break };
                 push_item(&mut chunk, &mut self.plain, &a)?;
             }
             if chunk.len() == 0 {

@@ -516,6 +516,13 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
     }
 }
 
+/// The largest encoded result of one task (lengths travel as `u32`).
+const MAX_TASK_BYTES: usize = u32::MAX as usize;
+
+fn too_large(len: usize) -> String {
+    format!("it encodes to {len} bytes; a task's result may take 4 GiB")
+}
+
 /// How the results of the run being filled are encoded.
 #[derive(Default)]
 enum RunCodec {
@@ -580,6 +587,9 @@ impl Outbox {
                 }
                 let mut bytes = Vec::new();
                 let fds = encode_into(&mut bytes, r)?;
+                if bytes.len() > MAX_TASK_BYTES {
+                    return Err(too_large(bytes.len()));
+                }
                 let next = self.run.first_seq + u64::from(self.run.count);
                 self.close_run();
                 self.run.first_seq = next;
@@ -608,7 +618,12 @@ impl Outbox {
             RunCodec::Postcard => {}
         }
         let fds = encode_into(&mut self.results, r)?;
-        self.push_ok(self.results.len() - start, fds);
+        let len = self.results.len() - start;
+        if len > MAX_TASK_BYTES {
+            self.results.truncate(start);
+            return Err(too_large(len));
+        }
+        self.push_ok(len, fds);
         Ok(())
     }
 
@@ -774,7 +789,7 @@ mod tests {
         let mut frames = &out.frames[..];
         let mut runs = Vec::new();
         while !frames.is_empty() {
-            let len = u32::from_le_bytes(frames[..4].try_into().unwrap()) as usize;
+            let len = u64::from_le_bytes(frames[..8].try_into().unwrap()) as usize;
             let body = &frames[ipc::HEADER..ipc::HEADER + len];
             let (h, results) = postcard::take_from_bytes::<DoneHeader>(body).unwrap();
             runs.push((h.first_seq, h.count, h.shape.is_some(), results.len()));

@@ -646,3 +646,19 @@ fn a_failing_initializer_fails_the_tasks_instead_of_restarting_workers_for_ever(
         pool.join().unwrap();
     }
 }
+
+fn sum_bytes(b: gpuproc::channel::Bytes) -> (usize, u64) {
+    (b.len(), b.iter().map(|&x| u64::from(x)).sum())
+}
+
+#[test]
+fn large_arguments_split_big_chunks_and_arrive_whole() {
+    let pool = Pool::new(2).unwrap();
+    // Nine 8 MiB items asked for in one chunk: more than a chunk may hold, so it is cut.
+    let items: Vec<gpuproc::channel::Bytes> = (0..9u8)
+        .map(|i| gpuproc::channel::Bytes(vec![i; 8 << 20]))
+        .collect();
+    let got = pool.map_chunksize(sum_bytes, items, 9).unwrap();
+    let want: Vec<(usize, u64)> = (0..9u64).map(|i| (8 << 20, i * (8 << 20))).collect();
+    assert_eq!(got, want);
+}
