@@ -240,6 +240,20 @@ fn handles_travel_inside_messages() {
     );
     q2.put("via the sent queue".into()).unwrap();
     assert_eq!(q.get_timeout(TIMEOUT).unwrap(), "via the sent queue");
+    // A handle inside a payload large enough to go through shared memory, on a pipe and on
+    // a queue.
+    let big = Bytes(vec![5u8; 3 << 20]);
+    a.send(&(big.clone(), q.clone())).unwrap();
+    let (got, q3): (Bytes, Queue<String>) = b.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(got, big);
+    q3.put("after a large message".into()).unwrap();
+    assert_eq!(q.get_timeout(TIMEOUT).unwrap(), "after a large message");
+    let carrier = Queue::<(Bytes, Queue<String>)>::new().unwrap();
+    carrier.put((big.clone(), q.clone())).unwrap();
+    let (got, q4) = carrier.get_timeout(TIMEOUT).unwrap();
+    assert_eq!(got, big);
+    q4.put("through a queue".into()).unwrap();
+    assert_eq!(q.get_timeout(TIMEOUT).unwrap(), "through a queue");
 }
 
 fn sit(conn: Connection) {
