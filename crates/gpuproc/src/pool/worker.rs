@@ -169,7 +169,7 @@ impl<'a> ChunkState<'a> {
     }
 
     /// Counts task `seq` as done, and sends the results if they are due.
-    #[inline]
+    #[inline(always)]
     fn finish_task(&mut self, seq: u64) -> Result<(), String> {
         self.done += 1;
         if self.out.due() {
