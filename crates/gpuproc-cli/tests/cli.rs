@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use gpuproc::gpu::Snapshot;
 
 mod common;
-use common::{run, scratch_dir, sim_gpuproc, sim_lib, stderr, stdout, wait_output};
+use common::{run, run_with_pid, scratch_dir, sim_gpuproc, sim_lib, stderr, stdout, wait_output};
 
 const MIB: u64 = 1 << 20;
 
@@ -208,13 +208,8 @@ fn cross_check_with_pynvml_and_gpustat() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
     cmd.args(["gpus", "--json"]);
     env(&mut cmd);
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let gpuproc_pid = child.id() as u64;
-    let out = wait_output(child, "gpuproc gpus --json");
+    let (gpuproc_pid, out) = run_with_pid(cmd, Stdio::null());
+    let gpuproc_pid = u64::from(gpuproc_pid);
     assert!(out.status.success(), "{}", stderr(&out));
     let snap: Snapshot = serde_json::from_slice(&out.stdout).unwrap();
     let ours: View = snap
@@ -287,13 +282,8 @@ fn cross_check_with_pynvml_and_gpustat() {
     let mut cmd = Command::new(&python);
     cmd.args(["-m", "gpustat", "--json"]);
     env(&mut cmd);
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let gpustat_pid = child.id() as u64;
-    let out = wait_output(child, "gpustat --json");
+    let (gpustat_pid, out) = run_with_pid(cmd, Stdio::null());
+    let gpustat_pid = u64::from(gpustat_pid);
     assert!(out.status.success(), "{}", stderr(&out));
     let gs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let gpus = gs["gpus"].as_array().unwrap();

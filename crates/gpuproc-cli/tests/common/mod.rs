@@ -82,14 +82,19 @@ pub fn run(command: Command) -> Output {
 }
 
 /// Runs `command` to completion with `stdin`, killing it if it outlives [`DEADLINE`].
-pub fn run_with(mut command: Command, stdin: Stdio) -> Output {
+pub fn run_with(command: Command, stdin: Stdio) -> Output {
+    run_with_pid(command, stdin).1
+}
+
+/// [`run_with`], also giving the pid the command ran as.
+pub fn run_with_pid(mut command: Command, stdin: Stdio) -> (u32, Output) {
     let child = command
         .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-    wait_output(child, &format!("{command:?}"))
+    (child.id(), wait_output(child, &format!("{command:?}")))
 }
 
 /// Waits for `child` and collects its output. If it outlives [`DEADLINE`], kills it, gives

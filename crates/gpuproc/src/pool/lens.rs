@@ -70,13 +70,6 @@ impl Lens {
         }
     }
 
-    /// Makes room for `n` more (a list only).
-    pub fn reserve(&mut self, n: usize) {
-        if let Lens::Each(v) = self {
-            v.reserve(n);
-        }
-    }
-
     /// Removes every task.
     pub fn clear(&mut self) {
         *self = Lens::default();

@@ -692,11 +692,6 @@ fn push_item<A: Serialize + DeserializeOwned>(
 ) -> Result<(), PoolError> {
     if let Some(enc) = plain.as_mut() {
         let start = chunk.args.len();
-        // The common case: a shape is set and this chunk has it.
-        if chunk.shape.is_some() && enc.push(&mut chunk.args, args) {
-            chunk.lens.push((chunk.args.len() - start) as u32);
-            return Ok(());
-        }
         let first = enc.shape().is_none();
         if enc.push(&mut chunk.args, args) {
             let shape = enc.shape().unwrap_or_default();
@@ -985,7 +980,6 @@ where
         let mut batched = 0;
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
-            chunk.lens.reserve(self.chunksize);
             let room = self.chunksize.saturating_mul(self.bytes_per_task);
             chunk.args = (self.pool.shared.buffers).take(room.min(MAX_CHUNK_BYTES));
             // A chunk of large items ends early, at MAX_CHUNK_BYTES; the next takes the rest.

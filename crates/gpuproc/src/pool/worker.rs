@@ -298,11 +298,7 @@ fn plain_tasks<A: DeserializeOwned, R: Serialize + DeserializeOwned>(
             _ => false,
         };
         if pushed {
-            out.run.lens.push((out.results.len() - start) as u32);
-            out.run.count += 1;
-            if out.since.is_none() {
-                out.since = Some(Instant::now());
-            }
+            out.push_plain_ok(out.results.len() - start);
         } else {
             out.push_result_or_failure(&r);
         }
@@ -577,12 +573,7 @@ impl Outbox {
         match &mut self.codec {
             RunCodec::Plain(enc) => {
                 if enc.push(&mut self.results, r) {
-                    // (A plain run has no descriptors.)
-                    self.run.lens.push((self.results.len() - start) as u32);
-                    self.run.count += 1;
-                    if self.since.is_none() {
-                        self.since = Some(Instant::now());
-                    }
+                    self.push_plain_ok(self.results.len() - start);
                     return Ok(());
                 }
                 let mut bytes = Vec::new();
@@ -639,22 +630,27 @@ impl Outbox {
         }
     }
 
-    #[inline]
-    fn push_ok(&mut self, len: usize, fds: Vec<OwnedFd>) {
+    /// Counts a result of `len` bytes, already appended, that carries no descriptors while
+    /// the run has none either (always so in a plain run).
+    #[inline(always)]
+    fn push_plain_ok(&mut self, len: usize) {
         if self.since.is_none() {
             self.since = Some(Instant::now());
         }
+        self.run.lens.push(len as u32);
+        self.run.count += 1;
+    }
+
+    #[inline]
+    fn push_ok(&mut self, len: usize, fds: Vec<OwnedFd>) {
         if fds.is_empty() && self.run.nfds.is_empty() {
-            self.run.lens.push(len as u32);
-            self.run.count += 1;
-            return;
+            return self.push_plain_ok(len);
         }
         // Descriptor counts are kept once any result has descriptors (earlier ones: 0).
         self.run.nfds.resize(self.run.count as usize, 0);
         self.run.nfds.push(fds.len() as u32);
-        self.run.lens.push(len as u32);
-        self.run.count += 1;
         self.run_fds.extend(fds);
+        self.push_plain_ok(len);
     }
 
     fn push_err(&mut self, f: Failure) {

@@ -28,14 +28,15 @@ fn busy_square((x, micros): (u64, u64)) -> u64 {
     x * x
 }
 
+/// A builder for a pool of two workers started with `m`.
+fn two_workers(m: StartMethod) -> gpuproc::pool::PoolBuilder {
+    Pool::builder().processes(2).start_method(m)
+}
+
 #[test]
 fn map_with_every_start_method() {
     for m in StartMethod::all() {
-        let pool = Pool::builder()
-            .processes(2)
-            .start_method(m)
-            .build()
-            .unwrap();
+        let pool = two_workers(m).build().unwrap();
         let got = pool.map(square, 0..1000u64).unwrap();
         assert_eq!(
             got,
@@ -501,11 +502,7 @@ fn add_under_lock(
 #[test]
 fn queues_locks_and_shared_values_travel_in_pool_tasks() {
     for m in StartMethod::all() {
-        let pool = Pool::builder()
-            .processes(2)
-            .start_method(m)
-            .build()
-            .unwrap();
+        let pool = two_workers(m).build().unwrap();
         // A map whose every argument carries a queue (descriptors, so not plain data).
         let q = gpuproc::channel::Queue::<u64>::new().unwrap();
         let got = pool
@@ -586,9 +583,7 @@ fn initializer_arguments_can_hold_handles_for_every_worker_and_replacement() {
         let q = gpuproc::channel::Queue::<u32>::new().unwrap();
         // One task per worker life: every task runs in a fresh (replacement) worker, whose
         // initializer must have received the queue too.
-        let pool = Pool::builder()
-            .processes(2)
-            .start_method(m)
+        let pool = two_workers(m)
             .max_tasks_per_child(1)
             .initializer(keep_report_queue, q.clone())
             .build()
@@ -619,12 +614,7 @@ fn broken_init(code: u32) {
 #[test]
 fn a_failing_initializer_fails_the_tasks_instead_of_restarting_workers_for_ever() {
     for m in StartMethod::all() {
-        let pool = Pool::builder()
-            .processes(2)
-            .start_method(m)
-            .initializer(broken_init, 7)
-            .build()
-            .unwrap();
+        let pool = two_workers(m).initializer(broken_init, 7).build().unwrap();
         let t0 = Instant::now();
         let results = pool.map_results(square, 0..20u64);
         assert!(t0.elapsed() < TIMEOUT, "{m:?}");
