@@ -75,7 +75,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("expected a duration such as 30s, 5m or 1h30m, got {s:?}");
     let text = s.trim();
     if let Ok(seconds) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds).map_err(|_| bad());
+        return gpuproc::time::duration_from_secs_f64(seconds).map_err(|_| bad());
     }
     let mut total = 0.0;
     let mut rest = text;
@@ -102,7 +102,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total += value * seconds;
         rest = &rest[unit_len..];
     }
-    Duration::try_from_secs_f64(total).map_err(|_| bad())
+    gpuproc::time::duration_from_secs_f64(total).map_err(|_| bad())
+}
+
+/// Seconds already checked to be a number >= 0 as a [`Duration`], saturating (so `1e20`
+/// means for ever); anything else is zero.
+pub fn seconds(v: f64) -> Duration {
+    gpuproc::time::duration_from_secs_f64(v).unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]

@@ -118,6 +118,7 @@ mod process;
 pub mod shm;
 pub mod sync;
 mod sys;
+pub mod time;
 
 pub use channel::{
     Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SendError, SimpleQueue,

@@ -1,7 +1,6 @@
 //! `gpuproc gpus`: a table like gpustat, or the snapshot as JSON.
 
 use std::io::{self, IsTerminal, Write};
-use std::time::Duration;
 
 use anyhow::Context;
 use gpuproc::gpu::Gpus;
@@ -46,7 +45,7 @@ pub fn run(args: &GpusArgs) -> anyhow::Result<()> {
             .context("writing to standard output")?;
         drop(out);
         match args.watch {
-            Some(seconds) => std::thread::sleep(Duration::from_secs_f64(seconds)),
+            Some(seconds) => std::thread::sleep(crate::units::seconds(seconds)),
             None => return Ok(()),
         }
     }

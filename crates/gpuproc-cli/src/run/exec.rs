@@ -3,6 +3,7 @@
 //! writes logs and the job log, and samples each job's GPU memory. In a GPU run every job
 //! starts under a lease from [`Leaser`] and its lease is released when it ends.
 
+use gpuproc::time::saturating_add;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
@@ -247,7 +248,7 @@ impl<'a> Executor<'a> {
                 for (&pid, r) in &mut self.running {
                     sys::signal_group(pid, sig);
                     if let Some(grace) = grace {
-                        r.kill_at.get_or_insert(now + grace);
+                        r.kill_at.get_or_insert(saturating_add(now, grace));
                     }
                 }
             }
@@ -266,7 +267,7 @@ impl<'a> Executor<'a> {
                 } else if r.kill_at.is_none() && r.deadline.is_some_and(|d| d <= now) {
                     r.timed_out = true;
                     sys::signal_group(pid, Sig::Term);
-                    r.kill_at = Some(now + self.settings.kill_after);
+                    r.kill_at = Some(saturating_add(now, self.settings.kill_after));
                 }
             }
             if !self.settings.gpus.is_empty() && now >= next_sample {
@@ -315,7 +316,7 @@ impl<'a> Executor<'a> {
         };
         let timeout = job
             .timeout
-            .map(Duration::from_secs_f64)
+            .map(crate::units::seconds)
             .or(self.settings.timeout);
         let start = Instant::now();
         let start_wall = SystemTime::now();
@@ -336,7 +337,7 @@ impl<'a> Executor<'a> {
                         start,
                         start_wall,
                         command,
-                        deadline: timeout.map(|t| start + t),
+                        deadline: timeout.map(|t| saturating_add(start, t)),
                         kill_at: None,
                         timed_out: false,
                         lease,

@@ -463,8 +463,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     });
     let settings = Settings {
         gpus,
-        timeout: args.timeout.map(Duration::from_secs_f64),
-        kill_after: Duration::from_secs_f64(args.kill_after),
+        timeout: args.timeout.map(crate::units::seconds),
+        kill_after: crate::units::seconds(args.kill_after),
         logs: args.logs.clone(),
         joblog,
         progress,

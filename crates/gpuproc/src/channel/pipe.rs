@@ -1,7 +1,7 @@
 //! `Pipe` and `Connection`: Python's `multiprocessing.Pipe`.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -261,7 +261,7 @@ impl Connection {
     /// `timeout`; Python's `conn.poll(timeout)`. A failure to poll reports `true`, so that
     /// the next receive reports the error.
     pub fn poll(&self, timeout: Duration) -> bool {
-        crate::sys::wait_ready(self.fd.as_fd(), false, Some(Instant::now() + timeout))
+        crate::sys::wait_ready(self.fd.as_fd(), false, crate::time::deadline(timeout))
             .unwrap_or(true)
     }
 

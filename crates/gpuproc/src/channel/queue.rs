@@ -84,7 +84,7 @@ impl Shared {
         let deadline = match wait {
             Wait::Forever => None,
             Wait::Never => Some(Instant::now()),
-            Wait::For(d) => Some(Instant::now() + d),
+            Wait::For(d) => crate::time::deadline(d),
         };
         loop {
             let v = free.load(SeqCst);
@@ -140,7 +140,7 @@ impl Shared {
         let unfinished = self.word(UNFINISHED);
         let deadline = match wait {
             Wait::Forever | Wait::Never => None,
-            Wait::For(d) => Some(Instant::now() + d),
+            Wait::For(d) => crate::time::deadline(d),
         };
         loop {
             let v = unfinished.load(SeqCst);

@@ -55,7 +55,7 @@ impl Wait {
         match self {
             Wait::Forever => None,
             Wait::Never => Some(Instant::now()),
-            Wait::For(d) => Some(Instant::now() + d),
+            Wait::For(d) => crate::time::deadline(d),
         }
     }
 

@@ -633,7 +633,8 @@ pub fn pick(criteria: &Criteria) -> Result<GpuLease, PickError> {
 
 fn pick_with(gpus: &Gpus, store: &Store, criteria: &Criteria) -> Result<GpuLease, PickError> {
     let started = Instant::now();
-    let deadline = criteria.wait_timeout().map(|w| started + w);
+    // `None`: no waiting; `Some(None)`: a wait too long for the clock, i.e. for ever.
+    let deadline = criteria.wait_timeout().map(|w| started.checked_add(w));
     let visible_env = criteria
         .is_within_visible()
         .then(|| std::env::var("CUDA_VISIBLE_DEVICES").ok())
@@ -693,9 +694,10 @@ fn pick_with(gpus: &Gpus, store: &Store, criteria: &Criteria) -> Result<GpuLease
             Err(PickError::NoneFree(mut why)) => {
                 drop(locked);
                 let now = Instant::now();
-                match deadline {
-                    Some(deadline) if now < deadline && !why.is_impossible() => {
-                        std::thread::sleep(pause.min(deadline - now));
+                let left = deadline.map(|d| d.map_or(pause, |d| d.saturating_duration_since(now)));
+                match left {
+                    Some(left) if !left.is_zero() && !why.is_impossible() => {
+                        std::thread::sleep(pause.min(left));
                         pause = (pause * 2).min(MAX_POLL);
                     }
                     _ => {

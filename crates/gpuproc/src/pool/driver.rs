@@ -501,12 +501,15 @@ impl Driver {
     fn next_timeout_check(&self) -> Option<Instant> {
         let timeout = self.config.task_timeout?;
         let now_ns = sys::monotonic_ns();
-        let mut next = Instant::now() + timeout;
+        // A timeout past the clock's range never expires: no check is ever due.
+        let mut next = crate::time::deadline(timeout)?;
         for w in &self.workers {
             if w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire) != 0 {
                 let started = w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed);
                 let ran = Duration::from_nanos(now_ns.saturating_sub(started));
-                next = next.min(Instant::now() + timeout.saturating_sub(ran));
+                if let Some(due) = crate::time::deadline(timeout.saturating_sub(ran)) {
+                    next = next.min(due);
+                }
             }
         }
         Some(next)

@@ -1148,7 +1148,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     /// Waits at most `timeout`; on [`PoolError::Timeout`] the task goes on and this can be
     /// asked again. Python's `get(timeout)`.
     pub fn get_timeout(&mut self, timeout: Duration) -> Result<R, PoolError> {
-        self.poll(Some(Instant::now() + timeout));
+        self.poll(crate::time::deadline(timeout));
         if matches!(self.state, AsyncState::Waiting) {
             return Err(PoolError::Timeout { waited: timeout });
         }
@@ -1176,7 +1176,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
 
     /// Waits at most `timeout`; returns whether the task has finished.
     pub fn wait_timeout(&mut self, timeout: Duration) -> bool {
-        self.poll(Some(Instant::now() + timeout));
+        self.poll(crate::time::deadline(timeout));
         !matches!(self.state, AsyncState::Waiting)
     }
 

@@ -631,7 +631,7 @@ where
     /// Like [`join`](Self::join), giving up after `timeout` with [`ProcessError::Timeout`];
     /// the process runs on and can be joined again. Python's `p.join(timeout)`.
     pub fn join_timeout(&mut self, timeout: Duration) -> Result<R, ProcessError> {
-        self.join_until(Some(Instant::now() + timeout))
+        self.join_until(crate::time::deadline(timeout))
     }
 
     fn join_until(&mut self, deadline: Option<Instant>) -> Result<R, ProcessError> {

@@ -223,12 +223,6 @@ fn de_map<'de, D: Deserializer<'de>>(d: D, kind: Kind) -> Result<Arc<Mapping>, D
     open(fd, kind).map_err(crate::ipc::de_error)
 }
 
-fn deadline(timeout: Duration) -> Instant {
-    Instant::now()
-        .checked_add(timeout)
-        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365 * 100))
-}
-
 // --- Lock -----------------------------------------------------------------------------------
 
 /// How an acquisition went: whether the previous holder died holding the lock.
@@ -328,7 +322,8 @@ macro_rules! robust_lock {
 
             /// Like [`lock`](Self::lock), giving up after `timeout` (`Ok(None)`).
             pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<$guard<'_>>, SyncError> {
-                Ok(lock_until(&self.mutex, Some(deadline(timeout)))?.map(|a| $guard::new(self, a)))
+                Ok(lock_until(&self.mutex, crate::time::deadline(timeout))?
+                    .map(|a| $guard::new(self, a)))
             }
 
             /// Takes the lock if it can be had now (`Ok(None)` if not).
@@ -348,7 +343,7 @@ macro_rules! robust_lock {
                 &self,
                 timeout: Duration,
             ) -> Result<Option<Acquired>, SyncError> {
-                lock_until(&self.mutex, Some(deadline(timeout)))
+                lock_until(&self.mutex, crate::time::deadline(timeout))
             }
 
             /// Takes the lock if it can be had now;
@@ -481,7 +476,7 @@ impl Semaphore {
 
     /// Like [`acquire`](Self::acquire), giving up after `timeout`; `false` if it did.
     pub fn acquire_timeout(&self, timeout: Duration) -> bool {
-        self.acquire_until(Some(deadline(timeout)))
+        self.acquire_until(crate::time::deadline(timeout))
     }
 
     /// Decrements the value if it is positive now; Python's `acquire(block=False)`.
@@ -657,7 +652,7 @@ impl Event {
     /// Waits at most `timeout` for the flag; returns whether it is set. Python's
     /// `wait(timeout)`.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        self.wait_until(Some(deadline(timeout)))
+        self.wait_until(crate::time::deadline(timeout))
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
@@ -759,7 +754,7 @@ impl Condition {
         guard: &mut LockGuard<'_>,
         timeout: Duration,
     ) -> Result<bool, SyncError> {
-        self.wait_until(guard, Some(deadline(timeout)))
+        self.wait_until(guard, crate::time::deadline(timeout))
     }
 
     /// Waits until `predicate` (called with the lock held) is true, or `timeout` (if any) runs
@@ -770,7 +765,7 @@ impl Condition {
         mut predicate: impl FnMut() -> bool,
         timeout: Option<Duration>,
     ) -> Result<bool, SyncError> {
-        let deadline = timeout.map(deadline);
+        let deadline = timeout.and_then(crate::time::deadline);
         loop {
             if predicate() {
                 return Ok(true);
@@ -907,7 +902,7 @@ impl Barrier {
     /// Waits at most `timeout` for all parties; on timeout the barrier breaks and this (and
     /// every other waiter) gets [`SyncError::BrokenBarrier`]. Python's `wait(timeout)`.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<u32, SyncError> {
-        self.wait_until(Some(deadline(timeout)))
+        self.wait_until(crate::time::deadline(timeout))
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> Result<u32, SyncError> {
