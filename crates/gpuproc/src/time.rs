@@ -88,7 +88,11 @@ mod tests {
     #[test]
     fn seconds_saturate_and_reject_nonsense() {
         assert_eq!(duration_from_secs_f64(0.0), Ok(Duration::ZERO));
-        assert_eq!(duration_from_secs_f64(1e19), Ok(Duration::MAX));
+        assert_eq!(duration_from_secs_f64(1e20), Ok(Duration::MAX));
+        assert_eq!(
+            duration_from_secs_f64(1e19),
+            Ok(Duration::from_secs(10_000_000_000_000_000_000))
+        );
         assert_eq!(duration_from_secs_f64(f64::INFINITY), Ok(Duration::MAX));
         assert!(duration_from_secs_f64(f64::NAN).is_err());
         assert!(duration_from_secs_f64(-0.5).is_err());
