@@ -38,13 +38,10 @@ fn main() -> ExitCode {
                 }
                 return ExitCode::from(code);
             }
-            let gpu_error = err.downcast_ref::<gpuproc::gpu::GpuError>();
-            let no_driver = gpu_error.is_some_and(|e| e.is_no_driver());
-            // A GpuError is already one complete sentence; other errors show their causes.
-            let _ = match gpu_error {
-                Some(e) => writeln!(io::stderr(), "gpuproc: {e}"),
-                None => writeln!(io::stderr(), "gpuproc: {err:#}"),
-            };
+            let no_driver = err
+                .downcast_ref::<gpuproc::gpu::GpuError>()
+                .is_some_and(|e| e.is_no_driver());
+            let _ = writeln!(io::stderr(), "gpuproc: {}", report(&err));
             ExitCode::from(if no_driver {
                 cli::EXIT_NO_DRIVER
             } else {
@@ -52,6 +49,25 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: `what: why: deeper why`. A cause
+/// whose text the previous message already quotes (some libraries repeat their source in
+/// their message) is left out.
+fn report(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    let mut last = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !text.is_empty() && !last.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        last = text;
+    }
+    line
 }
 
 /// A closed pipe (`gpuproc gpus | head`) is how the reader says it has enough.

@@ -332,3 +332,32 @@ fn cross_check_with_pynvml_and_gpustat() {
     assert_eq!(host.cmdline, full);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An error with a cause prints the cause once: not repeated by a message that also quotes
+/// it, and not dropped either.
+#[test]
+fn nested_errors_show_each_cause_once() {
+    // NVML's own error repeats the loader's message; the loader's reason is what matters.
+    for command in [&["gpus"][..], &["pick"]] {
+        let mut cmd = gpuproc("default");
+        cmd.args(command).env("GPUPROC_NVML_LIB", "/nonexistent");
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    }
+
+    // A runtime directory that cannot be created: the lease table's error, then the OS's.
+    let dir = scratch_dir("nested-errors");
+    let file = dir.join("file");
+    std::fs::write(&file, "").unwrap();
+    let mut cmd = sim_gpuproc("4gpu", Some(&file.join("runtime")));
+    cmd.arg("pick");
+    let out = run(cmd);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("gpuproc: GPU lease table "), "{err}");
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -66,6 +66,16 @@
 //! [`ProcessError::Killed`]; [`Process::exitcode`] follows Python (negative signal number).
 //! Children write to the parent's standard output and error.
 //!
+//! # Errors
+//!
+//! Each area has one error type ([`ProcessError`], [`PoolError`], [`ChannelError`],
+//! [`SyncError`], [`ShmError`], [`gpu::GpuError`], [`gpu::PickError`]). Its `Display` is one
+//! sentence about what failed; the underlying cause (an OS error, say) is its
+//! [`source()`](std::error::Error::source) and is not repeated in the message, so reports
+//! that print the chain (`anyhow`'s `{:#}`) show each cause once. Its `Debug` (what
+//! `fn main() -> Result<..>`, `unwrap()` and `expect()` print) is the message followed by
+//! every cause: `{e:?}` is the whole story in one line.
+//!
 //! # Children never outlive their parent
 //!
 //! Each child dies with its parent, even when the parent is killed with SIGKILL: through
@@ -111,6 +121,7 @@
 //! at a fixed width but cannot tell when every item of a chunk has the same layout).
 
 pub mod channel;
+mod errors;
 pub mod gpu;
 mod ipc;
 pub mod pool;

@@ -50,7 +50,7 @@ pub fn duration_from_secs_f64(secs: f64) -> Result<Duration, InvalidDuration> {
 }
 
 /// A number of seconds that is not a duration: negative or NaN.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 pub struct InvalidDuration(pub f64);
 
 impl fmt::Display for InvalidDuration {

@@ -465,10 +465,11 @@ fn processes_get_leased_gpus() {
             let err = r.start().unwrap_err();
             let why = err.gpu_error().expect("a GPU error");
             assert!(why.is_none_free(), "{err}");
+            assert!(err.to_string().ends_with("could not get its GPUs"), "{err}");
+            // The cause follows in the chain, which Debug prints.
             assert!(
-                err.to_string()
-                    .contains("could not get its GPUs: none free"),
-                "{err}"
+                format!("{err:?}").contains("could not get its GPUs: none free"),
+                "{err:?}"
             );
             assert!(r.pid().is_none());
             all.release().unwrap();

@@ -151,7 +151,8 @@ pub fn failure(err: &anyhow::Error) -> Option<(u8, Option<String>)> {
     if pick.is_none_free() {
         Some((EXIT_NONE_FREE, Some(pick.to_string())))
     } else if pick.is_no_driver() {
-        Some((crate::cli::EXIT_NO_DRIVER, Some(pick.to_string())))
+        // Debug is the message with its causes (why the library did not load).
+        Some((crate::cli::EXIT_NO_DRIVER, Some(format!("{pick:?}"))))
     } else {
         None
     }

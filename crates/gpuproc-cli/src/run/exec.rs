@@ -367,7 +367,7 @@ impl<'a> Executor<'a> {
         let runtime = running.start.elapsed();
         if let Some(lease) = running.lease.take() {
             if let Err(e) = lease.release() {
-                self.note(&format!("releasing a GPU lease: {e}"));
+                self.note(&format!("releasing a GPU lease: {e:?}"));
             }
         }
         let failed = exit != Exit::Code(0) || running.timed_out;

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// `EOFError` ([`is_disconnected`](Self::is_disconnected)), `queue.Empty`
 /// ([`is_empty`](Self::is_empty)), `queue.Full` ([`is_full`](Self::is_full)) and
 /// `TimeoutError` ([`is_timeout`](Self::is_timeout)).
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum ChannelError {
     /// The other end is closed: every process holding it dropped or closed it (or died).
@@ -63,7 +63,7 @@ pub enum ChannelError {
     #[error("task_done() called more times than there were items put in the queue")]
     TaskDoneTooOften,
     /// A system call failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What gpuproc was doing.
         context: &'static str,
@@ -161,11 +161,10 @@ impl<T> SendError<T> {
     }
 }
 
+/// Reads like `Display`, then the causes; the value is not shown.
 impl<T> fmt::Debug for SendError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SendError")
-            .field("error", &self.error)
-            .finish_non_exhaustive()
+        crate::errors::write_chain(self, f)
     }
 }
 
@@ -175,9 +174,10 @@ impl<T> fmt::Display for SendError<T> {
     }
 }
 
+/// The message includes the [`ChannelError`]'s, so the source is that error's own source.
 impl<T> std::error::Error for SendError<T> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
+        std::error::Error::source(&self.error)
     }
 }
 

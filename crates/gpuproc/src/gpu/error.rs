@@ -1,7 +1,6 @@
 //! The one error type of the GPU layer, with a kind for callers that branch on the cause.
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -44,16 +43,6 @@ pub struct GpuError {
     message: String,
     #[source]
     source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
-}
-
-impl fmt::Debug for GpuError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GpuError")
-            .field("kind", &self.kind)
-            .field("message", &self.message)
-            .field("source", &self.source.as_ref().map(|s| s.to_string()))
-            .finish()
-    }
 }
 
 impl GpuError {
@@ -124,6 +113,8 @@ impl GpuError {
 /// is a phrase like "reading the memory of GPU 3").
 pub(crate) fn from_nvml(err: nvml_wrapper::error::NvmlError, while_: &str) -> GpuError {
     use nvml_wrapper::error::NvmlError as E;
+    // The NVML error is the source, unless the message already quotes it.
+    let mut quoted = false;
     let (kind, message) = match &err {
         E::LibloadingError(_) | E::LibraryNotFound => (
             GpuErrorKind::NoLibrary,
@@ -138,12 +129,16 @@ pub(crate) fn from_nvml(err: nvml_wrapper::error::NvmlError, while_: &str) -> Gp
                 "the NVIDIA driver is not loaded, so no GPU information is available ({while_})"
             ),
         ),
-        E::FailedToLoadSymbol(what) => (
-            GpuErrorKind::MissingFunction,
-            format!(
-                "the NVIDIA driver is too old for {while_}: libnvidia-ml lacks a function ({what})"
-            ),
-        ),
+        E::FailedToLoadSymbol(what) => {
+            quoted = true;
+            (
+                GpuErrorKind::MissingFunction,
+                format!(
+                    "the NVIDIA driver is too old for {while_}: libnvidia-ml lacks a function \
+                     ({what})"
+                ),
+            )
+        }
         E::FunctionNotFound => (
             GpuErrorKind::MissingFunction,
             format!("the NVIDIA driver is too old for {while_}: libnvidia-ml lacks the function"),
@@ -164,12 +159,20 @@ pub(crate) fn from_nvml(err: nvml_wrapper::error::NvmlError, while_: &str) -> Gp
             GpuErrorKind::NotFound,
             format!("no such device while {while_}"),
         ),
-        other => (
-            GpuErrorKind::Nvml,
-            format!("NVML failed while {while_}: {other}"),
-        ),
+        other => {
+            quoted = true;
+            (
+                GpuErrorKind::Nvml,
+                format!("NVML failed while {while_}: {other}"),
+            )
+        }
     };
-    GpuError::new(kind, message).with_source(err)
+    let error = GpuError::new(kind, message);
+    if quoted {
+        error
+    } else {
+        error.with_source(err)
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +197,11 @@ mod tests {
         );
         assert!(symbol.is_missing_function());
         assert!(symbol.to_string().contains("nvmlFoo"));
+        // The message quotes the NVML error, so it is not also the source.
+        assert!(symbol.source().is_none());
+        let other = from_nvml(NvmlError::Unknown, "x");
+        assert!(other.to_string().contains(&NvmlError::Unknown.to_string()));
+        assert!(other.source().is_none());
         assert!(from_nvml(NvmlError::NoPermission, "x").is_permission_denied());
         assert!(from_nvml(NvmlError::NotSupported, "x").is_not_supported());
         assert!(from_nvml(NvmlError::NotFound, "x").is_not_found());
@@ -209,6 +217,11 @@ mod tests {
         let copy = err.clone();
         assert_eq!(copy.to_string(), err.to_string());
         assert!(copy.source().is_some());
-        assert!(format!("{copy:?}").contains("GpuLost"));
+        assert_eq!(copy.kind(), GpuErrorKind::GpuLost);
+        // Debug reads as the message, then the NVML error it came from.
+        assert_eq!(
+            format!("{copy:?}"),
+            format!("{copy}: {}", copy.source().unwrap())
+        );
     }
 }

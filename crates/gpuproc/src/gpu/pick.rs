@@ -458,7 +458,9 @@ pub struct Verdict {
 }
 
 /// Why a pick found too few GPUs: every device with its verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its `Debug` is its `Display`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unavailable {
     /// How many GPUs were asked for.
     pub needed: usize,
@@ -514,7 +516,8 @@ impl fmt::Display for Unavailable {
             }
             match &d.rejection {
                 Some(r) => write!(f, ": {r}")?,
-                None => f.write_str(": qualifies")?,
+                // Not refused itself: too few others qualify alongside it.
+                None => f.write_str(": qualifies, but too few GPUs do")?,
             }
         }
         Ok(())
@@ -531,7 +534,7 @@ fn seconds(d: Duration) -> String {
 }
 
 /// Why GPUs could not be picked, or a lease not recorded or released.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum PickError {
     /// The GPUs could not be read: no driver ([`GpuError::is_no_driver`]), or NVML failed.
@@ -548,7 +551,7 @@ pub enum PickError {
         reason: String,
     },
     /// The lease table in the runtime directory could not be used.
-    #[error("GPU lease table {}: {context}: {source}", path.display())]
+    #[error("GPU lease table {}: {context}", path.display())]
     Lease {
         /// What gpuproc was doing.
         context: &'static str,
@@ -962,13 +965,17 @@ mod tests {
             "{text}"
         );
         for line in [
-            "GPU 0 (GPU-0000-0000): qualifies",
+            "GPU 0 (GPU-0000-0000): qualifies, but too few GPUs do",
             "GPU 1 (GPU-1111-0000): 95% utilized, at most 50% allowed",
             "GPU 2 (GPU-2222-0000): 40 GiB free, 50 GiB needed",
             "GPU 3 (GPU-3333-0000): used by other processes (pid 4242)",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }
+        // The error's Debug (what `fn main() -> Result` prints) is the same text: no
+        // `rejection: None`.
+        let err = PickError::NoneFree(Box::new(u));
+        assert_eq!(format!("{err:?}"), text);
     }
 
     #[test]

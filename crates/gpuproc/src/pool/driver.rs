@@ -625,7 +625,7 @@ impl Driver {
             match self.start_worker(slot) {
                 Ok(nw) => self.workers.push(nw),
                 Err(e) => {
-                    eprintln!("gpuproc pool: {e}");
+                    eprintln!("gpuproc pool: {e:?}"); // the message and its causes
                     if self.workers.is_empty() {
                         self.fail_all_pending(|index| PoolError::WorkerDied {
                             index,

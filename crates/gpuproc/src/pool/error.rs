@@ -9,7 +9,7 @@ use crate::sys::{signal_name, ExitStatus};
 /// Why a pool task produced no result, or why the pool could not do what was asked.
 ///
 /// Errors about one task carry its index in the input ([`index`](Self::index)).
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolError {
     /// The task panicked; the worker survived.
@@ -100,13 +100,13 @@ pub enum PoolError {
     #[error("the result was already taken")]
     AlreadyTaken,
     /// GPUs for the workers could not be picked, or read.
-    #[error("{0}")]
-    Gpu(#[source] crate::gpu::PickError),
+    #[error(transparent)]
+    Gpu(crate::gpu::PickError),
     /// A worker process could not be started.
-    #[error("cannot start a pool worker: {0}")]
+    #[error("cannot start a pool worker")]
     Start(#[source] ProcessError),
     /// A system call failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What the pool was doing.
         context: &'static str,

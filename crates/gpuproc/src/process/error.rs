@@ -10,7 +10,7 @@ use crate::sys::signal_name;
 ///
 /// A child's panic, exit code and fatal signal are data here, never a hang: see
 /// [`is_panic`](Self::is_panic), [`exitcode`](Self::exitcode) and friends.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum ProcessError {
     /// The target panicked in the child.
@@ -133,7 +133,7 @@ pub enum ProcessError {
     },
     /// The GPUs asked for with [`Process::with_gpus`](crate::Process::with_gpus) (or its
     /// siblings) could not be picked; the process was not started.
-    #[error("process {name:?} could not get its GPUs: {source}")]
+    #[error("process {name:?} could not get its GPUs")]
     Gpu {
         /// The process's name.
         name: String,
@@ -142,7 +142,7 @@ pub enum ProcessError {
         source: PickError,
     },
     /// A system call failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What gpuproc was doing.
         context: &'static str,

@@ -49,7 +49,7 @@ use crate::sync::{Lock, SyncError};
 use crate::sys::shm::{self as sys, Mapping};
 
 /// Why a shared memory operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum ShmError {
     /// No block has this name.

@@ -64,7 +64,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::sys::shm::{self as sys, Locked, Mapping, MutexError, RobustMutex};
 
 /// Why a synchronisation operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum SyncError {
     /// The calling thread already holds this (non-recursive) lock: waiting would never end.
