@@ -195,7 +195,7 @@ fn cross_check_with_pynvml_and_gpustat() {
     std::fs::create_dir_all(&state).unwrap();
     // A real, live process (this test) holding 3 GiB on GPU 4: every tool must see it.
     let me = std::process::id();
-    std::fs::write(state.join(format!("4-{me}")), (3u64 << 30).to_string()).unwrap();
+    nvml_sim::state::write_allocation(&state, 4, me, 3 << 30).unwrap();
 
     let env = |cmd: &mut Command| {
         cmd.env("NVML_SIM_SCENARIO", "8gpu")

@@ -395,7 +395,7 @@ fn busy_gpus_wait_with_wait_free() {
     std::fs::create_dir_all(&state).expect("state dir");
     // This test process "uses" 1 GiB on GPU 0: someone else's work.
     let foreign = state.join(format!("0-{}", std::process::id()));
-    std::fs::write(&foreign, "1073741824").expect("state");
+    nvml_sim::state::write_allocation(&state, 0, std::process::id(), 1 << 30).expect("state");
     let uuids = uuids("4gpu");
     let mut cmd = gpuproc("4gpu");
     cmd.env("NVML_SIM_STATE_DIR", &state)

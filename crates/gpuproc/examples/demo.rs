@@ -40,9 +40,10 @@ fn work(task: u32) -> Result<Report, String> {
     let d = &mine.device;
     let pid = std::process::id();
     if let Some(dir) = std::env::var_os(SIM_STATE_DIR) {
-        // On the simulator, stand in for a framework's allocation: (task + 1) GiB.
-        let file = PathBuf::from(dir).join(format!("{}-{pid}", d.index));
-        std::fs::write(file, ((u64::from(task) + 1) << 30).to_string())
+        // On the simulator, stand in for a framework's allocation: (task + 1) GiB. The file
+        // is written aside and renamed, so the pool's sampler never reads it half written.
+        let bytes = (u64::from(task) + 1) << 30;
+        nvml_sim::state::write_allocation(&PathBuf::from(dir), d.index, pid, bytes)
             .map_err(|e| e.to_string())?;
     }
     // The "work": hold the memory a moment, so the pool's sampler sees it.

@@ -190,7 +190,7 @@ fn eight_gpus_with_processes() {
 fn live_processes_from_the_state_dir() {
     let dir = scratch_dir("state");
     let parent = std::process::id();
-    std::fs::write(dir.join(format!("3-{parent}")), (5u64 << 30).to_string()).unwrap();
+    nvml_sim::state::write_allocation(&dir, 3, parent, 5 << 30).unwrap();
     let dir_text = dir.to_string_lossy().into_owned();
     in_scenario(
         "live_processes_from_the_state_dir",

@@ -1,6 +1,13 @@
 //! Run-time state: the reference-counted init, the loaded scenario, device handles, failure
 //! counters and live allocations from `NVML_SIM_STATE_DIR`.
+//!
+//! A live allocation is a file `<gpu-index>-<pid>` holding a decimal byte count. Write it with
+//! [`write_allocation`] (aside, then renamed over the old one), so a query never reads it half
+//! written. A file that is still read empty or not as a number (someone wrote it in place)
+//! counts as the last value this process read from it, or as 0 bytes: the process stays listed.
 
+use std::collections::HashMap;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -144,6 +151,8 @@ pub struct Sim {
     pub scenario: Scenario,
     failure_calls: Vec<AtomicU64>,
     state_dir: Option<PathBuf>,
+    /// The last byte count read from each `(gpu, pid)` file, for when it is read half written.
+    last_read: Mutex<HashMap<(usize, u32), u64>>,
 }
 
 impl Sim {
@@ -160,6 +169,7 @@ impl Sim {
                 .collect(),
             scenario,
             state_dir,
+            last_read: Mutex::default(),
         }
     }
 
@@ -312,14 +322,24 @@ impl Sim {
 
     /// `(pid, bytes)` from files `<gpu>-<pid>` in the state directory, live pids only.
     pub fn live_allocations(&self, gpu: usize) -> Vec<(u32, u64)> {
-        self.state_dir
-            .as_deref()
-            .map_or_else(Vec::new, |dir| read_allocations(dir, gpu))
+        let Some(dir) = self.state_dir.as_deref() else {
+            return Vec::new();
+        };
+        let mut last = self
+            .last_read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let out = read_allocations(dir, gpu, &last);
+        // Remember this GPU's values; forget files that are gone.
+        last.retain(|&(g, _), _| g != gpu);
+        last.extend(out.iter().map(|&(pid, bytes)| ((gpu, pid), bytes)));
+        out
     }
 }
 
-/// Unreadable, malformed or half-written files are skipped: a worker may be writing one.
-fn read_allocations(dir: &Path, gpu: usize) -> Vec<(u32, u64)> {
+/// The files `<gpu>-<pid>` of live processes in `dir`. A file read empty or not as a number
+/// (being written in place) is read once more, then counts as its value in `last`, else 0.
+fn read_allocations(dir: &Path, gpu: usize, last: &HashMap<(usize, u32), u64>) -> Vec<(u32, u64)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -335,16 +355,57 @@ fn read_allocations(dir: &Path, gpu: usize) -> Vec<(u32, u64)> {
             if !Path::new("/proc").join(pid.to_string()).exists() {
                 return None;
             }
-            let bytes = std::fs::read_to_string(e.path())
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
+            let path = e.path();
+            let read = || match std::fs::read_to_string(&path) {
+                Ok(text) => Ok(parse_bytes(&text)),
+                Err(e) => Err(e.kind()),
+            };
+            let bytes = match read() {
+                Ok(Some(bytes)) => bytes,
+                // Removed since the directory was listed: the allocation is over.
+                Err(io::ErrorKind::NotFound) => return None,
+                _ => match read() {
+                    Ok(Some(bytes)) => bytes,
+                    Err(io::ErrorKind::NotFound) => return None,
+                    _ => last.get(&(gpu, pid)).copied().unwrap_or(0),
+                },
+            };
             Some((pid, bytes))
         })
         .collect();
     out.sort_unstable();
     out
+}
+
+/// A byte count: decimal digits, with surrounding whitespace (a final newline) allowed.
+fn parse_bytes(text: &str) -> Option<u64> {
+    let digits = text.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Records that process `pid` uses `bytes` of GPU `gpu`'s memory: writes file `<gpu>-<pid>` in
+/// the state directory `dir` aside (a unique name the simulator ignores, in the same
+/// directory) and renames it into place, so a concurrent query never reads it half written.
+pub fn write_allocation(dir: &Path, gpu: u32, pid: u32, bytes: u64) -> io::Result<()> {
+    static ASIDE_NUMBER: AtomicU64 = AtomicU64::new(0);
+    let n = ASIDE_NUMBER.fetch_add(1, Ordering::Relaxed);
+    // Starts with a dot, so it never parses as `<gpu>-<pid>`.
+    let aside = dir.join(format!(".{gpu}-{pid}.{}.{n}.new", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&aside)?;
+        file.write_all(format!("{bytes}\n").as_bytes())?;
+        std::fs::rename(&aside, dir.join(format!("{gpu}-{pid}")))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&aside);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -414,6 +475,7 @@ mod tests {
         let s = Sim {
             failure_calls: Vec::new(),
             state_dir: scenario.state_dir.clone(),
+            last_read: Mutex::default(),
             scenario,
         };
         let procs = s.processes(Target::Gpu(0), ProcessKind::Compute);

@@ -713,6 +713,55 @@ fn live_allocations_from_the_state_dir() {
 }
 
 #[test]
+fn half_written_state_files_do_not_hide_the_process() {
+    let dir = temp_dir("half-written");
+    let me = std::process::id();
+    let file = dir.join(format!("0-{me}"));
+    // Written aside and renamed: only the final file is left, with a final newline.
+    nvml_sim::state::write_allocation(&dir, 0, me, 1 << 30).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec![format!("0-{me}")]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "1073741824\n");
+
+    let path = dir.join("s.json");
+    let scenario = format!(
+        r#"{{"state_dir": {:?}, "devices": [{{"memory_used": 0}}]}}"#,
+        dir.join("").to_str().unwrap()
+    );
+    std::fs::write(&path, scenario).unwrap();
+    let _s = session(path.to_str().unwrap());
+    let h = handle(0);
+    if std::env::var_os(nvml_sim::STATE_DIR_ENV).is_none() {
+        let listed = || {
+            let (rc, _, list) = procs_v3("nvmlDeviceGetComputeRunningProcesses_v3", h, 4);
+            assert_eq!(rc, 0);
+            list.iter()
+                .map(|p| (p.pid, p.usedGpuMemory))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(listed(), vec![(me, 1 << 30)]);
+        // Caught by a query between an in-place writer's truncate and its write, or mid-way
+        // through its write: the last value read stands.
+        for torn in ["", "10737x", "\n"] {
+            std::fs::write(&file, torn).unwrap();
+            assert_eq!(listed(), vec![(me, 1 << 30)], "{torn:?}");
+            assert_eq!(memory_v2(h).used, 1 << 30, "{torn:?}");
+        }
+        nvml_sim::state::write_allocation(&dir, 0, me, 2 << 30).unwrap();
+        assert_eq!(listed(), vec![(me, 2 << 30)]);
+        // Never read whole yet: listed, with nothing counted.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(listed(), vec![]);
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(listed(), vec![(me, 0)]);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn concurrent_queries_from_many_threads() {
     let _s = session("8gpu");
     std::thread::scope(|s| {

@@ -120,11 +120,8 @@ fn pools_lease_their_gpus() {
 fn allocate(mib: u64) -> u32 {
     let dir = PathBuf::from(std::env::var("NVML_SIM_STATE_DIR").unwrap());
     let gpu = gpuproc::gpu::assigned().unwrap().devices[0].device.index;
-    std::fs::write(
-        dir.join(format!("{gpu}-{}", std::process::id())),
-        (mib << 20).to_string(),
-    )
-    .unwrap();
+    // Aside and renamed, so the pool's sampler never reads it half written.
+    nvml_sim::state::write_allocation(&dir, gpu, std::process::id(), mib << 20).unwrap();
     std::process::id()
 }
 
