@@ -327,7 +327,7 @@ impl<'a> Executor<'a> {
                     // The lease lasts while the runner *or* the job runs: a job orphaned by
                     // a killed runner keeps its GPUs.
                     if let Err(e) = lease.share_with(pid) {
-                        self.note(&format!("job {}: GPU lease: {e}", job.seq));
+                        self.note(&format!("job {}: GPU lease: {e:?}", job.seq));
                     }
                 }
                 self.running.insert(
