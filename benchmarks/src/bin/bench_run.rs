@@ -42,12 +42,13 @@ fn main() {
     let job_file = scratch.join("jobs.txt");
     std::fs::write(&job_file, "true\n".repeat(jobs)).expect("job file");
 
+    // GNU parallel only: moreutils installs another `parallel` with other options.
     let have_parallel = Command::new("parallel")
         .arg("--version")
-        .stdout(Stdio::null())
+        .stdin(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"GNU parallel"));
 
     let mut rows: Vec<(&str, Vec<f64>)> = Vec::new();
     let time = |mut cmd: Command, stdin_file: Option<&PathBuf>| -> f64 {
@@ -98,7 +99,7 @@ fn main() {
     if have_parallel {
         rows.push(("GNU parallel -j 2", gnu));
     } else {
-        eprintln!("GNU parallel not found (apt-get install parallel): its row is missing");
+        eprintln!("GNU parallel not found (scripts/sysdeps installs it): its row is missing");
     }
 
     let median = |v: &[f64]| {
