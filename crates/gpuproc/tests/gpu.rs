@@ -521,3 +521,165 @@ fn picks_wait_for_gpus_to_free_up() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// This user's lease file in `dir`.
+fn own_lease_file(dir: &std::path::Path) -> PathBuf {
+    dir.join(format!("leases.{}", rustix::process::geteuid().as_raw()))
+}
+
+/// `gpu::pick(criteria)` in the runtime directory `dir`, on a thread, answered within the
+/// deadline (a pick blocked on a file fails the test instead of hanging it).
+fn pick_in(dir: &std::path::Path, criteria: Criteria) -> Result<gpu::GpuLease, gpu::PickError> {
+    std::env::set_var(gpu::RUNTIME_DIR_ENV, dir);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(gpu::pick(&criteria));
+    });
+    rx.recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("a pick in {} blocked", dir.display()))
+}
+
+fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        0,
+    )
+    .expect("mkfifo");
+}
+
+#[test]
+fn planted_links_and_fifos_are_refused_without_blocking() {
+    let dir = scratch_dir("planted");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "planted_links_and_fifos_are_refused_without_blocking",
+        "4gpu",
+        &[("GPUPROC_TEST_SCRATCH", &dir_text)],
+        || {
+            use std::os::unix::fs::symlink;
+            let base = PathBuf::from(std::env::var_os("GPUPROC_TEST_SCRATCH").unwrap());
+            let victim = base.join("victim");
+            std::fs::write(&victim, "precious\n").unwrap();
+            let fresh = |name: &str| {
+                let d = base.join(name);
+                std::fs::create_dir(&d).unwrap();
+                d
+            };
+
+            // Links where a picker might write, and a link as another user's file: never
+            // written through, and the pick goes on.
+            let run = fresh("links");
+            let other = rustix::process::geteuid().as_raw().wrapping_add(1);
+            for name in ["leases.new", "leases", &format!("leases.{other}")] {
+                symlink(&victim, run.join(name)).unwrap();
+            }
+            let lease = pick_in(&run, Criteria::new()).expect("a pick beside planted links");
+            lease.release().unwrap();
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+            assert!(std::fs::symlink_metadata(run.join("leases.new"))
+                .unwrap()
+                .is_symlink());
+
+            // A link as this user's own file: refused, the target untouched.
+            let run = fresh("own-link");
+            symlink(&victim, own_lease_file(&run)).unwrap();
+            let err = pick_in(&run, Criteria::new()).unwrap_err();
+            assert!(err.is_lease(), "{err:?}");
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+
+            // A dangling link as the lock file: refused, its target not created.
+            let run = fresh("lock-link");
+            let target = base.join("created-through-the-link");
+            symlink(&target, run.join("leases.lock")).unwrap();
+            let err = pick_in(&run, Criteria::new()).unwrap_err();
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert!(!target.exists());
+
+            // FIFOs: refused at once where gpuproc reads, ignored where it does not.
+            for (i, name) in ["leases.lock", "own", "leases", "leases.new"]
+                .into_iter()
+                .enumerate()
+            {
+                let run = fresh(&format!("fifo-{i}"));
+                let path = match name {
+                    "own" => own_lease_file(&run),
+                    _ => run.join(name),
+                };
+                mkfifo(&path);
+                let got = pick_in(&run, Criteria::new());
+                match name {
+                    "leases.lock" | "own" => {
+                        let err = got.unwrap_err();
+                        assert!(err.is_lease(), "{name}: {err:?}");
+                        assert!(err.to_string().contains("a FIFO"), "{name}: {err}");
+                    }
+                    _ => got.expect("a FIFO that is no lease file").release().unwrap(),
+                }
+            }
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_unreadable_table_hands_out_no_gpu() {
+    let dir = scratch_dir("unreadable");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "an_unreadable_table_hands_out_no_gpu",
+        "4gpu",
+        &[(gpu::RUNTIME_DIR_ENV, &dir_text)],
+        || {
+            let dir = PathBuf::from(std::env::var_os(gpu::RUNTIME_DIR_ENV).unwrap());
+            let file = own_lease_file(&dir);
+            let held = gpu::pick(&Criteria::new().count(4)).unwrap();
+            let text = std::fs::read(&file).expect("the lease file");
+            // Emptied, or cut anywhere: no pick takes a held GPU.
+            for cut in [0, 1, text.len() / 2, text.len() - 1] {
+                std::fs::write(&file, &text[..cut]).unwrap();
+                let err = gpu::pick(&Criteria::new()).unwrap_err();
+                assert!(err.is_lease(), "cut at {cut}: {err:?}");
+                let msg = err.to_string();
+                assert!(msg.contains("no GPU is handed out"), "{msg}");
+                assert!(msg.contains(&format!("remove {}", file.display())), "{msg}");
+            }
+            // Restored: the leases count again, and the holder can release them.
+            std::fs::write(&file, &text).unwrap();
+            assert!(gpu::pick(&Criteria::new()).unwrap_err().is_none_free());
+            held.release().unwrap();
+            gpu::pick(&Criteria::new().count(4)).unwrap().release().unwrap();
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn picks_that_wait_for_ever_do_not_panic() {
+    let dir = scratch_dir("forever");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "picks_that_wait_for_ever_do_not_panic",
+        "4gpu",
+        &[(gpu::RUNTIME_DIR_ENV, &dir_text)],
+        || {
+            // Satisfiable: answered at once.
+            let held = gpu::pick(&Criteria::new().count(4).wait(Duration::MAX)).unwrap();
+            // None free: it waits (without panicking) until the holder releases.
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let got = gpu::pick(&Criteria::new().wait(Duration::MAX));
+                let _ = tx.send(got.map(|lease| lease.indices()));
+            });
+            assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+            let first = held.indices()[0];
+            held.release().unwrap();
+            let got = rx.recv_timeout(DEADLINE).expect("the waiter answers");
+            assert_eq!(got.unwrap(), vec![first]);
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
