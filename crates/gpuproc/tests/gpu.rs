@@ -617,7 +617,10 @@ fn planted_links_and_fifos_are_refused_without_blocking() {
                         assert!(err.is_lease(), "{name}: {err:?}");
                         assert!(err.to_string().contains("a FIFO"), "{name}: {err}");
                     }
-                    _ => got.expect("a FIFO that is no lease file").release().unwrap(),
+                    _ => got
+                        .expect("a FIFO that is no lease file")
+                        .release()
+                        .unwrap(),
                 }
             }
         },
@@ -651,7 +654,10 @@ fn an_unreadable_table_hands_out_no_gpu() {
             std::fs::write(&file, &text).unwrap();
             assert!(gpu::pick(&Criteria::new()).unwrap_err().is_none_free());
             held.release().unwrap();
-            gpu::pick(&Criteria::new().count(4)).unwrap().release().unwrap();
+            gpu::pick(&Criteria::new().count(4))
+                .unwrap()
+                .release()
+                .unwrap();
         },
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -829,7 +835,9 @@ fn two_users_share_a_team_runtime_directory() {
             }
         }
     });
-    let held = rx.recv_timeout(DEADLINE).expect("the first user holds a GPU");
+    let held = rx
+        .recv_timeout(DEADLINE)
+        .expect("the first user holds a GPU");
     let lock = std::fs::metadata(dir.join("leases.lock")).unwrap();
     assert_eq!((lock.uid(), lock.mode() & 0o777), (USER_A, 0o644));
 
@@ -851,6 +859,10 @@ fn two_users_share_a_team_runtime_directory() {
     let status = rx.recv_timeout(DEADLINE).expect("the first user ends");
     assert!(status.unwrap().success());
     let out = output_within(as_user(USER_B, "all", &dir), DEADLINE);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

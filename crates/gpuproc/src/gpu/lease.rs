@@ -38,8 +38,8 @@
 //! - They cannot let two pickers in at once by replacing `leases.lock` (which they may own):
 //!   pickers also lock the directory, which only its owner can replace.
 //! - They can stall everyone: by holding the lock (each picker gives up after 30 s with an
-//!   error saying so), by making `leases.lock` unreadable, or by leaving an unparsable file of
-//!   their own (every pick then fails with an error naming it). They can also lease every GPU
+//!   error saying so), by making `leases.lock` unreadable, or by leaving an unreadable or
+//!   unparsable lease file of their own (every pick then fails with an error naming it). They can also lease every GPU
 //!   for themselves, as any user can. None of this hands a GPU out twice.
 //! - The directory's owner and root can do anything, as with any directory.
 //!
@@ -226,7 +226,8 @@ impl LeaseTable {
             });
         };
         let mut lines = body.split('\n').enumerate();
-        let bad = |n: usize, line: &str, what: &str| format!("line {}: {what}: {}", n + 1, quote(line));
+        let bad =
+            |n: usize, line: &str, what: &str| format!("line {}: {what}: {}", n + 1, quote(line));
         let (_, header) = lines.next().unwrap_or((0, ""));
         let format = header
             .strip_prefix(HEADER_PREFIX)
@@ -318,7 +319,10 @@ impl LeaseTable {
 /// A lease line after its `lease` keyword: the id, then every field (`key=value`; fields
 /// from a newer gpuproc are skipped, but each of ours must be there, once).
 fn parse_lease<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<LeaseRecord, &'static str> {
-    let id = words.next().filter(|w| !w.is_empty()).ok_or("no lease id")?;
+    let id = words
+        .next()
+        .filter(|w| !w.is_empty())
+        .ok_or("no lease id")?;
     let (mut boot, mut created, mut share, mut holders, mut gpus) = (None, None, None, None, None);
     for word in words {
         let (key, value) = word.split_once('=').ok_or("no '='")?;
@@ -489,10 +493,15 @@ impl Store {
     fn open_dir(&self) -> Result<OwnedFd, PickError> {
         let dir = sys::flock::open_dir(&self.dir)
             .map_err(PickError::lease("opening the runtime directory", &self.dir))?;
-        let info = sys::flock::info(&dir)
-            .map_err(PickError::lease("inspecting the runtime directory", &self.dir))?;
+        let info = sys::flock::info(&dir).map_err(PickError::lease(
+            "inspecting the runtime directory",
+            &self.dir,
+        ))?;
         if info.others_may_write() && !info.is_sticky() {
-            return Err(PickError::lease("checking the runtime directory", &self.dir)(refuse(
+            return Err(PickError::lease(
+                "checking the runtime directory",
+                &self.dir,
+            )(refuse(
                 io::ErrorKind::PermissionDenied,
                 format!(
                     "other users may write to it (mode {:04o}) but it is not sticky, so any of \
@@ -631,8 +640,8 @@ impl Store {
 
     /// The leases of every user but `me` (whose file the caller reads itself).
     fn read_others(&self, dir: &OwnedFd, me: u32) -> Result<Vec<LeaseRecord>, PickError> {
-        let names = sys::flock::list_dir(dir.as_fd())
-            .map_err(PickError::lease("listing", &self.dir))?;
+        let names =
+            sys::flock::list_dir(dir.as_fd()).map_err(PickError::lease("listing", &self.dir))?;
         let mut all = Vec::new();
         for uid in names.iter().filter_map(|n| user_of(n)) {
             if uid != me {
@@ -1258,7 +1267,13 @@ mod tests {
     fn lease_file_names() {
         assert_eq!(user_file(1000), "leases.1000");
         assert_eq!(user_of("leases.1000"), Some(1000));
-        for name in ["leases", "leases.", "leases.lock", "leases.1000.new.1.2", "leases.+1"] {
+        for name in [
+            "leases",
+            "leases.",
+            "leases.lock",
+            "leases.1000.new.1.2",
+            "leases.+1",
+        ] {
             assert_eq!(user_of(name), None, "{name}");
         }
         assert_eq!(user_of("leases.99999999999"), None);

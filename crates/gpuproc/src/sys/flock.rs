@@ -145,7 +145,11 @@ pub(crate) fn create_new_at(
     mode: u32,
     write: bool,
 ) -> io::Result<File> {
-    let access = if write { OFlags::WRONLY } else { OFlags::RDONLY };
+    let access = if write {
+        OFlags::WRONLY
+    } else {
+        OFlags::RDONLY
+    };
     let fd = rustix::fs::openat(
         dir,
         name,
