@@ -426,10 +426,14 @@ fn user_file(uid: u32) -> String {
 /// The user whose lease file `name` is, if it names one (`leases.<uid>`, digits only).
 fn user_of(name: &str) -> Option<u32> {
     let digits = name.strip_prefix(TABLE)?.strip_prefix('.')?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    // Only the name gpuproc writes: `leases.0123` is not a second name for `leases.123`.
+    digits
+        .parse()
+        .ok()
+        .filter(|uid: &u32| uid.to_string() == digits)
 }
 
 fn refuse(kind: io::ErrorKind, why: impl Into<String>) -> io::Error {
@@ -550,6 +554,11 @@ impl Store {
     /// itself, which no user but its owner can remove or replace, so a user who replaces
     /// `leases.lock` (their own file) cannot let two pickers in at once.
     fn lock(&self) -> Result<Locked<'_>, PickError> {
+        self.lock_within(LOCK_TIMEOUT)
+    }
+
+    /// [`lock`](Self::lock), giving up after `timeout`.
+    fn lock_within(&self, timeout: Duration) -> Result<Locked<'_>, PickError> {
         let dir = self.open_dir()?;
         let lock = self.open_lock_file(&dir)?;
         let started = Instant::now();
@@ -571,12 +580,12 @@ impl Store {
                     _lock: lock,
                 });
             }
-            if started.elapsed() >= LOCK_TIMEOUT {
+            if started.elapsed() >= timeout {
                 return Err(PickError::lease("locking", &path)(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "another process has held the lock for {}s (a stopped picker?)",
-                        LOCK_TIMEOUT.as_secs()
+                        timeout.as_secs()
                     ),
                 )));
             }
@@ -1277,6 +1286,71 @@ mod tests {
             assert_eq!(user_of(name), None, "{name}");
         }
         assert_eq!(user_of("leases.99999999999"), None);
+        assert_eq!(user_of("leases.0"), Some(0));
+        assert_eq!(user_of("leases.01000"), None);
+    }
+
+    fn scratch(name: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("gpuproc-lease-{}-{name}", sys::getpid()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Store { dir }
+    }
+
+    #[test]
+    fn replacing_the_lock_file_does_not_let_a_second_picker_in() {
+        let store = scratch("relock");
+        let held = store.lock().unwrap();
+        // Whoever owns `leases.lock` may replace it; the directory stays locked.
+        fs::rename(store.dir.join(LOCK), store.dir.join("old.lock")).unwrap();
+        let err = store.lock_within(Duration::ZERO).unwrap_err();
+        assert!(err.to_string().contains("held the lock"), "{err}");
+        drop(held);
+        drop(store.lock_within(Duration::ZERO).unwrap());
+        let _ = fs::remove_dir_all(&store.dir);
+    }
+
+    #[test]
+    fn a_writable_runtime_directory_must_be_sticky() {
+        use std::os::unix::fs::PermissionsExt;
+        let store = scratch("sticky");
+        fs::set_permissions(&store.dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = store.lock().unwrap_err();
+        assert!(err.to_string().contains("chmod +t"), "{err}");
+        fs::set_permissions(&store.dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        let locked = store.lock().unwrap();
+        let mut table = locked.read_own().unwrap();
+        table.set_cursor(2);
+        locked.write(&table).unwrap();
+        assert_eq!(locked.read_own().unwrap().cursor(), Some(2));
+        // Only the lock file and this user's lease file: nothing left aside.
+        let mut names = sys::flock::list_dir(locked.dir.as_fd()).unwrap();
+        names.sort();
+        let mut expected = vec![LOCK.to_string(), user_file(sys::flock::geteuid())];
+        expected.sort();
+        assert_eq!(names, expected);
+        drop(locked);
+        let _ = fs::remove_dir_all(&store.dir);
+    }
+
+    #[test]
+    fn only_regular_files_of_the_named_user_are_trusted() {
+        use sys::flock::{FileInfo, Kind};
+        let file = |kind, uid| FileInfo {
+            kind,
+            uid,
+            mode: 0o644,
+            dev: 0,
+            ino: 0,
+        };
+        assert_eq!(untrusted(&file(Kind::Regular, 7), Some(7)), None);
+        assert_eq!(untrusted(&file(Kind::Regular, 8), None), None);
+        let why = untrusted(&file(Kind::Regular, 8), Some(7)).unwrap();
+        assert!(why.contains("belongs to uid 8, not to uid 7"), "{why}");
+        assert!(untrusted(&file(Kind::Symlink, 7), Some(7)).is_some());
+        assert!(untrusted(&file(Kind::Directory, 7), None).is_some());
+        let why = untrusted(&file(Kind::Other("a FIFO"), 7), None).unwrap();
+        assert!(why.contains("a FIFO"), "{why}");
     }
 
     #[test]
