@@ -52,8 +52,6 @@ pub(crate) struct FileInfo {
     pub uid: u32,
     /// Permission bits, with set-id and sticky bits (`0o7777`).
     pub mode: u32,
-    pub dev: u64,
-    pub ino: u64,
 }
 
 impl FileInfo {
@@ -72,8 +70,6 @@ impl FileInfo {
             kind,
             uid: stat.st_uid,
             mode: stat.st_mode & 0o7777,
-            dev: stat.st_dev,
-            ino: stat.st_ino,
         }
     }
 
