@@ -397,7 +397,9 @@ fn json_and_the_lease_left_to_the_parent() {
     assert_eq!(json["devices"][1]["uuid"], FOUR[1]);
     assert_eq!(json["lease"]["holder_pid"].to_string(), holder);
     assert_eq!(json["lease"]["runtime_dir"], dir.to_string_lossy().as_ref());
-    let table = std::fs::read_to_string(dir.join("leases")).unwrap();
+    // Each user's leases are in their own file.
+    let uid = rustix::process::geteuid().as_raw();
+    let table = std::fs::read_to_string(dir.join(format!("leases.{uid}"))).unwrap();
     assert!(table.contains(&format!("holders={holder}:")), "{table}");
 
     // Without --for-pid the lease goes to gpuproc's parent: here, a shell.

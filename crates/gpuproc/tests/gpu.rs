@@ -522,3 +522,348 @@ fn picks_wait_for_gpus_to_free_up() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// This user's lease file in `dir`.
+fn own_lease_file(dir: &std::path::Path) -> PathBuf {
+    dir.join(format!("leases.{}", rustix::process::geteuid().as_raw()))
+}
+
+/// `gpu::pick(criteria)` in the runtime directory `dir`, on a thread, answered within the
+/// deadline (a pick blocked on a file fails the test instead of hanging it).
+fn pick_in(dir: &std::path::Path, criteria: Criteria) -> Result<gpu::GpuLease, gpu::PickError> {
+    std::env::set_var(gpu::RUNTIME_DIR_ENV, dir);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(gpu::pick(&criteria));
+    });
+    rx.recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("a pick in {} blocked", dir.display()))
+}
+
+fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        0,
+    )
+    .expect("mkfifo");
+}
+
+#[test]
+fn planted_links_and_fifos_are_refused_without_blocking() {
+    let dir = scratch_dir("planted");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "planted_links_and_fifos_are_refused_without_blocking",
+        "4gpu",
+        &[("GPUPROC_TEST_SCRATCH", &dir_text)],
+        || {
+            use std::os::unix::fs::symlink;
+            let base = PathBuf::from(std::env::var_os("GPUPROC_TEST_SCRATCH").unwrap());
+            let victim = base.join("victim");
+            std::fs::write(&victim, "precious\n").unwrap();
+            let fresh = |name: &str| {
+                let d = base.join(name);
+                std::fs::create_dir(&d).unwrap();
+                d
+            };
+
+            // Links where a picker might write, and a link as another user's file: never
+            // written through, and the pick goes on.
+            let run = fresh("links");
+            let other = rustix::process::geteuid().as_raw().wrapping_add(1);
+            for name in ["leases.new", "leases", &format!("leases.{other}")] {
+                symlink(&victim, run.join(name)).unwrap();
+            }
+            let lease = pick_in(&run, Criteria::new()).expect("a pick beside planted links");
+            lease.release().unwrap();
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+            assert!(std::fs::symlink_metadata(run.join("leases.new"))
+                .unwrap()
+                .is_symlink());
+
+            // A link as this user's own file: refused, the target untouched.
+            let run = fresh("own-link");
+            symlink(&victim, own_lease_file(&run)).unwrap();
+            let err = pick_in(&run, Criteria::new()).unwrap_err();
+            assert!(err.is_lease(), "{err:?}");
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+
+            // A dangling link as the lock file: refused, its target not created.
+            let run = fresh("lock-link");
+            let target = base.join("created-through-the-link");
+            symlink(&target, run.join("leases.lock")).unwrap();
+            let err = pick_in(&run, Criteria::new()).unwrap_err();
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert!(!target.exists());
+
+            // FIFOs: refused at once where gpuproc reads, ignored where it does not.
+            for (i, name) in ["leases.lock", "own", "leases", "leases.new"]
+                .into_iter()
+                .enumerate()
+            {
+                let run = fresh(&format!("fifo-{i}"));
+                let path = match name {
+                    "own" => own_lease_file(&run),
+                    _ => run.join(name),
+                };
+                mkfifo(&path);
+                let got = pick_in(&run, Criteria::new());
+                match name {
+                    "leases.lock" | "own" => {
+                        let err = got.unwrap_err();
+                        assert!(err.is_lease(), "{name}: {err:?}");
+                        assert!(err.to_string().contains("a FIFO"), "{name}: {err}");
+                    }
+                    _ => got
+                        .expect("a FIFO that is no lease file")
+                        .release()
+                        .unwrap(),
+                }
+            }
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_unreadable_table_hands_out_no_gpu() {
+    let dir = scratch_dir("unreadable");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "an_unreadable_table_hands_out_no_gpu",
+        "4gpu",
+        &[(gpu::RUNTIME_DIR_ENV, &dir_text)],
+        || {
+            let dir = PathBuf::from(std::env::var_os(gpu::RUNTIME_DIR_ENV).unwrap());
+            let file = own_lease_file(&dir);
+            let held = gpu::pick(&Criteria::new().count(4)).unwrap();
+            let text = std::fs::read(&file).expect("the lease file");
+            // Emptied, or cut anywhere: no pick takes a held GPU.
+            for cut in [0, 1, text.len() / 2, text.len() - 1] {
+                std::fs::write(&file, &text[..cut]).unwrap();
+                let err = gpu::pick(&Criteria::new()).unwrap_err();
+                assert!(err.is_lease(), "cut at {cut}: {err:?}");
+                let msg = err.to_string();
+                assert!(msg.contains("no GPU is handed out"), "{msg}");
+                assert!(msg.contains(&format!("remove {}", file.display())), "{msg}");
+            }
+            // Restored: the leases count again, and the holder can release them.
+            std::fs::write(&file, &text).unwrap();
+            assert!(gpu::pick(&Criteria::new()).unwrap_err().is_none_free());
+            held.release().unwrap();
+            gpu::pick(&Criteria::new().count(4))
+                .unwrap()
+                .release()
+                .unwrap();
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn picks_that_wait_for_ever_do_not_panic() {
+    let dir = scratch_dir("forever");
+    let dir_text = dir.to_string_lossy().into_owned();
+    in_scenario(
+        "picks_that_wait_for_ever_do_not_panic",
+        "4gpu",
+        &[(gpu::RUNTIME_DIR_ENV, &dir_text)],
+        || {
+            // Satisfiable: answered at once.
+            let held = gpu::pick(&Criteria::new().count(4).wait(Duration::MAX)).unwrap();
+            // None free: it waits (without panicking) until the holder releases.
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let got = gpu::pick(&Criteria::new().wait(Duration::MAX));
+                let _ = tx.send(got.map(|lease| lease.indices()));
+            });
+            assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+            let first = held.indices()[0];
+            held.release().unwrap();
+            let got = rx.recv_timeout(DEADLINE).expect("the waiter answers");
+            assert_eq!(got.unwrap(), vec![first]);
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+const TEAM_TEST: &str = "two_users_share_a_team_runtime_directory";
+const TEAM_ROLE: &str = "GPUPROC_TEST_TEAM_ROLE";
+const TEAM_HELD: &str = "GPUPROC_TEST_TEAM_HELD";
+/// Two users (and a third, absent one) with no names, for the shared runtime directory.
+const USER_A: u32 = 4242;
+const USER_B: u32 = 4343;
+const USER_C: u32 = 4444;
+
+/// This test binary, run as `uid` (and its group, no others) under umask 022, playing `role`.
+fn as_user(uid: u32, role: &str, dir: &std::path::Path) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .args([
+            "-c",
+            "umask 022 && exec setpriv --reuid=\"$1\" --regid=\"$1\" --clear-groups -- \"$2\" \
+             \"$3\" --exact --nocapture --test-threads=1",
+            "sh",
+            &uid.to_string(),
+        ])
+        .arg(std::env::current_exe().expect("test binary path"))
+        .arg(TEAM_TEST)
+        .env(CHILD_ENV, TEAM_TEST)
+        .env(TEAM_ROLE, role)
+        .env("NVML_SIM_SCENARIO", "4gpu")
+        .env(gpu::NVML_LIB_ENV, sim_lib())
+        .env(gpu::RUNTIME_DIR_ENV, dir)
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("CUDA_DEVICE_ORDER")
+        .env_remove("NVML_SIM_STATE_DIR");
+    command
+}
+
+/// What each user does in [`two_users_share_a_team_runtime_directory`].
+fn team_member() {
+    use std::io::{Read, Write};
+    let dir = PathBuf::from(std::env::var_os(gpu::RUNTIME_DIR_ENV).unwrap());
+    let file_of = |uid: u32| dir.join(format!("leases.{uid}"));
+    match std::env::var(TEAM_ROLE).unwrap().as_str() {
+        "hold" => {
+            let lease = gpu::pick(&Criteria::new()).expect("the first user picks");
+            println!("HELD {}", lease.uuids()[0]);
+            std::io::stdout().flush().unwrap();
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            lease.release().expect("the first user releases");
+        }
+        "second" => {
+            let held = std::env::var(TEAM_HELD).unwrap();
+            let mine = gpu::pick(&Criteria::new()).expect("the second user picks too");
+            assert_ne!(mine.uuids()[0], held);
+            assert!(gpu::leases()
+                .unwrap()
+                .leases()
+                .iter()
+                .any(|r| r.devices.iter().any(|d| d.uuid == held)));
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(file_of(USER_B)).unwrap();
+            assert_eq!((meta.uid(), meta.mode() & 0o7777), (USER_B, 0o644));
+
+            // The first user's file can be neither edited, removed nor replaced.
+            let theirs = file_of(USER_A);
+            assert!(std::fs::OpenOptions::new()
+                .append(true)
+                .open(&theirs)
+                .is_err());
+            assert!(std::fs::remove_file(&theirs).is_err());
+            let decoy = dir.join("decoy");
+            std::fs::write(&decoy, "").unwrap();
+            assert!(std::fs::rename(&decoy, &theirs).is_err());
+            std::fs::remove_file(&decoy).unwrap();
+
+            // A file in another user's name claiming every GPU is not believed.
+            let all: Vec<String> = gpu::snapshot()
+                .unwrap()
+                .devices
+                .iter()
+                .map(|d| format!("{}:{}", d.index, d.uuid.as_deref().unwrap()))
+                .collect();
+            let text = std::fs::read_to_string(file_of(USER_B)).unwrap();
+            let forged: String = text
+                .lines()
+                .map(|line| {
+                    let words: Vec<String> = line
+                        .split(' ')
+                        .map(|w| match w.starts_with("gpus=") {
+                            true => format!("gpus={}", all.join(",")),
+                            false => w.to_string(),
+                        })
+                        .collect();
+                    words.join(" ") + "\n"
+                })
+                .collect();
+            assert_ne!(forged, text);
+            std::fs::write(file_of(USER_C), forged).unwrap();
+            let two = gpu::pick(&Criteria::new().count(2)).expect("forged leases are ignored");
+            // The first user's lease still counts.
+            let err = gpu::pick(&Criteria::new()).unwrap_err();
+            assert!(err.is_none_free(), "{err:?}");
+            std::fs::remove_file(file_of(USER_C)).unwrap();
+            two.release().unwrap();
+            mine.release().unwrap();
+        }
+        "all" => {
+            let all = gpu::pick(&Criteria::new().count(4)).expect("every GPU free again");
+            all.release().unwrap();
+        }
+        role => panic!("unknown role {role}"),
+    }
+}
+
+#[test]
+fn two_users_share_a_team_runtime_directory() {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(TEAM_TEST) {
+        team_member();
+        return;
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: running as two users needs root (for setpriv)");
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: setpriv (util-linux) is not installed");
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = scratch_dir("team");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+
+    let mut holder = as_user(USER_A, "hold", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the first user");
+    let stdout = holder.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // After libtest's "test NAME ... ".
+            if let Some((_, uuid)) = line.split_once("HELD ") {
+                let _ = tx.send(uuid.trim().to_string());
+            }
+        }
+    });
+    let held = rx
+        .recv_timeout(DEADLINE)
+        .expect("the first user holds a GPU");
+    let lock = std::fs::metadata(dir.join("leases.lock")).unwrap();
+    assert_eq!((lock.uid(), lock.mode() & 0o777), (USER_A, 0o644));
+
+    let mut second = as_user(USER_B, "second", &dir);
+    second.env(TEAM_HELD, &held);
+    let out = output_within(second, DEADLINE);
+    assert!(
+        out.status.success(),
+        "the second user:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    drop(holder.stdin.take());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(holder.wait());
+    });
+    let status = rx.recv_timeout(DEADLINE).expect("the first user ends");
+    assert!(status.unwrap().success());
+    let out = output_within(as_user(USER_B, "all", &dir), DEADLINE);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

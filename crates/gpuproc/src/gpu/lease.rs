@@ -2,21 +2,52 @@
 //! them, so that two programs never pick the same GPU beyond its allowed share.
 //!
 //! # The table
-//! One text file, `leases`, in the runtime directory ([`runtime_dir`]), replaced atomically
-//! (written aside, then renamed) while holding an exclusive `flock` on `leases.lock`. Each
-//! lease names its GPUs (full UUIDs), its share limit and its holders: processes identified
-//! by PID *and* start time (from `/proc/PID/stat`), so a reused PID is not mistaken for the
-//! holder. A lease whose holders have all exited (or that was written before the last boot)
-//! is stale: every reader ignores it and the next writer drops it. So a lease vanishes when
-//! its holder dies, however it dies.
+//! The runtime directory ([`runtime_dir`]) holds one lease file per user, `leases.<uid>`,
+//! owned by that user and readable by all (mode 0644, whatever the umask). A picker takes an
+//! exclusive `flock` on `leases.lock` and on the directory itself, reads every user's file,
+//! chooses, and rewrites its own file only: written to a new file of a unique name (created
+//! with `O_EXCL`), flushed with `fsync`, renamed over the old one, and the directory flushed.
+//! Each lease names its GPUs (full UUIDs), its share limit and its holders: processes
+//! identified by PID *and* start time (from `/proc/PID/stat`), so a reused PID is not mistaken
+//! for the holder. A lease whose holders have all exited (or that was written before the last
+//! boot) is stale: every reader ignores it and the next write of its user's file drops it. So
+//! a lease vanishes when its holder dies, however it dies.
 //!
+//! A lease file is parsed strictly: a header with the format number, every field of every
+//! lease, an `end N` line counting the leases and the final newline, so a file cut short is
+//! an error, never a shorter table. A file that cannot be read or parsed stops every pick
+//! (its leases are unknown, so no GPU is handed out on the strength of it) with an error
+//! naming the file and the way out: remove it once no job of its user uses the GPUs it lists.
+//!
+//! # Sharing the directory
 //! Leases coordinate the processes that share a runtime directory and a PID namespace: by
-//! default those of one user on one machine. Point `GPUPROC_RUNTIME_DIR` at a directory the
-//! members of a team can all write to, to coordinate them too.
+//! default those of one user on one machine. To coordinate a team, point
+//! `GPUPROC_RUNTIME_DIR` at a directory they can all write to, made sticky so that none can
+//! remove another's files: `mkdir -m 1777 DIR`, or a group's directory with `chmod 3770 DIR`.
+//! A picker refuses a directory that other users may write to but that is not sticky.
+//!
+//! What a hostile user sharing the directory can and cannot do:
+//! - They cannot forge or drop another user's leases: each user writes only their own file,
+//!   which the sticky bit stops others from removing or replacing. A file named for a user
+//!   but owned by another, or that is not a regular file, is not read as a lease file (and
+//!   its named user's own picks refuse it until it is removed).
+//! - They cannot redirect a picker's writes or make it create files elsewhere: no file in
+//!   the directory is opened through a symbolic link (`O_NOFOLLOW`), the file written aside
+//!   is created exclusively under a fresh name, and the rename replaces a planted link, not
+//!   its target. A FIFO or device in place of a file is refused without blocking.
+//! - They cannot let two pickers in at once by replacing `leases.lock` (which they may own):
+//!   pickers also lock the directory, which only its owner can replace.
+//! - They can stall everyone: by holding the lock (each picker gives up after 30 s with an
+//!   error saying so), by making `leases.lock` unreadable, or by leaving an unreadable or
+//!   unparsable lease file of their own (every pick then fails with an error naming it). They can also lease every GPU
+//!   for themselves, as any user can. None of this hands a GPU out twice.
+//! - The directory's owner and root can do anything, as with any directory.
+//!
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -31,9 +62,14 @@ use crate::sys;
 /// The environment variable naming the directory that holds the lease table.
 pub const RUNTIME_DIR_ENV: &str = "GPUPROC_RUNTIME_DIR";
 
+/// The lease files are `leases.<uid>`, one per user.
 const TABLE: &str = "leases";
 const LOCK: &str = "leases.lock";
-const HEADER: &str = "# gpuproc GPU leases, format 1: one lease per line";
+const HEADER_PREFIX: &str = "# gpuproc GPU leases, format ";
+/// The format lease files are written in. Format 1 was one `leases` file for every user.
+const FORMAT: u32 = 2;
+/// The largest lease file read (a lease takes about 200 bytes).
+const MAX_FILE: u64 = 4 << 20;
 /// How long a picker waits for another to finish with the table before giving up. Pickers
 /// hold the lock for a few milliseconds; only a stopped or hung process holds it longer.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -178,85 +214,79 @@ impl LeaseTable {
         before - self.leases.len()
     }
 
+    /// Parses a lease file, strictly: the header with its format number, every line of a
+    /// lease with all its fields, the closing `end N` line counting the leases, and the final
+    /// newline, so a file cut short at any byte is an error, never a shorter table.
     fn parse(text: &str) -> Result<LeaseTable, String> {
+        let Some(body) = text.strip_suffix('\n') else {
+            return Err(if text.is_empty() {
+                "the file is empty (cut short?)".to_string()
+            } else {
+                "the file does not end with a newline (cut short?)".to_string()
+            });
+        };
+        let mut lines = body.split('\n').enumerate();
+        let bad =
+            |n: usize, line: &str, what: &str| format!("line {}: {what}: {}", n + 1, quote(line));
+        let (_, header) = lines.next().unwrap_or((0, ""));
+        let format = header
+            .strip_prefix(HEADER_PREFIX)
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| bad(0, header, "not a gpuproc lease file header"))?;
+        if format != FORMAT {
+            return Err(format!(
+                "line 1: format {format}, while this gpuproc reads format {FORMAT} (written by \
+                 another version of gpuproc?)"
+            ));
+        }
         let mut table = LeaseTable::default();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
+        let mut ended = false;
+        for (n, line) in lines {
+            if ended {
+                return Err(bad(n, line, "text after the end line"));
             }
-            let bad = |what: &str| format!("line {}: {what}: {line:?}", n + 1);
-            let mut words = line.split_whitespace();
+            let mut words = line.split(' ');
             match words.next() {
-                Some("cursor") => {
+                Some("cursor") if table.cursor.is_none() => {
                     table.cursor = Some(
                         words
                             .next()
                             .and_then(|w| w.parse().ok())
-                            .ok_or_else(|| bad("bad cursor"))?,
+                            .filter(|_| words.next().is_none())
+                            .ok_or_else(|| bad(n, line, "bad cursor"))?,
                     )
                 }
                 Some("lease") => {
-                    let id = words.next().ok_or_else(|| bad("no lease id"))?.to_string();
-                    let mut record = LeaseRecord {
-                        id,
-                        boot_id: String::new(),
-                        created_ms: 0,
-                        max_per_gpu: 1,
-                        holders: Vec::new(),
-                        devices: Vec::new(),
-                    };
-                    for word in words {
-                        let (key, value) = word.split_once('=').ok_or_else(|| bad("no '='"))?;
-                        let list = || value.split(',').filter(|v| !v.is_empty());
-                        match key {
-                            "boot" => record.boot_id = value.to_string(),
-                            "created" => {
-                                record.created_ms = value.parse().map_err(|_| bad("bad time"))?
-                            }
-                            "share" => {
-                                record.max_per_gpu =
-                                    value.parse().map_err(|_| bad("bad share limit"))?
-                            }
-                            "holders" => {
-                                for h in list() {
-                                    let (pid, ticks) = h
-                                        .split_once(':')
-                                        .and_then(|(p, t)| Some((p.parse().ok()?, t.parse().ok()?)))
-                                        .ok_or_else(|| bad("bad holder"))?;
-                                    record.holders.push(Holder {
-                                        pid,
-                                        start_ticks: ticks,
-                                    });
-                                }
-                            }
-                            "gpus" => {
-                                for g in list() {
-                                    let (index, uuid) = g
-                                        .split_once(':')
-                                        .and_then(|(i, u)| Some((i.parse().ok()?, u)))
-                                        .ok_or_else(|| bad("bad GPU"))?;
-                                    record.devices.push(PickedDevice {
-                                        index,
-                                        uuid: uuid.to_string(),
-                                        name: None,
-                                    });
-                                }
-                            }
-                            // Fields from a newer gpuproc are kept out of the way, not fatal.
-                            _ => {}
-                        }
-                    }
+                    let record = parse_lease(words).map_err(|what| bad(n, line, what))?;
                     table.leases.push(record);
                 }
-                _ => return Err(bad("unknown entry")),
+                Some("end") => {
+                    let count: usize = words
+                        .next()
+                        .and_then(|w| w.parse().ok())
+                        .filter(|_| words.next().is_none())
+                        .ok_or_else(|| bad(n, line, "bad end line"))?;
+                    if count != table.leases.len() {
+                        return Err(bad(
+                            n,
+                            line,
+                            &format!("{} leases before it", table.leases.len()),
+                        ));
+                    }
+                    ended = true;
+                }
+                _ => return Err(bad(n, line, "unknown entry")),
             }
+        }
+        if !ended {
+            return Err("no end line (cut short?)".to_string());
         }
         Ok(table)
     }
 
     fn to_text(&self) -> String {
-        let mut out = format!("{HEADER}\n");
+        let mut out = format!("{HEADER_PREFIX}{FORMAT}: one lease per line\n");
         if let Some(c) = self.cursor {
             out.push_str(&format!("cursor {c}\n"));
         }
@@ -281,8 +311,82 @@ impl LeaseTable {
                 gpus.join(",")
             ));
         }
+        out.push_str(&format!("end {}\n", self.leases.len()));
         out
     }
+}
+
+/// A lease line after its `lease` keyword: the id, then every field (`key=value`; fields
+/// from a newer gpuproc are skipped, but each of ours must be there, once).
+fn parse_lease<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<LeaseRecord, &'static str> {
+    let id = words
+        .next()
+        .filter(|w| !w.is_empty())
+        .ok_or("no lease id")?;
+    let (mut boot, mut created, mut share, mut holders, mut gpus) = (None, None, None, None, None);
+    for word in words {
+        let (key, value) = word.split_once('=').ok_or("no '='")?;
+        let slot = match key {
+            "boot" => &mut boot,
+            "created" => &mut created,
+            "share" => &mut share,
+            "holders" => &mut holders,
+            "gpus" => &mut gpus,
+            _ => continue,
+        };
+        if slot.replace(value).is_some() {
+            return Err("a field given twice");
+        }
+    }
+    let list = |v: &'a str| v.split(',').filter(|v| !v.is_empty());
+    let holders = list(holders.ok_or("no holders")?)
+        .map(|h| {
+            let (pid, ticks) = h.split_once(':')?;
+            Some(Holder {
+                pid: pid.parse().ok()?,
+                start_ticks: ticks.parse().ok()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or("bad holder")?;
+    let devices = list(gpus.ok_or("no GPUs")?)
+        .map(|g| {
+            let (index, uuid) = g.split_once(':')?;
+            Some(PickedDevice {
+                index: index.parse().ok()?,
+                uuid: uuid.to_string(),
+                name: None,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or("bad GPU")?;
+    Ok(LeaseRecord {
+        id: id.to_string(),
+        boot_id: boot.ok_or("no boot id")?.to_string(),
+        created_ms: created
+            .ok_or("no creation time")?
+            .parse()
+            .map_err(|_| "bad time")?,
+        max_per_gpu: share
+            .ok_or("no share limit")?
+            .parse()
+            .map_err(|_| "bad share limit")?,
+        holders,
+        devices,
+    })
+}
+
+/// `line` quoted for an error message: at most about 100 bytes of it.
+fn quote(line: &str) -> String {
+    const MAX: usize = 100;
+    if line.len() <= MAX {
+        return format!("{line:?}");
+    }
+    let mut end = MAX;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &line[..end], line.len())
 }
 
 fn boot_id() -> &'static str {
@@ -306,11 +410,52 @@ struct Store {
     dir: PathBuf,
 }
 
-/// The table's lock, held until dropped.
+/// The table's locks, held until dropped, and the runtime directory they guard.
 #[derive(Debug)]
 struct Locked<'a> {
     store: &'a Store,
+    dir: OwnedFd,
     _lock: File,
+}
+
+/// The name of the lease file of user `uid`.
+fn user_file(uid: u32) -> String {
+    format!("{TABLE}.{uid}")
+}
+
+/// The user whose lease file `name` is, if it names one (`leases.<uid>`, digits only).
+fn user_of(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix(TABLE)?.strip_prefix('.')?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Only the name gpuproc writes: `leases.0123` is not a second name for `leases.123`.
+    digits
+        .parse()
+        .ok()
+        .filter(|uid: &u32| uid.to_string() == digits)
+}
+
+fn refuse(kind: io::ErrorKind, why: impl Into<String>) -> io::Error {
+    io::Error::new(kind, why.into())
+}
+
+/// Why a file in the runtime directory cannot be trusted, if it cannot.
+fn untrusted(info: &sys::flock::FileInfo, owner: Option<u32>) -> Option<String> {
+    use sys::flock::Kind;
+    match info.kind {
+        Kind::Regular => {}
+        Kind::Directory => return Some("it is a directory, not a regular file".into()),
+        Kind::Symlink => return Some("it is a symbolic link, not a regular file".into()),
+        Kind::Other(what) => return Some(format!("it is {what}, not a regular file")),
+    }
+    match owner {
+        Some(uid) if info.uid != uid => Some(format!(
+            "it belongs to uid {}, not to uid {uid} as its name says",
+            info.uid
+        )),
+        _ => None,
+    }
 }
 
 impl Store {
@@ -344,35 +489,103 @@ impl Store {
         Ok(Store { dir })
     }
 
+    /// The path of this user's lease file.
     fn table_path(&self) -> PathBuf {
-        self.dir.join(TABLE)
+        self.dir.join(user_file(sys::flock::geteuid()))
     }
 
-    fn lock(&self) -> Result<Locked<'_>, PickError> {
+    fn open_dir(&self) -> Result<OwnedFd, PickError> {
+        let dir = sys::flock::open_dir(&self.dir)
+            .map_err(PickError::lease("opening the runtime directory", &self.dir))?;
+        let info = sys::flock::info(&dir).map_err(PickError::lease(
+            "inspecting the runtime directory",
+            &self.dir,
+        ))?;
+        if info.others_may_write() && !info.is_sticky() {
+            return Err(PickError::lease(
+                "checking the runtime directory",
+                &self.dir,
+            )(refuse(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "other users may write to it (mode {:04o}) but it is not sticky, so any of \
+                     them could remove the others' leases: run `chmod +t {}`",
+                    info.mode,
+                    self.dir.display()
+                ),
+            )));
+        }
+        Ok(dir)
+    }
+
+    /// Opens `leases.lock` for reading (`flock` needs no more, so a lock file another user
+    /// created 0644 serves everyone), creating it 0644 when missing.
+    fn open_lock_file(&self, dir: &OwnedFd) -> Result<File, PickError> {
         let path = self.dir.join(LOCK);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o666)
-            .open(&path)
-            .map_err(PickError::lease("opening the lock file", &path))?;
+        let err = |context| PickError::lease(context, &path);
+        // A racing creator makes the first open fail and the creation fail; twice is enough.
+        let mut attempts = 0;
+        let file = loop {
+            match sys::flock::open_read_at(dir.as_fd(), LOCK) {
+                Ok((file, info)) => {
+                    if let Some(why) = untrusted(&info, None) {
+                        return Err(err("opening the lock file")(refuse(
+                            io::ErrorKind::InvalidData,
+                            why,
+                        )));
+                    }
+                    break file;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => {
+                    attempts += 1;
+                    match sys::flock::create_new_at(dir.as_fd(), LOCK, 0o644, false) {
+                        Ok(file) => break file,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(err("creating the lock file")(e)),
+                    }
+                }
+                Err(e) => return Err(err("opening the lock file")(e)),
+            }
+        };
+        Ok(file)
+    }
+
+    /// Takes the table's locks: `flock` on `leases.lock`, then on the runtime directory
+    /// itself, which no user but its owner can remove or replace, so a user who replaces
+    /// `leases.lock` (their own file) cannot let two pickers in at once.
+    fn lock(&self) -> Result<Locked<'_>, PickError> {
+        self.lock_within(LOCK_TIMEOUT)
+    }
+
+    /// [`lock`](Self::lock), giving up after `timeout`.
+    fn lock_within(&self, timeout: Duration) -> Result<Locked<'_>, PickError> {
+        let dir = self.open_dir()?;
+        let lock = self.open_lock_file(&dir)?;
         let started = Instant::now();
         let mut pause = Duration::from_micros(200);
+        let path = self.dir.join(LOCK);
+        let mut have_file = false;
         loop {
-            if sys::flock::try_lock_exclusive(&file).map_err(PickError::lease("locking", &path))? {
+            if !have_file {
+                have_file = sys::flock::try_lock_exclusive(&lock)
+                    .map_err(PickError::lease("locking", &path))?;
+            }
+            if have_file
+                && sys::flock::try_lock_exclusive(&dir)
+                    .map_err(PickError::lease("locking", &self.dir))?
+            {
                 return Ok(Locked {
                     store: self,
-                    _lock: file,
+                    dir,
+                    _lock: lock,
                 });
             }
-            if started.elapsed() >= LOCK_TIMEOUT {
+            if started.elapsed() >= timeout {
                 return Err(PickError::lease("locking", &path)(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "another process has held the lock for {}s (a stopped picker?)",
-                        LOCK_TIMEOUT.as_secs()
+                        timeout.as_secs()
                     ),
                 )));
             }
@@ -381,51 +594,165 @@ impl Store {
         }
     }
 
-    /// The table as last written, without taking the lock (writes are atomic renames).
-    fn read(&self) -> Result<LeaseTable, PickError> {
-        let path = self.table_path();
-        match fs::read_to_string(&path) {
-            Ok(text) => LeaseTable::parse(&text).map_err(|reason| {
-                PickError::lease("reading", &path)(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{reason} (remove the file to start afresh)"),
-                ))
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LeaseTable::default()),
-            Err(e) => Err(PickError::lease("reading", &path)(e)),
+    /// Reads the lease file `name` of user `uid`: `Ok(None)` when there is none, or when it
+    /// is not a regular file of that user (not a lease file: it says nothing). `strict`:
+    /// such a file is an error instead (this user's own file).
+    fn read_file(
+        &self,
+        dir: &OwnedFd,
+        uid: u32,
+        strict: bool,
+    ) -> Result<Option<LeaseTable>, PickError> {
+        let name = user_file(uid);
+        let path = self.dir.join(&name);
+        let recover = || {
+            format!(
+                "remove {} after checking that no job of uid {uid} uses the GPUs it lists",
+                path.display()
+            )
+        };
+        let (file, info) = match sys::flock::open_read_at(dir.as_fd(), &name) {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if !strict && e.kind() == io::ErrorKind::InvalidInput => return Ok(None),
+            Err(e) => return Err(PickError::lease("reading", &path)(e)),
+        };
+        if let Some(why) = untrusted(&info, Some(uid)) {
+            if !strict {
+                return Ok(None);
+            }
+            return Err(PickError::lease("reading", &path)(refuse(
+                io::ErrorKind::InvalidData,
+                format!("{why}; remove it (as its owner, or root)"),
+            )));
         }
+        let mut text = String::new();
+        let read = io::Read::take(&file, MAX_FILE + 1).read_to_string(&mut text);
+        let result = match read {
+            Ok(n) if n as u64 > MAX_FILE => Err(format!("larger than {MAX_FILE} bytes")),
+            Ok(_) => LeaseTable::parse(&text),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err("not UTF-8 text".into()),
+            Err(e) => return Err(PickError::lease("reading", &path)(e)),
+        };
+        result.map(Some).map_err(|reason| {
+            // Never hand out a GPU on the strength of a table that cannot be read: its
+            // leases are unknown.
+            PickError::lease("reading", &path)(refuse(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{reason}; its leases are unknown, so no GPU is handed out: {}",
+                    recover()
+                ),
+            ))
+        })
+    }
+
+    /// The leases of every user but `me` (whose file the caller reads itself).
+    fn read_others(&self, dir: &OwnedFd, me: u32) -> Result<Vec<LeaseRecord>, PickError> {
+        let names =
+            sys::flock::list_dir(dir.as_fd()).map_err(PickError::lease("listing", &self.dir))?;
+        let mut all = Vec::new();
+        for uid in names.iter().filter_map(|n| user_of(n)) {
+            if uid != me {
+                if let Some(table) = self.read_file(dir, uid, false)? {
+                    all.extend(table.leases);
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Every user's leases, without taking the lock (each file is replaced atomically).
+    fn read(&self) -> Result<LeaseTable, PickError> {
+        let dir = match sys::flock::open_dir(&self.dir) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LeaseTable::default()),
+            Err(e) => return Err(PickError::lease("opening the runtime directory", &self.dir)(e)),
+        };
+        let me = sys::flock::geteuid();
+        let mut table = self.read_file(&dir, me, true)?.unwrap_or_default();
+        table.leases.extend(self.read_others(&dir, me)?);
+        Ok(table)
     }
 }
 
 impl Locked<'_> {
-    /// The live leases (stale ones are dropped from the copy returned).
-    fn read(&self) -> Result<LeaseTable, PickError> {
-        let mut table = self.store.read()?;
+    /// This user's live leases and cursor (stale leases are dropped from the copy).
+    fn read_own(&self) -> Result<LeaseTable, PickError> {
+        let mut table = self
+            .store
+            .read_file(&self.dir, sys::flock::geteuid(), true)?
+            .unwrap_or_default();
         table.retain_live(is_live);
         Ok(table)
     }
 
+    /// `own` with every other user's live leases added: what a pick weighs against.
+    fn with_others(&self, own: &LeaseTable) -> Result<LeaseTable, PickError> {
+        let mut all = own.clone();
+        let others = self.store.read_others(&self.dir, sys::flock::geteuid())?;
+        all.leases.extend(others.into_iter().filter(is_live));
+        Ok(all)
+    }
+
+    /// Replaces this user's lease file with `table`: written to a new file of a unique name
+    /// (created exclusively, never through a link), flushed, renamed over the old one, and
+    /// the directory flushed.
     fn write(&self, table: &LeaseTable) -> Result<(), PickError> {
-        let path = self.store.table_path();
-        let aside = self.store.dir.join(format!("{TABLE}.new"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o666)
-            .open(&aside)
-            .map_err(PickError::lease("writing", &aside))?;
-        file.write_all(table.to_text().as_bytes())
-            .map_err(PickError::lease("writing", &aside))?;
-        drop(file);
-        fs::rename(&aside, &path).map_err(PickError::lease("replacing", &path))
+        let me = sys::flock::geteuid();
+        let name = user_file(me);
+        let path = self.store.dir.join(&name);
+        let dir = self.dir.as_fd();
+        // Files left aside by a writer that died: every writer holds the lock.
+        let prefix = format!("{name}.new.");
+        if let Ok(names) = sys::flock::list_dir(dir) {
+            for old in names.iter().filter(|n| n.starts_with(&prefix)) {
+                if sys::flock::info_at(dir, old).is_ok_and(|i| i.uid == me) {
+                    let _ = sys::flock::unlink_at(dir, old);
+                }
+            }
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut attempts = 0;
+        let (aside, mut file) = loop {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let aside = format!(
+                "{prefix}{}.{nanos}{}",
+                sys::getpid(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            match sys::flock::create_new_at(dir, &aside, 0o644, true) {
+                Ok(file) => break (aside, file),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 16 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(PickError::lease("writing", self.store.dir.join(aside))(e)),
+            }
+        };
+        let aside_path = self.store.dir.join(&aside);
+        let written = file
+            .write_all(table.to_text().as_bytes())
+            .and_then(|()| sys::flock::sync(&file))
+            .map_err(PickError::lease("writing", &aside_path))
+            .and_then(|()| {
+                sys::flock::rename_at(dir, &aside, &name)
+                    .map_err(PickError::lease("replacing", &path))
+            });
+        if written.is_err() {
+            let _ = sys::flock::unlink_at(dir, &aside);
+        }
+        written?;
+        sys::flock::sync(dir).map_err(PickError::lease("flushing", &self.store.dir))
     }
 }
 
-/// The leases in force now (stale ones left out), from this user's runtime directory.
+/// The leases in force now (stale ones left out), from every user's file in the runtime
+/// directory.
 ///
 /// # Errors
-/// When the runtime directory or the table cannot be read.
+/// When the runtime directory or a lease file cannot be read.
 pub fn leases() -> Result<LeaseTable, PickError> {
     let mut table = Store::open()?.read()?;
     table.retain_live(is_live);
@@ -559,14 +886,14 @@ impl GpuLease {
 
     fn remove(&self) -> Result<(), PickError> {
         let locked = self.store.lock()?;
-        let mut table = locked.read()?;
+        let mut table = locked.read_own()?;
         table.remove(&self.id);
         locked.write(&table)
     }
 
     fn update(&mut self, change: impl FnOnce(&mut LeaseRecord)) -> Result<(), PickError> {
         let locked = self.store.lock()?;
-        let mut table = locked.read()?;
+        let mut table = locked.read_own()?;
         let Some(record) = table.leases.iter_mut().find(|r| r.id == self.id) else {
             return Err(PickError::invalid(format!(
                 "lease {} is no longer in the table {}",
@@ -634,7 +961,7 @@ pub fn pick(criteria: &Criteria) -> Result<GpuLease, PickError> {
 fn pick_with(gpus: &Gpus, store: &Store, criteria: &Criteria) -> Result<GpuLease, PickError> {
     let started = Instant::now();
     // `None`: no waiting; `Some(None)`: a wait too long for the clock, i.e. for ever.
-    let deadline = criteria.wait_timeout().map(|w| started.checked_add(w));
+    let deadline = criteria.wait_timeout().map(crate::time::deadline);
     let visible_env = criteria
         .is_within_visible()
         .then(|| std::env::var("CUDA_VISIBLE_DEVICES").ok())
@@ -661,8 +988,9 @@ fn pick_with(gpus: &Gpus, store: &Store, criteria: &Criteria) -> Result<GpuLease
                 .collect()
         });
         let locked = store.lock()?;
-        let mut table = locked.read()?;
-        match select(&devices, &table, visible.as_deref(), criteria) {
+        let mut table = locked.read_own()?;
+        let everyone = locked.with_others(&table)?;
+        match select(&devices, &everyone, visible.as_deref(), criteria) {
             Ok(chosen) => {
                 let holder = Holder::of(me).ok_or_else(|| {
                     PickError::lease("reading", format!("/proc/{me}/stat"))(io::Error::new(
@@ -864,7 +1192,8 @@ mod tests {
         ));
         t.insert(record("2-0-6", vec![], &[]));
         let text = t.to_text();
-        assert!(text.starts_with(HEADER));
+        assert!(text.starts_with(HEADER_PREFIX));
+        assert!(text.ends_with("end 2\n"), "{text}");
         assert_eq!(LeaseTable::parse(&text).unwrap(), t);
         assert_eq!(t.count_on("GPU-3"), 1);
         assert_eq!(t.holders_on("GPU-3"), vec![10, 11]);
@@ -875,17 +1204,151 @@ mod tests {
         assert_eq!(t.count_on("GPU-3"), 0);
     }
 
+    /// A lease file: the header, then `body`, then its end line.
+    fn file(body: &str, leases: usize) -> String {
+        format!("{HEADER_PREFIX}{FORMAT}: one lease per line\n{body}end {leases}\n")
+    }
+
     #[test]
     fn table_parse_errors_name_the_line() {
-        let err = LeaseTable::parse("# c\ncursor x\n").unwrap_err();
+        let err = LeaseTable::parse(&file("cursor x\n", 0)).unwrap_err();
         assert!(err.contains("line 2: bad cursor"), "{err}");
-        let err = LeaseTable::parse("lease a holders=1\n").unwrap_err();
+        let all = "boot= created=1 share=1 gpus=0:GPU-0";
+        let err = LeaseTable::parse(&file(&format!("lease a {all} holders=1\n"), 1)).unwrap_err();
         assert!(err.contains("bad holder"), "{err}");
-        assert!(LeaseTable::parse("bogus\n").is_err());
+        assert!(LeaseTable::parse(&file("bogus\n", 0)).is_err());
         // Unknown fields are tolerated.
-        let t = LeaseTable::parse("lease a future=1 gpus=0:GPU-0\n").unwrap();
+        let text = file(&format!("lease a future=1 {all} holders=\n"), 1);
+        let t = LeaseTable::parse(&text).unwrap();
         assert_eq!(t.leases()[0].devices, vec![dev(0)]);
         assert_eq!(t.leases()[0].max_per_gpu, 1);
+        // Every field is required, once.
+        for missing in ["boot=", "created=1", "share=1", "gpus=0:GPU-0"] {
+            let line = format!("lease a {all} holders=\n").replace(&format!("{missing} "), "");
+            let err = LeaseTable::parse(&file(&line, 1)).unwrap_err();
+            assert!(err.contains("line 2: no "), "{missing}: {err}");
+        }
+        let err =
+            LeaseTable::parse(&file(&format!("lease a {all} holders= share=2\n"), 1)).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+        // The header names the format; the end line counts the leases.
+        let err = LeaseTable::parse("# gpuproc GPU leases, format 1: one lease per line\nend 0\n")
+            .unwrap_err();
+        assert!(err.contains("format 1"), "{err}");
+        let err = LeaseTable::parse(&file("", 1)).unwrap_err();
+        assert!(err.contains("0 leases before it"), "{err}");
+        let err = LeaseTable::parse(&(file("", 0) + "cursor 1\n")).unwrap_err();
+        assert!(err.contains("after the end line"), "{err}");
+    }
+
+    #[test]
+    fn a_table_cut_short_anywhere_is_an_error() {
+        let me = Holder {
+            pid: 10,
+            start_ticks: 99,
+        };
+        let mut t = LeaseTable::default();
+        t.set_cursor(1);
+        t.insert(record("1-0-5", vec![me], &[0, 3]));
+        t.insert(record("2-0-6", vec![me], &[1]));
+        let text = t.to_text();
+        assert_eq!(LeaseTable::parse(&text).unwrap(), t);
+        for cut in 0..text.len() {
+            assert!(
+                LeaseTable::parse(&text[..cut]).is_err(),
+                "cut at byte {cut} of {} accepted: {:?}",
+                text.len(),
+                &text[..cut]
+            );
+        }
+    }
+
+    #[test]
+    fn bad_lines_are_quoted_briefly() {
+        let long = format!("lease {}\n", "é".repeat(5000));
+        let err = LeaseTable::parse(&file(&long, 1)).unwrap_err();
+        assert!(err.len() < 200, "{} bytes: {err}", err.len());
+        assert!(err.contains("(10006 bytes)"), "{err}");
+        assert_eq!(quote("short"), "\"short\"");
+    }
+
+    #[test]
+    fn lease_file_names() {
+        assert_eq!(user_file(1000), "leases.1000");
+        assert_eq!(user_of("leases.1000"), Some(1000));
+        for name in [
+            "leases",
+            "leases.",
+            "leases.lock",
+            "leases.1000.new.1.2",
+            "leases.+1",
+        ] {
+            assert_eq!(user_of(name), None, "{name}");
+        }
+        assert_eq!(user_of("leases.99999999999"), None);
+        assert_eq!(user_of("leases.0"), Some(0));
+        assert_eq!(user_of("leases.01000"), None);
+    }
+
+    fn scratch(name: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("gpuproc-lease-{}-{name}", sys::getpid()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Store { dir }
+    }
+
+    #[test]
+    fn replacing_the_lock_file_does_not_let_a_second_picker_in() {
+        let store = scratch("relock");
+        let held = store.lock().unwrap();
+        // Whoever owns `leases.lock` may replace it; the directory stays locked.
+        fs::rename(store.dir.join(LOCK), store.dir.join("old.lock")).unwrap();
+        let err = store.lock_within(Duration::ZERO).unwrap_err();
+        assert!(err.to_string().contains("held the lock"), "{err}");
+        drop(held);
+        drop(store.lock_within(Duration::ZERO).unwrap());
+        let _ = fs::remove_dir_all(&store.dir);
+    }
+
+    #[test]
+    fn a_writable_runtime_directory_must_be_sticky() {
+        use std::os::unix::fs::PermissionsExt;
+        let store = scratch("sticky");
+        fs::set_permissions(&store.dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = store.lock().unwrap_err();
+        assert!(err.to_string().contains("chmod +t"), "{err}");
+        fs::set_permissions(&store.dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        let locked = store.lock().unwrap();
+        let mut table = locked.read_own().unwrap();
+        table.set_cursor(2);
+        locked.write(&table).unwrap();
+        assert_eq!(locked.read_own().unwrap().cursor(), Some(2));
+        // Only the lock file and this user's lease file: nothing left aside.
+        let mut names = sys::flock::list_dir(locked.dir.as_fd()).unwrap();
+        names.sort();
+        let mut expected = vec![LOCK.to_string(), user_file(sys::flock::geteuid())];
+        expected.sort();
+        assert_eq!(names, expected);
+        drop(locked);
+        let _ = fs::remove_dir_all(&store.dir);
+    }
+
+    #[test]
+    fn only_regular_files_of_the_named_user_are_trusted() {
+        use sys::flock::{FileInfo, Kind};
+        let file = |kind, uid| FileInfo {
+            kind,
+            uid,
+            mode: 0o644,
+        };
+        assert_eq!(untrusted(&file(Kind::Regular, 7), Some(7)), None);
+        assert_eq!(untrusted(&file(Kind::Regular, 8), None), None);
+        let why = untrusted(&file(Kind::Regular, 8), Some(7)).unwrap();
+        assert!(why.contains("belongs to uid 8, not to uid 7"), "{why}");
+        assert!(untrusted(&file(Kind::Symlink, 7), Some(7)).is_some());
+        assert!(untrusted(&file(Kind::Directory, 7), None).is_some());
+        let why = untrusted(&file(Kind::Other("a FIFO"), 7), None).unwrap();
+        assert!(why.contains("a FIFO"), "{why}");
     }
 
     #[test]
