@@ -120,9 +120,10 @@
 //!
 //! The fork server ignores SIGINT, as Python's does, so a Ctrl-C that the program handles
 //! does not end it. Its children do not depend on it: if it is killed, they run on and are
-//! joined as usual, with their result (or panic) and exit code; only a child that then ends
-//! without reporting (killed by a signal, `std::process::exit`) has an unknown status, a
-//! [`ProcessError::ForkServer`] error that says so.
+//! joined as usual, with their result (or panic) and exit code (also after
+//! `std::process::exit`, with the GNU C library); only a child then killed by a signal has
+//! an unknown status, a [`ProcessError::ForkServer`] error that says so, and
+//! [`Process::exitcode`] stays `None`.
 //!
 //! # GPUs
 //!

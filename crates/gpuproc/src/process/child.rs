@@ -1,9 +1,9 @@
 //! The child's side: receive the call, run the target, catch its panic, report, exit.
 
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
 use super::wire::{self, Call, ChildMsg, Failure, Outcome, Trampoline};
@@ -57,6 +57,7 @@ pub(crate) fn serve_call(ctrl: OwnedFd, watch: ParentWatch) -> ! {
         }
     };
     super::enter_child(&call.identity, &call.env);
+    report_exit_code_on(&ctrl);
     if watch == ParentWatch::EofWatcher {
         watch_parent(&ctrl);
     }
@@ -67,6 +68,30 @@ pub(crate) fn serve_call(ctrl: OwnedFd, watch: ParentWatch) -> ! {
     let target = wire::address_of(call.target);
     let outcome = run_catching(|| trampoline(target, &call.args, frame.fds));
     report_and_exit(&ctrl, outcome)
+}
+
+/// The control socket the exit handler reports on (-1: none).
+static EXIT_REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Makes a call to `exit` (not the `_exit` that ends a reported call) send its exit code to
+/// the parent first, so that the parent knows it even when no fork server reaps the child
+/// (the server was killed: its children outlive it).
+fn report_exit_code_on(ctrl: &OwnedFd) {
+    EXIT_REPORT_FD.store(ctrl.as_raw_fd(), Ordering::SeqCst);
+    sys::on_exit(report_exit_code);
+}
+
+extern "C" fn report_exit_code(code: libc::c_int, _: *mut libc::c_void) {
+    let raw = EXIT_REPORT_FD.swap(-1, Ordering::SeqCst);
+    if raw < 0 {
+        return;
+    }
+    // SAFETY: `raw` is the control socket `serve_call` owns; `serve_call` never returns or
+    // drops it, so it is open while the process exits.
+    let ctrl = unsafe { BorrowedFd::borrow_raw(raw) };
+    if let Ok(bytes) = postcard::to_stdvec(&ChildMsg::Exiting(code)) {
+        let _ = ipc::send_frame(ctrl, &bytes, &[]);
+    }
 }
 
 /// How many parent-watch threads this process runs (see [`watch_parent`]).

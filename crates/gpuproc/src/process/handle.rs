@@ -24,6 +24,8 @@ struct State {
     reader: FrameReader,
     report: Option<Report>,
     status: Option<ExitStatus>,
+    /// The code the child passed to `exit`, as it reported it.
+    exiting: Option<i32>,
     /// The fork server vanished before reporting the child's status.
     server_lost: bool,
 }
@@ -95,6 +97,7 @@ impl ChildHandle {
                 reader: FrameReader::default(),
                 report: None,
                 status: None,
+                exiting: None,
                 server_lost: false,
             }),
         });
@@ -194,6 +197,7 @@ impl State {
                 }
                 Ok(ChildMsg::Failed(f)) => self.report = Some(Report::Failed(f)),
                 Ok(ChildMsg::Exited(status)) => self.status = Some(status),
+                Ok(ChildMsg::Exiting(code)) => self.exiting = Some(code),
                 Err(e) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -210,11 +214,13 @@ impl State {
             // Every copy of the child's end is closed, and the fork server never said how
             // the child ended: the server was killed while the child ran (its children
             // outlive it). A child that reported exits with a known code (see
-            // `child::report_and_exit`); one that did not has an unknown status.
-            self.status = match &self.report {
-                Some(Report::Returned(_)) => Some(ExitStatus::Code(0)),
-                Some(Report::Failed(_)) => Some(ExitStatus::Code(1)),
-                None => None,
+            // `child::report_and_exit`), and so does one that called `exit` (its exit
+            // handler reports the code); otherwise (a signal) the status is unknown.
+            self.status = match (&self.report, self.exiting) {
+                (_, Some(code)) => Some(ExitStatus::Code(code)),
+                (Some(Report::Returned(_)), None) => Some(ExitStatus::Code(0)),
+                (Some(Report::Failed(_)), None) => Some(ExitStatus::Code(1)),
+                (None, None) => None,
             };
             self.server_lost = self.status.is_none();
         }

@@ -760,9 +760,10 @@ where
                 },
                 None => ProcessError::ForkServer {
                     reason: format!(
-                        "it was killed while process {name:?} ran, and that process ended \
-                         without reporting a result, so how it ended is unknown (a child \
-                         that returns or panics is still reported after its fork server died)"
+                        "it was killed while process {name:?} ran, and that process was \
+                         then killed by a signal without reporting, so which signal is \
+                         unknown (a child that returns, panics or exits is still reported \
+                         after its fork server died)"
                     ),
                 },
             }),

@@ -53,6 +53,9 @@ pub(crate) enum ChildMsg {
     Failed(Failure),
     /// Sent by the fork server once it has reaped the child.
     Exited(ExitStatus),
+    /// Sent by a fork-server child from its exit handler when something calls `exit`
+    /// (`std::process::exit`, say): its exit code, known even if the server is gone.
+    Exiting(i32),
 }
 
 /// Why a child produced no result, as data.

@@ -252,6 +252,29 @@ pub(crate) unsafe fn fork() -> io::Result<Forked> {
     }
 }
 
+/// Registers `handler` to run when this process calls `exit` (not `_exit`), with the exit
+/// code and `arg`. Returns whether it was registered (only the GNU C library has
+/// `on_exit`).
+pub(crate) fn on_exit(handler: extern "C" fn(libc::c_int, *mut libc::c_void)) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        extern "C" {
+            fn on_exit(
+                f: extern "C" fn(libc::c_int, *mut libc::c_void),
+                arg: *mut libc::c_void,
+            ) -> libc::c_int;
+        }
+        // SAFETY: glibc's `on_exit` stores the function pointer and argument (null, unused)
+        // and calls it from `exit`; `handler` is a plain `extern "C"` function.
+        unsafe { on_exit(handler, std::ptr::null_mut()) == 0 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = handler;
+        false
+    }
+}
+
 /// Ends this process at once with `code`, running no exit handlers and no destructors.
 pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: `_exit` is always safe to call; it never returns.

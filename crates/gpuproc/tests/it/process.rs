@@ -664,7 +664,8 @@ fn a_returning_target_ends_its_child_without_atexit_handlers_or_other_threads() 
     }
 }
 
-/// Reports its OS parent and whether SIGINT is ignored, then returns `x` once a byte comes.
+/// Reports its OS parent and whether SIGINT is ignored, then returns `x` once a byte comes
+/// (or, for `x` over 1000, exits with code `x - 1000`).
 fn report_then_wait(args: (Fd, Fd, u64)) -> u64 {
     let (report, go, x) = args;
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -687,17 +688,24 @@ fn report_then_wait(args: (Fd, Fd, u64)) -> u64 {
             1,
         )
     };
+    if x > 1000 {
+        std::process::exit(i32::try_from(x - 1000).unwrap());
+    }
     x
 }
 
-#[test]
-fn a_child_outlives_its_killed_fork_server_and_is_joined() {
+/// Starts `report_then_wait(x)` with the fork server, kills the server while it waits, lets
+/// it go on, and joins it.
+fn outlive_the_fork_server<R>(
+    x: u64,
+    check: impl FnOnce(&mut Process<(Fd, Fd, u64), u64>) -> R,
+) -> R {
     let (report_r, report_w) = support::pipe();
     let (go_r, go_w) = support::pipe();
     let mut p = with(
         StartMethod::ForkServer,
         report_then_wait,
-        (Fd(report_w), Fd(go_r), 42),
+        (Fd(report_w), Fd(go_r), x),
     );
     p.start().unwrap();
     let line = support::read_lines(&report_r, 1).remove(0);
@@ -710,8 +718,21 @@ fn a_child_outlives_its_killed_fork_server_and_is_joined() {
     assert!(support::wait_all_ended(&[server], Instant::now() + TIMEOUT).is_empty());
     assert!(p.is_alive(), "the child died with its fork server");
     support::write_line(go_w.as_fd(), "go");
-    assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 42);
-    assert_eq!(p.exitcode(), Some(0));
+    check(&mut p)
+}
+
+#[test]
+fn a_child_outlives_its_killed_fork_server_and_is_joined() {
+    outlive_the_fork_server(42, |p| {
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 42);
+        assert_eq!(p.exitcode(), Some(0));
+    });
+    // A child that calls exit after its server died still has its real exit code.
+    outlive_the_fork_server(1003, |p| {
+        let err = p.join_timeout(TIMEOUT).unwrap_err();
+        assert!(matches!(err, ProcessError::Exited { code: 3, .. }), "{err}");
+        assert_eq!(p.exitcode(), Some(3));
+    });
 }
 
 #[test]
