@@ -781,8 +781,10 @@ where
         self.child.as_ref().map(|c| c.pid)
     }
 
-    /// How the process ended, once it has: its exit code, or minus the signal that killed it
-    /// (Python's convention). `None` while it runs or before it starts. Python's `p.exitcode`.
+    /// How the process ended, once it has: its exit code (0 when the target returned, 1 when
+    /// it panicked, as after Python's uncaught exception), or minus the signal that killed
+    /// it (Python's convention). `None` while it runs or before it starts. Python's
+    /// `p.exitcode`.
     pub fn exitcode(&self) -> Option<i32> {
         let child = self.child.as_ref()?;
         if child.is_alive() {
