@@ -125,12 +125,13 @@ impl ChildHandle {
         loop {
             let watch_ctrl = {
                 let mut st = self.lock();
-                st.absorb(self.ctrl.as_fd())?;
                 if self.pidfd.is_some() && st.status.is_none() {
                     // Reaping without blocking is cheap, and catches an end that another
-                    // thread's poll saw first.
+                    // thread's poll saw first. Reap before reading: once the child is
+                    // reaped, everything it wrote is already in the socket.
                     st.reap(self.pid, false)?;
                 }
+                st.absorb(self.ctrl.as_fd())?;
                 if st.finished(self.via_server) {
                     return Ok(true);
                 }
