@@ -43,6 +43,31 @@
 //! In tests, where libtest owns `main`, write [`enable_test_support!()`] once per test
 //! binary (for example at the top of `tests/it/main.rs`).
 //!
+//! # Async runtimes and threads started before `init`
+//!
+//! The fork server is a copy of the program that must have a single thread when it forks.
+//! With `#[tokio::main]` (or any code that starts a thread before `init()` runs), the
+//! runtime's threads exist before the first line of `main`, in the fork server too. Put
+//! [`init_before_main!()`] at the top level of the program instead: it runs [`init`]
+//! from a constructor, before `main` and before any runtime starts.
+//!
+//! ```ignore
+//! gpuproc::init_before_main!();
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     let mut p = gpuproc::Process::new(|x: u64| x * x, 7);
+//!     p.start().unwrap();
+//!     // join blocks: call it from spawn_blocking in async code.
+//!     let r = tokio::task::spawn_blocking(move || p.join()).await.unwrap();
+//!     assert_eq!(r.unwrap(), 49);
+//! }
+//! ```
+//!
+//! Without it, a fork server that finds other threads refuses to fork, and
+//! [`Process::start`] fails with a [`ProcessError::ForkServer`] that names this fix
+//! ([`StartMethod::Spawn`] works either way).
+//!
 //! # Start methods
 //!
 //! As in Python ([`StartMethod`], [`set_start_method`], [`Process::with_start_method`]):
@@ -63,8 +88,28 @@
 //!
 //! A child's panic comes back as [`ProcessError::Panicked`] with the message and location;
 //! a child that exits or is killed before returning is [`ProcessError::Exited`] or
-//! [`ProcessError::Killed`]; [`Process::exitcode`] follows Python (negative signal number).
-//! Children write to the parent's standard output and error.
+//! [`ProcessError::Killed`]; [`Process::exitcode`] follows Python (negative signal number;
+//! 1 after a panic, as after Python's uncaught exception). Children write to the parent's
+//! standard output and error.
+//!
+//! # When the target returns
+//!
+//! The child sends the result, flushes standard output and error, and ends at once with
+//! `_exit`: as when Rust's `main` returns, threads the target started end with it, without
+//! running further; unlike a return from `main`, `atexit` handlers and the C library's exit
+//! processing do not run either (Python's children end with `os._exit` too). Join the
+//! threads, and flush or close what must be finished, before the target returns.
+//!
+//! # Default start method in a child
+//!
+//! As in Python, a child's [`get_start_method`] is the method that started it, so its own
+//! children are started the same way.
+//!
+//! # Process names
+//!
+//! A child named with [`Process::with_name`] carries that name as its operating-system
+//! name (the first 15 bytes, as `ps`, `top` and `/proc/PID/comm` show it); an unnamed
+//! child is `gpuproc-worker`, the fork server `gpuproc-forksrv`.
 //!
 //! # Errors
 //!
@@ -80,8 +125,15 @@
 //!
 //! Each child dies with its parent, even when the parent is killed with SIGKILL: through
 //! `PR_SET_PDEATHSIG`, and where that is unreliable (a child started from a thread that may
-//! exit first) through EOF on its control socket. The fork server exits on EOF and its
-//! children follow it. Dropping a [`Process`] that was not joined kills and reaps it.
+//! exit first, or by the fork server) through EOF on its control socket. The fork server
+//! exits on EOF too. Dropping a [`Process`] that was not joined kills and reaps it.
+//!
+//! The fork server ignores SIGINT, as Python's does, so a Ctrl-C that the program handles
+//! does not end it. Its children do not depend on it: if it is killed, they run on and are
+//! joined as usual, with their result (or panic) and exit code (also after
+//! `std::process::exit`, with the GNU C library); only a child then killed by a signal has
+//! an unknown status, a [`ProcessError::ForkServer`] error that says so, and
+//! [`Process::exitcode`] stays `None`.
 //!
 //! # GPUs
 //!
@@ -187,6 +239,33 @@ macro_rules! enable_test_support {
                 $crate::init();
             }
             __gpuproc_test_support_init
+        };
+    };
+}
+
+/// Runs [`init`] before `main`, from a constructor: write it once, at the top level of a
+/// program whose `main` starts threads before its first line, as `#[tokio::main]` and
+/// other async runtimes' attributes do (see the crate docs, "Async runtimes").
+///
+/// It is the same constructor as [`enable_test_support!`]; calling [`init`] again in `main`
+/// does no harm.
+///
+/// ```ignore
+/// gpuproc::init_before_main!();
+///
+/// #[tokio::main]
+/// async fn main() { /* ... */ }
+/// ```
+#[macro_export]
+macro_rules! init_before_main {
+    () => {
+        #[used]
+        #[link_section = ".init_array"]
+        static __GPUPROC_INIT_BEFORE_MAIN: extern "C" fn() = {
+            extern "C" fn __gpuproc_init_before_main() {
+                $crate::init();
+            }
+            __gpuproc_init_before_main
         };
     };
 }

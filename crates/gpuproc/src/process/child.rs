@@ -1,8 +1,9 @@
 //! The child's side: receive the call, run the target, catch its panic, report, exit.
 
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
 use super::wire::{self, Call, ChildMsg, Failure, Outcome, Trampoline};
@@ -56,6 +57,7 @@ pub(crate) fn serve_call(ctrl: OwnedFd, watch: ParentWatch) -> ! {
         }
     };
     super::enter_child(&call.identity, &call.env);
+    report_exit_code_on(&ctrl);
     if watch == ParentWatch::EofWatcher {
         watch_parent(&ctrl);
     }
@@ -68,15 +70,61 @@ pub(crate) fn serve_call(ctrl: OwnedFd, watch: ParentWatch) -> ! {
     report_and_exit(&ctrl, outcome)
 }
 
-/// Starts a thread that kills this process when the parent closes the control socket.
+/// The control socket the exit handler reports on (-1: none).
+static EXIT_REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Makes a call to `exit` (not the `_exit` that ends a reported call) send its exit code to
+/// the parent first, so that the parent knows it even when no fork server reaps the child
+/// (the server was killed: its children outlive it).
+fn report_exit_code_on(ctrl: &OwnedFd) {
+    EXIT_REPORT_FD.store(ctrl.as_raw_fd(), Ordering::SeqCst);
+    sys::on_exit(report_exit_code);
+}
+
+extern "C" fn report_exit_code(code: libc::c_int, _: *mut libc::c_void) {
+    let raw = EXIT_REPORT_FD.swap(-1, Ordering::SeqCst);
+    if raw < 0 {
+        return;
+    }
+    // SAFETY: `raw` is the control socket `serve_call` owns; `serve_call` never returns or
+    // drops it, so it is open while the process exits.
+    let ctrl = unsafe { BorrowedFd::borrow_raw(raw) };
+    if let Ok(bytes) = postcard::to_stdvec(&ChildMsg::Exiting(code)) {
+        let _ = ipc::send_frame(ctrl, &bytes, &[]);
+    }
+}
+
+/// How many parent-watch threads this process runs (see [`watch_parent`]).
+static WATCHERS: AtomicUsize = AtomicUsize::new(0);
+
+/// The threads of this process that gpuproc started to watch its parent. They only ever
+/// block in `read` on a socket, holding no lock, so forking while they run is safe:
+/// `StartMethod::Fork` does not count them as "other threads".
+pub(crate) fn watcher_threads() -> usize {
+    WATCHERS.load(Ordering::SeqCst)
+}
+
+/// In a forked child: the parent's watcher threads were not copied.
+pub(crate) fn forget_watchers() {
+    WATCHERS.store(0, Ordering::SeqCst);
+}
+
+/// Starts a thread that kills this process when the parent closes the control socket, and
+/// returns once it is waiting (so that a fork right after never copies it half-started).
 pub(crate) fn watch_parent(ctrl: &OwnedFd) {
     if let Ok(dup) = sys::dup(ctrl.as_fd()) {
-        let _ = std::thread::Builder::new()
+        let (ready, started) = std::sync::mpsc::sync_channel::<()>(1);
+        let spawned = std::thread::Builder::new()
             .name("gpuproc-parent-watch".into())
             .spawn(move || {
+                let _ = ready.send(());
+                drop(ready);
                 sys::wait_for_eof(dup.as_fd());
                 sys::kill_self()
             });
+        if spawned.is_ok() && started.recv().is_ok() {
+            WATCHERS.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -137,8 +185,14 @@ pub(crate) fn run_catching<T>(f: impl FnOnce() -> Result<T, Failure>) -> Result<
     }
 }
 
-/// Sends the outcome to the parent, flushes standard output and error, and exits with 0.
+/// Sends the outcome to the parent, flushes standard output and error, and exits: with 0
+/// when the target returned, with 1 when it failed (a panic, as Python's uncaught
+/// exception) or the report could not be sent.
+///
+/// The exit is `_exit`, at once: other threads the target started end with the process,
+/// without running; `atexit` handlers and destructors of statics do not run.
 pub(crate) fn report_and_exit(ctrl: &OwnedFd, outcome: Outcome) -> ! {
+    let failed = outcome.is_err();
     let (msg, fds) = match outcome {
         Ok((bytes, fds)) => (ChildMsg::Returned(bytes), fds),
         Err(f) => (ChildMsg::Failed(f), Vec::new()),
@@ -148,5 +202,5 @@ pub(crate) fn report_and_exit(ctrl: &OwnedFd, outcome: Outcome) -> ! {
         .and_then(|bytes| ipc::send_frame(ctrl.as_fd(), &bytes, &fds));
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    sys::exit_now(if sent.is_ok() { 0 } else { 1 })
+    sys::exit_now(if sent.is_ok() && !failed { 0 } else { 1 })
 }

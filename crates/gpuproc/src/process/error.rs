@@ -122,6 +122,19 @@ pub enum ProcessError {
         /// The start method that was asked for.
         method: &'static str,
     },
+    /// The target (or its trampoline) is not in the same loaded object as gpuproc, so the
+    /// child could not find it: a function from a dynamically loaded library or plugin.
+    #[error(
+        "the target of process {name:?} lives in another loaded object ({object}) than \
+         gpuproc's code, so a re-run child cannot find it; use a function compiled into the \
+         executable (wrap the library's function in one), or StartMethod::Fork"
+    )]
+    ForeignTarget {
+        /// The process's name.
+        name: String,
+        /// Which object: `"a shared library"` or `"no loaded object"`.
+        object: &'static str,
+    },
     /// A daemonic process tried to start a child (as in Python, they may not).
     #[error("daemonic processes are not allowed to have children")]
     DaemonChildren,

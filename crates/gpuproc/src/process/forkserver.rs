@@ -11,12 +11,20 @@
 //! input, output and error; the server forks, the child serves the call over that socket, and
 //! when the child ends the server reaps it and writes [`ChildMsg::Exited`] on the same socket,
 //! after everything the child wrote. The server exits when its own control socket reaches EOF
-//! (the parent died), and its children follow through `PR_SET_PDEATHSIG`.
+//! (the parent died). Its children do not depend on it: they watch the parent (EOF on their
+//! control socket), so a server killed by someone leaves them running, and the parent still
+//! gets their result. The server ignores SIGINT, as Python's does (a terminal's Ctrl-C is
+//! the program's to handle); its children get SIGINT's disposition back.
+//!
+//! The server refuses to fork when it has more than one thread: that happens when a thread
+//! (an async runtime's, typically) started before [`crate::init`] ran; see
+//! [`crate::init_before_main`].
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::child::{self, ParentWatch};
@@ -27,26 +35,62 @@ use crate::sys::{self, Forked};
 
 /// The environment variable that tells [`crate::init`] to become the fork server.
 pub(crate) const SERVER_FD_ENV: &str = "GPUPROC_FORKSERVER_FD";
+/// The fork server's first argument (after `argv[0]`).
+pub(crate) const SERVER_ARG: &str = "--gpuproc-fork-server";
+/// The fork server's process name, as `ps` and `/proc/PID/comm` show it.
+pub(crate) const SERVER_COMM: &str = "gpuproc-forksrv";
 
 /// How long to wait for the server's reply before declaring it lost.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The parent's connection to its fork server.
+///
+/// Requests are numbered and pipelined: a request is sent under a short lock, and no lock
+/// is held while its reply is awaited, so one slow reply does not hold up other threads'
+/// requests (the first waiter reads replies for everybody, the others wait on a condition
+/// variable, each until its own deadline).
 #[derive(Debug)]
 struct Client {
     sock: OwnedFd,
-    reader: FrameReader,
     /// The process that started this server; a forked child must start its own.
     owner: u32,
     /// The server's pid, to reap it if it dies before we do.
     pid: u32,
+    /// The next request's number.
+    next: Mutex<u64>,
+    replies: Mutex<Replies>,
+    arrived: Condvar,
 }
 
-static SERVER: Mutex<Option<Client>> = Mutex::new(None);
+#[derive(Debug, Default)]
+struct Replies {
+    reader: FrameReader,
+    /// Replies read by one waiter for another, by request number.
+    got: HashMap<u64, ForkReply>,
+    /// Some waiter is reading the socket.
+    reading: bool,
+    /// The server is gone (or spoke nonsense): every waiter fails with this.
+    lost: Option<String>,
+}
+
+static SERVER: Mutex<Option<Arc<Client>>> = Mutex::new(None);
 
 fn lost(reason: impl Into<String>) -> ProcessError {
     ProcessError::ForkServer {
         reason: reason.into(),
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a request failed.
+enum Failed {
+    /// The server is broken or gone: replace it and try again.
+    Lost(String),
+    /// The server works but refuses, for a reason a new server would share.
+    Refused(String),
 }
 
 impl Client {
@@ -58,7 +102,7 @@ impl Client {
         if let Some(arg0) = std::env::args_os().next() {
             cmd.arg0(arg0);
         }
-        cmd.arg("--gpuproc-fork-server")
+        cmd.arg(SERVER_ARG)
             .env(SERVER_FD_ENV, raw.to_string())
             .env_remove(super::CHILD_FD_ENV)
             .stdin(Stdio::null());
@@ -80,34 +124,83 @@ impl Client {
         drop(theirs);
         Ok(Client {
             sock: ours,
-            reader: FrameReader::default(),
             owner: sys::getpid(),
             pid,
+            next: Mutex::new(0),
+            replies: Mutex::new(Replies::default()),
+            arrived: Condvar::new(),
         })
     }
 
-    fn request(&mut self, child_ctrl: &OwnedFd) -> Result<u32, ProcessError> {
-        let (bytes, _) = ipc::encode(&ForkRequest {
-            parent_pid: sys::getpid(),
-        })
-        .map_err(|e| lost(e.to_string()))?;
-        let [stdin, stdout, stderr] = sys::stdio_fds();
-        let fds = [child_ctrl.as_fd(), stdin, stdout, stderr];
-        ipc::send_frame_borrowed(self.sock.as_fd(), &bytes, &fds)
-            .map_err(|e| lost(format!("cannot send it a request: {e}")))?;
-        match self
-            .reader
-            .read(self.sock.as_fd(), Some(Instant::now() + REPLY_TIMEOUT))
-            .map_err(|e| lost(e.to_string()))?
-        {
-            Read::Frame(f) => {
-                match ipc::decode(&f.bytes, f.fds).map_err(|e| lost(e.to_string()))? {
-                    ForkReply::Forked { pid } => Ok(pid),
-                    ForkReply::Failed { reason } => Err(lost(reason)),
-                }
+    fn request(&self, child_ctrl: &OwnedFd) -> Result<u32, Failed> {
+        let seq = {
+            let mut next = lock(&self.next);
+            let seq = *next;
+            *next = next.wrapping_add(1);
+            let (bytes, _) = ipc::encode(&ForkRequest {
+                parent_pid: sys::getpid(),
+                seq,
+            })
+            .map_err(|e| Failed::Lost(e.to_string()))?;
+            let [stdin, stdout, stderr] = sys::stdio_fds();
+            let fds = [child_ctrl.as_fd(), stdin, stdout, stderr];
+            ipc::send_frame_borrowed(self.sock.as_fd(), &bytes, &fds)
+                .map_err(|e| Failed::Lost(format!("cannot send it a request: {e}")))?;
+            seq
+        };
+        match self.wait_reply(seq, crate::time::deadline(REPLY_TIMEOUT))? {
+            ForkReply::Forked { pid, .. } => Ok(pid),
+            ForkReply::Failed { reason, .. } => Err(Failed::Lost(reason)),
+            ForkReply::Refused { reason, .. } => Err(Failed::Refused(reason)),
+        }
+    }
+
+    /// Waits for the reply to request `seq`, reading the socket when no other thread does.
+    fn wait_reply(&self, seq: u64, deadline: Option<Instant>) -> Result<ForkReply, Failed> {
+        let mut st = lock(&self.replies);
+        loop {
+            if let Some(reply) = st.got.remove(&seq) {
+                return Ok(reply);
             }
-            Read::Eof => Err(lost("it exited")),
-            Read::TimedOut => Err(lost(format!("no answer within {REPLY_TIMEOUT:?}"))),
+            if let Some(why) = &st.lost {
+                return Err(Failed::Lost(why.clone()));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Failed::Lost(format!("no answer within {REPLY_TIMEOUT:?}")));
+            }
+            if st.reading {
+                st = match deadline {
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        self.arrived
+                            .wait_timeout(st, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    None => self.arrived.wait(st).unwrap_or_else(|p| p.into_inner()),
+                };
+                continue;
+            }
+            // Read for everybody, without the lock.
+            st.reading = true;
+            let mut reader = std::mem::take(&mut st.reader);
+            drop(st);
+            let read = reader.read(self.sock.as_fd(), deadline);
+            st = lock(&self.replies);
+            st.reader = reader;
+            st.reading = false;
+            match read {
+                Ok(Read::Frame(f)) => match ipc::decode::<ForkReply>(&f.bytes, f.fds) {
+                    Ok(reply) => {
+                        st.got.insert(reply.seq(), reply);
+                    }
+                    Err(e) => st.lost = Some(format!("malformed reply: {e}")),
+                },
+                Ok(Read::Eof) => st.lost = Some("it exited".into()),
+                Ok(Read::TimedOut) => {}
+                Err(e) => st.lost = Some(e.to_string()),
+            }
+            self.arrived.notify_all();
         }
     }
 }
@@ -115,30 +208,42 @@ impl Client {
 /// Asks the fork server (starting it if needed) for a child that will serve the call sent
 /// on `child_ctrl`'s peer. Returns the child's pid.
 pub(crate) fn fork_child(child_ctrl: OwnedFd) -> Result<u32, ProcessError> {
-    let mut guard = SERVER.lock().unwrap_or_else(|p| p.into_inner());
-    if guard.as_ref().is_some_and(|c| c.owner != sys::getpid()) {
-        // Inherited through a fork: that server belongs to our parent (closing our copy of
-        // its socket does not affect the parent's).
-        *guard = None;
-    }
     // A server that died since the last request (killed by someone) is replaced once.
     for attempt in 0..2 {
-        if guard.is_none() {
-            *guard = Some(Client::start()?);
-        }
-        let client = guard.as_mut().expect("just set");
-        match client.request(&child_ctrl) {
-            Err(ProcessError::ForkServer { reason }) => {
-                // Make sure the old server is gone and reaped (no zombie), then start afresh.
-                if let Some(old) = guard.take() {
-                    let _ = sys::signal(old.pid, sys::Sig::Kill);
-                    let _ = sys::waitpid(old.pid, true);
-                }
-                if attempt == 1 {
-                    return Err(ProcessError::ForkServer { reason });
+        let client = {
+            let mut guard = lock(&SERVER);
+            if guard.as_ref().is_some_and(|c| c.owner != sys::getpid()) {
+                // Inherited through a fork: that server belongs to our parent (closing our
+                // copy of its socket does not affect the parent's).
+                *guard = None;
+            }
+            match guard.as_ref() {
+                Some(c) => Arc::clone(c),
+                None => {
+                    let c = Arc::new(Client::start()?);
+                    *guard = Some(Arc::clone(&c));
+                    c
                 }
             }
-            other => return other,
+        };
+        // No lock is held while the server answers.
+        match client.request(&child_ctrl) {
+            Ok(pid) => return Ok(pid),
+            Err(Failed::Refused(reason)) => return Err(lost(reason)),
+            Err(Failed::Lost(reason)) => {
+                // Make sure the old server is gone and reaped (no zombie), then start afresh
+                // (unless another thread already did).
+                let mut guard = lock(&SERVER);
+                if guard.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                    *guard = None;
+                    let _ = sys::signal(client.pid, sys::Sig::Kill);
+                    let _ = sys::waitpid(client.pid, true);
+                }
+                drop(guard);
+                if attempt == 1 {
+                    return Err(lost(reason));
+                }
+            }
         }
     }
     unreachable!("the loop returns on its second attempt")
@@ -151,9 +256,31 @@ struct Running {
     ctrl: OwnedFd,
 }
 
+/// Why a fork server that has other threads refuses to fork.
+fn threads_reason(threads: usize) -> String {
+    format!(
+        "the fork server has {threads} threads, so forking it could deadlock a child: a \
+         thread was started before gpuproc::init() ran (an async runtime such as \
+         #[tokio::main] does this); put gpuproc::init_before_main!() at the top level of \
+         the program (it runs init before main and any runtime), or call gpuproc::init() \
+         before the runtime starts, or use StartMethod::Spawn"
+    )
+}
+
 /// The fork server's loop. Never returns.
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
-    let my_pid = sys::getpid();
+    sys::set_process_name(SERVER_COMM);
+    // As Python's fork server: a terminal's Ctrl-C goes to the whole foreground process
+    // group, and the program decides what it means for its children; the server's children
+    // get the disposition back.
+    let sigint_was_ignored = sys::ignore_sigint();
+    // Threads started before `init` (an async runtime's, say) make forking unsafe.
+    let threads = sys::thread_count().unwrap_or(1);
+    let me = Server {
+        pid: sys::getpid(),
+        threads,
+        sigint_was_ignored,
+    };
     let mut reader = FrameReader::default();
     let mut running: Vec<Running> = Vec::new();
     loop {
@@ -189,28 +316,50 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
                 Ok(None) => break,
                 Err(_) => sys::exit_now(1),
             };
-            let reply = fork_one(frame, &ctl, my_pid, &mut running);
+            let reply = fork_one(frame, &ctl, &me, &mut running);
             let bytes = postcard::to_stdvec(&reply).unwrap_or_default();
             if ipc::send_frame(ctl.as_fd(), &bytes, &[]).is_err() {
                 sys::exit_now(0);
             }
         }
         if reader.at_eof() {
-            // The parent is gone; our children follow through their death signal.
+            // The parent is gone; our children follow through their own watch on it.
             sys::exit_now(0);
         }
     }
 }
 
+/// What the fork server knows about itself.
+struct Server {
+    pid: u32,
+    /// Its thread count when it started serving: more than one and it refuses to fork.
+    threads: usize,
+    /// Whether SIGINT was ignored before the server ignored it (children get that back).
+    sigint_was_ignored: bool,
+}
+
 fn fork_one(
     frame: ipc::Frame,
     ctl: &OwnedFd,
-    my_pid: u32,
+    me: &Server,
     running: &mut Vec<Running>,
 ) -> ForkReply {
-    let failed = |reason: String| ForkReply::Failed { reason };
-    if let Err(e) = ipc::decode::<ForkRequest>(&frame.bytes, Vec::new()) {
-        return failed(format!("malformed request: {e}"));
+    let request = match ipc::decode::<ForkRequest>(&frame.bytes, Vec::new()) {
+        Ok(r) => r,
+        Err(e) => {
+            return ForkReply::Failed {
+                seq: u64::MAX,
+                reason: format!("malformed request: {e}"),
+            }
+        }
+    };
+    let seq = request.seq;
+    let failed = |reason: String| ForkReply::Failed { seq, reason };
+    if me.threads > 1 {
+        return ForkReply::Refused {
+            seq,
+            reason: threads_reason(me.threads),
+        };
     }
     let mut fds = frame.fds.into_iter();
     let (Some(child_ctrl), Some(stdin), Some(stdout), Some(stderr)) =
@@ -222,15 +371,19 @@ fn fork_one(
         Ok(c) => c,
         Err(e) => return failed(format!("dup: {e}")),
     };
-    // SAFETY: the fork server is single-threaded (it entered this loop from `init` before any
-    // other thread could start), so the child may do anything.
+    // SAFETY: the fork server is single-threaded (checked above: it entered this loop from
+    // `init` before any other thread started), so the child may do anything.
     match unsafe { sys::fork() } {
         Err(e) => failed(format!("fork: {e}")),
         Ok(Forked::Child) => {
-            let _ = sys::kill_me_with_parent();
-            if sys::getppid() != Some(my_pid) {
+            // The child lives as long as the program that asked for it, not as long as this
+            // server: killing the server leaves it running, and the server's parent still
+            // gets its result (see `ChildHandle`). It watches the program through EOF on its
+            // control socket, whose other end only the program holds.
+            if sys::getppid() != Some(me.pid) {
                 sys::exit_now(1);
             }
+            sys::restore_sigint(me.sigint_was_ignored);
             for (fd, target) in [(&stdin, 0), (&stdout, 1), (&stderr, 2)] {
                 let _ = sys::dup_onto(fd.as_fd(), target);
             }
@@ -243,7 +396,7 @@ fn fork_one(
             // socket is never dropped in this child; closing the descriptor here is the only
             // close it gets in this process.
             unsafe { sys::close_raw(ctl.as_raw_fd()) };
-            child::serve_call(child_ctrl, ParentWatch::DeathSignal)
+            child::serve_call(child_ctrl, ParentWatch::EofWatcher)
         }
         Ok(Forked::Parent(pid)) => match sys::pidfd_open(pid) {
             Ok(pidfd) => {
@@ -252,7 +405,7 @@ fn fork_one(
                     pidfd,
                     ctrl: ctrl_copy,
                 });
-                ForkReply::Forked { pid }
+                ForkReply::Forked { seq, pid }
             }
             Err(e) => {
                 let _ = sys::signal(pid, sys::Sig::Kill);

@@ -17,14 +17,15 @@ pub(crate) enum Report {
     Failed(super::wire::Failure),
 }
 
+/// What has been read from the child and learnt about its end. Never locked across a
+/// blocking call: threads that wait poll the descriptors without it.
 #[derive(Debug)]
 struct State {
-    ctrl: OwnedFd,
-    /// Set for our own children (not the fork server's): the pidfd we poll and `waitpid`.
-    pidfd: Option<OwnedFd>,
     reader: FrameReader,
     report: Option<Report>,
     status: Option<ExitStatus>,
+    /// The code the child passed to `exit`, as it reported it.
+    exiting: Option<i32>,
     /// The fork server vanished before reporting the child's status.
     server_lost: bool,
 }
@@ -41,6 +42,11 @@ pub(crate) struct ChildHandle {
     owner: u32,
     /// A pidfd for signalling; for the fork server's children it is opened after the fact.
     signal_fd: Option<OwnedFd>,
+    /// The control socket: the call goes out on it, the report (and, from the fork server,
+    /// the exit status) comes back.
+    ctrl: OwnedFd,
+    /// Set for our own children (not the fork server's): the pidfd we poll and `waitpid`.
+    pidfd: Option<OwnedFd>,
     state: Mutex<State>,
 }
 
@@ -85,12 +91,13 @@ impl ChildHandle {
             via_server,
             owner: sys::getpid(),
             signal_fd,
+            ctrl,
+            pidfd,
             state: Mutex::new(State {
-                ctrl,
-                pidfd,
                 reader: FrameReader::default(),
                 report: None,
                 status: None,
+                exiting: None,
                 server_lost: false,
             }),
         });
@@ -106,40 +113,47 @@ impl ChildHandle {
 
     /// Sends the call frame.
     pub fn send(&self, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-        let st = self.lock();
-        ipc::send_frame(st.ctrl.as_fd(), bytes, fds)
+        ipc::send_frame(self.ctrl.as_fd(), bytes, fds)
     }
 
     /// Waits until the child has ended or `deadline` passes; returns whether it has ended.
+    ///
+    /// The state's lock is taken only to read what has arrived, never across the poll, so
+    /// other threads (`active_children`, `is_alive`, `exitcode`) are never held up by a
+    /// thread that waits here.
     pub fn wait(&self, deadline: Option<Instant>) -> io::Result<bool> {
-        let mut st = self.lock();
         loop {
-            st.absorb()?;
-            if st.finished(self.via_server) {
-                return Ok(true);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(false);
-            }
-            let st_ref = &*st;
+            let watch_ctrl = {
+                let mut st = self.lock();
+                if self.pidfd.is_some() && st.status.is_none() {
+                    // Reaping without blocking is cheap, and catches an end that another
+                    // thread's poll saw first. Reap before reading: once the child is
+                    // reaped, everything it wrote is already in the socket.
+                    st.reap(self.pid, false)?;
+                }
+                st.absorb(self.ctrl.as_fd())?;
+                if st.finished(self.via_server) {
+                    return Ok(true);
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(false);
+                }
+                !st.reader.at_eof()
+            };
             let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(2);
-            if !st_ref.reader.at_eof() {
-                fds.push(st_ref.ctrl.as_fd());
+            if watch_ctrl {
+                fds.push(self.ctrl.as_fd());
             }
-            let pid_index = st_ref.pidfd.as_ref().map(|p| {
+            if let Some(p) = &self.pidfd {
                 fds.push(p.as_fd());
-                fds.len() - 1
-            });
+            }
             if fds.is_empty() {
                 // Only possible for the fork server's children: the socket is closed and no
                 // status came. The server died.
-                st.server_lost = true;
+                self.lock().server_lost = true;
                 return Ok(true);
             }
-            let ready = sys::poll_readable(&fds, deadline)?;
-            if pid_index.is_some_and(|i| ready[i]) {
-                st.reap(self.pid, false)?;
-            }
+            sys::poll_readable(&fds, deadline)?;
         }
     }
 
@@ -171,10 +185,10 @@ impl ChildHandle {
 }
 
 impl State {
-    /// Reads what has arrived, without blocking.
-    fn absorb(&mut self) -> io::Result<()> {
+    /// Reads what has arrived on `ctrl`, without blocking.
+    fn absorb(&mut self, ctrl: BorrowedFd<'_>) -> io::Result<()> {
         if !self.reader.at_eof() {
-            self.reader.fill(self.ctrl.as_fd())?;
+            self.reader.fill(ctrl)?;
         }
         while let Some(frame) = self.reader.next_frame()? {
             let Frame { bytes, fds } = frame;
@@ -184,6 +198,7 @@ impl State {
                 }
                 Ok(ChildMsg::Failed(f)) => self.report = Some(Report::Failed(f)),
                 Ok(ChildMsg::Exited(status)) => self.status = Some(status),
+                Ok(ChildMsg::Exiting(code)) => self.exiting = Some(code),
                 Err(e) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -195,15 +210,28 @@ impl State {
         Ok(())
     }
 
-    fn finished(&self, via_server: bool) -> bool {
-        self.status.is_some() || self.server_lost || (via_server && self.reader.at_eof())
+    fn finished(&mut self, via_server: bool) -> bool {
+        if via_server && self.status.is_none() && self.reader.at_eof() {
+            // Every copy of the child's end is closed, and the fork server never said how
+            // the child ended: the server was killed while the child ran (its children
+            // outlive it). A child that reported exits with a known code (see
+            // `child::report_and_exit`), and so does one that called `exit` (its exit
+            // handler reports the code); otherwise (a signal) the status is unknown.
+            self.status = match (&self.report, self.exiting) {
+                (_, Some(code)) => Some(ExitStatus::Code(code)),
+                (Some(Report::Returned(_)), None) => Some(ExitStatus::Code(0)),
+                (Some(Report::Failed(_)), None) => Some(ExitStatus::Code(1)),
+                (None, None) => None,
+            };
+            self.server_lost = self.status.is_none();
+        }
+        self.status.is_some() || self.server_lost
     }
 
     fn reap(&mut self, pid: u32, block: bool) -> io::Result<()> {
         if self.status.is_none() {
             if let Some(st) = sys::waitpid(pid, block)? {
                 self.status = Some(st);
-                self.pidfd = None;
             }
         }
         Ok(())
@@ -220,7 +248,7 @@ impl Drop for ChildHandle {
         let finished = matches!(self.wait(Some(Instant::now())), Ok(true));
         if !finished {
             let _ = self.signal(Sig::Kill);
-            let _ = self.wait(Some(Instant::now() + Duration::from_secs(5)));
+            let _ = self.wait(crate::time::deadline(Duration::from_secs(5)));
         }
     }
 }

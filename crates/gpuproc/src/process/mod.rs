@@ -43,10 +43,13 @@ pub enum StartMethod {
     /// always safe. Needs [`init`](crate::init).
     Spawn,
     /// Ask a single-threaded server process, started once on first use, to fork the child.
-    /// Fast and safe in multi-threaded programs. Needs [`init`](crate::init). The default.
+    /// Fast and safe in multi-threaded programs. Needs [`init`](crate::init) (before any
+    /// thread starts: see [`init_before_main!`](crate::init_before_main) for async
+    /// runtimes). The default.
     ForkServer,
     /// `fork()` this process. Fastest; refused when this process has more than one thread
-    /// unless [`Process::allow_fork_with_threads`] says otherwise.
+    /// unless [`Process::allow_fork_with_threads`] says otherwise (the thread gpuproc starts
+    /// in a child to watch its parent does not count: it never holds a lock).
     Fork,
 }
 
@@ -116,30 +119,50 @@ pub fn get_start_method() -> StartMethod {
     StartMethod::from_u8(START_METHOD.load(Ordering::SeqCst))
 }
 
+/// The first argument a spawned child gets (after `argv[0]`), so that it is recognisable in
+/// `ps` and so that [`init`] knows the environment variable is meant for it.
+const CHILD_ARG: &str = "--gpuproc-child";
+
 /// Runs the child or fork-server side if this process is one; otherwise returns at once.
 pub(crate) fn init() {
     INITIALIZED.store(true, Ordering::SeqCst);
-    if let Some(fd) = take_env_fd(forkserver::SERVER_FD_ENV) {
+    if let Some(fd) = take_env_fd(forkserver::SERVER_FD_ENV, forkserver::SERVER_ARG) {
         forkserver::serve(fd)
     }
-    if let Some(fd) = take_env_fd(CHILD_FD_ENV) {
+    if let Some(fd) = take_env_fd(CHILD_FD_ENV, CHILD_ARG) {
         let watch = std::env::var(CHILD_WATCH_ENV).unwrap_or_default();
         std::env::remove_var(CHILD_WATCH_ENV);
         child::serve_call(fd, ParentWatch::from_env(&watch))
     }
 }
 
-fn take_env_fd(var: &str) -> Option<OwnedFd> {
+/// The descriptor our parent left in `var`, once checked (see [`sys::take_inherited_fd`]).
+///
+/// A value that does not check out is not adopted: it may come from an unrelated ancestor.
+/// If this process was started by gpuproc (its first argument is `arg`), its parent is gone
+/// or broken and it exits with 1; otherwise the program runs on as itself.
+fn take_env_fd(var: &str, arg: &str) -> Option<OwnedFd> {
     let value = std::env::var(var).ok()?;
     std::env::remove_var(var);
-    let fd = value
+    let parent = sys::getppid().unwrap_or(0);
+    let checked = value
         .parse()
-        .ok()
-        .and_then(|raw| sys::take_inherited_fd(raw).ok());
-    if fd.is_none() {
-        eprintln!("gpuproc: ignoring {var}={value:?}: not an open file descriptor");
+        .map_err(|_| "not a number".to_string())
+        .and_then(|raw| sys::take_inherited_fd(raw, parent).map_err(|e| e.to_string()));
+    match checked {
+        Ok(fd) => Some(fd),
+        Err(why) => {
+            let ours = std::env::args_os().nth(1).is_some_and(|a| a == arg);
+            if ours {
+                eprintln!(
+                    "gpuproc: {var}={value:?} is not from this process's parent: {why}; exiting"
+                );
+                sys::exit_now(1)
+            }
+            eprintln!("gpuproc: ignoring {var}={value:?}: {why}");
+            None
+        }
     }
-    fd
 }
 
 /// What a process knows about itself or another process; Python's `current_process()`.
@@ -173,8 +196,17 @@ fn me() -> Me {
         })
 }
 
+/// The process name a child gets when it was not named with [`Process::with_name`].
+const DEFAULT_COMM: &str = "gpuproc-worker";
+
 /// Called in a child before its target runs.
 fn enter_child(id: &Identity, env: &[(String, Option<String>)]) {
+    sys::set_process_name(&id.comm);
+    // As in Python, a child's default start method is the one that started it.
+    START_METHOD.store(
+        StartMethod::from_u8(id.start_method).to_u8(),
+        Ordering::SeqCst,
+    );
     *ME.lock().unwrap_or_else(|p| p.into_inner()) = Some(Me {
         name: id.name.clone(),
         daemon: id.daemon,
@@ -277,6 +309,8 @@ pub struct Process<A, R> {
     target: fn(A) -> R,
     args: Option<A>,
     name: String,
+    /// Whether `name` was chosen by the user (it then names the OS process too).
+    named: bool,
     daemon: bool,
     start_method: Option<StartMethod>,
     allow_fork_with_threads: bool,
@@ -310,6 +344,7 @@ where
             target,
             args: Some(args),
             name: default_name(),
+            named: false,
             daemon: current_process().daemon,
             start_method: None,
             allow_fork_with_threads: false,
@@ -322,14 +357,20 @@ where
     }
 
     /// Sets the name (default `Process-N`).
+    ///
+    /// A name given here also becomes the child's operating-system process name, as `ps`,
+    /// `top` and `/proc/PID/comm` show it (its first 15 bytes, the kernel's limit). A child
+    /// left unnamed is called `gpuproc-worker` there, and the fork server `gpuproc-forksrv`.
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.set_name(name);
         self
     }
 
-    /// Renames the process; Python's `p.name = ...`.
+    /// Renames the process; Python's `p.name = ...`. Before [`start`](Self::start), this
+    /// names the operating-system process too, as [`with_name`](Self::with_name) does.
     pub fn set_name(&mut self, name: impl Into<String>) {
         self.name = name.into();
+        self.named = true;
     }
 
     /// The process's name.
@@ -474,6 +515,14 @@ where
                 method: method.name(),
             });
         }
+        if method != StartMethod::Fork {
+            // Sent as offsets from the anchor: both must be in the anchor's object.
+            let code = [
+                self.target as usize,
+                wire::trampoline::<A, R> as Trampoline as usize,
+            ];
+            check_same_object(&self.name, wire::anchor as fn() as usize, &code)?;
+        }
         let (ours, theirs) =
             sys::socketpair().map_err(ProcessError::io("creating a socket pair"))?;
         let handle = match method {
@@ -511,6 +560,12 @@ where
             daemon: self.daemon,
             parent_pid: me.pid,
             parent_name: me.name,
+            start_method: self.start_method().to_u8(),
+            comm: if self.named {
+                self.name.clone()
+            } else {
+                DEFAULT_COMM.to_string()
+            },
         }
     }
 
@@ -545,7 +600,7 @@ where
         if let Some(arg0) = std::env::args_os().next() {
             cmd.arg0(arg0);
         }
-        cmd.arg("--gpuproc-child")
+        cmd.arg(CHILD_ARG)
             .env(CHILD_FD_ENV, raw.to_string())
             .env(CHILD_WATCH_ENV, watch.as_env());
         // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
@@ -578,6 +633,8 @@ where
         theirs: OwnedFd,
     ) -> Result<Arc<ChildHandle>, ProcessError> {
         let threads = sys::thread_count().map_err(ProcessError::io("counting threads"))?;
+        // gpuproc's own parent-watch threads hold no lock: they do not make forking unsafe.
+        let threads = threads.saturating_sub(child::watcher_threads()).max(1);
         if threads > 1 && !self.allow_fork_with_threads {
             return Err(ProcessError::ForkUnsafe { threads });
         }
@@ -597,6 +654,7 @@ where
         match unsafe { sys::fork() }.map_err(ProcessError::io("fork"))? {
             Forked::Child => {
                 drop(ours);
+                child::forget_watchers();
                 if watch == ParentWatch::DeathSignal
                     && (sys::kill_me_with_parent().is_err() || sys::getppid() != Some(parent))
                 {
@@ -701,7 +759,12 @@ where
                     code,
                 },
                 None => ProcessError::ForkServer {
-                    reason: format!("it exited before reporting how process {name:?} ended"),
+                    reason: format!(
+                        "it was killed while process {name:?} ran, and that process was \
+                         then killed by a signal without reporting, so which signal is \
+                         unknown (a child that returns, panics or exits is still reported \
+                         after its fork server died)"
+                    ),
                 },
             }),
         }
@@ -718,8 +781,10 @@ where
         self.child.as_ref().map(|c| c.pid)
     }
 
-    /// How the process ended, once it has: its exit code, or minus the signal that killed it
-    /// (Python's convention). `None` while it runs or before it starts. Python's `p.exitcode`.
+    /// How the process ended, once it has: its exit code (0 when the target returned, 1 when
+    /// it panicked, as after Python's uncaught exception), or minus the signal that killed
+    /// it (Python's convention). `None` while it runs or before it starts. Python's
+    /// `p.exitcode`.
     pub fn exitcode(&self) -> Option<i32> {
         let child = self.child.as_ref()?;
         if child.is_alive() {
@@ -750,9 +815,57 @@ where
     }
 }
 
+/// Checks that every address in `code` lies in the loaded object that holds `anchor`: a
+/// function in another object (a shared library, a plugin) has no fixed offset from the
+/// anchor, and a child given that offset would jump to an arbitrary address.
+fn check_same_object(name: &str, anchor: usize, code: &[usize]) -> Result<(), ProcessError> {
+    let home = sys::object_base(anchor);
+    for &addr in code {
+        let base = sys::object_base(addr);
+        if base.is_none() || base != home {
+            return Err(ProcessError::ForeignTarget {
+                name: name.to_string(),
+                object: if base.is_none() {
+                    "no loaded object"
+                } else {
+                    "a shared library"
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn local(x: u32) -> u32 {
+        x + 1
+    }
+
+    #[test]
+    fn targets_outside_the_anchor_object_are_refused() {
+        let anchor = wire::anchor as fn() as usize;
+        let ours = local as fn(u32) -> u32 as usize;
+        assert!(check_same_object("p", anchor, &[ours]).is_ok());
+        // A function of the C library: another shared object.
+        let theirs = libc::getpid as *const () as usize;
+        let err = check_same_object("p", anchor, &[ours, theirs]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProcessError::ForeignTarget {
+                    object: "a shared library",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("another loaded object"), "{err}");
+        let err = check_same_object("p", anchor, &[8]).unwrap_err();
+        assert!(err.to_string().contains("no loaded object"), "{err}");
+    }
 
     #[test]
     fn start_method_names_round_trip() {

@@ -37,6 +37,11 @@ pub(crate) struct Identity {
     pub daemon: bool,
     pub parent_pid: u32,
     pub parent_name: String,
+    /// The start method that started the child (see `StartMethod::to_u8`): the child's own
+    /// default, as Python forces it.
+    pub start_method: u8,
+    /// The child's operating-system process name (`/proc/PID/comm`).
+    pub comm: String,
 }
 
 /// A message from a child (or, for `Exited`, from the fork server about a child).
@@ -48,6 +53,9 @@ pub(crate) enum ChildMsg {
     Failed(Failure),
     /// Sent by the fork server once it has reaped the child.
     Exited(ExitStatus),
+    /// Sent by a fork-server child from its exit handler when something calls `exit`
+    /// (`std::process::exit`, say): its exit code, known even if the server is gone.
+    Exiting(i32),
 }
 
 /// Why a child produced no result, as data.
@@ -92,13 +100,38 @@ impl std::fmt::Display for Failure {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ForkRequest {
     pub parent_pid: u32,
+    /// The request's number, repeated in the reply (requests are pipelined).
+    pub seq: u64,
 }
 
 /// The fork server's answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ForkReply {
-    Forked { pid: u32 },
-    Failed { reason: String },
+    Forked {
+        seq: u64,
+        pid: u32,
+    },
+    /// The server failed (and a new one might not).
+    Failed {
+        seq: u64,
+        reason: String,
+    },
+    /// The server refuses every request, for a reason a new server would share.
+    Refused {
+        seq: u64,
+        reason: String,
+    },
+}
+
+impl ForkReply {
+    /// The number of the request this answers.
+    pub fn seq(&self) -> u64 {
+        match self {
+            ForkReply::Forked { seq, .. }
+            | ForkReply::Failed { seq, .. }
+            | ForkReply::Refused { seq, .. } => *seq,
+        }
+    }
 }
 
 /// The fixed point that function offsets are measured from.

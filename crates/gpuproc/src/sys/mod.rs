@@ -46,12 +46,16 @@ impl ExitStatus {
 
 /// This process's id.
 pub(crate) fn getpid() -> u32 {
-    rustix::process::getpid().as_raw_nonzero().get() as u32
+    // A pid is always positive, so `unsigned_abs` is exact.
+    rustix::process::getpid()
+        .as_raw_nonzero()
+        .get()
+        .unsigned_abs()
 }
 
 /// The parent's process id, if there is one.
 pub(crate) fn getppid() -> Option<u32> {
-    rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32)
+    rustix::process::getppid().map(|p| p.as_raw_nonzero().get().unsigned_abs())
 }
 
 /// Whether the calling thread is the process's main thread.
@@ -64,8 +68,75 @@ pub(crate) fn thread_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/task")?.count())
 }
 
+/// A process id for the kernel; ids that are not a positive `i32` are an error, never a
+/// negative number (which would mean a process group, or every process).
 fn pid(p: u32) -> io::Result<Pid> {
-    Pid::from_raw(p as i32).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+    i32::try_from(p)
+        .ok()
+        .filter(|&raw| raw > 0)
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{p} is not a valid process id"),
+            )
+        })
+}
+
+/// Sets the calling thread's name (for the main thread: the process's name, as `ps` and
+/// `/proc/PID/comm` show it). The kernel keeps 15 bytes: longer names are cut, at a
+/// character boundary; a NUL byte ends the name.
+pub(crate) fn set_process_name(name: &str) {
+    let name = comm_name(name);
+    if let Ok(c) = std::ffi::CString::new(name) {
+        let _ = rustix::thread::set_name(&c);
+    }
+}
+
+/// The first 15 bytes of `name` (cut at a character boundary and at a NUL byte): what fits
+/// in a process name.
+pub(crate) fn comm_name(name: &str) -> &str {
+    let name = name.split('\0').next().unwrap_or_default();
+    let mut end = name.len().min(15);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// The base address of the loaded object (executable or shared library) that contains
+/// `addr`, or `None` if no loaded object does.
+pub(crate) fn object_base(addr: usize) -> Option<usize> {
+    let mut info = MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr only reads its address argument as a number and fills `info`, which is
+    // valid for writes; it returns 0 when the address is in no loaded object.
+    let found = unsafe { libc::dladdr(addr as *const libc::c_void, info.as_mut_ptr()) };
+    if found == 0 {
+        return None;
+    }
+    // SAFETY: dladdr returned non-zero, so it filled `info`.
+    let info = unsafe { info.assume_init() };
+    Some(info.dli_fbase as usize).filter(|&b| b != 0)
+}
+
+/// Makes this process ignore SIGINT (a terminal's Ctrl-C), returning whether it was ignored
+/// before, so that a forked child can restore it with [`restore_sigint`].
+pub(crate) fn ignore_sigint() -> bool {
+    // SAFETY: SIG_IGN is a valid disposition; no handler function is installed.
+    let old = unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    old == libc::SIG_IGN
+}
+
+/// Gives SIGINT its default action again (unless `ignored`, what it was before
+/// [`ignore_sigint`]).
+pub(crate) fn restore_sigint(ignored: bool) {
+    let action = if ignored {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
+    // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no handler function is installed.
+    unsafe { libc::signal(libc::SIGINT, action) };
 }
 
 /// A connected pair of `AF_UNIX` stream sockets, close-on-exec.
@@ -106,12 +177,44 @@ pub(crate) fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Takes ownership of an inherited descriptor number, checking that it is open.
-pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `raw` was passed to us by our parent through the environment as a descriptor it
-    // left open for us; nothing else in this process owns it. We check it is valid first.
+/// Takes ownership of an inherited descriptor number, once it is known to be what a gpuproc
+/// parent leaves: one end of a Unix stream socket pair made by process `creator` (our
+/// parent). Anything else (a closed number, a file, a pipe, a socket made by another
+/// process) is an error and stays untouched: it is neither adopted nor closed.
+pub(crate) fn take_inherited_fd(raw: RawFd, creator: u32) -> io::Result<OwnedFd> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    if raw < 0 {
+        return Err(invalid(format!("{raw} is not a file descriptor")));
+    }
+    // SAFETY: fcntl(F_GETFD) on a plain number reads no memory; it fails with EBADF when the
+    // number is not open. Nothing is owned or closed here.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is open (checked just above) and stays open for this borrow: nothing in
+    // this function closes it.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    let stat = rustix::fs::fstat(fd)?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
+        return Err(invalid(format!("descriptor {raw} is not a socket")));
+    }
+    let stream = rustix::net::sockopt::socket_type(fd)? == SocketType::STREAM;
+    let unix = rustix::net::sockopt::socket_domain(fd)? == AddressFamily::UNIX;
+    if !(stream && unix) {
+        return Err(invalid(format!(
+            "descriptor {raw} is not a Unix stream socket"
+        )));
+    }
+    let peer = rustix::net::sockopt::socket_peercred(fd)?;
+    let peer_pid = peer.pid.as_raw_nonzero().get().unsigned_abs();
+    if peer_pid != creator {
+        return Err(invalid(format!(
+            "descriptor {raw} was made by process {peer_pid}, not by the parent ({creator})"
+        )));
+    }
+    // SAFETY: `raw` is an open socket that our parent left for us (checked above); nothing
+    // else in this process owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    rustix::io::fcntl_getfd(&fd)?;
     rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC)?;
     Ok(fd)
 }
@@ -143,7 +246,32 @@ pub(crate) unsafe fn fork() -> io::Result<Forked> {
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
-        p => Ok(Forked::Parent(p as u32)),
+        p => u32::try_from(p)
+            .map(Forked::Parent)
+            .map_err(|_| io::Error::other(format!("fork returned {p}"))),
+    }
+}
+
+/// Registers `handler` to run when this process calls `exit` (not `_exit`), with the exit
+/// code and `arg`. Returns whether it was registered (only the GNU C library has
+/// `on_exit`).
+pub(crate) fn on_exit(handler: extern "C" fn(libc::c_int, *mut libc::c_void)) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        extern "C" {
+            fn on_exit(
+                f: extern "C" fn(libc::c_int, *mut libc::c_void),
+                arg: *mut libc::c_void,
+            ) -> libc::c_int;
+        }
+        // SAFETY: glibc's `on_exit` stores the function pointer and argument (null, unused)
+        // and calls it from `exit`; `handler` is a plain `extern "C"` function.
+        unsafe { on_exit(handler, std::ptr::null_mut()) == 0 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = handler;
+        false
     }
 }
 
@@ -645,6 +773,75 @@ mod tests {
         assert_eq!(parse_cpu_list(""), None);
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn pids_out_of_range_are_errors_not_process_groups() {
+        // 2^31 would be i32::MIN and u32::MAX would be -1 ("every process") if cast.
+        for p in [0, 1 << 31, u32::MAX] {
+            let err = signal(p, Sig::Term).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{p}");
+            assert!(waitpid(p, false).is_err());
+            assert!(pidfd_open(p).is_err());
+        }
+    }
+
+    #[test]
+    fn inherited_descriptors_are_checked_before_they_are_adopted() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let me = getpid();
+        // A pipe is refused, and stays open (not adopted, not closed).
+        let (r, _w) = rustix::pipe::pipe().unwrap();
+        let err = take_inherited_fd(r.as_raw_fd(), me).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert!(rustix::io::fcntl_getfd(&r).is_ok());
+        // A datagram socket is refused.
+        let (d, _d2) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let err = take_inherited_fd(d.as_raw_fd(), me).unwrap_err();
+        assert!(err.to_string().contains("stream"), "{err}");
+        // A socket pair made by another process than the expected parent is refused.
+        let (a, _b) = socketpair().unwrap();
+        let err = take_inherited_fd(a.as_raw_fd(), me + 1).unwrap_err();
+        assert!(err.to_string().contains("not by the parent"), "{err}");
+        assert!(rustix::io::fcntl_getfd(&a).is_ok());
+        // A closed number and a negative one are refused.
+        assert!(take_inherited_fd(-1, me).is_err());
+        // The real thing is adopted.
+        let raw = a.into_raw_fd();
+        let owned = take_inherited_fd(raw, me).unwrap();
+        assert_eq!(owned.as_raw_fd(), raw);
+        drop(owned);
+        assert!(take_inherited_fd(raw, me).is_err());
+    }
+
+    #[test]
+    fn process_names_fit_the_kernel() {
+        assert_eq!(comm_name("gpuproc-forksrv"), "gpuproc-forksrv");
+        assert_eq!(comm_name("a-very-long-worker-name"), "a-very-long-wor");
+        assert_eq!(comm_name("ab\0cd"), "ab");
+        // 14 ASCII bytes then a two-byte character: cut before it.
+        assert_eq!(comm_name("abcdefghijklmné"), "abcdefghijklmn");
+    }
+
+    #[test]
+    fn object_bases_tell_the_executable_from_a_library() {
+        let here = object_base(tests::object_base_probe as fn() as usize).unwrap();
+        let again = object_base(object_base as fn(usize) -> Option<usize> as usize).unwrap();
+        assert_eq!(here, again);
+        let libc_fn = object_base(libc::getpid as *const () as usize).unwrap();
+        assert_ne!(here, libc_fn);
+        assert_eq!(object_base(0), None);
+    }
+
+    #[inline(never)]
+    fn object_base_probe() {
+        std::hint::black_box(());
     }
 
     #[test]

@@ -445,3 +445,323 @@ fn a_killed_fork_server_is_replaced_and_reaped() {
         "the dead server was not reaped"
     );
 }
+
+#[test]
+fn a_panicking_child_exits_with_code_1_as_python() {
+    fn boom(_: ()) {
+        panic!("boom")
+    }
+    for m in StartMethod::all() {
+        let mut p = with(m, boom, ());
+        p.start().unwrap();
+        let err = p.join_timeout(TIMEOUT).unwrap_err();
+        assert!(err.is_panic(), "{m:?}: {err}");
+        assert_eq!(p.exitcode(), Some(1), "{m:?}");
+    }
+}
+
+fn methods_seen(_: ()) -> (String, String) {
+    fn mine(_: ()) -> String {
+        gpuproc::get_start_method().name().to_string()
+    }
+    // The grandchild uses this child's default: the method that started it.
+    let mut p = Process::new(mine, ());
+    p.start().unwrap();
+    let grandchild = p.join_timeout(TIMEOUT).unwrap();
+    (gpuproc::get_start_method().name().to_string(), grandchild)
+}
+
+#[test]
+fn children_inherit_the_start_method_that_started_them() {
+    for m in StartMethod::all() {
+        let mut p = with(m, methods_seen, ());
+        p.start().unwrap();
+        let (child, grandchild) = p.join_timeout(TIMEOUT).unwrap();
+        assert_eq!(child, m.name(), "{m:?}");
+        assert_eq!(grandchild, m.name(), "{m:?}");
+    }
+}
+
+/// The calling thread's kernel id.
+fn gettid() -> i64 {
+    // SAFETY: a plain system call without arguments.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// Waits (bounded by `TIMEOUT`) until thread `tid` of this process is blocked in `poll`.
+fn wait_until_polling(tid: i64) {
+    let deadline = Instant::now() + TIMEOUT;
+    let path = format!("/proc/self/task/{tid}/syscall");
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let nr: i64 = text
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1);
+        #[cfg(target_arch = "x86_64")]
+        let polling = nr == libc::SYS_ppoll || nr == libc::SYS_poll;
+        #[cfg(not(target_arch = "x86_64"))]
+        let polling = nr == libc::SYS_ppoll;
+        if polling {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thread {tid} never polled: {text}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn active_children_answers_while_another_thread_joins() {
+    let mut p = Process::new(sleeper, ()).with_name("joined-elsewhere");
+    p.start().unwrap();
+    let pid = p.pid().unwrap();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let joiner = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        p.join_timeout(TIMEOUT).unwrap_err()
+    });
+    wait_until_polling(tid_rx.recv_timeout(TIMEOUT).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(gpuproc::active_children());
+    });
+    let listed = rx.recv_timeout(Duration::from_secs(10));
+    // SAFETY: a plain system call on our own child.
+    unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
+    assert!(joiner.join().unwrap().is_killed());
+    let listed = listed.expect("active_children() blocked while another thread joined");
+    assert!(listed.iter().any(|c| c.pid == pid), "{listed:?}");
+}
+
+#[test]
+fn an_unrelated_child_fd_variable_is_not_adopted() {
+    // A GPUPROC_CHILD_FD inherited from elsewhere names a descriptor that is not a gpuproc
+    // socket (here /dev/null): the program must run as itself, not adopt it as a parent.
+    let exe = std::env::current_exe().unwrap();
+    let child = std::process::Command::new(exe)
+        .args(["--list", "an_unrelated_child_fd_variable_is_not_adopted"])
+        .env("GPUPROC_CHILD_FD", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let reader = std::thread::spawn(move || child.wait_with_output().unwrap());
+    if !support::wait_all_ended(&[pid], Instant::now() + TIMEOUT).is_empty() {
+        // SAFETY: a plain system call on our own child.
+        unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
+    }
+    let out = reader.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("an_unrelated_child_fd_variable_is_not_adopted"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("ignoring GPUPROC_CHILD_FD"), "{stderr}");
+}
+
+fn server_pid() -> u32 {
+    run(StartMethod::ForkServer, os_parent, ()).unwrap()
+}
+
+fn fork_server_grandchild(x: u64) -> u64 {
+    let mut p = Process::new(square, x).with_start_method(StartMethod::ForkServer);
+    p.start().unwrap();
+    p.join_timeout(TIMEOUT).unwrap()
+}
+
+#[test]
+fn no_lock_is_held_while_the_fork_server_answers() {
+    let server = server_pid();
+    let server_raw = i32::try_from(server).unwrap();
+    // A stopped server answers nobody: a start waits for its reply.
+    // SAFETY: plain system calls on our own fork server.
+    unsafe { libc::kill(server_raw, libc::SIGSTOP) };
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let waiting = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        run(StartMethod::ForkServer, square, 6)
+    });
+    wait_until_polling(tid_rx.recv_timeout(TIMEOUT).unwrap());
+    // A child forked now would inherit a held lock, and hang on its first fork-server start.
+    let mut p = with(StartMethod::Fork, fork_server_grandchild, 4);
+    p.start().unwrap();
+    let forked = p.join_timeout(TIMEOUT);
+    // SAFETY: as above.
+    unsafe { libc::kill(server_raw, libc::SIGCONT) };
+    assert_eq!(waiting.join().unwrap().unwrap(), 36);
+    assert_eq!(forked.unwrap(), 16);
+}
+
+fn own_comm(_: ()) -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+#[test]
+fn children_and_the_fork_server_carry_process_names() {
+    for m in StartMethod::all() {
+        let mut p = with(m, own_comm, ()).with_name("a-very-long-worker-name");
+        p.start().unwrap();
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), "a-very-long-wor", "{m:?}");
+        assert_eq!(run(m, own_comm, ()).unwrap(), "gpuproc-worker", "{m:?}");
+    }
+    let server = server_pid();
+    let comm = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "gpuproc-forksrv");
+}
+
+static ATEXIT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn atexit_writes() {
+    let fd = ATEXIT_FD.load(std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: writes one byte from a static buffer to a descriptor this process owns.
+    unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+}
+
+/// Registers an atexit handler that writes to `pipe`, starts a thread that would write to
+/// it once released (never), and returns at once.
+fn leave_work_behind(pipe: Fd) -> u32 {
+    use std::os::fd::IntoRawFd;
+    let raw = pipe.0.into_raw_fd();
+    ATEXIT_FD.store(raw, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: registers a plain extern "C" function.
+    unsafe { libc::atexit(atexit_writes) };
+    std::thread::spawn(move || {
+        std::thread::park();
+        atexit_writes();
+    });
+    7
+}
+
+#[test]
+fn a_returning_target_ends_its_child_without_atexit_handlers_or_other_threads() {
+    use std::io::Read as _;
+    for m in StartMethod::all() {
+        let (read, write) = support::pipe();
+        let mut p = with(m, leave_work_behind, Fd(write));
+        p.start().unwrap();
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 7, "{m:?}");
+        assert_eq!(p.exitcode(), Some(0), "{m:?}");
+        // Every write end is closed (the child ended, its thread with it) and nothing was
+        // written: the atexit handler did not run.
+        assert!(support::readable_before(
+            read.as_fd(),
+            Instant::now() + TIMEOUT
+        ));
+        let mut got = Vec::new();
+        std::fs::File::from(read).read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "{m:?}: {got:?}");
+    }
+}
+
+/// Reports its OS parent and whether SIGINT is ignored, then returns `x` once a byte comes
+/// (or, for `x` over 1000, exits with code `x - 1000`).
+fn report_then_wait(args: (Fd, Fd, u64)) -> u64 {
+    let (report, go, x) = args;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap();
+    let sigint_ignored = ignored & (1 << (libc::SIGINT - 1)) != 0;
+    support::write_line(
+        report.0.as_fd(),
+        &format!("{} {sigint_ignored}", std::os::unix::process::parent_id()),
+    );
+    let mut byte = [0u8; 1];
+    // SAFETY: reads into a valid one-byte buffer from a descriptor we own.
+    unsafe {
+        libc::read(
+            std::os::fd::AsRawFd::as_raw_fd(&go.0),
+            byte.as_mut_ptr().cast(),
+            1,
+        )
+    };
+    if x > 1000 {
+        std::process::exit(i32::try_from(x - 1000).unwrap());
+    }
+    x
+}
+
+/// Starts `report_then_wait(x)` with the fork server, kills the server while it waits, lets
+/// it go on, and joins it.
+fn outlive_the_fork_server<R>(
+    x: u64,
+    check: impl FnOnce(&mut Process<(Fd, Fd, u64), u64>) -> R,
+) -> R {
+    let (report_r, report_w) = support::pipe();
+    let (go_r, go_w) = support::pipe();
+    let mut p = with(
+        StartMethod::ForkServer,
+        report_then_wait,
+        (Fd(report_w), Fd(go_r), x),
+    );
+    p.start().unwrap();
+    let line = support::read_lines(&report_r, 1).remove(0);
+    let (server, sigint_ignored) = line.split_once(' ').unwrap();
+    assert_eq!(sigint_ignored, "false", "the child must get SIGINT back");
+    let server: u32 = server.parse().unwrap();
+    assert_ne!(server, std::process::id());
+    // SAFETY: a plain system call on our own fork server.
+    unsafe { libc::kill(i32::try_from(server).unwrap(), libc::SIGKILL) };
+    assert!(support::wait_all_ended(&[server], Instant::now() + TIMEOUT).is_empty());
+    assert!(p.is_alive(), "the child died with its fork server");
+    support::write_line(go_w.as_fd(), "go");
+    check(&mut p)
+}
+
+#[test]
+fn a_child_outlives_its_killed_fork_server_and_is_joined() {
+    outlive_the_fork_server(42, |p| {
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 42);
+        assert_eq!(p.exitcode(), Some(0));
+    });
+    // A child that calls exit after its server died still has its real exit code.
+    outlive_the_fork_server(1003, |p| {
+        let err = p.join_timeout(TIMEOUT).unwrap_err();
+        assert!(matches!(err, ProcessError::Exited { code: 3, .. }), "{err}");
+        assert_eq!(p.exitcode(), Some(3));
+    });
+}
+
+#[test]
+fn the_fork_server_ignores_sigint() {
+    let server = server_pid();
+    // SAFETY: a plain system call on our own fork server.
+    unsafe { libc::kill(i32::try_from(server).unwrap(), libc::SIGINT) };
+    // A signal is delivered before the server runs on: if it had ended it, this request
+    // would go to a new server.
+    assert_eq!(server_pid(), server);
+    assert!(!support::has_ended(server));
+}
+
+#[test]
+fn a_target_in_another_shared_object_is_refused() {
+    // A function of the C library, a shared object of its own, typed as a target. It is
+    // never called: the refusal comes before any child exists.
+    // SAFETY: only the address is used (compared with the loaded objects' ranges); the
+    // pointer is never called through this type.
+    let foreign: fn(i32) -> i32 =
+        unsafe { std::mem::transmute::<*const (), fn(i32) -> i32>(libc::abs as *const ()) };
+    for m in [StartMethod::ForkServer, StartMethod::Spawn] {
+        let mut p = with(m, foreign, -3);
+        let err = p.start().unwrap_err();
+        assert!(
+            matches!(err, ProcessError::ForeignTarget { .. }),
+            "{m:?}: {err}"
+        );
+        assert!(err.to_string().contains("another loaded object"), "{err}");
+        assert!(p.pid().is_none());
+    }
+}
