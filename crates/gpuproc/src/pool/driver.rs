@@ -434,7 +434,7 @@ impl Driver {
             let at = *self.next_sample.get_or_insert(now);
             if at <= now {
                 self.sample_gpu_memory();
-                self.next_sample = Some(now + every);
+                self.next_sample = Some(crate::time::saturating_add(now, every));
             }
             let next = self.next_sample.expect("set above");
             deadline = Some(deadline.map_or(next, |d| d.min(next)));

@@ -129,7 +129,9 @@ impl Default for PoolBuilder {
 }
 
 impl PoolBuilder {
-    /// The number of worker processes (default: the CPUs this process may use).
+    /// The number of worker processes (default: the CPUs this process may use). `0` makes
+    /// [`build`](Self::build) fail with [`PoolError::InvalidArgument`], as Python's
+    /// `Pool(0)` raises `ValueError`.
     pub fn processes(mut self, n: usize) -> Self {
         self.config.processes = n;
         self
@@ -194,8 +196,10 @@ impl PoolBuilder {
     }
 
     /// Replace each worker after it has run this many tasks; Python's `maxtasksperchild`.
+    /// `0` makes [`build`](Self::build) fail with [`PoolError::InvalidArgument`] (Python:
+    /// `ValueError`).
     pub fn max_tasks_per_child(mut self, n: u64) -> Self {
-        self.config.max_tasks_per_child = Some(n.max(1));
+        self.config.max_tasks_per_child = Some(n);
         self
     }
 
@@ -270,7 +274,7 @@ impl PoolBuilder {
         if let Some(e) = self.init_error.take() {
             return Err(e);
         }
-        self.config.processes = self.config.processes.max(1);
+        policy::check_counts(self.config.processes, self.config.max_tasks_per_child)?;
         if let Some(share) = self.gpu_share {
             let picked = gpu::pick_for_workers(self.config.processes, share, &self.gpu_criteria)
                 .map_err(PoolError::Gpu)?;
@@ -330,7 +334,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool of `processes` workers with the default settings.
+    /// A pool of `processes` workers with the default settings; `Pool::new(0)` is an error
+    /// ([`PoolError::InvalidArgument`]), as Python's `Pool(0)` raises `ValueError`.
     pub fn new(processes: usize) -> Result<Pool, PoolError> {
         Pool::builder().processes(processes).build()
     }

@@ -1,10 +1,33 @@
 //! The pool's decisions, as pure functions: chunk sizes, how much to send a worker, retries.
 
+use super::PoolError;
+
 /// Python's automatic chunk size for `map`: the input split into about four chunks per
 /// worker, rounded up; at least 1.
 pub fn auto_chunksize(len: usize, workers: usize) -> usize {
     let per = workers.max(1) * 4;
     len.div_ceil(per).max(1)
+}
+
+/// Checks a pool's counts as Python's `Pool` does (it raises `ValueError`): at least one
+/// worker, and a `max_tasks_per_child`, when given, of at least one.
+pub fn check_counts(processes: usize, max_tasks_per_child: Option<u64>) -> Result<(), PoolError> {
+    if processes == 0 {
+        return Err(PoolError::InvalidArgument {
+            setting: "processes",
+            value: processes.to_string(),
+            expected: "a pool needs at least 1 worker process",
+        });
+    }
+    if let Some(n @ 0) = max_tasks_per_child {
+        return Err(PoolError::InvalidArgument {
+            setting: "max_tasks_per_child",
+            value: n.to_string(),
+            expected: "expected at least 1 (or no limit, the default: workers live as long as \
+                       the pool)",
+        });
+    }
+    Ok(())
 }
 
 /// At most this many tasks are sent ahead to one worker (unless a single chunk is larger),
@@ -65,6 +88,24 @@ pub fn imap_window(workers: usize, chunksize: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_workers_or_zero_tasks_per_child_are_invalid() {
+        assert!(check_counts(1, None).is_ok());
+        assert!(check_counts(4, Some(1)).is_ok());
+        let e = check_counts(0, None).unwrap_err();
+        assert!(e.is_invalid());
+        assert_eq!(
+            e.to_string(),
+            "processes(0) is invalid: a pool needs at least 1 worker process"
+        );
+        let e = check_counts(2, Some(0)).unwrap_err();
+        assert!(e.is_invalid());
+        assert!(
+            e.to_string().starts_with("max_tasks_per_child(0) is invalid: expected at least 1"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn chunksize_matches_python() {

@@ -1,6 +1,7 @@
 //! `Pool`: results, laziness, and faults (dead workers, panics, timeouts, termination).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuproc::{Pool, PoolError, StartMethod};
@@ -651,4 +652,55 @@ fn large_arguments_split_big_chunks_and_arrive_whole() {
     let got = pool.map_chunksize(sum_bytes, items, 9).unwrap();
     let want: Vec<(usize, u64)> = (0..9u64).map(|i| (8 << 20, i * (8 << 20))).collect();
     assert_eq!(got, want);
+}
+
+/// Runs `f` on another thread and returns what it returns, failing the test if that takes
+/// longer than [`TIMEOUT`] (for calls that have no timeout of their own, such as `map`).
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(TIMEOUT)
+        .expect("the call returned within the timeout (and did not panic)")
+}
+
+#[test]
+fn zero_workers_or_zero_tasks_per_child_is_an_error_as_in_python() {
+    let err = Pool::new(0).unwrap_err();
+    assert!(err.is_invalid(), "{err:?}");
+    assert!(err.to_string().contains("processes(0)"), "{err}");
+    assert!(err.to_string().contains("at least 1 worker"), "{err}");
+    let err = Pool::builder().processes(0).build().unwrap_err();
+    assert!(err.is_invalid(), "{err:?}");
+    let err = Pool::builder()
+        .processes(1)
+        .max_tasks_per_child(0)
+        .build()
+        .unwrap_err();
+    assert!(err.is_invalid(), "{err:?}");
+    assert!(err.to_string().contains("max_tasks_per_child(0)"), "{err}");
+    // The last value set counts.
+    let pool = Pool::builder().processes(0).processes(1).build().unwrap();
+    assert_eq!(pool.processes(), 1);
+}
+
+#[test]
+fn huge_timeouts_mean_none_in_the_pool() {
+    let pool = Arc::new(
+        Pool::builder()
+            .processes(2)
+            .task_timeout(Duration::MAX)
+            .gpu_sampling(Duration::MAX)
+            .build()
+            .unwrap(),
+    );
+    let p = pool.clone();
+    let got = within(move || p.map(square, 0..100u64).unwrap());
+    assert_eq!(got, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    let mut r = pool.apply_async(square, 7).unwrap();
+    assert_eq!(r.get_timeout(Duration::MAX).unwrap(), 49);
+    let mut r = pool.apply_async(square, 8).unwrap();
+    assert!(r.wait_timeout(Duration::MAX));
+    assert_eq!(r.get_timeout(TIMEOUT).unwrap(), 64);
 }
