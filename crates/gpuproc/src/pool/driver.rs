@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::buffers::Buffers;
@@ -56,19 +56,69 @@ impl Run {
     }
 }
 
+/// What a job's channel carries.
+#[derive(Debug)]
+pub(crate) enum ToJob {
+    /// Outcomes of tasks.
+    Runs(Vec<Run>),
+    /// The driver thread panicked (the message): no more outcomes will come.
+    DriverDied(String),
+}
+
 /// A submission (`map`, `imap`, `apply_async`): where its outcomes go.
 #[derive(Debug)]
 pub(crate) struct Job {
-    pub tx: Mutex<Sender<Vec<Run>>>,
+    pub tx: Mutex<Sender<ToJob>>,
     /// Set when nobody waits for the results any more: pending tasks are dropped.
     pub cancelled: AtomicBool,
 }
 
 impl Job {
     fn send(&self, runs: Vec<Run>) {
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(runs);
+        self.send_raw(ToJob::Runs(runs));
+    }
+
+    fn send_raw(&self, msg: ToJob) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send(msg);
+    }
+}
+
+/// The jobs that may still wait for outcomes, so that a dying driver can tell them (the
+/// waiting side holds a sender of its own channel, which therefore never disconnects).
+#[derive(Debug, Default)]
+pub(crate) struct Jobs {
+    live: Vec<Weak<Job>>,
+    /// Forget finished jobs when `live` reaches this length.
+    prune_at: usize,
+}
+
+impl Jobs {
+    pub fn register(&mut self, job: &Arc<Job>) {
+        if self.live.len() >= self.prune_at {
+            self.live.retain(|j| j.strong_count() > 0);
+            self.prune_at = (self.live.len() * 2).max(64);
         }
+        self.live.push(Arc::downgrade(job));
+    }
+}
+
+/// The driver thread panicked with `message`: refuse new work, and fail every job that may
+/// still wait (their tasks, queued or running, are lost with the driver's state; its
+/// workers were killed as it unwound).
+pub(crate) fn driver_died(shared: &Shared, message: String) {
+    let queued = {
+        let mut inbox = shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.dead = Some(message.clone());
+        std::mem::take(&mut inbox.chunks)
+    };
+    drop(queued);
+    let jobs = std::mem::take(&mut shared.jobs.lock().unwrap_or_else(|p| p.into_inner()).live);
+    for job in jobs.iter().filter_map(Weak::upgrade) {
+        job.send_raw(ToJob::DriverDied(message.clone()));
+    }
+    if let Ok(mut p) = shared.pids.lock() {
+        p.clear();
     }
 }
 
@@ -123,6 +173,10 @@ pub(crate) struct Inbox {
     pub chunks: VecDeque<Chunk>,
     pub close: bool,
     pub terminate: bool,
+    /// Set when the driver thread has died (its panic message): nothing is taken any more.
+    pub dead: Option<String>,
+    /// Fault injection for tests: the driver panics when it next looks at the inbox.
+    pub panic_driver: bool,
 }
 
 /// The state shared between the `Pool` handle and its driver.
@@ -135,6 +189,8 @@ pub(crate) struct Shared {
     /// The driver is (about to be) blocked in `poll`: submitters must wake it.
     pub sleeping: AtomicBool,
     pub pids: Mutex<Vec<u32>>,
+    /// Every job that may still wait for outcomes.
+    pub jobs: Mutex<Jobs>,
     /// Per worker slot: its GPUs and the GPU memory the sampler saw.
     pub usage: Mutex<Vec<super::WorkerGpuUsage>>,
 }
@@ -374,7 +430,12 @@ impl Driver {
         self.shared.waker.reset();
         let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
         self.pending.extend(inbox.chunks.drain(..));
-        (inbox.terminate, inbox.close)
+        let (terminate, close, fault) = (inbox.terminate, inbox.close, inbox.panic_driver);
+        drop(inbox);
+        if fault {
+            panic!("a fault injected for tests");
+        }
+        (terminate, close)
     }
 
     /// Sends pending chunks to workers with room, least loaded first.
@@ -475,7 +536,16 @@ impl Driver {
                 // Frames are read in place: the reader is set aside meanwhile.
                 let mut reader = std::mem::take(&mut w.reader);
                 while let Ok(Some((bytes, fds))) = reader.next_frame_ref() {
-                    receive(w, bytes, fds, &self.shared.buffers, &mut deliveries);
+                    if let Err(e) = receive(w, bytes, fds, &self.shared.buffers, &mut deliveries) {
+                        eprintln!(
+                            "gpuproc pool: worker pid {} sent a malformed result ({e}); \
+                             replacing it",
+                            w.pid
+                        );
+                        let _ = w.process.kill();
+                        w.eof = true;
+                        break;
+                    }
                 }
                 w.reader = reader;
                 if !deliveries.is_empty() {
@@ -770,17 +840,79 @@ fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A worker reported a run of results: split it over the chunks it covers.
+/// Checks a run of results from a worker before it is split over chunks: a worker's frame
+/// is not trusted to be well formed (its process may be broken, or not ours). `expected_seq`
+/// is the worker's first unreported task, `inflight` how many it has; `results` and `fds`
+/// what came with the header.
+fn check_run(
+    done: &DoneHeader,
+    expected_seq: Option<u64>,
+    inflight: usize,
+    results: usize,
+    fds: usize,
+) -> Result<(), String> {
+    let count = usize::try_from(done.count).map_err(|e| e.to_string())?;
+    if count == 0 {
+        return Err("an empty run".into());
+    }
+    if expected_seq != Some(done.first_seq) {
+        return Err(format!(
+            "a run from task {} when task {expected_seq:?} was due",
+            done.first_seq
+        ));
+    }
+    if count > inflight {
+        return Err(format!("{count} results for {inflight} tasks sent"));
+    }
+    if done.lens.len() != count {
+        return Err(format!("{} lengths for {count} results", done.lens.len()));
+    }
+    if !done.nfds.is_empty() && done.nfds.len() != count {
+        return Err(format!(
+            "{} descriptor counts for {count} results",
+            done.nfds.len()
+        ));
+    }
+    let total = done.lens.checked_total();
+    if total != Some(results) {
+        return Err(format!(
+            "lengths adding up to {total:?} for {results} bytes"
+        ));
+    }
+    let nfds = done
+        .nfds
+        .iter()
+        .try_fold(0usize, |sum, &n| sum.checked_add(n as usize));
+    if nfds != Some(fds) {
+        return Err(format!("{nfds:?} descriptors counted, {fds} received"));
+    }
+    let mut last = None;
+    for &(off, _) in &done.failures {
+        if usize::try_from(off).map_or(true, |o| o >= count) || last.is_some_and(|l| off <= l) {
+            return Err(format!("a failure at offset {off} in a run of {count}"));
+        }
+        last = Some(off);
+    }
+    Ok(())
+}
+
+/// A worker reported a run of results: split it over the chunks it covers. A malformed run
+/// is an error (the worker is then treated as broken: killed, its tasks settled as for a
+/// dead worker).
 fn receive(
     w: &mut Worker,
     bytes: &[u8],
     fds: Vec<OwnedFd>,
     buffers: &Buffers,
     out: &mut Vec<(Arc<Job>, Vec<Run>)>,
-) {
-    let Ok((done, mut results)) = postcard::take_from_bytes::<DoneHeader>(bytes) else {
-        return;
-    };
+) -> Result<(), String> {
+    let (done, mut results) =
+        postcard::take_from_bytes::<DoneHeader>(bytes).map_err(|e| e.to_string())?;
+    let expected = w
+        .sent
+        .front()
+        .and_then(|s| s.first_seq.checked_add(s.done as u64));
+    check_run(&done, expected, w.tasks_inflight, results.len(), fds.len())?;
     let mut fds = fds.into_iter();
     let mut failures = done.failures.into_iter().peekable();
     let mut pos = 0usize; // offset in the run
@@ -788,19 +920,14 @@ fn receive(
     while pos < count {
         let seq = done.first_seq + pos as u64;
         let Some(sent) = w.sent.front_mut() else {
-            return;
+            return Err("results for tasks never sent".into());
         };
-        let offset = (seq - sent.first_seq) as usize;
-        if seq < sent.first_seq || offset != sent.done {
-            return; // out of step: ignore (cannot happen with a well-behaved worker)
+        if sent.first_seq.checked_add(sent.done as u64) != Some(seq) {
+            return Err(format!("out of step at task {seq}"));
         }
         let take = (sent.chunk.len() - sent.done).min(count - pos);
         let lens = done.lens.slice(pos, take);
-        let nfds: Vec<u32> = if done.nfds.is_empty() {
-            Vec::new()
-        } else {
-            done.nfds[pos..pos + take].to_vec()
-        };
+        let nfds: Vec<u32> = done.nfds.get(pos..pos + take).unwrap_or_default().to_vec();
         let bytes = lens.bytes_before(take);
         let (mine, tail) = results.split_at(bytes.min(results.len()));
         results = tail;
@@ -813,8 +940,9 @@ fn receive(
                 break;
             }
             let (_, f) = failures.next().expect("peeked");
-            let index = first_index + (off - pos) as u64;
-            errors.push(((off - pos) as u32, failure_error(index, f)));
+            // (Offsets are increasing and at least `pos`: checked above.)
+            let k = off.saturating_sub(pos);
+            errors.push((k as u32, failure_error(first_index + k as u64, f)));
         }
         let peaks = if w.task_peaks.is_empty() {
             Vec::new()
@@ -851,6 +979,7 @@ fn receive(
         }
         pos += take;
     }
+    Ok(())
 }
 
 fn failure_error(index: u64, f: Failure) -> PoolError {
@@ -878,5 +1007,82 @@ fn failure_error(index: u64, f: Failure) -> PoolError {
 fn deliver(deliveries: Vec<(Arc<Job>, Vec<Run>)>) {
     for (job, runs) in deliveries {
         job.send(runs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(first_seq: u64, lens: &[u32]) -> DoneHeader {
+        let mut l = Lens::default();
+        for &x in lens {
+            l.push(x);
+        }
+        DoneHeader {
+            first_seq,
+            count: lens.len() as u32,
+            lens: l,
+            ..DoneHeader::default()
+        }
+    }
+
+    fn failed(off: u32) -> (u32, Failure) {
+        let f = Failure::BadResult {
+            type_name: "T".into(),
+            reason: "r".into(),
+        };
+        (off, f)
+    }
+
+    #[test]
+    fn a_well_formed_run_passes() {
+        let mut r = run(5, &[8, 0, 8]);
+        r.failures = vec![failed(1)];
+        assert_eq!(check_run(&r, Some(5), 3, 16, 0), Ok(()));
+        r.nfds = vec![0, 0, 2];
+        assert_eq!(check_run(&r, Some(5), 10, 16, 2), Ok(()));
+    }
+
+    #[test]
+    fn malformed_runs_are_errors_not_panics() {
+        let ok = run(5, &[8, 8]);
+        // Sequence numbers: before, after, or with nothing due.
+        assert!(check_run(&ok, Some(6), 2, 16, 0).is_err());
+        assert!(check_run(&ok, Some(4), 2, 16, 0).is_err());
+        assert!(check_run(&ok, None, 2, 16, 0).is_err());
+        assert!(check_run(&run(u64::MAX, &[8]), Some(5), 2, 8, 0).is_err());
+        // More results than tasks sent, or none.
+        assert!(check_run(&ok, Some(5), 1, 16, 0).is_err());
+        assert!(check_run(&run(5, &[]), Some(5), 1, 0, 0).is_err());
+        // Lengths that do not match the bytes, or the count.
+        assert!(check_run(&ok, Some(5), 2, 15, 0).is_err());
+        assert!(check_run(&ok, Some(5), 2, 17, 0).is_err());
+        let mut r = run(5, &[8, 8]);
+        r.count = 3;
+        assert!(check_run(&r, Some(5), 3, 16, 0).is_err());
+        let huge = DoneHeader {
+            first_seq: 5,
+            count: 2,
+            lens: Lens::Each(vec![u32::MAX, u32::MAX]),
+            ..DoneHeader::default()
+        };
+        assert!(check_run(&huge, Some(5), 2, 16, 0).is_err());
+        // Descriptor counts.
+        let mut r = run(5, &[8, 8]);
+        r.nfds = vec![1];
+        assert!(check_run(&r, Some(5), 2, 16, 1).is_err());
+        r.nfds = vec![1, 1];
+        assert!(check_run(&r, Some(5), 2, 16, 1).is_err());
+        r.nfds = vec![u32::MAX, u32::MAX];
+        assert!(check_run(&r, Some(5), 2, 16, 0).is_err());
+        // Failures out of range or out of order.
+        let mut r = run(5, &[8, 0, 0]);
+        r.failures = vec![failed(3)];
+        assert!(check_run(&r, Some(5), 3, 8, 0).is_err());
+        r.failures = vec![failed(2), failed(1)];
+        assert!(check_run(&r, Some(5), 3, 8, 0).is_err());
+        r.failures = vec![failed(1), failed(1)];
+        assert!(check_run(&r, Some(5), 3, 8, 0).is_err());
     }
 }

@@ -83,6 +83,18 @@ impl Lens {
         }
     }
 
+    /// The total length of every task, `None` if it overflows a `usize`.
+    pub fn checked_total(&self) -> Option<usize> {
+        match self {
+            Lens::Fixed { len, count } => {
+                (*len as usize).checked_mul(usize::try_from(*count).ok()?)
+            }
+            Lens::Each(v) => v
+                .iter()
+                .try_fold(0usize, |sum, &l| sum.checked_add(l as usize)),
+        }
+    }
+
     /// Tasks `from .. from + n`.
     pub fn slice(&self, from: usize, n: usize) -> Lens {
         match self {
@@ -187,6 +199,13 @@ mod tests {
         let rest = l.split_off(7);
         assert_eq!(l, Lens::Fixed { len: 4, count: 7 });
         assert_eq!(rest, Lens::Fixed { len: 4, count: 3 });
+        assert_eq!(l.checked_total(), Some(28));
+        assert_eq!(lens(&[1, 2, 3]).checked_total(), Some(6));
+        let huge = Lens::Fixed {
+            len: u32::MAX,
+            count: u64::MAX,
+        };
+        assert_eq!(huge.checked_total(), None);
         l.clear();
         assert!(l.is_empty());
         l.push(5);

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared};
+use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared, ToJob};
 pub use self::error::PoolError;
 use self::lens::Lens;
 use self::worker::{FnRef, Init};
@@ -288,14 +288,23 @@ impl PoolBuilder {
                 source,
             })?,
             pids: Mutex::new(Vec::new()),
+            jobs: Default::default(),
             buffers: Default::default(),
             usage: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
         });
         let driver = Driver::new(config.clone(), shared.clone())?;
+        let on_death = shared.clone();
         let thread = std::thread::Builder::new()
             .name("gpuproc-pool".into())
-            .spawn(move || driver.run())
+            .spawn(move || {
+                // The driver (and with it every worker) is dropped as it unwinds; then every
+                // job still waiting is told.
+                let run = std::panic::AssertUnwindSafe(move || driver.run());
+                if let Err(payload) = std::panic::catch_unwind(run) {
+                    driver::driver_died(&on_death, panic_message(payload.as_ref()));
+                }
+            })
             .map_err(|source| PoolError::Io {
                 context: "starting the pool thread",
                 source,
@@ -380,21 +389,24 @@ impl Pool {
             .unwrap_or_default()
     }
 
-    fn new_job(&self) -> (Arc<Job>, Receiver<Vec<Run>>) {
+    fn new_job(&self) -> (Arc<Job>, Receiver<ToJob>) {
         let (tx, rx) = mpsc::channel();
         let job = Arc::new(Job {
             tx: Mutex::new(tx),
             cancelled: AtomicBool::new(false),
         });
+        (self.shared.jobs.lock().unwrap_or_else(|p| p.into_inner())).register(&job);
         (job, rx)
     }
 
     fn submit(&self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(PoolError::Closed);
-        }
         let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
-        if inbox.close || inbox.terminate {
+        if let Some(message) = &inbox.dead {
+            return Err(PoolError::DriverDied {
+                message: message.clone(),
+            });
+        }
+        if self.closed.load(Ordering::SeqCst) || inbox.close || inbox.terminate {
             return Err(PoolError::Closed);
         }
         inbox.chunks.extend(chunks);
@@ -537,11 +549,12 @@ impl Pool {
         R: Serialize + DeserializeOwned,
     {
         let (job, rx) = self.new_job();
-        let mut chunk = new_chunk(job, fn_ref(f), 0);
+        let mut chunk = new_chunk(job.clone(), fn_ref(f), 0);
         push_task(&mut chunk, &args)?;
         self.submit(vec![chunk])?;
         Ok(AsyncResult {
             rx,
+            _job: job,
             state: AsyncState::Waiting,
             _r: PhantomData,
         })
@@ -560,13 +573,32 @@ impl Pool {
 
     /// Waits for the workers to finish the queued tasks and exit; call [`close`](Self::close)
     /// first (as in Python, `join` on an open pool closes it). Python's `Pool.join`.
+    ///
+    /// Fails with [`PoolError::DriverDied`] if the pool's driver thread has died.
     pub fn join(&self) -> Result<(), PoolError> {
         self.close();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
             let _ = h.join();
         }
-        Ok(())
+        let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        match &inbox.dead {
+            Some(message) => Err(PoolError::DriverDied {
+                message: message.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the pool's driver thread panic (fault injection for gpuproc's own tests).
+    #[doc(hidden)]
+    pub fn __panic_driver_for_tests(&self) {
+        self.shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .panic_driver = true;
+        self.shared.waker.wake();
     }
 
     /// Kills the workers at once; unfinished tasks fail with [`PoolError::Terminated`].
@@ -584,6 +616,15 @@ impl Pool {
             let _ = h.join();
         }
     }
+}
+
+/// The message of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 impl Drop for Pool {
@@ -846,7 +887,9 @@ pub struct Imap<'p, A, R, I> {
     ordered: bool,
     chunksize: usize,
     job: Arc<Job>,
-    rx: Receiver<Vec<Run>>,
+    rx: Receiver<ToJob>,
+    /// Set once the pool's driver has died (and that was reported): nothing more comes.
+    dead: bool,
     next_index: u64,
     next_yield: u64,
     outstanding: usize,
@@ -891,6 +934,7 @@ where
             chunksize: 1,
             job,
             rx,
+            dead: false,
             next_index: 0,
             next_yield: 0,
             outstanding: 0,
@@ -964,10 +1008,15 @@ where
                 return Ok(());
             }
             match self.rx.recv() {
-                Ok(runs) => {
+                Ok(ToJob::Runs(runs)) => {
                     for run in runs {
                         self.done.insert(run.first_index, RunReader::new(run));
                     }
+                }
+                Ok(ToJob::DriverDied(message)) => {
+                    self.dead = true;
+                    self.outstanding = 0;
+                    return Err(PoolError::DriverDied { message });
                 }
                 Err(_) => {
                     return Err(PoolError::Terminated {
@@ -1034,6 +1083,9 @@ where
     type Item = Result<R, PoolError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.dead {
+            return None;
+        }
         loop {
             if let Some(cur) = self.current.as_mut() {
                 if !cur.is_done() {
@@ -1049,6 +1101,7 @@ where
                 }
             }
             if let Err(e) = self.fill() {
+                self.dead = e.is_driver_died();
                 return Some(Err(e));
             }
             self.current = if self.ordered {
@@ -1066,10 +1119,17 @@ where
                 return None;
             }
             match self.rx.recv() {
-                Ok(runs) => {
+                Ok(ToJob::Runs(runs)) => {
                     for run in runs {
                         self.done.insert(run.first_index, RunReader::new(run));
                     }
+                }
+                // Runs received before are still yielded (in order, up to the first
+                // missing one); then this error, and the end.
+                Ok(ToJob::DriverDied(message)) => {
+                    self.dead = true;
+                    self.outstanding = 0;
+                    return Some(Err(PoolError::DriverDied { message }));
                 }
                 // The driver is gone, and with it every task's sender.
                 Err(_) => {
@@ -1100,7 +1160,9 @@ enum AsyncState<R> {
 /// Dropping it does not cancel the task: it still runs, as in Python.
 #[must_use = "the task's result or error is only seen through get()"]
 pub struct AsyncResult<R> {
-    rx: Receiver<Vec<Run>>,
+    rx: Receiver<ToJob>,
+    /// Kept so that a dying driver can tell this result (see `driver::driver_died`).
+    _job: Arc<Job>,
     state: AsyncState<R>,
     _r: PhantomData<fn() -> R>,
 }
@@ -1130,12 +1192,15 @@ impl<R: DeserializeOwned> AsyncResult<R> {
                 .recv_timeout(d.saturating_duration_since(Instant::now())),
         };
         match got {
-            Ok(runs) => {
+            Ok(ToJob::Runs(runs)) => {
                 let result = match runs.into_iter().next() {
                     Some(run) => RunReader::new(run).next(),
                     None => Err(PoolError::Terminated { index: 0 }),
                 };
                 self.state = AsyncState::Done(result);
+            }
+            Ok(ToJob::DriverDied(message)) => {
+                self.state = AsyncState::Done(Err(PoolError::DriverDied { message }))
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {

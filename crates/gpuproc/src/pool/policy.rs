@@ -102,7 +102,8 @@ mod tests {
         let e = check_counts(2, Some(0)).unwrap_err();
         assert!(e.is_invalid());
         assert!(
-            e.to_string().starts_with("max_tasks_per_child(0) is invalid: expected at least 1"),
+            e.to_string()
+                .starts_with("max_tasks_per_child(0) is invalid: expected at least 1"),
             "{e}"
         );
     }

@@ -704,3 +704,65 @@ fn huge_timeouts_mean_none_in_the_pool() {
     assert!(r.wait_timeout(Duration::MAX));
     assert_eq!(r.get_timeout(TIMEOUT).unwrap(), 64);
 }
+
+#[test]
+fn a_dead_driver_fails_pending_and_later_tasks_instead_of_hanging() {
+    let pool = Arc::new(Pool::new(2).unwrap());
+    let pids = pool.worker_pids();
+    assert_eq!(pool.apply(square, 3).unwrap(), 9);
+    // Tasks queued and running when the driver dies.
+    let mut running = pool.apply_async(block, 0).unwrap();
+    let p = pool.clone();
+    let imap = std::thread::spawn(move || {
+        let mut it = p.imap(block, 0..10u64);
+        let first = it.next();
+        (first, it.next())
+    });
+    let p = pool.clone();
+    let map = std::thread::spawn(move || p.map(block, 0..10u64));
+    let p = pool.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut it = p.imap(block, 0u64..);
+        let got: Vec<_> = it.by_ref().take(3).collect();
+        (got, it.next().is_none())
+    });
+    // (Each fails at once if the driver died before it submitted; else while it waits.)
+    pool.__panic_driver_for_tests();
+    let err = running.get_timeout(TIMEOUT).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    assert!(
+        err.to_string().contains("a fault injected for tests"),
+        "{err}"
+    );
+    let (first, second) = within(move || imap.join().unwrap());
+    let err = first.unwrap().unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    assert!(second.is_none(), "an imap ends after its driver died");
+    let err = within(move || map.join().unwrap()).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    let (got, ended) = within(move || waiting.join().unwrap());
+    assert!(ended);
+    assert!(
+        got.iter()
+            .any(|r| r.as_ref().is_err_and(PoolError::is_driver_died)),
+        "{got:?}"
+    );
+    // Later tasks fail at once.
+    let err = pool.apply_async(square, 1).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    let p = pool.clone();
+    let err = within(move || p.map(square, 0..10u64)).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    let p = pool.clone();
+    let r = within(move || p.imap(square, 0..10u64).collect::<Vec<_>>());
+    assert_eq!(r.len(), 1, "one error, then the end: {r:?}");
+    let p = pool.clone();
+    let err = within(move || p.join()).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    // The workers went with the driver.
+    let left = support::wait_all_ended(&pids, Instant::now() + TIMEOUT);
+    assert!(
+        left.is_empty(),
+        "workers left after the driver died: {left:?}"
+    );
+}
