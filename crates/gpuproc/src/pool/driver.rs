@@ -942,7 +942,10 @@ fn receive(
             let (_, f) = failures.next().expect("peeked");
             // (Offsets are increasing and at least `pos`: checked above.)
             let k = off.saturating_sub(pos);
-            errors.push((k as u32, failure_error(first_index + k as u64, f)));
+            errors.push((
+                u32::try_from(k).unwrap_or(u32::MAX),
+                failure_error(first_index + k as u64, f),
+            ));
         }
         let peaks = if w.task_peaks.is_empty() {
             Vec::new()

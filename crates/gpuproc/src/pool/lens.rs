@@ -122,6 +122,22 @@ impl Lens {
     }
 }
 
+/// The length of `what` (a task's argument or result, the initializer's argument) as it
+/// travels, in a `u32`; an error that says so when it is longer.
+pub(crate) fn checked_len(len: usize, what: &str) -> Result<u32, String> {
+    u32::try_from(len).map_err(|_| {
+        format!(
+            "{what} encodes to {len} bytes; at most {} bytes (4 GiB - 1) can be sent",
+            u32::MAX
+        )
+    })
+}
+
+/// A descriptor count as it travels, in a `u32` (far more than a message can carry).
+pub(crate) fn checked_fds(n: usize, what: &str) -> Result<u32, String> {
+    u32::try_from(n).map_err(|_| format!("{what} holds {n} descriptors, too many to send"))
+}
+
 /// A `Vec<u32>` as one block of little-endian bytes: postcard would write a varint per
 /// element, which costs more than a trivial task itself.
 pub(crate) mod u32_block {
@@ -210,6 +226,23 @@ mod tests {
         assert!(l.is_empty());
         l.push(5);
         assert_eq!(l, Lens::Fixed { len: 5, count: 1 });
+    }
+
+    #[test]
+    fn lengths_past_u32_are_errors_that_say_so() {
+        assert_eq!(checked_len(0, "x"), Ok(0));
+        assert_eq!(checked_len(u32::MAX as usize, "x"), Ok(u32::MAX));
+        let e = checked_len(u32::MAX as usize + 1, "the initializer's argument").unwrap_err();
+        assert_eq!(
+            e,
+            "the initializer's argument encodes to 4294967296 bytes; at most 4294967295 bytes \
+             (4 GiB - 1) can be sent"
+        );
+        assert!(checked_len(usize::MAX, "a task's result").is_err());
+        assert_eq!(checked_fds(3, "x"), Ok(3));
+        assert!(checked_fds(u32::MAX as usize + 1, "x")
+            .unwrap_err()
+            .contains("too many"));
     }
 
     #[test]

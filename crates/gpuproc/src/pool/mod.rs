@@ -176,19 +176,16 @@ impl PoolBuilder {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn initializer<A: Serialize + DeserializeOwned>(mut self, f: fn(A), args: A) -> Self {
-        match ipc::encode(&args) {
-            Ok((bytes, fds)) => {
-                self.config.init = Some(Init {
-                    func: fn_ref(f),
-                    args: bytes,
-                    fds: worker::InitFds(Arc::new(fds)),
-                });
-            }
-            Err(e) => {
+        match ipc::encode(&args)
+            .map_err(|e| e.to_string())
+            .and_then(|(bytes, fds)| worker::Init::new(fn_ref(f), bytes, fds))
+        {
+            Ok(init) => self.config.init = Some(init),
+            Err(reason) => {
                 self.init_error = Some(PoolError::Encode {
                     index: 0,
                     type_name: type_name::<A>().to_string(),
-                    reason: e.to_string(),
+                    reason,
                 })
             }
         }
@@ -656,20 +653,24 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
         type_name: type_name::<A>().to_string(),
         reason,
     })?;
-    let len = chunk.args.len() - start;
-    let Ok(len) = u32::try_from(len) else {
-        chunk.args.truncate(start);
-        return Err(PoolError::Encode {
-            index,
-            type_name: type_name::<A>().to_string(),
-            reason: format!("it encodes to {len} bytes; a task's argument may take 4 GiB"),
-        });
+    let sizes = lens::checked_len(chunk.args.len() - start, "the argument")
+        .and_then(|len| Ok((len, lens::checked_fds(fds.len(), "the argument")?)));
+    let (len, nfds) = match sizes {
+        Ok(lens) => lens,
+        Err(reason) => {
+            chunk.args.truncate(start);
+            return Err(PoolError::Encode {
+                index,
+                type_name: type_name::<A>().to_string(),
+                reason,
+            });
+        }
     };
     chunk.lens.push(len);
     // Descriptor counts are kept once any task has descriptors (earlier tasks: 0).
     if !fds.is_empty() || !chunk.nfds.is_empty() {
         chunk.nfds.resize(chunk.lens.len() - 1, 0);
-        chunk.nfds.push(fds.len() as u32);
+        chunk.nfds.push(nfds);
     }
     chunk.fds.extend(fds);
     Ok(())
@@ -742,11 +743,14 @@ fn push_item<A: Serialize + DeserializeOwned>(
         if enc.push(&mut chunk.args, args) {
             let shape = enc.shape().unwrap_or_default();
             if !first || plain::decode::<A>(&chunk.args[start..], shape).is_ok() {
-                if chunk.shape.is_none() {
-                    chunk.shape = Some(shape.to_vec());
+                // (A plain item is at most a few hundred bytes: this always fits.)
+                if let Ok(len) = u32::try_from(chunk.args.len() - start) {
+                    if chunk.shape.is_none() {
+                        chunk.shape = Some(shape.to_vec());
+                    }
+                    chunk.lens.push(len);
+                    return Ok(());
                 }
-                chunk.lens.push((chunk.args.len() - start) as u32);
-                return Ok(());
             }
             chunk.args.truncate(start);
         }
