@@ -17,12 +17,13 @@ use super::buffers::Buffers;
 use super::lens::Lens;
 use super::policy::{self, AfterDeath};
 use super::worker::{
-    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WorkerError, RUNNING_AT, STARTED_AT,
+    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WorkerError, PHASE_AT, RUNNING_AT,
+    STARTED_AT,
 };
 use super::{Config, PoolError};
 use crate::ipc::{self, FrameReader};
 use crate::process::wire::Failure;
-use crate::process::{Process, ProcessError};
+use crate::process::{Process, ProcessError, StartMethod};
 use crate::sys::shm::Mapping;
 use crate::sys::{self, ExitStatus, Waker};
 
@@ -167,6 +168,25 @@ impl Chunk {
     }
 }
 
+/// How many pools' driver threads are running in this process (counted from before each
+/// starts until its pool has joined it): threads a `Fork` pool may fork beside.
+pub(crate) static DRIVER_THREADS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Refuses [`StartMethod::Fork`] now if this process has threads other than the caller and
+/// pools' driver threads, unless the pool allows it (see
+/// [`PoolBuilder::allow_fork_with_threads`](super::PoolBuilder::allow_fork_with_threads)).
+pub(crate) fn check_fork(config: &Config) -> Result<(), PoolError> {
+    if config.start_method != StartMethod::Fork || config.allow_fork_with_threads {
+        return Ok(());
+    }
+    let threads = sys::thread_count().map_err(io("counting threads"))?;
+    if policy::fork_refused(threads, DRIVER_THREADS.load(Ordering::SeqCst)) {
+        return Err(PoolError::ForkUnsafe { threads });
+    }
+    Ok(())
+}
+
 /// What API calls ask of the driver.
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
@@ -238,6 +258,9 @@ struct Worker {
     budget: Option<u64>,
     /// The task (sequence number) it was killed for exceeding the timeout, if any.
     timed_out: Option<u64>,
+    /// Since when (in [`sys::monotonic_ns`]) it has had a task to start and not started it
+    /// (see [`policy::not_started`]).
+    waiting_since: Option<u64>,
     eof: bool,
     /// GPU memory peaks sampled while tasks ran, by sequence number, until reported.
     task_peaks: std::collections::HashMap<u64, u64>,
@@ -363,10 +386,12 @@ impl Driver {
             max_tasks: self.config.max_tasks_per_child,
             track_time: self.config.task_timeout.is_some(),
         };
+        // Checked here, with the pools' own threads left out (replacements fork from the
+        // driver thread).
+        check_fork(&self.config)?;
         let mut p = Process::new(worker::worker_main, args)
             .with_name(format!("PoolWorker-{}", slot + 1))
             .with_start_method(self.config.start_method)
-            // Replacements start from the driver thread; `Fork` was chosen knowingly.
             .allow_fork_with_threads(true);
         for (k, v) in &self.config.env {
             p = p.with_env(k.clone(), v.clone());
@@ -396,6 +421,7 @@ impl Driver {
             next_seq: 0,
             budget: self.config.max_tasks_per_child,
             timed_out: None,
+            waiting_since: None,
             eof: false,
             task_peaks: std::collections::HashMap::new(),
         })
@@ -568,15 +594,20 @@ impl Driver {
         Ok(())
     }
 
-    fn next_timeout_check(&self) -> Option<Instant> {
+    fn next_timeout_check(&mut self) -> Option<Instant> {
         let timeout = self.config.task_timeout?;
         let now_ns = sys::monotonic_ns();
+        self.note_waiting(now_ns);
         // A timeout past the clock's range never expires: no check is ever due.
         let mut next = crate::time::deadline(timeout)?;
         for w in &self.workers {
-            if w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire) != 0 {
-                let started = w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed);
-                let ran = Duration::from_nanos(now_ns.saturating_sub(started));
+            let since = if w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire) != 0 {
+                Some(w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed))
+            } else {
+                None
+            };
+            for since in since.into_iter().chain(w.waiting_since) {
+                let ran = Duration::from_nanos(now_ns.saturating_sub(since));
                 if let Some(due) = crate::time::deadline(timeout.saturating_sub(ran)) {
                     next = next.min(due);
                 }
@@ -585,19 +616,54 @@ impl Driver {
         Some(next)
     }
 
+    /// Notes, for each worker, since when it has had a task to start and not started it.
+    fn note_waiting(&mut self, now_ns: u64) {
+        let forked = self.config.start_method == StartMethod::Fork;
+        for w in &mut self.workers {
+            let next_seq = w
+                .sent
+                .iter()
+                .find(|s| s.done < s.chunk.len())
+                .and_then(|s| s.first_seq.checked_add(s.done as u64));
+            let waiting = next_seq.filter(|&seq| {
+                let phase = w.page.atomic_u64(PHASE_AT).load(Ordering::Acquire);
+                let running = w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire);
+                policy::not_started(phase, running, seq, forked)
+            });
+            if waiting.is_none() {
+                w.waiting_since = None;
+            } else if w.waiting_since.is_none() {
+                w.waiting_since = Some(now_ns);
+            }
+        }
+    }
+
     fn check_timeouts(&mut self) {
         let Some(timeout) = self.config.task_timeout else {
             return;
         };
         let now_ns = sys::monotonic_ns();
+        self.note_waiting(now_ns);
+        let expired = |since: u64| Duration::from_nanos(now_ns.saturating_sub(since)) >= timeout;
         for w in &mut self.workers {
-            let running = w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire);
-            if running == 0 || w.timed_out.is_some() {
+            if w.timed_out.is_some() {
                 continue;
             }
-            let started = w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed);
-            if Duration::from_nanos(now_ns.saturating_sub(started)) >= timeout {
-                w.timed_out = Some(running - 1);
+            let running = w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire);
+            if let Some(seq) = running.checked_sub(1) {
+                if expired(w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed)) {
+                    w.timed_out = Some(seq);
+                    let _ = w.process.kill();
+                    continue;
+                }
+            }
+            // Hung before it started its next task: that task is the one that timed out.
+            if w.waiting_since.is_some_and(expired) {
+                w.timed_out = w
+                    .sent
+                    .iter()
+                    .find(|s| s.done < s.chunk.len())
+                    .and_then(|s| s.first_seq.checked_add(s.done as u64));
                 let _ = w.process.kill();
             }
         }

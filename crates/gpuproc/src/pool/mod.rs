@@ -60,6 +60,8 @@ type WorkerEnv = Box<dyn Fn(usize) -> Vec<(String, String)> + Send + Sync>;
 pub(crate) struct Config {
     pub processes: usize,
     pub start_method: StartMethod,
+    /// `Fork` may fork while this process has other threads.
+    pub allow_fork_with_threads: bool,
     pub init: Option<Init>,
     pub max_tasks_per_child: Option<u64>,
     pub task_timeout: Option<Duration>,
@@ -78,6 +80,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("processes", &self.processes)
             .field("start_method", &self.start_method)
+            .field("allow_fork_with_threads", &self.allow_fork_with_threads)
             .field("max_tasks_per_child", &self.max_tasks_per_child)
             .field("task_timeout", &self.task_timeout)
             .field("retries", &self.retries)
@@ -111,6 +114,7 @@ impl Default for PoolBuilder {
             config: Config {
                 processes: crate::process_cpu_count(),
                 start_method: get_start_method(),
+                allow_fork_with_threads: false,
                 init: None,
                 max_tasks_per_child: None,
                 task_timeout: None,
@@ -139,8 +143,29 @@ impl PoolBuilder {
 
     /// How workers are started (default: [`get_start_method`]). With `Fork`, replacement
     /// workers are forked from the pool's driver thread.
+    ///
+    /// `Fork` is refused, as [`Process`](crate::Process) refuses it, when this process has
+    /// threads other than the pools' own (see
+    /// [`allow_fork_with_threads`](Self::allow_fork_with_threads)): `build` fails with
+    /// [`PoolError::ForkUnsafe`].
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.config.start_method = method;
+        self
+    }
+
+    /// Lets a [`StartMethod::Fork`] pool fork its workers even when this process has other
+    /// threads (default: refused). A worker then has only the forking thread; a lock that
+    /// another thread held at that moment stays held for ever in the worker, which can hang
+    /// it: a [`task_timeout`](Self::task_timeout) then kills it and fails the task it never
+    /// started.
+    ///
+    /// Without it, a `Fork` pool is built only in a process whose threads are the caller and
+    /// gpuproc pools' driver threads; a replacement worker (after a death, a timeout or
+    /// [`max_tasks_per_child`](Self::max_tasks_per_child)) is forked from the pool's driver
+    /// thread only under the same condition, and otherwise not started (the pool goes on
+    /// with the workers it has; the refusal is printed on standard error).
+    pub fn allow_fork_with_threads(mut self, allow: bool) -> Self {
+        self.config.allow_fork_with_threads = allow;
         self
     }
 
@@ -201,7 +226,13 @@ impl PoolBuilder {
     }
 
     /// Kill a worker whose current task has run this long; the task fails with
-    /// [`PoolError::TimedOut`] and the worker is replaced.
+    /// [`PoolError::TimedOut`] and the worker is replaced. A worker that has had a task to
+    /// start for this long without starting it (hung, say on a lock after a fork with
+    /// threads, or stopped) is killed too, and that task fails the same way (or runs again,
+    /// with [`retries`](Self::retries)). The time a worker takes to start and run the
+    /// [`initializer`](Self::initializer) does not count, except the start of a forked one
+    /// (a fork, and nothing more). `Duration::MAX` (or any timeout past the clock's range)
+    /// means no timeout.
     pub fn task_timeout(mut self, timeout: Duration) -> Self {
         self.config.task_timeout = Some(timeout);
         self
@@ -272,6 +303,8 @@ impl PoolBuilder {
             return Err(e);
         }
         policy::check_counts(self.config.processes, self.config.max_tasks_per_child)?;
+        // (Again before each worker; here, before GPUs are leased for nothing.)
+        driver::check_fork(&self.config)?;
         if let Some(share) = self.gpu_share {
             let picked = gpu::pick_for_workers(self.config.processes, share, &self.gpu_criteria)
                 .map_err(PoolError::Gpu)?;
@@ -292,6 +325,7 @@ impl PoolBuilder {
         });
         let driver = Driver::new(config.clone(), shared.clone())?;
         let on_death = shared.clone();
+        let counted = DriverCount::new();
         let thread = std::thread::Builder::new()
             .name("gpuproc-pool".into())
             .spawn(move || {
@@ -309,7 +343,7 @@ impl PoolBuilder {
         Ok(Pool {
             config,
             shared,
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(Some((thread, counted))),
             closed: AtomicBool::new(false),
         })
     }
@@ -335,8 +369,26 @@ pub struct WorkerGpuUsage {
 pub struct Pool {
     config: Arc<Config>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<(JoinHandle<()>, DriverCount)>>,
     closed: AtomicBool,
+}
+
+/// One pool driver thread counted in `driver::DRIVER_THREADS`, from before it starts until
+/// it has been joined (dropped after the join).
+#[derive(Debug)]
+struct DriverCount(());
+
+impl DriverCount {
+    fn new() -> Self {
+        driver::DRIVER_THREADS.fetch_add(1, Ordering::SeqCst);
+        DriverCount(())
+    }
+}
+
+impl Drop for DriverCount {
+    fn drop(&mut self) {
+        driver::DRIVER_THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Pool {
@@ -575,8 +627,9 @@ impl Pool {
     pub fn join(&self) -> Result<(), PoolError> {
         self.close();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
+        if let Some((h, counted)) = handle {
             let _ = h.join();
+            drop(counted);
         }
         let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
         match &inbox.dead {
@@ -609,8 +662,9 @@ impl Pool {
             .terminate = true;
         self.shared.waker.wake();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
+        if let Some((h, counted)) = handle {
             let _ = h.join();
+            drop(counted);
         }
     }
 }

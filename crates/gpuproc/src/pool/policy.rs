@@ -1,5 +1,6 @@
 //! The pool's decisions, as pure functions: chunk sizes, how much to send a worker, retries.
 
+use super::worker::{PHASE_INIT, PHASE_READY};
 use super::PoolError;
 
 /// Python's automatic chunk size for `map`: the input split into about four chunks per
@@ -28,6 +29,29 @@ pub fn check_counts(processes: usize, max_tasks_per_child: Option<u64>) -> Resul
         });
     }
     Ok(())
+}
+
+/// Whether a `Fork` pool must not fork now (unless allowed): when the process has `threads`
+/// threads, `pool_threads` of them gpuproc pools' driver threads, and so more than one
+/// thread (the caller) of its own. The pools' threads only hold the pools' locks, which a
+/// worker never takes.
+pub fn fork_refused(threads: usize, pool_threads: usize) -> bool {
+    threads > pool_threads.saturating_add(1)
+}
+
+/// Whether a worker whose first unreported task is `next_seq` has not started it, so that
+/// the task timeout runs for it (a worker hung before it could record a running task):
+/// `phase` and `running` are read from its status page (`running` is the running task's
+/// sequence number + 1, 0 between chunks). The time a worker takes to start is not counted
+/// (a spawned worker re-runs the executable), except for a forked one, whose start is a
+/// fork and nothing more, nor is its initializer's.
+pub fn not_started(phase: u64, running: u64, next_seq: u64, forked: bool) -> bool {
+    let counted = match phase {
+        PHASE_READY => true,
+        PHASE_INIT => false,
+        _ => forked,
+    };
+    counted && running.checked_sub(1).is_none_or(|r| r < next_seq)
 }
 
 /// At most this many tasks are sent ahead to one worker (unless a single chunk is larger),
@@ -106,6 +130,32 @@ mod tests {
                 .starts_with("max_tasks_per_child(0) is invalid: expected at least 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fork_is_refused_for_threads_that_are_not_the_pools() {
+        assert!(!fork_refused(1, 0));
+        assert!(fork_refused(2, 0));
+        assert!(
+            !fork_refused(2, 1),
+            "a replacement forked beside the pool's own thread"
+        );
+        assert!(fork_refused(3, 1));
+        assert!(!fork_refused(3, 2));
+    }
+
+    #[test]
+    fn a_task_not_started_counts_once_the_worker_is_ready() {
+        // Ready, between chunks or still on an earlier task: not started.
+        assert!(not_started(PHASE_READY, 0, 5, false));
+        assert!(not_started(PHASE_READY, 5, 5, false));
+        // Running it, or past it.
+        assert!(!not_started(PHASE_READY, 6, 5, false));
+        assert!(!not_started(PHASE_READY, 9, 5, false));
+        // In the initializer: never counted; starting: only when forked.
+        assert!(!not_started(PHASE_INIT, 0, 0, true));
+        assert!(!not_started(0, 0, 0, false));
+        assert!(not_started(0, 0, 0, true));
     }
 
     #[test]

@@ -32,6 +32,13 @@ pub(crate) const PAGE_LEN: usize = 4096;
 pub(crate) const RUNNING_AT: usize = 0;
 /// Byte offset of when that task started, in [`sys::monotonic_ns`] (only with a task timeout).
 pub(crate) const STARTED_AT: usize = 8;
+/// Byte offset of the worker's phase: 0 until its main function runs, then
+/// [`PHASE_INIT`], then [`PHASE_READY`].
+pub(crate) const PHASE_AT: usize = 16;
+/// The worker is running the pool's initializer (if any).
+pub(crate) const PHASE_INIT: u64 = 1;
+/// The worker is in its loop, ready for tasks.
+pub(crate) const PHASE_READY: u64 = 2;
 
 /// How long finished results may wait in the worker before they are sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
@@ -455,6 +462,8 @@ impl From<String> for WorkerError {
 pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
     let page = Mapping::map_existing(args.page, PAGE_LEN)
         .map_err(|e| format!("mapping the status page: {e}"))?;
+    let phase = page.atomic_u64(PHASE_AT);
+    phase.store(PHASE_INIT, Ordering::Release);
     if let Some(init) = args.init {
         // Run like a chunk of one task whose result is dropped.
         let (t, target) = resolve(init.func);
@@ -486,6 +495,7 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
             return Err(WorkerError::Initializer(f.to_string()));
         }
     }
+    phase.store(PHASE_READY, Ordering::Release);
     let (conn, track_time, max_tasks) = (args.conn, args.track_time, args.max_tasks);
     let err = |e: std::io::Error| e.to_string();
     let mut reader = FrameReader::default();

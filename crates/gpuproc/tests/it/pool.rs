@@ -29,9 +29,13 @@ fn busy_square((x, micros): (u64, u64)) -> u64 {
     x * x
 }
 
-/// A builder for a pool of two workers started with `m`.
+/// A builder for a pool of two workers started with `m` (forking this multi-threaded test
+/// binary allowed).
 fn two_workers(m: StartMethod) -> gpuproc::pool::PoolBuilder {
-    Pool::builder().processes(2).start_method(m)
+    Pool::builder()
+        .processes(2)
+        .start_method(m)
+        .allow_fork_with_threads(true)
 }
 
 #[test]
@@ -765,4 +769,66 @@ fn a_dead_driver_fails_pending_and_later_tasks_instead_of_hanging() {
         left.is_empty(),
         "workers left after the driver died: {left:?}"
     );
+}
+
+#[test]
+fn a_fork_pool_is_refused_in_a_multi_threaded_process_unless_allowed() {
+    // libtest runs this test on a thread of its own: the process has at least two.
+    let err = Pool::builder()
+        .processes(2)
+        .start_method(StartMethod::Fork)
+        .build()
+        .unwrap_err();
+    assert!(err.is_fork_unsafe(), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("PoolBuilder::allow_fork_with_threads(true)"),
+        "{err}"
+    );
+    // Other start methods are not concerned.
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Spawn)
+        .build()
+        .unwrap();
+    assert_eq!(pool.apply(square, 3).unwrap(), 9);
+    // Allowed explicitly: workers fork, and so do their replacements.
+    let pool = Arc::new(
+        Pool::builder()
+            .processes(2)
+            .start_method(StartMethod::Fork)
+            .allow_fork_with_threads(true)
+            .max_tasks_per_child(5)
+            .build()
+            .unwrap(),
+    );
+    let p = pool.clone();
+    let got = within(move || p.map(square, 0..40u64).unwrap());
+    assert_eq!(got, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_worker_that_never_starts_its_task_is_cut_by_the_task_timeout() {
+    let pool = Arc::new(
+        Pool::builder()
+            .processes(1)
+            .task_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    );
+    // The worker is up and has run a task; then it hangs (stopped, as a worker deadlocked on a
+    // lock would be) before it can start the next.
+    assert_eq!(pool.apply(square, 2).unwrap(), 4);
+    let pid = pool.worker_pids()[0];
+    // SAFETY: a plain system call on our pool's worker.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let mut hung = pool.apply_async(square, 3).unwrap();
+    let err = hung.get_timeout(TIMEOUT).unwrap_err();
+    assert!(err.is_task_timeout(), "{err:?}");
+    assert_eq!(err.index(), Some(0));
+    let left = support::wait_all_ended(&[pid], Instant::now() + TIMEOUT);
+    assert!(left.is_empty(), "the hung worker was killed");
+    let p = pool.clone();
+    assert_eq!(within(move || p.apply(square, 4).unwrap()), 16);
+    assert_ne!(pool.worker_pids(), [pid]);
 }
