@@ -276,6 +276,8 @@ pub(crate) struct Driver {
     next_sample: Option<Instant>,
     /// Workers in a row whose initializer failed, with no task finished since.
     init_failures: u32,
+    /// Slots whose worker could not be replaced (tried again when no worker is left).
+    missing: Vec<usize>,
     /// Set once the initializer has failed too often (see
     /// [`policy::initializer_broken`]): no more workers are started, and tasks fail.
     broken: Option<String>,
@@ -297,6 +299,7 @@ impl Driver {
             closing: false,
             next_sample: None,
             init_failures: 0,
+            missing: Vec::new(),
             broken: None,
         };
         for i in 0..d.config.processes {
@@ -473,6 +476,28 @@ impl Driver {
                     message: message.clone(),
                 });
                 return;
+            }
+            if !self.pending.is_empty() && !self.missing.is_empty() {
+                // Workers that could not be replaced (a `Fork` pool refused to fork beside
+                // threads started since, say): try again, or fail the work, never hang.
+                let mut reason = String::new();
+                for slot in std::mem::take(&mut self.missing) {
+                    match self.start_worker(slot) {
+                        Ok(w) => self.workers.push(w),
+                        Err(e) => {
+                            reason = e.to_string();
+                            self.missing.push(slot);
+                        }
+                    }
+                }
+                self.publish_pids();
+                if self.workers.is_empty() {
+                    self.fail_all_pending(|index| PoolError::NoWorker {
+                        index,
+                        reason: reason.clone(),
+                    });
+                    return;
+                }
             }
         }
         while let Some(chunk) = self.pending.front() {
@@ -762,11 +787,12 @@ impl Driver {
                 Ok(nw) => self.workers.push(nw),
                 Err(e) => {
                     eprintln!("gpuproc pool: {e}");
+                    self.missing.push(slot);
                     if self.workers.is_empty() {
-                        self.fail_all_pending(|index| PoolError::WorkerDied {
+                        let reason = e.to_string();
+                        self.fail_all_pending(|index| PoolError::NoWorker {
                             index,
-                            pid: w.pid,
-                            status,
+                            reason: reason.clone(),
                         });
                     }
                 }

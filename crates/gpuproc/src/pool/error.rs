@@ -81,6 +81,14 @@ pub enum PoolError {
         /// How the initializer failed (its panic message, say).
         message: String,
     },
+    /// The task was not run: the pool has no worker left, and none could be started.
+    #[error("task {index} was not run: the pool has no worker and cannot start one: {reason}")]
+    NoWorker {
+        /// The task's index.
+        index: u64,
+        /// Why the last attempt to start a worker failed.
+        reason: String,
+    },
     /// The pool was terminated before the task finished.
     #[error("task {index} was cancelled: the pool was terminated")]
     Terminated {
@@ -165,6 +173,7 @@ impl PoolError {
             | PoolError::Encode { index, .. }
             | PoolError::BadResult { index, .. }
             | PoolError::InitializerFailed { index, .. }
+            | PoolError::NoWorker { index, .. }
             | PoolError::Terminated { index } => Some(*index),
             _ => None,
         }
