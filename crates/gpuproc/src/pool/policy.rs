@@ -6,7 +6,7 @@ use super::PoolError;
 /// Python's automatic chunk size for `map`: the input split into about four chunks per
 /// worker, rounded up; at least 1.
 pub fn auto_chunksize(len: usize, workers: usize) -> usize {
-    let per = workers.max(1) * 4;
+    let per = workers.max(1).saturating_mul(4);
     len.div_ceil(per).max(1)
 }
 
@@ -106,7 +106,9 @@ pub fn initializer_broken(consecutive: u32, workers: usize) -> bool {
 /// How many tasks an ordered or unordered `imap` keeps in flight: enough to keep every
 /// worker busy with two chunks, bounded so an endless input uses bounded memory.
 pub fn imap_window(workers: usize, chunksize: usize) -> usize {
-    (workers.max(1) * chunksize.max(1) * 2).max(MAX_ITEMS_IN_FLIGHT * workers.max(1))
+    let workers = workers.max(1);
+    (workers.saturating_mul(chunksize.max(1)).saturating_mul(2))
+        .max(MAX_ITEMS_IN_FLIGHT.saturating_mul(workers))
 }
 
 #[cfg(test)]
@@ -208,5 +210,8 @@ mod tests {
     fn imap_window_is_bounded_and_busy() {
         assert_eq!(imap_window(2, 1), 256);
         assert_eq!(imap_window(2, 1_000), 4_000);
+        // A huge chunk size saturates instead of overflowing.
+        assert_eq!(imap_window(2, usize::MAX), usize::MAX);
+        assert_eq!(imap_window(usize::MAX, 1), usize::MAX);
     }
 }

@@ -832,3 +832,21 @@ fn a_worker_that_never_starts_its_task_is_cut_by_the_task_timeout() {
     assert_eq!(within(move || p.apply(square, 4).unwrap()), 16);
     assert_ne!(pool.worker_pids(), [pid]);
 }
+
+#[test]
+fn a_huge_chunk_size_is_one_chunk_not_an_overflow() {
+    let pool = Arc::new(Pool::new(2).unwrap());
+    let p = pool.clone();
+    let (mapped, imapped) = within(move || {
+        let mapped = p.map_chunksize(square, 0..100u64, usize::MAX).unwrap();
+        let imapped: Vec<u64> = p
+            .imap(square, 0..100u64)
+            .chunksize(usize::MAX)
+            .map(Result::unwrap)
+            .collect();
+        (mapped, imapped)
+    });
+    let squares: Vec<u64> = (0..100u64).map(|x| x * x).collect();
+    assert_eq!(mapped, squares);
+    assert_eq!(imapped, squares);
+}
