@@ -162,8 +162,9 @@ impl PoolBuilder {
     /// Without it, a `Fork` pool is built only in a process whose threads are the caller and
     /// gpuproc pools' driver threads; a replacement worker (after a death, a timeout or
     /// [`max_tasks_per_child`](Self::max_tasks_per_child)) is forked from the pool's driver
-    /// thread only under the same condition, and otherwise not started (the pool goes on
-    /// with the workers it has; the refusal is printed on standard error).
+    /// thread only under the same condition, and otherwise not started: the pool goes on
+    /// with the workers it has (the refusal is printed on standard error), and with none
+    /// left, tasks fail with [`PoolError::NoWorker`] until one can be started again.
     pub fn allow_fork_with_threads(mut self, allow: bool) -> Self {
         self.config.allow_fork_with_threads = allow;
         self
@@ -882,10 +883,8 @@ impl RunReader {
         let n = self.run.lens.len();
         let first = self.next_index();
         for (k, i) in (self.i..n).enumerate() {
-            let bytes = self
-                .run
-                .results
-                .get(self.at..self.at + len)
+            let bytes = (self.run.results)
+                .get(self.at..self.at.saturating_add(len))
                 .unwrap_or_default();
             match plain::decode(bytes, shape) {
                 Ok(r) => out.push(r),
@@ -908,8 +907,11 @@ impl RunReader {
         let (i, index) = (self.i, self.next_index());
         self.i += 1;
         let len = self.run.lens.get(i);
-        let bytes = &self.run.results[self.at..(self.at + len).min(self.run.results.len())];
-        self.at += len;
+        // (The driver checked that the lengths add up to the results; a short slice would
+        // fail to decode, never panic.)
+        let end = self.at.saturating_add(len).min(self.run.results.len());
+        let bytes = self.run.results.get(self.at..end).unwrap_or_default();
+        self.at = self.at.saturating_add(len);
         let n = self.run.nfds.get(i).copied().unwrap_or(0) as usize;
         let fds: Vec<_> = if n == 0 {
             Vec::new()
