@@ -10,19 +10,20 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::buffers::Buffers;
 use super::lens::Lens;
 use super::policy::{self, AfterDeath};
 use super::worker::{
-    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WorkerError, RUNNING_AT, STARTED_AT,
+    self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WorkerError, PHASE_AT, RUNNING_AT,
+    STARTED_AT,
 };
 use super::{Config, PoolError};
 use crate::ipc::{self, FrameReader};
 use crate::process::wire::Failure;
-use crate::process::{Process, ProcessError};
+use crate::process::{Process, ProcessError, StartMethod};
 use crate::sys::shm::Mapping;
 use crate::sys::{self, ExitStatus, Waker};
 
@@ -56,19 +57,69 @@ impl Run {
     }
 }
 
+/// What a job's channel carries.
+#[derive(Debug)]
+pub(crate) enum ToJob {
+    /// Outcomes of tasks.
+    Runs(Vec<Run>),
+    /// The driver thread panicked (the message): no more outcomes will come.
+    DriverDied(String),
+}
+
 /// A submission (`map`, `imap`, `apply_async`): where its outcomes go.
 #[derive(Debug)]
 pub(crate) struct Job {
-    pub tx: Mutex<Sender<Vec<Run>>>,
+    pub tx: Mutex<Sender<ToJob>>,
     /// Set when nobody waits for the results any more: pending tasks are dropped.
     pub cancelled: AtomicBool,
 }
 
 impl Job {
     fn send(&self, runs: Vec<Run>) {
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(runs);
+        self.send_raw(ToJob::Runs(runs));
+    }
+
+    fn send_raw(&self, msg: ToJob) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send(msg);
+    }
+}
+
+/// The jobs that may still wait for outcomes, so that a dying driver can tell them (the
+/// waiting side holds a sender of its own channel, which therefore never disconnects).
+#[derive(Debug, Default)]
+pub(crate) struct Jobs {
+    live: Vec<Weak<Job>>,
+    /// Forget finished jobs when `live` reaches this length.
+    prune_at: usize,
+}
+
+impl Jobs {
+    pub fn register(&mut self, job: &Arc<Job>) {
+        if self.live.len() >= self.prune_at {
+            self.live.retain(|j| j.strong_count() > 0);
+            self.prune_at = (self.live.len() * 2).max(64);
         }
+        self.live.push(Arc::downgrade(job));
+    }
+}
+
+/// The driver thread panicked with `message`: refuse new work, and fail every job that may
+/// still wait (their tasks, queued or running, are lost with the driver's state; its
+/// workers were killed as it unwound).
+pub(crate) fn driver_died(shared: &Shared, message: String) {
+    let queued = {
+        let mut inbox = shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.dead = Some(message.clone());
+        std::mem::take(&mut inbox.chunks)
+    };
+    drop(queued);
+    let jobs = std::mem::take(&mut shared.jobs.lock().unwrap_or_else(|p| p.into_inner()).live);
+    for job in jobs.iter().filter_map(Weak::upgrade) {
+        job.send_raw(ToJob::DriverDied(message.clone()));
+    }
+    if let Ok(mut p) = shared.pids.lock() {
+        p.clear();
     }
 }
 
@@ -117,12 +168,35 @@ impl Chunk {
     }
 }
 
+/// How many pools' driver threads are running in this process (counted from before each
+/// starts until its pool has joined it): threads a `Fork` pool may fork beside.
+pub(crate) static DRIVER_THREADS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Refuses [`StartMethod::Fork`] now if this process has threads other than the caller and
+/// pools' driver threads, unless the pool allows it (see
+/// [`PoolBuilder::allow_fork_with_threads`](super::PoolBuilder::allow_fork_with_threads)).
+pub(crate) fn check_fork(config: &Config) -> Result<(), PoolError> {
+    if config.start_method != StartMethod::Fork || config.allow_fork_with_threads {
+        return Ok(());
+    }
+    let threads = sys::thread_count().map_err(io("counting threads"))?;
+    if policy::fork_refused(threads, DRIVER_THREADS.load(Ordering::SeqCst)) {
+        return Err(PoolError::ForkUnsafe { threads });
+    }
+    Ok(())
+}
+
 /// What API calls ask of the driver.
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
     pub chunks: VecDeque<Chunk>,
     pub close: bool,
     pub terminate: bool,
+    /// Set when the driver thread has died (its panic message): nothing is taken any more.
+    pub dead: Option<String>,
+    /// Fault injection for tests: the driver panics when it next looks at the inbox.
+    pub panic_driver: bool,
 }
 
 /// The state shared between the `Pool` handle and its driver.
@@ -135,6 +209,8 @@ pub(crate) struct Shared {
     /// The driver is (about to be) blocked in `poll`: submitters must wake it.
     pub sleeping: AtomicBool,
     pub pids: Mutex<Vec<u32>>,
+    /// Every job that may still wait for outcomes.
+    pub jobs: Mutex<Jobs>,
     /// Per worker slot: its GPUs and the GPU memory the sampler saw.
     pub usage: Mutex<Vec<super::WorkerGpuUsage>>,
 }
@@ -182,6 +258,9 @@ struct Worker {
     budget: Option<u64>,
     /// The task (sequence number) it was killed for exceeding the timeout, if any.
     timed_out: Option<u64>,
+    /// Since when (in [`sys::monotonic_ns`]) it has had a task to start and not started it
+    /// (see [`policy::not_started`]).
+    waiting_since: Option<u64>,
     eof: bool,
     /// GPU memory peaks sampled while tasks ran, by sequence number, until reported.
     task_peaks: std::collections::HashMap<u64, u64>,
@@ -197,6 +276,8 @@ pub(crate) struct Driver {
     next_sample: Option<Instant>,
     /// Workers in a row whose initializer failed, with no task finished since.
     init_failures: u32,
+    /// Slots whose worker could not be replaced (tried again when no worker is left).
+    missing: Vec<usize>,
     /// Set once the initializer has failed too often (see
     /// [`policy::initializer_broken`]): no more workers are started, and tasks fail.
     broken: Option<String>,
@@ -218,6 +299,7 @@ impl Driver {
             closing: false,
             next_sample: None,
             init_failures: 0,
+            missing: Vec::new(),
             broken: None,
         };
         for i in 0..d.config.processes {
@@ -307,10 +389,12 @@ impl Driver {
             max_tasks: self.config.max_tasks_per_child,
             track_time: self.config.task_timeout.is_some(),
         };
+        // Checked here, with the pools' own threads left out (replacements fork from the
+        // driver thread).
+        check_fork(&self.config)?;
         let mut p = Process::new(worker::worker_main, args)
             .with_name(format!("PoolWorker-{}", slot + 1))
             .with_start_method(self.config.start_method)
-            // Replacements start from the driver thread; `Fork` was chosen knowingly.
             .allow_fork_with_threads(true);
         for (k, v) in &self.config.env {
             p = p.with_env(k.clone(), v.clone());
@@ -340,6 +424,7 @@ impl Driver {
             next_seq: 0,
             budget: self.config.max_tasks_per_child,
             timed_out: None,
+            waiting_since: None,
             eof: false,
             task_peaks: std::collections::HashMap::new(),
         })
@@ -374,7 +459,12 @@ impl Driver {
         self.shared.waker.reset();
         let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
         self.pending.extend(inbox.chunks.drain(..));
-        (inbox.terminate, inbox.close)
+        let (terminate, close, fault) = (inbox.terminate, inbox.close, inbox.panic_driver);
+        drop(inbox);
+        if fault {
+            panic!("a fault injected for tests");
+        }
+        (terminate, close)
     }
 
     /// Sends pending chunks to workers with room, least loaded first.
@@ -386,6 +476,28 @@ impl Driver {
                     message: message.clone(),
                 });
                 return;
+            }
+            if !self.pending.is_empty() && !self.missing.is_empty() {
+                // Workers that could not be replaced (a `Fork` pool refused to fork beside
+                // threads started since, say): try again, or fail the work, never hang.
+                let mut reason = String::new();
+                for slot in std::mem::take(&mut self.missing) {
+                    match self.start_worker(slot) {
+                        Ok(w) => self.workers.push(w),
+                        Err(e) => {
+                            reason = e.to_string();
+                            self.missing.push(slot);
+                        }
+                    }
+                }
+                self.publish_pids();
+                if self.workers.is_empty() {
+                    self.fail_all_pending(|index| PoolError::NoWorker {
+                        index,
+                        reason: reason.clone(),
+                    });
+                    return;
+                }
             }
         }
         while let Some(chunk) = self.pending.front() {
@@ -434,7 +546,7 @@ impl Driver {
             let at = *self.next_sample.get_or_insert(now);
             if at <= now {
                 self.sample_gpu_memory();
-                self.next_sample = Some(now + every);
+                self.next_sample = Some(crate::time::saturating_add(now, every));
             }
             let next = self.next_sample.expect("set above");
             deadline = Some(deadline.map_or(next, |d| d.min(next)));
@@ -475,7 +587,16 @@ impl Driver {
                 // Frames are read in place: the reader is set aside meanwhile.
                 let mut reader = std::mem::take(&mut w.reader);
                 while let Ok(Some((bytes, fds))) = reader.next_frame_ref() {
-                    receive(w, bytes, fds, &self.shared.buffers, &mut deliveries);
+                    if let Err(e) = receive(w, bytes, fds, &self.shared.buffers, &mut deliveries) {
+                        eprintln!(
+                            "gpuproc pool: worker pid {} sent a malformed result ({e}); \
+                             replacing it",
+                            w.pid
+                        );
+                        let _ = w.process.kill();
+                        w.eof = true;
+                        break;
+                    }
                 }
                 w.reader = reader;
                 if !deliveries.is_empty() {
@@ -498,15 +619,20 @@ impl Driver {
         Ok(())
     }
 
-    fn next_timeout_check(&self) -> Option<Instant> {
+    fn next_timeout_check(&mut self) -> Option<Instant> {
         let timeout = self.config.task_timeout?;
         let now_ns = sys::monotonic_ns();
+        self.note_waiting(now_ns);
         // A timeout past the clock's range never expires: no check is ever due.
         let mut next = crate::time::deadline(timeout)?;
         for w in &self.workers {
-            if w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire) != 0 {
-                let started = w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed);
-                let ran = Duration::from_nanos(now_ns.saturating_sub(started));
+            let since = if w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire) != 0 {
+                Some(w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed))
+            } else {
+                None
+            };
+            for since in since.into_iter().chain(w.waiting_since) {
+                let ran = Duration::from_nanos(now_ns.saturating_sub(since));
                 if let Some(due) = crate::time::deadline(timeout.saturating_sub(ran)) {
                     next = next.min(due);
                 }
@@ -515,19 +641,54 @@ impl Driver {
         Some(next)
     }
 
+    /// Notes, for each worker, since when it has had a task to start and not started it.
+    fn note_waiting(&mut self, now_ns: u64) {
+        let forked = self.config.start_method == StartMethod::Fork;
+        for w in &mut self.workers {
+            let next_seq = w
+                .sent
+                .iter()
+                .find(|s| s.done < s.chunk.len())
+                .and_then(|s| s.first_seq.checked_add(s.done as u64));
+            let waiting = next_seq.filter(|&seq| {
+                let phase = w.page.atomic_u64(PHASE_AT).load(Ordering::Acquire);
+                let running = w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire);
+                policy::not_started(phase, running, seq, forked)
+            });
+            if waiting.is_none() {
+                w.waiting_since = None;
+            } else if w.waiting_since.is_none() {
+                w.waiting_since = Some(now_ns);
+            }
+        }
+    }
+
     fn check_timeouts(&mut self) {
         let Some(timeout) = self.config.task_timeout else {
             return;
         };
         let now_ns = sys::monotonic_ns();
+        self.note_waiting(now_ns);
+        let expired = |since: u64| Duration::from_nanos(now_ns.saturating_sub(since)) >= timeout;
         for w in &mut self.workers {
-            let running = w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire);
-            if running == 0 || w.timed_out.is_some() {
+            if w.timed_out.is_some() {
                 continue;
             }
-            let started = w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed);
-            if Duration::from_nanos(now_ns.saturating_sub(started)) >= timeout {
-                w.timed_out = Some(running - 1);
+            let running = w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire);
+            if let Some(seq) = running.checked_sub(1) {
+                if expired(w.page.atomic_u64(STARTED_AT).load(Ordering::Relaxed)) {
+                    w.timed_out = Some(seq);
+                    let _ = w.process.kill();
+                    continue;
+                }
+            }
+            // Hung before it started its next task: that task is the one that timed out.
+            if w.waiting_since.is_some_and(expired) {
+                w.timed_out = w
+                    .sent
+                    .iter()
+                    .find(|s| s.done < s.chunk.len())
+                    .and_then(|s| s.first_seq.checked_add(s.done as u64));
                 let _ = w.process.kill();
             }
         }
@@ -626,11 +787,12 @@ impl Driver {
                 Ok(nw) => self.workers.push(nw),
                 Err(e) => {
                     eprintln!("gpuproc pool: {e:?}"); // the message and its causes
+                    self.missing.push(slot);
                     if self.workers.is_empty() {
-                        self.fail_all_pending(|index| PoolError::WorkerDied {
+                        let reason = format!("{e:?}");
+                        self.fail_all_pending(|index| PoolError::NoWorker {
                             index,
-                            pid: w.pid,
-                            status,
+                            reason: reason.clone(),
                         });
                     }
                 }
@@ -770,17 +932,79 @@ fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A worker reported a run of results: split it over the chunks it covers.
+/// Checks a run of results from a worker before it is split over chunks: a worker's frame
+/// is not trusted to be well formed (its process may be broken, or not ours). `expected_seq`
+/// is the worker's first unreported task, `inflight` how many it has; `results` and `fds`
+/// what came with the header.
+fn check_run(
+    done: &DoneHeader,
+    expected_seq: Option<u64>,
+    inflight: usize,
+    results: usize,
+    fds: usize,
+) -> Result<(), String> {
+    let count = usize::try_from(done.count).map_err(|e| e.to_string())?;
+    if count == 0 {
+        return Err("an empty run".into());
+    }
+    if expected_seq != Some(done.first_seq) {
+        return Err(format!(
+            "a run from task {} when task {expected_seq:?} was due",
+            done.first_seq
+        ));
+    }
+    if count > inflight {
+        return Err(format!("{count} results for {inflight} tasks sent"));
+    }
+    if done.lens.len() != count {
+        return Err(format!("{} lengths for {count} results", done.lens.len()));
+    }
+    if !done.nfds.is_empty() && done.nfds.len() != count {
+        return Err(format!(
+            "{} descriptor counts for {count} results",
+            done.nfds.len()
+        ));
+    }
+    let total = done.lens.checked_total();
+    if total != Some(results) {
+        return Err(format!(
+            "lengths adding up to {total:?} for {results} bytes"
+        ));
+    }
+    let nfds = done
+        .nfds
+        .iter()
+        .try_fold(0usize, |sum, &n| sum.checked_add(n as usize));
+    if nfds != Some(fds) {
+        return Err(format!("{nfds:?} descriptors counted, {fds} received"));
+    }
+    let mut last = None;
+    for &(off, _) in &done.failures {
+        if usize::try_from(off).map_or(true, |o| o >= count) || last.is_some_and(|l| off <= l) {
+            return Err(format!("a failure at offset {off} in a run of {count}"));
+        }
+        last = Some(off);
+    }
+    Ok(())
+}
+
+/// A worker reported a run of results: split it over the chunks it covers. A malformed run
+/// is an error (the worker is then treated as broken: killed, its tasks settled as for a
+/// dead worker).
 fn receive(
     w: &mut Worker,
     bytes: &[u8],
     fds: Vec<OwnedFd>,
     buffers: &Buffers,
     out: &mut Vec<(Arc<Job>, Vec<Run>)>,
-) {
-    let Ok((done, mut results)) = postcard::take_from_bytes::<DoneHeader>(bytes) else {
-        return;
-    };
+) -> Result<(), String> {
+    let (done, mut results) =
+        postcard::take_from_bytes::<DoneHeader>(bytes).map_err(|e| e.to_string())?;
+    let expected = w
+        .sent
+        .front()
+        .and_then(|s| s.first_seq.checked_add(s.done as u64));
+    check_run(&done, expected, w.tasks_inflight, results.len(), fds.len())?;
     let mut fds = fds.into_iter();
     let mut failures = done.failures.into_iter().peekable();
     let mut pos = 0usize; // offset in the run
@@ -788,19 +1012,14 @@ fn receive(
     while pos < count {
         let seq = done.first_seq + pos as u64;
         let Some(sent) = w.sent.front_mut() else {
-            return;
+            return Err("results for tasks never sent".into());
         };
-        let offset = (seq - sent.first_seq) as usize;
-        if seq < sent.first_seq || offset != sent.done {
-            return; // out of step: ignore (cannot happen with a well-behaved worker)
+        if sent.first_seq.checked_add(sent.done as u64) != Some(seq) {
+            return Err(format!("out of step at task {seq}"));
         }
         let take = (sent.chunk.len() - sent.done).min(count - pos);
         let lens = done.lens.slice(pos, take);
-        let nfds: Vec<u32> = if done.nfds.is_empty() {
-            Vec::new()
-        } else {
-            done.nfds[pos..pos + take].to_vec()
-        };
+        let nfds: Vec<u32> = done.nfds.get(pos..pos + take).unwrap_or_default().to_vec();
         let bytes = lens.bytes_before(take);
         let (mine, tail) = results.split_at(bytes.min(results.len()));
         results = tail;
@@ -813,8 +1032,12 @@ fn receive(
                 break;
             }
             let (_, f) = failures.next().expect("peeked");
-            let index = first_index + (off - pos) as u64;
-            errors.push(((off - pos) as u32, failure_error(index, f)));
+            // (Offsets are increasing and at least `pos`: checked above.)
+            let k = off.saturating_sub(pos);
+            errors.push((
+                u32::try_from(k).unwrap_or(u32::MAX),
+                failure_error(first_index + k as u64, f),
+            ));
         }
         let peaks = if w.task_peaks.is_empty() {
             Vec::new()
@@ -851,6 +1074,7 @@ fn receive(
         }
         pos += take;
     }
+    Ok(())
 }
 
 fn failure_error(index: u64, f: Failure) -> PoolError {
@@ -878,5 +1102,82 @@ fn failure_error(index: u64, f: Failure) -> PoolError {
 fn deliver(deliveries: Vec<(Arc<Job>, Vec<Run>)>) {
     for (job, runs) in deliveries {
         job.send(runs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(first_seq: u64, lens: &[u32]) -> DoneHeader {
+        let mut l = Lens::default();
+        for &x in lens {
+            l.push(x);
+        }
+        DoneHeader {
+            first_seq,
+            count: lens.len() as u32,
+            lens: l,
+            ..DoneHeader::default()
+        }
+    }
+
+    fn failed(off: u32) -> (u32, Failure) {
+        let f = Failure::BadResult {
+            type_name: "T".into(),
+            reason: "r".into(),
+        };
+        (off, f)
+    }
+
+    #[test]
+    fn a_well_formed_run_passes() {
+        let mut r = run(5, &[8, 0, 8]);
+        r.failures = vec![failed(1)];
+        assert_eq!(check_run(&r, Some(5), 3, 16, 0), Ok(()));
+        r.nfds = vec![0, 0, 2];
+        assert_eq!(check_run(&r, Some(5), 10, 16, 2), Ok(()));
+    }
+
+    #[test]
+    fn malformed_runs_are_errors_not_panics() {
+        let ok = run(5, &[8, 8]);
+        // Sequence numbers: before, after, or with nothing due.
+        assert!(check_run(&ok, Some(6), 2, 16, 0).is_err());
+        assert!(check_run(&ok, Some(4), 2, 16, 0).is_err());
+        assert!(check_run(&ok, None, 2, 16, 0).is_err());
+        assert!(check_run(&run(u64::MAX, &[8]), Some(5), 2, 8, 0).is_err());
+        // More results than tasks sent, or none.
+        assert!(check_run(&ok, Some(5), 1, 16, 0).is_err());
+        assert!(check_run(&run(5, &[]), Some(5), 1, 0, 0).is_err());
+        // Lengths that do not match the bytes, or the count.
+        assert!(check_run(&ok, Some(5), 2, 15, 0).is_err());
+        assert!(check_run(&ok, Some(5), 2, 17, 0).is_err());
+        let mut r = run(5, &[8, 8]);
+        r.count = 3;
+        assert!(check_run(&r, Some(5), 3, 16, 0).is_err());
+        let huge = DoneHeader {
+            first_seq: 5,
+            count: 2,
+            lens: Lens::Each(vec![u32::MAX, u32::MAX]),
+            ..DoneHeader::default()
+        };
+        assert!(check_run(&huge, Some(5), 2, 16, 0).is_err());
+        // Descriptor counts.
+        let mut r = run(5, &[8, 8]);
+        r.nfds = vec![1];
+        assert!(check_run(&r, Some(5), 2, 16, 1).is_err());
+        r.nfds = vec![1, 1];
+        assert!(check_run(&r, Some(5), 2, 16, 1).is_err());
+        r.nfds = vec![u32::MAX, u32::MAX];
+        assert!(check_run(&r, Some(5), 2, 16, 0).is_err());
+        // Failures out of range or out of order.
+        let mut r = run(5, &[8, 0, 0]);
+        r.failures = vec![failed(3)];
+        assert!(check_run(&r, Some(5), 3, 8, 0).is_err());
+        r.failures = vec![failed(2), failed(1)];
+        assert!(check_run(&r, Some(5), 3, 8, 0).is_err());
+        r.failures = vec![failed(1), failed(1)];
+        assert!(check_run(&r, Some(5), 3, 8, 0).is_err());
     }
 }

@@ -81,6 +81,14 @@ pub enum PoolError {
         /// How the initializer failed (its panic message, say).
         message: String,
     },
+    /// The task was not run: the pool has no worker left, and none could be started.
+    #[error("task {index} was not run: the pool has no worker and cannot start one: {reason}")]
+    NoWorker {
+        /// The task's index.
+        index: u64,
+        /// Why the last attempt to start a worker failed.
+        reason: String,
+    },
     /// The pool was terminated before the task finished.
     #[error("task {index} was cancelled: the pool was terminated")]
     Terminated {
@@ -105,6 +113,37 @@ pub enum PoolError {
     /// A worker process could not be started.
     #[error("cannot start a pool worker")]
     Start(#[source] ProcessError),
+    /// A pool setting has a value the pool cannot work with (Python raises `ValueError`).
+    #[error("{setting}({value}) is invalid: {expected}")]
+    InvalidArgument {
+        /// The builder method or argument, e.g. `processes`.
+        setting: &'static str,
+        /// The value given.
+        value: String,
+        /// What is expected instead.
+        expected: &'static str,
+    },
+    /// The pool's driver thread (which owns the workers) panicked: every task pending then
+    /// and every later one fails with this, and the workers were killed.
+    #[error(
+        "the pool's driver thread panicked ({message}); its workers were killed and it takes \
+         no tasks: build a new pool"
+    )]
+    DriverDied {
+        /// The panic message.
+        message: String,
+    },
+    /// The `Fork` start method was refused because this process has other threads (see
+    /// [`PoolBuilder::allow_fork_with_threads`](crate::pool::PoolBuilder::allow_fork_with_threads)).
+    #[error(
+        "refusing to fork pool workers: this process has {threads} threads, and a forked child \
+         of a multi-threaded process can deadlock; use StartMethod::ForkServer or Spawn, or \
+         allow it with PoolBuilder::allow_fork_with_threads(true)"
+    )]
+    ForkUnsafe {
+        /// How many threads the process had, besides the pool's own.
+        threads: usize,
+    },
     /// A system call failed.
     #[error("{context}")]
     Io {
@@ -134,6 +173,7 @@ impl PoolError {
             | PoolError::Encode { index, .. }
             | PoolError::BadResult { index, .. }
             | PoolError::InitializerFailed { index, .. }
+            | PoolError::NoWorker { index, .. }
             | PoolError::Terminated { index } => Some(*index),
             _ => None,
         }
@@ -162,6 +202,21 @@ impl PoolError {
     /// A `get_timeout`/`join_timeout` gave up.
     pub fn is_timeout(&self) -> bool {
         matches!(self, PoolError::Timeout { .. })
+    }
+
+    /// A pool setting was invalid (Python's `ValueError`).
+    pub fn is_invalid(&self) -> bool {
+        matches!(self, PoolError::InvalidArgument { .. })
+    }
+
+    /// The pool's driver thread died (see [`PoolError::DriverDied`]).
+    pub fn is_driver_died(&self) -> bool {
+        matches!(self, PoolError::DriverDied { .. })
+    }
+
+    /// `Fork` was refused because the process has other threads.
+    pub fn is_fork_unsafe(&self) -> bool {
+        matches!(self, PoolError::ForkUnsafe { .. })
     }
 
     /// The pool was terminated (or closed) under the task.

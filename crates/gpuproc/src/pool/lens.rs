@@ -83,6 +83,18 @@ impl Lens {
         }
     }
 
+    /// The total length of every task, `None` if it overflows a `usize`.
+    pub fn checked_total(&self) -> Option<usize> {
+        match self {
+            Lens::Fixed { len, count } => {
+                (*len as usize).checked_mul(usize::try_from(*count).ok()?)
+            }
+            Lens::Each(v) => v
+                .iter()
+                .try_fold(0usize, |sum, &l| sum.checked_add(l as usize)),
+        }
+    }
+
     /// Tasks `from .. from + n`.
     pub fn slice(&self, from: usize, n: usize) -> Lens {
         match self {
@@ -108,6 +120,22 @@ impl Lens {
             Lens::Each(v) => Lens::Each(v.split_off(k)),
         }
     }
+}
+
+/// The length of `what` (a task's argument or result, the initializer's argument) as it
+/// travels, in a `u32`; an error that says so when it is longer.
+pub(crate) fn checked_len(len: usize, what: &str) -> Result<u32, String> {
+    u32::try_from(len).map_err(|_| {
+        format!(
+            "{what} encodes to {len} bytes; at most {} bytes (4 GiB - 1) can be sent",
+            u32::MAX
+        )
+    })
+}
+
+/// A descriptor count as it travels, in a `u32` (far more than a message can carry).
+pub(crate) fn checked_fds(n: usize, what: &str) -> Result<u32, String> {
+    u32::try_from(n).map_err(|_| format!("{what} holds {n} descriptors, too many to send"))
 }
 
 /// A `Vec<u32>` as one block of little-endian bytes: postcard would write a varint per
@@ -187,10 +215,34 @@ mod tests {
         let rest = l.split_off(7);
         assert_eq!(l, Lens::Fixed { len: 4, count: 7 });
         assert_eq!(rest, Lens::Fixed { len: 4, count: 3 });
+        assert_eq!(l.checked_total(), Some(28));
+        assert_eq!(lens(&[1, 2, 3]).checked_total(), Some(6));
+        let huge = Lens::Fixed {
+            len: u32::MAX,
+            count: u64::MAX,
+        };
+        assert_eq!(huge.checked_total(), None);
         l.clear();
         assert!(l.is_empty());
         l.push(5);
         assert_eq!(l, Lens::Fixed { len: 5, count: 1 });
+    }
+
+    #[test]
+    fn lengths_past_u32_are_errors_that_say_so() {
+        assert_eq!(checked_len(0, "x"), Ok(0));
+        assert_eq!(checked_len(u32::MAX as usize, "x"), Ok(u32::MAX));
+        let e = checked_len(u32::MAX as usize + 1, "the initializer's argument").unwrap_err();
+        assert_eq!(
+            e,
+            "the initializer's argument encodes to 4294967296 bytes; at most 4294967295 bytes \
+             (4 GiB - 1) can be sent"
+        );
+        assert!(checked_len(usize::MAX, "a task's result").is_err());
+        assert_eq!(checked_fds(3, "x"), Ok(3));
+        assert!(checked_fds(u32::MAX as usize + 1, "x")
+            .unwrap_err()
+            .contains("too many"));
     }
 
     #[test]

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared};
+use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared, ToJob};
 pub use self::error::PoolError;
 use self::lens::Lens;
 use self::worker::{FnRef, Init};
@@ -60,6 +60,8 @@ type WorkerEnv = Box<dyn Fn(usize) -> Vec<(String, String)> + Send + Sync>;
 pub(crate) struct Config {
     pub processes: usize,
     pub start_method: StartMethod,
+    /// `Fork` may fork while this process has other threads.
+    pub allow_fork_with_threads: bool,
     pub init: Option<Init>,
     pub max_tasks_per_child: Option<u64>,
     pub task_timeout: Option<Duration>,
@@ -78,6 +80,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("processes", &self.processes)
             .field("start_method", &self.start_method)
+            .field("allow_fork_with_threads", &self.allow_fork_with_threads)
             .field("max_tasks_per_child", &self.max_tasks_per_child)
             .field("task_timeout", &self.task_timeout)
             .field("retries", &self.retries)
@@ -111,6 +114,7 @@ impl Default for PoolBuilder {
             config: Config {
                 processes: crate::process_cpu_count(),
                 start_method: get_start_method(),
+                allow_fork_with_threads: false,
                 init: None,
                 max_tasks_per_child: None,
                 task_timeout: None,
@@ -129,7 +133,9 @@ impl Default for PoolBuilder {
 }
 
 impl PoolBuilder {
-    /// The number of worker processes (default: the CPUs this process may use).
+    /// The number of worker processes (default: the CPUs this process may use). `0` makes
+    /// [`build`](Self::build) fail with [`PoolError::InvalidArgument`], as Python's
+    /// `Pool(0)` raises `ValueError`.
     pub fn processes(mut self, n: usize) -> Self {
         self.config.processes = n;
         self
@@ -137,8 +143,30 @@ impl PoolBuilder {
 
     /// How workers are started (default: [`get_start_method`]). With `Fork`, replacement
     /// workers are forked from the pool's driver thread.
+    ///
+    /// `Fork` is refused, as [`Process`](crate::Process) refuses it, when this process has
+    /// threads other than the pools' own (see
+    /// [`allow_fork_with_threads`](Self::allow_fork_with_threads)): `build` fails with
+    /// [`PoolError::ForkUnsafe`].
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.config.start_method = method;
+        self
+    }
+
+    /// Lets a [`StartMethod::Fork`] pool fork its workers even when this process has other
+    /// threads (default: refused). A worker then has only the forking thread; a lock that
+    /// another thread held at that moment stays held for ever in the worker, which can hang
+    /// it: a [`task_timeout`](Self::task_timeout) then kills it and fails the task it never
+    /// started.
+    ///
+    /// Without it, a `Fork` pool is built only in a process whose threads are the caller and
+    /// gpuproc pools' driver threads; a replacement worker (after a death, a timeout or
+    /// [`max_tasks_per_child`](Self::max_tasks_per_child)) is forked from the pool's driver
+    /// thread only under the same condition, and otherwise not started: the pool goes on
+    /// with the workers it has (the refusal is printed on standard error), and with none
+    /// left, tasks fail with [`PoolError::NoWorker`] until one can be started again.
+    pub fn allow_fork_with_threads(mut self, allow: bool) -> Self {
+        self.config.allow_fork_with_threads = allow;
         self
     }
 
@@ -174,19 +202,16 @@ impl PoolBuilder {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn initializer<A: Serialize + DeserializeOwned>(mut self, f: fn(A), args: A) -> Self {
-        match ipc::encode(&args) {
-            Ok((bytes, fds)) => {
-                self.config.init = Some(Init {
-                    func: fn_ref(f),
-                    args: bytes,
-                    fds: worker::InitFds(Arc::new(fds)),
-                });
-            }
-            Err(e) => {
+        match ipc::encode(&args)
+            .map_err(|e| e.to_string())
+            .and_then(|(bytes, fds)| worker::Init::new(fn_ref(f), bytes, fds))
+        {
+            Ok(init) => self.config.init = Some(init),
+            Err(reason) => {
                 self.init_error = Some(PoolError::Encode {
                     index: 0,
                     type_name: type_name::<A>().to_string(),
-                    reason: e.to_string(),
+                    reason,
                 })
             }
         }
@@ -194,13 +219,21 @@ impl PoolBuilder {
     }
 
     /// Replace each worker after it has run this many tasks; Python's `maxtasksperchild`.
+    /// `0` makes [`build`](Self::build) fail with [`PoolError::InvalidArgument`] (Python:
+    /// `ValueError`).
     pub fn max_tasks_per_child(mut self, n: u64) -> Self {
-        self.config.max_tasks_per_child = Some(n.max(1));
+        self.config.max_tasks_per_child = Some(n);
         self
     }
 
     /// Kill a worker whose current task has run this long; the task fails with
-    /// [`PoolError::TimedOut`] and the worker is replaced.
+    /// [`PoolError::TimedOut`] and the worker is replaced. A worker that has had a task to
+    /// start for this long without starting it (hung, say on a lock after a fork with
+    /// threads, or stopped) is killed too, and that task fails the same way (or runs again,
+    /// with [`retries`](Self::retries)). The time a worker takes to start and run the
+    /// [`initializer`](Self::initializer) does not count, except the start of a forked one
+    /// (a fork, and nothing more). `Duration::MAX` (or any timeout past the clock's range)
+    /// means no timeout.
     pub fn task_timeout(mut self, timeout: Duration) -> Self {
         self.config.task_timeout = Some(timeout);
         self
@@ -270,7 +303,9 @@ impl PoolBuilder {
         if let Some(e) = self.init_error.take() {
             return Err(e);
         }
-        self.config.processes = self.config.processes.max(1);
+        policy::check_counts(self.config.processes, self.config.max_tasks_per_child)?;
+        // (Again before each worker; here, before GPUs are leased for nothing.)
+        driver::check_fork(&self.config)?;
         if let Some(share) = self.gpu_share {
             let picked = gpu::pick_for_workers(self.config.processes, share, &self.gpu_criteria)
                 .map_err(PoolError::Gpu)?;
@@ -284,14 +319,24 @@ impl PoolBuilder {
                 source,
             })?,
             pids: Mutex::new(Vec::new()),
+            jobs: Default::default(),
             buffers: Default::default(),
             usage: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
         });
         let driver = Driver::new(config.clone(), shared.clone())?;
+        let on_death = shared.clone();
+        let counted = DriverCount::new();
         let thread = std::thread::Builder::new()
             .name("gpuproc-pool".into())
-            .spawn(move || driver.run())
+            .spawn(move || {
+                // The driver (and with it every worker) is dropped as it unwinds; then every
+                // job still waiting is told.
+                let run = std::panic::AssertUnwindSafe(move || driver.run());
+                if let Err(payload) = std::panic::catch_unwind(run) {
+                    driver::driver_died(&on_death, panic_message(payload.as_ref()));
+                }
+            })
             .map_err(|source| PoolError::Io {
                 context: "starting the pool thread",
                 source,
@@ -299,7 +344,7 @@ impl PoolBuilder {
         Ok(Pool {
             config,
             shared,
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(Some((thread, counted))),
             closed: AtomicBool::new(false),
         })
     }
@@ -325,12 +370,31 @@ pub struct WorkerGpuUsage {
 pub struct Pool {
     config: Arc<Config>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<(JoinHandle<()>, DriverCount)>>,
     closed: AtomicBool,
 }
 
+/// One pool driver thread counted in `driver::DRIVER_THREADS`, from before it starts until
+/// it has been joined (dropped after the join).
+#[derive(Debug)]
+struct DriverCount(());
+
+impl DriverCount {
+    fn new() -> Self {
+        driver::DRIVER_THREADS.fetch_add(1, Ordering::SeqCst);
+        DriverCount(())
+    }
+}
+
+impl Drop for DriverCount {
+    fn drop(&mut self) {
+        driver::DRIVER_THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Pool {
-    /// A pool of `processes` workers with the default settings.
+    /// A pool of `processes` workers with the default settings; `Pool::new(0)` is an error
+    /// ([`PoolError::InvalidArgument`]), as Python's `Pool(0)` raises `ValueError`.
     pub fn new(processes: usize) -> Result<Pool, PoolError> {
         Pool::builder().processes(processes).build()
     }
@@ -375,21 +439,24 @@ impl Pool {
             .unwrap_or_default()
     }
 
-    fn new_job(&self) -> (Arc<Job>, Receiver<Vec<Run>>) {
+    fn new_job(&self) -> (Arc<Job>, Receiver<ToJob>) {
         let (tx, rx) = mpsc::channel();
         let job = Arc::new(Job {
             tx: Mutex::new(tx),
             cancelled: AtomicBool::new(false),
         });
+        (self.shared.jobs.lock().unwrap_or_else(|p| p.into_inner())).register(&job);
         (job, rx)
     }
 
     fn submit(&self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(PoolError::Closed);
-        }
         let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
-        if inbox.close || inbox.terminate {
+        if let Some(message) = &inbox.dead {
+            return Err(PoolError::DriverDied {
+                message: message.clone(),
+            });
+        }
+        if self.closed.load(Ordering::SeqCst) || inbox.close || inbox.terminate {
             return Err(PoolError::Closed);
         }
         inbox.chunks.extend(chunks);
@@ -532,11 +599,12 @@ impl Pool {
         R: Serialize + DeserializeOwned,
     {
         let (job, rx) = self.new_job();
-        let mut chunk = new_chunk(job, fn_ref(f), 0);
+        let mut chunk = new_chunk(job.clone(), fn_ref(f), 0);
         push_task(&mut chunk, &args)?;
         self.submit(vec![chunk])?;
         Ok(AsyncResult {
             rx,
+            _job: job,
             state: AsyncState::Waiting,
             _r: PhantomData,
         })
@@ -555,13 +623,33 @@ impl Pool {
 
     /// Waits for the workers to finish the queued tasks and exit; call [`close`](Self::close)
     /// first (as in Python, `join` on an open pool closes it). Python's `Pool.join`.
+    ///
+    /// Fails with [`PoolError::DriverDied`] if the pool's driver thread has died.
     pub fn join(&self) -> Result<(), PoolError> {
         self.close();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
+        if let Some((h, counted)) = handle {
             let _ = h.join();
+            drop(counted);
         }
-        Ok(())
+        let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        match &inbox.dead {
+            Some(message) => Err(PoolError::DriverDied {
+                message: message.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the pool's driver thread panic (fault injection for gpuproc's own tests).
+    #[doc(hidden)]
+    pub fn __panic_driver_for_tests(&self) {
+        self.shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .panic_driver = true;
+        self.shared.waker.wake();
     }
 
     /// Kills the workers at once; unfinished tasks fail with [`PoolError::Terminated`].
@@ -575,10 +663,20 @@ impl Pool {
             .terminate = true;
         self.shared.waker.wake();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
+        if let Some((h, counted)) = handle {
             let _ = h.join();
+            drop(counted);
         }
     }
+}
+
+/// The message of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 impl Drop for Pool {
@@ -610,20 +708,24 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
         type_name: type_name::<A>().to_string(),
         reason,
     })?;
-    let len = chunk.args.len() - start;
-    let Ok(len) = u32::try_from(len) else {
-        chunk.args.truncate(start);
-        return Err(PoolError::Encode {
-            index,
-            type_name: type_name::<A>().to_string(),
-            reason: format!("it encodes to {len} bytes; a task's argument may take 4 GiB"),
-        });
+    let sizes = lens::checked_len(chunk.args.len() - start, "the argument")
+        .and_then(|len| Ok((len, lens::checked_fds(fds.len(), "the argument")?)));
+    let (len, nfds) = match sizes {
+        Ok(lens) => lens,
+        Err(reason) => {
+            chunk.args.truncate(start);
+            return Err(PoolError::Encode {
+                index,
+                type_name: type_name::<A>().to_string(),
+                reason,
+            });
+        }
     };
     chunk.lens.push(len);
     // Descriptor counts are kept once any task has descriptors (earlier tasks: 0).
     if !fds.is_empty() || !chunk.nfds.is_empty() {
         chunk.nfds.resize(chunk.lens.len() - 1, 0);
-        chunk.nfds.push(fds.len() as u32);
+        chunk.nfds.push(nfds);
     }
     chunk.fds.extend(fds);
     Ok(())
@@ -696,11 +798,14 @@ fn push_item<A: Serialize + DeserializeOwned>(
         if enc.push(&mut chunk.args, args) {
             let shape = enc.shape().unwrap_or_default();
             if !first || plain::decode::<A>(&chunk.args[start..], shape).is_ok() {
-                if chunk.shape.is_none() {
-                    chunk.shape = Some(shape.to_vec());
+                // (A plain item is at most a few hundred bytes: this always fits.)
+                if let Ok(len) = u32::try_from(chunk.args.len() - start) {
+                    if chunk.shape.is_none() {
+                        chunk.shape = Some(shape.to_vec());
+                    }
+                    chunk.lens.push(len);
+                    return Ok(());
                 }
-                chunk.lens.push((chunk.args.len() - start) as u32);
-                return Ok(());
             }
             chunk.args.truncate(start);
         }
@@ -778,10 +883,8 @@ impl RunReader {
         let n = self.run.lens.len();
         let first = self.next_index();
         for (k, i) in (self.i..n).enumerate() {
-            let bytes = self
-                .run
-                .results
-                .get(self.at..self.at + len)
+            let bytes = (self.run.results)
+                .get(self.at..self.at.saturating_add(len))
                 .unwrap_or_default();
             match plain::decode(bytes, shape) {
                 Ok(r) => out.push(r),
@@ -804,8 +907,11 @@ impl RunReader {
         let (i, index) = (self.i, self.next_index());
         self.i += 1;
         let len = self.run.lens.get(i);
-        let bytes = &self.run.results[self.at..(self.at + len).min(self.run.results.len())];
-        self.at += len;
+        // (The driver checked that the lengths add up to the results; a short slice would
+        // fail to decode, never panic.)
+        let end = self.at.saturating_add(len).min(self.run.results.len());
+        let bytes = self.run.results.get(self.at..end).unwrap_or_default();
+        self.at = self.at.saturating_add(len);
         let n = self.run.nfds.get(i).copied().unwrap_or(0) as usize;
         let fds: Vec<_> = if n == 0 {
             Vec::new()
@@ -841,7 +947,9 @@ pub struct Imap<'p, A, R, I> {
     ordered: bool,
     chunksize: usize,
     job: Arc<Job>,
-    rx: Receiver<Vec<Run>>,
+    rx: Receiver<ToJob>,
+    /// Set once the pool's driver has died (and that was reported): nothing more comes.
+    dead: bool,
     next_index: u64,
     next_yield: u64,
     outstanding: usize,
@@ -886,6 +994,7 @@ where
             chunksize: 1,
             job,
             rx,
+            dead: false,
             next_index: 0,
             next_yield: 0,
             outstanding: 0,
@@ -959,10 +1068,15 @@ where
                 return Ok(());
             }
             match self.rx.recv() {
-                Ok(runs) => {
+                Ok(ToJob::Runs(runs)) => {
                     for run in runs {
                         self.done.insert(run.first_index, RunReader::new(run));
                     }
+                }
+                Ok(ToJob::DriverDied(message)) => {
+                    self.dead = true;
+                    self.outstanding = 0;
+                    return Err(PoolError::DriverDied { message });
                 }
                 Err(_) => {
                     return Err(PoolError::Terminated {
@@ -1029,6 +1143,9 @@ where
     type Item = Result<R, PoolError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.dead {
+            return None;
+        }
         loop {
             if let Some(cur) = self.current.as_mut() {
                 if !cur.is_done() {
@@ -1044,6 +1161,7 @@ where
                 }
             }
             if let Err(e) = self.fill() {
+                self.dead = e.is_driver_died();
                 return Some(Err(e));
             }
             self.current = if self.ordered {
@@ -1061,10 +1179,17 @@ where
                 return None;
             }
             match self.rx.recv() {
-                Ok(runs) => {
+                Ok(ToJob::Runs(runs)) => {
                     for run in runs {
                         self.done.insert(run.first_index, RunReader::new(run));
                     }
+                }
+                // Runs received before are still yielded (in order, up to the first
+                // missing one); then this error, and the end.
+                Ok(ToJob::DriverDied(message)) => {
+                    self.dead = true;
+                    self.outstanding = 0;
+                    return Some(Err(PoolError::DriverDied { message }));
                 }
                 // The driver is gone, and with it every task's sender.
                 Err(_) => {
@@ -1095,7 +1220,9 @@ enum AsyncState<R> {
 /// Dropping it does not cancel the task: it still runs, as in Python.
 #[must_use = "the task's result or error is only seen through get()"]
 pub struct AsyncResult<R> {
-    rx: Receiver<Vec<Run>>,
+    rx: Receiver<ToJob>,
+    /// Kept so that a dying driver can tell this result (see `driver::driver_died`).
+    _job: Arc<Job>,
     state: AsyncState<R>,
     _r: PhantomData<fn() -> R>,
 }
@@ -1125,12 +1252,15 @@ impl<R: DeserializeOwned> AsyncResult<R> {
                 .recv_timeout(d.saturating_duration_since(Instant::now())),
         };
         match got {
-            Ok(runs) => {
+            Ok(ToJob::Runs(runs)) => {
                 let result = match runs.into_iter().next() {
                     Some(run) => RunReader::new(run).next(),
                     None => Err(PoolError::Terminated { index: 0 }),
                 };
                 self.state = AsyncState::Done(result);
+            }
+            Ok(ToJob::DriverDied(message)) => {
+                self.state = AsyncState::Done(Err(PoolError::DriverDied { message }))
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {

@@ -1,10 +1,57 @@
 //! The pool's decisions, as pure functions: chunk sizes, how much to send a worker, retries.
 
+use super::worker::{PHASE_INIT, PHASE_READY};
+use super::PoolError;
+
 /// Python's automatic chunk size for `map`: the input split into about four chunks per
 /// worker, rounded up; at least 1.
 pub fn auto_chunksize(len: usize, workers: usize) -> usize {
-    let per = workers.max(1) * 4;
+    let per = workers.max(1).saturating_mul(4);
     len.div_ceil(per).max(1)
+}
+
+/// Checks a pool's counts as Python's `Pool` does (it raises `ValueError`): at least one
+/// worker, and a `max_tasks_per_child`, when given, of at least one.
+pub fn check_counts(processes: usize, max_tasks_per_child: Option<u64>) -> Result<(), PoolError> {
+    if processes == 0 {
+        return Err(PoolError::InvalidArgument {
+            setting: "processes",
+            value: processes.to_string(),
+            expected: "a pool needs at least 1 worker process",
+        });
+    }
+    if let Some(n @ 0) = max_tasks_per_child {
+        return Err(PoolError::InvalidArgument {
+            setting: "max_tasks_per_child",
+            value: n.to_string(),
+            expected: "expected at least 1 (or no limit, the default: workers live as long as \
+                       the pool)",
+        });
+    }
+    Ok(())
+}
+
+/// Whether a `Fork` pool must not fork now (unless allowed): when the process has `threads`
+/// threads, `pool_threads` of them gpuproc pools' driver threads, and so more than one
+/// thread (the caller) of its own. The pools' threads only hold the pools' locks, which a
+/// worker never takes.
+pub fn fork_refused(threads: usize, pool_threads: usize) -> bool {
+    threads > pool_threads.saturating_add(1)
+}
+
+/// Whether a worker whose first unreported task is `next_seq` has not started it, so that
+/// the task timeout runs for it (a worker hung before it could record a running task):
+/// `phase` and `running` are read from its status page (`running` is the running task's
+/// sequence number + 1, 0 between chunks). The time a worker takes to start is not counted
+/// (a spawned worker re-runs the executable), except for a forked one, whose start is a
+/// fork and nothing more, nor is its initializer's.
+pub fn not_started(phase: u64, running: u64, next_seq: u64, forked: bool) -> bool {
+    let counted = match phase {
+        PHASE_READY => true,
+        PHASE_INIT => false,
+        _ => forked,
+    };
+    counted && running.checked_sub(1).is_none_or(|r| r < next_seq)
 }
 
 /// At most this many tasks are sent ahead to one worker (unless a single chunk is larger),
@@ -59,12 +106,59 @@ pub fn initializer_broken(consecutive: u32, workers: usize) -> bool {
 /// How many tasks an ordered or unordered `imap` keeps in flight: enough to keep every
 /// worker busy with two chunks, bounded so an endless input uses bounded memory.
 pub fn imap_window(workers: usize, chunksize: usize) -> usize {
-    (workers.max(1) * chunksize.max(1) * 2).max(MAX_ITEMS_IN_FLIGHT * workers.max(1))
+    let workers = workers.max(1);
+    (workers.saturating_mul(chunksize.max(1)).saturating_mul(2))
+        .max(MAX_ITEMS_IN_FLIGHT.saturating_mul(workers))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_workers_or_zero_tasks_per_child_are_invalid() {
+        assert!(check_counts(1, None).is_ok());
+        assert!(check_counts(4, Some(1)).is_ok());
+        let e = check_counts(0, None).unwrap_err();
+        assert!(e.is_invalid());
+        assert_eq!(
+            e.to_string(),
+            "processes(0) is invalid: a pool needs at least 1 worker process"
+        );
+        let e = check_counts(2, Some(0)).unwrap_err();
+        assert!(e.is_invalid());
+        assert!(
+            e.to_string()
+                .starts_with("max_tasks_per_child(0) is invalid: expected at least 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fork_is_refused_for_threads_that_are_not_the_pools() {
+        assert!(!fork_refused(1, 0));
+        assert!(fork_refused(2, 0));
+        assert!(
+            !fork_refused(2, 1),
+            "a replacement forked beside the pool's own thread"
+        );
+        assert!(fork_refused(3, 1));
+        assert!(!fork_refused(3, 2));
+    }
+
+    #[test]
+    fn a_task_not_started_counts_once_the_worker_is_ready() {
+        // Ready, between chunks or still on an earlier task: not started.
+        assert!(not_started(PHASE_READY, 0, 5, false));
+        assert!(not_started(PHASE_READY, 5, 5, false));
+        // Running it, or past it.
+        assert!(!not_started(PHASE_READY, 6, 5, false));
+        assert!(!not_started(PHASE_READY, 9, 5, false));
+        // In the initializer: never counted; starting: only when forked.
+        assert!(!not_started(PHASE_INIT, 0, 0, true));
+        assert!(!not_started(0, 0, 0, false));
+        assert!(not_started(0, 0, 0, true));
+    }
 
     #[test]
     fn chunksize_matches_python() {
@@ -116,5 +210,8 @@ mod tests {
     fn imap_window_is_bounded_and_busy() {
         assert_eq!(imap_window(2, 1), 256);
         assert_eq!(imap_window(2, 1_000), 4_000);
+        // A huge chunk size saturates instead of overflowing.
+        assert_eq!(imap_window(2, usize::MAX), usize::MAX);
+        assert_eq!(imap_window(usize::MAX, 1), usize::MAX);
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::lens::{u32_block, Lens};
+use super::lens::{self, u32_block, Lens};
 use super::plain;
 use crate::ipc::{self, FrameReader};
 use crate::process::child::run_catching;
@@ -32,6 +32,13 @@ pub(crate) const PAGE_LEN: usize = 4096;
 pub(crate) const RUNNING_AT: usize = 0;
 /// Byte offset of when that task started, in [`sys::monotonic_ns`] (only with a task timeout).
 pub(crate) const STARTED_AT: usize = 8;
+/// Byte offset of the worker's phase: 0 until its main function runs, then
+/// [`PHASE_INIT`], then [`PHASE_READY`].
+pub(crate) const PHASE_AT: usize = 16;
+/// The worker is running the pool's initializer (if any).
+pub(crate) const PHASE_INIT: u64 = 1;
+/// The worker is in its loop, ready for tasks.
+pub(crate) const PHASE_READY: u64 = 2;
 
 /// How long finished results may wait in the worker before they are sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
@@ -361,6 +368,28 @@ pub(crate) struct Init {
     pub fds: InitFds,
 }
 
+impl Init {
+    /// The initializer `func` with its encoded argument; an error if the argument is too long
+    /// to send (see [`lens::checked_len`]).
+    pub fn new(func: FnRef, args: Vec<u8>, fds: Vec<OwnedFd>) -> Result<Init, String> {
+        Init::header(args.len(), fds.len())?;
+        Ok(Init {
+            func,
+            args,
+            fds: InitFds(std::sync::Arc::new(fds)),
+        })
+    }
+
+    /// The lengths the initializer is run with, as a chunk of one task.
+    /// (Takes lengths, not the bytes, so that the check is testable without 4 GiB.)
+    fn header(args_len: usize, nfds: usize) -> Result<(Lens, Vec<u32>), String> {
+        let what = "the initializer's argument";
+        let len = lens::checked_len(args_len, what)?;
+        let nfds = lens::checked_fds(nfds, what)?;
+        Ok((Lens::Fixed { len, count: 1 }, vec![nfds]))
+    }
+}
+
 /// The initializer's descriptors: kept once by the pool, and sent (duplicated, as handles
 /// are) with the start of every worker, replacements included.
 #[derive(Debug, Clone, Default)]
@@ -433,6 +462,8 @@ impl From<String> for WorkerError {
 pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
     let page = Mapping::map_existing(args.page, PAGE_LEN)
         .map_err(|e| format!("mapping the status page: {e}"))?;
+    let phase = page.atomic_u64(PHASE_AT);
+    phase.store(PHASE_INIT, Ordering::Release);
     if let Some(init) = args.init {
         // Run like a chunk of one task whose result is dropped.
         let (t, target) = resolve(init.func);
@@ -444,15 +475,14 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
                 .filter_map(|fd| sys::dup(fd.as_fd()).ok())
                 .collect()
         });
+        let (lens, nfds) =
+            Init::header(init.args.len(), fds.len()).map_err(WorkerError::Initializer)?;
         let header = ChunkHeader {
             func: init.func,
             first_seq: 0,
             shape: None,
-            lens: Lens::Fixed {
-                len: init.args.len() as u32,
-                count: 1,
-            },
-            nfds: vec![fds.len() as u32],
+            lens,
+            nfds,
         };
         let mut sink = Outbox::default();
         let mut st = ChunkState::new(&header, &init.args, fds, &mut sink);
@@ -465,6 +495,7 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
             return Err(WorkerError::Initializer(f.to_string()));
         }
     }
+    phase.store(PHASE_READY, Ordering::Release);
     let (conn, track_time, max_tasks) = (args.conn, args.track_time, args.max_tasks);
     let err = |e: std::io::Error| e.to_string();
     let mut reader = FrameReader::default();
@@ -512,11 +543,10 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
     }
 }
 
-/// The largest encoded result of one task (lengths travel as `u32`).
-const MAX_TASK_BYTES: usize = u32::MAX as usize;
-
-fn too_large(len: usize) -> String {
-    format!("it encodes to {len} bytes; a task's result may take 4 GiB")
+/// A result's length and descriptor count as they travel.
+fn result_sizes(len: usize, fds: usize) -> Result<(u32, u32), String> {
+    let what = "the result";
+    Ok((lens::checked_len(len, what)?, lens::checked_fds(fds, what)?))
 }
 
 /// How the results of the run being filled are encoded.
@@ -578,15 +608,13 @@ impl Outbox {
                 }
                 let mut bytes = Vec::new();
                 let fds = encode_into(&mut bytes, r)?;
-                if bytes.len() > MAX_TASK_BYTES {
-                    return Err(too_large(bytes.len()));
-                }
+                let sizes = result_sizes(bytes.len(), fds.len())?;
                 let next = self.run.first_seq + u64::from(self.run.count);
                 self.close_run();
                 self.run.first_seq = next;
                 self.codec = RunCodec::Postcard;
                 self.results.extend_from_slice(&bytes);
-                self.push_ok(bytes.len(), fds);
+                self.push_ok(sizes, fds);
                 return Ok(());
             }
             RunCodec::Untried => {
@@ -600,7 +628,7 @@ impl Outbox {
                 if let Some(shape) = shape {
                     self.run.shape = Some(shape);
                     self.codec = RunCodec::Plain(enc);
-                    self.push_ok(self.results.len() - start, Vec::new());
+                    self.push_plain_ok(self.results.len() - start);
                     return Ok(());
                 }
                 self.results.truncate(start);
@@ -609,13 +637,16 @@ impl Outbox {
             RunCodec::Postcard => {}
         }
         let fds = encode_into(&mut self.results, r)?;
-        let len = self.results.len() - start;
-        if len > MAX_TASK_BYTES {
-            self.results.truncate(start);
-            return Err(too_large(len));
+        match result_sizes(self.results.len() - start, fds.len()) {
+            Ok(sizes) => {
+                self.push_ok(sizes, fds);
+                Ok(())
+            }
+            Err(e) => {
+                self.results.truncate(start);
+                Err(e)
+            }
         }
-        self.push_ok(len, fds);
-        Ok(())
     }
 
     /// [`push_result`](Self::push_result), or the task's failure if its result does not
@@ -630,27 +661,37 @@ impl Outbox {
         }
     }
 
-    /// Counts a result of `len` bytes, already appended, that carries no descriptors while
-    /// the run has none either (always so in a plain run).
+    /// Counts a plain result of `len` bytes, already appended (a plain value is at most a
+    /// few hundred bytes; see `plain`).
     #[inline(always)]
     fn push_plain_ok(&mut self, len: usize) {
+        // (Were it ever longer, the lengths would not add up and the pool would reject the
+        // run as malformed: no wrong result either way.)
+        self.push_len(u32::try_from(len).unwrap_or(u32::MAX));
+    }
+
+    /// Counts a result of `len` bytes, already appended, that carries no descriptors while
+    /// the run has none either.
+    #[inline(always)]
+    fn push_len(&mut self, len: u32) {
         if self.since.is_none() {
             self.since = Some(Instant::now());
         }
-        self.run.lens.push(len as u32);
+        self.run.lens.push(len);
         self.run.count += 1;
     }
 
+    /// Counts a result of `len` bytes with `fds` (`nfds` of them), already appended.
     #[inline]
-    fn push_ok(&mut self, len: usize, fds: Vec<OwnedFd>) {
+    fn push_ok(&mut self, (len, nfds): (u32, u32), fds: Vec<OwnedFd>) {
         if fds.is_empty() && self.run.nfds.is_empty() {
-            return self.push_plain_ok(len);
+            return self.push_len(len);
         }
         // Descriptor counts are kept once any result has descriptors (earlier ones: 0).
         self.run.nfds.resize(self.run.count as usize, 0);
-        self.run.nfds.push(fds.len() as u32);
+        self.run.nfds.push(nfds);
         self.run_fds.extend(fds);
-        self.push_plain_ok(len);
+        self.push_len(len);
     }
 
     fn push_err(&mut self, f: Failure) {
@@ -746,6 +787,21 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_initializer_argument_past_4_gib_is_refused_not_truncated() {
+        let (lens, nfds) = Init::header(7, 2).unwrap();
+        assert_eq!((lens, nfds), (Lens::Fixed { len: 7, count: 1 }, vec![2]));
+        let e = Init::header(u32::MAX as usize + 8, 0).unwrap_err();
+        assert!(
+            e.starts_with("the initializer's argument encodes to 4294967303 bytes"),
+            "{e}"
+        );
+        assert!(Init::header(1, usize::MAX).is_err());
+        // And so is a result.
+        assert!(result_sizes(u32::MAX as usize + 1, 0).is_err());
+        assert_eq!(result_sizes(16, 1), Ok((16, 1)));
+    }
 
     #[test]
     fn headers_round_trip_with_u32_blocks() {

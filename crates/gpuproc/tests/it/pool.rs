@@ -1,6 +1,7 @@
 //! `Pool`: results, laziness, and faults (dead workers, panics, timeouts, termination).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuproc::{Pool, PoolError, StartMethod};
@@ -28,9 +29,13 @@ fn busy_square((x, micros): (u64, u64)) -> u64 {
     x * x
 }
 
-/// A builder for a pool of two workers started with `m`.
+/// A builder for a pool of two workers started with `m` (forking this multi-threaded test
+/// binary allowed).
 fn two_workers(m: StartMethod) -> gpuproc::pool::PoolBuilder {
-    Pool::builder().processes(2).start_method(m)
+    Pool::builder()
+        .processes(2)
+        .start_method(m)
+        .allow_fork_with_threads(true)
 }
 
 #[test]
@@ -651,4 +656,197 @@ fn large_arguments_split_big_chunks_and_arrive_whole() {
     let got = pool.map_chunksize(sum_bytes, items, 9).unwrap();
     let want: Vec<(usize, u64)> = (0..9u64).map(|i| (8 << 20, i * (8 << 20))).collect();
     assert_eq!(got, want);
+}
+
+/// Runs `f` on another thread and returns what it returns, failing the test if that takes
+/// longer than [`TIMEOUT`] (for calls that have no timeout of their own, such as `map`).
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(TIMEOUT)
+        .expect("the call returned within the timeout (and did not panic)")
+}
+
+#[test]
+fn zero_workers_or_zero_tasks_per_child_is_an_error_as_in_python() {
+    let err = Pool::new(0).unwrap_err();
+    assert!(err.is_invalid(), "{err:?}");
+    assert!(err.to_string().contains("processes(0)"), "{err}");
+    assert!(err.to_string().contains("at least 1 worker"), "{err}");
+    let err = Pool::builder().processes(0).build().unwrap_err();
+    assert!(err.is_invalid(), "{err:?}");
+    let err = Pool::builder()
+        .processes(1)
+        .max_tasks_per_child(0)
+        .build()
+        .unwrap_err();
+    assert!(err.is_invalid(), "{err:?}");
+    assert!(err.to_string().contains("max_tasks_per_child(0)"), "{err}");
+    // The last value set counts.
+    let pool = Pool::builder().processes(0).processes(1).build().unwrap();
+    assert_eq!(pool.processes(), 1);
+}
+
+#[test]
+fn huge_timeouts_mean_none_in_the_pool() {
+    let pool = Arc::new(
+        Pool::builder()
+            .processes(2)
+            .task_timeout(Duration::MAX)
+            .gpu_sampling(Duration::MAX)
+            .build()
+            .unwrap(),
+    );
+    let p = pool.clone();
+    let got = within(move || p.map(square, 0..100u64).unwrap());
+    assert_eq!(got, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    let mut r = pool.apply_async(square, 7).unwrap();
+    assert_eq!(r.get_timeout(Duration::MAX).unwrap(), 49);
+    let mut r = pool.apply_async(square, 8).unwrap();
+    assert!(r.wait_timeout(Duration::MAX));
+    assert_eq!(r.get_timeout(TIMEOUT).unwrap(), 64);
+}
+
+#[test]
+fn a_dead_driver_fails_pending_and_later_tasks_instead_of_hanging() {
+    let pool = Arc::new(Pool::new(2).unwrap());
+    let pids = pool.worker_pids();
+    assert_eq!(pool.apply(square, 3).unwrap(), 9);
+    // Tasks queued and running when the driver dies.
+    let mut running = pool.apply_async(block, 0).unwrap();
+    let p = pool.clone();
+    let imap = std::thread::spawn(move || {
+        let mut it = p.imap(block, 0..10u64);
+        let first = it.next();
+        (first, it.next())
+    });
+    let p = pool.clone();
+    let map = std::thread::spawn(move || p.map(block, 0..10u64));
+    let p = pool.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut it = p.imap(block, 0u64..);
+        let got: Vec<_> = it.by_ref().take(3).collect();
+        (got, it.next().is_none())
+    });
+    // (Each fails at once if the driver died before it submitted; else while it waits.)
+    pool.__panic_driver_for_tests();
+    let err = running.get_timeout(TIMEOUT).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    assert!(
+        err.to_string().contains("a fault injected for tests"),
+        "{err}"
+    );
+    let (first, second) = within(move || imap.join().unwrap());
+    let err = first.unwrap().unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    assert!(second.is_none(), "an imap ends after its driver died");
+    let err = within(move || map.join().unwrap()).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    let (got, ended) = within(move || waiting.join().unwrap());
+    assert!(ended);
+    assert!(
+        got.iter()
+            .any(|r| r.as_ref().is_err_and(PoolError::is_driver_died)),
+        "{got:?}"
+    );
+    // Later tasks fail at once.
+    let err = pool.apply_async(square, 1).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    let p = pool.clone();
+    let err = within(move || p.map(square, 0..10u64)).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    let p = pool.clone();
+    let r = within(move || p.imap(square, 0..10u64).collect::<Vec<_>>());
+    assert_eq!(r.len(), 1, "one error, then the end: {r:?}");
+    let p = pool.clone();
+    let err = within(move || p.join()).unwrap_err();
+    assert!(err.is_driver_died(), "{err:?}");
+    // The workers went with the driver.
+    let left = support::wait_all_ended(&pids, Instant::now() + TIMEOUT);
+    assert!(
+        left.is_empty(),
+        "workers left after the driver died: {left:?}"
+    );
+}
+
+#[test]
+fn a_fork_pool_is_refused_in_a_multi_threaded_process_unless_allowed() {
+    // libtest runs this test on a thread of its own: the process has at least two.
+    let err = Pool::builder()
+        .processes(2)
+        .start_method(StartMethod::Fork)
+        .build()
+        .unwrap_err();
+    assert!(err.is_fork_unsafe(), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("PoolBuilder::allow_fork_with_threads(true)"),
+        "{err}"
+    );
+    // Other start methods are not concerned.
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Spawn)
+        .build()
+        .unwrap();
+    assert_eq!(pool.apply(square, 3).unwrap(), 9);
+    // Allowed explicitly: workers fork, and so do their replacements.
+    let pool = Arc::new(
+        Pool::builder()
+            .processes(2)
+            .start_method(StartMethod::Fork)
+            .allow_fork_with_threads(true)
+            .max_tasks_per_child(5)
+            .build()
+            .unwrap(),
+    );
+    let p = pool.clone();
+    let got = within(move || p.map(square, 0..40u64).unwrap());
+    assert_eq!(got, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_worker_that_never_starts_its_task_is_cut_by_the_task_timeout() {
+    let pool = Arc::new(
+        Pool::builder()
+            .processes(1)
+            .task_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    );
+    // The worker is up and has run a task; then it hangs (stopped, as a worker deadlocked on a
+    // lock would be) before it can start the next.
+    assert_eq!(pool.apply(square, 2).unwrap(), 4);
+    let pid = pool.worker_pids()[0];
+    // SAFETY: a plain system call on our pool's worker.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let mut hung = pool.apply_async(square, 3).unwrap();
+    let err = hung.get_timeout(TIMEOUT).unwrap_err();
+    assert!(err.is_task_timeout(), "{err:?}");
+    assert_eq!(err.index(), Some(0));
+    let left = support::wait_all_ended(&[pid], Instant::now() + TIMEOUT);
+    assert!(left.is_empty(), "the hung worker was killed");
+    let p = pool.clone();
+    assert_eq!(within(move || p.apply(square, 4).unwrap()), 16);
+    assert_ne!(pool.worker_pids(), [pid]);
+}
+
+#[test]
+fn a_huge_chunk_size_is_one_chunk_not_an_overflow() {
+    let pool = Arc::new(Pool::new(2).unwrap());
+    let p = pool.clone();
+    let (mapped, imapped) = within(move || {
+        let mapped = p.map_chunksize(square, 0..100u64, usize::MAX).unwrap();
+        let imapped: Vec<u64> = p
+            .imap(square, 0..100u64)
+            .chunksize(usize::MAX)
+            .map(Result::unwrap)
+            .collect();
+        (mapped, imapped)
+    });
+    let squares: Vec<u64> = (0..100u64).map(|x| x * x).collect();
+    assert_eq!(mapped, squares);
+    assert_eq!(imapped, squares);
 }
