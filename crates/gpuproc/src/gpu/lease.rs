@@ -1304,7 +1304,7 @@ mod tests {
         // Whoever owns `leases.lock` may replace it; the directory stays locked.
         fs::rename(store.dir.join(LOCK), store.dir.join("old.lock")).unwrap();
         let err = store.lock_within(Duration::ZERO).unwrap_err();
-        assert!(err.to_string().contains("held the lock"), "{err}");
+        assert!(format!("{err:?}").contains("held the lock"), "{err:?}");
         drop(held);
         drop(store.lock_within(Duration::ZERO).unwrap());
         let _ = fs::remove_dir_all(&store.dir);
@@ -1316,7 +1316,7 @@ mod tests {
         let store = scratch("sticky");
         fs::set_permissions(&store.dir, fs::Permissions::from_mode(0o777)).unwrap();
         let err = store.lock().unwrap_err();
-        assert!(err.to_string().contains("chmod +t"), "{err}");
+        assert!(format!("{err:?}").contains("chmod +t"), "{err:?}");
         fs::set_permissions(&store.dir, fs::Permissions::from_mode(0o1777)).unwrap();
         let locked = store.lock().unwrap();
         let mut table = locked.read_own().unwrap();
