@@ -589,7 +589,7 @@ fn planted_links_and_fifos_are_refused_without_blocking() {
             symlink(&victim, own_lease_file(&run)).unwrap();
             let err = pick_in(&run, Criteria::new()).unwrap_err();
             assert!(err.is_lease(), "{err:?}");
-            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert!(format!("{err:?}").contains("symbolic link"), "{err:?}");
             assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
 
             // A dangling link as the lock file: refused, its target not created.
@@ -597,7 +597,7 @@ fn planted_links_and_fifos_are_refused_without_blocking() {
             let target = base.join("created-through-the-link");
             symlink(&target, run.join("leases.lock")).unwrap();
             let err = pick_in(&run, Criteria::new()).unwrap_err();
-            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert!(format!("{err:?}").contains("symbolic link"), "{err:?}");
             assert!(!target.exists());
 
             // FIFOs: refused at once where gpuproc reads, ignored where it does not.
@@ -616,7 +616,7 @@ fn planted_links_and_fifos_are_refused_without_blocking() {
                     "leases.lock" | "own" => {
                         let err = got.unwrap_err();
                         assert!(err.is_lease(), "{name}: {err:?}");
-                        assert!(err.to_string().contains("a FIFO"), "{name}: {err}");
+                        assert!(format!("{err:?}").contains("a FIFO"), "{name}: {err:?}");
                     }
                     _ => got
                         .expect("a FIFO that is no lease file")
@@ -647,7 +647,7 @@ fn an_unreadable_table_hands_out_no_gpu() {
                 std::fs::write(&file, &text[..cut]).unwrap();
                 let err = gpu::pick(&Criteria::new()).unwrap_err();
                 assert!(err.is_lease(), "cut at {cut}: {err:?}");
-                let msg = err.to_string();
+                let msg = format!("{err:?}");
                 assert!(msg.contains("no GPU is handed out"), "{msg}");
                 assert!(msg.contains(&format!("remove {}", file.display())), "{msg}");
             }
