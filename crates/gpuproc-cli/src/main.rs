@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd;
+mod gate;
 mod run;
 mod table;
 mod units;
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    cmd::pick::gate_if_asked();
+    gate::gate_if_asked();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version print to stdout and exit 0; usage errors get their own status.
