@@ -621,3 +621,86 @@ fn toml_jobs_dry_run_and_help() {
         stderr(&out)
     );
 }
+
+/// Kills a process group when dropped, so that a failing test leaves no job behind.
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0 as i32);
+    }
+}
+
+/// A runner killed while it starts a job must not leave the job's command running on a GPU
+/// that no lease covers: the job becomes a holder of its lease before its command runs.
+/// The window is held open deterministically: the job's error log is a FIFO, so the runner
+/// stops after leasing the GPU and creating the output log; the test then takes the lease
+/// table's lock (so the runner cannot add the job as a holder), lets the runner start the
+/// job, and kills the runner.
+#[test]
+fn a_runner_killed_while_starting_a_job_leaves_no_job_on_an_unleased_gpu() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = scratch_dir("gate");
+    let runtime = runtime_dir();
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    common::mkfifo(&logs.join("1.err"));
+    let ran = dir.join("ran");
+    let go = dir.join("go");
+    let jobs = dir.join("jobs.txt");
+    std::fs::write(
+        &jobs,
+        format!(
+            "touch '{}'; while [ ! -e '{}' ]; do sleep 0.02; done\n",
+            ran.display(),
+            go.display()
+        ),
+    )
+    .expect("job file");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus", "0", "--logs"])
+        .arg(&logs)
+        .arg("-f")
+        .arg(&jobs);
+    let mut runner = Background::start_in_group(cmd);
+    // The runner creates the job's output log after leasing its GPU, then waits for a
+    // reader of the error log.
+    wait_for("the job's output log", || {
+        logs.join("1.out").exists().then_some(())
+    });
+    let lock = common::lock_table(&runtime);
+    let _err = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(logs.join("1.err"))
+        .expect("open the error log FIFO");
+    let job = wait_for("the job's process", || {
+        common::children_of(runner.pid()).first().copied()
+    });
+    let _job_group = GroupGuard(job);
+    signal(runner.pid(), Signal::KILL);
+    runner.wait();
+    drop(lock);
+    let ran_it = wait_for("the job to run its command or end", || {
+        if ran.exists() {
+            Some(true)
+        } else if is_gone(job as i32) {
+            Some(false)
+        } else {
+            None
+        }
+    });
+    if ran_it {
+        // Its command runs: its GPU must still be leased, to the job.
+        let mut pick = gpuproc("4gpu");
+        pick.args(["pick", "--devices", "0", "--hold", "--", "true"]);
+        let out = run(pick);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "the job's command runs on GPU 0, but a pick got it: no lease covers the job\n{}",
+            stderr(&out)
+        );
+    }
+    std::fs::write(&go, "").expect("go");
+}

@@ -16,7 +16,8 @@
 //! needs it decided whenever work is handed out. Per-job leases give each job GPUs that
 //! qualify when it starts, let a run grow onto GPUs freed by others, and turn "wait for
 //! busy GPUs" into "wait until a lease can be had". The job's process is added as a holder
-//! of its lease, so a job orphaned by a killed runner keeps its GPUs until it exits.
+//! of its lease before its command runs (it starts behind a [gate](crate::gate)), so a job
+//! orphaned by a killed runner, at any moment, keeps its GPUs until it exits.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
