@@ -29,6 +29,10 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
+            if let Some(usage) = err.downcast_ref::<run::UsageError>() {
+                let _ = writeln!(io::stderr(), "gpuproc: {usage}");
+                return ExitCode::from(cli::EXIT_USAGE);
+            }
             if let Some(failed) = err.downcast_ref::<run::RunFailed>() {
                 let _ = writeln!(io::stderr(), "gpuproc: {failed}");
                 return ExitCode::from(failed.exit_code());

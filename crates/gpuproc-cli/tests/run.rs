@@ -704,3 +704,22 @@ fn a_runner_killed_while_starting_a_job_leaves_no_job_on_an_unleased_gpu() {
     }
     std::fs::write(&go, "").expect("go");
 }
+
+#[test]
+fn an_empty_argument_list_is_a_usage_error() {
+    for (args, which) in [
+        (&["echo", ":::"][..], "first"),
+        (&["echo", ":::", "a", ":::"][..], "second"),
+    ] {
+        let mut cmd = gpuproc("4gpu");
+        cmd.args(["run", "--cpu-only", "--"]).args(args);
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("the {which} `:::` list is empty")),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(stdout(&out), "", "nothing runs");
+    }
+}

@@ -247,6 +247,29 @@ impl fmt::Display for RunFailed {
 
 impl std::error::Error for RunFailed {}
 
+/// A command line that makes no sense: `main` prints it and exits with
+/// [`EXIT_USAGE`](crate::cli::EXIT_USAGE), as for the errors clap finds.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// "first", "second", … "10th".
+fn ordinal(n: usize) -> String {
+    match n {
+        1 => "first".into(),
+        2 => "second".into(),
+        3 => "third".into(),
+        _ => format!("{n}th"),
+    }
+}
+
 /// Reads the job list the arguments describe.
 fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
     let read_input = |path: &Option<PathBuf>| -> anyhow::Result<(String, String)> {
@@ -270,7 +293,18 @@ fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
     };
     let (template, lists) = jobs::split_template(&args.command);
     if template.is_empty() && !lists.is_empty() {
-        bail!("`:::` without a command template before it; expected COMMAND ... ::: ARGS");
+        return Err(UsageError(
+            "`:::` without a command template before it; expected COMMAND ... ::: ARGS".into(),
+        )
+        .into());
+    }
+    if let Some(n) = lists.iter().position(Vec::is_empty) {
+        return Err(UsageError(format!(
+            "the {} `:::` list is empty: give each `:::` at least one argument \
+             (COMMAND ... ::: ARGS)",
+            ordinal(n + 1)
+        ))
+        .into());
     }
     let jobs = if template.is_empty() {
         let (text, source) = read_input(&args.file)?;
@@ -285,7 +319,10 @@ fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
         jobs::parse(&text, format, &source)?
     } else if !lists.is_empty() {
         if args.file.is_some() {
-            bail!("give arguments either after `:::` or with --file, not both");
+            return Err(UsageError(
+                "give arguments either after `:::` or with --file, not both".into(),
+            )
+            .into());
         }
         jobs::expand(&template, &jobs::cartesian(&lists))?
     } else {
