@@ -581,7 +581,9 @@ fn toml_jobs_dry_run_and_help() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        "job\tslot\tgpus\tcommand\n1\t1\t0,1\techo $GREETING one\n2\t2\t2\techo $GREETING two\n"
+        // The placement the run makes: most free memory first (GPUs 2 and 0), then the
+        // least shared.
+        "job\tslot\tgpus\tcommand\n1\t1\t0,2\techo $GREETING one\n2\t2\t1\techo $GREETING two\n"
     );
     let mut real = gpuproc("4gpu");
     real.args(["run", "-f"]).arg(&toml);
@@ -722,4 +724,62 @@ fn an_empty_argument_list_is_a_usage_error() {
         );
         assert_eq!(stdout(&out), "", "nothing runs");
     }
+}
+
+/// `--dry-run` shows the GPUs the run gives each job: on the simulated 4-GPU machine the
+/// run puts the first job on GPU 2 (the most free memory), not GPU 0.
+#[test]
+fn dry_run_shows_the_gpus_the_run_uses() {
+    let uuids = uuids("4gpu");
+    for (name, extra) in [("spread", &[][..]), ("one-slot", &["-j", "1"][..])] {
+        let dir = scratch_dir(&format!("dry-{name}"));
+        let template = format!(
+            "echo $CUDA_VISIBLE_DEVICES > {}/seen.{{#}} # {{}}",
+            dir.display()
+        );
+        let mut dry = gpuproc("4gpu");
+        dry.args(["run", "--dry-run"])
+            .args(extra)
+            .args(["--", &template, ":::", "a", "b", "c", "d"]);
+        let out = run(dry);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let mut shown: Vec<(usize, String)> = stdout(&out)
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                (fields[0].parse().expect("job"), fields[2].to_owned())
+            })
+            .collect();
+        shown.sort();
+        assert!(seen(&dir).is_empty(), "a dry run runs nothing");
+
+        let mut real = gpuproc("4gpu");
+        real.arg("run")
+            .args(extra)
+            .args(["--", &template, ":::", "a", "b", "c", "d"]);
+        let out = run(real);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let used: Vec<(usize, String)> = seen(&dir)
+            .into_iter()
+            .map(|(seq, uuid)| {
+                let index = uuids.iter().position(|u| *u == uuid).expect("a known UUID");
+                (seq, index.to_string())
+            })
+            .collect();
+        assert_eq!(shown, used, "{name}: the dry run showed other GPUs than the run used");
+        assert_eq!(shown[0], (1, "2".to_owned()), "{name}");
+    }
+
+    // No GPU qualifies: the dry run says it cannot place the jobs, and why.
+    let mut dry = gpuproc("4gpu");
+    dry.args(["run", "--dry-run", "--min-free", "100GiB", "--", "true", ":::", "a"]);
+    let out = run(dry);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "job\tslot\tgpus\tcommand\n1\t-\t?\ttrue a\n");
+    assert!(
+        stderr(&out).contains("job 1 and the jobs after it get no GPUs now"),
+        "{}",
+        stderr(&out)
+    );
 }

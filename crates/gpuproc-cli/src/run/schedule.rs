@@ -207,19 +207,52 @@ impl Scheduler {
     }
 }
 
+/// Where a simulated run puts jobs: see [`simulate_with`].
+pub trait Placement {
+    /// Chooses the head job's GPUs, as [`Scheduler::next_with`]'s `choose`.
+    fn choose(&mut self, request: &Request) -> Option<Vec<usize>>;
+    /// GPUs found unable ever to qualify, to be offered no more.
+    fn unavailable(&self) -> Vec<usize> {
+        Vec::new()
+    }
+    /// `launch` ended.
+    fn finished(&mut self, _launch: &Launch) {}
+}
+
+/// The scheduler's own choice: the first `need` candidates.
+struct FirstCandidates;
+
+impl Placement for FirstCandidates {
+    fn choose(&mut self, request: &Request) -> Option<Vec<usize>> {
+        Some(request.candidates[..request.need].to_vec())
+    }
+}
+
 /// The order a dry run would start jobs in, assuming every job succeeds and the oldest
 /// running job always ends first.
-pub fn simulate(mut scheduler: Scheduler) -> Vec<Launch> {
+pub fn simulate(scheduler: Scheduler) -> Vec<Launch> {
+    simulate_with(scheduler, &mut FirstCandidates)
+}
+
+/// As [`simulate`], with `placement` choosing each job's GPUs as the run would. Jobs it
+/// cannot place even with nothing running are left out (the run would wait for GPUs).
+pub fn simulate_with(mut scheduler: Scheduler, placement: &mut impl Placement) -> Vec<Launch> {
     let mut order = Vec::new();
     let mut running: VecDeque<Launch> = VecDeque::new();
     loop {
-        while let Some(launch) = scheduler.next() {
+        loop {
+            let launch = scheduler.next_with(|request| placement.choose(request));
+            for gpu in placement.unavailable() {
+                scheduler.set_available(gpu, false);
+            }
+            let Some(launch) = launch else { break };
             order.push(launch.clone());
             running.push_back(launch);
         }
         match running.pop_front() {
             Some(done) => {
                 scheduler.finish(&done, false, false);
+                placement.finished(&done);
             }
             None => return order,
         }
