@@ -783,3 +783,40 @@ fn dry_run_shows_the_gpus_the_run_uses() {
         stderr(&out)
     );
 }
+
+/// Timeouts too long for the clock mean "no timeout" (no overflow panic, exit 101), from
+/// the command line and from a TOML job file.
+#[test]
+fn huge_timeouts_saturate() {
+    let dir = scratch_dir("hugetimeout");
+    let toml = dir.join("jobs.toml");
+    std::fs::write(
+        &toml,
+        "[[job]]\ncmd = \"echo toml\"\ntimeout = 1e19\n\n[[job]]\ncmd = \"echo big\"\ntimeout = 1e300\n",
+    )
+    .expect("write");
+    for (args, printed) in [
+        (vec!["--timeout", "1e20", "--", "echo", ":::", "1"], "1\n"),
+        (vec!["--kill-after", "1e19", "--", "echo", ":::", "2"], "2\n"),
+        (
+            vec!["--timeout", "1e300", "--kill-after", "1e300", "--", "echo", ":::", "3"],
+            "3\n",
+        ),
+        (vec!["-j", "1", "-f", toml.to_str().expect("utf-8")], "toml\nbig\n"),
+    ] {
+        let mut cmd = gpuproc("4gpu");
+        cmd.arg("run").args(&args);
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), printed, "{args:?}");
+    }
+
+    // A job that times out gets SIGTERM; SIGKILL would follow "never".
+    let mut cmd = gpuproc("4gpu");
+    cmd.args([
+        "run", "--timeout", "0.1", "--kill-after", "1e19", "--", "sleep", ":::", "30",
+    ]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+}
