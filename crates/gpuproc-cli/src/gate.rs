@@ -90,11 +90,19 @@ pub fn gate_if_asked() {
         return;
     };
     std::env::remove_var(ENV);
+    // A gate's descriptor is a pipe; anything else (a stray variable naming an unrelated
+    // descriptor) is not adopted, and this process is not a gate.
     if fd < 0 {
         return;
     }
-    // SAFETY: the starter passed this descriptor to us for this purpose; nothing else in
-    // this process uses it.
+    // SAFETY: the descriptor is only inspected here; fstat on a closed number fails.
+    let is_pipe = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) })
+        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_fifo());
+    if !is_pipe {
+        return;
+    }
+    // SAFETY: the starter passed this pipe to us for this purpose; nothing else in this
+    // process uses it.
     let gate = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut byte = [0u8; 1];
     let opened = loop {

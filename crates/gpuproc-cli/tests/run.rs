@@ -767,13 +767,25 @@ fn dry_run_shows_the_gpus_the_run_uses() {
                 (seq, index.to_string())
             })
             .collect();
-        assert_eq!(shown, used, "{name}: the dry run showed other GPUs than the run used");
+        assert_eq!(
+            shown, used,
+            "{name}: the dry run showed other GPUs than the run used"
+        );
         assert_eq!(shown[0], (1, "2".to_owned()), "{name}");
     }
 
     // No GPU qualifies: the dry run says it cannot place the jobs, and why.
     let mut dry = gpuproc("4gpu");
-    dry.args(["run", "--dry-run", "--min-free", "100GiB", "--", "true", ":::", "a"]);
+    dry.args([
+        "run",
+        "--dry-run",
+        "--min-free",
+        "100GiB",
+        "--",
+        "true",
+        ":::",
+        "a",
+    ]);
     let out = run(dry);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "job\tslot\tgpus\tcommand\n1\t-\t?\ttrue a\n");
@@ -797,12 +809,27 @@ fn huge_timeouts_saturate() {
     .expect("write");
     for (args, printed) in [
         (vec!["--timeout", "1e20", "--", "echo", ":::", "1"], "1\n"),
-        (vec!["--kill-after", "1e19", "--", "echo", ":::", "2"], "2\n"),
         (
-            vec!["--timeout", "1e300", "--kill-after", "1e300", "--", "echo", ":::", "3"],
+            vec!["--kill-after", "1e19", "--", "echo", ":::", "2"],
+            "2\n",
+        ),
+        (
+            vec![
+                "--timeout",
+                "1e300",
+                "--kill-after",
+                "1e300",
+                "--",
+                "echo",
+                ":::",
+                "3",
+            ],
             "3\n",
         ),
-        (vec!["-j", "1", "-f", toml.to_str().expect("utf-8")], "toml\nbig\n"),
+        (
+            vec!["-j", "1", "-f", toml.to_str().expect("utf-8")],
+            "toml\nbig\n",
+        ),
     ] {
         let mut cmd = gpuproc("4gpu");
         cmd.arg("run").args(&args);
@@ -814,7 +841,15 @@ fn huge_timeouts_saturate() {
     // A job that times out gets SIGTERM; SIGKILL would follow "never".
     let mut cmd = gpuproc("4gpu");
     cmd.args([
-        "run", "--timeout", "0.1", "--kill-after", "1e19", "--", "sleep", ":::", "30",
+        "run",
+        "--timeout",
+        "0.1",
+        "--kill-after",
+        "1e19",
+        "--",
+        "sleep",
+        ":::",
+        "30",
     ]);
     let out = run(cmd);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));

@@ -399,7 +399,11 @@ mod forward {
             self.flush(raw);
             self.users.fetch_sub(1, SeqCst);
             if old >= 0 {
-                Detached { target: self, fd: old }.close_when_unused();
+                Detached {
+                    target: self,
+                    fd: old,
+                }
+                .close_when_unused();
             }
         }
 
@@ -552,11 +556,9 @@ mod forward {
             let detached = target.detach().expect("attached");
             assert_eq!(target.fd.load(SeqCst), -1, "new handler calls see no pidfd");
             let detached = detached.try_close().expect_err("in use: not closed");
-            assert!(
-                rustix::io::fcntl_getfd(unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) })
-                    .is_ok(),
-                "still open"
-            );
+            // SAFETY: only inspected; the target still owns the descriptor.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            assert!(rustix::io::fcntl_getfd(borrowed).is_ok(), "still open");
             target.users.fetch_sub(1, SeqCst);
             detached.try_close().expect("closed once unused");
             let mut child = child;

@@ -491,7 +491,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             let (why, then) = match (&dry.leaser.error, &dry.leaser.shortage) {
                 (Some(e), _) => (e.to_string(), "the run would stop with this error"),
                 (None, Some(shortage)) => (
-                    shortage.message.lines().next().unwrap_or_default().to_owned(),
+                    shortage
+                        .message
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
                     if shortage.impossible {
                         "the run would leave them unstarted"
                     } else {

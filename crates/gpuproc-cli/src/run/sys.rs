@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use crate::gate::{self, Gate};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{kill_process_group, wait, Pid, Signal, WaitOptions};
 
 /// How a job's process ended.
@@ -67,7 +67,12 @@ pub fn spawn_gated(
 
 const SH: &str = "/bin/sh";
 
-fn job(mut command: Command, env: &BTreeMap<String, String>, stdout: Stdio, stderr: Stdio) -> Command {
+fn job(
+    mut command: Command,
+    env: &BTreeMap<String, String>,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Command {
     command
         .envs(env)
         .stdin(Stdio::null())
