@@ -19,7 +19,8 @@ pub const EXIT_NONE_FREE: u8 = 3;
 const AFTER_HELP: &str = "\
 Who holds the GPUs:
   With --hold, gpuproc runs CMD with CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES set to
-  the GPUs' UUIDs and holds the lease, together with CMD, until CMD exits. It forwards SIGTERM,
+  the GPUs' UUIDs and holds the lease, together with CMD, until CMD exits. CMD's process is
+  a holder of the lease before CMD runs; if it cannot be made one, CMD is not run (status 1). It forwards SIGTERM,
   SIGHUP, SIGQUIT and SIGINT to CMD (except a SIGINT or SIGQUIT from the terminal, which CMD
   receives itself) and exits with CMD's status.
 

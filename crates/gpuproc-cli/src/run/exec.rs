@@ -366,7 +366,7 @@ impl<'a> Executor<'a> {
             }
             Err(e) => {
                 // As a shell reports a command it cannot run.
-                self.note(&format!("job {}: cannot start /bin/sh: {e}", job.seq));
+                self.note(&format!("job {}: cannot start its process: {e}", job.seq));
                 let running = Running {
                     launch,
                     start,
