@@ -393,6 +393,46 @@ mod tests {
         assert!(s.next().is_none());
     }
 
+    /// Prefers the highest position, records endings, refuses position 0 for ever.
+    #[derive(Default)]
+    struct Highest {
+        ended: Vec<usize>,
+    }
+
+    impl Placement for Highest {
+        fn choose(&mut self, request: &Request) -> Option<Vec<usize>> {
+            let mut c: Vec<usize> = request
+                .candidates
+                .iter()
+                .copied()
+                .filter(|&g| g != 0)
+                .collect();
+            c.sort_unstable_by(|a, b| b.cmp(a));
+            (c.len() >= request.need).then(|| c[..request.need].to_vec())
+        }
+        fn unavailable(&self) -> Vec<usize> {
+            vec![0]
+        }
+        fn finished(&mut self, launch: &Launch) {
+            self.ended.push(launch.job);
+        }
+    }
+
+    #[test]
+    fn simulation_places_as_told_and_leaves_out_what_cannot_be_placed() {
+        let mut placement = Highest::default();
+        let order = simulate_with(sched(4, 1, 3, 1), &mut placement);
+        let gpus: Vec<usize> = order.iter().map(|l| l.gpus[0]).collect();
+        assert_eq!(gpus, [2, 1, 2, 1]);
+        assert_eq!(placement.ended, [0, 1, 2, 3]);
+        // A job needing 3 GPUs when only 2 can ever be had is left out.
+        let order = simulate_with(
+            Scheduler::new(vec![1, 3], vec![0; 2], &[], 3, 1, 3),
+            &mut Highest::default(),
+        );
+        assert_eq!(order.iter().map(|l| l.job).collect::<Vec<_>>(), [0]);
+    }
+
     #[test]
     fn dry_run_order() {
         let order = simulate(sched(5, 1, 2, 1));
