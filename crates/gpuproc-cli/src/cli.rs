@@ -99,4 +99,16 @@ mod tests {
         assert!(parse_interval("nan").is_err());
         assert!(parse_interval("soon").is_err());
     }
+
+    #[test]
+    fn a_huge_watch_interval_saturates() {
+        for huge in ["1e20", "1e300"] {
+            let seconds = parse_interval(huge).expect(huge);
+            assert_eq!(
+                crate::units::seconds(seconds),
+                std::time::Duration::MAX,
+                "{huge}"
+            );
+        }
+    }
 }

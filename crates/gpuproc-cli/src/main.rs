@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd;
+mod gate;
 mod run;
 mod table;
 mod units;
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    cmd::pick::gate_if_asked();
+    gate::gate_if_asked();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version print to stdout and exit 0; usage errors get their own status.
@@ -27,6 +28,10 @@ fn main() -> ExitCode {
         Err(err) => {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
+            }
+            if let Some(usage) = err.downcast_ref::<run::UsageError>() {
+                let _ = writeln!(io::stderr(), "gpuproc: {usage}");
+                return ExitCode::from(cli::EXIT_USAGE);
             }
             if let Some(failed) = err.downcast_ref::<run::RunFailed>() {
                 let _ = writeln!(io::stderr(), "gpuproc: {failed}");

@@ -141,7 +141,18 @@ mod tests {
         assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
-        for bad in ["", "m", "5 minutes", "-3s", "5x", "1h 30m"] {
+        // Too long for the clock: for ever, not a panic.
+        assert_eq!(parse_duration("1e20"), Ok(Duration::MAX));
+        assert_eq!(parse_duration("1e400"), Ok(Duration::MAX));
+        assert_eq!(parse_duration("99999999999999999999d"), Ok(Duration::MAX));
+        assert_eq!(
+            parse_duration("1e19"),
+            Ok(Duration::from_secs(10_000_000_000_000_000_000))
+        );
+        assert_eq!(seconds(1e20), Duration::MAX);
+        assert_eq!(seconds(f64::INFINITY), Duration::MAX);
+        assert!(!human(Duration::MAX).is_empty());
+        for bad in ["", "m", "5 minutes", "-3s", "5x", "1h 30m", "nan"] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("expected a duration"), "{bad}: {err}");
         }

@@ -454,3 +454,24 @@ fn bad_values_and_help() {
     assert!(help.contains("--for-pid"), "{help}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A wait too long for the clock means "for ever" (no overflow panic, exit 101): with a
+/// GPU free, the pick returns at once.
+#[test]
+fn a_huge_wait_saturates() {
+    let dir = scratch_dir("hugewait");
+    for wait in ["1e19", "1e20", "99999999999999999999d"] {
+        let out = run(pick(
+            "default",
+            &dir,
+            &["--wait", wait, "--hold", "--", "true"],
+        ));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "--wait {wait}: {}",
+            stderr(&out)
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -581,7 +581,9 @@ fn toml_jobs_dry_run_and_help() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        "job\tslot\tgpus\tcommand\n1\t1\t0,1\techo $GREETING one\n2\t2\t2\techo $GREETING two\n"
+        // The placement the run makes: most free memory first (GPUs 2 and 0), then the
+        // least shared.
+        "job\tslot\tgpus\tcommand\n1\t1\t0,2\techo $GREETING one\n2\t2\t1\techo $GREETING two\n"
     );
     let mut real = gpuproc("4gpu");
     real.args(["run", "-f"]).arg(&toml);
@@ -620,4 +622,236 @@ fn toml_jobs_dry_run_and_help() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Kills a process group when dropped, so that a failing test leaves no job behind.
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0 as i32);
+    }
+}
+
+/// A runner killed while it starts a job must not leave the job's command running on a GPU
+/// that no lease covers: the job becomes a holder of its lease before its command runs.
+/// The window is held open deterministically: the job's error log is a FIFO, so the runner
+/// stops after leasing the GPU and creating the output log; the test then takes the lease
+/// table's lock (so the runner cannot add the job as a holder), lets the runner start the
+/// job, and kills the runner.
+#[test]
+fn a_runner_killed_while_starting_a_job_leaves_no_job_on_an_unleased_gpu() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = scratch_dir("gate");
+    let runtime = runtime_dir();
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    common::mkfifo(&logs.join("1.err"));
+    let ran = dir.join("ran");
+    let go = dir.join("go");
+    let jobs = dir.join("jobs.txt");
+    std::fs::write(
+        &jobs,
+        format!(
+            "touch '{}'; while [ ! -e '{}' ]; do sleep 0.02; done\n",
+            ran.display(),
+            go.display()
+        ),
+    )
+    .expect("job file");
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["run", "--gpus", "0", "--logs"])
+        .arg(&logs)
+        .arg("-f")
+        .arg(&jobs);
+    let mut runner = Background::start_in_group(cmd);
+    // The runner creates the job's output log after leasing its GPU, then waits for a
+    // reader of the error log.
+    wait_for("the job's output log", || {
+        logs.join("1.out").exists().then_some(())
+    });
+    let lock = common::lock_table(&runtime);
+    let _err = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(logs.join("1.err"))
+        .expect("open the error log FIFO");
+    let job = wait_for("the job's process", || {
+        common::children_of(runner.pid()).first().copied()
+    });
+    let _job_group = GroupGuard(job);
+    signal(runner.pid(), Signal::KILL);
+    runner.wait();
+    drop(lock);
+    let ran_it = wait_for("the job to run its command or end", || {
+        if ran.exists() {
+            Some(true)
+        } else if is_gone(job as i32) {
+            Some(false)
+        } else {
+            None
+        }
+    });
+    if ran_it {
+        // Its command runs: its GPU must still be leased, to the job.
+        let mut pick = gpuproc("4gpu");
+        pick.args(["pick", "--devices", "0", "--hold", "--", "true"]);
+        let out = run(pick);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "the job's command runs on GPU 0, but a pick got it: no lease covers the job\n{}",
+            stderr(&out)
+        );
+    }
+    std::fs::write(&go, "").expect("go");
+}
+
+#[test]
+fn an_empty_argument_list_is_a_usage_error() {
+    for (args, which) in [
+        (&["echo", ":::"][..], "first"),
+        (&["echo", ":::", "a", ":::"][..], "second"),
+    ] {
+        let mut cmd = gpuproc("4gpu");
+        cmd.args(["run", "--cpu-only", "--"]).args(args);
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("the {which} `:::` list is empty")),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(stdout(&out), "", "nothing runs");
+    }
+}
+
+/// `--dry-run` shows the GPUs the run gives each job: on the simulated 4-GPU machine the
+/// run puts the first job on GPU 2 (the most free memory), not GPU 0.
+#[test]
+fn dry_run_shows_the_gpus_the_run_uses() {
+    let uuids = uuids("4gpu");
+    for (name, extra) in [("spread", &[][..]), ("one-slot", &["-j", "1"][..])] {
+        let dir = scratch_dir(&format!("dry-{name}"));
+        let template = format!(
+            "echo $CUDA_VISIBLE_DEVICES > {}/seen.{{#}} # {{}}",
+            dir.display()
+        );
+        let mut dry = gpuproc("4gpu");
+        dry.args(["run", "--dry-run"])
+            .args(extra)
+            .args(["--", &template, ":::", "a", "b", "c", "d"]);
+        let out = run(dry);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let mut shown: Vec<(usize, String)> = stdout(&out)
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                (fields[0].parse().expect("job"), fields[2].to_owned())
+            })
+            .collect();
+        shown.sort();
+        assert!(seen(&dir).is_empty(), "a dry run runs nothing");
+
+        let mut real = gpuproc("4gpu");
+        real.arg("run")
+            .args(extra)
+            .args(["--", &template, ":::", "a", "b", "c", "d"]);
+        let out = run(real);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let used: Vec<(usize, String)> = seen(&dir)
+            .into_iter()
+            .map(|(seq, uuid)| {
+                let index = uuids.iter().position(|u| *u == uuid).expect("a known UUID");
+                (seq, index.to_string())
+            })
+            .collect();
+        assert_eq!(
+            shown, used,
+            "{name}: the dry run showed other GPUs than the run used"
+        );
+        assert_eq!(shown[0], (1, "2".to_owned()), "{name}");
+    }
+
+    // No GPU qualifies: the dry run says it cannot place the jobs, and why.
+    let mut dry = gpuproc("4gpu");
+    dry.args([
+        "run",
+        "--dry-run",
+        "--min-free",
+        "100GiB",
+        "--",
+        "true",
+        ":::",
+        "a",
+    ]);
+    let out = run(dry);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "job\tslot\tgpus\tcommand\n1\t-\t?\ttrue a\n");
+    assert!(
+        stderr(&out).contains("job 1 and the jobs after it get no GPUs now"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Timeouts too long for the clock mean "no timeout" (no overflow panic, exit 101), from
+/// the command line and from a TOML job file.
+#[test]
+fn huge_timeouts_saturate() {
+    let dir = scratch_dir("hugetimeout");
+    let toml = dir.join("jobs.toml");
+    std::fs::write(
+        &toml,
+        "[[job]]\ncmd = \"echo toml\"\ntimeout = 1e19\n\n[[job]]\ncmd = \"echo big\"\ntimeout = 1e300\n",
+    )
+    .expect("write");
+    for (args, printed) in [
+        (vec!["--timeout", "1e20", "--", "echo", ":::", "1"], "1\n"),
+        (
+            vec!["--kill-after", "1e19", "--", "echo", ":::", "2"],
+            "2\n",
+        ),
+        (
+            vec![
+                "--timeout",
+                "1e300",
+                "--kill-after",
+                "1e300",
+                "--",
+                "echo",
+                ":::",
+                "3",
+            ],
+            "3\n",
+        ),
+        (
+            vec!["-j", "1", "-f", toml.to_str().expect("utf-8")],
+            "toml\nbig\n",
+        ),
+    ] {
+        let mut cmd = gpuproc("4gpu");
+        cmd.arg("run").args(&args);
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), printed, "{args:?}");
+    }
+
+    // A job that times out gets SIGTERM; SIGKILL would follow "never".
+    let mut cmd = gpuproc("4gpu");
+    cmd.args([
+        "run",
+        "--timeout",
+        "0.1",
+        "--kill-after",
+        "1e19",
+        "--",
+        "sleep",
+        ":::",
+        "30",
+    ]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
 }

@@ -4,27 +4,23 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gpuproc::gpu::{self, Criteria, DeviceId, GpuLease, PickError};
 
+use crate::gate;
 use crate::units::{human, parse_duration, parse_size, OrderArg};
 
 /// Exit status when too few GPUs qualify.
 pub const EXIT_NONE_FREE: u8 = 3;
-/// Exit status when the command given to `--hold` cannot be executed.
-const EXIT_CANNOT_RUN: u8 = 126;
-/// Exit status when the command given to `--hold` does not exist.
-const EXIT_NOT_FOUND: u8 = 127;
 
 const AFTER_HELP: &str = "\
 Who holds the GPUs:
   With --hold, gpuproc runs CMD with CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES set to
-  the GPUs' UUIDs and holds the lease, together with CMD, until CMD exits. It forwards SIGTERM,
+  the GPUs' UUIDs and holds the lease, together with CMD, until CMD exits. CMD's process is
+  a holder of the lease before CMD runs; if it cannot be made one, CMD is not run (status 1). It forwards SIGTERM,
   SIGHUP, SIGQUIT and SIGINT to CMD (except a SIGINT or SIGQUIT from the terminal, which CMD
   receives itself) and exits with CMD's status.
 
@@ -256,46 +252,6 @@ fn print(lease: &GpuLease, holder: u32, json: bool) -> anyhow::Result<()> {
         .context("writing to standard output")
 }
 
-/// Set when gpuproc runs as the gate in front of a held command (see [`hold`]): the number
-/// of the pipe descriptor to wait on.
-const GATE_ENV: &str = "GPUPROC_HOLD_GATE";
-
-/// If this process is a `--hold` gate, waits for the go-ahead and becomes the command (or
-/// exits with 126/127 and a message if it cannot run it, 125 if gpuproc went away first).
-/// Returns when this process is not a gate.
-pub fn gate_if_asked() {
-    let Some(fd) = std::env::var(GATE_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
-        return;
-    };
-    std::env::remove_var(GATE_ENV);
-    // SAFETY: the parent passed this descriptor to us for this purpose; nothing else owns it.
-    let gate = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let mut byte = [0u8; 1];
-    if !matches!(rustix::io::read(&gate, &mut byte), Ok(1)) {
-        std::process::exit(125);
-    }
-    drop(gate);
-    let mut args = std::env::args_os().skip(1);
-    let Some(program) = args.next() else {
-        std::process::exit(EXIT_CANNOT_RUN.into())
-    };
-    let e = Command::new(&program).args(args).exec();
-    let code = if e.kind() == io::ErrorKind::NotFound {
-        EXIT_NOT_FOUND
-    } else {
-        EXIT_CANNOT_RUN
-    };
-    let _ = writeln!(
-        io::stderr(),
-        "gpuproc: cannot run {}: {e}",
-        program.to_string_lossy()
-    );
-    std::process::exit(code.into());
-}
-
 /// Runs `command` with the lease's environment, forwarding signals, until it exits.
 fn hold(mut lease: GpuLease, command: &[OsString]) -> anyhow::Result<()> {
     let (program, rest) = command
@@ -304,35 +260,13 @@ fn hold(mut lease: GpuLease, command: &[OsString]) -> anyhow::Result<()> {
     // Catch the signals before CMD exists and hold them back until it can be told, so that
     // none is lost or kills gpuproc in between.
     let forwarding = forward::Forwarding::start().context("installing signal handlers")?;
-    // CMD must hold the lease before it runs: gpuproc starts itself as a gate that waits on a
-    // pipe, records that process (whose pid and start time CMD keeps across exec) as a
-    // co-holder, then opens the gate and the gate execs CMD.
-    let (gate_r, gate_w) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("creating a pipe")?;
-    let gate_fd = gate_r.as_raw_fd();
-    let mut command = Command::new("/proc/self/exe");
-    command
-        .env(GATE_ENV, gate_fd.to_string())
-        .arg(program)
-        .args(rest)
-        .envs(lease.env());
-    // SAFETY: between fork and exec the closure makes one async-signal-safe system call
-    // (fcntl) on a descriptor this process owns.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = std::os::fd::BorrowedFd::borrow_raw(gate_fd);
-            Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?)
-        });
-    }
-    forwarding.unblock_in_child(&mut command);
-    let mut child = command.spawn().context("starting the command")?;
-    drop(gate_r);
-    let pid = child.id();
-    forwarding.to(pid);
-    // CMD holds the lease too: it keeps its GPUs should gpuproc be killed.
-    let _ = lease.share_with(pid);
-    let _ = rustix::io::write(&gate_w, b"\n");
-    drop(gate_w);
+    let mut command = gate::command(program, rest);
+    command.envs(lease.env());
+    let mut child = start_held(
+        &mut command,
+        |pid| forwarding.to(pid),
+        |pid| Ok(lease.share_with(pid)?),
+    )?;
     let status = child.wait().context("waiting for the command");
     drop(forwarding);
     let status = status?;
@@ -354,17 +288,166 @@ fn hold(mut lease: GpuLease, command: &[OsString]) -> anyhow::Result<()> {
     }
 }
 
+/// Starts `command` (a [gated](crate::gate) one) and lets it run only once `register` has
+/// made its process a holder of the lease, so that CMD keeps its GPUs should gpuproc be
+/// killed. `spawned` learns the pid first (to forward signals to it).
+///
+/// # Errors
+/// When the process cannot be started, or `register` fails: the command then never runs
+/// (its gate closes and the process is reaped), as the help promises that CMD holds the
+/// lease.
+fn start_held(
+    command: &mut Command,
+    spawned: impl FnOnce(u32),
+    register: impl FnOnce(u32) -> anyhow::Result<()>,
+) -> anyhow::Result<Child> {
+    let (mut child, gate) = gate::spawn(command).context("starting the command")?;
+    let pid = child.id();
+    spawned(pid);
+    if let Err(e) = register(pid) {
+        drop(gate);
+        let _ = child.wait();
+        return Err(e.context(
+            "not running the command: it could not be made a holder of the GPU lease \
+             (it would run on GPUs that no lease covers)",
+        ));
+    }
+    // A gate that is gone was killed; its exit status says how.
+    let _ = gate.open();
+    Ok(child)
+}
+
 /// Forwarding SIGINT, SIGTERM, SIGHUP and SIGQUIT to the held command.
+///
+/// The handlers may run on any thread of gpuproc (no signal mask is involved): a signal
+/// caught before the command exists is kept pending in [`Target`] and sent as soon as the
+/// command's pidfd is attached.
 mod forward {
     use std::io;
-    use std::os::fd::{IntoRawFd, OwnedFd};
-    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+    use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering::SeqCst};
 
     const SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-    /// A pidfd for the command, or -1 before it exists. A pidfd names the command even after
-    /// it exits, so a late signal cannot reach a process that reused its pid.
-    static TARGET: AtomicI32 = AtomicI32::new(-1);
+    fn bit(sig: libc::c_int) -> u32 {
+        u32::try_from(sig)
+            .ok()
+            .and_then(|s| 1u32.checked_shl(s))
+            .unwrap_or(0)
+    }
+
+    /// Where caught signals go: a pidfd for the command (a pidfd names the command even
+    /// after it exits, so a late signal cannot reach a process that reused its pid), and
+    /// the signals caught while there is none.
+    ///
+    /// The pidfd is closed only once no handler can be using its number: handlers count
+    /// themselves in `users` before they read `fd`, and [`detach`](Self::detach) empties
+    /// `fd` before it waits for `users` to reach zero.
+    #[derive(Debug)]
+    pub struct Target {
+        fd: AtomicI32,
+        users: AtomicUsize,
+        pending: AtomicU32,
+    }
+
+    impl Target {
+        pub const fn new() -> Target {
+            Target {
+                fd: AtomicI32::new(-1),
+                users: AtomicUsize::new(0),
+                pending: AtomicU32::new(0),
+            }
+        }
+
+        /// Forwards `sig`, or keeps it until a pidfd is attached. Async-signal-safe.
+        pub fn deliver(&self, sig: libc::c_int) {
+            self.pending.fetch_or(bit(sig), SeqCst);
+            self.users.fetch_add(1, SeqCst);
+            let fd = self.fd.load(SeqCst);
+            if fd >= 0 {
+                self.flush(fd);
+            }
+            self.users.fetch_sub(1, SeqCst);
+        }
+
+        /// Sends every pending signal through `fd` (each is claimed once, by whoever
+        /// swaps it out first).
+        fn flush(&self, fd: RawFd) {
+            let pending = self.pending.swap(0, SeqCst);
+            for sig in SIGNALS {
+                if pending & bit(sig) != 0 {
+                    // SAFETY: pidfd_send_signal is a plain system call (async-signal-safe)
+                    // on a descriptor kept open while `users` counts this call, with no
+                    // siginfo.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            fd,
+                            sig,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        );
+                    }
+                }
+            }
+        }
+
+        /// Forwards to the process `fd` names from now on, starting with the signals
+        /// caught so far. The target owns `fd` until [`detach`](Self::detach).
+        pub fn attach(&self, fd: OwnedFd) {
+            let raw = fd.into_raw_fd();
+            self.users.fetch_add(1, SeqCst);
+            let old = self.fd.swap(raw, SeqCst);
+            self.flush(raw);
+            self.users.fetch_sub(1, SeqCst);
+            if old >= 0 {
+                Detached {
+                    target: self,
+                    fd: old,
+                }
+                .close_when_unused();
+            }
+        }
+
+        /// Stops forwarding; the pidfd, if any, is handed back for closing.
+        pub fn detach(&self) -> Option<Detached<'_>> {
+            let fd = self.fd.swap(-1, SeqCst);
+            (fd >= 0).then_some(Detached { target: self, fd })
+        }
+    }
+
+    /// A pidfd no longer reachable by new handler calls, possibly still in use by one
+    /// running now.
+    #[derive(Debug)]
+    pub struct Detached<'a> {
+        target: &'a Target,
+        fd: RawFd,
+    }
+
+    impl Detached<'_> {
+        /// Closes the pidfd if no handler is using it; otherwise gives it back.
+        pub fn try_close(self) -> Result<(), Self> {
+            if self.target.users.load(SeqCst) != 0 {
+                return Err(self);
+            }
+            // SAFETY: `fd` came from `into_raw_fd` in `attach`, was removed from the target
+            // before `users` was seen at zero, so no handler holds or can load it.
+            drop(unsafe { OwnedFd::from_raw_fd(self.fd) });
+            Ok(())
+        }
+
+        /// Closes the pidfd as soon as no handler uses it (a handler runs for
+        /// microseconds).
+        pub fn close_when_unused(self) {
+            let mut detached = self;
+            while let Err(d) = detached.try_close() {
+                detached = d;
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    static TARGET: Target = Target::new();
 
     extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
@@ -374,57 +457,21 @@ mod forward {
         if code == libc::SI_KERNEL && matches!(sig, libc::SIGINT | libc::SIGQUIT) {
             return;
         }
-        let fd = TARGET.load(Ordering::SeqCst);
-        if fd >= 0 {
-            // SAFETY: pidfd_send_signal is a plain system call (async-signal-safe) on a
-            // descriptor this process owns, with no siginfo.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd,
-                    sig,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
-        }
+        TARGET.deliver(sig);
     }
 
-    fn signal_set() -> libc::sigset_t {
-        // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in SIGNALS {
-                libc::sigaddset(&mut set, sig);
-            }
-            set
-        }
-    }
-
-    fn mask(how: libc::c_int) -> io::Result<()> {
-        let set = signal_set();
-        // SAFETY: `set` is an initialised signal set; the old mask is not wanted.
-        let rc = unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
-    }
-
-    /// Signals caught and held back until [`to`](Self::to) names the command; dropping it
-    /// stops forwarding (the signals are then ignored until gpuproc exits).
+    /// Signals caught (on whichever thread) and held back until [`to`](Self::to) names the
+    /// command; dropping it stops forwarding (the signals are then ignored until gpuproc
+    /// exits).
     #[derive(Debug)]
     pub struct Forwarding(());
 
     impl Forwarding {
         pub fn start() -> io::Result<Forwarding> {
-            mask(libc::SIG_BLOCK)?;
             for sig in SIGNALS {
-                // SAFETY: a zeroed sigaction is valid; the handler only reads its siginfo and
-                // makes one async-signal-safe system call. The spawned command gets the
-                // default dispositions back at exec, and std clears its signal mask.
+                // SAFETY: a zeroed sigaction is valid; the handler only reads its siginfo,
+                // touches atomics and makes async-signal-safe system calls. The spawned
+                // command gets the default dispositions back at exec.
                 let rc = unsafe {
                     let mut action: libc::sigaction = std::mem::zeroed();
                     action.sa_sigaction = handler as *const () as libc::sighandler_t;
@@ -433,53 +480,145 @@ mod forward {
                     libc::sigaction(sig, &action, std::ptr::null_mut())
                 };
                 if rc != 0 {
-                    let err = io::Error::last_os_error();
-                    let _ = mask(libc::SIG_UNBLOCK);
-                    return Err(err);
+                    return Err(io::Error::last_os_error());
                 }
             }
             Ok(Forwarding(()))
         }
 
-        /// Makes `command`'s process start with no signal blocked (a child inherits the
-        /// mask, and would otherwise ignore the very signals forwarded to it).
-        pub fn unblock_in_child(&self, command: &mut std::process::Command) {
-            use std::os::unix::process::CommandExt;
-            let set = signal_set();
-            // SAFETY: between fork and exec the closure makes one async-signal-safe call
-            // (sigprocmask) on a set prepared before the fork.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::last_os_error())
-                    }
-                });
-            }
-        }
-
         /// Forwards to process `pid` from now on, including any signal held back so far.
         pub fn to(&self, pid: u32) {
-            if let Some(fd) = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
-                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-            }) {
-                let fd: OwnedFd = fd;
-                TARGET.store(fd.into_raw_fd(), Ordering::SeqCst);
+            let fd = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .and_then(|p| {
+                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+                });
+            if let Some(fd) = fd {
+                TARGET.attach(fd);
             }
-            let _ = mask(libc::SIG_UNBLOCK);
         }
     }
 
     impl Drop for Forwarding {
         fn drop(&mut self) {
-            let fd = TARGET.swap(-1, Ordering::SeqCst);
-            if fd >= 0 {
-                // SAFETY: `fd` came from into_raw_fd above and nothing else closes it; the
-                // handler no longer sees it.
-                drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            if let Some(detached) = TARGET.detach() {
+                detached.close_when_unused();
             }
-            let _ = mask(libc::SIG_UNBLOCK);
         }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::Command;
+        use std::sync::mpsc;
+        use std::time::Duration;
+
+        #[test]
+        fn a_signal_caught_on_another_thread_before_the_command_exists_reaches_it() {
+            let forwarding = Forwarding::start().expect("handlers");
+            let mut child = Command::new("sleep").arg("60").spawn().expect("sleep");
+            let pid = child.id();
+            // raise() signals the calling thread: the handler runs on that other thread,
+            // before anything is attached.
+            // SAFETY: raise is a plain system call; the handler for SIGTERM is installed.
+            std::thread::spawn(|| unsafe { libc::raise(libc::SIGTERM) })
+                .join()
+                .expect("thread");
+            forwarding.to(pid);
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(child.wait());
+            });
+            let status = rx.recv_timeout(Duration::from_secs(30));
+            drop(forwarding);
+            if status.is_err() {
+                // SAFETY: kill is a plain system call on our own child.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let _ = rx.recv_timeout(Duration::from_secs(5));
+            }
+            let status = status.expect("the SIGTERM was lost").expect("wait");
+            assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+        }
+
+        #[test]
+        fn the_pidfd_is_not_closed_while_a_handler_uses_it() {
+            let target = Target::new();
+            let child = Command::new("true").spawn().expect("true");
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+            let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .expect("pidfd");
+            let raw = fd.as_raw_fd();
+            target.attach(fd);
+            // A handler in flight on another thread.
+            target.users.fetch_add(1, SeqCst);
+            let detached = target.detach().expect("attached");
+            assert_eq!(target.fd.load(SeqCst), -1, "new handler calls see no pidfd");
+            let detached = detached.try_close().expect_err("in use: not closed");
+            // SAFETY: only inspected; the target still owns the descriptor.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            assert!(rustix::io::fcntl_getfd(borrowed).is_ok(), "still open");
+            target.users.fetch_sub(1, SeqCst);
+            detached.try_close().expect("closed once unused");
+            let mut child = child;
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for the gpuproc gate: `sh` waiting on the gate's pipe.
+    fn gated_touch(path: &std::path::Path) -> Command {
+        let mut command = Command::new("/bin/sh");
+        command.arg("-c").arg(format!(
+            "read -r _ < /proc/self/fd/${} || exit 125; touch '{}'",
+            gate::ENV,
+            path.display()
+        ));
+        command
+    }
+
+    #[test]
+    fn a_command_that_cannot_hold_the_lease_does_not_run() {
+        let dir = std::env::temp_dir().join(format!("gpuproc-cli-held-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ran = dir.join("ran");
+        let mut seen = None;
+        let err = start_held(
+            &mut gated_touch(&ran),
+            |pid| seen = Some(pid),
+            |_| Err(anyhow::anyhow!("the lease table is unusable")),
+        )
+        .expect_err("registration failed");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("not running the command")
+                && message.contains("the lease table is unusable"),
+            "{message}"
+        );
+        assert!(seen.is_some());
+        assert!(!ran.exists(), "the command ran without holding the lease");
+
+        let mut registered = None;
+        let mut child = start_held(
+            &mut gated_touch(&ran),
+            |_| {},
+            |pid| {
+                registered = Some(pid);
+                Ok(())
+            },
+        )
+        .expect("started");
+        assert_eq!(registered, Some(child.id()));
+        assert!(child.wait().expect("wait").success());
+        assert!(ran.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -321,13 +321,33 @@ impl<'a> Executor<'a> {
         let start = Instant::now();
         let start_wall = SystemTime::now();
         let mut lease = self.settings.leaser.as_mut().and_then(|l| l.pending.take());
-        match sys::spawn(&command, &env, stdout, stderr) {
-            Ok(pid) => {
-                if let Some(lease) = &mut lease {
+        // A job on GPUs must be a holder of its lease before its command runs: should the
+        // runner be killed at any point, no job runs on GPUs that no lease covers. So it
+        // starts behind a gate that opens once its process holds the lease.
+        let spawned = if lease.is_some() {
+            sys::spawn_gated(&command, &env, stdout, stderr).map(|(pid, gate)| (pid, Some(gate)))
+        } else {
+            sys::spawn(&command, &env, stdout, stderr).map(|pid| (pid, None))
+        };
+        match spawned {
+            Ok((pid, gate)) => {
+                if let (Some(lease), Some(gate)) = (&mut lease, gate) {
                     // The lease lasts while the runner *or* the job runs: a job orphaned by
                     // a killed runner keeps its GPUs.
-                    if let Err(e) = lease.share_with(pid) {
-                        self.note(&format!("job {}: GPU lease: {e:?}", job.seq));
+                    match lease.share_with(pid) {
+                        Ok(()) => {
+                            // A gate that is gone was killed; its exit status says how.
+                            let _ = gate.open();
+                        }
+                        Err(e) => {
+                            // The gate closes: the job exits 125 without running.
+                            drop(gate);
+                            self.note(&format!(
+                                "job {}: not run: it could not be made a holder of its GPU \
+                                 lease: {e:?}",
+                                job.seq
+                            ));
+                        }
                     }
                 }
                 self.running.insert(
@@ -346,7 +366,7 @@ impl<'a> Executor<'a> {
             }
             Err(e) => {
                 // As a shell reports a command it cannot run.
-                self.note(&format!("job {}: cannot start /bin/sh: {e}", job.seq));
+                self.note(&format!("job {}: cannot start its process: {e}", job.seq));
                 let running = Running {
                     launch,
                     start,

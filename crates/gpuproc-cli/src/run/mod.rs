@@ -162,7 +162,9 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "cpu_only")]
     pub wait_free: bool,
 
-    /// Print which jobs would run, and where, without running anything.
+    /// Print which jobs would run, and where, without running anything: the GPUs the run
+    /// would give each job if it started now (the same choice on the GPUs and leases as
+    /// they are now), assuming every job succeeds; `?` for jobs that would wait for GPUs.
     #[arg(long)]
     pub dry_run: bool,
 
@@ -247,6 +249,29 @@ impl fmt::Display for RunFailed {
 
 impl std::error::Error for RunFailed {}
 
+/// A command line that makes no sense: `main` prints it and exits with
+/// [`EXIT_USAGE`](crate::cli::EXIT_USAGE), as for the errors clap finds.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// "first", "second", … "10th".
+fn ordinal(n: usize) -> String {
+    match n {
+        1 => "first".into(),
+        2 => "second".into(),
+        3 => "third".into(),
+        _ => format!("{n}th"),
+    }
+}
+
 /// Reads the job list the arguments describe.
 fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
     let read_input = |path: &Option<PathBuf>| -> anyhow::Result<(String, String)> {
@@ -270,7 +295,18 @@ fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
     };
     let (template, lists) = jobs::split_template(&args.command);
     if template.is_empty() && !lists.is_empty() {
-        bail!("`:::` without a command template before it; expected COMMAND ... ::: ARGS");
+        return Err(UsageError(
+            "`:::` without a command template before it; expected COMMAND ... ::: ARGS".into(),
+        )
+        .into());
+    }
+    if let Some(n) = lists.iter().position(Vec::is_empty) {
+        return Err(UsageError(format!(
+            "the {} `:::` list is empty: give each `:::` at least one argument \
+             (COMMAND ... ::: ARGS)",
+            ordinal(n + 1)
+        ))
+        .into());
     }
     let jobs = if template.is_empty() {
         let (text, source) = read_input(&args.file)?;
@@ -285,7 +321,10 @@ fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
         jobs::parse(&text, format, &source)?
     } else if !lists.is_empty() {
         if args.file.is_some() {
-            bail!("give arguments either after `:::` or with --file, not both");
+            return Err(UsageError(
+                "give arguments either after `:::` or with --file, not both".into(),
+            )
+            .into());
         }
         jobs::expand(&template, &jobs::cartesian(&lists))?
     } else {
@@ -298,6 +337,24 @@ fn load_jobs(args: &RunArgs) -> anyhow::Result<Vec<Job>> {
         jobs::expand(&template, &rows)?
     };
     Ok(jobs)
+}
+
+/// What every job's GPUs must meet (the count and devices are set per job); the run and
+/// the dry run use the same.
+fn criteria(args: &RunArgs) -> Criteria {
+    let mut criteria = Criteria::new()
+        .max_per_gpu(args.per_gpu)
+        .no_foreign_processes(args.no_foreign || args.wait_free)
+        .order(args.order.into())
+        // The run's GPUs are already chosen (--gpus); each job names its own.
+        .within_visible(false);
+    if let Some(bytes) = args.min_free {
+        criteria = criteria.min_free(bytes);
+    }
+    if let Some(pct) = args.max_util {
+        criteria = criteria.max_utilization(pct);
+    }
+    criteria
 }
 
 /// Runs `gpuproc run`.
@@ -388,9 +445,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let scheduler = Scheduler::new(needs, retries, &skip, gpus.len(), per_gpu, max_slots);
 
     if args.dry_run {
+        let mut dry = None;
+        let order = if gpus.is_empty() {
+            schedule::simulate(scheduler)
+        } else {
+            // The placement the run would make: the same choice on the same inputs (the
+            // GPUs and leases as they are now), as if every job succeeded.
+            let placement = dry.insert(slots::DryRun::new(criteria(args), gpus.clone())?);
+            schedule::simulate_with(scheduler, placement)
+        };
         let mut out = io::stdout().lock();
         writeln!(out, "job\tslot\tgpus\tcommand")?;
-        for launch in schedule::simulate(scheduler) {
+        for launch in &order {
             let job = &jobs[launch.job];
             let gpu_list: Vec<String> = launch
                 .gpus
@@ -410,7 +476,44 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 job.command_for_slot(launch.slot)
             )?;
         }
+        let placed: Vec<usize> = order.iter().map(|l| l.job).collect();
+        let unplaced: Vec<&Job> = jobs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !skip[i] && !placed.contains(&i))
+            .map(|(_, job)| job)
+            .collect();
+        for job in &unplaced {
+            writeln!(out, "{}\t-\t?\t{}", job.seq, job.command)?;
+        }
         out.flush()?;
+        if let (Some(first), Some(dry)) = (unplaced.first(), &dry) {
+            let (why, then) = match (&dry.leaser.error, &dry.leaser.shortage) {
+                (Some(e), _) => (e.to_string(), "the run would stop with this error"),
+                (None, Some(shortage)) => (
+                    shortage
+                        .message
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    if shortage.impossible {
+                        "the run would leave them unstarted"
+                    } else {
+                        "the run would wait for GPUs as --wait allows"
+                    },
+                ),
+                (None, None) => (
+                    "too few usable GPUs".to_owned(),
+                    "the run would leave them unstarted",
+                ),
+            };
+            let _ = writeln!(
+                io::stderr(),
+                "gpuproc: dry run: job {} and the jobs after it get no GPUs now ({why}); {then}",
+                first.seq
+            );
+        }
         return Ok(());
     }
 
@@ -442,24 +545,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     };
     let gpu_mode = !gpus.is_empty();
     let leaser = gpu_mode.then(|| {
-        let mut criteria = Criteria::new()
-            .max_per_gpu(args.per_gpu)
-            .no_foreign_processes(args.no_foreign || args.wait_free)
-            .order(args.order.into())
-            // The run's GPUs are already chosen (--gpus); each job names its own.
-            .within_visible(false);
-        if let Some(bytes) = args.min_free {
-            criteria = criteria.min_free(bytes);
-        }
-        if let Some(pct) = args.max_util {
-            criteria = criteria.max_utilization(pct);
-        }
         let wait = if args.wait_free {
             Some(Duration::MAX)
         } else {
             args.wait
         };
-        Leaser::new(criteria, wait)
+        Leaser::new(criteria(args), wait)
     });
     let settings = Settings {
         gpus,

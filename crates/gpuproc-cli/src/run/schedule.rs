@@ -207,19 +207,52 @@ impl Scheduler {
     }
 }
 
+/// Where a simulated run puts jobs: see [`simulate_with`].
+pub trait Placement {
+    /// Chooses the head job's GPUs, as [`Scheduler::next_with`]'s `choose`.
+    fn choose(&mut self, request: &Request) -> Option<Vec<usize>>;
+    /// GPUs found unable ever to qualify, to be offered no more.
+    fn unavailable(&self) -> Vec<usize> {
+        Vec::new()
+    }
+    /// `launch` ended.
+    fn finished(&mut self, _launch: &Launch) {}
+}
+
+/// The scheduler's own choice: the first `need` candidates.
+struct FirstCandidates;
+
+impl Placement for FirstCandidates {
+    fn choose(&mut self, request: &Request) -> Option<Vec<usize>> {
+        Some(request.candidates[..request.need].to_vec())
+    }
+}
+
 /// The order a dry run would start jobs in, assuming every job succeeds and the oldest
 /// running job always ends first.
-pub fn simulate(mut scheduler: Scheduler) -> Vec<Launch> {
+pub fn simulate(scheduler: Scheduler) -> Vec<Launch> {
+    simulate_with(scheduler, &mut FirstCandidates)
+}
+
+/// As [`simulate`], with `placement` choosing each job's GPUs as the run would. Jobs it
+/// cannot place even with nothing running are left out (the run would wait for GPUs).
+pub fn simulate_with(mut scheduler: Scheduler, placement: &mut impl Placement) -> Vec<Launch> {
     let mut order = Vec::new();
     let mut running: VecDeque<Launch> = VecDeque::new();
     loop {
-        while let Some(launch) = scheduler.next() {
+        loop {
+            let launch = scheduler.next_with(|request| placement.choose(request));
+            for gpu in placement.unavailable() {
+                scheduler.set_available(gpu, false);
+            }
+            let Some(launch) = launch else { break };
             order.push(launch.clone());
             running.push_back(launch);
         }
         match running.pop_front() {
             Some(done) => {
                 scheduler.finish(&done, false, false);
+                placement.finished(&done);
             }
             None => return order,
         }
@@ -358,6 +391,46 @@ mod tests {
         let _ = s.next().unwrap();
         assert_eq!(s.clear(), 3);
         assert!(s.next().is_none());
+    }
+
+    /// Prefers the highest position, records endings, refuses position 0 for ever.
+    #[derive(Default)]
+    struct Highest {
+        ended: Vec<usize>,
+    }
+
+    impl Placement for Highest {
+        fn choose(&mut self, request: &Request) -> Option<Vec<usize>> {
+            let mut c: Vec<usize> = request
+                .candidates
+                .iter()
+                .copied()
+                .filter(|&g| g != 0)
+                .collect();
+            c.sort_unstable_by(|a, b| b.cmp(a));
+            (c.len() >= request.need).then(|| c[..request.need].to_vec())
+        }
+        fn unavailable(&self) -> Vec<usize> {
+            vec![0]
+        }
+        fn finished(&mut self, launch: &Launch) {
+            self.ended.push(launch.job);
+        }
+    }
+
+    #[test]
+    fn simulation_places_as_told_and_leaves_out_what_cannot_be_placed() {
+        let mut placement = Highest::default();
+        let order = simulate_with(sched(4, 1, 3, 1), &mut placement);
+        let gpus: Vec<usize> = order.iter().map(|l| l.gpus[0]).collect();
+        assert_eq!(gpus, [2, 1, 2, 1]);
+        assert_eq!(placement.ended, [0, 1, 2, 3]);
+        // A job needing 3 GPUs when only 2 can ever be had is left out.
+        let order = simulate_with(
+            Scheduler::new(vec![1, 3], vec![0; 2], &[], 3, 1, 3),
+            &mut Highest::default(),
+        );
+        assert_eq!(order.iter().map(|l| l.job).collect::<Vec<_>>(), [0]);
     }
 
     #[test]

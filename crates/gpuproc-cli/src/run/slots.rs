@@ -16,7 +16,8 @@
 //! needs it decided whenever work is handed out. Per-job leases give each job GPUs that
 //! qualify when it starts, let a run grow onto GPUs freed by others, and turn "wait for
 //! busy GPUs" into "wait until a lease can be had". The job's process is added as a holder
-//! of its lease, so a job orphaned by a killed runner keeps its GPUs until it exits.
+//! of its lease before its command runs (it starts behind a [gate](crate::gate)), so a job
+//! orphaned by a killed runner, at any moment, keeps its GPUs until it exits.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -24,7 +25,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use gpuproc::gpu::{self, Criteria, GpuLease, PickError, Rejection};
 
-use super::schedule::Request;
+use super::schedule::{Launch, Placement, Request};
 
 /// A GPU the runner may give to jobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,27 +154,144 @@ pub struct Shortage {
     pub unavailable: Vec<String>,
 }
 
+/// How a [`Leaser`] takes GPUs: [`Leasing`] them in the lease table for a run, or
+/// [`Preview`] for a dry run. Both choose with the same policy, [`gpu::select`].
+pub trait Picker {
+    /// What a successful pick gives.
+    type Lease: std::fmt::Debug;
+    /// Picks GPUs meeting `criteria`.
+    ///
+    /// # Errors
+    /// As [`gpu::pick`].
+    fn pick(&mut self, criteria: &Criteria) -> Result<Self::Lease, PickError>;
+    /// The UUIDs of the GPUs picked.
+    fn uuids(lease: &Self::Lease) -> Vec<String>;
+    /// Gives the GPUs back.
+    fn release(&mut self, lease: Self::Lease);
+}
+
+/// Real leases, through [`gpu::pick`] (the lease table that `gpuproc pick` uses too).
+#[derive(Debug, Default)]
+pub struct Leasing;
+
+impl Picker for Leasing {
+    type Lease = GpuLease;
+
+    fn pick(&mut self, criteria: &Criteria) -> Result<GpuLease, PickError> {
+        gpu::pick(criteria)
+    }
+
+    fn uuids(lease: &GpuLease) -> Vec<String> {
+        lease.uuids().into_iter().map(str::to_owned).collect()
+    }
+
+    fn release(&mut self, lease: GpuLease) {
+        let _ = lease.release();
+    }
+}
+
+/// Picks without leasing, for `--dry-run`: [`gpu::select`], the policy [`gpu::pick`]
+/// applies, on the GPUs as NVML shows them now and the lease table as it is now, with this
+/// run's own jobs recorded as leases in a private copy of the table while they would run.
+/// What it cannot know: how the jobs will change the GPUs' memory and utilisation, which
+/// jobs fail, and what others lease or free meanwhile.
+#[derive(Debug)]
+pub struct Preview {
+    devices: Vec<gpu::Device>,
+    table: gpu::LeaseTable,
+    holder: gpu::Holder,
+    next_id: u64,
+}
+
+/// A lease a [`Preview`] pretends to hold.
+#[derive(Debug)]
+pub struct PreviewLease {
+    id: String,
+    uuids: Vec<String>,
+}
+
+impl Preview {
+    /// The GPUs and leases as they are now, judged for `criteria` (as a pick would).
+    ///
+    /// # Errors
+    /// When NVML or the lease table cannot be read.
+    pub fn new(criteria: &Criteria) -> anyhow::Result<Preview> {
+        let devices = gpu::global()?
+            .devices(criteria.refuses_foreign_processes())
+            .context("listing GPUs")?;
+        let table = gpu::leases().context("reading the GPU lease table")?;
+        let holder = gpu::Holder::of(std::process::id())
+            .context("reading this process's start time in /proc")?;
+        Ok(Preview {
+            devices,
+            table,
+            holder,
+            next_id: 0,
+        })
+    }
+}
+
+impl Picker for Preview {
+    type Lease = PreviewLease;
+
+    fn pick(&mut self, criteria: &Criteria) -> Result<PreviewLease, PickError> {
+        let chosen = gpu::select(&self.devices, &self.table, None, criteria)?;
+        self.next_id += 1;
+        let id = format!("dry-run-{}", self.next_id);
+        if let Some(last) = chosen.last() {
+            self.table.set_cursor(last.index);
+        }
+        let uuids = chosen.iter().map(|d| d.uuid.clone()).collect();
+        self.table.insert(gpu::LeaseRecord {
+            id: id.clone(),
+            boot_id: String::new(),
+            created_ms: 0,
+            max_per_gpu: criteria.share_limit(),
+            holders: vec![self.holder],
+            devices: chosen,
+        });
+        Ok(PreviewLease { id, uuids })
+    }
+
+    fn uuids(lease: &PreviewLease) -> Vec<String> {
+        lease.uuids.clone()
+    }
+
+    fn release(&mut self, lease: PreviewLease) {
+        self.table.remove(&lease.id);
+    }
+}
+
 /// Leases GPUs for jobs as the scheduler hands them out.
 #[derive(Debug)]
-pub struct Leaser {
+pub struct Leaser<P: Picker = Leasing> {
     /// The run's criteria: everything but the count and the device list.
     pub criteria: Criteria,
     /// How long the run may wait, with nothing running, for a lease (`None`: not at all).
     pub wait: Option<Duration>,
     /// The lease taken by the last successful [`choose`](Self::choose), for the job about
     /// to start.
-    pub pending: Option<GpuLease>,
+    pub pending: Option<P::Lease>,
     /// Why the last attempt failed, when it did.
     pub shortage: Option<Shortage>,
     /// An error other than "none free" (the lease table is unusable, NVML failed).
     pub error: Option<PickError>,
     /// Positions of GPUs that can never qualify (too little memory in all, MIG, lost).
     pub dead: BTreeSet<usize>,
+    /// How GPUs are taken.
+    pub picker: P,
 }
 
-impl Leaser {
+impl Leaser<Leasing> {
     /// A leaser applying `criteria` (count and devices are set per job).
     pub fn new(criteria: Criteria, wait: Option<Duration>) -> Leaser {
+        Leaser::with_picker(criteria, wait, Leasing)
+    }
+}
+
+impl<P: Picker> Leaser<P> {
+    /// A leaser applying `criteria` through `picker`.
+    pub fn with_picker(criteria: Criteria, wait: Option<Duration>, picker: P) -> Leaser<P> {
         Leaser {
             criteria,
             wait,
@@ -181,6 +299,7 @@ impl Leaser {
             shortage: None,
             error: None,
             dead: BTreeSet::new(),
+            picker,
         }
     }
 
@@ -197,16 +316,15 @@ impl Leaser {
         for candidates in tries {
             let indices: Vec<u32> = candidates.iter().map(|&g| gpus[g].index).collect();
             let criteria = self.criteria.clone().count(request.need).devices(indices);
-            match gpu::pick(&criteria) {
+            match self.picker.pick(&criteria) {
                 Ok(lease) => {
-                    let positions: Option<Vec<usize>> = lease
-                        .uuids()
+                    let positions: Option<Vec<usize>> = P::uuids(&lease)
                         .iter()
                         .map(|u| gpus.iter().position(|g| g.uuid == *u))
                         .collect();
                     let Some(positions) = positions else {
                         // Not one of ours (cannot happen with an explicit device list).
-                        let _ = lease.release();
+                        self.picker.release(lease);
                         return None;
                     };
                     self.shortage = None;
@@ -243,6 +361,53 @@ impl Leaser {
             });
         }
         None
+    }
+}
+
+/// A dry run's placement: each job's GPUs chosen by a [`Leaser`] over a [`Preview`], as
+/// the run's leaser would choose them, and given back when the job would end.
+#[derive(Debug)]
+pub struct DryRun {
+    /// Chooses as the run would.
+    pub leaser: Leaser<Preview>,
+    /// The run's GPUs.
+    pub gpus: Vec<Gpu>,
+    /// The simulated leases of jobs that would be running, by job index.
+    leases: std::collections::HashMap<usize, PreviewLease>,
+}
+
+impl DryRun {
+    /// A dry run with the run's criteria over its GPUs.
+    ///
+    /// # Errors
+    /// When NVML or the lease table cannot be read.
+    pub fn new(criteria: Criteria, gpus: Vec<Gpu>) -> anyhow::Result<DryRun> {
+        let preview = Preview::new(&criteria)?;
+        Ok(DryRun {
+            leaser: Leaser::with_picker(criteria, None, preview),
+            gpus,
+            leases: std::collections::HashMap::new(),
+        })
+    }
+}
+
+impl Placement for DryRun {
+    fn choose(&mut self, request: &Request) -> Option<Vec<usize>> {
+        let chosen = self.leaser.choose(request, &self.gpus)?;
+        if let Some(lease) = self.leaser.pending.take() {
+            self.leases.insert(request.job, lease);
+        }
+        Some(chosen)
+    }
+
+    fn unavailable(&self) -> Vec<usize> {
+        self.leaser.dead.iter().copied().collect()
+    }
+
+    fn finished(&mut self, launch: &Launch) {
+        if let Some(lease) = self.leases.remove(&launch.job) {
+            self.leaser.picker.release(lease);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Every system call the runner makes: spawning jobs in their own process groups, reaping
 //! them, signalling groups, and turning signals into something a loop can wait on.
-//! No `unsafe` here: signal-hook installs the handlers, rustix makes the calls.
+//! No `unsafe` here: signal-hook installs the handlers, rustix makes the calls, and
+//! [`crate::gate`] holds a GPU job back until it holds its lease.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::gate::{self, Gate};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{kill_process_group, wait, Pid, Signal, WaitOptions};
 
@@ -38,18 +40,46 @@ pub fn spawn(
     stdout: Stdio,
     stderr: Stdio,
 ) -> io::Result<u32> {
-    let child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(command)
+    let mut sh = Command::new(SH);
+    sh.arg("-c").arg(command);
+    // The runner reaps with waitpid(-1); the `Child` handle is not needed (dropping it
+    // neither waits nor kills).
+    Ok(job(sh, env, stdout, stderr).spawn()?.id())
+}
+
+/// As [`spawn`], but behind a [gate](crate::gate): the job's process exists (and can be
+/// made a holder of its GPU lease) but runs `sh` only once the gate is opened. Dropping
+/// the gate instead makes the process exit with
+/// [`EXIT_GATE_CLOSED`](crate::gate::EXIT_GATE_CLOSED) without running anything.
+///
+/// # Errors
+/// When the process cannot be started.
+pub fn spawn_gated(
+    command: &str,
+    env: &BTreeMap<String, String>,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> io::Result<(u32, Gate)> {
+    let mut gated = job(gate::command(SH, ["-c", command]), env, stdout, stderr);
+    let (child, gate) = gate::spawn(&mut gated)?;
+    Ok((child.id(), gate))
+}
+
+const SH: &str = "/bin/sh";
+
+fn job(
+    mut command: Command,
+    env: &BTreeMap<String, String>,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Command {
+    command
         .envs(env)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
-        .process_group(0)
-        .spawn()?;
-    // The runner reaps with waitpid(-1); the `Child` handle is not needed (dropping it
-    // neither waits nor kills).
-    Ok(child.id())
+        .process_group(0);
+    command
 }
 
 /// Reaps one finished child without blocking; `None` when none has finished (or there

@@ -279,3 +279,63 @@ impl Drop for Background {
         }
     }
 }
+
+/// Holds the GPU lease table's lock (`flock` on `leases.lock` in `runtime`) until dropped,
+/// as a picker does while it reads and writes the table.
+#[allow(dead_code)] // Only run.rs holds the lock.
+pub fn lock_table(runtime: &Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = runtime.join("leases.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o666)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return file,
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < end => {
+                // flock has no blocking form with a timeout.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("lock {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Creates a FIFO at `path`.
+#[allow(dead_code)] // Only run.rs makes FIFOs.
+pub fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
+}
+
+/// The processes whose parent is `pid`.
+#[allow(dead_code)] // Only run.rs looks for children.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
