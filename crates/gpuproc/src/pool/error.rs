@@ -144,6 +144,17 @@ pub enum PoolError {
         /// How many threads the process had, besides the pool's own.
         threads: usize,
     },
+    /// The task's function (or the initializer) lives in another loaded object (a shared
+    /// library, a plugin) than gpuproc's code, so a worker that is not a fork cannot find it.
+    #[error(
+        "the pool's function lives in another loaded object ({object}) than gpuproc's code, \
+         so a worker cannot find it; use a function compiled into the executable (wrap the \
+         library's function in one), or StartMethod::Fork"
+    )]
+    ForeignTarget {
+        /// Which object: `"a shared library"` or `"no loaded object"`.
+        object: &'static str,
+    },
     /// A system call failed.
     #[error("{context}")]
     Io {

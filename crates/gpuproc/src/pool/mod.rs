@@ -304,6 +304,11 @@ impl PoolBuilder {
             return Err(e);
         }
         policy::check_counts(self.config.processes, self.config.max_tasks_per_child)?;
+        if let Some(init) = self.config.init.as_ref() {
+            if self.config.start_method != StartMethod::Fork {
+                init.func.check()?;
+            }
+        }
         // (Again before each worker; here, before GPUs are leased for nothing.)
         driver::check_fork(&self.config)?;
         if let Some(share) = self.gpu_share {
@@ -458,6 +463,11 @@ impl Pool {
         }
         if self.closed.load(Ordering::SeqCst) || inbox.close || inbox.terminate {
             return Err(PoolError::Closed);
+        }
+        if self.config.start_method != StartMethod::Fork {
+            for c in &chunks {
+                c.func.check()?;
+            }
         }
         inbox.chunks.extend(chunks);
         drop(inbox);

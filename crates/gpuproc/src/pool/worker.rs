@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lens::{self, u32_block, Lens};
 use super::plain;
+use super::PoolError;
 use crate::ipc::{self, FrameReader};
 use crate::process::child::run_catching;
 use crate::process::wire::{self, Failure};
@@ -63,6 +64,28 @@ impl FnRef {
             trampoline: wire::offset_of(chunk_trampoline::<A, R> as ChunkTrampoline as usize),
             target: wire::offset_of(f as usize),
         }
+    }
+
+    /// Checks that the function and its trampoline lie in gpuproc's own loaded object, so
+    /// that a worker that is not a fork finds them at the same offsets (remembers the last
+    /// function that passed, per thread, so a loop of `apply_async` calls looks once).
+    pub fn check(self) -> Result<(), PoolError> {
+        thread_local! {
+            static LAST_OK: std::cell::Cell<(isize, isize)> = const { std::cell::Cell::new((0, 0)) };
+        }
+        let key = (self.trampoline, self.target);
+        if LAST_OK.get() == key {
+            return Ok(());
+        }
+        let code = [
+            wire::address_of(self.trampoline),
+            wire::address_of(self.target),
+        ];
+        if let Some(object) = crate::process::foreign_object(wire::anchor as fn() as usize, &code) {
+            return Err(PoolError::ForeignTarget { object });
+        }
+        LAST_OK.set(key);
+        Ok(())
     }
 }
 

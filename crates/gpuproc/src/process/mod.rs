@@ -819,21 +819,24 @@ where
 /// function in another object (a shared library, a plugin) has no fixed offset from the
 /// anchor, and a child given that offset would jump to an arbitrary address.
 fn check_same_object(name: &str, anchor: usize, code: &[usize]) -> Result<(), ProcessError> {
-    let home = sys::object_base(anchor);
-    for &addr in code {
-        let base = sys::object_base(addr);
-        if base.is_none() || base != home {
-            return Err(ProcessError::ForeignTarget {
-                name: name.to_string(),
-                object: if base.is_none() {
-                    "no loaded object"
-                } else {
-                    "a shared library"
-                },
-            });
-        }
+    match foreign_object(anchor, code) {
+        Some(object) => Err(ProcessError::ForeignTarget {
+            name: name.to_string(),
+            object,
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Which other object one of `code`'s addresses lives in (`"a shared library"` or `"no
+/// loaded object"`), or `None` when all lie in the object that holds `anchor`.
+pub(crate) fn foreign_object(anchor: usize, code: &[usize]) -> Option<&'static str> {
+    let home = sys::object_base(anchor);
+    code.iter().find_map(|&addr| match sys::object_base(addr) {
+        None => Some("no loaded object"),
+        base if base != home => Some("a shared library"),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

@@ -850,3 +850,44 @@ fn a_huge_chunk_size_is_one_chunk_not_an_overflow() {
     assert_eq!(mapped, squares);
     assert_eq!(imapped, squares);
 }
+
+#[test]
+fn a_task_function_in_another_shared_object_is_refused() {
+    // A function of the C library typed as a task; never called: the refusal comes first.
+    // SAFETY: only the address is used (compared with the loaded objects' ranges); the
+    // pointer is never called through this type.
+    let foreign: fn(i32) -> i32 =
+        unsafe { std::mem::transmute::<*const (), fn(i32) -> i32>(libc::abs as *const ()) };
+    for m in [StartMethod::ForkServer, StartMethod::Spawn] {
+        let pool = Pool::builder()
+            .processes(1)
+            .start_method(m)
+            .build()
+            .unwrap();
+        for err in [
+            pool.map(foreign, [-1, -2]).unwrap_err(),
+            pool.apply_async(foreign, -3).err().unwrap(),
+            pool.imap(foreign, [-4]).next().unwrap().unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, PoolError::ForeignTarget { .. }),
+                "{m:?}: {err}"
+            );
+            assert!(err.to_string().contains("another loaded object"), "{err}");
+        }
+        // The pool itself is fine: a function of the executable still runs.
+        assert_eq!(pool.map(square, [3u64]).unwrap(), [9]);
+        // SAFETY: as above; an initializer is checked when the pool is built.
+        let init: fn(i32) =
+            unsafe { std::mem::transmute::<*const (), fn(i32)>(libc::abs as *const ()) };
+        let built = Pool::builder()
+            .processes(1)
+            .start_method(m)
+            .initializer(init, 1)
+            .build();
+        assert!(
+            matches!(built, Err(PoolError::ForeignTarget { .. })),
+            "{m:?}"
+        );
+    }
+}
