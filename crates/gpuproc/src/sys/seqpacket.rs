@@ -138,8 +138,10 @@ pub(crate) fn recv(
             }
         }
         match res {
-            // Channels never send empty messages: zero bytes is the peer's end.
-            Ok(m) if m.bytes == 0 && fds.is_empty() => return Ok(Outcome::Closed),
+            // Zero bytes is the peer's end, or an empty datagram (which channels never send,
+            // but anyone holding the socket can): it is the end only if the peer has shut
+            // down and nothing more is queued (see `at_end`).
+            Ok(m) if m.bytes == 0 && fds.is_empty() && at_end(sock) => return Ok(Outcome::Closed),
             Ok(m) => {
                 let truncated = m.bytes > buf.len()
                     || m.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
@@ -160,6 +162,30 @@ pub(crate) fn recv(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// After a receive of zero bytes: whether that was the end of the stream rather than an
+/// empty datagram. `recvmsg` returns zero for both; the end comes only once the peer has
+/// shut down (it closed its end: `POLLRDHUP`) and no byte is left queued (`FIONREAD`).
+/// An empty datagram that raced with the peer's close, with nothing after it, reads as the
+/// end, which it then is.
+fn at_end(sock: BorrowedFd<'_>) -> bool {
+    let mut pfd = [rustix::event::PollFd::new(
+        &sock,
+        rustix::event::PollFlags::RDHUP,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let hung_up = match rustix::event::poll(&mut pfd, Some(&zero)) {
+        Ok(_) => pfd[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::RDHUP | rustix::event::PollFlags::HUP),
+        // Cannot tell: the end, as before (a receive on a broken socket fails next anyway).
+        Err(_) => true,
+    };
+    hung_up && rustix::io::ioctl_fionread(sock).map_or(true, |queued| queued == 0)
 }
 
 /// A shared memory mapping of a memfd (or of a part of one), unmapped on drop.

@@ -392,6 +392,33 @@ fn send_raw(conn: &Connection, bytes: &[u8], fd: Option<i32>) {
 }
 
 #[test]
+fn an_empty_datagram_is_malformed_not_the_end_of_the_pipe() {
+    let (a, b) = Pipe::new().unwrap();
+    send_raw(&a, &[], None);
+    let err = b.recv_timeout::<u32>(TIMEOUT).unwrap_err();
+    assert!(err.is_malformed(), "{err}");
+    assert!(!err.is_disconnected(), "{err}");
+    // Blocking receives (which may poll first) and looks without waiting read it the same.
+    send_raw(&a, &[], None);
+    assert!(b.recv::<u32>().unwrap_err().is_malformed());
+    send_raw(&a, &[], None);
+    assert!(b.try_recv::<u32>().unwrap_err().is_malformed());
+    a.send(&7u32).unwrap();
+    assert_eq!(b.recv_timeout::<u32>(TIMEOUT).unwrap(), 7);
+    // Closed after an empty datagram and a message: both are read before the end.
+    send_raw(&a, &[], None);
+    a.send(&8u32).unwrap();
+    drop(a);
+    assert!(b.recv_timeout::<u32>(TIMEOUT).unwrap_err().is_malformed());
+    assert_eq!(b.recv_timeout::<u32>(TIMEOUT).unwrap(), 8);
+    assert!(b
+        .recv_timeout::<u32>(TIMEOUT)
+        .unwrap_err()
+        .is_disconnected());
+    assert!(b.recv::<u32>().unwrap_err().is_disconnected());
+}
+
+#[test]
 fn malformed_frames_on_the_wire_are_errors_and_the_pipe_stays_usable() {
     let (a, b) = Pipe::new().unwrap();
     let (pipe_r, _pipe_w) = support::pipe();
