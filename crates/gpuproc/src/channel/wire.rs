@@ -378,7 +378,7 @@ fn recv_message<R>(
     let deadline = match wait {
         Wait::Forever => None,
         Wait::Never => Some(start),
-        Wait::For(d) => Some(start + d),
+        Wait::For(d) => start.checked_add(d),
     };
     // Only a receive that may wait polls first (see `spin`), and tells how long it waited.
     let may_wait = !matches!(wait, Wait::Never);
@@ -387,7 +387,7 @@ fn recv_message<R>(
     } else {
         Duration::ZERO
     };
-    let spin_until = (!budget.is_zero()).then(|| start + budget);
+    let spin_until = start.checked_add(budget).filter(|_| !budget.is_zero());
     let got = sp::recv(sock, &mut buf, deadline, spin_until);
     if may_wait && matches!(got, Ok(Outcome::Done(_) | Outcome::TimedOut)) {
         spin::record(start.elapsed());

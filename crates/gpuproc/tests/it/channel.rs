@@ -644,3 +644,44 @@ fn dropped_shared_buffers_are_reused_not_piled_up() {
     assert!(most <= 4, "{most} memfds open at once");
     assert!(seen <= 3, "{seen} memfds used for 100 messages");
 }
+
+#[test]
+fn duration_max_timeouts_mean_no_limit() {
+    let (a, b) = Pipe::new().unwrap();
+    a.send_timeout(&1u32, Duration::MAX).unwrap();
+    assert!(b.poll(Duration::MAX));
+    assert_eq!(b.recv_timeout::<u32>(Duration::MAX).unwrap(), 1);
+    a.send_bytes_timeout(b"raw", Duration::MAX).unwrap();
+    assert_eq!(b.recv_bytes_timeout(Duration::MAX).unwrap(), b"raw");
+    a.send_bytes_timeout(&[5; 100_000], Duration::MAX).unwrap();
+    assert_eq!(
+        &*b.recv_bytes_shared_timeout(Duration::MAX).unwrap(),
+        &[5; 100_000][..]
+    );
+    // A receive that waits: the message comes from another thread.
+    let t = std::thread::spawn(move || a.send(&2u32).unwrap());
+    assert_eq!(b.recv_timeout::<u32>(Duration::MAX).unwrap(), 2);
+    t.join().unwrap();
+
+    let q = Queue::<u32>::bounded(1).unwrap();
+    q.put_timeout(3, Duration::MAX).unwrap();
+    assert_eq!(q.get_timeout(Duration::MAX).unwrap(), 3);
+    let q2 = q.clone();
+    let t = std::thread::spawn(move || q2.put_timeout(4, Duration::MAX).unwrap());
+    assert_eq!(q.get_timeout(Duration::MAX).unwrap(), 4);
+    t.join().unwrap();
+    let bq = Queue::<Bytes>::new().unwrap();
+    bq.put_bytes_timeout(&[6; 100_000], Duration::MAX).unwrap();
+    assert_eq!(
+        &*bq.get_shared_timeout(Duration::MAX).unwrap(),
+        &[6; 100_000][..]
+    );
+    let sq = SimpleQueue::<u32>::new().unwrap();
+    sq.put_timeout(7, Duration::MAX).unwrap();
+    assert_eq!(sq.get_timeout(Duration::MAX).unwrap(), 7);
+    let jq = JoinableQueue::<u32>::new().unwrap();
+    jq.put_timeout(8, Duration::MAX).unwrap();
+    assert_eq!(jq.get_timeout(Duration::MAX).unwrap(), 8);
+    jq.task_done().unwrap();
+    jq.join_timeout(Duration::MAX).unwrap();
+}
