@@ -188,6 +188,18 @@ fn at_end(sock: BorrowedFd<'_>) -> bool {
     hung_up && rustix::io::ioctl_fionread(sock).map_or(true, |queued| queued == 0)
 }
 
+/// The contents of `/proc/loadavg` (`"0.52 0.58 0.59 3/1234 5678\n"`), read into `buf`
+/// without allocating: the bytes read, or `None` if it cannot be read (no `/proc`).
+pub(crate) fn read_loadavg(buf: &mut [u8; 128]) -> Option<usize> {
+    let fd = rustix::fs::open(
+        "/proc/loadavg",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    rustix::io::read(&fd, &mut buf[..]).ok()
+}
+
 /// A shared memory mapping of a memfd (or of a part of one), unmapped on drop.
 #[derive(Debug)]
 pub(crate) struct Mapping {
