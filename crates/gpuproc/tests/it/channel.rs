@@ -326,6 +326,71 @@ fn hold_queue(q: Queue<u32>) {
     support::block_forever()
 }
 
+/// Puts a large item, stopping for ever (test hook) once the put holds its slot and task.
+fn put_and_stall(q: JoinableQueue<Bytes>) {
+    gpuproc::channel::stall_puts_after_taking_slot();
+    let _ = q.put(Bytes(vec![1; 200_000]));
+}
+
+fn put_and_stall_plain(q: Queue<Bytes>) {
+    gpuproc::channel::stall_puts_after_taking_slot();
+    let _ = q.put(Bytes(vec![1; 200_000]));
+}
+
+/// Waits (checking often) until `cond` holds; false if `TIMEOUT` passed first.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+#[test]
+fn a_producer_killed_inside_put_gives_back_its_slot_and_task() {
+    for m in StartMethod::all() {
+        // A bounded queue: the slot the killed put held comes back.
+        let q = Queue::<Bytes>::bounded(1).unwrap();
+        let mut p = start(m, put_and_stall_plain, q.clone());
+        assert!(
+            eventually(|| q.full()),
+            "{m:?}: the put never took its slot"
+        );
+        p.kill().unwrap();
+        // Not joined yet: with Fork the producer is a zombie of this process.
+        q.put_timeout(Bytes(vec![2; 10]), TIMEOUT).unwrap();
+        assert_eq!(q.get_timeout(TIMEOUT).unwrap().0, vec![2; 10], "{m:?}");
+        assert!(p.join_timeout(TIMEOUT).is_err(), "{m:?}");
+
+        // A joinable queue, bounded and not: join() does not wait for the lost item.
+        for jq in [
+            JoinableQueue::<Bytes>::new().unwrap(),
+            JoinableQueue::<Bytes>::bounded(1).unwrap(),
+        ] {
+            let mut p = start(m, put_and_stall, jq.clone());
+            assert!(
+                eventually(|| jq.join_timeout(Duration::ZERO).is_err()),
+                "{m:?}: the put never counted its task"
+            );
+            p.kill().unwrap();
+            jq.join_timeout(TIMEOUT).unwrap();
+            jq.put_timeout(Bytes(vec![3; 10]), TIMEOUT).unwrap();
+            assert_eq!(jq.get_timeout(TIMEOUT).unwrap().0, vec![3; 10], "{m:?}");
+            jq.task_done().unwrap();
+            jq.join_timeout(TIMEOUT).unwrap();
+            assert!(jq
+                .task_done()
+                .unwrap_err()
+                .to_string()
+                .contains("task_done"));
+            assert!(p.join_timeout(TIMEOUT).is_err(), "{m:?}");
+        }
+    }
+}
+
 #[test]
 fn a_bounded_queue_whose_consumer_died_times_out_instead_of_hanging() {
     let q = Queue::<u32>::bounded(2).unwrap();
