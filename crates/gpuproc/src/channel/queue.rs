@@ -18,8 +18,9 @@
 //! attempt to queue the datagram (a non-blocking `sendmsg`) and set again if the socket had
 //! no room, so an item that was queued is never given back twice. What is left: a producer
 //! killed in the few instructions between taking the slot and recording it, or during a
-//! `sendmsg` that found no room, keeps what it took, as before; and more than
-//! [`RECORDS`] puts in progress at once go unrecorded.
+//! `sendmsg` that found no room, keeps what it took, as before; so does one whose process
+//! id a new process took before a waiter looked (ids are reused only after a full cycle);
+//! and more than [`RECORDS`] puts holding something at once go unrecorded.
 
 use std::marker::PhantomData;
 use std::ops::Deref;
@@ -79,24 +80,44 @@ fn record_parts(word: u64) -> (u32, u32) {
     ((word >> 32) as u32, word as u32)
 }
 
-/// A put's record in the shared page (see the module docs), freed on drop.
+/// A put's record in the shared page (see the module docs): taken when the put first holds
+/// something, freed on drop.
 struct PutRecord<'a> {
-    word: Option<&'a AtomicU64>,
+    shared: &'a Shared,
+    word: std::cell::Cell<Option<&'a AtomicU64>>,
     pid: u32,
     holds: std::cell::Cell<u32>,
 }
 
-impl PutRecord<'_> {
-    /// Adds `flag` to what the put holds.
+impl<'a> PutRecord<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        PutRecord {
+            shared,
+            word: std::cell::Cell::new(None),
+            pid: crate::sys::getpid(),
+            holds: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Adds `flag` to what the put holds (taking a free record, if there is one, the first
+    /// time).
     fn hold(&self, flag: u32) {
         self.holds.set(self.holds.get() | flag);
-        self.show(true);
+        if self.word.get().is_none() {
+            let v = record_word(self.pid, self.holds.get());
+            let free = (0..RECORDS)
+                .map(|i| self.shared.record(i))
+                .find(|w| w.load(SeqCst) == 0 && w.compare_exchange(0, v, SeqCst, SeqCst).is_ok());
+            self.word.set(free);
+        } else {
+            self.show(true);
+        }
     }
 
     /// Shows what the put holds (`true`), or nothing (`false`: just before the datagram may
     /// be queued).
     fn show(&self, holding: bool) {
-        if let Some(w) = self.word {
+        if let Some(w) = self.word.get() {
             let holds = if holding { self.holds.get() } else { 0 };
             w.store(record_word(self.pid, holds), SeqCst);
         }
@@ -105,7 +126,7 @@ impl PutRecord<'_> {
 
 impl Drop for PutRecord<'_> {
     fn drop(&mut self) {
-        if let Some(w) = self.word {
+        if let Some(w) = self.word.get() {
             w.store(0, SeqCst);
         }
     }
@@ -161,28 +182,9 @@ impl Shared {
         self.state.atomic_u64(RECORDS_AT + i * 8)
     }
 
-    /// A free record for a put by this process (an unrecorded put if all are taken, or if
-    /// the queue is neither bounded nor joinable: then a put holds nothing).
-    fn new_record(&self) -> PutRecord<'_> {
-        let pid = crate::sys::getpid();
-        let needed = self.bounded() || self.joinable();
-        let word = (0..RECORDS)
-            .map(|i| self.record(i))
-            .filter(|_| needed)
-            .find(|w| {
-                w.load(SeqCst) == 0
-                    && w.compare_exchange(0, record_word(pid, 0), SeqCst, SeqCst)
-                        .is_ok()
-            });
-        PutRecord {
-            word,
-            pid,
-            holds: std::cell::Cell::new(0),
-        }
-    }
-
-    /// Gives back the slots and tasks that puts of ended processes held (see the module
-    /// docs).
+    /// Gives back the slots and tasks that puts of ended processes held, and frees their
+    /// records (see the module docs). Called by waiters when they find nothing free, at
+    /// most every [`RECLAIM_EVERY`] each while they wait.
     fn reclaim(&self) {
         for i in 0..RECORDS {
             let w = self.record(i);
@@ -219,19 +221,23 @@ impl Shared {
                 }
                 continue;
             }
-            // Slots that producers killed inside `put` held come back here.
-            self.reclaim();
-            if free.load(SeqCst) > 0 {
-                continue;
-            }
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                // A last look for slots that producers killed inside `put` held.
+                self.reclaim();
+                if free.load(SeqCst) > 0 {
+                    continue;
+                }
                 return Ok(false);
             }
             let waiters = self.word(FREE_WAITERS);
             waiters.fetch_add(1, SeqCst);
             // A timeout shows in the next round's deadline check.
-            shm::futex_wait(free, 0, Some(reclaim_deadline(deadline)));
+            let woken = shm::futex_wait(free, 0, Some(reclaim_deadline(deadline)));
             waiters.fetch_sub(1, SeqCst);
+            if !woken {
+                // Every RECLAIM_EVERY: slots that producers killed inside `put` held.
+                self.reclaim();
+            }
         }
     }
 
@@ -277,21 +283,22 @@ impl Shared {
             if v == 0 {
                 return Ok(());
             }
-            // Tasks that producers killed inside `put` counted are given back here.
-            self.reclaim();
-            if unfinished.load(SeqCst) != v {
+            let in_time = shm::futex_wait(unfinished, v, Some(reclaim_deadline(deadline)));
+            if in_time {
                 continue;
             }
-            let in_time = shm::futex_wait(unfinished, v, Some(reclaim_deadline(deadline)));
+            // Every RECLAIM_EVERY (and at the deadline): tasks that producers killed inside
+            // `put` counted.
+            self.reclaim();
             let expired = deadline.is_some_and(|d| Instant::now() >= d);
-            if !in_time && expired && unfinished.load(SeqCst) != 0 {
+            if expired && unfinished.load(SeqCst) != 0 {
                 return Err(wait.expired(ChannelError::Empty));
             }
         }
     }
 
     fn put<T: Serialize>(&self, value: T, max: usize, wait: Wait) -> Result<(), SendError<T>> {
-        let record = self.new_record();
+        let record = PutRecord::new(self);
         if self.bounded() {
             match self.acquire_slot(wait) {
                 Ok(true) => record.hold(HOLDS_SLOT),
@@ -807,7 +814,7 @@ mod tests {
     fn a_finished_put_leaves_no_record() {
         let q = JoinableQueue::<u32>::bounded(2).unwrap();
         q.put(1).unwrap();
-        let _ = q.try_put(2);
+        q.try_put(2).unwrap();
         assert!(q.try_put(3).is_err());
         let sh = &q.shared;
         assert!((0..RECORDS).all(|i| sh.record(i).load(SeqCst) == 0));
