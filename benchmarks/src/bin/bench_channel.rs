@@ -13,6 +13,11 @@
 //!    sender's shared memory, so one copy in all instead of two; the parent checks the
 //!    length and the first and last bytes, it does not read the whole payload).
 //!
+//! 3. The round trips of 1. again with every CPU busy: one busy-looping thread per CPU
+//!    this process may use runs for the duration of that part (and is stopped after), as
+//!    in a pool doing real work. There a receive that polls would take CPU time from the
+//!    process it waits for; gpuproc notices the load and sleeps at once.
+//!
 //! Each measurement is taken in [`ROUNDS`] rounds (after a warm-up) and the median round is
 //! reported, for gpuproc, the baselines and Python alike, so that a burst of load from
 //! other processes on a shared machine does not decide the result.
@@ -202,6 +207,47 @@ fn memcpy_mib_s(messages: u64) -> f64 {
     median(rounds)
 }
 
+/// One busy-looping thread per CPU this process may use, until dropped.
+struct Hogs {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hogs {
+    fn start() -> Hogs {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..10_000 {
+                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005) + 1);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Hogs { stop, threads }
+    }
+
+    fn count(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 fn python(trips: u64, messages: u64) -> Option<(f64, f64)> {
     let script = gpuproc_benchmarks::workspace_root().join("benchmarks/channel/bench_channel.py");
     let args = [trips, messages, MIB as u64, ROUNDS].map(|a| a.to_string());
@@ -224,6 +270,15 @@ fn main() {
     let shared = queue_shared_mib_s(messages);
     let memcpy = memcpy_mib_s(messages);
     let py = python(trips, messages);
+    // The round trips again with every CPU busy (fewer of them: each is slower).
+    let loaded_trips = (trips / 4).max(ROUNDS);
+    let hogs = Hogs::start();
+    let n_hogs = hogs.count();
+    let loaded_pipe = pipe_rtt(loaded_trips, true);
+    let loaded_sleeping = pipe_rtt(loaded_trips, false);
+    let loaded_raw = raw_rtt(loaded_trips);
+    let loaded_py = python(loaded_trips, ROUNDS).map(|(rtt, _)| rtt);
+    drop(hogs);
 
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     println!("(each figure: the median of {ROUNDS} rounds)");
@@ -237,6 +292,20 @@ fn main() {
     rtt_row("raw UnixStream socketpair (sleeps)", raw);
     if let Some((py_rtt, _)) = py {
         rtt_row("Python multiprocessing.Pipe", py_rtt);
+    }
+    println!();
+    println!(
+        "round trip, every CPU busy ({n_hogs} CPU hogs, {loaded_trips} trips)  µs/trip   /raw   Python/it"
+    );
+    let loaded_row = |name: &str, us: f64| {
+        let py = loaded_py.map_or("-".to_string(), |p| format!("{:.1}x", p / us));
+        println!("  {name:<38} {us:>9.2}  {:>5.2}x  {py:>8}", us / loaded_raw);
+    };
+    loaded_row("gpuproc Pipe (default)", loaded_pipe);
+    loaded_row("gpuproc Pipe, max_spin 0 (sleeps)", loaded_sleeping);
+    loaded_row("raw UnixStream socketpair (sleeps)", loaded_raw);
+    if let Some(py_rtt) = loaded_py {
+        loaded_row("Python multiprocessing.Pipe", py_rtt);
     }
     println!();
     println!(
@@ -276,6 +345,11 @@ fn main() {
             verdict(queue / py_q >= 5.0)
         );
     }
+    println!(
+        "  Loaded: default Pipe no slower than sleeping      {:.2}x of max_spin 0 -> {}",
+        loaded_pipe / loaded_sleeping,
+        verdict(loaded_pipe <= loaded_sleeping * 1.1)
+    );
     println!(
         "  Queue 16 MiB >= 50% of memcpy                       {:.0}% -> {}",
         100.0 * queue / memcpy,

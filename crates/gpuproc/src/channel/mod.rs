@@ -40,6 +40,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use self::error::{ChannelError, SendError};
 pub use self::pipe::{Connection, Pipe};
+#[doc(hidden)]
+pub use self::queue::stall_puts_after_taking_slot;
 pub use self::queue::{JoinableQueue, Queue, SimpleQueue};
 pub use self::shared::SharedBytes;
 pub use self::spin::{max_spin, set_max_spin, MAX_SPIN};

@@ -140,7 +140,13 @@ impl Connection {
     /// The value is borrowed, so after a failed send the caller still has it.
     pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), ChannelError> {
         self.check_send()?;
-        wire::send_value(self.fd.as_fd(), value, self.max_message_size, Wait::Forever)
+        wire::send_value(
+            self.fd.as_fd(),
+            value,
+            self.max_message_size,
+            Wait::Forever,
+            None,
+        )
     }
 
     /// [`send`](Self::send), waiting at most `timeout` for room in the pipe.
@@ -155,13 +161,20 @@ impl Connection {
             value,
             self.max_message_size,
             Wait::For(timeout),
+            None,
         )
     }
 
     /// Sends raw bytes, not encoded; Python's `conn.send_bytes(buf)`.
     pub fn send_bytes(&self, bytes: &[u8]) -> Result<(), ChannelError> {
         self.check_send()?;
-        wire::send_raw(self.fd.as_fd(), bytes, self.max_message_size, Wait::Forever)
+        wire::send_raw(
+            self.fd.as_fd(),
+            bytes,
+            self.max_message_size,
+            Wait::Forever,
+            None,
+        )
     }
 
     /// [`send_bytes`](Self::send_bytes), waiting at most `timeout` for room in the pipe.
@@ -172,6 +185,7 @@ impl Connection {
             bytes,
             self.max_message_size,
             Wait::For(timeout),
+            None,
         )
     }
 

@@ -6,11 +6,26 @@
 //! processes can put and get without a lock) and one page of shared memory with counters:
 //! the approximate size, the free slots of a bounded queue, and the unfinished tasks of a
 //! joinable one, each waited on with a futex.
+//!
+//! # A producer that dies inside `put`
+//! A put takes a free slot (bounded queues) and counts an unfinished task (joinable ones)
+//! before its item is queued, so that a consumer never sees an item that is not yet
+//! counted. A producer killed in between would keep them for ever (Python's queues do):
+//! the queue would stay full, and `join` would wait for ever. So each put records, in the
+//! shared page, its process and what it has taken ([`PutRecord`]); a waiter for a free slot
+//! or for `join` looks every [`RECLAIM_EVERY`] for records of processes that have ended (or
+//! are zombies) and gives back what they had taken. A record is cleared just before each
+//! attempt to queue the datagram (a non-blocking `sendmsg`) and set again if the socket had
+//! no room, so an item that was queued is never given back twice. What is left: a producer
+//! killed in the few instructions between taking the slot and recording it, or during a
+//! `sendmsg` that found no room, keeps what it took, as before; so does one whose process
+//! id a new process took before a waiter looked (ids are reused only after a full cycle);
+//! and more than [`RECORDS`] puts holding something at once go unrecorded.
 
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +55,91 @@ const JOINABLE: usize = 4;
 
 /// The largest bound a queue accepts.
 const MAX_BOUND: usize = i32::MAX as usize;
+
+/// Where the put records start in the shared page (64-bit words).
+const RECORDS_AT: usize = 64;
+/// How many puts in progress can be recorded at once.
+const RECORDS: usize = 128;
+const _: () = assert!(RECORDS_AT + RECORDS * 8 <= STATE_LEN && RECORDS_AT >= WORDS * 4);
+/// How often a waiter for a free slot or for `join` looks for puts of ended processes.
+const RECLAIM_EVERY: Duration = Duration::from_millis(100);
+
+/// A record's flag: the put has taken a free slot.
+const HOLDS_SLOT: u32 = 1;
+/// A record's flag: the put has counted an unfinished task.
+const HOLDS_TASK: u32 = 2;
+
+/// What a put records in progress: its process id (high 32 bits) and what it holds (low 32
+/// bits, [`HOLDS_SLOT`] and [`HOLDS_TASK`]); zero when free.
+fn record_word(pid: u32, holds: u32) -> u64 {
+    (u64::from(pid) << 32) | u64::from(holds)
+}
+
+/// A record's process and what it holds.
+fn record_parts(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
+}
+
+/// A put's record in the shared page (see the module docs): taken when the put first holds
+/// something, freed on drop.
+struct PutRecord<'a> {
+    shared: &'a Shared,
+    word: std::cell::Cell<Option<&'a AtomicU64>>,
+    pid: u32,
+    holds: std::cell::Cell<u32>,
+}
+
+impl<'a> PutRecord<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        PutRecord {
+            shared,
+            word: std::cell::Cell::new(None),
+            pid: crate::sys::getpid(),
+            holds: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Adds `flag` to what the put holds (taking a free record, if there is one, the first
+    /// time).
+    fn hold(&self, flag: u32) {
+        self.holds.set(self.holds.get() | flag);
+        if self.word.get().is_none() {
+            let v = record_word(self.pid, self.holds.get());
+            let free = (0..RECORDS)
+                .map(|i| self.shared.record(i))
+                .find(|w| w.load(SeqCst) == 0 && w.compare_exchange(0, v, SeqCst, SeqCst).is_ok());
+            self.word.set(free);
+        } else {
+            self.show(true);
+        }
+    }
+
+    /// Shows what the put holds (`true`), or nothing (`false`: just before the datagram may
+    /// be queued).
+    fn show(&self, holding: bool) {
+        if let Some(w) = self.word.get() {
+            let holds = if holding { self.holds.get() } else { 0 };
+            w.store(record_word(self.pid, holds), SeqCst);
+        }
+    }
+}
+
+impl Drop for PutRecord<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.word.get() {
+            w.store(0, SeqCst);
+        }
+    }
+}
+
+/// Test hook: from now on every put in this process stops for ever once it has taken its
+/// slot and counted its task, before it sends (so that a test can kill it there).
+#[doc(hidden)]
+pub fn stall_puts_after_taking_slot() {
+    STALL.store(true, SeqCst);
+}
+
+static STALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Debug)]
 struct Shared {
@@ -78,6 +178,33 @@ impl Shared {
         self.maxsize > 0
     }
 
+    fn record(&self, i: usize) -> &AtomicU64 {
+        self.state.atomic_u64(RECORDS_AT + i * 8)
+    }
+
+    /// Gives back the slots and tasks that puts of ended processes held, and frees their
+    /// records (see the module docs). Called by waiters when they find nothing free, at
+    /// most every [`RECLAIM_EVERY`] each while they wait.
+    fn reclaim(&self) {
+        for i in 0..RECORDS {
+            let w = self.record(i);
+            let v = w.load(SeqCst);
+            if v == 0 {
+                continue;
+            }
+            let (pid, holds) = record_parts(v);
+            if !sp::process_ended(pid) || w.compare_exchange(v, 0, SeqCst, SeqCst).is_err() {
+                continue;
+            }
+            if holds & HOLDS_TASK != 0 {
+                let _ = self.task_done();
+            }
+            if holds & HOLDS_SLOT != 0 && self.bounded() {
+                self.release_slot();
+            }
+        }
+    }
+
     /// Takes a free slot of a bounded queue; `false` if none came before `deadline`.
     fn acquire_slot(&self, wait: Wait) -> Result<bool, ChannelError> {
         let free = self.word(FREE);
@@ -95,13 +222,22 @@ impl Shared {
                 continue;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                // A last look for slots that producers killed inside `put` held.
+                self.reclaim();
+                if free.load(SeqCst) > 0 {
+                    continue;
+                }
                 return Ok(false);
             }
             let waiters = self.word(FREE_WAITERS);
             waiters.fetch_add(1, SeqCst);
             // A timeout shows in the next round's deadline check.
-            shm::futex_wait(free, 0, deadline);
+            let woken = shm::futex_wait(free, 0, Some(reclaim_deadline(deadline)));
             waiters.fetch_sub(1, SeqCst);
+            if !woken {
+                // Every RECLAIM_EVERY: slots that producers killed inside `put` held.
+                self.reclaim();
+            }
         }
     }
 
@@ -147,17 +283,25 @@ impl Shared {
             if v == 0 {
                 return Ok(());
             }
-            let timed_out = !shm::futex_wait(unfinished, v, deadline);
-            if timed_out && unfinished.load(SeqCst) != 0 {
+            let in_time = shm::futex_wait(unfinished, v, Some(reclaim_deadline(deadline)));
+            if in_time {
+                continue;
+            }
+            // Every RECLAIM_EVERY (and at the deadline): tasks that producers killed inside
+            // `put` counted.
+            self.reclaim();
+            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            if expired && unfinished.load(SeqCst) != 0 {
                 return Err(wait.expired(ChannelError::Empty));
             }
         }
     }
 
     fn put<T: Serialize>(&self, value: T, max: usize, wait: Wait) -> Result<(), SendError<T>> {
+        let record = PutRecord::new(self);
         if self.bounded() {
             match self.acquire_slot(wait) {
-                Ok(true) => {}
+                Ok(true) => record.hold(HOLDS_SLOT),
                 Ok(false) => {
                     let full = ChannelError::Full {
                         maxsize: self.maxsize,
@@ -170,8 +314,15 @@ impl Shared {
         let joinable = self.joinable();
         if joinable {
             self.word(UNFINISHED).fetch_add(1, SeqCst);
+            record.hold(HOLDS_TASK);
         }
-        match wire::send_value(self.tx.as_fd(), &value, max, wait) {
+        if STALL.load(SeqCst) {
+            loop {
+                std::thread::park();
+            }
+        }
+        let attempt = |sending: bool| record.show(!sending);
+        match wire::send_value(self.tx.as_fd(), &value, max, wait, Some(&attempt)) {
             Ok(()) => {
                 self.word(ITEMS).fetch_add(1, SeqCst);
                 Ok(())
@@ -244,6 +395,13 @@ impl Shared {
     }
 }
 
+/// When a waiter wakes to look for puts of ended processes: [`RECLAIM_EVERY`] from now, or
+/// its deadline if sooner.
+fn reclaim_deadline(deadline: Option<Instant>) -> Instant {
+    let next = crate::time::saturating_add(Instant::now(), RECLAIM_EVERY);
+    deadline.map_or(next, |d| d.min(next))
+}
+
 fn check_bound(maxsize: usize) -> Result<(), ChannelError> {
     if maxsize == 0 || maxsize > MAX_BOUND {
         return Err(ChannelError::InvalidArgument(format!(
@@ -279,6 +437,11 @@ fn check_bound(maxsize: usize) -> Result<(), ChannelError> {
 /// p.join()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// # A producer that dies inside `put`
+/// Unlike Python's, a producer killed while it puts (SIGKILL included) does not leave a
+/// bounded queue full or a [`JoinableQueue::join`] waiting for ever: waiters give back what
+/// its put held within about 100 ms (see the module source for the exact guarantees).
 ///
 /// # Dropping
 /// Dropping the last handle in a process (or [`close`](Self::close)) releases this process's
@@ -633,4 +796,33 @@ impl<T> SimpleQueue<T> {
 
     /// Drops this handle; Python's `q.close()`.
     pub fn close(self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_holds_a_process_and_what_it_took() {
+        let w = record_word(u32::MAX, HOLDS_SLOT | HOLDS_TASK);
+        assert_eq!(record_parts(w), (u32::MAX, 3));
+        assert_eq!(record_parts(record_word(7, 0)), (7, 0));
+        assert_ne!(record_word(1, 0), 0);
+    }
+
+    #[test]
+    fn a_finished_put_leaves_no_record() {
+        let q = JoinableQueue::<u32>::bounded(2).unwrap();
+        q.put(1).unwrap();
+        q.try_put(2).unwrap();
+        assert!(q.try_put(3).is_err());
+        let sh = &q.shared;
+        assert!((0..RECORDS).all(|i| sh.record(i).load(SeqCst) == 0));
+        // Records of this (running) process are never taken back.
+        sh.record(5)
+            .store(record_word(std::process::id(), HOLDS_SLOT), SeqCst);
+        sh.reclaim();
+        assert!(q.full());
+        sh.record(5).store(0, SeqCst);
+    }
 }

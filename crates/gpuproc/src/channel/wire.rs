@@ -99,11 +99,14 @@ fn encode_inline<T: Serialize + ?Sized>(
 }
 
 /// Sends `value` (postcard-encoded) on `sock`.
+///
+/// `attempt`, if given, is told around each try to queue the datagram (see [`sp::send`]).
 pub(crate) fn send_value<T: Serialize + ?Sized>(
     sock: BorrowedFd<'_>,
     value: &T,
     max: usize,
     wait: Wait,
+    attempt: Option<&dyn Fn(bool)>,
 ) -> Result<(), ChannelError> {
     let deadline = wait.deadline();
     // A small value: one encoding, into this thread's reused buffer, and one `sendmsg`.
@@ -115,7 +118,7 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
             size: len - 1,
             limit: max,
         }),
-        Ok(Some((len, fds))) => finish(sock, &[&buf[..len]], None, &fds, deadline, wait),
+        Ok(Some((len, fds))) => finish(sock, &[&buf[..len]], None, &fds, deadline, wait, attempt),
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
@@ -161,6 +164,7 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
             &fds,
             deadline,
             wait,
+            attempt,
         );
         // A message that did not go out leaves the memfd free for the next one.
         slot.give_back(sent.is_err());
@@ -171,7 +175,15 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
     let (n, fds) = encode(map.prefix_mut(size))?;
     sp::seal(&memfd, map).map_err(ChannelError::io("sealing a memfd"))?;
     let header = memfd_header(n);
-    finish(sock, &[&header], Some(memfd.as_fd()), &fds, deadline, wait)
+    finish(
+        sock,
+        &[&header],
+        Some(memfd.as_fd()),
+        &fds,
+        deadline,
+        wait,
+        attempt,
+    )
 }
 
 /// Payloads up to this size go through reused memfds (larger ones get a fresh memfd each).
@@ -281,6 +293,7 @@ pub(crate) fn send_raw(
     bytes: &[u8],
     max: usize,
     wait: Wait,
+    attempt: Option<&dyn Fn(bool)>,
 ) -> Result<(), ChannelError> {
     let deadline = wait.deadline();
     if bytes.len() > max {
@@ -290,13 +303,29 @@ pub(crate) fn send_raw(
         });
     }
     if bytes.len() <= INLINE_MAX {
-        return finish(sock, &[&[TAG_INLINE], bytes], None, &[], deadline, wait);
+        return finish(
+            sock,
+            &[&[TAG_INLINE], bytes],
+            None,
+            &[],
+            deadline,
+            wait,
+            attempt,
+        );
     }
     if bytes.len() <= POOL_MAX_CAP {
         let mut slot = Pooled::claim(bytes.len())?;
         slot.map.prefix_mut(bytes.len()).copy_from_slice(bytes);
         let header = pooled_header(bytes.len(), slot.cap);
-        let sent = finish(sock, &[&header], Some(slot.fd.as_fd()), &[], deadline, wait);
+        let sent = finish(
+            sock,
+            &[&header],
+            Some(slot.fd.as_fd()),
+            &[],
+            deadline,
+            wait,
+            attempt,
+        );
         slot.give_back(sent.is_err());
         return sent;
     }
@@ -305,7 +334,15 @@ pub(crate) fn send_raw(
     map.prefix_mut(bytes.len()).copy_from_slice(bytes);
     sp::seal(&memfd, map).map_err(ChannelError::io("sealing a memfd"))?;
     let header = memfd_header(bytes.len());
-    finish(sock, &[&header], Some(memfd.as_fd()), &[], deadline, wait)
+    finish(
+        sock,
+        &[&header],
+        Some(memfd.as_fd()),
+        &[],
+        deadline,
+        wait,
+        attempt,
+    )
 }
 
 fn memfd_header(len: usize) -> [u8; 9] {
@@ -322,6 +359,7 @@ fn finish(
     fds: &[OwnedFd],
     deadline: Option<Instant>,
     wait: Wait,
+    attempt: Option<&dyn Fn(bool)>,
 ) -> Result<(), ChannelError> {
     let one: [BorrowedFd<'_>; 1];
     let many: Vec<BorrowedFd<'_>>;
@@ -337,7 +375,9 @@ fn finish(
             &many
         }
     };
-    match sp::send(sock, parts, all, deadline).map_err(ChannelError::io("sending a message"))? {
+    match sp::send(sock, parts, all, deadline, attempt)
+        .map_err(ChannelError::io("sending a message"))?
+    {
         Outcome::Done(()) => Ok(()),
         Outcome::Closed => Err(ChannelError::Disconnected),
         Outcome::TimedOut => Err(wait.expired(ChannelError::Full { maxsize: 0 })),
@@ -378,7 +418,7 @@ fn recv_message<R>(
     let deadline = match wait {
         Wait::Forever => None,
         Wait::Never => Some(start),
-        Wait::For(d) => Some(start + d),
+        Wait::For(d) => start.checked_add(d),
     };
     // Only a receive that may wait polls first (see `spin`), and tells how long it waited.
     let may_wait = !matches!(wait, Wait::Never);
@@ -387,7 +427,7 @@ fn recv_message<R>(
     } else {
         Duration::ZERO
     };
-    let spin_until = (!budget.is_zero()).then(|| start + budget);
+    let spin_until = start.checked_add(budget).filter(|_| !budget.is_zero());
     let got = sp::recv(sock, &mut buf, deadline, spin_until);
     if may_wait && matches!(got, Ok(Outcome::Done(_) | Outcome::TimedOut)) {
         spin::record(start.elapsed());
@@ -640,7 +680,7 @@ mod tests {
         };
         for i in 0..5u8 {
             let msg = vec![i; INLINE_MAX * 3 + 7];
-            send_raw(a.as_fd(), &msg, 1 << 30, Wait::Forever).unwrap();
+            send_raw(a.as_fd(), &msg, 1 << 30, Wait::Forever, None).unwrap();
             assert_eq!(recv().unwrap(), msg);
             // The receiver released it, so the one pooled memfd serves every message,
             // and the receiver maps it once.
@@ -648,7 +688,14 @@ mod tests {
             assert_eq!(cache.len(), 1);
         }
         // A shorter message through the same memfd uses the same mapping.
-        send_raw(a.as_fd(), &[9; INLINE_MAX + 1], 1 << 30, Wait::Forever).unwrap();
+        send_raw(
+            a.as_fd(),
+            &[9; INLINE_MAX + 1],
+            1 << 30,
+            Wait::Forever,
+            None,
+        )
+        .unwrap();
         assert_eq!(recv().unwrap(), vec![9; INLINE_MAX + 1]);
         assert_eq!(cache.len(), 1);
         let h = pooled_header(10, 6);

@@ -272,14 +272,22 @@ impl<T: Scalar> Cells<T> {
         if code != T::CODE {
             return Err(wrong(format!("its element type code is {code}")));
         }
-        let len = map.atomic_u32(16).load(Ordering::SeqCst) as usize
-            | ((map.atomic_u32(20).load(Ordering::SeqCst) as usize) << 32);
-        if DATA_AT + len * std::mem::size_of::<T>() > map.len() {
+        // The length is read once, here, from memory any holder can write: checked against
+        // the size of the memfd (which `map_existing` took from the kernel, and which the
+        // seals keep), then kept in this handle and never read again.
+        let len = u64::from(map.atomic_u32(16).load(Ordering::SeqCst))
+            | (u64::from(map.atomic_u32(20).load(Ordering::SeqCst)) << 32);
+        let fits = usize::try_from(len).ok().filter(|&n| {
+            n.checked_mul(std::mem::size_of::<T>())
+                .and_then(|b| b.checked_add(DATA_AT))
+                .is_some_and(|end| end <= map.len())
+        });
+        let Some(len) = fits else {
             return Err(wrong(format!(
-                "{len} elements do not fit in {} bytes",
+                "its header announces {len} elements, which do not fit in its {} bytes",
                 map.len()
             )));
-        }
+        };
         Ok(Cells {
             map: Arc::new(map),
             len,
@@ -928,5 +936,68 @@ mod tests {
         let b = SharedArray::<bool>::from_slice_unlocked(&[true, false]).unwrap();
         assert_eq!(b.to_vec(), [true, false]);
         assert!(SharedArray::<u16>::from_slice(&[]).unwrap().is_empty());
+    }
+
+    /// What another process receiving `a` would get (its memfd, opened again).
+    fn received<T: Scalar>(a: &SharedArray<T>) -> Result<Cells<T>, ShmError> {
+        let fd = a.cells.map.fd().try_clone_to_owned().unwrap();
+        Cells::open(fd, 2, "SharedArray")
+    }
+
+    #[test]
+    fn a_length_rewritten_in_the_header_never_reaches_past_the_memory() {
+        let a = SharedArray::from_slice_unlocked(&[1i64, 2, 3, 4]).unwrap();
+        // Lengths a holder could write: 2^61 elements of 8 bytes wrap to 0 bytes, 2^64 - 1
+        // overflows, 1 << 40 is merely too large.
+        for huge in [1u64 << 61, u64::MAX, 1 << 40, (u64::MAX - 63) / 8 + 1] {
+            a.cells
+                .map
+                .atomic_u32(16)
+                .store(huge as u32, Ordering::SeqCst);
+            a.cells
+                .map
+                .atomic_u32(20)
+                .store((huge >> 32) as u32, Ordering::SeqCst);
+            // The handle that exists keeps its own length.
+            assert_eq!(a.len(), 4);
+            assert_eq!(a.get(3), Some(4));
+            assert_eq!(a.get(1 << 40), None);
+            // A new handle refuses the memory.
+            let e = received(&a).err().expect("a huge length was accepted");
+            assert!(matches!(e, ShmError::WrongObject { .. }), "{huge}: {e}");
+        }
+        // A length that fits is taken (a holder may lie smaller: that only hides elements).
+        a.cells.map.atomic_u32(16).store(2, Ordering::SeqCst);
+        a.cells.map.atomic_u32(20).store(0, Ordering::SeqCst);
+        assert_eq!(received(&a).unwrap().len, 2);
+    }
+
+    #[test]
+    fn value_and_array_memory_cannot_change_size() {
+        let a = SharedArray::filled(0u8, 10).unwrap();
+        let v = SharedValue::new(0u64).unwrap();
+        let r = received(&a).unwrap();
+        for fd in [a.cells.map.fd(), v.cells.map.fd(), r.map.fd()] {
+            assert!(rustix::fs::ftruncate(fd, 0).is_err());
+            assert!(rustix::fs::ftruncate(fd, 1 << 20).is_err());
+            assert!(rustix::fs::fcntl_add_seals(fd, rustix::fs::SealFlags::empty()).is_err());
+        }
+        assert_eq!(a.to_vec(), [0; 10]);
+    }
+
+    #[test]
+    fn memory_not_sealed_against_shrinking_is_refused() {
+        // A well-formed header in a memfd that any holder could cut short.
+        let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 4096).unwrap();
+        let map = Mapping::map(fd, 4096).unwrap();
+        map.atomic_u32(4).store(2, Ordering::SeqCst);
+        map.atomic_u32(8).store(u8::CODE, Ordering::SeqCst);
+        map.atomic_u32(16).store(8, Ordering::SeqCst);
+        map.atomic_u32(0).store(MAGIC, Ordering::SeqCst);
+        let e = Cells::<u8>::open(map.fd().try_clone_to_owned().unwrap(), 2, "SharedArray")
+            .err()
+            .expect("an unsealed memfd was accepted");
+        assert!(e.to_string().contains("sealed"), "{e}");
     }
 }

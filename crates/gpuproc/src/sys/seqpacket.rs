@@ -55,11 +55,15 @@ use super::{check_parts, io_slices, wait_ready};
 
 /// Sends one message (`parts` concatenated, at most four), `fds` riding along, waiting for buffer space
 /// until `deadline` (`None`: for ever). Never raises SIGPIPE.
+///
+/// With `attempt`, every try is a non-blocking `sendmsg`: `attempt(true)` is called just
+/// before each, and `attempt(false)` after one that found no room (before waiting for some).
 pub(crate) fn send(
     sock: BorrowedFd<'_>,
     parts: &[&[u8]],
     fds: &[BorrowedFd<'_>],
     deadline: Option<Instant>,
+    attempt: Option<&dyn Fn(bool)>,
 ) -> io::Result<Outcome<()>> {
     // On the stack: a send allocates nothing.
     check_parts(parts, fds)?;
@@ -73,15 +77,21 @@ pub(crate) fn send(
             return Err(io::Error::other("ancillary buffer too small"));
         }
         // Without a deadline, one blocking call (the common case, and the fastest).
-        let flags = if deadline.is_some() {
+        let flags = if deadline.is_some() || attempt.is_some() {
             SendFlags::NOSIGNAL | SendFlags::DONTWAIT
         } else {
             SendFlags::NOSIGNAL
         };
+        if let Some(a) = attempt {
+            a(true);
+        }
         match rustix::net::sendmsg(sock, iov, &mut control, flags) {
             Ok(_) => return Ok(Outcome::Done(())),
             Err(Errno::INTR) => continue,
             Err(Errno::AGAIN) => {
+                if let Some(a) = attempt {
+                    a(false);
+                }
                 if !wait_ready(sock, true, deadline)? {
                     return Ok(Outcome::TimedOut);
                 }
@@ -138,8 +148,10 @@ pub(crate) fn recv(
             }
         }
         match res {
-            // Channels never send empty messages: zero bytes is the peer's end.
-            Ok(m) if m.bytes == 0 && fds.is_empty() => return Ok(Outcome::Closed),
+            // Zero bytes is the peer's end, or an empty datagram (which channels never send,
+            // but anyone holding the socket can): it is the end only if the peer has shut
+            // down and nothing more is queued (see `at_end`).
+            Ok(m) if m.bytes == 0 && fds.is_empty() && at_end(sock) => return Ok(Outcome::Closed),
             Ok(m) => {
                 let truncated = m.bytes > buf.len()
                     || m.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
@@ -160,6 +172,75 @@ pub(crate) fn recv(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// After a receive of zero bytes: whether that was the end of the stream rather than an
+/// empty datagram. `recvmsg` returns zero for both; the end comes only once the peer has
+/// shut down (it closed its end: `POLLRDHUP`) and no byte is left queued (`FIONREAD`).
+/// An empty datagram that raced with the peer's close, with nothing after it, reads as the
+/// end, which it then is.
+fn at_end(sock: BorrowedFd<'_>) -> bool {
+    let mut pfd = [rustix::event::PollFd::new(
+        &sock,
+        rustix::event::PollFlags::RDHUP,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let hung_up = match rustix::event::poll(&mut pfd, Some(&zero)) {
+        Ok(_) => pfd[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::RDHUP | rustix::event::PollFlags::HUP),
+        // Cannot tell: the end, as before (a receive on a broken socket fails next anyway).
+        Err(_) => true,
+    };
+    hung_up && rustix::io::ioctl_fionread(sock).map_or(true, |queued| queued == 0)
+}
+
+/// The contents of `/proc/loadavg` (`"0.52 0.58 0.59 3/1234 5678\n"`), read into `buf`
+/// without allocating: the bytes read, or `None` if it cannot be read (no `/proc`).
+pub(crate) fn read_loadavg(buf: &mut [u8; 128]) -> Option<usize> {
+    let fd = rustix::fs::open(
+        "/proc/loadavg",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    rustix::io::read(&fd, &mut buf[..]).ok()
+}
+
+/// Whether process `pid` has ended: it no longer exists, or it is a zombie (ended, not yet
+/// reaped by its parent). A process this one cannot see (another PID namespace) counts as
+/// running.
+pub(crate) fn process_ended(pid: u32) -> bool {
+    let mut buf = [0u8; 512];
+    let path = format!("/proc/{pid}/stat");
+    let fd = match rustix::fs::open(
+        path.as_str(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) | Err(Errno::SRCH) => return true,
+        Err(_) => return false,
+    };
+    let n = match rustix::io::read(&fd, &mut buf[..]) {
+        Ok(n) => n,
+        Err(Errno::SRCH) => return true,
+        Err(_) => return false,
+    };
+    stat_says_ended(&buf[..n])
+}
+
+/// Whether the contents of `/proc/<pid>/stat` (`"123 (name) S ..."`) show an ended
+/// process: state `Z` (zombie) or `X` (dead). The name may hold spaces and parentheses: the
+/// state follows the last `)`.
+fn stat_says_ended(stat: &[u8]) -> bool {
+    let Some(close) = stat.iter().rposition(|&b| b == b')') else {
+        return false;
+    };
+    matches!(stat.get(close + 2), Some(b'Z' | b'X'))
 }
 
 /// A shared memory mapping of a memfd (or of a part of one), unmapped on drop.
@@ -411,5 +492,21 @@ impl MapCache {
             .clamp(1, CACHE_ENTRIES);
         entries.truncate(keep);
         Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_processes_are_read_from_their_stat() {
+        assert!(stat_says_ended(b"12 (worker) Z 1 12 12 0"));
+        assert!(stat_says_ended(b"12 (a) b) X 1"));
+        assert!(!stat_says_ended(b"12 (x Z y) S 1 12"));
+        assert!(!stat_says_ended(b"12 (sleepy) S 1"));
+        assert!(!stat_says_ended(b"garbage"));
+        assert!(!stat_says_ended(b"12 (cut)"));
+        assert!(!process_ended(std::process::id()));
     }
 }

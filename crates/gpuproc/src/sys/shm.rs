@@ -47,10 +47,21 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// A new anonymous memory file of `len` bytes (zero-filled), mapped.
+    /// A new anonymous memory file of `len` bytes (zero-filled), mapped, and sealed against
+    /// any change of size: whoever receives it can map it without risk of a fault (see
+    /// [`map_existing`](Self::map_existing)).
     pub fn anonymous(name: &str, len: usize) -> io::Result<Mapping> {
-        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+        let fd = rustix::fs::memfd_create(
+            name,
+            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+        )?;
         rustix::fs::ftruncate(&fd, len as u64)?;
+        rustix::fs::fcntl_add_seals(
+            &fd,
+            rustix::fs::SealFlags::SHRINK
+                | rustix::fs::SealFlags::GROW
+                | rustix::fs::SealFlags::SEAL,
+        )?;
         Mapping::map(fd, len)
     }
 
@@ -79,8 +90,24 @@ impl Mapping {
         Ok(Mapping { ptr, len, fd })
     }
 
-    /// Maps the file behind `fd`, checking that it has at least `min` bytes.
+    /// Maps the whole of a memfd received from another process, checking that it is sealed
+    /// against shrinking (as [`anonymous`](Self::anonymous) makes them: otherwise any holder
+    /// could cut it short under our mapping, and touching the lost pages would fault) and
+    /// that it has at least `min` bytes. The size mapped is the memfd's own (`fstat`), never
+    /// one read from its contents.
     pub fn map_existing(fd: OwnedFd, min: usize) -> io::Result<Mapping> {
+        let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the descriptor received is not a memfd ({e})"),
+            )
+        })?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the memfd received is not sealed against shrinking",
+            ));
+        }
         let len = file_size(fd.as_fd())?;
         if len < min {
             return Err(io::Error::new(
@@ -139,7 +166,13 @@ impl Drop for Mapping {
 
 /// The size of the file behind `fd`.
 pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    Ok(rustix::fs::fstat(fd)?.st_size as usize)
+    let size = rustix::fs::fstat(fd)?.st_size;
+    usize::try_from(size).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a file size of {size} bytes"),
+        )
+    })
 }
 
 /// `(device, inode)`: what identifies a file, whatever its name.

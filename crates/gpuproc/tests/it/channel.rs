@@ -326,6 +326,71 @@ fn hold_queue(q: Queue<u32>) {
     support::block_forever()
 }
 
+/// Puts a large item, stopping for ever (test hook) once the put holds its slot and task.
+fn put_and_stall(q: JoinableQueue<Bytes>) {
+    gpuproc::channel::stall_puts_after_taking_slot();
+    let _ = q.put(Bytes(vec![1; 200_000]));
+}
+
+fn put_and_stall_plain(q: Queue<Bytes>) {
+    gpuproc::channel::stall_puts_after_taking_slot();
+    let _ = q.put(Bytes(vec![1; 200_000]));
+}
+
+/// Waits (checking often) until `cond` holds; false if `TIMEOUT` passed first.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+#[test]
+fn a_producer_killed_inside_put_gives_back_its_slot_and_task() {
+    for m in StartMethod::all() {
+        // A bounded queue: the slot the killed put held comes back.
+        let q = Queue::<Bytes>::bounded(1).unwrap();
+        let mut p = start(m, put_and_stall_plain, q.clone());
+        assert!(
+            eventually(|| q.full()),
+            "{m:?}: the put never took its slot"
+        );
+        p.kill().unwrap();
+        // Not joined yet: with Fork the producer is a zombie of this process.
+        q.put_timeout(Bytes(vec![2; 10]), TIMEOUT).unwrap();
+        assert_eq!(q.get_timeout(TIMEOUT).unwrap().0, vec![2; 10], "{m:?}");
+        assert!(p.join_timeout(TIMEOUT).is_err(), "{m:?}");
+
+        // A joinable queue, bounded and not: join() does not wait for the lost item.
+        for jq in [
+            JoinableQueue::<Bytes>::new().unwrap(),
+            JoinableQueue::<Bytes>::bounded(1).unwrap(),
+        ] {
+            let mut p = start(m, put_and_stall, jq.clone());
+            assert!(
+                eventually(|| jq.join_timeout(Duration::ZERO).is_err()),
+                "{m:?}: the put never counted its task"
+            );
+            p.kill().unwrap();
+            jq.join_timeout(TIMEOUT).unwrap();
+            jq.put_timeout(Bytes(vec![3; 10]), TIMEOUT).unwrap();
+            assert_eq!(jq.get_timeout(TIMEOUT).unwrap().0, vec![3; 10], "{m:?}");
+            jq.task_done().unwrap();
+            jq.join_timeout(TIMEOUT).unwrap();
+            assert!(jq
+                .task_done()
+                .unwrap_err()
+                .to_string()
+                .contains("task_done"));
+            assert!(p.join_timeout(TIMEOUT).is_err(), "{m:?}");
+        }
+    }
+}
+
 #[test]
 fn a_bounded_queue_whose_consumer_died_times_out_instead_of_hanging() {
     let q = Queue::<u32>::bounded(2).unwrap();
@@ -389,6 +454,33 @@ fn send_raw(conn: &Connection, bytes: &[u8], fd: Option<i32>) {
     // SAFETY: `msg` describes valid buffers; the socket is open.
     let n = unsafe { libc::sendmsg(conn.as_fd().as_raw_fd(), &msg, 0) };
     assert_eq!(n, bytes.len() as isize);
+}
+
+#[test]
+fn an_empty_datagram_is_malformed_not_the_end_of_the_pipe() {
+    let (a, b) = Pipe::new().unwrap();
+    send_raw(&a, &[], None);
+    let err = b.recv_timeout::<u32>(TIMEOUT).unwrap_err();
+    assert!(err.is_malformed(), "{err}");
+    assert!(!err.is_disconnected(), "{err}");
+    // Blocking receives (which may poll first) and looks without waiting read it the same.
+    send_raw(&a, &[], None);
+    assert!(b.recv::<u32>().unwrap_err().is_malformed());
+    send_raw(&a, &[], None);
+    assert!(b.try_recv::<u32>().unwrap_err().is_malformed());
+    a.send(&7u32).unwrap();
+    assert_eq!(b.recv_timeout::<u32>(TIMEOUT).unwrap(), 7);
+    // Closed after an empty datagram and a message: both are read before the end.
+    send_raw(&a, &[], None);
+    a.send(&8u32).unwrap();
+    drop(a);
+    assert!(b.recv_timeout::<u32>(TIMEOUT).unwrap_err().is_malformed());
+    assert_eq!(b.recv_timeout::<u32>(TIMEOUT).unwrap(), 8);
+    assert!(b
+        .recv_timeout::<u32>(TIMEOUT)
+        .unwrap_err()
+        .is_disconnected());
+    assert!(b.recv::<u32>().unwrap_err().is_disconnected());
 }
 
 #[test]
@@ -616,4 +708,45 @@ fn dropped_shared_buffers_are_reused_not_piled_up() {
     // sender's pool and, while received, in the receiver): not one per message.
     assert!(most <= 4, "{most} memfds open at once");
     assert!(seen <= 3, "{seen} memfds used for 100 messages");
+}
+
+#[test]
+fn duration_max_timeouts_mean_no_limit() {
+    let (a, b) = Pipe::new().unwrap();
+    a.send_timeout(&1u32, Duration::MAX).unwrap();
+    assert!(b.poll(Duration::MAX));
+    assert_eq!(b.recv_timeout::<u32>(Duration::MAX).unwrap(), 1);
+    a.send_bytes_timeout(b"raw", Duration::MAX).unwrap();
+    assert_eq!(b.recv_bytes_timeout(Duration::MAX).unwrap(), b"raw");
+    a.send_bytes_timeout(&[5; 100_000], Duration::MAX).unwrap();
+    assert_eq!(
+        &*b.recv_bytes_shared_timeout(Duration::MAX).unwrap(),
+        &[5; 100_000][..]
+    );
+    // A receive that waits: the message comes from another thread.
+    let t = std::thread::spawn(move || a.send(&2u32).unwrap());
+    assert_eq!(b.recv_timeout::<u32>(Duration::MAX).unwrap(), 2);
+    t.join().unwrap();
+
+    let q = Queue::<u32>::bounded(1).unwrap();
+    q.put_timeout(3, Duration::MAX).unwrap();
+    assert_eq!(q.get_timeout(Duration::MAX).unwrap(), 3);
+    let q2 = q.clone();
+    let t = std::thread::spawn(move || q2.put_timeout(4, Duration::MAX).unwrap());
+    assert_eq!(q.get_timeout(Duration::MAX).unwrap(), 4);
+    t.join().unwrap();
+    let bq = Queue::<Bytes>::new().unwrap();
+    bq.put_bytes_timeout(&[6; 100_000], Duration::MAX).unwrap();
+    assert_eq!(
+        &*bq.get_shared_timeout(Duration::MAX).unwrap(),
+        &[6; 100_000][..]
+    );
+    let sq = SimpleQueue::<u32>::new().unwrap();
+    sq.put_timeout(7, Duration::MAX).unwrap();
+    assert_eq!(sq.get_timeout(Duration::MAX).unwrap(), 7);
+    let jq = JoinableQueue::<u32>::new().unwrap();
+    jq.put_timeout(8, Duration::MAX).unwrap();
+    assert_eq!(jq.get_timeout(Duration::MAX).unwrap(), 8);
+    jq.task_done().unwrap();
+    jq.join_timeout(Duration::MAX).unwrap();
 }

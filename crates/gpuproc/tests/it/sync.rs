@@ -241,3 +241,37 @@ fn sync_lock_example_prints_ten_whole_lines() {
     want.sort();
     assert_eq!(lines, want);
 }
+
+#[test]
+fn duration_max_timeouts_mean_no_limit() {
+    let lock = Lock::new().unwrap();
+    assert!(lock.lock_timeout(Duration::MAX).unwrap().is_some());
+    let a = lock.acquire_timeout(Duration::MAX).unwrap();
+    assert!(a.is_some());
+    lock.release().unwrap();
+    let rlock = RLock::new().unwrap();
+    let g1 = rlock.lock_timeout(Duration::MAX).unwrap();
+    let g2 = rlock.lock_timeout(Duration::MAX).unwrap();
+    assert!(g1.is_some() && g2.is_some());
+    drop((g1, g2));
+    let s = Semaphore::new(1).unwrap();
+    assert!(s.acquire_timeout(Duration::MAX));
+    let b = BoundedSemaphore::new(1).unwrap();
+    assert!(b.acquire_timeout(Duration::MAX));
+    b.release().unwrap();
+    let e = Event::new().unwrap();
+    e.set();
+    assert!(e.wait_timeout(Duration::MAX));
+    let c = Condition::new().unwrap();
+    let mut g = c.lock_timeout(Duration::MAX).unwrap().unwrap();
+    assert!(c.wait_for(&mut g, || true, Some(Duration::MAX)).unwrap());
+    drop(g);
+    let barrier = Barrier::new(1).unwrap();
+    assert_eq!(barrier.wait_timeout(Duration::MAX).unwrap(), 0);
+    // A wait that must sleep first: set from another thread.
+    let e2 = Event::new().unwrap();
+    let setter = e2.clone();
+    let t = std::thread::spawn(move || setter.set());
+    assert!(e2.wait_timeout(Duration::MAX));
+    t.join().unwrap();
+}
