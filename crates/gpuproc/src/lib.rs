@@ -124,16 +124,18 @@
 //! # Children never outlive their parent
 //!
 //! Each child dies with its parent, even when the parent is killed with SIGKILL: through
-//! `PR_SET_PDEATHSIG`, and where that is unreliable (a child started from a thread that may
-//! exit first, or by the fork server) through EOF on its control socket. The fork server
-//! exits on EOF too. Dropping a [`Process`] that was not joined kills and reaps it.
+//! `PR_SET_PDEATHSIG` where the parent is a thread that lives as long as the program (the
+//! main thread, or the fork server, which exits on EOF of its own control socket when the
+//! program is gone), otherwise (a child started from a thread that may exit first) through
+//! EOF on its control socket. Dropping a [`Process`] that was not joined kills and reaps it.
 //!
 //! The fork server ignores SIGINT, as Python's does, so a Ctrl-C that the program handles
-//! does not end it. Its children do not depend on it: if it is killed, they run on and are
-//! joined as usual, with their result (or panic) and exit code (also after
-//! `std::process::exit`, with the GNU C library); only a child then killed by a signal has
-//! an unknown status, a [`ProcessError::ForkServer`] error that says so, and
-//! [`Process::exitcode`] stays `None`.
+//! does not end it. If someone kills it (SIGKILL), its running children die with it: their
+//! [`Process::join`] returns [`ProcessError::ForkServer`] saying so, and
+//! [`Process::exitcode`] is -9 (SIGKILL). A child that had already returned, panicked or
+//! called `std::process::exit` (with the GNU C library) keeps its result and its exit code.
+//! (Watching the program from each child instead would cost a thread per child, and more
+//! than doubles the time to start one.)
 //!
 //! # GPUs
 //!

@@ -75,7 +75,7 @@ static EXIT_REPORT_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Makes a call to `exit` (not the `_exit` that ends a reported call) send its exit code to
 /// the parent first, so that the parent knows it even when no fork server reaps the child
-/// (the server was killed: its children outlive it).
+/// (the server was killed after the child had called `exit`).
 fn report_exit_code_on(ctrl: &OwnedFd) {
     EXIT_REPORT_FD.store(ctrl.as_raw_fd(), Ordering::SeqCst);
     sys::on_exit(report_exit_code);

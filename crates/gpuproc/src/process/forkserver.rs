@@ -11,10 +11,12 @@
 //! input, output and error; the server forks, the child serves the call over that socket, and
 //! when the child ends the server reaps it and writes [`ChildMsg::Exited`] on the same socket,
 //! after everything the child wrote. The server exits when its own control socket reaches EOF
-//! (the parent died). Its children do not depend on it: they watch the parent (EOF on their
-//! control socket), so a server killed by someone leaves them running, and the parent still
-//! gets their result. The server ignores SIGINT, as Python's does (a terminal's Ctrl-C is
-//! the program's to handle); its children get SIGINT's disposition back.
+//! (the parent died), and its children die with it (their parent-death signal, SIGKILL), so
+//! nothing outlives the program. A server killed by someone else takes its running children
+//! along: their parent then gets [`ProcessError::ForkServer`] saying so, with `exitcode()`
+//! -9; a child that had already reported keeps its result and exit code. The server ignores
+//! SIGINT, as Python's does (a terminal's Ctrl-C is the program's to handle); its children
+//! get SIGINT's disposition back.
 //!
 //! The server refuses to fork when it has more than one thread: that happens when a thread
 //! (an async runtime's, typically) started before [`crate::init`] ran; see
@@ -376,11 +378,12 @@ fn fork_one(
     match unsafe { sys::fork() } {
         Err(e) => failed(format!("fork: {e}")),
         Ok(Forked::Child) => {
-            // The child lives as long as the program that asked for it, not as long as this
-            // server: killing the server leaves it running, and the server's parent still
-            // gets its result (see `ChildHandle`). It watches the program through EOF on its
-            // control socket, whose other end only the program holds.
-            if sys::getppid() != Some(me.pid) {
+            // The child dies with this server (its parent-death signal), which lives as long
+            // as the program: a watch of its own would cost a thread per child. A server
+            // killed from outside takes its running children along, and their parent is told
+            // so (see `ChildHandle`); the server ignores SIGINT, so a terminal's Ctrl-C is
+            // the program's alone.
+            if sys::kill_me_with_parent().is_err() || sys::getppid() != Some(me.pid) {
                 sys::exit_now(1);
             }
             sys::restore_sigint(me.sigint_was_ignored);
@@ -396,7 +399,7 @@ fn fork_one(
             // socket is never dropped in this child; closing the descriptor here is the only
             // close it gets in this process.
             unsafe { sys::close_raw(ctl.as_raw_fd()) };
-            child::serve_call(child_ctrl, ParentWatch::EofWatcher)
+            child::serve_call(child_ctrl, ParentWatch::DeathSignal)
         }
         Ok(Forked::Parent(pid)) => match sys::pidfd_open(pid) {
             Ok(pidfd) => {

@@ -167,6 +167,11 @@ impl ChildHandle {
         self.lock().status
     }
 
+    /// Whether the child was killed by its fork server's death, before it reported.
+    pub fn lost_with_server(&self) -> bool {
+        self.lock().server_lost
+    }
+
     /// Takes the child's report (its result or failure), if it sent one.
     pub fn take_report(&self) -> Option<Report> {
         self.lock().report.take()
@@ -213,17 +218,19 @@ impl State {
     fn finished(&mut self, via_server: bool) -> bool {
         if via_server && self.status.is_none() && self.reader.at_eof() {
             // Every copy of the child's end is closed, and the fork server never said how
-            // the child ended: the server was killed while the child ran (its children
-            // outlive it). A child that reported exits with a known code (see
-            // `child::report_and_exit`), and so does one that called `exit` (its exit
-            // handler reports the code); otherwise (a signal) the status is unknown.
-            self.status = match (&self.report, self.exiting) {
-                (_, Some(code)) => Some(ExitStatus::Code(code)),
-                (Some(Report::Returned(_)), None) => Some(ExitStatus::Code(0)),
-                (Some(Report::Failed(_)), None) => Some(ExitStatus::Code(1)),
-                (None, None) => None,
-            };
-            self.server_lost = self.status.is_none();
+            // the child ended: the server was killed. A child that reported exits with a
+            // known code (see `child::report_and_exit`), and so does one that called `exit`
+            // (its exit handler reports the code); otherwise it was still running, and the
+            // server's death killed it (its parent-death signal, SIGKILL).
+            self.status = Some(match (&self.report, self.exiting) {
+                (_, Some(code)) => ExitStatus::Code(code),
+                (Some(Report::Returned(_)), None) => ExitStatus::Code(0),
+                (Some(Report::Failed(_)), None) => ExitStatus::Code(1),
+                (None, None) => {
+                    self.server_lost = true;
+                    ExitStatus::Signal(libc::SIGKILL)
+                }
+            });
         }
         self.status.is_some() || self.server_lost
     }

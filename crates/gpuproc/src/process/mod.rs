@@ -748,6 +748,13 @@ where
                 },
             }),
             None => Err(match child.status() {
+                _ if child.lost_with_server() => ProcessError::ForkServer {
+                    reason: format!(
+                        "it was killed while process {name:?} ran, and took that process \
+                         along (SIGKILL, its parent-death signal; a process that had returned, \
+                         panicked or exited keeps its result)"
+                    ),
+                },
                 Some(ExitStatus::Signal(signal)) => ProcessError::Killed {
                     name,
                     pid: child.pid,
@@ -759,12 +766,7 @@ where
                     code,
                 },
                 None => ProcessError::ForkServer {
-                    reason: format!(
-                        "it was killed while process {name:?} ran, and that process was \
-                         then killed by a signal without reporting, so which signal is \
-                         unknown (a child that returns, panics or exits is still reported \
-                         after its fork server died)"
-                    ),
+                    reason: format!("it never said how process {name:?} ended"),
                 },
             }),
         }

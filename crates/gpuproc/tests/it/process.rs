@@ -696,18 +696,17 @@ fn report_then_wait(args: (Fd, Fd, u64)) -> u64 {
 
 /// Starts `report_then_wait(x)` with the fork server, kills the server while it waits, lets
 /// it go on, and joins it.
-fn outlive_the_fork_server<R>(
-    x: u64,
-    check: impl FnOnce(&mut Process<(Fd, Fd, u64), u64>) -> R,
-) -> R {
+#[test]
+fn a_child_killed_with_its_fork_server_is_reported() {
     let (report_r, report_w) = support::pipe();
-    let (go_r, go_w) = support::pipe();
+    let (go_r, _go_w) = support::pipe();
     let mut p = with(
         StartMethod::ForkServer,
         report_then_wait,
-        (Fd(report_w), Fd(go_r), x),
+        (Fd(report_w), Fd(go_r), 42),
     );
     p.start().unwrap();
+    let child = p.pid().unwrap();
     let line = support::read_lines(&report_r, 1).remove(0);
     let (server, sigint_ignored) = line.split_once(' ').unwrap();
     assert_eq!(sigint_ignored, "false", "the child must get SIGINT back");
@@ -715,24 +714,14 @@ fn outlive_the_fork_server<R>(
     assert_ne!(server, std::process::id());
     // SAFETY: a plain system call on our own fork server.
     unsafe { libc::kill(i32::try_from(server).unwrap(), libc::SIGKILL) };
-    assert!(support::wait_all_ended(&[server], Instant::now() + TIMEOUT).is_empty());
-    assert!(p.is_alive(), "the child died with its fork server");
-    support::write_line(go_w.as_fd(), "go");
-    check(&mut p)
-}
-
-#[test]
-fn a_child_outlives_its_killed_fork_server_and_is_joined() {
-    outlive_the_fork_server(42, |p| {
-        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 42);
-        assert_eq!(p.exitcode(), Some(0));
-    });
-    // A child that calls exit after its server died still has its real exit code.
-    outlive_the_fork_server(1003, |p| {
-        let err = p.join_timeout(TIMEOUT).unwrap_err();
-        assert!(matches!(err, ProcessError::Exited { code: 3, .. }), "{err}");
-        assert_eq!(p.exitcode(), Some(3));
-    });
+    // The child dies with its server, and its parent is told how, not left guessing.
+    assert!(support::wait_all_ended(&[server, child], Instant::now() + TIMEOUT).is_empty());
+    let err = p.join_timeout(TIMEOUT).unwrap_err();
+    assert!(matches!(err, ProcessError::ForkServer { .. }), "{err:?}");
+    assert!(format!("{err:?}").contains("SIGKILL"), "{err:?}");
+    assert_eq!(p.exitcode(), Some(-9));
+    // The next process gets a new fork server.
+    assert_eq!(run(StartMethod::ForkServer, square, 4).unwrap(), 16);
 }
 
 #[test]
