@@ -190,6 +190,17 @@ fn procs_v3(name: &str, h: Dev, cap: u32) -> (u32, u32, Vec<nvmlProcessInfo_v2_t
     (rc, count, buf)
 }
 
+/// A session on one device with no memory of its own, whose allocations come from `dir`.
+fn state_dir_session(dir: &std::path::Path) -> Session {
+    let path = dir.join("s.json");
+    let scenario = format!(
+        r#"{{"state_dir": {:?}, "devices": [{{"memory_used": 0}}]}}"#,
+        dir.join("").to_str().unwrap()
+    );
+    std::fs::write(&path, scenario).unwrap();
+    session(path.to_str().unwrap())
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("nvml-sim-test-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -693,13 +704,7 @@ fn live_allocations_from_the_state_dir() {
     let me = std::process::id();
     std::fs::write(dir.join(format!("0-{me}")), "1073741824").unwrap();
     std::fs::write(dir.join("0-4294967295"), "5").unwrap(); // no such process
-    let path = dir.join("s.json");
-    let scenario = format!(
-        r#"{{"state_dir": {:?}, "devices": [{{"memory_used": 0}}]}}"#,
-        dir.join("").to_str().unwrap()
-    );
-    std::fs::write(&path, scenario).unwrap();
-    let _s = session(path.to_str().unwrap());
+    let _s = state_dir_session(&dir);
     let h = handle(0);
     if std::env::var_os(nvml_sim::STATE_DIR_ENV).is_none() {
         let (_, _, list) = procs_v3("nvmlDeviceGetComputeRunningProcesses_v3", h, 4);
@@ -726,13 +731,7 @@ fn half_written_state_files_do_not_hide_the_process() {
     assert_eq!(names, vec![format!("0-{me}")]);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "1073741824\n");
 
-    let path = dir.join("s.json");
-    let scenario = format!(
-        r#"{{"state_dir": {:?}, "devices": [{{"memory_used": 0}}]}}"#,
-        dir.join("").to_str().unwrap()
-    );
-    std::fs::write(&path, scenario).unwrap();
-    let _s = session(path.to_str().unwrap());
+    let _s = state_dir_session(&dir);
     let h = handle(0);
     if std::env::var_os(nvml_sim::STATE_DIR_ENV).is_none() {
         let listed = || {
