@@ -261,14 +261,7 @@ macro_rules! enable_test_support {
 #[macro_export]
 macro_rules! init_before_main {
     () => {
-        #[used]
-        #[link_section = ".init_array"]
-        static __GPUPROC_INIT_BEFORE_MAIN: extern "C" fn() = {
-            extern "C" fn __gpuproc_init_before_main() {
-                $crate::init();
-            }
-            __gpuproc_init_before_main
-        };
+        $crate::enable_test_support!();
     };
 }
 
