@@ -195,7 +195,7 @@ pub use process::{
     process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo,
     StartMethod,
 };
-pub use shm::{SharedArray, SharedMemory, SharedValue, ShmError};
+pub use shm::{SharedArray, SharedMemory, SharedSlice, SharedValue, ShmError};
 pub use sync::{Barrier, BoundedSemaphore, Condition, Event, Lock, RLock, Semaphore, SyncError};
 pub use sys::signal_name;
 

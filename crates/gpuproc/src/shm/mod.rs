@@ -45,6 +45,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod slice;
+
+pub use slice::SharedSlice;
+
 use crate::sync::{Lock, SyncError};
 use crate::sys::shm::{self as sys, Mapping};
 
@@ -179,6 +183,41 @@ pub trait Scalar: sealed::Sealed + Copy + PartialEq + fmt::Debug + Send + Sync +
     /// As for [`load`](Self::load).
     #[doc(hidden)]
     unsafe fn store(p: *mut Self, v: Self);
+    /// Reads `*p` atomically, with no ordering (for bulk copies, fenced as a whole).
+    ///
+    /// # Safety
+    /// As for [`load`](Self::load).
+    #[doc(hidden)]
+    unsafe fn load_relaxed(p: *mut Self) -> Self;
+    /// Writes `*p` atomically, with no ordering (for bulk copies, fenced as a whole).
+    ///
+    /// # Safety
+    /// As for [`load`](Self::load).
+    #[doc(hidden)]
+    unsafe fn store_relaxed(p: *mut Self, v: Self);
+    /// Whether every bit pattern of the type's size is a value (false for `bool`).
+    #[doc(hidden)]
+    const ANY_BITS: bool;
+    /// Whether the value is all zero bits (what new shared memory holds).
+    #[doc(hidden)]
+    fn is_zero_bits(self) -> bool;
+}
+
+/// The bytes of `values` (for copies into shared memory).
+pub(crate) fn scalar_bytes<T: Scalar>(values: &[T]) -> &[u8] {
+    // SAFETY: every `Scalar` is a primitive without padding, so all its bytes are
+    // initialised; the slice covers exactly the memory of `values`, for its lifetime.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
+}
+
+/// The name of the [`Scalar`] type whose code is `code`.
+pub(crate) fn scalar_name(code: u32) -> Option<&'static str> {
+    SCALAR_NAMES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, name)| *name)
 }
 
 macro_rules! scalar {
@@ -187,18 +226,39 @@ macro_rules! scalar {
         impl Scalar for $t {
             const NAME: &'static str = stringify!($t);
             const CODE: u32 = $code;
+            #[inline]
             unsafe fn load(p: *mut Self) -> Self {
                 // SAFETY: forwarded to the caller; the atomic has the size and alignment of
                 // the type.
                 let $b = unsafe { <$atomic>::from_ptr(p.cast::<$bits>()) }.load(Ordering::Acquire);
                 $from
             }
+            #[inline]
             unsafe fn store(p: *mut Self, $x: Self) {
                 // SAFETY: as in `load`.
                 unsafe { <$atomic>::from_ptr(p.cast::<$bits>()) }.store($to, Ordering::Release)
             }
+            #[inline]
+            unsafe fn load_relaxed(p: *mut Self) -> Self {
+                // SAFETY: as in `load`.
+                let $b = unsafe { <$atomic>::from_ptr(p.cast::<$bits>()) }.load(Ordering::Relaxed);
+                $from
+            }
+            #[inline]
+            unsafe fn store_relaxed(p: *mut Self, $x: Self) {
+                // SAFETY: as in `load`.
+                unsafe { <$atomic>::from_ptr(p.cast::<$bits>()) }.store($to, Ordering::Relaxed)
+            }
+            const ANY_BITS: bool = !matches!(stringify!($t).as_bytes(), b"bool");
+            #[inline]
+            fn is_zero_bits(self) -> bool {
+                let $x = self;
+                $to == 0
+            }
         }
-    )*};
+    )*
+        const SCALAR_NAMES: &[(u32, &str)] = &[$(($code, stringify!($t))),*];
+    };
 }
 
 use std::sync::atomic::{AtomicU16, AtomicU64};
@@ -293,6 +353,59 @@ impl<T: Scalar> Cells<T> {
             len,
             _t: std::marker::PhantomData,
         })
+    }
+
+    /// New memory holding a copy of `values`: written into the memfd by the kernel, before
+    /// anyone else can see it (one copy, no atomics needed).
+    fn create_from(kind: u32, values: &[T]) -> Result<Self, ShmError> {
+        let cells = Cells::create(kind, values.len())?;
+        crate::sys::shm::write_all_at(cells.map.fd(), scalar_bytes(values), DATA_AT as u64)
+            .map_err(ShmError::os("copying into shared memory"))?;
+        Ok(cells)
+    }
+
+    /// The first element (for bulk copies; `len` elements follow).
+    fn base(&self) -> *mut T {
+        // SAFETY: the mapping holds DATA_AT + len elements; DATA_AT is in bounds even for
+        // len 0, and aligned (a multiple of 8 in a page-aligned mapping).
+        unsafe { self.map.ptr().add(DATA_AT).cast::<T>() }
+    }
+
+    /// Copies every element into `out` (`len` of them), each read whole, then fences.
+    fn copy_out(&self, out: &mut [T]) {
+        assert_eq!(out.len(), self.len);
+        let base = self.base();
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: i < len: valid and aligned (see `base`); shared cells are only
+            // accessed atomically.
+            *o = unsafe { T::load_relaxed(base.add(i)) };
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+    }
+
+    /// A copy of every element, each read whole, then a fence.
+    fn to_vec(&self) -> Vec<T> {
+        let mut out = Vec::<T>::with_capacity(self.len);
+        let (src, dst) = (self.base(), out.as_mut_ptr());
+        for i in 0..self.len {
+            // SAFETY: i < len: `src` as in `copy_out`; `dst` has capacity for len elements.
+            unsafe { dst.add(i).write(T::load_relaxed(src.add(i))) };
+        }
+        // SAFETY: all len elements were written above.
+        unsafe { out.set_len(self.len) };
+        std::sync::atomic::fence(Ordering::Acquire);
+        out
+    }
+
+    /// Writes every element from `values` (`len` of them), each whole, after a fence.
+    fn copy_in(&self, values: &[T]) {
+        assert_eq!(values.len(), self.len);
+        let base = self.base();
+        std::sync::atomic::fence(Ordering::Release);
+        for (i, v) in values.iter().enumerate() {
+            // SAFETY: as in `copy_out`.
+            unsafe { T::store_relaxed(base.add(i), *v) };
+        }
     }
 
     fn ptr(&self, i: usize) -> *mut T {
@@ -448,18 +561,18 @@ impl<T: Scalar> SharedArray<T> {
 
     /// Like [`from_slice`](Self::from_slice), without a lock; Python's `RawArray`.
     pub fn from_slice_unlocked(values: &[T]) -> Result<Self, ShmError> {
-        let cells = Cells::create(2, values.len())?;
-        for (i, v) in values.iter().enumerate() {
-            cells.set(i, *v);
-        }
+        let cells = Cells::create_from(2, values)?;
         Ok(SharedArray { cells, lock: None })
     }
 
     /// `len` copies of `value`, with a lock; Python's `Array(typecode, size)` (for zeros).
     pub fn filled(value: T, len: usize) -> Result<Self, ShmError> {
         let cells = Cells::create(2, len)?;
-        for i in 0..len {
-            cells.set(i, value);
+        // New memory is zero-filled: only another value needs writing.
+        if !value.is_zero_bits() {
+            // SAFETY: `len` aligned elements (see `Cells::base`) of memory that nobody else
+            // can see yet, so no atomics are needed; every bit pattern written is a `T`.
+            unsafe { std::slice::from_raw_parts_mut(cells.base(), len) }.fill(value);
         }
         Ok(SharedArray {
             cells,
@@ -496,8 +609,20 @@ impl<T: Scalar> SharedArray<T> {
     }
 
     /// A copy of all elements (each read atomically; hold the lock for a consistent copy).
+    ///
+    /// A bulk copy: about as fast as `memcpy` for 4- and 8-byte elements.
     pub fn to_vec(&self) -> Vec<T> {
-        (0..self.len()).map(|i| self.cells.get(i)).collect()
+        self.cells.to_vec()
+    }
+
+    /// Copies all elements into `out` (each read atomically; hold the lock for a consistent
+    /// copy), without allocating.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn copy_to_slice(&self, out: &mut [T]) {
+        assert_eq!(out.len(), self.len(), "length mismatch in copy_to_slice");
+        self.cells.copy_out(out);
     }
 
     /// Sets every element from `values`.
@@ -510,9 +635,7 @@ impl<T: Scalar> SharedArray<T> {
             self.len(),
             "length mismatch in copy_from_slice"
         );
-        for (i, v) in values.iter().enumerate() {
-            self.cells.set(i, *v);
-        }
+        self.cells.copy_in(values);
     }
 
     /// The lock, if it has one; Python's `get_lock()`.
@@ -936,6 +1059,39 @@ mod tests {
         let b = SharedArray::<bool>::from_slice_unlocked(&[true, false]).unwrap();
         assert_eq!(b.to_vec(), [true, false]);
         assert!(SharedArray::<u16>::from_slice(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bulk_copies_in_and_out_equal_element_wise_ones() {
+        fn check<T: Scalar>(values: &[T]) {
+            let a = SharedArray::from_slice(values).unwrap();
+            let one_by_one: Vec<T> = (0..a.len()).map(|i| a.get(i).unwrap()).collect();
+            assert_eq!(one_by_one, values);
+            assert_eq!(a.to_vec(), values);
+            assert_eq!(received(&a).unwrap().to_vec(), values);
+            let mut out = values.to_vec();
+            out.reverse();
+            a.copy_from_slice(&out);
+            let mut back = values.to_vec();
+            a.copy_to_slice(&mut back);
+            assert_eq!(back, out);
+            assert_eq!(
+                (0..a.len()).map(|i| a.get(i).unwrap()).collect::<Vec<_>>(),
+                out
+            );
+        }
+        check(&(0..1000).map(|i| i as f64 / 3.0).collect::<Vec<_>>());
+        check(&(0..4099).map(|i| i as u8).collect::<Vec<_>>());
+        check(&(0..77).map(|i| i % 3 == 0).collect::<Vec<_>>());
+        check(&(0..300).map(|i| -i as i16).collect::<Vec<_>>());
+        check::<u32>(&[]);
+        // filled: zero bits are left as new memory holds them; other values are written.
+        assert_eq!(
+            SharedArray::filled(-0.0f32, 5).unwrap().to_vec()[4].to_bits(),
+            (-0.0f32).to_bits()
+        );
+        assert_eq!(SharedArray::filled(0u64, 3).unwrap().to_vec(), [0, 0, 0]);
+        assert_eq!(SharedArray::filled(true, 2).unwrap().to_vec(), [true, true]);
     }
 
     /// What another process receiving `a` would get (its memfd, opened again).

@@ -164,6 +164,201 @@ impl Drop for Mapping {
     }
 }
 
+/// The seals a [`SealedMapping`] carries: no write, no change of size, no change of seals.
+fn all_seals() -> rustix::fs::SealFlags {
+    use rustix::fs::SealFlags;
+    SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL
+}
+
+/// A read-only mapping of a whole memfd that is sealed against every write and every change
+/// of size: nobody (no process, no descriptor, no mapping) can change its bytes any more,
+/// so they can be handed out as a plain `&[u8]`.
+///
+/// Mapped private and read-only: the pages are the memfd's own (nothing is copied unless
+/// written, which the mapping's protection forbids), and kernels before 6.7 refuse a shared
+/// mapping of a write-sealed memfd through a read-write descriptor.
+#[derive(Debug)]
+pub(crate) struct SealedMapping {
+    /// Null when `len` is 0 (nothing is mapped).
+    ptr: *const u8,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the memory cannot change (sealed) and is unmapped only on drop; `&SealedMapping`
+// hands out shared slices only.
+unsafe impl Send for SealedMapping {}
+// SAFETY: as above.
+unsafe impl Sync for SealedMapping {}
+
+impl SealedMapping {
+    /// A new memfd of `len` bytes (zero-filled), given to `fill` as a plain mutable slice
+    /// (no one else can see it yet), then sealed and mapped read-only.
+    pub fn create_with<R>(
+        name: &str,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> R,
+    ) -> io::Result<(SealedMapping, R)> {
+        let fd = new_sealable_memfd(name, len)?;
+        let r = if len == 0 {
+            fill(&mut [])
+        } else {
+            // SAFETY: a fresh shared mapping chosen by the kernel, of a memfd created above
+            // that no one else holds; unmapped below before the memfd is sealed.
+            let ptr = unsafe {
+                rustix::mm::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::SHARED,
+                    &fd,
+                    0,
+                )?
+            };
+            struct Unmap(*mut std::ffi::c_void, usize);
+            impl Drop for Unmap {
+                fn drop(&mut self) {
+                    // SAFETY: the mapping made above; the slice into it is gone by now.
+                    let _ = unsafe { rustix::mm::munmap(self.0, self.1) };
+                }
+            }
+            let unmap = Unmap(ptr, len);
+            // SAFETY: `len` bytes, mapped read-write above, zero-filled (a new memfd), and
+            // reachable only through this slice until it is unmapped.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
+            let r = fill(buf);
+            drop(unmap);
+            r
+        };
+        Ok((SealedMapping::seal_and_map(fd, len)?, r))
+    }
+
+    /// A new memfd holding `parts` back to back (written with `pwrite`: one copy, by the
+    /// kernel), sealed and mapped read-only.
+    pub fn create_from(name: &str, parts: &[&[u8]]) -> io::Result<SealedMapping> {
+        let len = parts
+            .iter()
+            .try_fold(0usize, |n, p| n.checked_add(p.len()))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many bytes"))?;
+        let fd = new_sealable_memfd(name, len)?;
+        let mut at = 0u64;
+        for part in parts {
+            write_all_at(fd.as_fd(), part, at)?;
+            at += part.len() as u64;
+        }
+        SealedMapping::seal_and_map(fd, len)
+    }
+
+    fn seal_and_map(fd: OwnedFd, len: usize) -> io::Result<SealedMapping> {
+        rustix::fs::fcntl_add_seals(&fd, all_seals())?;
+        SealedMapping::map(fd, len)
+    }
+
+    /// Maps a memfd received from another process, which must carry every seal that
+    /// [`create_with`](Self::create_with) puts on (write, shrink, grow, seal): otherwise
+    /// someone could change it under the slice handed out. Its size is the kernel's
+    /// (`fstat`).
+    pub fn open(fd: OwnedFd) -> io::Result<SealedMapping> {
+        let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the descriptor received is not a memfd ({e})"),
+            )
+        })?;
+        if !seals.contains(all_seals()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the memfd received is not sealed against writing and resizing",
+            ));
+        }
+        let len = file_size(fd.as_fd())?;
+        SealedMapping::map(fd, len)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<SealedMapping> {
+        if len == 0 {
+            return Ok(SealedMapping {
+                ptr: std::ptr::null(),
+                len,
+                fd,
+            });
+        }
+        // SAFETY: a fresh private read-only mapping chosen by the kernel (null hint), of a
+        // sealed memfd that we keep open and whose size cannot change.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::PRIVATE,
+                &fd,
+                0,
+            )?
+        };
+        Ok(SealedMapping {
+            ptr: ptr.cast::<u8>().cast_const(),
+            len,
+            fd,
+        })
+    }
+
+    /// The bytes (page-aligned).
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `len` bytes mapped read-only for the life of `self`, which nobody can
+        // change (the memfd is sealed against writes and resizing).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The memfd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for SealedMapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: we mapped exactly this range in `map`; every slice into it borrows
+            // `self`, so none outlives it.
+            let _ = unsafe { rustix::mm::munmap(self.ptr.cast_mut().cast(), self.len) };
+        }
+    }
+}
+
+fn new_sealable_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(
+        name,
+        rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+    )?;
+    let size = u64::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many bytes"))?;
+    rustix::fs::ftruncate(&fd, size)?;
+    Ok(fd)
+}
+
+/// Writes all of `bytes` to `fd` at `offset`.
+pub(crate) fn write_all_at(
+    fd: BorrowedFd<'_>,
+    mut bytes: &[u8],
+    mut offset: u64,
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match rustix::io::pwrite(fd, bytes, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                bytes = &bytes[n..];
+                offset += n as u64;
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// The size of the file behind `fd`.
 pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let size = rustix::fs::fstat(fd)?.st_size;

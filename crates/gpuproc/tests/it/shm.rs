@@ -2,7 +2,7 @@
 //! shared memory blocks; and the `shared_state` and `shared_memory` examples.
 
 use gpuproc::shm::{SharedArray, SharedMemory, SharedValue};
-use gpuproc::StartMethod;
+use gpuproc::{Pool, Queue, SharedSlice, StartMethod};
 
 use crate::support::start;
 use crate::support::{self, TIMEOUT};
@@ -151,4 +151,114 @@ fn shared_memory_example_prints_pythons_lines() {
         support::stdout_lines(&support::run_example("shared_memory")),
         ["[22, 33, 44, 55, 100]", "howdy"]
     );
+}
+
+/// Sums the slice and sends back a new one: every element doubled.
+fn sum_and_double(x: SharedSlice<f32>) -> (f32, SharedSlice<f32>) {
+    let doubled = SharedSlice::build(x.len(), |out| {
+        for (o, v) in out.iter_mut().zip(x.iter()) {
+            *o = v * 2.0;
+        }
+    })
+    .unwrap();
+    (x.iter().sum(), doubled)
+}
+
+fn ramp(n: usize) -> Vec<f32> {
+    (0..n).map(|i| i as f32).collect()
+}
+
+#[test]
+fn shared_slice_goes_to_a_child_and_back_with_every_start_method() {
+    for m in StartMethod::all() {
+        // 1 MiB, and the empty slice.
+        for n in [1 << 18, 0] {
+            let x = SharedSlice::from_vec(ramp(n)).unwrap();
+            let mut p = start(m, sum_and_double, x.clone());
+            let (sum, doubled) = p.join_timeout(TIMEOUT).unwrap();
+            assert_eq!(sum, ramp(n).iter().sum::<f32>(), "{m:?}");
+            assert_eq!(doubled.len(), n, "{m:?}");
+            assert!(
+                doubled.iter().zip(x.iter()).all(|(d, v)| *d == v * 2.0),
+                "{m:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn shared_slice_as_pool_argument_and_result_with_every_start_method() {
+    for m in StartMethod::all() {
+        let pool = Pool::builder()
+            .processes(2)
+            .start_method(m)
+            .allow_fork_with_threads(true)
+            .build()
+            .unwrap();
+        let inputs: Vec<SharedSlice<f32>> = (0..8)
+            .map(|i| SharedSlice::from_vec(vec![i as f32; 100_000]).unwrap())
+            .collect();
+        let got = pool.map(sum_and_double, inputs.clone()).unwrap();
+        for (i, (sum, doubled)) in got.iter().enumerate() {
+            assert_eq!(*sum, i as f32 * 100_000.0, "{m:?}");
+            assert_eq!(doubled.len(), 100_000);
+            assert!(doubled.iter().all(|&d| d == i as f32 * 2.0), "{m:?}");
+        }
+        pool.close();
+        pool.join().unwrap();
+    }
+}
+
+fn send_slices(q: Queue<(u32, SharedSlice<u64>)>) {
+    for i in 0..3u32 {
+        let s = SharedSlice::build(1000, |buf| buf.fill(u64::from(i))).unwrap();
+        q.put((i, s)).unwrap();
+    }
+}
+
+#[test]
+fn shared_slice_through_a_queue_with_every_start_method() {
+    for m in StartMethod::all() {
+        let q = Queue::new().unwrap();
+        let mut p = start(m, send_slices, q.clone());
+        for i in 0..3u32 {
+            let (j, s) = q.get_timeout(TIMEOUT).unwrap();
+            assert_eq!(j, i, "{m:?}");
+            assert_eq!(&s[..], &[u64::from(i); 1000][..], "{m:?}");
+        }
+        p.join_timeout(TIMEOUT).unwrap();
+        // And the other way, to a child reading what the parent made.
+        fn total(q: Queue<SharedSlice<u64>>) -> u64 {
+            q.get_timeout(TIMEOUT).unwrap().iter().sum()
+        }
+        let q = Queue::new().unwrap();
+        q.put(SharedSlice::from_slice(&[1u64, 2, 3]).unwrap())
+            .unwrap();
+        let mut p = start(m, total, q.clone());
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 6, "{m:?}");
+    }
+}
+
+/// Receives a `SharedSlice<u32>` from the pipe: its sum, or why it was refused.
+fn recv_u32s(conn: gpuproc::Connection) -> Result<u32, String> {
+    let x: SharedSlice<u32> = conn.recv_timeout(TIMEOUT).map_err(|e| e.to_string())?;
+    Ok(x.iter().sum())
+}
+
+#[test]
+fn shared_slice_through_a_pipe_and_of_another_type_refused_with_the_reason() {
+    for m in StartMethod::all() {
+        let (a, b) = gpuproc::Pipe::new().unwrap();
+        let mut p = start(m, recv_u32s, b);
+        a.send(&SharedSlice::from_slice(&[1u32, 2, 3]).unwrap())
+            .unwrap();
+        assert_eq!(p.join_timeout(TIMEOUT).unwrap(), Ok(6), "{m:?}");
+
+        let (a, b) = gpuproc::Pipe::new().unwrap();
+        let mut p = start(m, recv_u32s, b);
+        a.send(&SharedSlice::from_slice(&[1.0f32]).unwrap())
+            .unwrap();
+        let e = p.join_timeout(TIMEOUT).unwrap().unwrap_err();
+        assert!(e.contains("its elements are f32, not u32"), "{m:?}: {e}");
+    }
 }
