@@ -114,6 +114,18 @@ pub enum ShmError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A typed view ([`SharedMemory::view`]) that the block cannot hold.
+    #[error("shared memory block {name:?} ({size} bytes) has no {what}: {reason}")]
+    BadView {
+        /// The block's name.
+        name: String,
+        /// The block's size in bytes.
+        size: usize,
+        /// The view asked for.
+        what: String,
+        /// Why it does not fit.
+        reason: String,
+    },
     /// A system call failed.
     #[error("{op} failed")]
     Os {
@@ -923,6 +935,63 @@ impl SharedMemory {
         unsafe { std::slice::from_raw_parts_mut(self.mapping().ptr(), self.size) }
     }
 
+    /// The whole block as elements of type `T` (as many as fit: `size() / size_of::<T>()`),
+    /// each read and written atomically, in safe code; like Python's
+    /// `numpy.ndarray(shape, dtype, buffer=shm.buf)`.
+    ///
+    /// ```
+    /// use gpuproc::shm::SharedMemory;
+    ///
+    /// let shm = SharedMemory::create(4096)?;
+    /// let x = shm.view::<f32>()?;
+    /// assert_eq!(x.len(), 1024);
+    /// x.copy_from_slice(&vec![0.5; 1024]);
+    /// let row = x.range(256..512).expect("in bounds");
+    /// assert_eq!(row.iter().sum::<f32>(), 128.0);
+    /// # Ok::<(), gpuproc::shm::ShmError>(())
+    /// ```
+    pub fn view<T: Scalar>(&self) -> Result<AtomicSlice<'_, T>, ShmError> {
+        self.view_at(0, self.size / std::mem::size_of::<T>())
+    }
+
+    /// `len` elements of type `T` from byte `offset`, each read and written atomically;
+    /// [`ShmError::BadView`] if `offset` is not aligned for `T` or the elements do not fit
+    /// in the block (or it is closed).
+    pub fn view_at<T: Scalar>(
+        &self,
+        offset: usize,
+        len: usize,
+    ) -> Result<AtomicSlice<'_, T>, ShmError> {
+        let bad = |reason: String| ShmError::BadView {
+            name: self.name.clone(),
+            size: self.size,
+            what: format!("{len} elements of {} at byte {offset}", T::NAME),
+            reason,
+        };
+        let map = self
+            .map
+            .as_ref()
+            .ok_or_else(|| bad("this handle is closed".into()))?;
+        if offset % std::mem::align_of::<T>() != 0 {
+            return Err(bad(format!(
+                "the offset is not a multiple of {}",
+                std::mem::align_of::<T>()
+            )));
+        }
+        let end = len
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| b.checked_add(offset));
+        if end.is_none_or(|end| end > self.size) {
+            return Err(bad("they reach past its end".into()));
+        }
+        Ok(AtomicSlice {
+            // SAFETY: offset <= size (checked above), inside the mapping.
+            ptr: unsafe { map.ptr().add(offset) }.cast::<T>(),
+            len,
+            _borrow: std::marker::PhantomData,
+        })
+    }
+
     /// Unmaps the block from this process; Python's `close()`. The name stays (and the
     /// creator's unlink on drop still happens); [`buf`](Self::buf) panics afterwards.
     /// Closing twice does nothing.
@@ -988,6 +1057,151 @@ impl Drop for SharedMemory {
         if self.unlink_on_drop() && !self.unlinked.swap(true, Ordering::SeqCst) {
             let _ = sys::shm_unlink_if(&self.name, self.id);
         }
+    }
+}
+
+// --- typed views of shared memory ----------------------------------------------------------
+
+/// Elements of type `T` in a [`SharedMemory`] block ([`SharedMemory::view`]), each read and
+/// written atomically: any process may write the block at any time, so there is no plain
+/// `&[T]`, but whole elements are never torn, and the bulk copies
+/// ([`copy_to_slice`](Self::copy_to_slice), [`copy_from_slice`](Self::copy_from_slice),
+/// [`to_vec`](Self::to_vec)) run at about the speed of `memcpy`.
+///
+/// For data that no one changes once written, [`SharedSlice`] is a plain `&[T]`.
+pub struct AtomicSlice<'a, T: Scalar> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a [T]>,
+}
+
+// SAFETY: an `AtomicSlice` is like a `&[AtomicT]`: every access through it is atomic, and the
+// memory stays mapped while the borrowed `SharedMemory` lives.
+unsafe impl<T: Scalar> Send for AtomicSlice<'_, T> {}
+// SAFETY: as above.
+unsafe impl<T: Scalar> Sync for AtomicSlice<'_, T> {}
+
+impl<T: Scalar> Clone for AtomicSlice<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: Scalar> Copy for AtomicSlice<'_, T> {}
+
+impl<'a, T: Scalar> AtomicSlice<'a, T> {
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements `range` of this view, or `None` if the range is out of bounds (or empty
+    /// backwards).
+    pub fn range(&self, range: std::ops::Range<usize>) -> Option<AtomicSlice<'a, T>> {
+        if range.start > range.end || range.end > self.len {
+            return None;
+        }
+        Some(AtomicSlice {
+            // SAFETY: start <= len: inside (or one past) the view.
+            ptr: unsafe { self.ptr.add(range.start) },
+            len: range.end - range.start,
+            _borrow: std::marker::PhantomData,
+        })
+    }
+
+    fn at(&self, i: usize) -> *mut T {
+        debug_assert!(i < self.len);
+        // SAFETY: i < len, inside the view (callers check).
+        unsafe { self.ptr.add(i) }
+    }
+
+    /// Element `i`, or `None` past the end.
+    pub fn get(&self, i: usize) -> Option<T> {
+        // SAFETY: in bounds and aligned (checked when the view was made); shared memory is
+        // only accessed atomically here.
+        (i < self.len).then(|| unsafe { T::load(self.at(i)) })
+    }
+
+    /// Sets element `i`.
+    ///
+    /// # Panics
+    /// If `i` is out of bounds, like slice indexing.
+    pub fn set(&self, i: usize, value: T) {
+        assert!(
+            i < self.len,
+            "index {i} out of bounds for a view of length {}",
+            self.len
+        );
+        // SAFETY: as in `get`.
+        unsafe { T::store(self.at(i), value) }
+    }
+
+    /// The elements, each read atomically as the iterator reaches it.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = T> + 'a {
+        let view = *self;
+        // SAFETY: as in `get`.
+        (0..view.len).map(move |i| unsafe { T::load(view.at(i)) })
+    }
+
+    /// Copies every element into `out`, each read whole.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn copy_to_slice(&self, out: &mut [T]) {
+        assert_eq!(out.len(), self.len, "length mismatch in copy_to_slice");
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: as in `get`.
+            *o = unsafe { T::load_relaxed(self.at(i)) };
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+    }
+
+    /// A copy of the elements, each read whole.
+    pub fn to_vec(&self) -> Vec<T> {
+        let mut out = Vec::<T>::with_capacity(self.len);
+        let dst = out.as_mut_ptr();
+        for i in 0..self.len {
+            // SAFETY: as in `get`; `dst` has room for len elements.
+            unsafe { dst.add(i).write(T::load_relaxed(self.at(i))) };
+        }
+        // SAFETY: all len elements were written above.
+        unsafe { out.set_len(self.len) };
+        std::sync::atomic::fence(Ordering::Acquire);
+        out
+    }
+
+    /// Writes every element from `values`, each whole.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn copy_from_slice(&self, values: &[T]) {
+        assert_eq!(values.len(), self.len, "length mismatch in copy_from_slice");
+        std::sync::atomic::fence(Ordering::Release);
+        for (i, v) in values.iter().enumerate() {
+            // SAFETY: as in `get`.
+            unsafe { T::store_relaxed(self.at(i), *v) };
+        }
+    }
+
+    /// Sets every element to `value`.
+    pub fn fill(&self, value: T) {
+        std::sync::atomic::fence(Ordering::Release);
+        for i in 0..self.len {
+            // SAFETY: as in `get`.
+            unsafe { T::store_relaxed(self.at(i), value) };
+        }
+    }
+}
+
+impl<T: Scalar> fmt::Debug for AtomicSlice<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(&format!("AtomicSlice<{}>", T::NAME))
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -1092,6 +1306,47 @@ mod tests {
         );
         assert_eq!(SharedArray::filled(0u64, 3).unwrap().to_vec(), [0, 0, 0]);
         assert_eq!(SharedArray::filled(true, 2).unwrap().to_vec(), [true, true]);
+    }
+
+    #[test]
+    fn typed_views_of_a_block_check_alignment_and_bounds() {
+        let mut shm = SharedMemory::create(100).unwrap();
+        let x = shm.view::<u64>().unwrap();
+        assert_eq!(x.len(), 12);
+        x.copy_from_slice(&(0..12).collect::<Vec<u64>>());
+        // Another handle on the same block sees the values, typed another way.
+        let other = SharedMemory::attach(shm.name()).unwrap();
+        let y = other.view_at::<u32>(8, 4).unwrap();
+        assert_eq!(y.to_vec(), [1, 0, 2, 0]);
+        y.set(0, 7);
+        assert_eq!(x.get(1), Some(7));
+        assert_eq!(x.get(12), None);
+        let row = x.range(4..8).unwrap();
+        assert_eq!(row.iter().collect::<Vec<_>>(), [4, 5, 6, 7]);
+        let mut out = [0u64; 4];
+        row.copy_to_slice(&mut out);
+        assert_eq!(out, [4, 5, 6, 7]);
+        row.fill(9);
+        assert_eq!(x.to_vec()[3..9], [3, 9, 9, 9, 9, 8]);
+        assert!(x.range(8..13).is_none() && x.range(13..13).is_none());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = x.range(5..4);
+        assert!(backwards.is_none());
+        assert!(x.range(12..12).unwrap().is_empty());
+        for (offset, len, says) in [
+            (4, 1, "not a multiple of 8"),
+            (0, 13, "past its end"),
+            (96, 1, "past its end"),
+            (8, usize::MAX / 4, "past its end"),
+            (usize::MAX - 7, 1, "past its end"),
+        ] {
+            let e = shm.view_at::<u64>(offset, len).unwrap_err();
+            assert!(matches!(e, ShmError::BadView { .. }), "{e}");
+            assert!(e.to_string().contains(says), "{offset} {len}: {e}");
+        }
+        assert_eq!(shm.view_at::<u8>(100, 0).unwrap().len(), 0);
+        shm.close();
+        assert!(shm.view::<u8>().unwrap_err().to_string().contains("closed"));
     }
 
     /// What another process receiving `a` would get (its memfd, opened again).

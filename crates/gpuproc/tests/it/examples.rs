@@ -76,3 +76,16 @@ fn the_main_demo_gives_each_worker_its_own_gpu() {
     gpus.dedup();
     assert_eq!(gpus.len(), 4, "one GPU per worker");
 }
+
+#[test]
+fn big_data_sums_rows_of_a_named_block_and_a_sealed_slice_in_the_workers() {
+    assert_eq!(
+        stdout_lines(&run_example("big_data")),
+        [
+            "64 rows of 16384 f32 (4 MiB), 2 workers",
+            "named block: row 0 sums to 8192, row 63 to 1040384, all 64 rows 33554432",
+            "sealed slice: row 0 sums to 8192, row 63 to 1040384, all 64 rows 33554432",
+            "both agree with the parent: true",
+        ]
+    );
+}
