@@ -371,6 +371,13 @@ pub struct WorkerGpuUsage {
 }
 
 /// A pool of worker processes; Python's `multiprocessing.Pool`.
+///
+/// # Big data
+/// Task arguments and results are copied into each message (plain numbers at a fixed width,
+/// anything else with postcard). For megabytes per task, send a
+/// [`SharedSlice`](crate::SharedSlice) (a descriptor, whatever its size) or give every worker
+/// the data once through [`PoolBuilder::initializer`] and map over ids: see the crate guide,
+/// "Big data", and `examples/big_data.rs`.
 #[derive(Debug)]
 pub struct Pool {
     config: Arc<Config>,

@@ -1,6 +1,8 @@
 //! Memory shared between processes: Python's `multiprocessing.Value` and `Array`
 //! ([`SharedValue`], [`SharedArray`]) and `multiprocessing.shared_memory.SharedMemory`
-//! ([`SharedMemory`], named blocks in `/dev/shm` that unrelated processes can attach).
+//! ([`SharedMemory`], named blocks in `/dev/shm` that unrelated processes can attach), and
+//! [`SharedSlice`], a read-only slice sealed once made (see the crate guide, "Big data",
+//! for which to use when).
 //!
 //! Values and arrays live in an anonymous memory file (memfd) and reach child processes as
 //! part of their argument, with every start method. Named blocks are found by name.
@@ -13,8 +15,14 @@
 //! [`to_vec`](SharedArray::to_vec), [`SharedMemory::buf`] (a slice of `AtomicU8`). Each
 //! element is read or written whole (no torn values), but a sequence of them is not one step:
 //! hold the object's lock ([`SharedValue::get_lock`], [`SharedValue::update`]) for
-//! read-modify-write or to see an array consistently, as in Python. Where you know no one
-//! else writes, the `unsafe` [`SharedArray::as_slice`] and friends give plain slices.
+//! read-modify-write or to see an array consistently, as in Python. [`SharedMemory::view`]
+//! reads and writes a named block as numbers the same way ([`AtomicSlice`]). Bulk copies
+//! ([`SharedArray::to_vec`], [`AtomicSlice::copy_to_slice`], ...) still read each element
+//! whole, at about the speed of `memcpy`.
+//!
+//! A [`SharedSlice`] is the exception: nobody can write it once it is made (the kernel
+//! refuses), so it is a plain `&[T]` in safe code. Where you know no one else writes the
+//! others, the `unsafe` [`SharedArray::as_slice`] and friends give plain slices too.
 //!
 //! ```
 //! # gpuproc::init();
