@@ -262,3 +262,36 @@ fn shared_slice_through_a_pipe_and_of_another_type_refused_with_the_reason() {
         assert!(e.contains("its elements are f32, not u32"), "{m:?}: {e}");
     }
 }
+
+/// Mappings of shared slices in this process.
+fn slice_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("memfd:gpuproc-slice-"))
+        .count()
+}
+
+#[test]
+fn shared_slices_sent_and_dropped_leave_no_descriptor_or_mapping() {
+    let q: Queue<SharedSlice<u64>> = Queue::new().unwrap();
+    let round = || {
+        let made: Vec<SharedSlice<u64>> = (0..50u64)
+            .map(|i| SharedSlice::build(20_000, |b| b.fill(i)).unwrap())
+            .collect();
+        assert!(slice_mappings() >= 50);
+        for s in &made {
+            q.put(s.clone()).unwrap();
+        }
+        for i in 0..50u64 {
+            let s = q.get_timeout(TIMEOUT).unwrap();
+            assert_eq!(s[19_999], i);
+        }
+    };
+    round(); // the queue's own buffers, made once
+    let (fds, maps) = (support::open_fds(), slice_mappings());
+    round();
+    assert_eq!(support::open_fds(), fds, "descriptors leaked");
+    assert_eq!(slice_mappings(), maps, "mappings leaked");
+    assert_eq!(maps, 0);
+}
