@@ -463,6 +463,39 @@ mod tests {
         assert!(e.to_string().contains("element 2 is 2"), "{e}");
     }
 
+    /// Descriptors and mappings of `SharedSlice<i16>` memory in this process (no other test
+    /// makes one).
+    fn i16_memory() -> (usize, usize) {
+        let name = "memfd:gpuproc-slice-i16";
+        let fds = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains(name))
+            })
+            .count();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        (fds, maps.lines().filter(|l| l.contains(name)).count())
+    }
+
+    #[test]
+    fn a_panic_while_filling_frees_the_memory() {
+        let r = std::panic::catch_unwind(|| {
+            SharedSlice::<i16>::build(100_000, |buf| {
+                buf[0] = 1;
+                assert_eq!(i16_memory(), (1, 1));
+                panic!("fill failed");
+            })
+        });
+        assert!(r.is_err());
+        assert_eq!(i16_memory(), (0, 0));
+        let s = SharedSlice::<i16>::build(3, |buf| buf[2] = -1).unwrap();
+        assert_eq!(i16_memory(), (1, 1));
+        assert_eq!(&s[..], &[0, 0, -1]);
+        drop(s);
+        assert_eq!(i16_memory(), (0, 0));
+    }
+
     #[test]
     fn sizes_that_cannot_exist_are_refused_before_allocating() {
         let e = SharedSlice::<u64>::build(usize::MAX / 4, |_| unreachable!()).unwrap_err();
