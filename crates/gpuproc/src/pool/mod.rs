@@ -328,6 +328,7 @@ impl PoolBuilder {
             buffers: Default::default(),
             usage: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
+            chunks_sent: Default::default(),
         });
         let driver = Driver::new(config.clone(), shared.clone())?;
         let on_death = shared.clone();
@@ -506,8 +507,17 @@ impl Pool {
     {
         let items = Input::new(items.into_iter());
         let len = items.len;
-        let chunksize = chunksize.unwrap_or_else(|| policy::auto_chunksize(len, self.processes()));
-        self.imap(f, items).chunksize(chunksize).with_len(len)
+        let imap = match chunksize {
+            Some(n) => self.imap(f, items).chunksize(n),
+            None => {
+                let mut imap = self
+                    .imap(f, items)
+                    .chunksize(policy::auto_chunksize(len, self.processes()));
+                imap.max_chunk_bytes = policy::AUTO_CHUNK_BYTES;
+                imap
+            }
+        };
+        imap.with_len(len)
     }
 
     /// [`map`](Self::map) with an explicit chunk size.
@@ -662,6 +672,13 @@ impl Pool {
         self.shared.waker.wake();
     }
 
+    /// How many chunks the pool has sent to its workers (each is one message; a task sent
+    /// again after its worker died counts again): for gpuproc's own tests of the chunking.
+    #[doc(hidden)]
+    pub fn __chunks_sent_for_tests(&self) -> u64 {
+        self.shared.chunks_sent.load(Ordering::Relaxed)
+    }
+
     /// Kills the workers at once; unfinished tasks fail with [`PoolError::Terminated`].
     /// Python's `Pool.terminate`.
     pub fn terminate(&self) {
@@ -740,11 +757,6 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
     chunk.fds.extend(fds);
     Ok(())
 }
-
-/// A chunk stops taking items once its arguments reach this many bytes: the rest go in the
-/// next chunk (so that a chunk of large items neither waits to be encoded whole nor holds
-/// gigabytes in one frame).
-const MAX_CHUNK_BYTES: usize = 64 << 20;
 
 /// The most results `map` reserves room for up front (more grow the vector as they come).
 const MAX_RESERVE: usize = 1 << 26;
@@ -974,6 +986,8 @@ pub struct Imap<'p, A, R, I> {
     plain: Option<plain::Encoder>,
     /// The encoded size of an argument in the last chunk, to size the next one.
     bytes_per_task: usize,
+    /// A chunk stops taking items once its arguments reach this many bytes.
+    max_chunk_bytes: usize,
     _types: PhantomData<fn(A) -> R>,
 }
 
@@ -1015,6 +1029,7 @@ where
             bar: None,
             plain: Some(plain::Encoder::default()),
             bytes_per_task: 8,
+            max_chunk_bytes: policy::MAX_CHUNK_BYTES,
             _types: PhantomData,
         }
     }
@@ -1105,9 +1120,14 @@ where
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
             let room = self.chunksize.saturating_mul(self.bytes_per_task);
-            chunk.args = (self.pool.shared.buffers).take(room.min(MAX_CHUNK_BYTES));
-            // A chunk of large items ends early, at MAX_CHUNK_BYTES; the next takes the rest.
-            while chunk.len() < self.chunksize && chunk.args.len() < MAX_CHUNK_BYTES {
+            chunk.args = (self.pool.shared.buffers).take(room.min(self.max_chunk_bytes));
+            // A chunk of large items ends early, at its byte budget; the next takes the rest.
+            while policy::chunk_takes_more(
+                chunk.len(),
+                chunk.args.len(),
+                self.chunksize,
+                self.max_chunk_bytes,
+            ) {
                 let Some(a) = self.input.next() else { break };
                 push_item(&mut chunk, &mut self.plain, &a)?;
             }
