@@ -14,6 +14,10 @@
 //!   1000 × 1 ms / 2 workers = 500 ms (Python's Pool for reference);
 //! - (d) idle worker memory: the sum of Rss (and Pss) from `/proc/<pid>/smaps_rollup` of the 2
 //!   workers of a warmed-up, idle pool (`pool.worker_pids()`; Python's `pool._pool`);
+//! - (e) large payloads: 256 tasks x 4 MiB `Vec<f32>`, (e1) sum, (e2) times 2, against
+//!   memcpy, a one-process compute floor, the ids + named `SharedMemory` pattern and Python's
+//!   `Pool.map` over numpy arrays; and 100,000 strings of 100 bytes upper-cased (see
+//!   `large_payloads`; its own table and targets);
 //! - pool start: build a pool and get the first result (`Pool::new(2)` + `apply(square, 3)`;
 //!   Python `Pool(2)` + `apply`), median of several after one warm-up start.
 //!
@@ -26,7 +30,7 @@
 //!
 //! Usage: `bench_pool [--scale F] [--only WHAT,...] [--no-python] [--no-procspawn]`.
 //! `--scale` multiplies every task count (default 1; 0.2 for a quick look). `--only` keeps the
-//! sections named: `a`, `b`, `c`, `d`, `start` (e.g. `--only a --no-python --no-procspawn`
+//! sections named: `a`, `b`, `c`, `d`, `e`, `start` (e.g. `--only a --no-python --no-procspawn`
 //! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`). Python from `$GPUPROC_PYTHON`, else
 //! `<workspace>/.venv/bin/python`, else `python3`. About 60 s on 2 cores, most of it in
 //! Python's futures and loky rows.
@@ -741,7 +745,7 @@ fn timed<T>(reps: usize, mut f: impl FnMut() -> T, mut check: impl FnMut(T)) -> 
         .collect()
 }
 
-/// Section (e): 256 x 4 MiB `Vec<f32>` (scaled), sum (e1) and times 2 (e2), and 100,000
+/// Section (e) (issue 12): 256 x 4 MiB `Vec<f32>` (scaled), sum (e1) and times 2 (e2), and 100,000
 /// strings of 100 bytes upper-cased.
 fn large_payloads(scale: f64, python_on: bool, script: &Path) {
     let reps = 3;
