@@ -31,7 +31,8 @@
 //! Usage: `bench_pool [--scale F] [--only WHAT,...] [--no-python] [--no-procspawn]`.
 //! `--scale` multiplies every task count (default 1; 0.2 for a quick look). `--only` keeps the
 //! sections named: `a`, `b`, `c`, `d`, `e`, `start` (e.g. `--only a --no-python --no-procspawn`
-//! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`). Python from `$GPUPROC_PYTHON`, else
+//! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`; `e1` or `e2`
+//! times only gpuproc's `Vec<f32>` map of (e1) or (e2)). Python from `$GPUPROC_PYTHON`, else
 //! `<workspace>/.venv/bin/python`, else `python3`. About 60 s on 2 cores, most of it in
 //! Python's futures and loky rows.
 
@@ -260,8 +261,12 @@ fn main() {
     let python = gpuproc_benchmarks::python();
     raise_nofile_limit();
     if !["a", "b", "c", "d", "start"].iter().any(|w| wanted(w)) {
-        if wanted("e") {
-            large_payloads(scale, python_on, &script);
+        // `e1` / `e2`: only gpuproc's `Vec<f32>` map of that kind, to profile it.
+        let just = ["e1", "e2"]
+            .into_iter()
+            .find(|w| only.iter().any(|o| o == w));
+        if wanted("e") || just.is_some() {
+            large_payloads(scale, python_on, &script, just);
         }
         return;
     }
@@ -620,7 +625,7 @@ fn main() {
     );
 
     if wanted("e") {
-        large_payloads(scale, python_on, &script);
+        large_payloads(scale, python_on, &script, None);
     }
 }
 
@@ -747,7 +752,8 @@ fn timed<T>(reps: usize, mut f: impl FnMut() -> T, mut check: impl FnMut(T)) -> 
 
 /// Section (e) (issue 12): 256 x 4 MiB `Vec<f32>` (scaled), sum (e1) and times 2 (e2), and 100,000
 /// strings of 100 bytes upper-cased.
-fn large_payloads(scale: f64, python_on: bool, script: &Path) {
+/// `just`: `e1` or `e2` to time only gpuproc's `Vec<f32>` map of that kind (for profiling).
+fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>) {
     let reps = 3;
     let n = ((256.0 * scale).round() as usize).max(8);
     let floats = (4 << 20) / 4;
@@ -769,6 +775,25 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path) {
         })
     };
 
+    if let Some(e) = just {
+        let pool = Pool::new(WORKERS).expect("gpuproc pool");
+        for _ in 0..reps {
+            let input = data.clone();
+            let t = Instant::now();
+            let n_out = if e == "e1" {
+                pool.map(sum_f32, input).expect("gpuproc e1").len()
+            } else {
+                pool.map(times_2, input).expect("gpuproc e2").len()
+            };
+            let s = t.elapsed().as_secs_f64();
+            assert_eq!(n_out, n);
+            println!(
+                "({e}) gpuproc map Vec<f32> auto: {s:.3} s, {:.2} GB/s",
+                total / s / 1e9
+            );
+        }
+        return;
+    }
     // One-thread floors: memcpy of the same bytes, and the work itself in one process.
     let mut dst = vec![0f32; floats];
     row(
