@@ -1119,8 +1119,9 @@ where
         let mut batched = 0;
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
-            let room = self.chunksize.saturating_mul(self.bytes_per_task);
-            chunk.args = (self.pool.shared.buffers).take(room.min(self.max_chunk_bytes));
+            let room =
+                policy::chunk_capacity(self.chunksize, self.bytes_per_task, self.max_chunk_bytes);
+            chunk.args = (self.pool.shared.buffers).take(room);
             // A chunk of large items ends early, at its byte budget; the next takes the rest.
             while policy::chunk_takes_more(
                 chunk.len(),

@@ -34,6 +34,16 @@ pub fn chunk_takes_more(items: usize, bytes: usize, chunksize: usize, max_bytes:
     items < chunksize && (items == 0 || bytes < max_bytes)
 }
 
+/// The bytes to reserve for a chunk's arguments when its items took `bytes_per_task` each
+/// in the last chunk: room for `chunksize` of them, or, when the byte budget `max_bytes`
+/// ends the chunk first, for the budget plus the item that crosses it (so that a chunk of
+/// items larger than the budget is not grown, and copied, as it is encoded).
+pub fn chunk_capacity(chunksize: usize, bytes_per_task: usize, max_bytes: usize) -> usize {
+    chunksize
+        .saturating_mul(bytes_per_task)
+        .min(max_bytes.saturating_add(bytes_per_task))
+}
+
 /// Checks a pool's counts as Python's `Pool` does (it raises `ValueError`): at least one
 /// worker, and a `max_tasks_per_child`, when given, of at least one.
 pub fn check_counts(processes: usize, max_tasks_per_child: Option<u64>) -> Result<(), PoolError> {
@@ -165,6 +175,24 @@ mod tests {
         // An explicit chunk size keeps the 64 MiB cap.
         assert!(chunk_takes_more(15, 60 << 20, 16, MAX_CHUNK_BYTES));
         assert!(!chunk_takes_more(16, 64 << 20, 32, MAX_CHUNK_BYTES));
+    }
+
+    #[test]
+    fn a_chunk_reserves_room_for_its_items_up_to_the_budget_and_one_more() {
+        // Small items: chunksize of them.
+        assert_eq!(chunk_capacity(125_000, 8, AUTO_CHUNK_BYTES), 1_000_000);
+        // 4 MiB items, over the 1 MiB budget: one whole item, not the budget.
+        let item = (4 << 20) + 4;
+        assert_eq!(
+            chunk_capacity(2, item, AUTO_CHUNK_BYTES),
+            AUTO_CHUNK_BYTES + item
+        );
+        // An explicit chunk size of 8 MiB items: up to 64 MiB and the item crossing it.
+        assert_eq!(chunk_capacity(9, 8 << 20, MAX_CHUNK_BYTES), 72 << 20);
+        assert_eq!(
+            chunk_capacity(usize::MAX, usize::MAX, MAX_CHUNK_BYTES),
+            usize::MAX
+        );
     }
 
     #[test]
