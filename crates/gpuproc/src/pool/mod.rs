@@ -481,6 +481,12 @@ impl Pool {
     /// Calls `f` on every item and returns the results in order; Python's `Pool.map`, with
     /// its automatic chunk size. The first failed task's error is returned (with its index);
     /// see [`map_results`](Self::map_results) to get every task's outcome.
+    ///
+    /// Unlike Python, the automatic chunk size also counts bytes: a chunk holds Python's
+    /// `ceil(len / (4 * workers))` items, but ends early once its encoded arguments reach
+    /// 1 MiB, so that large items (arrays, buffers) go one or a few per message and every
+    /// worker gets work early. An explicit chunk size ([`map_chunksize`](Self::map_chunksize))
+    /// ends a chunk only at 64 MiB.
     pub fn map<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<Vec<R>, PoolError>
     where
         A: Serialize + DeserializeOwned,
