@@ -10,6 +10,11 @@ that is not counted:
 - `multiprocessing.Pool.map(f, range(N2))` with its automatic chunk size,
 - `Pool.map(sleep_1ms, range(N3), chunksize=1)`,
 - pool start: `Pool(2)` then `apply(f, (3,))` (first result), then `terminate()`, repeated;
+- large payloads (--big-n > 0): `Pool.map` over --big-n numpy float32 arrays of --big-floats
+  elements, returning the sum (`big_sum_*`) or the array times 2 (`big_times2_*`), each at
+  chunksize 1 (`*_c1`) and the automatic chunk size (`*_auto`); and (--str-n > 0) `Pool.map`
+  of `str.upper` over --str-n strings of --str-len bytes, automatic chunk size
+  (`str_upper_auto`); needs numpy;
 - idle worker memory: Rss and Pss of the pool's workers (from /proc/<pid>/smaps_rollup) after
   a warm-up map and a short idle pause.
 
@@ -22,7 +27,8 @@ The two Pool.map rows are repeated --reps times (one result entry each); the cal
 the median.
 
 Usage: bench_pool.py [--processes P] [--n1 N] [--futures-n N] [--loky-n N] [--n2 N]
-                     [--sleep-n N] [--starts K] [--reps R]
+                     [--sleep-n N] [--starts K] [--reps R] [--big-n N] [--big-floats F]
+                     [--str-n N] [--str-len L]
 A count of 0 skips that measurement.
 """
 
@@ -42,6 +48,18 @@ def square(x):
 def sleep_1ms(x):
     time.sleep(0.001)
     return x
+
+
+def big_sum(a):
+    return float(a.sum())
+
+
+def big_times2(a):
+    return a * 2
+
+
+def upper(s):
+    return s.upper()
 
 
 def timed(fn):
@@ -82,6 +100,10 @@ def main():
     ap.add_argument("--sleep-n", type=int, default=1000)
     ap.add_argument("--starts", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the two Pool.map rows")
+    ap.add_argument("--big-n", type=int, default=0)
+    ap.add_argument("--big-floats", type=int, default=1 << 20)
+    ap.add_argument("--str-n", type=int, default=0)
+    ap.add_argument("--str-len", type=int, default=100)
     args = ap.parse_args()
     procs = args.processes
     fut_n = args.n1 if args.futures_n is None else args.futures_n
@@ -111,6 +133,33 @@ def main():
             pool.map(sleep_1ms, range(20), chunksize=1)
             s, out = timed(lambda: pool.map(sleep_1ms, range(args.sleep_n), chunksize=1))
             results.append({"name": "pool_sleep", "tasks": args.sleep_n, "seconds": s})
+        if args.big_n > 0:
+            import numpy as np
+
+            data = [
+                (np.arange(args.big_floats, dtype=np.int64) + i) % 7 for i in range(args.big_n)
+            ]
+            data = [a.astype(np.float32) for a in data]
+            pool.map(big_sum, data[:4], chunksize=1)
+            for name, fn in (("sum", big_sum), ("times2", big_times2)):
+                for label, cs in (("c1", 1), ("auto", None)):
+                    for _ in range(args.reps):
+                        s, out = timed(lambda: pool.map(fn, data, chunksize=cs))
+                        if len(out) != args.big_n:
+                            raise SystemExit(f"big {name}: wrong results")
+                        results.append(
+                            {"name": f"big_{name}_{label}", "tasks": args.big_n, "seconds": s}
+                        )
+                        del out
+            del data
+        if args.str_n > 0:
+            strings = [str(i).rjust(args.str_len, "a") for i in range(args.str_n)]
+            pool.map(upper, strings[:1000])
+            for _ in range(args.reps):
+                s, out = timed(lambda: pool.map(upper, strings))
+                if out[-1] != strings[-1].upper():
+                    raise SystemExit("str upper: wrong results")
+                results.append({"name": "str_upper_auto", "tasks": args.str_n, "seconds": s})
 
     if fut_n > 0:
         with concurrent.futures.ProcessPoolExecutor(procs) as ex:
@@ -134,7 +183,7 @@ def main():
             results.append({"name": "loky_c1", "tasks": loky_n, "seconds": s})
             ex.shutdown(wait=True)
 
-    for i in range(args.starts + 1):
+    for i in range(args.starts + 1 if args.starts > 0 else 0):
         t0 = time.perf_counter()
         pool = mp.Pool(procs)
         r = pool.apply(square, (3,))

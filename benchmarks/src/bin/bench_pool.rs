@@ -14,6 +14,10 @@
 //!   1000 × 1 ms / 2 workers = 500 ms (Python's Pool for reference);
 //! - (d) idle worker memory: the sum of Rss (and Pss) from `/proc/<pid>/smaps_rollup` of the 2
 //!   workers of a warmed-up, idle pool (`pool.worker_pids()`; Python's `pool._pool`);
+//! - (e) large payloads: 256 tasks x 4 MiB `Vec<f32>`, (e1) sum, (e2) times 2, against
+//!   memcpy, a one-process compute floor, the ids + named `SharedMemory` pattern and Python's
+//!   `Pool.map` over numpy arrays; and 100,000 strings of 100 bytes upper-cased (see
+//!   `large_payloads`; its own table and targets);
 //! - pool start: build a pool and get the first result (`Pool::new(2)` + `apply(square, 3)`;
 //!   Python `Pool(2)` + `apply`), median of several after one warm-up start.
 //!
@@ -26,15 +30,18 @@
 //!
 //! Usage: `bench_pool [--scale F] [--only WHAT,...] [--no-python] [--no-procspawn]`.
 //! `--scale` multiplies every task count (default 1; 0.2 for a quick look). `--only` keeps the
-//! sections named: `a`, `b`, `c`, `d`, `start` (e.g. `--only a --no-python --no-procspawn`
-//! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`). Python from `$GPUPROC_PYTHON`, else
+//! sections named: `a`, `b`, `c`, `d`, `e`, `start` (e.g. `--only a --no-python --no-procspawn`
+//! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`; `e1` or `e2`
+//! times only gpuproc's `Vec<f32>` map of (e1) or (e2)). Python from `$GPUPROC_PYTHON`, else
 //! `<workspace>/.venv/bin/python`, else `python3`. About 60 s on 2 cores, most of it in
 //! Python's futures and loky rows.
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use gpuproc::shm::SharedMemory;
 use gpuproc::Pool;
 
 const WORKERS: usize = 2;
@@ -211,7 +218,7 @@ fn main() {
         eprintln!(
             "usage: bench_pool [--scale F] [--only WHAT[,WHAT...]] [--no-python] [--no-procspawn]\n  \
              --scale: multiply every task count (default 1)\n  \
-             --only: sections to run: a, b, c, d, start\n  \
+             --only: sections to run: a, b, c, d, e, start\n  \
              --no-python, --no-procspawn: leave out those baselines"
         );
         std::process::exit(2)
@@ -253,6 +260,16 @@ fn main() {
     let script = manifest.join("pool/bench_pool.py");
     let python = gpuproc_benchmarks::python();
     raise_nofile_limit();
+    if !["a", "b", "c", "d", "start"].iter().any(|w| wanted(w)) {
+        // `e1` / `e2`: only gpuproc's `Vec<f32>` map of that kind, to profile it.
+        let just = ["e1", "e2"]
+            .into_iter()
+            .find(|w| only.iter().any(|o| o == w));
+        if wanted("e") || just.is_some() {
+            large_payloads(scale, python_on, &script, just);
+        }
+        return;
+    }
 
     let started = Instant::now();
     // Pool start: build + first result. The first start is a warm-up (it also starts the
@@ -606,6 +623,10 @@ fn main() {
         mem_ratio,
         mem_ratio <= 0.2,
     );
+
+    if wanted("e") {
+        large_payloads(scale, python_on, &script, None);
+    }
 }
 
 fn ratio2(x: f64) -> String {
@@ -614,4 +635,418 @@ fn ratio2(x: f64) -> String {
     } else {
         "-".into()
     }
+}
+
+// ---- (e) large payloads ----------------------------------------------------------------
+
+/// The shared blocks a worker of the ids + named block rows attaches once (input, output).
+static BLOCKS: OnceLock<(SharedMemory, SharedMemory)> = OnceLock::new();
+
+/// `initializer` of the ids + named block pool: attach both blocks by name.
+fn attach_blocks(names: (String, String)) {
+    let input = SharedMemory::attach(&names.0).expect("attach the input block");
+    let output = SharedMemory::attach(&names.1).expect("attach the output block");
+    let _ = BLOCKS.set((input, output));
+}
+
+/// The `f32`s of `bytes` (a 4-byte aligned range of a mapping).
+fn as_f32s(bytes: &[u8]) -> &[f32] {
+    // SAFETY: every bit pattern is a valid f32; align_to only returns the aligned middle.
+    let (head, mid, tail) = unsafe { bytes.align_to::<f32>() };
+    assert!(head.is_empty() && tail.is_empty(), "misaligned f32 range");
+    mid
+}
+
+/// The `f32`s of `bytes`, writable.
+fn as_f32s_mut(bytes: &mut [u8]) -> &mut [f32] {
+    // SAFETY: every bit pattern is a valid f32; align_to_mut only returns the aligned middle.
+    let (head, mid, tail) = unsafe { bytes.align_to_mut::<f32>() };
+    assert!(head.is_empty() && tail.is_empty(), "misaligned f32 range");
+    mid
+}
+
+/// Item `id`'s range of bytes in a block of items of `item_bytes` each.
+fn item_range(id: usize, item_bytes: usize) -> std::ops::Range<usize> {
+    id * item_bytes..(id + 1) * item_bytes
+}
+
+fn sum_f32(v: Vec<f32>) -> f64 {
+    sum_slice(&v)
+}
+
+fn sum_slice(v: &[f32]) -> f64 {
+    // Eight lanes, so that the loop vectorises as numpy's pairwise sum does.
+    let mut acc = [0f32; 8];
+    let mut it = v.chunks_exact(8);
+    for c in &mut it {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let rest: f32 = it.remainder().iter().sum();
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(rest)
+}
+
+fn times_2(v: Vec<f32>) -> Vec<f32> {
+    let mut v = v;
+    for x in &mut v {
+        *x *= 2.0;
+    }
+    v
+}
+
+/// (ids + named block, e1) the sum of item `(id, item_bytes)` of the input block.
+fn shm_sum(task: (u32, u32)) -> f64 {
+    let (input, _) = BLOCKS.get().expect("blocks attached by the initializer");
+    // SAFETY: the parent filled the input block before the map and nobody writes it while
+    // the pool runs.
+    let all = unsafe { input.as_slice() };
+    sum_slice(as_f32s(&all[item_range(task.0 as usize, task.1 as usize)]))
+}
+
+/// (ids + named block, e2) item `id` of the input times 2, written to the same place of the
+/// output block; returns the id.
+fn shm_times_2(task: (u32, u32)) -> u32 {
+    let (input, output) = BLOCKS.get().expect("blocks attached by the initializer");
+    let range = item_range(task.0 as usize, task.1 as usize);
+    // SAFETY: nobody writes the input block while the pool runs; each task id is sent once,
+    // so this task is the only writer of its range of the output block, and the parent reads
+    // it only after the map has returned.
+    let (src, dst) = unsafe { (input.as_slice(), output.as_mut_slice()) };
+    let src = as_f32s(&src[range.clone()]);
+    let dst = as_f32s_mut(&mut dst[range]);
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s * 2.0;
+    }
+    task.0
+}
+
+fn upper(s: String) -> String {
+    s.to_uppercase()
+}
+
+/// One row of (e): seconds per run, and the bytes one run moves one way.
+struct BigRow {
+    name: String,
+    samples: Vec<f64>,
+    bytes: f64,
+}
+
+impl BigRow {
+    fn gbs(&self) -> f64 {
+        self.bytes / median(&self.samples) / 1e9
+    }
+}
+
+fn timed<T>(reps: usize, mut f: impl FnMut() -> T, mut check: impl FnMut(T)) -> Vec<f64> {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            let out = f();
+            let s = t.elapsed().as_secs_f64();
+            check(out);
+            s
+        })
+        .collect()
+}
+
+/// Section (e) (issue 12): 256 x 4 MiB `Vec<f32>` (scaled), sum (e1) and times 2 (e2), and 100,000
+/// strings of 100 bytes upper-cased.
+/// `just`: `e1` or `e2` to time only gpuproc's `Vec<f32>` map of that kind (for profiling).
+fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>) {
+    let reps = 3;
+    let n = ((256.0 * scale).round() as usize).max(8);
+    let floats = (4 << 20) / 4;
+    let item_bytes = floats * 4;
+    let total = (n * item_bytes) as f64;
+    let str_n = ((100_000.0 * scale).round() as usize).max(100);
+    let str_len = 100;
+    let data: Vec<Vec<f32>> = (0..n)
+        .map(|i| (0..floats).map(|j| ((i + j) % 7) as f32).collect())
+        .collect();
+    let sums: Vec<f64> = data.iter().map(|v| sum_slice(v)).collect();
+    let check_sums = |out: Vec<f64>| assert_eq!(out, sums, "e1: wrong sums");
+    let mut rows: Vec<BigRow> = Vec::new();
+    let mut row = |name: &str, samples: Vec<f64>| {
+        rows.push(BigRow {
+            name: name.into(),
+            samples,
+            bytes: total,
+        })
+    };
+
+    if let Some(e) = just {
+        let pool = Pool::new(WORKERS).expect("gpuproc pool");
+        for _ in 0..reps {
+            let input = data.clone();
+            let t = Instant::now();
+            let n_out = if e == "e1" {
+                pool.map(sum_f32, input).expect("gpuproc e1").len()
+            } else {
+                pool.map(times_2, input).expect("gpuproc e2").len()
+            };
+            let s = t.elapsed().as_secs_f64();
+            assert_eq!(n_out, n);
+            println!(
+                "({e}) gpuproc map Vec<f32> auto: {s:.3} s, {:.2} GB/s",
+                total / s / 1e9
+            );
+        }
+        return;
+    }
+    // One-thread floors: memcpy of the same bytes, and the work itself in one process.
+    let mut dst = vec![0f32; floats];
+    row(
+        "memcpy (1 thread)",
+        timed(
+            reps,
+            || {
+                for v in &data {
+                    dst.copy_from_slice(v);
+                    std::hint::black_box(&dst);
+                }
+            },
+            |_| (),
+        ),
+    );
+    row(
+        "(e1) compute floor: 1 process",
+        timed(
+            reps,
+            || data.iter().map(|v| sum_slice(v)).collect::<Vec<f64>>(),
+            check_sums,
+        ),
+    );
+    row(
+        "(e2) compute floor: 1 process",
+        timed(
+            reps,
+            || {
+                data.iter()
+                    .map(|v| v.iter().map(|x| x * 2.0).collect::<Vec<f32>>())
+                    .collect::<Vec<_>>()
+            },
+            |out| assert_eq!(out.len(), n),
+        ),
+    );
+
+    // gpuproc Vec<f32>, automatic chunk size (the copies the map consumes are made untimed).
+    let pool = Pool::new(WORKERS).expect("gpuproc pool");
+    let _ = pool.map(sum_f32, data[..4].to_vec()).expect("warm-up");
+    let mut samples = Vec::new();
+    for _ in 0..reps {
+        let input = data.clone();
+        let t = Instant::now();
+        let out = pool.map(sum_f32, input).expect("gpuproc e1");
+        samples.push(t.elapsed().as_secs_f64());
+        check_sums(out);
+    }
+    row("(e1) gpuproc map Vec<f32> auto", samples);
+    let mut samples = Vec::new();
+    for _ in 0..reps {
+        let input = data.clone();
+        let t = Instant::now();
+        let out = pool.map(times_2, input).expect("gpuproc e2");
+        samples.push(t.elapsed().as_secs_f64());
+        assert_eq!(out.len(), n);
+        assert_eq!(out[n - 1][3], data[n - 1][3] * 2.0, "e2: wrong result");
+    }
+    row("(e2) gpuproc map Vec<f32> auto", samples);
+    let strings: Vec<String> = (0..str_n)
+        .map(|i| format!("{i:0>width$}", width = str_len).replace('0', "a"))
+        .collect();
+    let mut str_samples = Vec::new();
+    for _ in 0..reps {
+        let input = strings.clone();
+        let t = Instant::now();
+        let out = pool.map(upper, input).expect("gpuproc strings");
+        str_samples.push(t.elapsed().as_secs_f64());
+        assert_eq!(out[str_n - 1], strings[str_n - 1].to_uppercase());
+    }
+    drop(pool);
+
+    // ids + one named block attached once per worker.
+    let input = SharedMemory::create(n * item_bytes).expect("input block");
+    let output = SharedMemory::create(n * item_bytes).expect("output block");
+    {
+        // SAFETY: no other process has the block yet; this is the only slice of it.
+        let all = unsafe { input.as_mut_slice() };
+        for (i, v) in data.iter().enumerate() {
+            as_f32s_mut(&mut all[item_range(i, item_bytes)]).copy_from_slice(v);
+        }
+    }
+    let pool = Pool::builder()
+        .processes(WORKERS)
+        .initializer(
+            attach_blocks,
+            (input.name().to_string(), output.name().to_string()),
+        )
+        .build()
+        .expect("gpuproc pool with blocks");
+    let item = u32::try_from(item_bytes).expect("item size");
+    let ids = || (0..n as u32).map(move |i| (i, item));
+    let _ = pool.map(shm_sum, ids().take(4)).expect("warm-up");
+    row(
+        "(e1) gpuproc ids + named block",
+        timed(
+            reps,
+            || pool.map(shm_sum, ids()).expect("shm e1"),
+            check_sums,
+        ),
+    );
+    row(
+        "(e2) gpuproc ids + named block",
+        timed(
+            reps,
+            || pool.map(shm_times_2, ids()).expect("shm e2"),
+            |out| assert_eq!(out.len(), n),
+        ),
+    );
+    drop(pool);
+    {
+        // SAFETY: the pool is gone: no process writes the output block any more.
+        let all = unsafe { output.as_slice() };
+        let last = as_f32s(&all[item_range(n - 1, item_bytes)]);
+        assert_eq!(last[3], data[n - 1][3] * 2.0, "shm e2: wrong result");
+    }
+    drop(data);
+    drop((input, output));
+
+    let mut py_str = f64::NAN;
+    if python_on {
+        let args: Vec<String> = [
+            ("--processes", WORKERS.to_string()),
+            ("--n1", "0".into()),
+            ("--futures-n", "0".into()),
+            ("--loky-n", "0".into()),
+            ("--n2", "0".into()),
+            ("--sleep-n", "0".into()),
+            ("--starts", "0".into()),
+            ("--reps", reps.to_string()),
+            ("--big-n", n.to_string()),
+            ("--big-floats", floats.to_string()),
+            ("--str-n", str_n.to_string()),
+            ("--str-len", str_len.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect();
+        match gpuproc_benchmarks::run_python_json::<PyOut>(script, &args) {
+            Ok(py) => {
+                let samples = |name: &str| -> Vec<f64> {
+                    py.results
+                        .iter()
+                        .filter(|r| r.name == name)
+                        .map(|r| r.seconds)
+                        .collect()
+                };
+                for (e, what) in [("e1", "sum"), ("e2", "times2")] {
+                    // Python's best chunk size: 1 or the automatic one.
+                    let c1 = samples(&format!("big_{what}_c1"));
+                    let auto = samples(&format!("big_{what}_auto"));
+                    let (label, s) = if median(&c1) <= median(&auto) || auto.is_empty() {
+                        ("chunksize 1", c1)
+                    } else {
+                        ("auto", auto)
+                    };
+                    if !s.is_empty() {
+                        row(&format!("({e}) python Pool numpy {label}"), s);
+                    }
+                }
+                py_str = median(&samples("str_upper_auto"));
+            }
+            Err(why) => eprintln!("bench_pool: no Python figures for (e): {why}"),
+        }
+    }
+
+    let find = |name: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(name))
+            .map_or(f64::NAN, BigRow::gbs)
+    };
+    println!();
+    println!(
+        "(e) large payloads: {n} tasks x {} MiB Vec<f32>, {WORKERS} workers; e1 returns the sum, \
+         e2 the input times 2",
+        item_bytes >> 20
+    );
+    println!(
+        "{:<40} {:>4} {:>9} {:>8} {:>10} {:>10}",
+        "row", "runs", "median s", "GB/s", "/python", "/floor"
+    );
+    for r in &rows {
+        let e = if r.name.starts_with("(e2)") {
+            "(e2)"
+        } else {
+            "(e1)"
+        };
+        let py = find(&format!("{e} python"));
+        let floor = find(&format!("{e} compute floor"));
+        println!(
+            "{:<40} {:>4} {:>9.3} {:>8.2} {:>10} {:>10}",
+            r.name,
+            r.samples.len(),
+            median(&r.samples),
+            r.gbs(),
+            ratio(r.gbs() / py),
+            ratio2(r.gbs() / floor),
+        );
+    }
+    println!(" (GB/s: input bytes per second; /python, /floor: this row's GB/s over theirs)");
+    let g_str = median(&str_samples);
+    println!();
+    println!(
+        "{:<40} {:>9} {:>10}",
+        format!("{str_n} strings x {str_len} B, to_uppercase"),
+        "median s",
+        "python/it"
+    );
+    println!(
+        "{:<40} {:>9.3} {:>10}",
+        "(e3) gpuproc map auto",
+        g_str,
+        ratio(py_str / g_str)
+    );
+    println!(
+        "{:<40} {:>9.3} {:>10}",
+        "(e3) python Pool.map auto",
+        py_str,
+        ratio(if py_str.is_finite() { 1.0 } else { f64::NAN })
+    );
+
+    println!();
+    println!("Targets (e):");
+    let verdict = |x: f64, ok: bool| {
+        if !x.is_finite() {
+            "not measured"
+        } else if ok {
+            "met"
+        } else {
+            "MISSED"
+        }
+    };
+    for e in ["(e1)", "(e2)"] {
+        let g = find(&format!("{e} gpuproc map"));
+        let r = g / find(&format!("{e} python"));
+        println!(
+            "  {:<52} {:>8} -> {}",
+            format!("{e} gpuproc Vec<f32> / python numpy >= 5x"),
+            ratio(r),
+            verdict(r, r >= 5.0)
+        );
+        let f = find(&format!("{e} compute floor")) / g;
+        println!(
+            "  {:<52} {:>8} -> {}",
+            format!("{e} compute floor / gpuproc Vec<f32> <= 4x"),
+            ratio2(f),
+            verdict(f, f <= 4.0)
+        );
+    }
+    let r = py_str / g_str;
+    println!(
+        "  {:<52} {:>8} -> {}",
+        "(e3) python Pool / gpuproc, strings >= 10x",
+        ratio(r),
+        verdict(r, r >= 10.0)
+    );
 }

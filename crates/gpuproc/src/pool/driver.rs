@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -213,6 +213,8 @@ pub(crate) struct Shared {
     pub jobs: Mutex<Jobs>,
     /// Per worker slot: its GPUs and the GPU memory the sampler saw.
     pub usage: Mutex<Vec<super::WorkerGpuUsage>>,
+    /// How many chunks (one frame each) have been sent to workers, for tests.
+    pub chunks_sent: AtomicU64,
 }
 
 /// Chunk arguments up to this size are copied into the outbox (so that many small chunks
@@ -528,6 +530,7 @@ impl Driver {
                 self.pending.push_front(rest);
             }
             send_chunk(&mut self.workers[wi], chunk);
+            self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
         }
         // One write per worker for everything queued this round.
         for w in &mut self.workers {

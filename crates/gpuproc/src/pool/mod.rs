@@ -328,6 +328,7 @@ impl PoolBuilder {
             buffers: Default::default(),
             usage: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
+            chunks_sent: Default::default(),
         });
         let driver = Driver::new(config.clone(), shared.clone())?;
         let on_death = shared.clone();
@@ -487,6 +488,12 @@ impl Pool {
     /// Calls `f` on every item and returns the results in order; Python's `Pool.map`, with
     /// its automatic chunk size. The first failed task's error is returned (with its index);
     /// see [`map_results`](Self::map_results) to get every task's outcome.
+    ///
+    /// Unlike Python, the automatic chunk size also counts bytes: a chunk holds Python's
+    /// `ceil(len / (4 * workers))` items, but ends early once its encoded arguments reach
+    /// 1 MiB, so that large items (arrays, buffers) go one or a few per message and every
+    /// worker gets work early. An explicit chunk size ([`map_chunksize`](Self::map_chunksize))
+    /// ends a chunk only at 64 MiB.
     pub fn map<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<Vec<R>, PoolError>
     where
         A: Serialize + DeserializeOwned,
@@ -513,8 +520,17 @@ impl Pool {
     {
         let items = Input::new(items.into_iter());
         let len = items.len;
-        let chunksize = chunksize.unwrap_or_else(|| policy::auto_chunksize(len, self.processes()));
-        self.imap(f, items).chunksize(chunksize).with_len(len)
+        let imap = match chunksize {
+            Some(n) => self.imap(f, items).chunksize(n),
+            None => {
+                let mut imap = self
+                    .imap(f, items)
+                    .chunksize(policy::auto_chunksize(len, self.processes()));
+                imap.max_chunk_bytes = policy::AUTO_CHUNK_BYTES;
+                imap
+            }
+        };
+        imap.with_len(len)
     }
 
     /// [`map`](Self::map) with an explicit chunk size.
@@ -669,6 +685,13 @@ impl Pool {
         self.shared.waker.wake();
     }
 
+    /// How many chunks the pool has sent to its workers (each is one message; a task sent
+    /// again after its worker died counts again): for gpuproc's own tests of the chunking.
+    #[doc(hidden)]
+    pub fn __chunks_sent_for_tests(&self) -> u64 {
+        self.shared.chunks_sent.load(Ordering::Relaxed)
+    }
+
     /// Kills the workers at once; unfinished tasks fail with [`PoolError::Terminated`].
     /// Python's `Pool.terminate`.
     pub fn terminate(&self) {
@@ -747,11 +770,6 @@ fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError>
     chunk.fds.extend(fds);
     Ok(())
 }
-
-/// A chunk stops taking items once its arguments reach this many bytes: the rest go in the
-/// next chunk (so that a chunk of large items neither waits to be encoded whole nor holds
-/// gigabytes in one frame).
-const MAX_CHUNK_BYTES: usize = 64 << 20;
 
 /// The most results `map` reserves room for up front (more grow the vector as they come).
 const MAX_RESERVE: usize = 1 << 26;
@@ -981,6 +999,8 @@ pub struct Imap<'p, A, R, I> {
     plain: Option<plain::Encoder>,
     /// The encoded size of an argument in the last chunk, to size the next one.
     bytes_per_task: usize,
+    /// A chunk stops taking items once its arguments reach this many bytes.
+    max_chunk_bytes: usize,
     _types: PhantomData<fn(A) -> R>,
 }
 
@@ -1022,6 +1042,7 @@ where
             bar: None,
             plain: Some(plain::Encoder::default()),
             bytes_per_task: 8,
+            max_chunk_bytes: policy::MAX_CHUNK_BYTES,
             _types: PhantomData,
         }
     }
@@ -1111,10 +1132,16 @@ where
         let mut batched = 0;
         while self.outstanding < window {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
-            let room = self.chunksize.saturating_mul(self.bytes_per_task);
-            chunk.args = (self.pool.shared.buffers).take(room.min(MAX_CHUNK_BYTES));
-            // A chunk of large items ends early, at MAX_CHUNK_BYTES; the next takes the rest.
-            while chunk.len() < self.chunksize && chunk.args.len() < MAX_CHUNK_BYTES {
+            let room =
+                policy::chunk_capacity(self.chunksize, self.bytes_per_task, self.max_chunk_bytes);
+            chunk.args = (self.pool.shared.buffers).take(room);
+            // A chunk of large items ends early, at its byte budget; the next takes the rest.
+            while policy::chunk_takes_more(
+                chunk.len(),
+                chunk.args.len(),
+                self.chunksize,
+                self.max_chunk_bytes,
+            ) {
                 let Some(a) = self.input.next() else { break };
                 push_item(&mut chunk, &mut self.plain, &a)?;
             }

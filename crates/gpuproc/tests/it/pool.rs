@@ -891,3 +891,50 @@ fn a_task_function_in_another_shared_object_is_refused() {
         );
     }
 }
+
+fn pid_and_sum(v: Vec<f32>) -> (u32, f64) {
+    (std::process::id(), v.iter().map(|&x| f64::from(x)).sum())
+}
+
+#[test]
+fn the_automatic_chunk_size_sends_large_items_one_per_chunk() {
+    let (chunks, got) = within(|| {
+        let pool = Pool::new(2).unwrap();
+        // Sixteen 4 MiB items: Python's count alone makes chunks of 2 (8 chunks); the byte
+        // budget makes each item its own chunk, so both workers get work from the start.
+        let items: Vec<Vec<f32>> = (0..16u16)
+            .map(|i| vec![f32::from(i); (4 << 20) / 4])
+            .collect();
+        let before = pool.__chunks_sent_for_tests();
+        let got = pool.map(pid_and_sum, items).unwrap();
+        let chunks = pool.__chunks_sent_for_tests() - before;
+        pool.close();
+        pool.join().unwrap();
+        (chunks, got)
+    });
+    let floats = f64::from((4u32 << 20) / 4);
+    let sums: Vec<f64> = got.iter().map(|r| r.1).collect();
+    let want: Vec<f64> = (0..16u16).map(|i| f64::from(i) * floats).collect();
+    assert_eq!(sums, want);
+    assert_eq!(chunks, 16, "one chunk per 4 MiB item");
+    let mut pids: Vec<u32> = got.iter().map(|r| r.0).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 2, "both workers ran tasks: {pids:?}");
+}
+
+#[test]
+fn the_automatic_chunk_size_keeps_pythons_count_for_small_items() {
+    let chunks = within(|| {
+        let pool = Pool::new(2).unwrap();
+        let before = pool.__chunks_sent_for_tests();
+        // 100,000 u64: Python's ceil(100000 / 8) = 12,500 per chunk, 8 chunks.
+        let got = pool.map(square, 0..100_000u64).unwrap();
+        assert_eq!(got[99_999], 99_999 * 99_999);
+        let chunks = pool.__chunks_sent_for_tests() - before;
+        pool.close();
+        pool.join().unwrap();
+        chunks
+    });
+    assert_eq!(chunks, 8);
+}
