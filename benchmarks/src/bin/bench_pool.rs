@@ -42,7 +42,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use gpuproc::shm::SharedMemory;
-use gpuproc::Pool;
+use gpuproc::{Pool, SharedSlice};
 
 const WORKERS: usize = 2;
 /// procspawn handles kept outstanding at once; each holds IPC channels (file descriptors).
@@ -721,6 +721,21 @@ fn shm_times_2(task: (u32, u32)) -> u32 {
     task.0
 }
 
+/// (SharedSlice, e1) the sum of a sealed shared slice: only its descriptor travels.
+fn slice_sum(v: SharedSlice<f32>) -> f64 {
+    sum_slice(&v)
+}
+
+/// (SharedSlice, e2) the slice times 2, written into a new sealed slice sent back.
+fn slice_times_2(v: SharedSlice<f32>) -> SharedSlice<f32> {
+    SharedSlice::build(v.len(), |out| {
+        for (o, x) in out.iter_mut().zip(v.iter()) {
+            *o = x * 2.0;
+        }
+    })
+    .expect("output slice")
+}
+
 fn upper(s: String) -> String {
     s.to_uppercase()
 }
@@ -864,6 +879,46 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
         assert_eq!(out[str_n - 1], strings[str_n - 1].to_uppercase());
     }
     drop(pool);
+
+    // SharedSlice<f32>: made from the data once (untimed, as the block below is filled
+    // untimed); only descriptors travel.
+    let slices: Vec<SharedSlice<f32>> = data
+        .iter()
+        .map(|v| SharedSlice::from_slice(v).expect("shared slice"))
+        .collect();
+    let pool = Pool::new(WORKERS).expect("gpuproc pool");
+    let _ = pool.map(slice_sum, slices[..4].to_vec()).expect("warm-up");
+    row(
+        "(e1) gpuproc SharedSlice<f32>",
+        timed(
+            reps,
+            || {
+                pool.map(slice_sum, slices.iter().cloned())
+                    .expect("slice e1")
+            },
+            check_sums,
+        ),
+    );
+    row(
+        "(e2) gpuproc SharedSlice<f32>",
+        timed(
+            reps,
+            || {
+                pool.map(slice_times_2, slices.iter().cloned())
+                    .expect("slice e2")
+            },
+            |out| {
+                assert_eq!(out.len(), n);
+                assert_eq!(
+                    out[n - 1][3],
+                    data[n - 1][3] * 2.0,
+                    "slice e2: wrong result"
+                );
+            },
+        ),
+    );
+    drop(pool);
+    drop(slices);
 
     // ids + one named block attached once per worker.
     let input = SharedMemory::create(n * item_bytes).expect("input block");
@@ -1040,6 +1095,13 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
             format!("{e} compute floor / gpuproc Vec<f32> <= 4x"),
             ratio2(f),
             verdict(f, f <= 4.0)
+        );
+        let f = find(&format!("{e} compute floor")) / find(&format!("{e} gpuproc SharedSlice"));
+        println!(
+            "  {:<52} {:>8} -> {}",
+            format!("{e} compute floor / gpuproc SharedSlice <= 2x"),
+            ratio2(f),
+            verdict(f, f <= 2.0)
         );
     }
     let r = py_str / g_str;
