@@ -578,46 +578,34 @@ fn main() {
     println!("Targets:");
     let gc1 = per_task("(a) gpuproc map_chunksize 1");
     let gauto = per_task("(b) gpuproc map auto");
-    let verdict = |x: f64, ok: bool| {
-        if !x.is_finite() {
-            "not measured"
-        } else if ok {
-            "met"
-        } else {
-            "MISSED"
-        }
-    };
-    let line = |what: &str, shown: String, x: f64, ok: bool| {
-        println!("  {what:<52} {shown:>8} -> {}", verdict(x, ok));
-    };
     let r = py_c1 / gc1;
-    line(
+    target_line(
         "(a) python Pool / gpuproc, chunksize 1 >= 10x",
         ratio(r),
         r,
         r >= 10.0,
     );
     let r = ps / gc1;
-    line(
+    target_line(
         "(a) procspawn / gpuproc, chunksize 1 >= 5x",
         ratio(r),
         r,
         r >= 5.0,
     );
     let r = py_auto / gauto;
-    line(
+    target_line(
         "(b) python Pool / gpuproc, auto chunksize >= 10x",
         ratio(r),
         r,
         r >= 10.0,
     );
-    line(
+    target_line(
         "(c) 1 ms sleeps: gpuproc wall / ideal <= 1.2x",
         ratio2(sleep_ratio),
         sleep_ratio,
         sleep_ratio <= 1.2,
     );
-    line(
+    target_line(
         "(d) idle Rss: gpuproc / python <= 0.20",
         format!("{mem_ratio:.3}"),
         mem_ratio,
@@ -627,6 +615,18 @@ fn main() {
     if wanted("e") {
         large_payloads(scale, python_on, &script, None);
     }
+}
+
+/// One line of a targets list: what, the figure shown, and met / MISSED / not measured.
+fn target_line(what: &str, shown: String, x: f64, ok: bool) {
+    let verdict = if !x.is_finite() {
+        "not measured"
+    } else if ok {
+        "met"
+    } else {
+        "MISSED"
+    };
+    println!("  {what:<52} {shown:>8} -> {verdict}");
 }
 
 fn ratio2(x: f64) -> String {
@@ -1071,44 +1071,23 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
 
     println!();
     println!("Targets (e):");
-    let verdict = |x: f64, ok: bool| {
-        if !x.is_finite() {
-            "not measured"
-        } else if ok {
-            "met"
-        } else {
-            "MISSED"
-        }
-    };
     for e in ["(e1)", "(e2)"] {
         let g = find(&format!("{e} gpuproc map"));
         let r = g / find(&format!("{e} python"));
-        println!(
-            "  {:<52} {:>8} -> {}",
-            format!("{e} gpuproc Vec<f32> / python numpy >= 5x"),
-            ratio(r),
-            verdict(r, r >= 5.0)
-        );
+        let what = format!("{e} gpuproc Vec<f32> / python numpy >= 5x");
+        target_line(&what, ratio(r), r, r >= 5.0);
         let f = find(&format!("{e} compute floor")) / g;
-        println!(
-            "  {:<52} {:>8} -> {}",
-            format!("{e} compute floor / gpuproc Vec<f32> <= 4x"),
-            ratio2(f),
-            verdict(f, f <= 4.0)
-        );
+        let what = format!("{e} compute floor / gpuproc Vec<f32> <= 4x");
+        target_line(&what, ratio2(f), f, f <= 4.0);
         let f = find(&format!("{e} compute floor")) / find(&format!("{e} gpuproc SharedSlice"));
-        println!(
-            "  {:<52} {:>8} -> {}",
-            format!("{e} compute floor / gpuproc SharedSlice <= 2x"),
-            ratio2(f),
-            verdict(f, f <= 2.0)
-        );
+        let what = format!("{e} compute floor / gpuproc SharedSlice <= 2x");
+        target_line(&what, ratio2(f), f, f <= 2.0);
     }
     let r = py_str / g_str;
-    println!(
-        "  {:<52} {:>8} -> {}",
+    target_line(
         "(e3) python Pool / gpuproc, strings >= 10x",
         ratio(r),
-        verdict(r, r >= 10.0)
+        r,
+        r >= 10.0,
     );
 }

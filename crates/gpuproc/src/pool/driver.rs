@@ -109,7 +109,7 @@ impl Jobs {
 /// workers were killed as it unwound).
 pub(crate) fn driver_died(shared: &Shared, message: String) {
     let queued = {
-        let mut inbox = shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbox = shared.inbox();
         inbox.dead = Some(message.clone());
         std::mem::take(&mut inbox.chunks)
     };
@@ -215,6 +215,14 @@ pub(crate) struct Shared {
     pub usage: Mutex<Vec<super::WorkerGpuUsage>>,
     /// How many chunks (one frame each) have been sent to workers, for tests.
     pub chunks_sent: AtomicU64,
+}
+
+impl Shared {
+    /// The inbox, also after a thread panicked holding it (its state stays consistent: every
+    /// change is a single assignment or push).
+    pub fn inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Chunk arguments up to this size are copied into the outbox (so that many small chunks
@@ -459,7 +467,7 @@ impl Driver {
 
     fn take_inbox(&mut self) -> (bool, bool) {
         self.shared.waker.reset();
-        let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbox = self.shared.inbox();
         self.pending.extend(inbox.chunks.drain(..));
         let (terminate, close, fault) = (inbox.terminate, inbox.close, inbox.panic_driver);
         drop(inbox);
@@ -558,7 +566,7 @@ impl Driver {
         // wakes us, or its work is already in the inbox (both sides use SeqCst).
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let queued = {
-            let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            let inbox = self.shared.inbox();
             !inbox.chunks.is_empty() || inbox.close || inbox.terminate
         };
         let ready = {

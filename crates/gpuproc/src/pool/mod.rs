@@ -463,7 +463,7 @@ impl Pool {
     }
 
     fn submit(&self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
-        let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbox = self.shared.inbox();
         if let Some(message) = &inbox.dead {
             return Err(PoolError::DriverDied {
                 message: message.clone(),
@@ -646,11 +646,7 @@ impl Pool {
     /// No more tasks will be submitted; queued ones still run. Python's `Pool.close`.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.shared
-            .inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .close = true;
+        self.shared.inbox().close = true;
         self.shared.waker.wake();
     }
 
@@ -665,7 +661,7 @@ impl Pool {
             let _ = h.join();
             drop(counted);
         }
-        let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let inbox = self.shared.inbox();
         match &inbox.dead {
             Some(message) => Err(PoolError::DriverDied {
                 message: message.clone(),
@@ -677,11 +673,7 @@ impl Pool {
     /// Makes the pool's driver thread panic (fault injection for gpuproc's own tests).
     #[doc(hidden)]
     pub fn __panic_driver_for_tests(&self) {
-        self.shared
-            .inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .panic_driver = true;
+        self.shared.inbox().panic_driver = true;
         self.shared.waker.wake();
     }
 
@@ -696,11 +688,7 @@ impl Pool {
     /// Python's `Pool.terminate`.
     pub fn terminate(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.shared
-            .inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .terminate = true;
+        self.shared.inbox().terminate = true;
         self.shared.waker.wake();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some((h, counted)) = handle {

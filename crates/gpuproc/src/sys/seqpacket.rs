@@ -270,11 +270,9 @@ impl Mapping {
         if populate {
             flags |= MapFlags::POPULATE;
         }
-        // SAFETY: a fresh mapping at an address the kernel chooses (null hint), so no
-        // existing memory is affected; the callers checked that the file is at least `len`
-        // bytes long and cannot shrink (or created it so), so no access can fault.
-        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0)? };
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap: null"))?;
+        // The callers checked that the file is at least `len` bytes long and cannot shrink
+        // (or created it so), so no access can fault.
+        let ptr = super::shm::map_fresh(fd, len, prot, flags)?;
         Ok(Mapping { ptr, len, writable })
     }
 

@@ -73,20 +73,12 @@ impl Mapping {
                 "cannot map an empty file",
             ));
         }
-        // SAFETY: a fresh shared mapping chosen by the kernel (null hint), backed by `fd`, which
-        // we keep open; nothing else in this process refers to that address range.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )?
-        };
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        let ptr = map_fresh(
+            fd.as_fd(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+        )?;
         Ok(Mapping { ptr, len, fd })
     }
 
@@ -203,18 +195,16 @@ impl SealedMapping {
         let r = if len == 0 {
             fill(&mut [])
         } else {
-            // SAFETY: a fresh shared mapping chosen by the kernel, of a memfd created above
-            // that no one else holds; unmapped below before the memfd is sealed.
-            let ptr = unsafe {
-                rustix::mm::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    ProtFlags::READ | ProtFlags::WRITE,
-                    MapFlags::SHARED,
-                    &fd,
-                    0,
-                )?
-            };
+            // A memfd created above that no one else holds; unmapped below before the memfd
+            // is sealed.
+            let ptr = map_fresh(
+                fd.as_fd(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+            )?
+            .as_ptr()
+            .cast::<std::ffi::c_void>();
             struct Unmap(*mut std::ffi::c_void, usize);
             impl Drop for Unmap {
                 fn drop(&mut self) {
@@ -283,20 +273,10 @@ impl SealedMapping {
                 fd,
             });
         }
-        // SAFETY: a fresh private read-only mapping chosen by the kernel (null hint), of a
-        // sealed memfd that we keep open and whose size cannot change.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::PRIVATE,
-                &fd,
-                0,
-            )?
-        };
+        // Private and read-only, of a sealed memfd whose size cannot change.
+        let ptr = map_fresh(fd.as_fd(), len, ProtFlags::READ, MapFlags::PRIVATE)?;
         Ok(SealedMapping {
-            ptr: ptr.cast::<u8>().cast_const(),
+            ptr: ptr.as_ptr().cast_const(),
             len,
             fd,
         })
@@ -646,6 +626,21 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     } else {
         Err(io::Error::from_raw_os_error(rc))
     }
+}
+
+/// Maps `len` bytes of `fd` at an address the kernel chooses, so that no existing memory is
+/// replaced or aliased. The caller makes sure the file is at least `len` bytes long and
+/// cannot shrink while mapped, so that no access faults.
+pub(crate) fn map_fresh(
+    fd: BorrowedFd<'_>,
+    len: usize,
+    prot: ProtFlags,
+    flags: MapFlags,
+) -> io::Result<NonNull<u8>> {
+    // SAFETY: a null hint asks for a new range; the kernel never places it over an existing
+    // mapping, so nothing in this process already refers to it.
+    let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0)? };
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))
 }
 
 #[cfg(test)]
