@@ -16,6 +16,7 @@ use std::time::Instant;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::codec;
 use crate::sys;
 
 pub(crate) const HEADER: usize = 12;
@@ -242,7 +243,7 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<(Vec<u8>, Vec<OwnedFd>), postcard::Error> {
     let guard = TableGuard::install(FdTable::Outgoing(Vec::new()));
-    let bytes = postcard::to_stdvec(value);
+    let bytes = codec::to_vec(value);
     let fds = match guard.take() {
         Some(FdTable::Outgoing(fds)) => fds,
         _ => Vec::new(),
@@ -276,7 +277,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
 /// Decodes a `T` that carries no descriptors (a handle inside it is an error).
 pub(crate) fn decode_without_fds<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     LAST_CUSTOM.with(|l| l.borrow_mut().take());
-    postcard::from_bytes(bytes).map_err(DecodeError::new)
+    codec::from_bytes(bytes).map_err(DecodeError::new)
 }
 
 thread_local! {

@@ -21,13 +21,13 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postcard::ser_flavors::Size;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::shared::{Release, SharedBytes};
 use super::spin;
 use super::ChannelError;
+use crate::codec;
 use crate::ipc;
 use crate::sys::seqpacket::{self as sp, MapCache, Mapping, Outcome};
 
@@ -90,7 +90,7 @@ fn encode_inline<T: Serialize + ?Sized>(
     }
     buf[0] = TAG_INLINE;
     let slot = &mut buf[1..INLINE_MAX + 1];
-    let (n, fds) = ipc::encode_with(|| postcard::to_slice(value, slot).map(|s| s.len()));
+    let (n, fds) = ipc::encode_with(|| codec::to_slice(value, slot).map(|s| s.len()));
     match n {
         Ok(n) => Ok(Some((n + 1, fds))),
         Err(postcard::Error::SerializeBufferFull) => Ok(None),
@@ -127,8 +127,7 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
         return result;
     }
     // A large value: measuring first lets it be encoded straight into shared memory.
-    let (size, _measuring_fds) =
-        ipc::encode_with(|| postcard::serialize_with_flavor(value, Size::default()));
+    let (size, _measuring_fds) = ipc::encode_with(|| codec::encoded_len(value));
     let size = size.map_err(encode_error)?;
     if size > max {
         return Err(ChannelError::TooLarge { size, limit: max });
@@ -139,7 +138,7 @@ pub(crate) fn send_value<T: Serialize + ?Sized>(
         )));
     }
     let encode = |buf: &mut [u8]| {
-        let (n, fds) = ipc::encode_with(|| postcard::to_slice(value, buf).map(|s| s.len()));
+        let (n, fds) = ipc::encode_with(|| codec::to_slice(value, buf).map(|s| s.len()));
         let n = n.map_err(|e| {
             ChannelError::Encode(format!(
                 "the value encoded to a different size the second time ({e})"
@@ -604,7 +603,7 @@ pub(crate) fn bytes_in_payload(
         reason,
     };
     let (inner, rest) =
-        postcard::take_from_bytes::<&[u8]>(payload).map_err(|e| malformed(e.to_string()))?;
+        codec::take_from_bytes::<&[u8]>(payload).map_err(|e| malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(malformed(format!(
             "{} bytes left over after the byte string",

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use super::buffers::Buffers;
 use super::lens::Lens;
 use super::policy::{self, AfterDeath};
+use super::shm_args::{ShmArgs, ShmPool};
 use super::worker::{
     self, ChunkHeader, DoneHeader, FnRef, ToWorker, WorkerArgs, WorkerError, PHASE_AT, RUNNING_AT,
     STARTED_AT,
@@ -129,8 +130,10 @@ pub(crate) struct Chunk {
     pub job: Arc<Job>,
     pub func: FnRef,
     pub first_index: u64,
-    /// The arguments, back to back.
+    /// The arguments, back to back, unless they are in `shm`.
     pub args: Vec<u8>,
+    /// The arguments, when they grew large enough to go through shared memory.
+    pub shm: Option<ShmArgs>,
     /// The shape of the arguments when they are plain data (see `plain`), else postcard.
     pub shape: Option<Vec<u8>>,
     pub lens: Lens,
@@ -146,8 +149,33 @@ impl Chunk {
         self.lens.len()
     }
 
-    /// Splits off the tasks from `k` on.
+    /// The arguments' bytes, wherever they are.
+    pub fn arg_bytes(&self) -> &[u8] {
+        match &self.shm {
+            Some(shm) => shm.bytes(),
+            None => &self.args,
+        }
+    }
+
+    /// How many bytes of arguments the chunk holds.
+    pub fn args_len(&self) -> usize {
+        self.arg_bytes().len()
+    }
+
+    /// Forgets the arguments' bytes from `len` on.
+    pub fn truncate_args(&mut self, len: usize) {
+        match &mut self.shm {
+            Some(shm) => shm.truncate(len),
+            None => self.args.truncate(len),
+        }
+    }
+
+    /// Splits off the tasks from `k` on. (Arguments in shared memory come back to the heap
+    /// first: this is the rare path of a worker that left in the middle of a chunk.)
     pub fn split_off(&mut self, k: usize) -> Chunk {
+        if let Some(shm) = self.shm.take() {
+            self.args = shm.bytes().to_vec();
+        }
         let bytes = self.lens.bytes_before(k);
         let nfds_before: usize = self.nfds.iter().take(k).map(|&n| n as usize).sum();
         Chunk {
@@ -155,6 +183,7 @@ impl Chunk {
             func: self.func,
             first_index: self.first_index + k as u64,
             args: self.args.split_off(bytes),
+            shm: None,
             shape: self.shape.clone(),
             lens: self.lens.split_off(k),
             nfds: if self.nfds.is_empty() {
@@ -205,6 +234,8 @@ pub(crate) struct Shared {
     pub inbox: Mutex<Inbox>,
     /// Chunk and run buffers for reuse.
     pub buffers: Buffers,
+    /// Memfds for large chunk arguments, for reuse.
+    pub shm: Arc<ShmPool>,
     pub waker: Waker,
     /// The driver is (about to be) blocked in `poll`: submitters must wake it.
     pub sleeping: AtomicBool,
@@ -845,7 +876,7 @@ impl Driver {
             let Worker {
                 mut process, conn, ..
             } = w;
-            if let Ok(stop) = postcard::to_stdvec(&ToWorker::Stop) {
+            if let Ok(stop) = crate::codec::to_vec(&ToWorker::Stop) {
                 let _ = ipc::send_frame(conn.as_fd(), &stop, &[]);
             }
             drop(conn);
@@ -865,17 +896,31 @@ fn send_chunk(w: &mut Worker, mut chunk: Chunk) {
         shape: chunk.shape.clone(),
         lens: chunk.lens.clone(),
         nfds: chunk.nfds.clone(),
+        in_memfd: chunk.shm.is_some(),
     });
-    let Ok(header) = postcard::to_stdvec(&header) else {
+    let Ok(header) = crate::codec::to_vec(&header) else {
         // A header of integers always encodes.
         return;
     };
-    let fds: Vec<OwnedFd> = std::mem::take(&mut chunk.fds);
+    let mut fds: Vec<OwnedFd> = std::mem::take(&mut chunk.fds);
     // Keep our own copies of the descriptors, to send again if the worker dies.
     chunk.fds = fds
         .iter()
         .filter_map(|f| sys::dup(f.as_fd()).ok())
         .collect();
+    // Arguments in a memfd: it goes last among the frame's descriptors, and the frame
+    // carries no arguments itself.
+    if let Some(fd) = chunk.shm.as_ref().and_then(|s| s.fd()) {
+        match sys::dup(fd) {
+            Ok(fd) => fds.push(fd),
+            Err(_) => {
+                if let Some(shm) = chunk.shm.take() {
+                    chunk.args = shm.bytes().to_vec();
+                }
+                return send_chunk(w, chunk);
+            }
+        }
+    }
     let frame_len = header.len() + chunk.args.len();
     match w.outbox.back_mut() {
         Some(f) if f.sent == 0 && f.body.is_none() && chunk.args.len() <= COPY_MAX => {
@@ -1010,7 +1055,7 @@ fn receive(
     out: &mut Vec<(Arc<Job>, Vec<Run>)>,
 ) -> Result<(), String> {
     let (done, mut results) =
-        postcard::take_from_bytes::<DoneHeader>(bytes).map_err(|e| e.to_string())?;
+        crate::codec::take_from_bytes::<DoneHeader>(bytes).map_err(|e| e.to_string())?;
     let expected = w
         .sent
         .front()

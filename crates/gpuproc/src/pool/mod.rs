@@ -31,11 +31,13 @@ mod error;
 mod lens;
 mod plain;
 pub(crate) mod policy;
+mod shm_args;
 pub(crate) mod worker;
 
 use std::any::type_name;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -48,7 +50,9 @@ use serde::Serialize;
 use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared, ToJob};
 pub use self::error::PoolError;
 use self::lens::Lens;
+use self::shm_args::{ShmPool, Spill};
 use self::worker::{FnRef, Init};
+use crate::codec;
 use crate::gpu;
 use crate::ipc;
 use crate::process::{get_start_method, StartMethod};
@@ -326,6 +330,7 @@ impl PoolBuilder {
             pids: Mutex::new(Vec::new()),
             jobs: Default::default(),
             buffers: Default::default(),
+            shm: Default::default(),
             usage: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
             chunks_sent: Default::default(),
@@ -633,7 +638,7 @@ impl Pool {
     {
         let (job, rx) = self.new_job();
         let mut chunk = new_chunk(job.clone(), fn_ref(f), 0);
-        push_task(&mut chunk, &args)?;
+        push_task(&mut chunk, &self.shared.shm, &args)?;
         self.submit(vec![chunk])?;
         Ok(AsyncResult {
             rx,
@@ -719,6 +724,7 @@ fn new_chunk(job: Arc<Job>, func: FnRef, first_index: u64) -> Chunk {
         func,
         first_index,
         args: Vec::new(),
+        shm: None,
         shape: None,
         lens: Lens::default(),
         nfds: Vec::new(),
@@ -727,21 +733,59 @@ fn new_chunk(job: Arc<Job>, func: FnRef, first_index: u64) -> Chunk {
     }
 }
 
+/// Appends `value`'s encoding to a chunk's arguments (on the heap, or in shared memory once
+/// they are large: see [`shm_args`]); returns the descriptors of handles inside it.
+fn encode_arg<T: Serialize>(
+    chunk: &mut Chunk,
+    pool: &Arc<ShmPool>,
+    value: &T,
+) -> Result<Vec<OwnedFd>, String> {
+    let start = chunk.args_len();
+    let mut out = Spill {
+        heap: &mut chunk.args,
+        shm: &mut chunk.shm,
+        pool,
+    };
+    // Fast path: no handles. A handle refuses to serialise outside a gpuproc message, so on
+    // error try again with the descriptor table in place.
+    if codec::append_to(value, &mut out).is_ok() {
+        return Ok(Vec::new());
+    }
+    chunk.truncate_args(start);
+    let mut out = Spill {
+        heap: &mut chunk.args,
+        shm: &mut chunk.shm,
+        pool,
+    };
+    let (res, fds) = ipc::encode_with(|| codec::append_to(value, &mut out));
+    match res {
+        Ok(()) => Ok(fds),
+        Err(e) => {
+            chunk.truncate_args(start);
+            Err(e.to_string())
+        }
+    }
+}
+
 /// Appends one task's encoded argument to a chunk.
-fn push_task<A: Serialize>(chunk: &mut Chunk, args: &A) -> Result<(), PoolError> {
+fn push_task<A: Serialize>(
+    chunk: &mut Chunk,
+    pool: &Arc<ShmPool>,
+    args: &A,
+) -> Result<(), PoolError> {
     let index = chunk.first_index + chunk.len() as u64;
-    let start = chunk.args.len();
-    let fds = worker::encode_into(&mut chunk.args, args).map_err(|reason| PoolError::Encode {
+    let start = chunk.args_len();
+    let fds = encode_arg(chunk, pool, args).map_err(|reason| PoolError::Encode {
         index,
         type_name: type_name::<A>().to_string(),
         reason,
     })?;
-    let sizes = lens::checked_len(chunk.args.len() - start, "the argument")
+    let sizes = lens::checked_len(chunk.args_len() - start, "the argument")
         .and_then(|len| Ok((len, lens::checked_fds(fds.len(), "the argument")?)));
     let (len, nfds) = match sizes {
         Ok(lens) => lens,
         Err(reason) => {
-            chunk.args.truncate(start);
+            chunk.truncate_args(start);
             return Err(PoolError::Encode {
                 index,
                 type_name: type_name::<A>().to_string(),
@@ -812,6 +856,7 @@ impl<A, I: Iterator<Item = A>> Iterator for Input<A, I> {
 /// rest of the job (`plain` becomes `None`), re-encoding the chunk so far with postcard.
 fn push_item<A: Serialize + DeserializeOwned>(
     chunk: &mut Chunk,
+    pool: &Arc<ShmPool>,
     plain: &mut Option<plain::Encoder>,
     args: &A,
 ) -> Result<(), PoolError> {
@@ -846,11 +891,11 @@ fn push_item<A: Serialize + DeserializeOwned>(
                         reason: e.to_string(),
                     })?;
                 at += len;
-                push_task(chunk, &a)?;
+                push_task(chunk, pool, &a)?;
             }
         }
     }
-    push_task(chunk, args)
+    push_task(chunk, pool, args)
 }
 
 /// Reads the outcomes of a [`Run`] one task at a time.
@@ -1113,12 +1158,20 @@ where
         }
     }
 
-    /// Takes more input while fewer than the window's tasks are outstanding.
+    /// Takes more input while fewer than the window's tasks, and of its bytes, are
+    /// outstanding (see [`policy::imap_sends_more`]).
     fn fill(&mut self) -> Result<(), PoolError> {
-        let window = policy::imap_window(self.pool.processes(), self.chunksize);
+        let workers = self.pool.processes();
+        let window = policy::imap_window(workers, self.chunksize);
         let mut batch: Vec<Chunk> = Vec::new();
         let mut batched = 0;
-        while self.outstanding < window {
+        while policy::imap_sends_more(
+            self.outstanding,
+            window,
+            self.bytes_per_task,
+            workers,
+            policy::chunk_capacity(self.chunksize, self.bytes_per_task, self.max_chunk_bytes),
+        ) {
             let mut chunk = new_chunk(self.job.clone(), self.func, self.next_index);
             let room =
                 policy::chunk_capacity(self.chunksize, self.bytes_per_task, self.max_chunk_bytes);
@@ -1126,19 +1179,19 @@ where
             // A chunk of large items ends early, at its byte budget; the next takes the rest.
             while policy::chunk_takes_more(
                 chunk.len(),
-                chunk.args.len(),
+                chunk.args_len(),
                 self.chunksize,
                 self.max_chunk_bytes,
             ) {
                 let Some(a) = self.input.next() else { break };
-                push_item(&mut chunk, &mut self.plain, &a)?;
+                push_item(&mut chunk, &self.pool.shared.shm, &mut self.plain, &a)?;
             }
             if chunk.len() == 0 {
                 break;
             }
             self.next_index += chunk.len() as u64;
             self.outstanding += chunk.len();
-            self.bytes_per_task = chunk.args.len().div_ceil(chunk.len()).max(1);
+            self.bytes_per_task = chunk.args_len().div_ceil(chunk.len()).max(1);
             // Big chunks go as soon as they are encoded, so workers start while we encode
             // on; small ones go together, to wake the driver once.
             batched += chunk.len();

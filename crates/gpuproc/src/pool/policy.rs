@@ -145,9 +145,57 @@ pub fn imap_window(workers: usize, chunksize: usize) -> usize {
         .max(MAX_ITEMS_IN_FLIGHT.saturating_mul(workers))
 }
 
+/// The fewest argument bytes an `imap` may keep in flight (when chunks are small).
+pub const MIN_BYTES_IN_FLIGHT: usize = 32 << 20;
+
+/// Whether an `imap` with `outstanding` tasks in flight, whose arguments take about
+/// `bytes_per_task` bytes each in chunks of about `chunk_bytes`, may send more, given its
+/// task `window`: fewer tasks than the window, and fewer argument bytes than three chunks
+/// per worker (at least [`MIN_BYTES_IN_FLIGHT`]), so that large items stream through
+/// bounded memory (and the shared memory they travel in is reused) however long the input.
+/// One chunk can always go when nothing is in flight.
+pub fn imap_sends_more(
+    outstanding: usize,
+    window: usize,
+    bytes_per_task: usize,
+    workers: usize,
+    chunk_bytes: usize,
+) -> bool {
+    if outstanding == 0 {
+        return true;
+    }
+    let byte_window = chunk_bytes
+        .saturating_mul(workers.max(1))
+        .saturating_mul(3)
+        .max(MIN_BYTES_IN_FLIGHT);
+    outstanding < window && outstanding.saturating_mul(bytes_per_task) < byte_window
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn imap_keeps_a_bounded_number_of_bytes_in_flight() {
+        // Small items: the task window decides.
+        assert!(imap_sends_more(100, 256, 8, 2, 8));
+        assert!(!imap_sends_more(256, 256, 8, 2, 8));
+        // 4 MiB items, one per chunk, 2 workers: 32 MiB in flight at most (8 tasks).
+        assert!(imap_sends_more(7, 256, 4 << 20, 2, 4 << 20));
+        assert!(!imap_sends_more(8, 256, 4 << 20, 2, 4 << 20));
+        // Big chunks: three per worker.
+        assert!(imap_sends_more(5 * 64 - 1, 1 << 20, 1 << 20, 2, 64 << 20));
+        assert!(!imap_sends_more(6 * 64, 1 << 20, 1 << 20, 2, 64 << 20));
+        // Nothing in flight: always one more, whatever the sizes.
+        assert!(imap_sends_more(0, 0, usize::MAX, usize::MAX, usize::MAX));
+        assert!(!imap_sends_more(
+            1,
+            usize::MAX,
+            usize::MAX,
+            usize::MAX,
+            usize::MAX
+        ));
+    }
 
     #[test]
     fn a_chunk_stops_at_its_count_or_its_byte_budget() {

@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use super::lens::{self, u32_block, Lens};
 use super::plain;
 use super::PoolError;
+use crate::codec;
 use crate::ipc::{self, FrameReader};
 use crate::process::child::run_catching;
 use crate::process::wire::{self, Failure};
 use crate::sys;
+use crate::sys::seqpacket::MapCache;
 use crate::sys::shm::Mapping;
 
 /// The size of the status page shared with the parent.
@@ -89,33 +91,6 @@ impl FnRef {
     }
 }
 
-/// A postcard output that appends to a borrowed `Vec` (postcard's own take theirs by value,
-/// and its `Extend` one pushes byte by byte through an iterator).
-struct Append<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for Append<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    // Inlined into the serializer, where most calls have a constant length (4 bytes for an
-    // `f32`): the copy is then a single move, not a call per element. A sequence of plain
-    // values costs a capacity check and a move per element.
-    #[inline(always)]
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
 /// Appends `value`'s encoding to `out`; returns the descriptors of handles inside it.
 pub(crate) fn encode_into<T: Serialize>(
     out: &mut Vec<u8>,
@@ -124,11 +99,11 @@ pub(crate) fn encode_into<T: Serialize>(
     let start = out.len();
     // Fast path: plain data. A handle refuses to serialise outside a gpuproc message, so on
     // error try again with the descriptor table in place.
-    if postcard::serialize_with_flavor(value, Append(out)).is_ok() {
+    if codec::append(value, out).is_ok() {
         return Ok(Vec::new());
     }
     out.truncate(start);
-    let (res, fds) = ipc::encode_with(|| postcard::serialize_with_flavor(value, Append(out)));
+    let (res, fds) = ipc::encode_with(|| codec::append(value, out));
     match res {
         Ok(()) => Ok(fds),
         Err(e) => {
@@ -359,6 +334,9 @@ pub(crate) struct ChunkHeader {
     /// Each task's descriptor count (empty: none has any).
     #[serde(with = "u32_block")]
     pub nfds: Vec<u32>,
+    /// The arguments are not in the frame but in a memfd, the frame's last descriptor
+    /// (see `shm_args`).
+    pub in_memfd: bool,
 }
 
 /// Worker → parent: the outcomes of tasks `first_seq .. first_seq + count`; followed in the
@@ -502,6 +480,7 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
             shape: None,
             lens,
             nfds,
+            in_memfd: false,
         };
         let mut sink = Outbox::default();
         let mut st = ChunkState::new(&header, &init.args, fds, &mut sink);
@@ -519,11 +498,13 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
     let err = |e: std::io::Error| e.to_string();
     let mut reader = FrameReader::default();
     let mut out = Outbox::default();
+    // Mappings of the memfds that large arguments come in, kept for their reuse.
+    let memfds = MapCache::default();
     let mut done: u64 = 0;
     loop {
-        while let Some((bytes, frame_fds)) = reader.next_frame_ref().map_err(err)? {
+        while let Some((bytes, mut frame_fds)) = reader.next_frame_ref().map_err(err)? {
             let (msg, rest) =
-                postcard::take_from_bytes::<ToWorker>(bytes).map_err(|e| e.to_string())?;
+                codec::take_from_bytes::<ToWorker>(bytes).map_err(|e| e.to_string())?;
             let chunk = match msg {
                 ToWorker::Chunk(c) => c,
                 ToWorker::Stop => {
@@ -532,8 +513,24 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
                 }
             };
             let (t, target) = resolve(chunk.func);
+            let map;
+            let args = if chunk.in_memfd {
+                let len = chunk
+                    .lens
+                    .checked_total()
+                    .ok_or_else(|| "a chunk whose argument lengths overflow".to_string())?;
+                let fd = frame_fds
+                    .pop()
+                    .ok_or_else(|| "a chunk without its arguments' memfd".to_string())?;
+                map = memfds
+                    .map(fd.as_fd(), len.max(1), 0)
+                    .map_err(|e| format!("mapping a chunk's arguments: {e}"))?;
+                &map.bytes()[..len]
+            } else {
+                rest
+            };
             out.begin(chunk.first_seq);
-            let mut st = ChunkState::new(&chunk, rest, frame_fds, &mut out);
+            let mut st = ChunkState::new(&chunk, args, frame_fds, &mut out);
             st.page = Some(&page);
             st.track_time = track_time;
             st.conn = Some(&conn);
@@ -734,7 +731,10 @@ impl Outbox {
         // Encoded in place and then cleared, so that the run's vectors keep their capacity.
         let mut header = std::mem::take(&mut self.header);
         header.clear();
-        self.header = postcard::to_extend(&self.run, header).unwrap_or_default();
+        if codec::append(&self.run, &mut header).is_err() {
+            header.clear();
+        }
+        self.header = header;
         self.run.count = 0;
         self.run.shape = None;
         self.run.lens.clear();

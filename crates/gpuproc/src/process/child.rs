@@ -89,7 +89,7 @@ extern "C" fn report_exit_code(code: libc::c_int, _: *mut libc::c_void) {
     // SAFETY: `raw` is the control socket `serve_call` owns; `serve_call` never returns or
     // drops it, so it is open while the process exits.
     let ctrl = unsafe { BorrowedFd::borrow_raw(raw) };
-    if let Ok(bytes) = postcard::to_stdvec(&ChildMsg::Exiting(code)) {
+    if let Ok(bytes) = crate::codec::to_vec(&ChildMsg::Exiting(code)) {
         let _ = ipc::send_frame(ctrl, &bytes, &[]);
     }
 }
@@ -197,7 +197,7 @@ pub(crate) fn report_and_exit(ctrl: &OwnedFd, outcome: Outcome) -> ! {
         Ok((bytes, fds)) => (ChildMsg::Returned(bytes), fds),
         Err(f) => (ChildMsg::Failed(f), Vec::new()),
     };
-    let sent = postcard::to_stdvec(&msg)
+    let sent = crate::codec::to_vec(&msg)
         .map_err(std::io::Error::other)
         .and_then(|bytes| ipc::send_frame(ctrl.as_fd(), &bytes, &fds));
     let _ = std::io::stdout().flush();

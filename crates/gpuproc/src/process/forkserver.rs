@@ -300,7 +300,7 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
             }
             if let Ok(Some(status)) = sys::waitpid(running[i].pid, false) {
                 let r = running.swap_remove(i);
-                if let Ok(bytes) = postcard::to_stdvec(&ChildMsg::Exited(status)) {
+                if let Ok(bytes) = crate::codec::to_vec(&ChildMsg::Exited(status)) {
                     // The parent may have dropped its handle already; that is fine.
                     let _ = ipc::send_frame(r.ctrl.as_fd(), &bytes, &[]);
                 }
@@ -319,7 +319,7 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
                 Err(_) => sys::exit_now(1),
             };
             let reply = fork_one(frame, &ctl, &me, &mut running);
-            let bytes = postcard::to_stdvec(&reply).unwrap_or_default();
+            let bytes = crate::codec::to_vec(&reply).unwrap_or_default();
             if ipc::send_frame(ctl.as_fd(), &bytes, &[]).is_err() {
                 sys::exit_now(0);
             }

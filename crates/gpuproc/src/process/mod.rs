@@ -584,7 +584,7 @@ where
             identity: self.identity(),
             env: self.env.clone(),
         };
-        let bytes = postcard::to_stdvec(&call).map_err(|e| encode_err(e.to_string()))?;
+        let bytes = crate::codec::to_vec(&call).map_err(|e| encode_err(e.to_string()))?;
         Ok((bytes, fds))
     }
 

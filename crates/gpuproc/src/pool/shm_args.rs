@@ -1,0 +1,270 @@
+//! Large task arguments in shared memory.
+//!
+//! A chunk's encoded arguments normally travel in its frame, through the worker's socket: a
+//! copy into the kernel and one out of it. Once they pass [`SPILL_AT`] bytes, the encoder
+//! ([`Spill`]) moves what it has into a memfd from the pool's [`ShmPool`] and writes the
+//! rest straight there; the frame then carries the memfd (the frame's last descriptor) and
+//! the worker decodes the arguments in place from its mapping (cached per memfd, so a reused
+//! memfd costs no `mmap`). The bytes are written once by the encoder and read once by the
+//! decoder.
+//!
+//! The memfds are sealed against shrinking (a worker can never fault reading one) and are
+//! reused: a chunk's memfd goes back to the pool when all its tasks have been reported, or
+//! when the chunk is dropped (failed, or its pool terminated). A worker that dies mid-task
+//! takes nothing with it: the parent still owns the memfd, and the chunk keeps it for the
+//! retry or returns it. The pool keeps at most [`KEEP`] idle memfds, [`KEEP_BYTES`] in all.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use crate::codec;
+use crate::sys::seqpacket::{memfd_pooled, Mapping};
+
+/// Arguments past this many bytes (in one chunk) go through shared memory.
+pub(crate) const SPILL_AT: usize = 256 << 10;
+/// Memfd sizes are multiples of this.
+const GRAIN: usize = 1 << 20;
+/// The most idle memfds a pool keeps for reuse...
+const KEEP: usize = 8;
+/// ...and their most bytes.
+const KEEP_BYTES: usize = 512 << 20;
+
+/// A memfd for arguments, mapped read-write here.
+#[derive(Debug)]
+pub(crate) struct ShmBuf {
+    fd: OwnedFd,
+    map: Mapping,
+    cap: usize,
+}
+
+/// The idle memfds of one pool.
+#[derive(Debug, Default)]
+pub(crate) struct ShmPool {
+    idle: Mutex<Vec<ShmBuf>>,
+}
+
+impl ShmPool {
+    /// A memfd with room for `need` bytes: the smallest idle one that fits, else a new one;
+    /// `None` if none can be made (the caller keeps the bytes on the heap).
+    fn take(&self, need: usize) -> Option<ShmBuf> {
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let best = idle
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.cap >= need)
+                .min_by_key(|(_, b)| b.cap)
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                return Some(idle.swap_remove(i));
+            }
+        }
+        let cap = need.checked_next_multiple_of(GRAIN)?.max(GRAIN);
+        let (fd, map) = memfd_pooled("gpuproc-task-args", cap).ok()?;
+        Some(ShmBuf { fd, map, cap })
+    }
+
+    /// Takes `buf` back for reuse, or drops it (the smallest go first) past the limits.
+    fn give(&self, buf: ShmBuf) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.push(buf);
+        idle.sort_by_key(|b| std::cmp::Reverse(b.cap));
+        let mut total = 0usize;
+        let keep = idle
+            .iter()
+            .take_while(|b| {
+                total = total.saturating_add(b.cap);
+                total <= KEEP_BYTES
+            })
+            .count()
+            .min(KEEP);
+        idle.truncate(keep);
+    }
+
+    /// How many memfds are idle (for tests).
+    #[cfg(test)]
+    pub(crate) fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A chunk's arguments in a memfd: its first `len` bytes. Goes back to its pool when
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct ShmArgs {
+    buf: Option<ShmBuf>,
+    len: usize,
+    pool: Arc<ShmPool>,
+}
+
+impl ShmArgs {
+    /// The arguments.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match &self.buf {
+            Some(b) => &b.map.bytes()[..self.len],
+            None => &[],
+        }
+    }
+
+    /// The memfd, to send with the chunk.
+    pub(crate) fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.buf.as_ref().map(|b| b.fd.as_fd())
+    }
+
+    /// Forgets the bytes from `len` on.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Appends `bytes`, moving to a larger memfd when full; `false` if none could be had
+    /// (nothing was appended).
+    fn extend(&mut self, bytes: &[u8]) -> bool {
+        let Some(need) = self.len.checked_add(bytes.len()) else {
+            return false;
+        };
+        let Some(buf) = self.buf.as_mut() else {
+            return false;
+        };
+        if need > buf.cap {
+            let Some(mut bigger) = self.pool.take(need.max(buf.cap.saturating_mul(2))) else {
+                return false;
+            };
+            bigger.map.bytes_mut()[..self.len].copy_from_slice(&buf.map.bytes()[..self.len]);
+            if let Some(old) = self.buf.replace(bigger) {
+                self.pool.give(old);
+            }
+        }
+        let Some(buf) = self.buf.as_mut() else {
+            return false;
+        };
+        buf.map.bytes_mut()[self.len..need].copy_from_slice(bytes);
+        self.len = need;
+        true
+    }
+}
+
+impl Drop for ShmArgs {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.give(buf);
+        }
+    }
+}
+
+/// The encoder's output for a chunk's arguments: the chunk's heap buffer until the bytes
+/// pass [`SPILL_AT`], then a memfd.
+pub(crate) struct Spill<'a> {
+    pub heap: &'a mut Vec<u8>,
+    pub shm: &'a mut Option<ShmArgs>,
+    pub pool: &'a Arc<ShmPool>,
+}
+
+impl Spill<'_> {
+    /// Moves the heap bytes and `more` into a memfd; `false` (nothing moved) if none could
+    /// be had.
+    fn spill(&mut self, more: &[u8]) -> bool {
+        let Some(need) = self.heap.len().checked_add(more.len()) else {
+            return false;
+        };
+        let Some(buf) = self.pool.take(need) else {
+            return false;
+        };
+        let mut args = ShmArgs {
+            buf: Some(buf),
+            len: 0,
+            pool: Arc::clone(self.pool),
+        };
+        if !(args.extend(self.heap) && args.extend(more)) {
+            return false;
+        }
+        self.heap.clear();
+        *self.shm = Some(args);
+        true
+    }
+}
+
+impl codec::Output for Spill<'_> {
+    #[inline]
+    fn push(&mut self, byte: u8) -> codec::Result<()> {
+        match self.shm {
+            None if self.heap.len() < SPILL_AT => {
+                self.heap.push(byte);
+                Ok(())
+            }
+            _ => self.extend(&[byte]),
+        }
+    }
+
+    #[inline]
+    fn extend(&mut self, bytes: &[u8]) -> codec::Result<()> {
+        if let Some(shm) = self.shm.as_mut() {
+            if shm.extend(bytes) {
+                return Ok(());
+            }
+            // No larger memfd: back to the heap.
+            self.heap.extend_from_slice(shm.bytes());
+            *self.shm = None;
+        } else if self.heap.len().saturating_add(bytes.len()) > SPILL_AT && self.spill(bytes) {
+            return Ok(());
+        }
+        self.heap.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(pool: &Arc<ShmPool>, values: &[Vec<f32>]) -> (Vec<u8>, Option<ShmArgs>) {
+        let mut heap = Vec::new();
+        let mut shm = None;
+        for v in values {
+            let mut out = Spill {
+                heap: &mut heap,
+                shm: &mut shm,
+                pool,
+            };
+            codec::append_to(v, &mut out).unwrap();
+        }
+        (heap, shm)
+    }
+
+    #[test]
+    fn small_arguments_stay_on_the_heap_and_large_ones_move_to_a_memfd() {
+        let pool = Arc::new(ShmPool::default());
+        let small = vec![vec![1.0f32; 100]; 3];
+        let (heap, shm) = encode(&pool, &small);
+        assert!(shm.is_none());
+        let expected: Vec<u8> = small
+            .iter()
+            .flat_map(|v| codec::to_vec(v).unwrap())
+            .collect();
+        assert_eq!(heap, expected);
+
+        // The third item passes SPILL_AT: everything ends up in one memfd, in order, and a
+        // later item larger than the memfd moves it to a bigger one.
+        let mixed = vec![
+            vec![1.0f32; 1000],
+            vec![2.0; 30_000],
+            vec![3.0; 100_000],
+            vec![4.0; 400_000],
+        ];
+        let (heap, shm) = encode(&pool, &mixed);
+        assert!(heap.is_empty());
+        let shm = shm.expect("spilled");
+        let expected: Vec<u8> = mixed
+            .iter()
+            .flat_map(|v| codec::to_vec(v).unwrap())
+            .collect();
+        assert_eq!(shm.bytes(), &expected[..]);
+        // The memfd outgrown on the way is idle in the pool; the one in use returns on drop.
+        assert_eq!(pool.idle(), 1);
+        drop(shm);
+        assert_eq!(pool.idle(), 2);
+        // And is reused, not made again.
+        let (_, shm) = encode(&pool, &[vec![5.0f32; 100_000]]);
+        assert!(shm.is_some());
+        assert_eq!(pool.idle(), 1);
+    }
+}
