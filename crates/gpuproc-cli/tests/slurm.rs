@@ -57,9 +57,16 @@ fn cluster(test: &str) -> Option<Cluster> {
              Slurm tests"
         ),
     }
+    let conf = std::env::var_os("SLURM_CONF")
+        .expect("GPUPROC_SLURM=1 without SLURM_CONF: use `eval \"$(scripts/slurm-local env)\"`");
+    let conf = std::fs::read_to_string(&conf)
+        .unwrap_or_else(|e| panic!("SLURM_CONF={}: {e}", Path::new(&conf).display()));
+    // With cgroups Slurm numbers each job's GPUs from 0, while the simulator, unconfined,
+    // still shows all four: these tests need the cluster's default mode.
     assert!(
-        std::env::var_os("SLURM_CONF").is_some(),
-        "GPUPROC_SLURM=1 without SLURM_CONF: use `eval \"$(scripts/slurm-local env)\"`"
+        conf.lines().any(|l| l == "TaskPlugin=task/none"),
+        "the Slurm tests need a cluster without cgroups: `scripts/slurm-local up` without \
+         GPUPROC_SLURM_CGROUP"
     );
     Some(Cluster {
         job_name: format!("gpuproc-test-{}-{test}", std::process::id()),
