@@ -43,6 +43,7 @@ pub fn sim_env(command: &mut Command, scenario: &str, runtime: Option<&Path>) {
 }
 
 /// The `gpuproc` binary with [`sim_env`].
+#[allow(dead_code)] // slurm.rs runs gpuproc through srun.
 pub fn sim_gpuproc(scenario: &str, runtime: Option<&Path>) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
     sim_env(&mut command, scenario, runtime);

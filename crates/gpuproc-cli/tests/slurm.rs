@@ -1,0 +1,298 @@
+//! `gpuproc` inside Slurm jobs, on the local cluster of `scripts/slurm-local` (one node on
+//! 127.0.0.1 with 4 fake GPUs, no cgroups) and the NVML simulator's `4gpu` scenario: a step
+//! sees only the GPUs Slurm bound to it, and the cluster runs job arrays.
+//!
+//! These tests need that cluster. `scripts/test` starts it; by hand, run
+//! `eval "$(scripts/slurm-local up)"` first (it sets `SLURM_CONF` and `GPUPROC_SLURM=1`).
+//! Without `GPUPROC_SLURM` they fail and say so; `GPUPROC_SLURM=0` skips them with a note
+//! (`scripts/test` sets it where Slurm cannot run). They share the node's GPUs, so they run
+//! one at a time; each names its jobs after itself and cancels them when it ends, even when it
+//! fails. Every `srun`/`sbatch` runs under the deadline of `common::run`.
+//!
+//! Without cgroups Slurm does not renumber: `CUDA_VISIBLE_DEVICES` holds the node's GPU
+//! indices (`2,3` for the second of two 2-GPU jobs), which are the simulator's NVML indices.
+//! There is no slurmdbd, so no `sacct`: job states come from `scontrol`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+mod common;
+use common::{run, scratch_dir, sim_env, stderr, stdout, Background, DEADLINE};
+
+/// The UUIDs of the bundled `4gpu` scenario, GPU 0 first.
+const FOUR: [&str; 4] = [
+    "GPU-0a4f2e61-3c1b-4d2e-9f00-1b2c3d4e5f60",
+    "GPU-1b5f3f72-4d2c-4e3f-8a11-2c3d4e5f6071",
+    "GPU-2c6a4a83-5e3d-4f4a-9b22-3d4e5f607182",
+    "GPU-3d7b5b94-6f4e-4a5b-8c33-4e5f60718293",
+];
+
+/// Job states in which a job still holds (or waits for) the node.
+const ACTIVE: &str = "PD,CF,R,S,CG";
+
+/// Held by the test using the cluster.
+static NODE: Mutex<()> = Mutex::new(());
+
+/// The local cluster, for one test: its jobs are named after the test, and cancelled (and
+/// waited for) when this is dropped.
+struct Cluster {
+    job_name: String,
+    _node: MutexGuard<'static, ()>,
+}
+
+/// The cluster for `test`; `None` (with a note) when `GPUPROC_SLURM=0`.
+fn cluster(test: &str) -> Option<Cluster> {
+    match std::env::var("GPUPROC_SLURM").as_deref() {
+        Ok("1") => {}
+        Ok("0") => {
+            eprintln!("note: skipping {test}: GPUPROC_SLURM=0 (no local Slurm cluster)");
+            return None;
+        }
+        _ => panic!(
+            "{test} needs the local Slurm cluster: run `eval \"$(scripts/slurm-local up)\"` \
+             (it sets SLURM_CONF and GPUPROC_SLURM=1), or set GPUPROC_SLURM=0 to skip the \
+             Slurm tests"
+        ),
+    }
+    let conf = std::env::var_os("SLURM_CONF")
+        .expect("GPUPROC_SLURM=1 without SLURM_CONF: use `eval \"$(scripts/slurm-local env)\"`");
+    let conf = std::fs::read_to_string(&conf)
+        .unwrap_or_else(|e| panic!("SLURM_CONF={}: {e}", Path::new(&conf).display()));
+    // With cgroups Slurm numbers each job's GPUs from 0, while the simulator, unconfined,
+    // still shows all four: these tests need the cluster's default mode.
+    assert!(
+        conf.lines().any(|l| l == "TaskPlugin=task/none"),
+        "the Slurm tests need a cluster without cgroups: `scripts/slurm-local up` without \
+         GPUPROC_SLURM_CGROUP"
+    );
+    Some(Cluster {
+        job_name: format!("gpuproc-test-{}-{test}", std::process::id()),
+        _node: NODE.lock().unwrap_or_else(PoisonError::into_inner),
+    })
+}
+
+impl Cluster {
+    /// `program` (`srun`, `sbatch`) for a job of this test, whose tasks run `gpuproc` on the
+    /// simulator's `4gpu` scenario with the GPU lease table in `runtime`.
+    fn job(&self, program: &str, runtime: &Path) -> Command {
+        let mut command = Command::new(program);
+        command.arg(format!("--job-name={}", self.job_name));
+        // srun and sbatch pass their whole environment on to the tasks.
+        sim_env(&mut command, "4gpu", Some(runtime));
+        command.env("GPUPROC", env!("CARGO_BIN_EXE_gpuproc"));
+        command
+    }
+
+    /// The ids of this test's jobs in `states`.
+    fn jobs(&self, states: &str) -> String {
+        let mut squeue = Command::new("squeue");
+        squeue.args(["-h", "-o", "%A", "-t", states, "-n", &self.job_name]);
+        let out = run(squeue);
+        assert!(out.status.success(), "squeue: {}", stderr(&out));
+        stdout(&out)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut scancel = Command::new("scancel");
+        scancel.arg(format!("--name={}", self.job_name));
+        let _ = run(scancel);
+        let end = gpuproc::time::deadline(DEADLINE);
+        let mut left = self.jobs(ACTIVE);
+        while !left.trim().is_empty() && gpuproc::time::remaining(end) != Some(Duration::ZERO) {
+            // Slurm has no call that blocks until a job has ended: poll, with a deadline.
+            std::thread::sleep(Duration::from_millis(20));
+            left = self.jobs(ACTIVE);
+        }
+        if !left.trim().is_empty() && !std::thread::panicking() {
+            panic!("jobs of {} still active: {left}", self.job_name);
+        }
+    }
+}
+
+/// What one task reports: Slurm's binding, then what `gpuproc pick` makes of it.
+/// Line 1: `CUDA_VISIBLE_DEVICES|SLURM_STEP_GPUS|SLURM_JOB_GPUS` as Slurm set them.
+/// Line 2: the error of `gpuproc pick -n 3`, one line (`|` for newlines).
+/// Line 3: `gpuproc pick -n 2 --json`, one line.
+/// Then it waits for standard input to close.
+const REPORT: &str = r#"
+echo "$CUDA_VISIBLE_DEVICES|$SLURM_STEP_GPUS|$SLURM_JOB_GPUS"
+"$GPUPROC" pick -n 3 --for-pid $$ 2>&1 >/dev/null | tr '\n' '|'; echo
+"$GPUPROC" pick -n 2 --json --for-pid $$ | tr -d '\n'; echo
+read x || true
+"#;
+
+/// Checks one task's [`REPORT`]: Slurm bound `expected` (node GPU indices), and gpuproc
+/// picked exactly those GPUs, by index and by UUID, and saw no other.
+fn check_report(lines: &[String], expected: &[usize]) {
+    let [binding, three, two] = lines else {
+        panic!("three lines expected: {lines:?}");
+    };
+    let indices = expected
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    // A step's own GPUs; the job's are set in batch jobs only.
+    assert_eq!(binding, &format!("{indices}|{indices}|"), "Slurm's binding");
+
+    assert!(
+        three.starts_with("gpuproc: none free: 3 GPUs needed, 2 qualify"),
+        "{three}"
+    );
+    for (i, uuid) in FOUR.iter().enumerate() {
+        let hidden = format!("GPU {i} ({uuid}): not in this process's CUDA_VISIBLE_DEVICES");
+        assert_eq!(three.contains(&hidden), !expected.contains(&i), "{three}");
+    }
+
+    let json: serde_json::Value =
+        serde_json::from_str(two).unwrap_or_else(|e| panic!("{e}: {two:?}"));
+    let devices = json["devices"].as_array().expect("devices");
+    let picked: Vec<(usize, &str)> = devices
+        .iter()
+        .map(|d| {
+            let index = d["index"].as_u64().expect("index");
+            (
+                usize::try_from(index).expect("index fits"),
+                d["uuid"].as_str().expect("uuid"),
+            )
+        })
+        .collect();
+    let wanted: Vec<(usize, &str)> = expected.iter().map(|&i| (i, FOUR[i])).collect();
+    assert_eq!(picked, wanted, "{two}");
+    let uuids: Vec<&str> = wanted.iter().map(|w| w.1).collect();
+    assert_eq!(json["cuda_visible_devices"], uuids.join(","), "{two}");
+}
+
+/// The next `n` lines of `task`'s output.
+fn lines(task: &Background, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| task.line().expect("the task ended early"))
+        .collect()
+}
+
+fn lines_of(out: &Output) -> Vec<String> {
+    stdout(out).lines().map(str::to_string).collect()
+}
+
+#[test]
+fn a_step_sees_only_the_gpus_slurm_bound_to_it() {
+    let Some(cluster) = cluster("bound") else {
+        return;
+    };
+    let dir = scratch_dir("bound");
+    let srun = |runtime: &str| {
+        let mut srun = cluster.job("srun", &dir.join(runtime));
+        srun.args(["-N1", "-n1", "--gres=gpu:2", "sh", "-c", REPORT]);
+        srun
+    };
+    // The first job holds GPUs 0 and 1 until its standard input closes...
+    let mut first = Background::start(srun("first"));
+    check_report(&lines(&first, 3), &[0, 1]);
+    // ... so the second gets 2 and 3: gpuproc sees those two, by their NVML indices, with
+    // a lease table of its own in which all four are free.
+    let second = run(srun("second"));
+    assert!(second.status.success(), "{}", stderr(&second));
+    check_report(&lines_of(&second), &[2, 3]);
+    let status = first.finish();
+    assert!(status.success(), "{status:?}: {}", first.stderr());
+    assert_eq!(cluster.jobs(ACTIVE), "");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn each_task_picks_the_gpu_of_gpus_per_task() {
+    let Some(cluster) = cluster("per-task") else {
+        return;
+    };
+    let dir = scratch_dir("per-task");
+    let mut srun = cluster.job("srun", &dir);
+    srun.args(["-N1", "-n4", "--gpus-per-task=1", "--label", "sh", "-c"])
+        .arg(r#"echo "$CUDA_VISIBLE_DEVICES $("$GPUPROC" pick --for-pid $$)""#);
+    let out = run(srun);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // One line per task, `TASK: INDEX UUID`: the GPU Slurm bound is the one gpuproc picks,
+    // and the four tasks have the four GPUs.
+    let mut gpus = BTreeSet::new();
+    let mut tasks = BTreeSet::new();
+    for line in stdout(&out).lines() {
+        let (task, rest) = line.split_once(": ").expect("a labelled line");
+        let (index, uuid) = rest.split_once(' ').unwrap_or((rest, ""));
+        let index: usize = index.parse().unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(FOUR.get(index), Some(&uuid), "{line}");
+        assert!(tasks.insert(task.trim().to_string()), "{line}");
+        assert!(gpus.insert(index), "GPU {index} twice: {}", stdout(&out));
+    }
+    assert_eq!(gpus, (0..4).collect(), "{}", stdout(&out));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_job_array_runs_and_records_each_exit_code() {
+    let Some(cluster) = cluster("array") else {
+        return;
+    };
+    let dir = scratch_dir("array");
+    let mut sbatch = cluster.job("sbatch", &dir);
+    sbatch
+        .args(["--parsable", "--wait", "--array=0-3", "--gres=gpu:1"])
+        .arg(format!("--output={}/%A_%a.out", dir.display()))
+        .arg("--wrap")
+        .arg(r#"echo "task $SLURM_ARRAY_TASK_ID gpu $CUDA_VISIBLE_DEVICES"; exit $SLURM_ARRAY_TASK_ID"#)
+        .stdin(Stdio::null());
+    let out = run(sbatch);
+    // --wait returns the highest exit code of the array's tasks.
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let id = stdout(&out);
+    let id = id.trim().split(';').next().unwrap_or_default().to_string();
+    assert!(id.parse::<u64>().is_ok(), "sbatch --parsable: {id:?}");
+
+    // Each task ran once with a GPU of its own, and Slurm recorded its exit code.
+    for task in 0..4 {
+        let path = dir.join(format!("{id}_{task}.out"));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let gpu = text
+            .strip_prefix(&format!("task {task} gpu "))
+            .unwrap_or_else(|| panic!("{}: {text:?}", path.display()));
+        assert!(
+            ["0\n", "1\n", "2\n", "3\n"].contains(&gpu),
+            "{}: {text:?}",
+            path.display()
+        );
+    }
+    let mut scontrol = Command::new("scontrol");
+    scontrol.args(["-o", "show", "job", &id]);
+    let out = run(scontrol);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut recorded: Vec<(String, String, String)> = stdout(&out)
+        .lines()
+        .map(|line| {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|f| f.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {line}"))
+                    .to_string()
+            };
+            (
+                field("ArrayTaskId="),
+                field("JobState="),
+                field("ExitCode="),
+            )
+        })
+        .collect();
+    recorded.sort();
+    let expected: Vec<(String, String, String)> = (0..4)
+        .map(|task| {
+            let state = if task == 0 { "COMPLETED" } else { "FAILED" };
+            (task.to_string(), state.to_string(), format!("{task}:0"))
+        })
+        .collect();
+    assert_eq!(recorded, expected);
+    assert_eq!(cluster.jobs(ACTIVE), "");
+    let _ = std::fs::remove_dir_all(dir);
+}
