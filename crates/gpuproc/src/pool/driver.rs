@@ -25,6 +25,7 @@ use super::{Config, PoolError};
 use crate::ipc::{self, FrameReader};
 use crate::process::wire::Failure;
 use crate::process::{Process, ProcessError, StartMethod};
+use crate::sys::seqpacket::MapCache;
 use crate::sys::shm::Mapping;
 use crate::sys::{self, ExitStatus, Waker};
 
@@ -322,6 +323,8 @@ pub(crate) struct Driver {
     /// Set once the initializer has failed too often (see
     /// [`policy::initializer_broken`]): no more workers are started, and tasks fail.
     broken: Option<String>,
+    /// Mappings of the memfds that large results come in, kept for their reuse.
+    memfds: MapCache,
 }
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> PoolError {
@@ -342,6 +345,7 @@ impl Driver {
             init_failures: 0,
             missing: Vec::new(),
             broken: None,
+            memfds: MapCache::default(),
         };
         for i in 0..d.config.processes {
             let w = d.start_worker(i)?;
@@ -629,7 +633,15 @@ impl Driver {
                 // Frames are read in place: the reader is set aside meanwhile.
                 let mut reader = std::mem::take(&mut w.reader);
                 while let Ok(Some((bytes, fds))) = reader.next_frame_ref() {
-                    if let Err(e) = receive(w, bytes, fds, &self.shared.buffers, &mut deliveries) {
+                    let got = receive(
+                        w,
+                        bytes,
+                        fds,
+                        &self.shared.buffers,
+                        &self.memfds,
+                        &mut deliveries,
+                    );
+                    if let Err(e) = got {
                         eprintln!(
                             "gpuproc pool: worker pid {} sent a malformed result ({e}); \
                              replacing it",
@@ -988,6 +1000,15 @@ fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A worker's memfd of results, handed back (see `shm_args`) when dropped.
+struct Lent(OwnedFd, u64);
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        sys::seqpacket::release_pooled(self.0.as_fd(), self.1);
+    }
+}
+
 /// Checks a run of results from a worker before it is split over chunks: a worker's frame
 /// is not trusted to be well formed (its process may be broken, or not ours). `expected_seq`
 /// is the worker's first unreported task, `inflight` how many it has; `results` and `fds`
@@ -1050,12 +1071,31 @@ fn check_run(
 fn receive(
     w: &mut Worker,
     bytes: &[u8],
-    fds: Vec<OwnedFd>,
+    mut fds: Vec<OwnedFd>,
     buffers: &Buffers,
+    memfds: &MapCache,
     out: &mut Vec<(Arc<Job>, Vec<Run>)>,
 ) -> Result<(), String> {
     let (done, mut results) =
         crate::codec::take_from_bytes::<DoneHeader>(bytes).map_err(|e| e.to_string())?;
+    // Results in a memfd: read in place, and handed back to the worker when this returns.
+    let map;
+    let _lent;
+    if let Some(at) = done.results_memfd {
+        let fd = fds.pop().ok_or("a run without its results' memfd")?;
+        _lent = Lent(fd, at);
+        if !results.is_empty() {
+            return Err("a run with results both in its frame and in a memfd".into());
+        }
+        let total = done
+            .lens
+            .checked_total()
+            .ok_or("a run whose result lengths overflow")?;
+        map = memfds
+            .map(_lent.0.as_fd(), total.max(1), 0)
+            .map_err(|e| format!("mapping a run's results: {e}"))?;
+        results = &map.bytes()[..total];
+    }
     let expected = w
         .sent
         .front()

@@ -37,7 +37,6 @@ pub(crate) mod worker;
 use std::any::type_name;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -50,9 +49,8 @@ use serde::Serialize;
 use self::driver::{Chunk, Driver, Inbox, Job, Run, Shared, ToJob};
 pub use self::error::PoolError;
 use self::lens::Lens;
-use self::shm_args::{ShmPool, Spill};
+use self::shm_args::ShmPool;
 use self::worker::{FnRef, Init};
-use crate::codec;
 use crate::gpu;
 use crate::ipc;
 use crate::process::{get_start_method, StartMethod};
@@ -733,40 +731,6 @@ fn new_chunk(job: Arc<Job>, func: FnRef, first_index: u64) -> Chunk {
     }
 }
 
-/// Appends `value`'s encoding to a chunk's arguments (on the heap, or in shared memory once
-/// they are large: see [`shm_args`]); returns the descriptors of handles inside it.
-fn encode_arg<T: Serialize>(
-    chunk: &mut Chunk,
-    pool: &Arc<ShmPool>,
-    value: &T,
-) -> Result<Vec<OwnedFd>, String> {
-    let start = chunk.args_len();
-    let mut out = Spill {
-        heap: &mut chunk.args,
-        shm: &mut chunk.shm,
-        pool,
-    };
-    // Fast path: no handles. A handle refuses to serialise outside a gpuproc message, so on
-    // error try again with the descriptor table in place.
-    if codec::append_to(value, &mut out).is_ok() {
-        return Ok(Vec::new());
-    }
-    chunk.truncate_args(start);
-    let mut out = Spill {
-        heap: &mut chunk.args,
-        shm: &mut chunk.shm,
-        pool,
-    };
-    let (res, fds) = ipc::encode_with(|| codec::append_to(value, &mut out));
-    match res {
-        Ok(()) => Ok(fds),
-        Err(e) => {
-            chunk.truncate_args(start);
-            Err(e.to_string())
-        }
-    }
-}
-
 /// Appends one task's encoded argument to a chunk.
 fn push_task<A: Serialize>(
     chunk: &mut Chunk,
@@ -775,10 +739,12 @@ fn push_task<A: Serialize>(
 ) -> Result<(), PoolError> {
     let index = chunk.first_index + chunk.len() as u64;
     let start = chunk.args_len();
-    let fds = encode_arg(chunk, pool, args).map_err(|reason| PoolError::Encode {
-        index,
-        type_name: type_name::<A>().to_string(),
-        reason,
+    let fds = shm_args::encode(&mut chunk.args, &mut chunk.shm, pool, args).map_err(|reason| {
+        PoolError::Encode {
+            index,
+            type_name: type_name::<A>().to_string(),
+            reason,
+        }
     })?;
     let sizes = lens::checked_len(chunk.args_len() - start, "the argument")
         .and_then(|len| Ok((len, lens::checked_fds(fds.len(), "the argument")?)));

@@ -1,23 +1,30 @@
-//! Large task arguments in shared memory.
+//! Large task arguments and results in shared memory.
 //!
-//! A chunk's encoded arguments normally travel in its frame, through the worker's socket: a
-//! copy into the kernel and one out of it. Once they pass [`SPILL_AT`] bytes, the encoder
-//! ([`Spill`]) moves what it has into a memfd from the pool's [`ShmPool`] and writes the
-//! rest straight there; the frame then carries the memfd (the frame's last descriptor) and
-//! the worker decodes the arguments in place from its mapping (cached per memfd, so a reused
-//! memfd costs no `mmap`). The bytes are written once by the encoder and read once by the
-//! decoder.
+//! A chunk's encoded arguments, and a run's encoded results, normally travel in their frame
+//! through the worker's socket: a copy into the kernel and one out of it. Once they pass
+//! [`SPILL_AT`] bytes, the encoder ([`Spill`]) moves what it has into a memfd from a
+//! [`ShmPool`] and writes the rest straight there; the frame then carries the memfd (its
+//! last descriptor) and the receiver reads the bytes in place from its mapping (cached per
+//! memfd, so a reused memfd costs no `mmap`). The bytes are written once by the encoder and
+//! read once by the decoder.
 //!
-//! The memfds are sealed against shrinking (a worker can never fault reading one) and are
-//! reused: a chunk's memfd goes back to the pool when all its tasks have been reported, or
-//! when the chunk is dropped (failed, or its pool terminated). A worker that dies mid-task
-//! takes nothing with it: the parent still owns the memfd, and the chunk keeps it for the
-//! retry or returns it. The pool keeps at most [`KEEP`] idle memfds, [`KEEP_BYTES`] in all.
+//! The memfds are sealed against shrinking (a receiver can never fault reading one) and are
+//! reused. Arguments: a chunk's memfd goes back to the parent's pool when all its tasks have
+//! been reported, or when the chunk is dropped (failed, or its pool terminated); a worker
+//! that dies mid-task takes nothing with it: the parent still owns the memfd, and the chunk
+//! keeps it for the retry or returns it. Results: the worker marks the memfd lent (a word
+//! after the payload, see [`memfd_pooled`]) and the parent writes zero there once it has
+//! copied the results out; until then the worker does not reuse it. A pool keeps at most
+//! [`KEEP`] idle memfds, [`KEEP_BYTES`] in all.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use serde::Serialize;
+
 use crate::codec;
+use crate::ipc;
 use crate::sys::seqpacket::{memfd_pooled, Mapping};
 
 /// Arguments past this many bytes (in one chunk) go through shared memory.
@@ -37,6 +44,13 @@ pub(crate) struct ShmBuf {
     cap: usize,
 }
 
+impl ShmBuf {
+    /// Whether the receiver of the last results sent in it still reads them.
+    fn lent(&self) -> bool {
+        self.map.word_at(self.cap).load(Ordering::Acquire) != 0
+    }
+}
+
 /// The idle memfds of one pool.
 #[derive(Debug, Default)]
 pub(crate) struct ShmPool {
@@ -52,7 +66,7 @@ impl ShmPool {
             let best = idle
                 .iter()
                 .enumerate()
-                .filter(|(_, b)| b.cap >= need)
+                .filter(|(_, b)| b.cap >= need && !b.lent())
                 .min_by_key(|(_, b)| b.cap)
                 .map(|(i, _)| i);
             if let Some(i) = best {
@@ -111,6 +125,14 @@ impl ShmArgs {
         self.buf.as_ref().map(|b| b.fd.as_fd())
     }
 
+    /// Marks the memfd lent to a receiver, which hands it back by writing a zero word at the
+    /// offset returned (see `sys::seqpacket::release_pooled`); until then it is not reused.
+    pub(crate) fn lend(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        let b = self.buf.as_ref()?;
+        b.map.word_at(b.cap).store(1, Ordering::Release);
+        Some((b.fd.as_fd(), b.cap as u64))
+    }
+
     /// Forgets the bytes from `len` on.
     pub(crate) fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -151,7 +173,36 @@ impl Drop for ShmArgs {
     }
 }
 
-/// The encoder's output for a chunk's arguments: the chunk's heap buffer until the bytes
+/// Appends `value`'s encoding to `heap`, or to `shm` once the bytes are large (see
+/// [`Spill`]); returns the descriptors of handles inside it. On error nothing is appended.
+pub(crate) fn encode<T: Serialize>(
+    heap: &mut Vec<u8>,
+    shm: &mut Option<ShmArgs>,
+    pool: &Arc<ShmPool>,
+    value: &T,
+) -> Result<Vec<OwnedFd>, String> {
+    let start = heap.len() + shm.as_ref().map_or(0, |s| s.len);
+    let truncate = |heap: &mut Vec<u8>, shm: &mut Option<ShmArgs>| match shm {
+        Some(s) => s.truncate(start),
+        None => heap.truncate(start),
+    };
+    // Fast path: no handles. A handle refuses to serialise outside a gpuproc message, so on
+    // error try again with the descriptor table in place.
+    if codec::append_to(value, &mut Spill { heap, shm, pool }).is_ok() {
+        return Ok(Vec::new());
+    }
+    truncate(heap, shm);
+    let (res, fds) = ipc::encode_with(|| codec::append_to(value, &mut Spill { heap, shm, pool }));
+    match res {
+        Ok(()) => Ok(fds),
+        Err(e) => {
+            truncate(heap, shm);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// The encoder's output for a chunk's arguments or a run's results: the chunk's heap buffer until the bytes
 /// pass [`SPILL_AT`], then a memfd.
 pub(crate) struct Spill<'a> {
     pub heap: &'a mut Vec<u8>,

@@ -13,6 +13,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lens::{self, u32_block, Lens};
 use super::plain;
+use super::shm_args::{self, ShmArgs, ShmPool};
 use super::PoolError;
 use crate::codec;
 use crate::ipc::{self, FrameReader};
@@ -354,6 +356,9 @@ pub(crate) struct DoneHeader {
     pub nfds: Vec<u32>,
     /// The tasks (offsets in this run) that failed, and why.
     pub failures: Vec<(u32, Failure)>,
+    /// The results are not in the frame but in a memfd, the frame's last descriptor, lent
+    /// until the parent writes zero at this offset (see `shm_args`).
+    pub results_memfd: Option<u64>,
 }
 
 /// An initializer: a function and its encoded argument, run once when the worker starts.
@@ -587,6 +592,10 @@ pub(crate) struct Outbox {
     /// The run being filled: its header, results and descriptors.
     run: DoneHeader,
     results: Vec<u8>,
+    /// The run's results instead of `results`, once they are large.
+    results_shm: Option<ShmArgs>,
+    /// Memfds for large results.
+    shm: Arc<ShmPool>,
     run_fds: Vec<OwnedFd>,
     codec: RunCodec,
     /// The encoded header of the run being closed (kept for its capacity).
@@ -616,6 +625,10 @@ impl Outbox {
     #[inline(always)]
     fn push_result<R: Serialize + DeserializeOwned>(&mut self, r: &R) -> Result<(), String> {
         let start = self.results.len();
+        if self.results_shm.is_some() {
+            // Large results so far: the rest of the run goes there too.
+            self.codec = RunCodec::Postcard;
+        }
         match &mut self.codec {
             RunCodec::Plain(enc) => {
                 if enc.push(&mut self.results, r) {
@@ -652,14 +665,18 @@ impl Outbox {
             }
             RunCodec::Postcard => {}
         }
-        let fds = encode_into(&mut self.results, r)?;
-        match result_sizes(self.results.len() - start, fds.len()) {
+        let start = self.results_len();
+        let fds = shm_args::encode(&mut self.results, &mut self.results_shm, &self.shm, r)?;
+        match result_sizes(self.results_len() - start, fds.len()) {
             Ok(sizes) => {
                 self.push_ok(sizes, fds);
                 Ok(())
             }
             Err(e) => {
-                self.results.truncate(start);
+                match &mut self.results_shm {
+                    Some(shm) => shm.truncate(start),
+                    None => self.results.truncate(start),
+                }
                 Err(e)
             }
         }
@@ -720,13 +737,34 @@ impl Outbox {
         self.since.get_or_insert_with(Instant::now);
     }
 
+    /// How many bytes of results the run holds.
+    fn results_len(&self) -> usize {
+        self.results_shm
+            .as_ref()
+            .map_or(self.results.len(), |s| s.bytes().len())
+    }
+
     /// Encodes the run's header into `self.header` and starts a new, empty run (its results
-    /// and descriptors stay in `results` and `run_fds`); false if the run was empty.
+    /// and descriptors stay in `results` and `run_fds`; results in a memfd are lent to the
+    /// parent, the memfd last in `run_fds`); false if the run was empty.
     fn end_run(&mut self) -> bool {
         self.codec = RunCodec::Untried;
         if self.run.count == 0 {
             self.run.shape = None;
             return false;
+        }
+        if let Some(shm) = self.results_shm.take() {
+            let lent = shm
+                .lend()
+                .and_then(|(fd, at)| Some((sys::dup(fd).ok()?, at)));
+            match lent {
+                Some((fd, at)) => {
+                    self.run_fds.push(fd);
+                    self.run.results_memfd = Some(at);
+                }
+                // No descriptor to spare: the results go in the frame after all.
+                None => self.results.extend_from_slice(shm.bytes()),
+            }
         }
         // Encoded in place and then cleared, so that the run's vectors keep their capacity.
         let mut header = std::mem::take(&mut self.header);
@@ -740,6 +778,7 @@ impl Outbox {
         self.run.lens.clear();
         self.run.nfds.clear();
         self.run.failures.clear();
+        self.run.results_memfd = None;
         true
     }
 
@@ -759,7 +798,7 @@ impl Outbox {
 
     #[inline]
     fn due(&mut self) -> bool {
-        if self.frames.len() + self.results.len() >= FLUSH_BYTES {
+        if self.frames.len() + self.results_len() >= FLUSH_BYTES {
             return true;
         }
         self.tick += 1;
