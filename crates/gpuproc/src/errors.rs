@@ -50,6 +50,7 @@ debug_as_display!(
     crate::ProcessError,
     crate::PoolError,
     crate::ChannelError,
+    crate::connection::ConnectionError,
     crate::SyncError,
     crate::ShmError,
     crate::gpu::GpuError,

@@ -214,6 +214,7 @@
 //! at a fixed width but cannot tell when every item of a chunk has the same layout).
 
 pub mod channel;
+pub mod connection;
 mod errors;
 pub mod gpu;
 mod ipc;
