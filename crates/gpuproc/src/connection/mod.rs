@@ -17,7 +17,7 @@
 //!
 //! let client = std::thread::spawn(move || -> Result<(), gpuproc::connection::ConnectionError> {
 //!     let conn = Client::connect_timeout(address, b"secret password", Duration::from_secs(10))?;
-//!     conn.send(&[1.5f64, 2.5])?;
+//!     conn.send(&vec![1.5f64, 2.5])?;
 //!     conn.send_bytes(b"raw bytes")?;
 //!     assert_eq!(conn.recv_timeout::<String>(Duration::from_secs(10))?, "thanks");
 //!     Ok(())

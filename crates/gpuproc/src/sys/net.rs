@@ -171,7 +171,7 @@ pub(crate) fn recv_append(
         let before = buf.len();
         let spare = &mut buf.spare_capacity_mut()[..max];
         match rustix::net::recv(sock, spare, RecvFlags::DONTWAIT) {
-            Ok(((filled, _), _)) if filled.is_empty() => return Ok(Received::Eof),
+            Ok((([], _), _)) => return Ok(Received::Eof),
             Ok(((filled, _), _)) => {
                 let n = filled.len();
                 // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
