@@ -59,10 +59,12 @@
 //!
 //! Before the handshake is complete, every message read is at most 256 bytes long (a
 //! larger one is refused from its length alone, nothing is allocated for it), at most three
-//! messages are read, and every step waits at most the handshake timeout (20 s by default,
-//! [`ListenerBuilder::handshake_timeout`]). So a peer without the key can make one `accept`
-//! call fail after at most that long, and no more: it cannot make the listener allocate,
-//! hang, or accept it. A client that waits for a listener is bounded the same way. After
+//! messages are read, and the whole handshake must end within the handshake timeout (20 s
+//! by default, [`ListenerBuilder::handshake_timeout`]). So a peer without the key can make
+//! one `accept` call fail after at most that long, and no more: it cannot make the listener
+//! allocate, hang, or accept it. (A server that must not wait for one slow client at all
+//! hands each accepted connection to a thread only after `accept` returns; `accept` itself
+//! serves one client at a time, as Python's does.) A client that waits for a listener is bounded the same way. After
 //! the handshake, a peer is trusted as far as the data goes: an incoming message may be as
 //! large as [`max_message_size`](ListenerBuilder::max_message_size) (4 GiB by default),
 //! announced lengths over it are refused before anything is allocated, and memory for a
@@ -107,7 +109,7 @@ use self::auth::Policy;
 use self::stream::Wait;
 use crate::sys::net;
 
-/// How long each step of the handshake waits for the peer, unless set otherwise.
+/// How long the whole handshake may take, unless set otherwise.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A listener's default backlog (Python's default is 1; pending connections beyond the
@@ -159,8 +161,8 @@ impl Settings {
         Ok(())
     }
 
-    /// Runs the handshake on a new connection (`serve`: the listener's side), each step
-    /// waiting at most the handshake timeout and never past `deadline`.
+    /// Runs the handshake on a new connection (`serve`: the listener's side), within the
+    /// handshake timeout and never past `deadline`.
     fn handshake(
         &self,
         conn: &Connection,
@@ -171,10 +173,15 @@ impl Settings {
             return Ok(());
         };
         let message = auth::new_message()?;
+        let own = crate::time::deadline(self.handshake_timeout);
+        let deadline = match (own, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut t = PreAuth {
             conn,
             deadline,
-            step_timeout: self.handshake_timeout,
+            limit: crate::time::remaining(deadline).unwrap_or(Duration::MAX),
         };
         if serve {
             auth::serve(&mut t, key, &message, self.policy)
@@ -184,42 +191,32 @@ impl Settings {
     }
 }
 
-/// The handshake's transport: the connection, with the pre-authentication size limit and
-/// a timeout on each step.
+/// The handshake's transport: the connection, with the pre-authentication size limit on
+/// what is read, and one deadline for the whole handshake.
 struct PreAuth<'a> {
     conn: &'a Connection,
     deadline: Option<Instant>,
-    step_timeout: Duration,
+    /// The time the handshake was given, for messages.
+    limit: Duration,
 }
 
 impl PreAuth<'_> {
-    fn wait(&self) -> (Wait, Duration) {
-        let step = crate::time::deadline(self.step_timeout);
-        let deadline = match (step, self.deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        match crate::time::remaining(deadline) {
-            Some(left) => (
-                Wait::at_most(left, "the peer's part of the handshake"),
-                left,
-            ),
-            None => (Wait::Forever, Duration::MAX),
+    fn wait(&self) -> Wait {
+        match crate::time::remaining(self.deadline) {
+            Some(left) => Wait::at_most(left, "the peer's part of the handshake"),
+            None => Wait::Forever,
         }
     }
 
-    fn failed(e: ConnectionError, after: Duration) -> ConnectionError {
+    fn failed(&self, e: ConnectionError) -> ConnectionError {
         match e {
             ConnectionError::Timeout { .. } => ConnectionError::Authentication(format!(
-                "the peer did not go on with the handshake within {after:?}"
+                "the peer did not complete the handshake within {:?}",
+                self.limit
             )),
             ConnectionError::Disconnected => ConnectionError::Authentication(
                 "the peer closed the connection during the handshake".into(),
             ),
-            ConnectionError::TooLarge { size, limit } => ConnectionError::Authentication(format!(
-                "the peer sent a message of {size} bytes during the handshake, where at \
-                     most {limit} are allowed"
-            )),
             ConnectionError::Malformed(why) => ConnectionError::Authentication(format!(
                 "the peer sent a malformed message during the handshake: {why}"
             )),
@@ -230,17 +227,24 @@ impl PreAuth<'_> {
 
 impl auth::Transport for PreAuth<'_> {
     fn send(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
-        let (wait, left) = self.wait();
+        // Our own handshake messages are small: the connection's size limit is not theirs.
         self.conn
-            .send_frame(bytes, wait)
-            .map_err(|e| Self::failed(e, left))
+            .send_frame(bytes, self.wait(), usize::MAX)
+            .map_err(|e| self.failed(e))
     }
 
     fn recv(&mut self) -> Result<Vec<u8>, ConnectionError> {
-        let (wait, left) = self.wait();
         self.conn
-            .recv_frame(wait, auth::MAX_PREAUTH)
-            .map_err(|e| Self::failed(e, left))
+            .recv_frame(self.wait(), auth::MAX_PREAUTH)
+            .map_err(|e| match e {
+                ConnectionError::TooLarge { size, limit } => {
+                    ConnectionError::Authentication(format!(
+                        "the peer sent a message of {size} bytes during the handshake, where \
+                         at most {limit} are allowed"
+                    ))
+                }
+                e => self.failed(e),
+            })
     }
 }
 
@@ -379,8 +383,9 @@ impl ListenerBuilder {
         self
     }
 
-    /// How long each step of the handshake waits for the client (default
-    /// [`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    /// How long the whole handshake with a client may take (default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`]); a client that takes longer is an authentication
+    /// error.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.settings.handshake_timeout = timeout;
         self
@@ -512,13 +517,14 @@ impl ClientBuilder {
     }
 
     /// The longest [`connect`](Self::connect) waits in all (default: no limit but the
-    /// handshake timeout of each step, and the system's for a TCP connection).
+    /// handshake timeout, and the system's own for making a TCP connection). Resolving a
+    /// host name is not bounded by it.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    /// How long each step of the handshake waits for the listener (default
+    /// How long the whole handshake with the listener may take (default
     /// [`DEFAULT_HANDSHAKE_TIMEOUT`]).
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.settings.handshake_timeout = timeout;

@@ -171,14 +171,16 @@ impl Connection {
         DEFAULT_MAX_MESSAGE_SIZE
     }
 
-    /// Sends one framed message.
-    pub(crate) fn send_frame(&self, payload: &[u8], wait: Wait) -> Result<(), ConnectionError> {
+    /// Sends one framed message of at most `limit` bytes.
+    pub(crate) fn send_frame(
+        &self,
+        payload: &[u8],
+        wait: Wait,
+        limit: usize,
+    ) -> Result<(), ConnectionError> {
         let len = payload.len() as u64;
-        if payload.len() > self.max_message_size {
-            return Err(ConnectionError::TooLarge {
-                size: len,
-                limit: self.max_message_size,
-            });
+        if payload.len() > limit {
+            return Err(ConnectionError::TooLarge { size: len, limit });
         }
         let mut tx = lock(&self.tx);
         if let Some(why) = tx.broken {
@@ -316,7 +318,7 @@ impl Connection {
     /// Sends a value (postcard-encoded), waiting while the socket is full; Python's
     /// `conn.send(obj)`, but not pickle: a Python peer receives it with `recv_bytes`.
     pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), ConnectionError> {
-        self.send_frame(&Self::encode(value)?, Wait::Forever)
+        self.send_frame(&Self::encode(value)?, Wait::Forever, self.max_message_size)
     }
 
     /// [`send`](Self::send), waiting at most `timeout` for room in the socket.
@@ -326,12 +328,13 @@ impl Connection {
         timeout: Duration,
     ) -> Result<(), ConnectionError> {
         let bytes = Self::encode(value)?;
-        self.send_frame(&bytes, Wait::at_most(timeout, "room to send"))
+        let wait = Wait::at_most(timeout, "room to send");
+        self.send_frame(&bytes, wait, self.max_message_size)
     }
 
     /// Sends raw bytes as one message; Python's `conn.send_bytes(buf)`.
     pub fn send_bytes(&self, bytes: &[u8]) -> Result<(), ConnectionError> {
-        self.send_frame(bytes, Wait::Forever)
+        self.send_frame(bytes, Wait::Forever, self.max_message_size)
     }
 
     /// [`send_bytes`](Self::send_bytes), waiting at most `timeout` for room in the socket.
@@ -340,7 +343,8 @@ impl Connection {
         bytes: &[u8],
         timeout: Duration,
     ) -> Result<(), ConnectionError> {
-        self.send_frame(bytes, Wait::at_most(timeout, "room to send"))
+        let wait = Wait::at_most(timeout, "room to send");
+        self.send_frame(bytes, wait, self.max_message_size)
     }
 
     /// Receives the next message as a `T`, waiting for it; Python's `conn.recv()`.
@@ -384,9 +388,9 @@ impl Connection {
     /// waiting at most `timeout`; Python's `conn.poll(timeout)`. A failure to poll reports
     /// `true`, so that the next receive reports the error.
     pub fn poll(&self, timeout: Duration) -> bool {
-        {
-            let rx = lock(&self.rx);
-            if rx.broken.is_some() || !rx.head.is_empty() {
+        // (While another thread is receiving, the socket alone says.)
+        if let Ok(rx) = self.rx.try_lock() {
+            if rx.broken.is_some() {
                 return true;
             }
         }
@@ -452,7 +456,8 @@ mod tests {
         let e = b.recv_bytes_timeout(Duration::from_millis(20)).unwrap_err();
         assert!(e.is_timeout(), "{e}");
         assert!(b.try_recv_bytes().unwrap_err().is_empty());
-        assert!(b.poll(Duration::ZERO));
+        // What arrived is taken: nothing more to read until the rest comes.
+        assert!(!b.poll(Duration::ZERO));
         sys::send_all(a.as_fd(), &[b"cd", &[0, 0, 0, 1], b"e"], &[]).unwrap();
         assert_eq!(b.recv_bytes_timeout(T).unwrap(), b"abcd");
         assert_eq!(b.recv_bytes_timeout(T).unwrap(), b"e");
@@ -512,24 +517,36 @@ mod tests {
     }
 
     #[test]
-    fn a_send_timeout_with_nothing_sent_leaves_it_usable() {
+    fn send_timeouts_keep_the_stream_in_step() {
         let (a, b) = pair();
-        let chunk = vec![7u8; 1 << 16];
-        // Fill the socket until a send times out.
-        let mut sent = 0;
-        let err = loop {
-            match a.send_bytes_timeout(&chunk, Duration::from_millis(20)) {
-                Ok(()) => sent += 1,
+        // Nobody reads: a message larger than the socket's buffer goes out in part.
+        let big = vec![7u8; 16 << 20];
+        let e = a
+            .send_bytes_timeout(&big, Duration::from_millis(20))
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        // The stream is out of step: later sends say so instead of sending garbage.
+        let e = a.send_bytes(b"x").unwrap_err();
+        assert!(matches!(e, ConnectionError::Broken(_)), "{e}");
+        assert!(e.to_string().contains("part-way"), "{e}");
+        // Receiving still works.
+        b.send_bytes(b"back").unwrap();
+        assert_eq!(a.recv_bytes_timeout(T).unwrap(), b"back");
+        // A send that times out before any byte went out leaves the connection usable: a
+        // 5-byte message goes into a Unix socket whole or not at all.
+        let (a, b) = pair();
+        let mut whole = 0;
+        let e = loop {
+            match a.send_bytes_timeout(b"x", Duration::from_millis(20)) {
+                Ok(()) => whole += 1,
                 Err(e) => break e,
             }
         };
-        assert!(err.is_timeout(), "{err}");
-        // Drain what went whole; the stream may now be out of step for sending.
-        for _ in 0..sent {
-            assert_eq!(b.recv_bytes_timeout(T).unwrap().len(), chunk.len());
+        assert!(e.is_timeout(), "{e}");
+        for _ in 0..whole {
+            assert_eq!(b.recv_bytes_timeout(T).unwrap(), b"x");
         }
-        // Receiving on `a` still works either way.
-        b.send_bytes(b"back").unwrap();
-        assert_eq!(a.recv_bytes_timeout(T).unwrap(), b"back");
+        a.send_bytes_timeout(b"after", T).unwrap();
+        assert_eq!(b.recv_bytes_timeout(T).unwrap(), b"after");
     }
 }

@@ -175,7 +175,7 @@ fn a_silent_client_makes_accept_time_out_and_the_next_one_gets_in() {
     let e = listener.accept_timeout(TIMEOUT).unwrap_err();
     assert!(e.is_authentication(), "{e}");
     assert!(
-        e.to_string().contains("did not go on with the handshake"),
+        e.to_string().contains("did not complete the handshake"),
         "{e}"
     );
     drop(silent);
@@ -271,6 +271,26 @@ fn an_oversize_message_is_refused_and_the_receiver_says_why() {
     // The sending side refuses before sending.
     let e = conn.send_bytes(&[0; 1001]).unwrap_err();
     assert!(e.is_too_large(), "{e}");
+    drop(client.join().unwrap());
+    // A limit below the handshake's own messages does not stop the handshake.
+    let listener = Listener::builder(dir.path("tiny"))
+        .authkey(KEY)
+        .max_message_size(8)
+        .bind()
+        .unwrap();
+    let address = listener.address().clone();
+    let client = spawn(move || {
+        let c = Client::builder(address)
+            .authkey(KEY)
+            .max_message_size(8)
+            .timeout(TIMEOUT)
+            .connect()
+            .unwrap();
+        c.send_bytes(b"8 bytes!").unwrap();
+        c
+    });
+    let conn = listener.accept_timeout(TIMEOUT).unwrap();
+    assert_eq!(conn.recv_bytes_timeout(TIMEOUT).unwrap(), b"8 bytes!");
     drop(client.join().unwrap());
 }
 
