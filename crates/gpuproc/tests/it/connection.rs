@@ -441,7 +441,7 @@ fn pythons() -> Vec<Python> {
 struct Py {
     child: Child,
     lines: mpsc::Receiver<String>,
-    stderr: JoinHandle<String>,
+    stderr: Option<JoinHandle<String>>,
 }
 
 impl Py {
@@ -476,7 +476,7 @@ impl Py {
         Py {
             child,
             lines,
-            stderr,
+            stderr: Some(stderr),
         }
     }
 
@@ -492,8 +492,8 @@ impl Py {
         let left = wait_all_ended(&[self.child.id()], Instant::now() + TIMEOUT);
         assert!(left.is_empty(), "the Python script did not end");
         let status = self.child.wait().unwrap();
-        let py = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
-        (status.code().unwrap_or(-1), py.join().unwrap())
+        let stderr = self.stderr.take().map(|t| t.join().unwrap());
+        (status.code().unwrap_or(-1), stderr.unwrap_or_default())
     }
 }
 
@@ -509,6 +509,7 @@ fn py_address(a: &Address) -> String {
     match a {
         Address::Tcp { host, port } => format!("({host:?}, {port})"),
         Address::Unix(p) => format!("{:?}", p.to_str().unwrap()),
+        Address::Abstract(name) => format!("'\\x00{}'", std::str::from_utf8(name).unwrap()),
         other => panic!("{other:?}"),
     }
 }
@@ -534,7 +535,11 @@ c.close()
 fn a_python_client_talks_to_a_gpuproc_listener() {
     for python in pythons() {
         let dir = TempDir::new();
-        for address in [Address::tcp("127.0.0.1", 0), Address::unix(dir.path("py"))] {
+        for address in [
+            Address::tcp("127.0.0.1", 0),
+            Address::unix(dir.path("py")),
+            unique_abstract(),
+        ] {
             let listener = Listener::bind(address, KEY).unwrap();
             let addr = py_address(listener.address());
             let py = Py::run(&python, PY_CLIENT, &[&addr, "the right key"]);
