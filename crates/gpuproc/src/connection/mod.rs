@@ -62,13 +62,14 @@
 //! messages are read, and the whole handshake must end within the handshake timeout (20 s
 //! by default, [`ListenerBuilder::handshake_timeout`]). So a peer without the key can make
 //! one `accept` call fail after at most that long, and no more: it cannot make the listener
-//! allocate, hang, or accept it. (A server that must not wait for one slow client at all
-//! hands each accepted connection to a thread only after `accept` returns; `accept` itself
-//! serves one client at a time, as Python's does.) A client that waits for a listener is bounded the same way. After
-//! the handshake, a peer is trusted as far as the data goes: an incoming message may be as
-//! large as [`max_message_size`](ListenerBuilder::max_message_size) (4 GiB by default),
-//! announced lengths over it are refused before anything is allocated, and memory for a
-//! message grows only as its bytes arrive.
+//! allocate, hang, or accept it. `accept` serves one client at a time, as Python's does, so
+//! such a peer delays the clients queued behind it by at most the handshake timeout. A
+//! client that waits for a listener's part of the handshake is bounded the same way.
+//!
+//! After the handshake a peer is trusted as far as the data goes: an incoming message may
+//! be as large as [`max_message_size`](ListenerBuilder::max_message_size) (4 GiB by
+//! default); a length announced over it is refused before anything is allocated, and the
+//! memory for a message grows only as its bytes arrive.
 //!
 //! A peer on the network can still read and change the data: nothing is encrypted, and
 //! only the handshake is authenticated (as in Python). Use a Unix socket, a private network,
@@ -79,12 +80,14 @@
 //! - A TCP listener or client needs an authkey ([`ConnectionError::AuthkeyRequired`]):
 //!   Python falls back to `current_process().authkey` when none is given, which another
 //!   program does not share; gpuproc has no process-wide key and refuses instead. An empty
-//!   key is refused for TCP too. Unix sockets may go without one (the file's permissions
-//!   guard them), as in Python.
+//!   key is refused for TCP too. Unix sockets may go without one, as in Python: a socket
+//!   file is guarded by its permissions, but a Linux abstract name has none (any process in
+//!   the same network namespace can connect), so give an abstract listener a key.
 //! - Values are postcard, not pickle (see above); only bytes interoperate with Python.
 //! - Values that hold file descriptors (pipes, queues, locks, shared memory) cannot be sent
-//!   ([`ConnectionError::CarriesDescriptors`]); Python pickles some of them into names that
-//!   only work on the same machine.
+//!   ([`ConnectionError::CarriesDescriptors`]); Python refuses some of them (queues and
+//!   locks are shared "only through inheritance") and pickles others into handles that work
+//!   only on the same machine.
 //! - Every call that waits has a timeout form, and the handshake always has one.
 //! - A listener's Unix socket file is removed when the listener is closed or dropped (only
 //!   if the file is still the one it made), as Python removes it at `close()`.
