@@ -62,11 +62,11 @@ fn exchange(listener: &Listener) {
     let address = listener.address().clone();
     let client = spawn(move || {
         let conn = Client::connect_timeout(address, KEY, TIMEOUT).unwrap();
-        conn.send(&(7u64, "seven".to_string(), vec![1.5f32; 3]))
+        conn.send_timeout(&(7u64, "seven".to_string(), vec![1.5f32; 3]), TIMEOUT)
             .unwrap();
-        conn.send_bytes(b"raw").unwrap();
+        conn.send_bytes_timeout(b"raw", TIMEOUT).unwrap();
         let big: Vec<u8> = conn.recv_bytes_timeout(TIMEOUT).unwrap();
-        conn.send_bytes(&big).unwrap();
+        conn.send_bytes_timeout(&big, TIMEOUT).unwrap();
         let s: String = conn.recv_timeout(TIMEOUT).unwrap();
         assert_eq!(s, "bye");
     });
@@ -75,9 +75,9 @@ fn exchange(listener: &Listener) {
     assert_eq!(v, (7, "seven".to_string(), vec![1.5; 3]));
     assert_eq!(conn.recv_bytes_timeout(TIMEOUT).unwrap(), b"raw");
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    conn.send_bytes(&big).unwrap();
+    conn.send_bytes_timeout(&big, TIMEOUT).unwrap();
     assert_eq!(conn.recv_bytes_timeout(TIMEOUT).unwrap(), big);
-    conn.send("bye").unwrap();
+    conn.send_timeout("bye", TIMEOUT).unwrap();
     client.join().unwrap();
     let e = conn.recv_bytes_timeout(TIMEOUT).unwrap_err();
     assert!(e.is_disconnected(), "{e}");
@@ -127,7 +127,7 @@ fn a_unix_socket_without_authkey_skips_the_handshake() {
     let address = listener.address().clone();
     let client = spawn(move || {
         let c = Client::builder(address).timeout(TIMEOUT).connect().unwrap();
-        c.send_bytes(b"hi").unwrap();
+        c.send_bytes_timeout(b"hi", TIMEOUT).unwrap();
         c
     });
     let conn = listener.accept_timeout(TIMEOUT).unwrap();
@@ -151,7 +151,7 @@ fn wrong_key_fails_on_both_sides_and_the_listener_survives() {
         // The next client, with the right key, gets through.
         let client = spawn(move || {
             let c = Client::connect_timeout(address, KEY, TIMEOUT).unwrap();
-            c.send_bytes(b"second").unwrap();
+            c.send_bytes_timeout(b"second", TIMEOUT).unwrap();
             c
         });
         let conn = listener.accept_timeout(TIMEOUT).unwrap();
@@ -171,7 +171,7 @@ fn a_silent_client_makes_accept_time_out_and_the_next_one_gets_in() {
         panic!()
     };
     // Connects and says nothing.
-    let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let silent = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), TIMEOUT).unwrap();
     let e = listener.accept_timeout(TIMEOUT).unwrap_err();
     assert!(e.is_authentication(), "{e}");
     assert!(
@@ -214,7 +214,7 @@ fn a_pre_authentication_flood_is_refused_at_the_size_limit() {
     };
     // A peer that announces a 1 GiB answer and starts sending it.
     let flooder = spawn(move || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), TIMEOUT).unwrap();
         s.set_write_timeout(Some(TIMEOUT)).unwrap();
         let mut sent: u64 = 0;
         if s.write_all(&(1i32 << 30).to_be_bytes()).is_err() {
@@ -252,7 +252,7 @@ fn an_oversize_message_is_refused_and_the_receiver_says_why() {
     let address = listener.address().clone();
     let client = spawn(move || {
         let c = Client::connect_timeout(address, KEY, TIMEOUT).unwrap();
-        c.send_bytes(&[1; 1001]).unwrap();
+        c.send_bytes_timeout(&[1; 1001], TIMEOUT).unwrap();
         c
     });
     let conn = listener.accept_timeout(TIMEOUT).unwrap();
@@ -286,7 +286,7 @@ fn an_oversize_message_is_refused_and_the_receiver_says_why() {
             .timeout(TIMEOUT)
             .connect()
             .unwrap();
-        c.send_bytes(b"8 bytes!").unwrap();
+        c.send_bytes_timeout(b"8 bytes!", TIMEOUT).unwrap();
         c
     });
     let conn = listener.accept_timeout(TIMEOUT).unwrap();
@@ -332,7 +332,7 @@ fn a_value_holding_descriptors_is_refused() {
     );
     assert!(e.to_string().contains("Queue<u32>"), "{e}");
     // Nothing was sent: the connection still works.
-    conn.send_bytes(b"still fine").unwrap();
+    conn.send_bytes_timeout(b"still fine", TIMEOUT).unwrap();
     let c = client.join().unwrap();
     assert_eq!(c.recv_bytes_timeout(TIMEOUT).unwrap(), b"still fine");
 }
@@ -547,7 +547,7 @@ fn a_python_client_talks_to_a_gpuproc_listener() {
             assert_eq!(py.line(), "connected", "{python:?}");
             // Over 64 KiB each way.
             let big: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
-            conn.send_bytes(&big).unwrap();
+            conn.send_bytes_timeout(&big, TIMEOUT).unwrap();
             let mut back = conn.recv_bytes_timeout(TIMEOUT).unwrap();
             back.reverse();
             assert_eq!(back, big);
@@ -556,7 +556,8 @@ fn a_python_client_talks_to_a_gpuproc_listener() {
                 theirs,
                 (0..300_000u32).map(|i| (i % 253) as u8).collect::<Vec<_>>()
             );
-            conn.send_bytes("done, thanks".as_bytes()).unwrap();
+            conn.send_bytes_timeout("done, thanks".as_bytes(), TIMEOUT)
+                .unwrap();
             assert_eq!(py.line(), "got done, thanks");
             let (code, stderr) = py.finish();
             assert_eq!(code, 0, "{python:?}: {stderr}");
@@ -587,10 +588,10 @@ fn a_python_client_with_the_wrong_key_is_refused_on_both_sides() {
         let py = Py::run(&python, PY_CLIENT, &[&addr, "the right key"]);
         let conn = listener.accept_timeout(TIMEOUT).unwrap();
         assert_eq!(py.line(), "connected");
-        conn.send_bytes(b"abc").unwrap();
+        conn.send_bytes_timeout(b"abc", TIMEOUT).unwrap();
         assert_eq!(conn.recv_bytes_timeout(TIMEOUT).unwrap(), b"cba");
         conn.recv_bytes_timeout(TIMEOUT).unwrap();
-        conn.send_bytes(b"x").unwrap();
+        conn.send_bytes_timeout(b"x", TIMEOUT).unwrap();
         assert_eq!(py.line(), "got x");
         assert_eq!(py.finish().0, 0);
     }
@@ -619,13 +620,14 @@ fn a_gpuproc_client_talks_to_a_python_listener() {
         let py = Py::run(&python, PY_LISTENER, &["the right key"]);
         let port: u16 = py.line().parse().unwrap();
         let conn = Client::connect_timeout(("127.0.0.1", port), KEY, TIMEOUT).unwrap();
-        conn.send_bytes(b"hello python").unwrap();
+        conn.send_bytes_timeout(b"hello python", TIMEOUT).unwrap();
         assert_eq!(conn.recv_bytes_timeout(TIMEOUT).unwrap(), b"HELLO PYTHON");
         assert_eq!(
             conn.recv_bytes_timeout(TIMEOUT).unwrap(),
             vec![b'z'; 100_000]
         );
-        conn.send_bytes(&vec![5u8; 150_000]).unwrap();
+        conn.send_bytes_timeout(&vec![5u8; 150_000], TIMEOUT)
+            .unwrap();
         assert_eq!(py.line(), "got 150000", "{python:?}");
         let (code, stderr) = py.finish();
         assert_eq!(code, 0, "{python:?}: {stderr}");
@@ -663,10 +665,10 @@ fn legacy_md5_can_be_turned_off() {
             // Python 3.12 and later answer with HMAC-SHA256: accepted.
             let conn = listener.accept_timeout(TIMEOUT).unwrap();
             assert_eq!(py.line(), "connected");
-            conn.send_bytes(b"ab").unwrap();
+            conn.send_bytes_timeout(b"ab", TIMEOUT).unwrap();
             assert_eq!(conn.recv_bytes_timeout(TIMEOUT).unwrap(), b"ba");
             conn.recv_bytes_timeout(TIMEOUT).unwrap();
-            conn.send_bytes(b"y").unwrap();
+            conn.send_bytes_timeout(b"y", TIMEOUT).unwrap();
             assert_eq!(py.line(), "got y");
             assert_eq!(py.finish().0, 0);
         } else {
