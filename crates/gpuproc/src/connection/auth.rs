@@ -563,7 +563,7 @@ mod tests {
         assert_ne!(a, b);
     }
 
-    /// Vectors computed with Python 3.11's `hmac` module:
+    /// Vectors computed with Python's `hmac` module:
     /// `hmac.new(b"gpuproc-key", b"{sha256}" + bytes(range(40)), "sha256").hexdigest()` and
     /// the same with `"md5"`, `"sha3_256"`.
     #[test]
@@ -574,6 +574,13 @@ mod tests {
         assert_eq!(hex(Digest::Sha256.mac(b"gpuproc-key", &m)), PY_SHA256);
         assert_eq!(hex(Digest::Md5.mac(b"gpuproc-key", &m)), PY_MD5);
         assert_eq!(hex(Digest::Sha3_256.mac(b"gpuproc-key", &m)), PY_SHA3_256);
+        // Python 3.12's `_create_response(b"gpuproc-key", m)`: `{sha256}` and the MAC.
+        let response = create_response(b"gpuproc-key", &m, Policy::default()).unwrap();
+        assert_eq!(hex(response), format!("7b7368613235367d{PY_SHA256}"));
+        // ... and for a legacy 20-byte challenge, `bytes(range(20))`: a bare HMAC-MD5.
+        let legacy: Vec<u8> = (0u8..20).collect();
+        let response = create_response(b"gpuproc-key", &legacy, Policy::default()).unwrap();
+        assert_eq!(hex(response), "ad7af9e9846f4b00a5da5989d6b481ea");
     }
 
     const PY_SHA256: &str = "34b4861aba23009d5bbec51d583eaaf1ddac144f0dba6a982a154d50e38c09de";
