@@ -1,7 +1,7 @@
 //! [`Address`]: where a listener listens and a client connects.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -105,12 +105,8 @@ impl Address {
         if host.is_empty() {
             return Err(self.invalid("an empty host"));
         }
-        let mut addrs: Vec<SocketAddr> = (host.as_str(), *port)
-            .to_socket_addrs()
-            .map_err(ConnectionError::io(format!("resolving {self}")))?
-            .collect();
-        addrs.sort_by_key(|a| a.is_ipv6());
-        addrs.dedup();
+        let addrs = crate::sys::net::resolve(host, *port)
+            .map_err(ConnectionError::io(format!("cannot resolve {self}")))?;
         if addrs.is_empty() {
             return Err(self.invalid("the host name resolves to no address"));
         }

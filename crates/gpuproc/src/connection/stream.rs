@@ -517,6 +517,47 @@ mod tests {
     }
 
     #[test]
+    fn threads_share_a_connection_a_whole_message_each() {
+        use std::sync::Arc;
+        let (a, b) = pair();
+        let a = Arc::new(a);
+        // Two threads send on the same end at once; messages of up to 200 KB each.
+        let senders: Vec<_> = (0..2u8)
+            .map(|t| {
+                let a = Arc::clone(&a);
+                std::thread::spawn(move || {
+                    for i in 0..50usize {
+                        let len = 1 + (i * 4099 + usize::from(t) * 70_001) % 200_000;
+                        a.send_bytes_timeout(&vec![t; len], T).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // A third receives on it meanwhile.
+        let receiver = {
+            let a = Arc::clone(&a);
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|_| a.recv_timeout::<u32>(T).unwrap())
+                    .sum::<u32>()
+            })
+        };
+        let mut counts = [0; 2];
+        for n in 0..100u32 {
+            let m = b.recv_bytes_timeout(T).unwrap();
+            // Whole: one sender's bytes only.
+            assert!(m.iter().all(|&x| x == m[0]), "message {n} is mixed");
+            counts[usize::from(m[0])] += 1;
+            b.send_timeout(&n, T).unwrap();
+        }
+        assert_eq!(counts, [50, 50]);
+        for s in senders {
+            s.join().unwrap();
+        }
+        assert_eq!(receiver.join().unwrap(), (0..100).sum::<u32>());
+    }
+
+    #[test]
     fn send_timeouts_keep_the_stream_in_step() {
         let (a, b) = pair();
         // Nobody reads: a message larger than the socket's buffer goes out in part.

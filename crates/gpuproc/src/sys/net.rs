@@ -13,6 +13,16 @@ use rustix::net::{sockopt, AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags
 
 use super::Received;
 
+/// The addresses `host` resolves to (through the C library's resolver), IPv4 ones first.
+pub(crate) fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let mut addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    // Stable: the resolver's order is kept within each family.
+    addrs.sort_by_key(|a| a.is_ipv6());
+    addrs.dedup();
+    Ok(addrs)
+}
+
 /// Where a Unix socket lives: a file system path, or a name in Linux's abstract namespace
 /// (without the leading NUL byte).
 #[derive(Debug, Clone, Copy)]
