@@ -36,15 +36,17 @@ fn unix_addr(name: UnixName<'_>) -> io::Result<SocketAddrUnix> {
         UnixName::Path(p) => SocketAddrUnix::new(p),
         UnixName::Abstract(n) => SocketAddrUnix::new_abstract_name(n),
     };
-    addr.map_err(|e| {
-        if e == Errno::NAMETOOLONG || e == Errno::INVAL {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a Unix socket address has room for at most 107 bytes (108 for an abstract name)",
-            )
-        } else {
-            e.into()
-        }
+    addr.map_err(|e| match e {
+        Errno::NAMETOOLONG => io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a Unix socket address has room for a path of at most 108 bytes, or an abstract \
+             name of at most 107",
+        ),
+        Errno::INVAL => io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a Unix socket path cannot contain a NUL byte",
+        ),
+        e => e.into(),
     })
 }
 

@@ -353,7 +353,9 @@ fn errors_say_why() {
     assert!(format!("{e:?}").contains("cannot listen on"), "{e:?}");
     let long = Address::unix(format!("/tmp/{}", "x".repeat(200)));
     let e = Listener::bind(long, KEY).unwrap_err();
-    assert!(format!("{e:?}").contains("at most 107 bytes"), "{e:?}");
+    assert!(format!("{e:?}").contains("at most 108 bytes"), "{e:?}");
+    let e = Listener::bind(Address::unix("/tmp/a\0b"), KEY).unwrap_err();
+    assert!(format!("{e:?}").contains("cannot contain a NUL"), "{e:?}");
 }
 
 // ---- against Python's multiprocessing.connection -----------------------------------------------
