@@ -556,41 +556,28 @@ impl ClientBuilder {
         } = self;
         settings.check(&address, "client")?;
         let deadline = crate::time::deadline(timeout);
-        let timed_out = || ConnectionError::Timeout {
-            waiting_for: "the connection to be made",
-            after: timeout,
+        let io_error = |source| ConnectionError::Io {
+            context: format!("cannot connect to {address}"),
+            source,
         };
-        let connect_error = || format!("cannot connect to {address}");
         let sock = if let Some(name) = address.unix_name()? {
-            net::connect_unix(name, deadline).map_err(|e| match e.kind() {
-                std::io::ErrorKind::TimedOut => timed_out(),
-                _ => ConnectionError::Io {
-                    context: connect_error(),
-                    source: e,
-                },
-            })?
+            net::connect_unix(name, deadline).map_err(io_error)?
         } else {
-            let mut last = None;
-            let mut sock = None;
+            // Each address in turn (IPv4 first) until one answers; the deadline is shared.
+            let mut result = Err(std::io::ErrorKind::AddrNotAvailable.into());
             for addr in address.resolve()? {
-                match net::connect_tcp(addr, deadline) {
-                    Ok(s) => {
-                        sock = Some(s);
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(timed_out()),
-                    Err(e) => last = Some(e),
+                result = net::connect_tcp(addr, deadline);
+                if result.is_ok() {
+                    break;
                 }
             }
-            match sock {
-                Some(s) => s,
-                None => {
-                    return Err(ConnectionError::Io {
-                        context: connect_error(),
-                        source: last.unwrap_or_else(|| std::io::ErrorKind::AddrNotAvailable.into()),
-                    })
-                }
-            }
+            result.map_err(io_error)?
+        };
+        let Some(sock) = sock else {
+            return Err(ConnectionError::Timeout {
+                waiting_for: "the connection to be made",
+                after: timeout,
+            });
         };
         let conn = Connection::new(sock, settings.max_message_size);
         settings.handshake(&conn, false, deadline)?;

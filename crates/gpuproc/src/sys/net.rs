@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 use rustix::net::{sockopt, AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
@@ -109,38 +109,43 @@ pub(crate) fn accept(listener: BorrowedFd<'_>, tcp: bool) -> io::Result<Option<O
     }
 }
 
-/// Connects to a Unix socket, waiting at most until `deadline` while the listener's
-/// backlog is full.
-pub(crate) fn connect_unix(name: UnixName<'_>, deadline: Option<Instant>) -> io::Result<OwnedFd> {
+/// Connects to a Unix socket, waiting while the listener's backlog is full, at most until
+/// `deadline` (`Ok(None)` when it passed first).
+pub(crate) fn connect_unix(
+    name: UnixName<'_>,
+    deadline: Option<Instant>,
+) -> io::Result<Option<OwnedFd>> {
     let addr = unix_addr(name)?;
     let sock = stream_socket(AddressFamily::UNIX, false)?;
     // A Unix connect waits while the backlog is full; SO_SNDTIMEO bounds that wait.
     let left = crate::time::remaining(deadline);
     if let Some(left) = left {
         if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
+            return Ok(None);
         }
-        sockopt::set_socket_timeout(&sock, sockopt::Timeout::Send, Some(left))?;
+        const YEAR: Duration = Duration::from_secs(365 * 86_400);
+        sockopt::set_socket_timeout(&sock, sockopt::Timeout::Send, Some(left.min(YEAR)))?;
     }
     loop {
         match rustix::net::connect(&sock, &addr) {
             Ok(()) => break,
             Err(Errno::INTR) => continue,
-            Err(Errno::AGAIN) | Err(Errno::INPROGRESS) => {
-                return Err(io::ErrorKind::TimedOut.into())
-            }
+            Err(Errno::AGAIN) | Err(Errno::INPROGRESS) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     }
     if left.is_some() {
         sockopt::set_socket_timeout(&sock, sockopt::Timeout::Send, None)?;
     }
-    Ok(sock)
+    Ok(Some(sock))
 }
 
-/// Connects to a TCP address, giving up at `deadline`. The socket is blocking, with
-/// `TCP_NODELAY`.
-pub(crate) fn connect_tcp(addr: SocketAddr, deadline: Option<Instant>) -> io::Result<OwnedFd> {
+/// Connects to a TCP address, giving up at `deadline` (`Ok(None)`). The socket is blocking,
+/// with `TCP_NODELAY`.
+pub(crate) fn connect_tcp(
+    addr: SocketAddr,
+    deadline: Option<Instant>,
+) -> io::Result<Option<OwnedFd>> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
@@ -150,7 +155,7 @@ pub(crate) fn connect_tcp(addr: SocketAddr, deadline: Option<Instant>) -> io::Re
         Ok(()) => {}
         Err(Errno::INPROGRESS) | Err(Errno::INTR) => {
             if !super::wait_ready(sock.as_fd(), true, deadline)? {
-                return Err(io::ErrorKind::TimedOut.into());
+                return Ok(None);
             }
             if let Err(e) = sockopt::socket_error(&sock)? {
                 return Err(e.into());
@@ -160,7 +165,7 @@ pub(crate) fn connect_tcp(addr: SocketAddr, deadline: Option<Instant>) -> io::Re
     }
     let _ = sockopt::set_tcp_nodelay(&sock, true);
     set_blocking(sock.as_fd())?;
-    Ok(sock)
+    Ok(Some(sock))
 }
 
 fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -207,6 +207,40 @@ fn a_silent_listener_makes_connect_fail_not_hang() {
 }
 
 #[test]
+fn connecting_to_a_full_backlog_times_out() {
+    let dir = TempDir::new();
+    for address in [
+        Address::tcp("127.0.0.1", 0),
+        Address::unix(dir.path("full")),
+    ] {
+        // Nobody accepts, and the backlog holds one pending connection.
+        let listener = Listener::builder(address)
+            .authkey(KEY)
+            .backlog(0)
+            .bind()
+            .unwrap();
+        let address = listener.address().clone();
+        let mut pending = Vec::new();
+        let e = loop {
+            match Client::builder(address.clone())
+                .authkey(KEY)
+                .timeout(Duration::from_millis(200))
+                .handshake_timeout(Duration::ZERO)
+                .connect()
+            {
+                // Connected (queued), then the handshake could not start.
+                Err(e) if e.is_authentication() => pending.push(e),
+                Err(e) => break e,
+                Ok(c) => panic!("{address}: a connection without a listener's handshake: {c:?}"),
+            }
+            assert!(pending.len() < 64, "{address}: the backlog never filled");
+        };
+        assert!(e.is_timeout(), "{address}: {e}");
+        assert!(e.to_string().contains("the connection to be made"), "{e}");
+    }
+}
+
+#[test]
 fn a_pre_authentication_flood_is_refused_at_the_size_limit() {
     let listener = Listener::bind(("127.0.0.1", 0), KEY).unwrap();
     let Address::Tcp { port, .. } = listener.address().clone() else {
