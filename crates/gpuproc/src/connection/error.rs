@@ -23,8 +23,10 @@ pub enum ConnectionError {
     /// send).
     #[error("the other end of the connection is closed")]
     Disconnected,
-    /// A call with a timeout (or the handshake, see
-    /// [`handshake_timeout`](super::ListenerBuilder::handshake_timeout)) waited this long.
+    /// A call with a timeout waited this long: no client came to `accept_timeout`, no
+    /// message to `recv_timeout`, no connection in time. (A peer that runs out of time in
+    /// the handshake is an [`Authentication`](Self::Authentication) error, see
+    /// [`handshake_timeout`](super::ListenerBuilder::handshake_timeout).)
     #[error("timed out after {after:?} waiting for {waiting_for}")]
     Timeout {
         /// What did not happen in time.
