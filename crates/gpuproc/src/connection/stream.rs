@@ -513,7 +513,7 @@ mod tests {
             matches!(e, ConnectionError::CarriesDescriptors { count: 1, .. }),
             "{e}"
         );
-        assert!(e.to_string().contains("channel::pipe::Connection"), "{e}");
+        assert!(e.to_string().contains("Connection)"), "{e}");
     }
 
     #[test]
