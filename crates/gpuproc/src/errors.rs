@@ -50,6 +50,7 @@ debug_as_display!(
     crate::ProcessError,
     crate::PoolError,
     crate::ChannelError,
+    crate::connection::ConnectionError,
     crate::SyncError,
     crate::ShmError,
     crate::gpu::GpuError,
@@ -64,6 +65,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::connection::ConnectionError;
     use crate::gpu::{GpuError, GpuErrorKind, PickError, Unavailable, Verdict};
     use crate::sys::ExitStatus;
     use crate::{ChannelError, PoolError, ProcessError, SendError, ShmError, SyncError};
@@ -159,6 +161,17 @@ mod tests {
                 },
             )),
             Box::new(SendError::new(7u32, ChannelError::Disconnected)),
+            Box::new(ConnectionError::Io {
+                context: "cannot listen on 127.0.0.1:1".into(),
+                source: enoent(),
+            }),
+            Box::new(ConnectionError::Authentication(
+                "digest received was wrong".into(),
+            )),
+            Box::new(ConnectionError::AuthkeyRequired {
+                side: "listener",
+                address: "127.0.0.1:1".into(),
+            }),
             Box::new(SyncError::Os {
                 op: "futex wait",
                 source: enoent(),

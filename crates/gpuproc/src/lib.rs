@@ -153,7 +153,8 @@
 //! # Errors
 //!
 //! Each area has one error type ([`ProcessError`], [`PoolError`], [`ChannelError`],
-//! [`SyncError`], [`ShmError`], [`gpu::GpuError`], [`gpu::PickError`]). Its `Display` is one
+//! [`connection::ConnectionError`], [`SyncError`], [`ShmError`], [`gpu::GpuError`],
+//! [`gpu::PickError`]). Its `Display` is one
 //! sentence about what failed; the underlying cause (an OS error, say) is its
 //! [`source()`](std::error::Error::source) and is not repeated in the message, so reports
 //! that print the chain (`anyhow`'s `{:#}`) show each cause once. Its `Debug` (what
@@ -175,6 +176,13 @@
 //! called `std::process::exit` (with the GNU C library) keeps its result and its exit code.
 //! (Watching the program from each child instead would cost a thread per child, and more
 //! than doubles the time to start one.)
+//!
+//! # Connections between programs
+//!
+//! [`connection`] is Python's `multiprocessing.connection`: a [`connection::Listener`] on a
+//! Unix socket or a TCP port, [`connection::Client`] to reach it, both authenticated with a
+//! shared authkey (Python's HMAC challenge-response, required for TCP). Bytes interoperate
+//! with Python's `Listener` and `Client`.
 //!
 //! # GPUs
 //!
@@ -206,7 +214,8 @@
 //!
 //! System calls go through `rustix` (`fork` and `_exit` through `libc`, so that the C
 //! library's fork handlers run), serialisation through `serde` + `postcard`, NVML through
-//! `nvml-wrapper`. Written here because no maintained crate does them: framing with file
+//! `nvml-wrapper`, the authentication of [`connection`] through RustCrypto's `hmac`, `sha2`,
+//! `sha3` and `md-5` with `getrandom`. Written here because no maintained crate does them: framing with file
 //! descriptors over `SCM_RIGHTS` (the internal `ipc` module), the fork server, sending a
 //! monomorphised `fn` between processes of the same executable, and the pool's fixed-width
 //! encoding of plain data (a serde format whose shape is checked item by item, so that a
@@ -215,6 +224,7 @@
 
 pub mod channel;
 mod codec;
+pub mod connection;
 mod errors;
 pub mod gpu;
 mod ipc;

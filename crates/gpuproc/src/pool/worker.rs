@@ -876,6 +876,7 @@ mod tests {
                     reason: "r".into(),
                 },
             )],
+            results_memfd: Some(1 << 20),
         };
         let bytes = postcard::to_stdvec(&h).unwrap();
         let (back, rest) = postcard::take_from_bytes::<DoneHeader>(&bytes).unwrap();

@@ -19,6 +19,7 @@ use rustix::net::{
 use rustix::process::{Pid, Signal, WaitOptions};
 
 pub(crate) mod flock;
+pub(crate) mod net;
 pub(crate) mod seqpacket;
 pub(crate) mod shm;
 

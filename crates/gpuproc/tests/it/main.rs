@@ -3,6 +3,7 @@
 gpuproc::enable_test_support!();
 
 mod channel;
+mod connection;
 mod examples;
 mod pool;
 mod pool_gpu;
