@@ -2,6 +2,7 @@
 
 gpuproc::enable_test_support!();
 
+mod big_data;
 mod channel;
 mod connection;
 mod examples;
