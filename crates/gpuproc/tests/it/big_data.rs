@@ -109,6 +109,9 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Open descriptors, and argument memfds among them.
+type Counts = (usize, usize);
+
 /// A task that kills its own worker when asked, after its 64 MiB argument has arrived.
 fn sum_or_die((v, die): (Vec<u8>, bool)) -> u64 {
     if die {
@@ -121,7 +124,7 @@ fn sum_or_die((v, die): (Vec<u8>, bool)) -> u64 {
 /// In a child process (other tests open descriptors too): a pool whose worker is killed
 /// while a 64 MiB argument is in flight; returns each task's outcome and the descriptors
 /// and argument memfds open before the pool and after it.
-fn kill_mid_task(_: ()) -> (Vec<Result<u64, String>>, (usize, usize), (usize, usize)) {
+fn kill_mid_task(_: ()) -> (Vec<Result<u64, String>>, Counts, Counts) {
     let before = (open_fds(), task_memfds().len());
     let outcomes = {
         let pool = Pool::new(2).unwrap();
