@@ -88,18 +88,25 @@
 //!
 //! How a value travels, and what it costs:
 //! - **Serde data** (arguments and results of processes and pool tasks, channel messages) is
-//!   encoded with postcard. In a pool, plain fixed-width data (numbers, `bool`, `char`, and
-//!   tuples, arrays and structs of them) goes at a fixed width with one length for a whole
-//!   chunk, a few nanoseconds per item. Anything else is postcard, which walks a sequence
-//!   element by element: a `Vec<f32>` of 4 MiB costs about 1.3 ms through a
-//!   [`Queue`] (put and get, one machine), 3 GB/s where memory copies at 13 GB/s. A pool's
-//!   `map` over 4 MiB `Vec<f32>` items moves 0.8-1.5 GB/s with 2 workers, bound by the one
-//!   thread that encodes the arguments (`benchmarks/`, bench_pool section (e)).
-//!   `String` and [`Bytes`] are encoded as one block of bytes: 4 MiB of `Bytes` cost
-//!   0.3 ms through a queue.
-//! - **Transport**: a process's argument and result and a pool's chunks of tasks go over a
-//!   Unix socket (a kernel copy each way); a channel message over 64 KiB goes through a
-//!   sealed memfd, written once and read in place.
+//!   encoded in postcard's format by gpuproc's own serializer, which takes vectors and
+//!   slices of numbers whole: a `Vec<f32>`, `Vec<u8>`, `&[f64]` or `Box<[i8]>` is one copy
+//!   each way, and vectors of wider integers (`u32` token ids, `i64` offsets) one tight
+//!   varint loop, wherever they sit in the value (a `Batch { ids: Vec<u32>, x: Vec<f32>,
+//!   name: String }` takes that path for both vectors). Other sequences (of strings, of
+//!   structs, `VecDeque`, sets) go element by element. In a pool, plain fixed-width data
+//!   (numbers, `bool`, `char`, and tuples, arrays and structs of them) goes at a fixed width
+//!   with one length for a whole chunk, a few nanoseconds per item. `String` and [`Bytes`]
+//!   are one block of bytes.
+//! - **Transport**: a pool's chunk of arguments, or a worker's run of results, of more than
+//!   256 KiB is written straight into a reused, sealed memfd and read in place by the other
+//!   side: no copy through the socket. A pool's `map` over 4 MiB `Vec<f32>` items moves
+//!   4-7 GB/s of arguments with 2 workers (returning a sum; 2.5 GB/s when each result is
+//!   4 MiB too), against 0.5 GB/s for Python's `Pool.map` over numpy arrays on the same
+//!   machine (`benchmarks/`, bench_pool section (e)). A channel message over 64 KiB goes
+//!   through a sealed memfd in the same way. A process's argument and result, and smaller
+//!   chunks, go over a Unix socket (a kernel copy each way). `map` and `imap` keep at most
+//!   three chunks per worker (at least 32 MiB) of arguments in flight, so an input of any
+//!   size streams through bounded memory.
 //! - **Handles** to shared memory ([`SharedSlice`], [`SharedArray`], [`SharedValue`],
 //!   [`SharedMemory`]), like channels and locks, travel as a file descriptor (`SCM_RIGHTS`):
 //!   the receiver maps the same memory, whatever its size. A [`SharedSlice`] of 4 MiB goes
@@ -118,7 +125,7 @@
 //!
 //! | | copies | who may write | passed how | read as | typical use |
 //! |---|---|---|---|---|---|
-//! | [`Bytes`] | one into each message and one out (a channel message over 64 KiB: one, through a memfd) | its owner (it is a `Vec<u8>`) | by value, in any message | `&[u8]` | byte payloads: files, images, encoded blobs |
+//! | [`Bytes`] | one into each message and one out (a channel message over 64 KiB, a pool chunk over 256 KiB: one, through a memfd) | its owner (it is a `Vec<u8>`) | by value, in any message | `&[u8]` | byte payloads: files, images, encoded blobs |
 //! | [`SharedSlice<T>`](SharedSlice) | one when made (none with [`build`](SharedSlice::build)), none when sent | nobody once made (the memory is sealed) | a descriptor, in any message | a plain `&[T]` | large read-only arrays as task arguments, results and queue items |
 //! | [`SharedArray<T>`](SharedArray) | one when made, none when sent | every holder, one element at a time (atomic), a lock for several steps | a descriptor, in any message | atomic `get`, bulk `to_vec` / `copy_to_slice` | state that workers update; Python's `Array` |
 //! | [`SharedMemory`] | none (the creator fills it) | every process that attaches it | by name (any process, related or not), or a descriptor in a message | atomic bytes ([`buf`](SharedMemory::buf)), typed [`view`](SharedMemory::view)s | data already in shared memory, blocks shared with other programs; Python's `shared_memory` |
@@ -213,11 +220,16 @@
 //! # Dependencies and what is written by hand
 //!
 //! System calls go through `rustix` (`fork` and `_exit` through `libc`, so that the C
-//! library's fork handlers run), serialisation through `serde` + `postcard`, NVML through
+//! library's fork handlers run), serialisation through `serde` (in postcard's format, with
+//! `postcard` itself for its error type and as the reference the tests compare against),
+//! NVML through
 //! `nvml-wrapper`, the authentication of [`connection`] through RustCrypto's `hmac`, `sha2`,
 //! `sha3` and `md-5` with `getrandom`. Written here because no maintained crate does them: framing with file
 //! descriptors over `SCM_RIGHTS` (the internal `ipc` module), the fork server, sending a
-//! monomorphised `fn` between processes of the same executable, and the pool's fixed-width
+//! monomorphised `fn` between processes of the same executable, the serializer (postcard's
+//! takes a `Vec<f32>` one element at a time, as serde hands it over; this one recognises
+//! vectors of numbers by type and copies them whole, see the internal `codec` module, with
+//! `typeid` for the type identities), and the pool's fixed-width
 //! encoding of plain data (a serde format whose shape is checked item by item, so that a
 //! chunk of numbers travels without a length per item; `bincode`'s fixed-int mode encodes
 //! at a fixed width but cannot tell when every item of a chunk has the same layout).

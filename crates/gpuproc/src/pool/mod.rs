@@ -5,10 +5,12 @@
 //! owns the workers (see `driver`). A worker that dies mid-task fails that task alone (with
 //! its index and the signal or exit code), is replaced, and the rest of the work goes on.
 //!
-//! Arguments and results are encoded with postcard, except plain data — numbers, `bool`,
-//! `char`, and tuples, arrays and structs of them — which goes at a fixed width with one
-//! length for a whole chunk (see `plain`), so that a `map` over a million numbers costs a
-//! few nanoseconds per item in encoding.
+//! Arguments and results are encoded in postcard's format by the crate's serializer (which
+//! copies vectors of numbers whole), except plain data — numbers, `bool`, `char`, and
+//! tuples, arrays and structs of them — which goes at a fixed width with one length for a
+//! whole chunk (see `plain`), so that a `map` over a million numbers costs a few
+//! nanoseconds per item in encoding. A chunk's arguments or a run's results past 256 KiB
+//! travel in a reused memfd instead of the socket (see `shm_args`).
 //!
 //! ```
 //! # gpuproc::init();
@@ -377,11 +379,15 @@ pub struct WorkerGpuUsage {
 /// A pool of worker processes; Python's `multiprocessing.Pool`.
 ///
 /// # Big data
-/// Task arguments and results are copied into each message (plain numbers at a fixed width,
-/// anything else with postcard). For megabytes per task, send a
-/// [`SharedSlice`](crate::SharedSlice) (a descriptor, whatever its size) or give every worker
-/// the data once through [`PoolBuilder::initializer`] and map over ids: see the crate guide,
-/// "Big data", and `examples/big_data.rs`.
+/// Task arguments and results are encoded once and decoded once: vectors and slices of
+/// numbers (`Vec<f32>`, `&[u8]`, `Box<[f64]>`, `Vec<u32>`, also inside structs and enums) as
+/// one copy, and once a chunk's arguments (or a run's results) pass 256 KiB they are written
+/// straight into shared memory that the other side reads in place, with no copy through a
+/// socket. `map` and `imap` keep three chunks per worker (at least 32 MiB) of arguments in
+/// flight, so inputs of any size stream through bounded memory. To avoid even those copies,
+/// send a [`SharedSlice`](crate::SharedSlice) (a descriptor, whatever its size) or give
+/// every worker the data once through [`PoolBuilder::initializer`] and map over ids: see
+/// the crate guide, "Big data", and `examples/big_data.rs`.
 #[derive(Debug)]
 pub struct Pool {
     config: Arc<Config>,
