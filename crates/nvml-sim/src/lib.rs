@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 
 pub mod codes;
 pub mod ffi;
+pub mod models;
 pub mod scenario;
+pub mod series;
 pub mod state;
 
 pub use scenario::{Scenario, ScenarioError};

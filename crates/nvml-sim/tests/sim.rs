@@ -269,7 +269,10 @@ fn eight_gpus_answer_from_the_scenario() {
         assert_eq!(string("nvmlDeviceGetUUID", h).unwrap(), d.uuid);
         assert_eq!(string("nvmlDeviceGetSerial", h).unwrap(), d.serial);
         assert_eq!(uint("nvmlDeviceGetIndex", h), Ok(i as u32));
-        assert_eq!(uint("nvmlDeviceGetPowerUsage", h), Ok(d.power_usage_mw));
+        assert_eq!(
+            uint("nvmlDeviceGetPowerUsage", h),
+            Ok(d.power_usage_mw.fixed().unwrap())
+        );
         assert_eq!(
             uint("nvmlDeviceGetEnforcedPowerLimit", h),
             Ok(d.power_limit_mw)
@@ -315,7 +318,10 @@ fn eight_gpus_answer_from_the_scenario() {
             },
             0
         );
-        assert_eq!((u.gpu, u.memory), (d.utilization_gpu, d.utilization_memory));
+        assert_eq!(
+            (Some(u.gpu), Some(u.memory)),
+            (d.utilization_gpu.fixed(), d.utilization_memory.fixed())
+        );
         let mut temp = 0;
         // SAFETY: valid out-pointer.
         assert_eq!(
@@ -327,7 +333,7 @@ fn eight_gpus_answer_from_the_scenario() {
             },
             0
         );
-        assert_eq!(temp, d.temperature_c);
+        assert_eq!(Some(temp), d.temperature_c.fixed());
         // SAFETY: zeroed is a valid nvmlPciInfo_t.
         let mut pci: nvmlPciInfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: valid out-struct of the v3 layout.
@@ -872,8 +878,20 @@ fn pynvml_and_gpustat_agree_with_the_scenarios() {
             assert_eq!(g["name"], d.name.as_str());
             assert_eq!(g["memory.total"], d.memory_total.0 / MIB);
             assert_eq!(g["memory.used"], used / MIB);
-            assert_eq!(g["power.draw"], u64::from(d.power_usage_mw / 1000));
-            assert_eq!(g["utilization.gpu"], d.utilization_gpu);
+            assert_eq!(
+                g["power.draw"],
+                u64::from(d.power_usage_mw.fixed().unwrap() / 1000)
+            );
+            if d.mig_mode {
+                // A GPU in MIG mode has no device utilisation (NOT_SUPPORTED, as in NVML).
+                assert_eq!(
+                    g["utilization.gpu"],
+                    serde_json::Value::Null,
+                    "{name} GPU {i}"
+                );
+            } else {
+                assert_eq!(g["utilization.gpu"], d.utilization_gpu.fixed().unwrap());
+            }
             // pynvml sees every listed process (MIG ones through the parent too).
             let mut want: Vec<(u64, u64)> = d
                 .processes
