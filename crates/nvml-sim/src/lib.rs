@@ -41,7 +41,7 @@ pub const LIBRARY_FILE: &str = "libnvml_sim.so";
 pub const BUNDLED_SCENARIOS: &[&str] = scenario::BUNDLED_NAMES;
 
 /// The names of the bundled scenarios (`default`, `1gpu`, `4gpu`, `8gpu`, `mig`, `lost`,
-/// `nodevices`, `nodriver`).
+/// `nodevices`, `nodriver`, `live`).
 pub fn bundled_scenarios() -> &'static [&'static str] {
     BUNDLED_SCENARIOS
 }

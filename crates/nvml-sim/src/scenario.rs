@@ -21,6 +21,7 @@ const BUNDLED: &[(&str, &str)] = &[
     ("lost", include_str!("../scenarios/lost.toml")),
     ("nodevices", include_str!("../scenarios/nodevices.toml")),
     ("nodriver", include_str!("../scenarios/nodriver.toml")),
+    ("live", include_str!("../scenarios/live.toml")),
 ];
 
 /// The names of the bundled scenarios, as accepted by `NVML_SIM_SCENARIO`.
@@ -33,6 +34,7 @@ pub const BUNDLED_NAMES: &[&str] = &[
     "lost",
     "nodevices",
     "nodriver",
+    "live",
 ];
 
 /// The largest number of GPUs (and of MIG instances per GPU) a scenario may declare.
