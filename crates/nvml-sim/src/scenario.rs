@@ -1033,6 +1033,10 @@ mod tests {
             ("{\"devices\": [{\"pid\": 1}]}", Format::Json, "pid"),
             ("{\"devices\": [", Format::Json, "EOF"),
             ("devices = [{ processes = [{ pid = \"me\", used_memory = 1 }] }]", Format::Toml, "self"),
+            ("devices = [{ name = \"NVIDIA GeForce RTX 4090\", mig_mode = true }]", Format::Toml, "has no MIG"),
+            ("devices = [{ utilization_gpu = { min = 10, max = 120 } }]", Format::Toml, "over 100"),
+            ("devices = [{ utilization_gpu = { min = 50, max = 10 } }]", Format::Toml, "min <= max"),
+            ("devices = [{ nvlink = { links = 19 } }]", Format::Toml, "at most 18"),
         ];
         for (text, format, needle) in cases {
             let e = Scenario::parse(text, *format, "f.toml").unwrap_err();

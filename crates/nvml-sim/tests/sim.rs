@@ -9,8 +9,9 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use nvml_sim::ffi::{
-    nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessInfo_v1_t, nvmlProcessInfo_v2_t,
-    nvmlUtilization_t, NVML_MEMORY_V2,
+    field, nvmlBAR1Memory_t, nvmlFieldValue_t, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t,
+    nvmlProcessInfo_v1_t, nvmlProcessInfo_v2_t, nvmlProcessUtilizationSample_t, nvmlUtilization_t,
+    nvmlValue_t, NVML_MEMORY_V2,
 };
 use nvml_sim::Scenario;
 
@@ -697,6 +698,27 @@ fn mig_devices() {
             .len(),
         3
     );
+    // In MIG mode the GPU has no utilisation of its own, as in NVML; with MIG off it has.
+    assert_eq!(with_null("nvmlDeviceGetUtilizationRates", gpu, false), 3);
+    assert_eq!(
+        process_utilization(gpu, Some(8), 0).0,
+        3,
+        "no per-process utilisation in MIG mode"
+    );
+    let mut u = nvmlUtilization_t { gpu: 9, memory: 9 };
+    // SAFETY: valid out-struct.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut nvmlUtilization_t) -> u32>(
+            "nvmlDeviceGetUtilizationRates",
+        )(handle(1), &mut u)
+    };
+    assert_eq!((rc, u.gpu), (0, 0));
+    let m = handle_out("nvmlDeviceGetMigDeviceHandleByIndex", gpu, Some(0)).unwrap();
+    assert_eq!(
+        bar1(m).unwrap().bar1Total,
+        ((128u64 << 30) * 39 / 80 >> 20) << 20,
+        "a MIG device gets its memory's share of BAR1"
+    );
     // The second GPU is MIG-capable with MIG off.
     assert_eq!(
         handle_out("nvmlDeviceGetMigDeviceHandleByIndex", handle(1), Some(0)),
@@ -967,4 +989,491 @@ fn python_sees_init_failures_and_one_line_scenario_errors() {
     let (gs, _) = run_python("nodevices", &["-m", "gpustat", "--json"]);
     assert!(gs.contains("\"gpus\": []"), "{gs}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---- the queries monitors make: BAR1, PCIe, thresholds, NVLink, fields, per-process use -------
+
+/// Calls `name(device, a, out)` for a query taking one unsigned argument and one out-pointer.
+fn uint_arg(name: &str, h: Dev, a: c_uint) -> Result<u32, u32> {
+    let mut v: c_uint = 0;
+    // SAFETY: `v` is a valid out-pointer; the signature is the one in nvml.h.
+    let rc =
+        unsafe { sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint) -> u32>(name)(h, a, &mut v) };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(rc)
+    }
+}
+
+fn ull(name: &str, h: Dev) -> Result<u64, u32> {
+    let mut v: c_ulonglong = 0;
+    // SAFETY: `v` is a valid out-pointer; the signature is the one in nvml.h.
+    let rc = unsafe { sym::<unsafe extern "C" fn(Dev, *mut c_ulonglong) -> u32>(name)(h, &mut v) };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(rc)
+    }
+}
+
+/// Calls `name(device, null)` (or with two null out-pointers when `two`).
+fn with_null(name: &str, h: Dev, two: bool) -> u32 {
+    // SAFETY: null out-pointers are what is being tested; the simulator checks them.
+    unsafe {
+        if two {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(name)(
+                h,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        } else {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint) -> u32>(name)(h, std::ptr::null_mut())
+        }
+    }
+}
+
+fn bar1(h: Dev) -> Result<nvmlBAR1Memory_t, u32> {
+    let mut b = nvmlBAR1Memory_t {
+        bar1Total: 0,
+        bar1Free: 0,
+        bar1Used: 0,
+    };
+    // SAFETY: `b` is a valid out-struct.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut nvmlBAR1Memory_t) -> u32>(
+            "nvmlDeviceGetBAR1MemoryInfo",
+        )(h, &mut b)
+    };
+    if rc == 0 {
+        Ok(b)
+    } else {
+        Err(rc)
+    }
+}
+
+/// `nvmlDeviceGetProcessUtilization` with room for `cap` samples (a null buffer when `cap` is
+/// `None`): (rc, count written back, samples).
+fn process_utilization(
+    h: Dev,
+    cap: Option<u32>,
+    last_seen: u64,
+) -> (u32, u32, Vec<nvmlProcessUtilizationSample_t>) {
+    let zero = nvmlProcessUtilizationSample_t {
+        pid: 0,
+        timeStamp: 0,
+        smUtil: 0,
+        memUtil: 0,
+        encUtil: 0,
+        decUtil: 0,
+    };
+    let mut buf = vec![zero; cap.unwrap_or(0) as usize];
+    let mut count = cap.unwrap_or(0);
+    let p = if cap.is_some() {
+        buf.as_mut_ptr()
+    } else {
+        std::ptr::null_mut()
+    };
+    // SAFETY: `buf` holds `count` samples, or `p` is null.
+    let rc = unsafe {
+        sym::<
+            unsafe extern "C" fn(
+                Dev,
+                *mut nvmlProcessUtilizationSample_t,
+                *mut c_uint,
+                c_ulonglong,
+            ) -> u32,
+        >("nvmlDeviceGetProcessUtilization")(h, p, &mut count, last_seen)
+    };
+    buf.truncate(if rc == 0 { count as usize } else { 0 });
+    (rc, count, buf)
+}
+
+fn fields(h: Dev, asks: &[(u32, u32)]) -> (u32, Vec<nvmlFieldValue_t>) {
+    let mut v: Vec<nvmlFieldValue_t> = asks
+        .iter()
+        .map(|&(id, scope)| nvmlFieldValue_t {
+            fieldId: id,
+            scopeId: scope,
+            timestamp: 0,
+            latencyUsec: 0,
+            valueType: 0,
+            nvmlReturn: 0,
+            value: nvmlValue_t { ullVal: 0 },
+        })
+        .collect();
+    // SAFETY: `v` holds `asks.len()` entries.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, std::ffi::c_int, *mut nvmlFieldValue_t) -> u32>(
+            "nvmlDeviceGetFieldValues",
+        )(h, asks.len() as std::ffi::c_int, v.as_mut_ptr())
+    };
+    (rc, v)
+}
+
+fn scenario_file(tag: &str, text: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(tag);
+    let path = dir.join("s.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn monitor_queries_answer_from_the_model_and_the_scenario() {
+    let _s = session("default");
+    let h = handle(0);
+    let b = bar1(h).unwrap();
+    assert_eq!((b.bar1Total, b.bar1Used), (128 << 30, 1 << 20));
+    assert_eq!(b.bar1Free, b.bar1Total - b.bar1Used);
+    for (name, want) in [
+        ("nvmlDeviceGetMaxPcieLinkGeneration", 5),
+        ("nvmlDeviceGetGpuMaxPcieLinkGeneration", 5),
+        ("nvmlDeviceGetCurrPcieLinkGeneration", 5),
+        ("nvmlDeviceGetMaxPcieLinkWidth", 16),
+        ("nvmlDeviceGetCurrPcieLinkWidth", 16),
+        ("nvmlDeviceGetPcieLinkMaxSpeed", 32_000),
+        ("nvmlDeviceGetPcieReplayCounter", 0),
+        ("nvmlDeviceGetArchitecture", 9),
+        ("nvmlDeviceGetBusType", 2),
+        ("nvmlDeviceGetPowerManagementDefaultLimit", 700_000),
+    ] {
+        assert_eq!(uint(name, h), Ok(want), "{name}");
+    }
+    assert_eq!(uint_arg("nvmlDeviceGetPcieThroughput", h, 0), Ok(1_200));
+    assert_eq!(uint_arg("nvmlDeviceGetPcieThroughput", h, 1), Ok(900));
+    assert_eq!(uint_arg("nvmlDeviceGetPcieThroughput", h, 2), Err(2));
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 0), Ok(92));
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 1), Ok(89));
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 3), Ok(87));
+    assert_eq!(
+        uint_arg("nvmlDeviceGetTemperatureThreshold", h, 4),
+        Err(3),
+        "acoustic thresholds are not supported"
+    );
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 99), Err(2));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", h, 17), Ok(1));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", h, 18), Err(2));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkVersion", h, 0), Ok(4));
+    let (mut cur, mut pending) = (7, 7);
+    for name in ["nvmlDeviceGetDriverModel", "nvmlDeviceGetDriverModel_v2"] {
+        // SAFETY: valid out-pointers.
+        let rc = unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(name)(
+                h,
+                &mut cur,
+                &mut pending,
+            )
+        };
+        assert_eq!(rc, 3, "{name}: WDDM/TCC exist on Windows only");
+    }
+    // Energy since boot only grows; the default GPU idles, so its clocks say GpuIdle.
+    let e1 = ull("nvmlDeviceGetTotalEnergyConsumption", h).unwrap();
+    let e2 = ull("nvmlDeviceGetTotalEnergyConsumption", h).unwrap();
+    assert!(e1 > 0 && e2 >= e1, "{e1} {e2}");
+    assert_eq!(ull("nvmlDeviceGetCurrentClocksEventReasons", h), Ok(1));
+    assert_eq!(ull("nvmlDeviceGetCurrentClocksThrottleReasons", h), Ok(1));
+    assert_eq!(
+        ull("nvmlDeviceGetSupportedClocksEventReasons", h),
+        Ok(0x1FF)
+    );
+    let (mut lo, mut hi) = (0, 0);
+    // SAFETY: valid out-pointers.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(
+            "nvmlDeviceGetPowerManagementLimitConstraints",
+        )(h, &mut lo, &mut hi)
+    };
+    assert_eq!((rc, lo, hi), (0, 200_000, 700_000));
+    // Hopper remaps rows; it does not retire pages.
+    let mut rows = [9u32; 4];
+    let [a, b2, c, d] = &mut rows;
+    // SAFETY: four valid out-pointers.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint, *mut c_uint, *mut c_uint) -> u32>(
+            "nvmlDeviceGetRemappedRows",
+        )(h, a, b2, c, d)
+    };
+    assert_eq!((rc, rows), (0, [0; 4]));
+    assert_eq!(
+        uint("nvmlDeviceGetRetiredPagesPendingStatus", h),
+        Err(3),
+        "no page retirement on Hopper"
+    );
+    assert_eq!(
+        string("nvmlDeviceGetVbiosVersion", h).unwrap(),
+        "96.00.74.00.01"
+    );
+    let (rc, v) = fields(
+        h,
+        &[
+            (field::NVLINK_LINK_COUNT, 0),
+            (field::TOTAL_ENERGY_CONSUMPTION, 0),
+            (9999, 0),
+            (field::NVLINK_THROUGHPUT_DATA_TX, 0),
+            (field::NVLINK_THROUGHPUT_DATA_RX, 18),
+        ],
+    );
+    assert_eq!(rc, 0, "the call succeeds, each entry says how it went");
+    let rcs: Vec<u32> = v.iter().map(|f| f.nvmlReturn).collect();
+    assert_eq!(rcs, vec![0, 0, 3, 0, 2]);
+    // SAFETY: the simulator wrote these fields as the value types it reports.
+    unsafe {
+        assert_eq!(v[0].value.uiVal, 18);
+        assert!(v[1].value.ullVal >= e2);
+    }
+    assert_eq!((v[0].valueType, v[1].valueType), (1, 3));
+    assert!(v.iter().all(|f| f.timestamp > 0));
+}
+
+#[test]
+fn monitor_queries_reject_null_pointers_and_short_buffers() {
+    let _s = session("8gpu");
+    let h = handle(4); // four processes
+    for name in [
+        "nvmlDeviceGetBAR1MemoryInfo",
+        "nvmlDeviceGetMaxPcieLinkGeneration",
+        "nvmlDeviceGetCurrPcieLinkWidth",
+        "nvmlDeviceGetArchitecture",
+        "nvmlDeviceGetTotalEnergyConsumption",
+        "nvmlDeviceGetCurrentClocksEventReasons",
+    ] {
+        assert_eq!(with_null(name, h, false), 2, "{name}");
+    }
+    for name in [
+        "nvmlDeviceGetDriverModel",
+        "nvmlDeviceGetDriverModel_v2",
+        "nvmlDeviceGetPowerManagementLimitConstraints",
+    ] {
+        assert_eq!(with_null(name, h, true), 2, "{name}");
+    }
+    // SAFETY: null out-pointers are what is being tested.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint) -> u32>(
+            "nvmlDeviceGetTemperatureThreshold",
+        )(h, 0, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
+    // SAFETY: as above.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, std::ffi::c_int, *mut nvmlFieldValue_t) -> u32>(
+            "nvmlDeviceGetFieldValues",
+        )(h, 1, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
+    // SAFETY: a negative count is rejected before the (null) buffer is touched.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, std::ffi::c_int, *mut nvmlFieldValue_t) -> u32>(
+            "nvmlDeviceGetFieldValues",
+        )(h, -1, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
+
+    // Per-process utilisation: the NVML size protocol.
+    // SAFETY: a null count pointer is what is being tested.
+    let rc = unsafe {
+        sym::<
+            unsafe extern "C" fn(
+                Dev,
+                *mut nvmlProcessUtilizationSample_t,
+                *mut c_uint,
+                c_ulonglong,
+            ) -> u32,
+        >("nvmlDeviceGetProcessUtilization")(
+            h, std::ptr::null_mut(), std::ptr::null_mut(), 0
+        )
+    };
+    assert_eq!(rc, 2);
+    assert_eq!(
+        process_utilization(h, None, 0).0,
+        7,
+        "null buffer: INSUFFICIENT_SIZE"
+    );
+    assert_eq!(
+        process_utilization(h, None, 0).1,
+        4,
+        "with the needed count"
+    );
+    assert_eq!(process_utilization(h, Some(2), 0).0, 7);
+    assert_eq!(process_utilization(h, Some(2), 0).1, 4);
+    let (rc, n, samples) = process_utilization(h, Some(8), 0);
+    assert_eq!((rc, n), (0, 4));
+    let mut pids: Vec<u32> = samples.iter().map(|s| s.pid).collect();
+    pids.sort_unstable();
+    assert_eq!(pids, vec![40010, 40011, 40012, 40013]);
+    let total: u32 = samples.iter().map(|s| s.smUtil).sum();
+    assert!(
+        total <= 45,
+        "the processes share the GPU's 45%: {samples:?}"
+    );
+    let tick = samples[0].timeStamp;
+    assert!(samples.iter().all(|s| s.timeStamp == tick));
+    assert_eq!(
+        process_utilization(h, Some(8), u64::MAX).0,
+        6,
+        "nothing newer than the last sample seen: NOT_FOUND"
+    );
+    assert_eq!(
+        process_utilization(handle(2), Some(8), 0).0,
+        6,
+        "no processes: NOT_FOUND"
+    );
+    let mut small = [0 as c_char; 4];
+    // SAFETY: `small` holds 4 bytes and we say so.
+    let rc =
+        unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut c_char, c_uint) -> u32>(
+                "nvmlDeviceGetVbiosVersion",
+            )(h, small.as_mut_ptr(), 4)
+        };
+    assert_eq!(rc, 7);
+}
+
+#[test]
+fn models_fill_what_the_scenario_leaves_out() {
+    let (dir, path) = scenario_file(
+        "models",
+        r#"
+        [[devices]]
+        name = "NVIDIA GeForce RTX 4090"
+        [[devices]]
+        name = "Tesla V100-SXM2-32GB"
+        ecc = { enabled = true, retired_pages_single_bit = 3 }
+        [[devices]]
+        name = "NVIDIA A100-SXM4-80GB"
+        max_clocks = { graphics = 1200 }
+        "#,
+    );
+    let _s = session(path.to_str().unwrap());
+    let (geforce, volta, a100) = (handle(0), handle(1), handle(2));
+    // A GeForce: fans, no ECC, no MIG, an idle PCIe link at generation 1, a 256 MiB BAR1.
+    assert_eq!(uint("nvmlDeviceGetFanSpeed", geforce), Ok(30));
+    assert_eq!(uint("nvmlDeviceGetNumFans", geforce), Ok(2));
+    assert_eq!(uint("nvmlDeviceGetBrand", geforce), Ok(5));
+    assert_eq!(with_null("nvmlDeviceGetEccMode", geforce, true), 3);
+    let (mut cur, mut pending) = (0, 0);
+    // SAFETY: valid out-pointers.
+    let rc =
+        unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(
+                "nvmlDeviceGetMigMode",
+            )(geforce, &mut cur, &mut pending)
+        };
+    assert_eq!(rc, 3, "a GeForce has no MIG");
+    assert_eq!(uint_arg("nvmlDeviceGetMaxClockInfo", geforce, 0), Ok(3120));
+    assert_eq!(uint("nvmlDeviceGetCurrPcieLinkGeneration", geforce), Ok(1));
+    assert_eq!(uint("nvmlDeviceGetMaxPcieLinkGeneration", geforce), Ok(4));
+    assert_eq!(bar1(geforce).unwrap().bar1Total, 256 << 20);
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", geforce, 0), Err(3));
+    assert_eq!(
+        uint("nvmlDeviceGetEnforcedPowerLimit", geforce),
+        Ok(450_000)
+    );
+    // A V100 retires pages (and reports them through the list protocol); it has no row remapping.
+    let mut n: c_uint = 0;
+    let mut pages = [0u64; 3];
+    let retired = |n: &mut c_uint, out: *mut c_ulonglong| {
+        // SAFETY: `out` is null or holds `*n` entries.
+        unsafe {
+            sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint, *mut c_ulonglong) -> u32>(
+                "nvmlDeviceGetRetiredPages",
+            )(volta, 0, n, out)
+        }
+    };
+    assert_eq!(retired(&mut n, std::ptr::null_mut()), 7);
+    assert_eq!(n, 3);
+    n = 1;
+    assert_eq!(retired(&mut n, pages.as_mut_ptr()), 7);
+    n = 3;
+    assert_eq!(retired(&mut n, pages.as_mut_ptr()), 0);
+    assert!(pages[0] != pages[1] && pages[1] != pages[2]);
+    // SAFETY: a null count is what is being tested.
+    assert_eq!(
+        unsafe {
+            sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint, *mut c_ulonglong) -> u32>(
+                "nvmlDeviceGetRetiredPages",
+            )(volta, 0, std::ptr::null_mut(), std::ptr::null_mut())
+        },
+        2
+    );
+    assert_eq!(
+        with_null("nvmlDeviceGetRemappedRows", volta, true),
+        3,
+        "no row remapping before Ampere"
+    );
+    assert_eq!(uint("nvmlDeviceGetArchitecture", volta), Ok(5));
+    // An A100 has its clocks and 12 NVLinks; what the scenario states wins key by key.
+    assert_eq!(uint_arg("nvmlDeviceGetMaxClockInfo", a100, 0), Ok(1200));
+    assert_eq!(uint_arg("nvmlDeviceGetMaxClockInfo", a100, 2), Ok(1593));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", a100, 11), Ok(1));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", a100, 12), Err(2));
+    assert_eq!(uint("nvmlDeviceGetEnforcedPowerLimit", a100), Ok(400_000));
+    assert_eq!(bar1(a100).unwrap().bar1Total, 128 << 30);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn live_values_move_within_their_ranges() {
+    let scenario = Scenario::bundled("live").unwrap();
+    let _s = session("live");
+    let h = handle(0);
+    let d = &scenario.devices[0];
+    let seed = nvml_sim::state::device_seed(0);
+    for _ in 0..5 {
+        let t0 = nvml_sim::series::now_us();
+        let mut u = nvmlUtilization_t { gpu: 0, memory: 0 };
+        // SAFETY: valid out-struct.
+        let rc = unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut nvmlUtilization_t) -> u32>(
+                "nvmlDeviceGetUtilizationRates",
+            )(h, &mut u)
+        };
+        let t1 = nvml_sim::series::now_us();
+        assert_eq!(rc, 0);
+        // What the simulator answers is the range's value at the time of the call.
+        let (a, b) = (
+            d.utilization_gpu.at(nvml_sim::series::secs(t0), seed),
+            d.utilization_gpu.at(nvml_sim::series::secs(t1), seed),
+        );
+        assert!(
+            (a.min(b)..=a.max(b)).contains(&u.gpu),
+            "{} not between {a} and {b}",
+            u.gpu
+        );
+        assert!((35..=95).contains(&u.gpu) && (15..=45).contains(&u.memory));
+        let (rc, _, samples) = process_utilization(h, Some(4), 0);
+        assert_eq!(rc, 0);
+        assert_eq!(samples.len(), 2);
+        assert!(samples.iter().map(|s| s.smUtil).sum::<u32>() <= 95);
+    }
+    // The stated per-process encoder use of the GeForce's ffmpeg is within its bounds.
+    let (rc, _, samples) = process_utilization(handle(1), Some(4), 0);
+    assert_eq!(rc, 0);
+    let ffmpeg = samples.iter().find(|s| s.pid == 42101).unwrap();
+    assert!((10..=40).contains(&ffmpeg.encUtil), "{ffmpeg:?}");
+}
+
+#[test]
+fn a_frozen_clock_holds_every_value() {
+    let guard = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    while call0("nvmlShutdown") == 0 {}
+    // The variable is read at the first nvmlInit, under the lock every session holds.
+    std::env::set_var(nvml_sim::state::CLOCK_ENV, "1700000000.25");
+    set_scenario(Some("live"));
+    assert_eq!(call0("nvmlInit_v2"), 0);
+    let scenario = Scenario::bundled("live").unwrap();
+    let want = scenario.devices[0]
+        .power_usage_mw
+        .at(1_700_000_000.25, nvml_sim::state::device_seed(0));
+    for _ in 0..3 {
+        assert_eq!(uint("nvmlDeviceGetPowerUsage", handle(0)), Ok(want));
+    }
+    let (rc, _, samples) = process_utilization(handle(0), Some(4), 0);
+    assert_eq!(rc, 0);
+    assert!(samples.iter().all(|s| s.timeStamp == 1_700_000_000_200_000));
+    let e = ull("nvmlDeviceGetTotalEnergyConsumption", handle(0)).unwrap();
+    assert_eq!(ull("nvmlDeviceGetTotalEnergyConsumption", handle(0)), Ok(e));
+    while call0("nvmlShutdown") == 0 {}
+    std::env::remove_var(nvml_sim::state::CLOCK_ENV);
+    set_scenario(None);
+    drop(guard);
 }
