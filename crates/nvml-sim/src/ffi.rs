@@ -10,6 +10,7 @@ use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::codes::{self, Code};
+use crate::events;
 use crate::scenario::{parse_bus_id, Feature, ProcessKind};
 use crate::series;
 use crate::state::{self, ProcInfo, Sim, Target};
@@ -147,6 +148,29 @@ pub struct nvmlFieldValue_t {
     pub valueType: c_uint,
     pub nvmlReturn: nvmlReturn_t,
     pub value: nvmlValue_t,
+}
+
+/// `nvmlEventSet_t`: an opaque pointer that callers never dereference.
+pub type nvmlEventSet_t = *mut c_void;
+
+/// `nvmlEventData_t` as `nvmlEventSetWait_v2` fills it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlEventData_t {
+    pub device: nvmlDevice_t,
+    pub eventType: c_ulonglong,
+    pub eventData: c_ulonglong,
+    pub gpuInstanceId: c_uint,
+    pub computeInstanceId: c_uint,
+}
+
+/// The part of `nvmlEventData_t` that `nvmlEventSetWait` (v1) fills.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlEventData_v1_t {
+    pub device: nvmlDevice_t,
+    pub eventType: c_ulonglong,
+    pub eventData: c_ulonglong,
 }
 
 /// `NVML_VALUE_TYPE_UNSIGNED_INT`.
@@ -408,6 +432,12 @@ pub const EXPORTED: &[&str] = &[
     "nvmlDeviceGetRemappedRows",
     "nvmlDeviceGetVbiosVersion",
     "nvmlDeviceGetBoardPartNumber",
+    "nvmlEventSetCreate",
+    "nvmlDeviceRegisterEvents",
+    "nvmlDeviceGetSupportedEventTypes",
+    "nvmlEventSetWait",
+    "nvmlEventSetWait_v2",
+    "nvmlEventSetFree",
     "nvmlSimSetScenario",
 ];
 
@@ -1791,6 +1821,111 @@ export! {
     }
 }
 
+// ---- events ---------------------------------------------------------------------------------
+
+export! {
+    /// A new event set.
+    fn nvmlEventSetCreate(set: *mut nvmlEventSet_t) |f| {
+        system(f, |_| {
+            if set.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let h = std::ptr::without_provenance_mut(events::create());
+            // SAFETY: `set` is non-null and valid (export contract).
+            unsafe { put(set, h) }
+        })
+    }
+}
+
+fn supported_events(d: &crate::scenario::Device) -> c_ulonglong {
+    if d.unsupported(Feature::Ecc) {
+        events::SUPPORTED_WITHOUT_ECC
+    } else {
+        events::SUPPORTED_WITH_ECC
+    }
+}
+
+export! {
+    /// Registers the GPU for `eventTypes` in `set`; types it cannot report: `NOT_SUPPORTED`.
+    fn nvmlDeviceRegisterEvents(device: nvmlDevice_t, eventTypes: c_ulonglong, set: nvmlEventSet_t) |f| {
+        query(f, device, Some(Feature::Events), false, |s, t| {
+            if eventTypes & !supported_events(s.device(t)) != 0 {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            events::register(set as usize, t.gpu(), eventTypes)
+        })
+    }
+}
+
+export! {
+    /// The event types the GPU reports: ECC (single and double bit, where it has ECC), P-state,
+    /// XID and clock changes.
+    fn nvmlDeviceGetSupportedEventTypes(device: nvmlDevice_t, eventTypes: *mut c_ulonglong) |f| {
+        query(f, device, Some(Feature::Events), false, |s, t| {
+            // SAFETY: `eventTypes` is null or valid (export contract).
+            unsafe { put(eventTypes, supported_events(s.device(t))) }
+        })
+    }
+}
+
+/// Waits for the next event of `set` (no lock held while waiting).
+fn event_wait(
+    f: &str,
+    set: nvmlEventSet_t,
+    timeoutms: c_uint,
+) -> Result<(events::Event, nvmlDevice_t), Code> {
+    let sim = state::current()?;
+    sim.inject(f, None)?;
+    let timeout = std::time::Duration::from_millis(u64::from(timeoutms));
+    let e = events::wait(set as usize, timeout, |gpu| {
+        sim.scenario
+            .devices
+            .get(gpu)
+            .map(|d| d.xid_events.clone())
+            .unwrap_or_default()
+    })?;
+    Ok((e, handle_ptr(Target::Gpu(e.gpu))))
+}
+
+export! {
+    /// The next event, waiting up to `timeoutms` ms; `NVML_ERROR_TIMEOUT` if none comes.
+    fn nvmlEventSetWait_v2(set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeoutms: c_uint) |f| {
+        if data.is_null() {
+            return Err(codes::INVALID_ARGUMENT);
+        }
+        let (e, device) = event_wait(f, set, timeoutms)?;
+        let v = nvmlEventData_t {
+            device,
+            eventType: e.event_type,
+            eventData: e.data,
+            gpuInstanceId: state::NOT_AVAILABLE_U32,
+            computeInstanceId: state::NOT_AVAILABLE_U32,
+        };
+        // SAFETY: `data` is valid (export contract).
+        unsafe { put(data, v) }
+    }
+}
+
+export! {
+    /// `nvmlEventSetWait_v2` with the v1 `nvmlEventData_t` (no instance ids).
+    fn nvmlEventSetWait(set: nvmlEventSet_t, data: *mut nvmlEventData_v1_t, timeoutms: c_uint) |f| {
+        if data.is_null() {
+            return Err(codes::INVALID_ARGUMENT);
+        }
+        let (e, device) = event_wait(f, set, timeoutms)?;
+        let v = nvmlEventData_v1_t { device, eventType: e.event_type, eventData: e.data };
+        // SAFETY: `data` is valid (export contract).
+        unsafe { put(data, v) }
+    }
+}
+
+export! {
+    /// Frees the set; an unknown set: `INVALID_ARGUMENT`.
+    fn nvmlEventSetFree(set: nvmlEventSet_t) |f| {
+        system(f, |_| events::free(set as usize))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1810,6 +1945,8 @@ mod tests {
         assert_eq!(size_of::<nvmlProcessUtilizationSample_t>(), 32);
         assert_eq!(size_of::<nvmlValue_t>(), 8);
         assert_eq!(size_of::<nvmlFieldValue_t>(), 40);
+        assert_eq!(size_of::<nvmlEventData_t>(), 32);
+        assert_eq!(size_of::<nvmlEventData_v1_t>(), 24);
     }
 
     #[test]

@@ -45,6 +45,7 @@
 //!   data sent and received per link (see [`ffi::field`]);
 //! - ECC: mode, totals, per-location counters, retired pages (`_v2` with timestamps) and their
 //!   pending state, remapped rows;
+//! - events: event sets that receive the scenario's XID errors ([`events`]);
 //! - modes: compute, persistence, display, driver model;
 //! - MIG: mode, instance handles, GPU and compute instance ids, parent handles;
 //! - processes: compute, graphics and MPS lists in the v1, v2 and v3 layouts.
@@ -68,12 +69,13 @@
 //!
 //! Not exported at all, like the 550 driver the bundled scenarios name (clients probe for them
 //! and fall back): `nvmlDeviceGetTemperatureV`, `nvmlDeviceGetConfComputeMemSizeInfo`,
-//! `nvmlDeviceGetRunningProcessDetailList`, vGPU, unit, event, accounting and every setter.
+//! `nvmlDeviceGetRunningProcessDetailList`, vGPU, unit, accounting and every setter.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub mod codes;
+pub mod events;
 pub mod ffi;
 pub mod models;
 pub mod scenario;

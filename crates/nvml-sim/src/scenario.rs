@@ -165,6 +165,7 @@ pub enum Feature {
     PowerConstraints,
     Architecture,
     Vbios,
+    Events,
 }
 
 /// `nvmlBrandType_t`.
@@ -389,6 +390,17 @@ pub struct Ecc {
     pub remapped_rows_failure: bool,
 }
 
+/// An XID error the GPU reports to event sets (`nvmlEventTypeXidCriticalError`): `after_ms`
+/// after the GPU was registered in a set, each set that asked for XIDs receives it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XidEvent {
+    /// Milliseconds from the registration to the event.
+    pub after_ms: u64,
+    /// The XID (`eventData`), e.g. 79 (fallen off the bus) or 48 (double-bit ECC error).
+    pub xid: u64,
+}
+
 /// The PCIe link (`nvmlDeviceGet{Max,Curr}PcieLink{Generation,Width}`) and its traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -586,6 +598,8 @@ pub struct Device {
     pub vbios_version: String,
     /// `nvmlDeviceGetBoardPartNumber`.
     pub board_part_number: String,
+    /// XID errors delivered to event sets, in the order they happen.
+    pub xid_events: Vec<XidEvent>,
     /// `nvmlDeviceGetComputeMode`.
     pub compute_mode: ComputeMode,
     /// `nvmlDeviceGetPersistenceMode`.
@@ -661,6 +675,7 @@ impl Default for Device {
             nvlink: NvLink::default(),
             vbios_version: "96.00.74.00.01".into(),
             board_part_number: "692-2G520-0200-000".into(),
+            xid_events: Vec::new(),
             compute_mode: ComputeMode::Default,
             persistence_mode: true,
             display_active: false,

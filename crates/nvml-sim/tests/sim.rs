@@ -9,9 +9,9 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use nvml_sim::ffi::{
-    field, nvmlBAR1Memory_t, nvmlFieldValue_t, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t,
-    nvmlProcessInfo_v1_t, nvmlProcessInfo_v2_t, nvmlProcessUtilizationSample_t, nvmlUtilization_t,
-    nvmlValue_t, NVML_MEMORY_V2,
+    field, nvmlBAR1Memory_t, nvmlEventData_t, nvmlFieldValue_t, nvmlMemory_t, nvmlMemory_v2_t,
+    nvmlPciInfo_t, nvmlProcessInfo_v1_t, nvmlProcessInfo_v2_t, nvmlProcessUtilizationSample_t,
+    nvmlUtilization_t, nvmlValue_t, NVML_MEMORY_V2,
 };
 use nvml_sim::Scenario;
 
@@ -1476,4 +1476,77 @@ fn a_frozen_clock_holds_every_value() {
     std::env::remove_var(nvml_sim::state::CLOCK_ENV);
     set_scenario(None);
     drop(guard);
+}
+
+#[test]
+fn event_sets_receive_the_scenario_xids() {
+    let (dir, path) = scenario_file(
+        "events",
+        r#"
+        [[devices]]
+        [[devices]]
+        xid_events = [{ after_ms = 0, xid = 48 }, { after_ms = 50, xid = 79 }]
+        [[devices]]
+        name = "NVIDIA GeForce RTX 4090"
+        "#,
+    );
+    let _s = session(path.to_str().unwrap());
+    type Set = *mut c_void;
+    let create = sym::<unsafe extern "C" fn(*mut Set) -> u32>("nvmlEventSetCreate");
+    let register =
+        sym::<unsafe extern "C" fn(Dev, c_ulonglong, Set) -> u32>("nvmlDeviceRegisterEvents");
+    let wait = sym::<unsafe extern "C" fn(Set, *mut nvmlEventData_t, c_uint) -> u32>(
+        "nvmlEventSetWait_v2",
+    );
+    let free = sym::<unsafe extern "C" fn(Set) -> u32>("nvmlEventSetFree");
+    // SAFETY: a null out-pointer is what is being tested.
+    assert_eq!(unsafe { create(std::ptr::null_mut()) }, 2);
+    let mut set: Set = std::ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    assert_eq!(unsafe { create(&mut set) }, 0);
+    assert_eq!(ull("nvmlDeviceGetSupportedEventTypes", handle(1)), Ok(0x1F));
+    assert_eq!(
+        ull("nvmlDeviceGetSupportedEventTypes", handle(2)),
+        Ok(0x1C),
+        "no ECC events without ECC"
+    );
+    // SAFETY: `set` came from nvmlEventSetCreate.
+    unsafe {
+        assert_eq!(
+            register(handle(2), 1, set),
+            3,
+            "single-bit ECC on a GeForce"
+        );
+        assert_eq!(register(handle(0), 8, set), 0);
+        assert_eq!(register(handle(1), 8, set), 0);
+        assert_eq!(register(handle(1), 8, 0x77 as Set), 2, "not a set");
+    }
+    let mut data = nvmlEventData_t {
+        device: std::ptr::null_mut(),
+        eventType: 0,
+        eventData: 0,
+        gpuInstanceId: 0,
+        computeInstanceId: 0,
+    };
+    // SAFETY: `set` is live and `data` a valid out-struct (or null, where that is tested).
+    unsafe {
+        assert_eq!(wait(set, std::ptr::null_mut(), 0), 2);
+        assert_eq!(wait(set, &mut data, 0), 0);
+        assert_eq!(
+            (data.device, data.eventType, data.eventData),
+            (handle(1), 8, 48)
+        );
+        assert_eq!(data.gpuInstanceId, u32::MAX);
+        // The second XID comes 50 ms after the registration; the wait lasts until then.
+        assert_eq!(wait(set, &mut data, 10_000), 0);
+        assert_eq!(data.eventData, 79);
+        assert_eq!(
+            wait(set, &mut data, 20),
+            10,
+            "nothing more: NVML_ERROR_TIMEOUT"
+        );
+        assert_eq!(free(set), 0);
+        assert_eq!(free(set), 2);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
