@@ -716,7 +716,7 @@ fn mig_devices() {
     let m = handle_out("nvmlDeviceGetMigDeviceHandleByIndex", gpu, Some(0)).unwrap();
     assert_eq!(
         bar1(m).unwrap().bar1Total,
-        ((128u64 << 30) * 39 / 80 >> 20) << 20,
+        (((128u64 << 30) * 39 / 80) >> 20) << 20,
         "a MIG device gets its memory's share of BAR1"
     );
     // The second GPU is MIG-capable with MIG off.
@@ -1387,14 +1387,12 @@ fn models_fill_what_the_scenario_leaves_out() {
     assert_eq!(retired(&mut n, pages.as_mut_ptr()), 0);
     assert!(pages[0] != pages[1] && pages[1] != pages[2]);
     // SAFETY: a null count is what is being tested.
-    assert_eq!(
-        unsafe {
-            sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint, *mut c_ulonglong) -> u32>(
-                "nvmlDeviceGetRetiredPages",
-            )(volta, 0, std::ptr::null_mut(), std::ptr::null_mut())
-        },
-        2
-    );
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint, *mut c_ulonglong) -> u32>(
+            "nvmlDeviceGetRetiredPages",
+        )(volta, 0, std::ptr::null_mut(), std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
     assert_eq!(
         with_null("nvmlDeviceGetRemappedRows", volta, true),
         3,
