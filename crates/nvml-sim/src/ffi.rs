@@ -945,10 +945,11 @@ fn clock(c: &crate::scenario::Clocks, kind: c_uint) -> Result<c_uint, Code> {
 }
 
 export! {
-    /// Current clock (`NVML_CLOCK_GRAPHICS`, `SM`, `MEM`, `VIDEO`), MHz.
+    /// Current clock (`NVML_CLOCK_GRAPHICS`, `SM`, `MEM`, `VIDEO`), MHz: the scenario's, else the
+    /// maximum while busy and the idle clock while not.
     fn nvmlDeviceGetClockInfo(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
         query(f, device, Some(Feature::Clocks), false, |s, t| {
-            let v = clock(&s.device(t).clocks, clockType)?;
+            let v = clock(&s.clocks(t.gpu()), clockType)?;
             // SAFETY: `clockMHz` is null or valid (export contract).
             unsafe { put(clockMHz, v) }
         })
@@ -970,7 +971,7 @@ export! {
     /// Performance state (0 = P0).
     fn nvmlDeviceGetPerformanceState(device: nvmlDevice_t, pState: *mut c_uint) |f| {
         // SAFETY: `pState` is null or valid (export contract).
-        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.device(t).pstate) })
+        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.pstate(t.gpu())) })
     }
 }
 
@@ -978,7 +979,7 @@ export! {
     /// Deprecated alias of `nvmlDeviceGetPerformanceState`.
     fn nvmlDeviceGetPowerState(device: nvmlDevice_t, pState: *mut c_uint) |f| {
         // SAFETY: `pState` is null or valid (export contract).
-        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.device(t).pstate) })
+        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.pstate(t.gpu())) })
     }
 }
 

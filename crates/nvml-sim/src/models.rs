@@ -22,7 +22,7 @@ architecture = "ampere"
 cuda_compute_capability = [8, 0]
 memory_reserved = "512 MiB"
 temperature_c = 32
-clocks = { graphics = 210, sm = 210, memory = 1593, video = 795 }
+idle_clocks = { graphics = 210, sm = 210, memory = 1593, video = 795 }
 max_clocks = { graphics = 1410, sm = 1410, memory = 1593, video = 1290 }
 pcie = { max_generation = 4, max_width = 16, generation = 4, width = 16 }
 temperature_thresholds = { shutdown = 92, slowdown = 89, gpu_max = 85, mem_max = 95 }
@@ -38,7 +38,7 @@ pci_subsystem_id = 0x162610DE
 power_usage_mw = 48000
 power_limit_mw = 350000
 power_limit_max_mw = 350000
-clocks = { graphics = 345, sm = 345, memory = 1593, video = 765 }
+idle_clocks = { graphics = 345, sm = 345, memory = 1593, video = 765 }
 max_clocks = { graphics = 1755, sm = 1755, memory = 1593, video = 1545 }
 nvlink = { links = 0, version = 0 }
 unsupported = ["fan", "retired_pages", "nvlink"]
@@ -128,9 +128,9 @@ power_limit_min_mw = 150000
 power_limit_max_mw = 600000
 fan_speed = 30
 num_fans = 2
-clocks = { graphics = 210, sm = 210, memory = 405, video = 1185 }
+idle_clocks = { graphics = 210, sm = 210, memory = 405, video = 1185 }
 max_clocks = { graphics = 3120, sm = 3120, memory = 10501, video = 2415 }
-pstate = 8
+idle_pstate = 8
 persistence_mode = false
 ecc = { enabled = false }
 max_mig_devices = 0
@@ -160,9 +160,9 @@ power_limit_min_mw = 100000
 power_limit_max_mw = 400000
 fan_speed = 30
 num_fans = 2
-clocks = { graphics = 210, sm = 210, memory = 405, video = 555 }
+idle_clocks = { graphics = 210, sm = 210, memory = 405, video = 555 }
 max_clocks = { graphics = 2100, sm = 2100, memory = 9751, video = 1950 }
-pstate = 8
+idle_pstate = 8
 persistence_mode = false
 ecc = { enabled = false }
 max_mig_devices = 0
@@ -193,9 +193,9 @@ power_usage_mw = 10000
 power_limit_mw = 70000
 power_limit_min_mw = 60000
 power_limit_max_mw = 70000
-clocks = { graphics = 300, sm = 300, memory = 405, video = 540 }
+idle_clocks = { graphics = 300, sm = 300, memory = 405, video = 540 }
 max_clocks = { graphics = 1590, sm = 1590, memory = 5001, video = 1470 }
-pstate = 8
+idle_pstate = 8
 max_mig_devices = 0
 pcie = { max_generation = 3, max_width = 16, generation = 3, width = 16 }
 bar1_total = "256 MiB"
@@ -221,7 +221,7 @@ power_usage_mw = 42000
 power_limit_mw = 300000
 power_limit_min_mw = 150000
 power_limit_max_mw = 300000
-clocks = { graphics = 135, sm = 135, memory = 877, video = 555 }
+idle_clocks = { graphics = 135, sm = 135, memory = 877, video = 555 }
 max_clocks = { graphics = 1530, sm = 1530, memory = 877, video = 1372 }
 max_mig_devices = 0
 pcie = { max_generation = 3, max_width = 16, generation = 3, width = 16 }
@@ -297,6 +297,15 @@ pub fn apply(doc: &mut Value) {
         for (k, v) in defaults_for(&name) {
             merge_key(obj, k, v, false);
         }
+        // A stated `clocks` table takes the keys it leaves out from the maximum clocks (the
+        // model's, unless stated too).
+        if matches!(obj.get("clocks"), Some(Value::Object(_))) {
+            let max = obj.get("max_clocks").cloned().unwrap_or_else(|| {
+                // The built-in (H100) maximum clocks of `Device::default`.
+                serde_json::json!({ "graphics": 1980, "sm": 1980, "memory": 2619, "video": 1545 })
+            });
+            merge_key(obj, "clocks".into(), max, false);
+        }
     }
 }
 
@@ -337,14 +346,24 @@ mod tests {
     fn stated_fields_win_key_by_key() {
         let mut doc: Value = serde_json::json!({"devices": [
             {"name": "NVIDIA A100-SXM4-80GB", "power_limit_mw": 300000, "clocks": {"graphics": 1000}},
+            {"clocks": {"sm": 900}},
             "not a table"
         ]});
         apply(&mut doc);
         let d = &doc["devices"][0];
         assert_eq!(d["power_limit_mw"], 300000);
         assert_eq!(d["clocks"]["graphics"], 1000);
-        assert_eq!(d["clocks"]["memory"], 1593);
+        assert_eq!(
+            d["clocks"]["memory"], 1593,
+            "the model's maximum memory clock"
+        );
+        assert_eq!(d["idle_clocks"]["graphics"], 210);
         assert_eq!(d["bar1_total"], "128 GiB");
-        assert_eq!(doc["devices"][1], "not a table");
+        assert_eq!(
+            doc["devices"][1]["clocks"]["graphics"], 1980,
+            "the H100's maximum"
+        );
+        assert_eq!(doc["devices"][1]["clocks"]["sm"], 900);
+        assert_eq!(doc["devices"][2], "not a table");
     }
 }

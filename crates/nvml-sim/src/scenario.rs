@@ -573,12 +573,17 @@ pub struct Device {
     pub fan_speed: u32,
     /// `nvmlDeviceGetNumFans`.
     pub num_fans: u32,
-    /// Current clocks.
-    pub clocks: Clocks,
+    /// Current clocks; by default `max_clocks` while the GPU is busy (utilisation above 0) and
+    /// `idle_clocks` while it is not. Keys left out of a stated table are the maximum ones.
+    pub clocks: Option<Clocks>,
+    /// Clocks while idle, when `clocks` is not stated.
+    pub idle_clocks: Clocks,
     /// Maximum clocks.
     pub max_clocks: Clocks,
-    /// Performance state, 0 (P0) to 15.
-    pub pstate: u32,
+    /// Performance state, 0 (P0) to 15; by default P0 while busy and `idle_pstate` while idle.
+    pub pstate: Option<u32>,
+    /// Performance state while idle, when `pstate` is not stated (P8 on a GeForce).
+    pub idle_pstate: u32,
     /// `nvmlDeviceGetCurrentClocksEventReasons` bits; by default `GpuIdle` (1) while the GPU's
     /// utilisation is 0, else none.
     pub clocks_event_reasons: Option<u64>,
@@ -653,7 +658,8 @@ impl Default for Device {
             energy_mj: 0,
             fan_speed: 0,
             num_fans: 0,
-            clocks: Clocks {
+            clocks: None,
+            idle_clocks: Clocks {
                 graphics: 345,
                 sm: 345,
                 memory: 2619,
@@ -665,7 +671,8 @@ impl Default for Device {
                 memory: 2619,
                 video: 1545,
             },
-            pstate: 0,
+            pstate: None,
+            idle_pstate: 0,
             clocks_event_reasons: None,
             architecture: Architecture::Hopper,
             pcie: Pcie::default(),
@@ -862,8 +869,12 @@ impl Scenario {
             if !buses.insert(parts) {
                 return Err(format!("{at}.pci_bus_id {:?} is used twice", d.pci_bus_id));
             }
-            if d.pstate > 15 {
-                return Err(format!("{at}.pstate {}: expected 0 to 15", d.pstate));
+            if let Some(p) = d
+                .pstate
+                .filter(|&p| p > 15)
+                .or((d.idle_pstate > 15).then_some(d.idle_pstate))
+            {
+                return Err(format!("{at}.pstate {p}: expected 0 to 15"));
             }
             if d.mig.len() > MAX_DEVICES || d.mig.len() > d.max_mig_devices as usize {
                 return Err(format!(

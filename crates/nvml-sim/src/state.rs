@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::codes::{self, Code};
-use crate::scenario::{Device, Feature, MigInstance, Process, ProcessKind, Scenario};
+use crate::scenario::{Clocks, Device, Feature, MigInstance, Process, ProcessKind, Scenario};
 use crate::series::{self, Level};
 
 /// Environment variable naming the scenario: a bundled name or a `.toml`/`.json` path.
@@ -292,6 +292,39 @@ impl Sim {
     /// The value of one of GPU `gpu`'s levels now.
     pub fn level(&self, gpu: usize, level: Level) -> u32 {
         level.at(series::secs(self.now_us()), device_seed(gpu))
+    }
+
+    /// Whether GPU `gpu` is busy now: its utilisation is above 0, or, in MIG mode, one of its
+    /// instances has a process.
+    pub fn busy(&self, gpu: usize) -> bool {
+        let d = &self.scenario.devices[gpu];
+        if d.mig_mode {
+            d.mig.iter().any(|m| !m.processes.is_empty())
+        } else {
+            self.level(gpu, d.utilization_gpu) > 0
+        }
+    }
+
+    /// GPU `gpu`'s clocks now: the stated ones, else the maximum ones while busy and the idle
+    /// ones while not.
+    pub fn clocks(&self, gpu: usize) -> Clocks {
+        let d = &self.scenario.devices[gpu];
+        match d.clocks {
+            Some(c) => c,
+            None if self.busy(gpu) => d.max_clocks,
+            None => d.idle_clocks,
+        }
+    }
+
+    /// GPU `gpu`'s performance state now: the stated one, else P0 while busy and the idle one
+    /// while not.
+    pub fn pstate(&self, gpu: usize) -> u32 {
+        let d = &self.scenario.devices[gpu];
+        match d.pstate {
+            Some(p) => p,
+            None if self.busy(gpu) => 0,
+            None => d.idle_pstate,
+        }
     }
 
     /// Energy used by GPU `gpu` since boot, mJ.

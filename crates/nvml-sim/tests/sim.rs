@@ -1295,6 +1295,11 @@ fn monitor_queries_reject_null_pointers_and_short_buffers() {
     );
     assert_eq!(process_utilization(h, Some(2), 0).0, 7);
     assert_eq!(process_utilization(h, Some(2), 0).1, 4);
+    // A busy GPU runs at its maximum clocks in P0, an idle one at its idle clocks.
+    assert_eq!(uint_arg("nvmlDeviceGetClockInfo", h, 0), Ok(1980));
+    assert_eq!(uint_arg("nvmlDeviceGetClockInfo", h, 2), Ok(2619));
+    assert_eq!(uint("nvmlDeviceGetPerformanceState", h), Ok(0));
+    assert_eq!(uint_arg("nvmlDeviceGetClockInfo", handle(2), 1), Ok(345));
     let (rc, n, samples) = process_utilization(h, Some(8), 0);
     assert_eq!((rc, n), (0, 4));
     let mut pids: Vec<u32> = samples.iter().map(|s| s.pid).collect();
@@ -1360,6 +1365,16 @@ fn models_fill_what_the_scenario_leaves_out() {
         };
     assert_eq!(rc, 3, "a GeForce has no MIG");
     assert_eq!(uint_arg("nvmlDeviceGetMaxClockInfo", geforce, 0), Ok(3120));
+    assert_eq!(
+        uint_arg("nvmlDeviceGetClockInfo", geforce, 0),
+        Ok(210),
+        "idle clocks"
+    );
+    assert_eq!(
+        uint("nvmlDeviceGetPerformanceState", geforce),
+        Ok(8),
+        "idle in P8"
+    );
     assert_eq!(uint("nvmlDeviceGetCurrPcieLinkGeneration", geforce), Ok(1));
     assert_eq!(uint("nvmlDeviceGetMaxPcieLinkGeneration", geforce), Ok(4));
     assert_eq!(bar1(geforce).unwrap().bar1Total, 256 << 20);
