@@ -156,102 +156,113 @@ fn nvitop_once_shows_every_bundled_scenario() {
         return;
     };
     let tmp = sim_dir("nvitop");
-    let libdir = &tmp.0;
-    for &name in nvml_sim::BUNDLED_SCENARIOS {
-        let (out, start, end) = run_nvitop(&exe, libdir, name);
-        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-        let all = format!("{stdout}\n{stderr}");
-        let ctx = format!("nvitop -1 on {name}: {:?}\n{all}", out.status);
-        for bad in ["FunctionNotFound", "KeyError", "Traceback", "Error:"] {
-            assert!(!all.contains(bad), "{bad} in {ctx}");
-        }
-        let scenario = Scenario::bundled(name).unwrap();
-        if scenario.init_error.is_some() {
-            // nvitop's answer to a machine without a driver: one line and exit 1.
-            assert_eq!(out.status.code(), Some(1), "{ctx}");
-            assert!(stderr.contains("NVML ERROR: Driver Not Loaded"), "{ctx}");
+    // Every scenario is checked, then the test fails naming each one that went wrong.
+    let failed: Vec<&str> = nvml_sim::BUNDLED_SCENARIOS
+        .iter()
+        .copied()
+        .filter(|name| std::panic::catch_unwind(|| check_nvitop(&exe, &tmp.0, name)).is_err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "nvitop -1 went wrong on {failed:?} (see above)"
+    );
+}
+
+/// Runs `nvitop -1` on bundled scenario `name` and checks what it shows.
+fn check_nvitop(exe: &Path, libdir: &Path, name: &str) {
+    let (out, start, end) = run_nvitop(exe, libdir, name);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let all = format!("{stdout}\n{stderr}");
+    let ctx = format!("nvitop -1 on {name}: {:?}\n{all}", out.status);
+    for bad in ["FunctionNotFound", "KeyError", "Traceback", "Error:"] {
+        assert!(!all.contains(bad), "{bad} in {ctx}");
+    }
+    let scenario = Scenario::bundled(name).unwrap();
+    if scenario.init_error.is_some() {
+        // nvitop's answer to a machine without a driver: one line and exit 1.
+        assert_eq!(out.status.code(), Some(1), "{ctx}");
+        assert!(stderr.contains("NVML ERROR: Driver Not Loaded"), "{ctx}");
+        return;
+    }
+    if scenario.devices.is_empty() {
+        assert!(stdout.contains("No visible devices found"), "{ctx}");
+        return;
+    }
+    assert!(out.status.success(), "{ctx}");
+    assert!(stdout.contains("Driver Version: 550.54.15"), "{ctx}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    for (i, d) in scenario.devices.iter().enumerate() {
+        let head = format!("│ {i:>3}  ");
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(&head))
+            .unwrap_or_else(|| panic!("no row for GPU {i} in {ctx}"));
+        let (row, second) = (lines[at], lines[at + 1]);
+        if d.lost {
+            // Every query fails with GPU_IS_LOST: nvitop shows the row as N/A.
+            assert!(
+                row.contains("N/A") && !row.contains("H100"),
+                "lost GPU {i}: {ctx}"
+            );
             continue;
         }
-        if scenario.devices.is_empty() {
-            assert!(stdout.contains("No visible devices found"), "{ctx}");
-            continue;
+        assert!(row.contains(&d.pci_bus_id), "GPU {i} bus id: {ctx}");
+        assert!(row.contains(&short_name(&d.name)), "GPU {i} name: {ctx}");
+        let memory = format!("{} / {}", human(used_memory(d)), human(d.memory_total.0));
+        assert!(second.contains(&memory), "GPU {i} memory {memory:?}: {ctx}");
+        let util = second
+            .split('│')
+            .nth(3)
+            .and_then(|cell| cell.split_whitespace().next())
+            .unwrap_or_else(|| panic!("GPU {i} utilisation cell: {ctx}"));
+        if d.mig_mode {
+            assert_eq!(util, "N/A", "GPU {i} in MIG mode: {ctx}");
+        } else {
+            let v: u32 = util.trim_end_matches('%').parse().unwrap_or_else(|_| {
+                panic!("GPU {i} utilisation {util:?}: {ctx}");
+            });
+            let l = d.utilization_gpu;
+            assert!((l.min()..=l.max()).contains(&v), "GPU {i} {v}%: {ctx}");
         }
-        assert!(out.status.success(), "{ctx}");
-        assert!(stdout.contains("Driver Version: 550.54.15"), "{ctx}");
-        let lines: Vec<&str> = stdout.lines().collect();
-        for (i, d) in scenario.devices.iter().enumerate() {
-            let head = format!("│ {i:>3}  ");
-            let at = lines
+        // Every process, with its memory; MIG processes under `gpu:instance`.
+        let mut expected: Vec<(String, &Process)> =
+            d.processes.iter().map(|p| (format!("{i}"), p)).collect();
+        for (j, m) in d.mig.iter().enumerate() {
+            expected.extend(m.processes.iter().map(|p| (format!("{i}:{j}"), p)));
+        }
+        for (index, p) in expected {
+            let kind = match p.kind {
+                ProcessKind::Compute => 'C',
+                ProcessKind::Graphics => 'G',
+            };
+            let mem = human(p.used_memory.0);
+            let row = lines
                 .iter()
-                .position(|l| l.starts_with(&head))
-                .unwrap_or_else(|| panic!("no row for GPU {i} in {ctx}"));
-            let (row, second) = (lines[at], lines[at + 1]);
-            if d.lost {
-                // Every query fails with GPU_IS_LOST: nvitop shows the row as N/A.
-                assert!(
-                    row.contains("N/A") && !row.contains("H100"),
-                    "lost GPU {i}: {ctx}"
-                );
+                .find(|l| {
+                    let cells: Vec<&str> = l.split_whitespace().collect();
+                    cells.len() > 6
+                        && cells[1] == index
+                        && match p.pid {
+                            Pid::Id(pid) => cells[2] == pid.to_string(),
+                            Pid::SelfPid => true,
+                        }
+                        && cells[3] == kind.to_string()
+                        && cells[5] == mem
+                })
+                .unwrap_or_else(|| panic!("no process row {index} {:?} {mem}: {ctx}", p.pid));
+            // %SM on whole GPUs: the simulator's per-process sample from the last second.
+            let (Pid::Id(pid), false) = (p.pid, d.mig_mode) else {
                 continue;
-            }
-            assert!(row.contains(&d.pci_bus_id), "GPU {i} bus id: {ctx}");
-            assert!(row.contains(&short_name(&d.name)), "GPU {i} name: {ctx}");
-            let memory = format!("{} / {}", human(used_memory(d)), human(d.memory_total.0));
-            assert!(second.contains(&memory), "GPU {i} memory {memory:?}: {ctx}");
-            let util = second
-                .split('│')
-                .nth(3)
-                .and_then(|cell| cell.split_whitespace().next())
-                .unwrap_or_else(|| panic!("GPU {i} utilisation cell: {ctx}"));
-            if d.mig_mode {
-                assert_eq!(util, "N/A", "GPU {i} in MIG mode: {ctx}");
-            } else {
-                let v: u32 = util.trim_end_matches('%').parse().unwrap_or_else(|_| {
-                    panic!("GPU {i} utilisation {util:?}: {ctx}");
-                });
-                let l = d.utilization_gpu;
-                assert!((l.min()..=l.max()).contains(&v), "GPU {i} {v}%: {ctx}");
-            }
-            // Every process, with its memory; MIG processes under `gpu:instance`.
-            let mut expected: Vec<(String, &Process)> =
-                d.processes.iter().map(|p| (format!("{i}"), p)).collect();
-            for (j, m) in d.mig.iter().enumerate() {
-                expected.extend(m.processes.iter().map(|p| (format!("{i}:{j}"), p)));
-            }
-            for (index, p) in expected {
-                let kind = match p.kind {
-                    ProcessKind::Compute => 'C',
-                    ProcessKind::Graphics => 'G',
-                };
-                let mem = human(p.used_memory.0);
-                let row = lines
-                    .iter()
-                    .find(|l| {
-                        let cells: Vec<&str> = l.split_whitespace().collect();
-                        cells.len() > 6
-                            && cells[1] == index
-                            && match p.pid {
-                                Pid::Id(pid) => cells[2] == pid.to_string(),
-                                Pid::SelfPid => true,
-                            }
-                            && cells[3] == kind.to_string()
-                            && cells[5] == mem
-                    })
-                    .unwrap_or_else(|| panic!("no process row {index} {:?} {mem}: {ctx}", p.pid));
-                // %SM on whole GPUs: the simulator's per-process sample from the last second.
-                let (Pid::Id(pid), false) = (p.pid, d.mig_mode) else {
-                    continue;
-                };
-                let cells: Vec<&str> = row.split_whitespace().collect();
-                let sm: u32 = cells[6]
-                    .parse()
-                    .unwrap_or_else(|_| panic!("%SM {:?} of {pid}: {ctx}", cells[6]));
-                let possible = possible_sm(d, i, pid, start.saturating_sub(1_100_000), end);
-                assert!(
-                    possible.contains(&sm),
-                    "%SM of {pid} is {sm}, expected one of {possible:?}: {ctx}"
-                );
-            }
+            };
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            let sm: u32 = cells[6]
+                .parse()
+                .unwrap_or_else(|_| panic!("%SM {:?} of {pid}: {ctx}", cells[6]));
+            let possible = possible_sm(d, i, pid, start.saturating_sub(1_100_000), end);
+            assert!(
+                possible.contains(&sm),
+                "%SM of {pid} is {sm}, expected one of {possible:?}: {ctx}"
+            );
         }
     }
 }
