@@ -173,6 +173,17 @@ pub struct nvmlEventData_v1_t {
     pub eventData: c_ulonglong,
 }
 
+/// `nvmlSample_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlSample_t {
+    pub timeStamp: c_ulonglong,
+    pub sampleValue: nvmlValue_t,
+}
+
+/// How many samples per type the simulated driver keeps (12 s at one per 100 ms).
+pub const MAX_SAMPLES: u64 = 120;
+
 /// `NVML_VALUE_TYPE_UNSIGNED_INT`.
 pub const NVML_VALUE_TYPE_UNSIGNED_INT: c_uint = 1;
 /// `NVML_VALUE_TYPE_UNSIGNED_LONG_LONG`.
@@ -432,6 +443,13 @@ pub const EXPORTED: &[&str] = &[
     "nvmlDeviceGetRemappedRows",
     "nvmlDeviceGetVbiosVersion",
     "nvmlDeviceGetBoardPartNumber",
+    "nvmlDeviceGetMemoryBusWidth",
+    "nvmlDeviceGetNumGpuCores",
+    "nvmlDeviceGetClock",
+    "nvmlDeviceGetApplicationsClock",
+    "nvmlDeviceGetDefaultApplicationsClock",
+    "nvmlDeviceGetMaxCustomerBoostClock",
+    "nvmlDeviceGetSamples",
     "nvmlEventSetCreate",
     "nvmlDeviceRegisterEvents",
     "nvmlDeviceGetSupportedEventTypes",
@@ -1822,6 +1840,151 @@ export! {
     }
 }
 
+// ---- more clocks, bus width, cores, samples -------------------------------------------------
+
+export! {
+    /// `nvmlDeviceGetMemoryBusWidth`, bits.
+    fn nvmlDeviceGetMemoryBusWidth(device: nvmlDevice_t, busWidth: *mut c_uint) |f| {
+        query(f, device, None, false, |s, t| {
+            // SAFETY: `busWidth` is null or valid (export contract).
+            unsafe { put(busWidth, s.device(t).memory_bus_width) }
+        })
+    }
+}
+
+export! {
+    /// `nvmlDeviceGetNumGpuCores`.
+    fn nvmlDeviceGetNumGpuCores(device: nvmlDevice_t, numCores: *mut c_uint) |f| {
+        query(f, device, None, false, |s, t| {
+            // SAFETY: `numCores` is null or valid (export contract).
+            unsafe { put(numCores, s.device(t).cuda_cores) }
+        })
+    }
+}
+
+export! {
+    /// `clockId` 0 = current, 1 = application target, 2 = application default, 3 = customer
+    /// boost maximum; the application clocks and the boost maximum are the maximum clocks.
+    fn nvmlDeviceGetClock(device: nvmlDevice_t, clockType: c_uint, clockId: c_uint, clockMHz: *mut c_uint) |f| {
+        query(f, device, Some(Feature::Clocks), false, |s, t| {
+            let v = match clockId {
+                0 => clock(&s.clocks(t.gpu()), clockType)?,
+                1..=3 => clock(&s.device(t).max_clocks, clockType)?,
+                _ => return Err(codes::INVALID_ARGUMENT),
+            };
+            // SAFETY: `clockMHz` is null or valid (export contract).
+            unsafe { put(clockMHz, v) }
+        })
+    }
+}
+
+/// A query answering one of the maximum clocks.
+fn max_clock(f: &str, device: nvmlDevice_t, clock_type: c_uint, out: *mut c_uint) -> R {
+    query(f, device, Some(Feature::MaxClocks), false, |s, t| {
+        let v = clock(&s.device(t).max_clocks, clock_type)?;
+        // SAFETY: `out` is null or valid (export contract of every caller).
+        unsafe { put(out, v) }
+    })
+}
+
+export! {
+    /// Application clock: the maximum clock.
+    fn nvmlDeviceGetApplicationsClock(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
+        max_clock(f, device, clockType, clockMHz)
+    }
+}
+
+export! {
+    /// Default application clock: the maximum clock.
+    fn nvmlDeviceGetDefaultApplicationsClock(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
+        max_clock(f, device, clockType, clockMHz)
+    }
+}
+
+export! {
+    /// Customer boost maximum: the maximum clock.
+    fn nvmlDeviceGetMaxCustomerBoostClock(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
+        max_clock(f, device, clockType, clockMHz)
+    }
+}
+
+/// The value of sample type `kind` of GPU `gpu` at `t_us`, for `nvmlDeviceGetSamples`.
+fn sample_value(s: &Sim, gpu: usize, kind: c_uint, t_us: u64) -> c_uint {
+    let d = &s.scenario.devices[gpu];
+    match kind {
+        0 => s.level_at(gpu, d.power_usage_mw, t_us),
+        1 => s.level_at(gpu, d.utilization_gpu, t_us),
+        2 => s.level_at(gpu, d.utilization_memory, t_us),
+        3 => s.level_at(gpu, d.encoder_utilization, t_us),
+        4 => s.level_at(gpu, d.decoder_utilization, t_us),
+        5 => s.clocks_at(gpu, t_us).graphics,
+        _ => s.clocks_at(gpu, t_us).memory,
+    }
+}
+
+export! {
+    /// The driver's samples of `type` (0 power, 1 GPU and 2 memory utilisation, 3 encoder,
+    /// 4 decoder, 5 graphics and 6 memory clock) newer than `lastSeenTimeStamp`: one per 100 ms,
+    /// the last 120. A null `samples` writes how many there are. `NOT_FOUND` when there is
+    /// none; utilisation types answer `NOT_SUPPORTED` in MIG mode.
+    fn nvmlDeviceGetSamples(device: nvmlDevice_t, type_: c_uint, lastSeenTimeStamp: c_ulonglong, sampleValType: *mut c_uint, sampleCount: *mut c_uint, samples: *mut nvmlSample_t) |f| {
+        query(f, device, None, false, |s, t| {
+            let feature = match type_ {
+                0 => Feature::PowerUsage,
+                1 | 2 => Feature::Utilization,
+                3 => Feature::EncoderUtilization,
+                4 => Feature::DecoderUtilization,
+                5 | 6 => Feature::Clocks,
+                7..=15 => return Err(codes::NOT_SUPPORTED),
+                _ => return Err(codes::INVALID_ARGUMENT),
+            };
+            let d = s.device(t);
+            if d.unsupported(feature) || ((1..=4).contains(&type_) && d.mig_mode) {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            if sampleValType.is_null() || sampleCount.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let now = series::sample_tick(s.now_us());
+            let oldest = now.saturating_sub((MAX_SAMPLES - 1) * series::SAMPLE_PERIOD_US);
+            let first = match lastSeenTimeStamp.checked_add(1) {
+                Some(after) => oldest.max(after.div_ceil(series::SAMPLE_PERIOD_US) * series::SAMPLE_PERIOD_US),
+                None => return Err(codes::NOT_FOUND),
+            };
+            let ticks: Vec<u64> = (first..=now).step_by(series::SAMPLE_PERIOD_US as usize).collect();
+            if ticks.is_empty() {
+                return Err(codes::NOT_FOUND);
+            }
+            // SAFETY: both pointers are non-null and valid (export contract).
+            unsafe { sampleValType.write_unaligned(NVML_VALUE_TYPE_UNSIGNED_INT) };
+            let available = c_uint::try_from(ticks.len()).map_err(|_| codes::UNKNOWN)?;
+            if samples.is_null() {
+                // SAFETY: as above.
+                unsafe { sampleCount.write_unaligned(available) };
+                return Ok(());
+            }
+            // SAFETY: as above.
+            let room = unsafe { sampleCount.read_unaligned() } as usize;
+            let keep = &ticks[ticks.len().saturating_sub(room)..];
+            for (i, &tick) in keep.iter().enumerate() {
+                let v = nvmlSample_t {
+                    timeStamp: tick,
+                    sampleValue: nvmlValue_t { uiVal: sample_value(s, t.gpu(), type_, tick) },
+                };
+                // SAFETY: `samples` holds `room` entries (export contract) and `i < room`.
+                unsafe { samples.add(i).write_unaligned(v) };
+            }
+            let written = c_uint::try_from(keep.len()).map_err(|_| codes::UNKNOWN)?;
+            // SAFETY: as above.
+            unsafe { sampleCount.write_unaligned(written) };
+            if keep.is_empty() {
+                return Err(codes::INSUFFICIENT_SIZE);
+            }
+            Ok(())
+        })
+    }
+}
+
 // ---- events ---------------------------------------------------------------------------------
 
 export! {
@@ -1947,6 +2110,7 @@ mod tests {
         assert_eq!(size_of::<nvmlValue_t>(), 8);
         assert_eq!(size_of::<nvmlFieldValue_t>(), 40);
         assert_eq!(size_of::<nvmlEventData_t>(), 32);
+        assert_eq!(size_of::<nvmlSample_t>(), 16);
         assert_eq!(size_of::<nvmlEventData_v1_t>(), 24);
     }
 

@@ -36,9 +36,11 @@
 //!   capability, architecture, bus type, VBIOS version, board part number;
 //! - memory: `MemoryInfo(_v2)`, `BAR1MemoryInfo`;
 //! - utilisation: device, encoder, decoder, and per process (`ProcessUtilization`, one sample
-//!   per process on a 100 ms grid, after `lastSeenTimeStamp`);
+//!   per process on a 100 ms grid, after `lastSeenTimeStamp`); the driver's sample buffer
+//!   (`Samples`: the last 12 s of power, utilisation and clocks);
 //! - thermals and power: temperature and its thresholds, power draw, enforced, management and
-//!   default limits and the limits' range, total energy, fans, clocks and maximum clocks,
+//!   default limits and the limits' range, total energy, fans, current, application, boost and
+//!   maximum clocks, memory bus width, core count,
 //!   performance state, clock event (throttle) reasons;
 //! - PCIe: maximum and current generation and width, lane speeds, throughput, replays;
 //! - NVLink: link state and version, and through `FieldValues` the link count, state and the

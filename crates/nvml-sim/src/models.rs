@@ -34,6 +34,8 @@ const PROFILES: &[Profile] = &[
         matches: |n| n.contains("h100") && n.contains("pcie"),
         toml: r#"
 pci_device_id = 0x233110DE
+memory_bus_width = 5120
+cuda_cores = 14592
 pci_subsystem_id = 0x162610DE
 power_usage_mw = 48000
 power_limit_mw = 350000
@@ -53,6 +55,8 @@ board_part_number = "900-21010-0000-000"
         matches: |n| n.contains("a100") && n.contains("80gb") && n.contains("pcie"),
         toml: r#"
 pci_device_id = 0x20B510DE
+memory_bus_width = 5120
+cuda_cores = 6912
 pci_subsystem_id = 0x153310DE
 memory_total = "80 GiB"
 power_usage_mw = 45000
@@ -69,6 +73,8 @@ board_part_number = "900-21001-0020-100"
         matches: |n| n.contains("a100") && n.contains("pcie"),
         toml: r#"
 pci_device_id = 0x20F110DE
+memory_bus_width = 5120
+cuda_cores = 6912
 pci_subsystem_id = 0x145F10DE
 memory_total = "40 GiB"
 power_usage_mw = 35000
@@ -85,6 +91,8 @@ board_part_number = "900-21001-0000-000"
         matches: |n| n.contains("a100") && n.contains("40gb"),
         toml: r#"
 pci_device_id = 0x20B010DE
+memory_bus_width = 5120
+cuda_cores = 6912
 pci_subsystem_id = 0x134F10DE
 memory_total = "40 GiB"
 power_usage_mw = 55000
@@ -100,6 +108,8 @@ board_part_number = "692-2G506-0200-002"
         matches: |n| n.contains("a100"),
         toml: r#"
 pci_device_id = 0x20B210DE
+memory_bus_width = 5120
+cuda_cores = 6912
 pci_subsystem_id = 0x147F10DE
 memory_total = "80 GiB"
 power_usage_mw = 62000
@@ -115,6 +125,8 @@ board_part_number = "692-2G506-0210-002"
         matches: |n| n.contains("rtx 4090"),
         toml: r#"
 pci_device_id = 0x268410DE
+memory_bus_width = 384
+cuda_cores = 16384
 pci_subsystem_id = 0x167C10DE
 brand = "geforce"
 architecture = "ada"
@@ -147,6 +159,8 @@ board_part_number = ""
         matches: |n| n.contains("rtx 3090"),
         toml: r#"
 pci_device_id = 0x220410DE
+memory_bus_width = 384
+cuda_cores = 10496
 pci_subsystem_id = 0x147D10DE
 brand = "geforce"
 architecture = "ampere"
@@ -182,6 +196,8 @@ board_part_number = ""
         },
         toml: r#"
 pci_device_id = 0x1EB810DE
+memory_bus_width = 256
+cuda_cores = 2560
 pci_subsystem_id = 0x12A210DE
 brand = "tesla"
 architecture = "turing"
@@ -210,6 +226,8 @@ board_part_number = "900-2G183-0000-001"
         matches: |n| n.contains("v100"),
         toml: r#"
 pci_device_id = 0x1DB510DE
+memory_bus_width = 4096
+cuda_cores = 5120
 pci_subsystem_id = 0x124910DE
 brand = "tesla"
 architecture = "volta"

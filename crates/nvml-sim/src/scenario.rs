@@ -605,6 +605,10 @@ pub struct Device {
     pub board_part_number: String,
     /// XID errors delivered to event sets, in the order they happen.
     pub xid_events: Vec<XidEvent>,
+    /// `nvmlDeviceGetMemoryBusWidth`, bits.
+    pub memory_bus_width: u32,
+    /// `nvmlDeviceGetNumGpuCores`.
+    pub cuda_cores: u32,
     /// `nvmlDeviceGetComputeMode`.
     pub compute_mode: ComputeMode,
     /// `nvmlDeviceGetPersistenceMode`.
@@ -683,6 +687,8 @@ impl Default for Device {
             vbios_version: "96.00.74.00.01".into(),
             board_part_number: "692-2G520-0200-000".into(),
             xid_events: Vec::new(),
+            memory_bus_width: 5120,
+            cuda_cores: 16896,
             compute_mode: ComputeMode::Default,
             persistence_mode: true,
             display_active: false,

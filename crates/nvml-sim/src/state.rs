@@ -291,27 +291,42 @@ impl Sim {
 
     /// The value of one of GPU `gpu`'s levels now.
     pub fn level(&self, gpu: usize, level: Level) -> u32 {
-        level.at(series::secs(self.now_us()), device_seed(gpu))
+        self.level_at(gpu, level, self.now_us())
+    }
+
+    /// The value of one of GPU `gpu`'s levels at `t_us` (µs since the epoch).
+    pub fn level_at(&self, gpu: usize, level: Level, t_us: u64) -> u32 {
+        level.at(series::secs(t_us), device_seed(gpu))
     }
 
     /// Whether GPU `gpu` is busy now: its utilisation is above 0, or, in MIG mode, one of its
     /// instances has a process.
     pub fn busy(&self, gpu: usize) -> bool {
+        self.busy_at(gpu, self.now_us())
+    }
+
+    /// Whether GPU `gpu` is busy at `t_us`.
+    pub fn busy_at(&self, gpu: usize, t_us: u64) -> bool {
         let d = &self.scenario.devices[gpu];
         if d.mig_mode {
             d.mig.iter().any(|m| !m.processes.is_empty())
         } else {
-            self.level(gpu, d.utilization_gpu) > 0
+            self.level_at(gpu, d.utilization_gpu, t_us) > 0
         }
     }
 
     /// GPU `gpu`'s clocks now: the stated ones, else the maximum ones while busy and the idle
     /// ones while not.
     pub fn clocks(&self, gpu: usize) -> Clocks {
+        self.clocks_at(gpu, self.now_us())
+    }
+
+    /// GPU `gpu`'s clocks at `t_us`.
+    pub fn clocks_at(&self, gpu: usize, t_us: u64) -> Clocks {
         let d = &self.scenario.devices[gpu];
         match d.clocks {
             Some(c) => c,
-            None if self.busy(gpu) => d.max_clocks,
+            None if self.busy_at(gpu, t_us) => d.max_clocks,
             None => d.idle_clocks,
         }
     }

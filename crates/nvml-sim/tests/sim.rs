@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use nvml_sim::ffi::{
     field, nvmlBAR1Memory_t, nvmlEventData_t, nvmlFieldValue_t, nvmlMemory_t, nvmlMemory_v2_t,
     nvmlPciInfo_t, nvmlProcessInfo_v1_t, nvmlProcessInfo_v2_t, nvmlProcessUtilizationSample_t,
-    nvmlUtilization_t, nvmlValue_t, NVML_MEMORY_V2,
+    nvmlSample_t, nvmlUtilization_t, nvmlValue_t, NVML_MEMORY_V2,
 };
 use nvml_sim::Scenario;
 
@@ -1562,4 +1562,87 @@ fn event_sets_receive_the_scenario_xids() {
         assert_eq!(free(set), 2);
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn samples_clocks_and_sizes() {
+    let scenario = Scenario::bundled("live").unwrap();
+    let _s = session("live");
+    let h = handle(0);
+    assert_eq!(uint("nvmlDeviceGetMemoryBusWidth", h), Ok(5120));
+    assert_eq!(uint("nvmlDeviceGetNumGpuCores", h), Ok(16896));
+    assert_eq!(uint("nvmlDeviceGetNumGpuCores", handle(1)), Ok(16384));
+    let clock_id = |id: c_uint| {
+        let mut v: c_uint = 0;
+        // SAFETY: valid out-pointer.
+        let rc = unsafe {
+            sym::<unsafe extern "C" fn(Dev, c_uint, c_uint, *mut c_uint) -> u32>(
+                "nvmlDeviceGetClock",
+            )(h, 0, id, &mut v)
+        };
+        (rc, v)
+    };
+    assert_eq!(clock_id(0), (0, 1755), "the scenario's current clock");
+    assert_eq!(clock_id(3), (0, 1980), "the boost maximum");
+    assert_eq!(clock_id(9).0, 2);
+    assert_eq!(uint_arg("nvmlDeviceGetApplicationsClock", h, 0), Ok(1980));
+    type Samples = unsafe extern "C" fn(
+        Dev,
+        c_uint,
+        c_ulonglong,
+        *mut c_uint,
+        *mut c_uint,
+        *mut nvmlSample_t,
+    ) -> u32;
+    let get = sym::<Samples>("nvmlDeviceGetSamples");
+    let (mut ty, mut n) = (9, 0);
+    // SAFETY: valid out-pointers and a null buffer: how many samples there are.
+    assert_eq!(
+        unsafe { get(h, 1, 0, &mut ty, &mut n, std::ptr::null_mut()) },
+        0
+    );
+    assert_eq!((ty, n), (1, 120), "unsigned ints, the last 12 s");
+    // SAFETY: null count is what is being tested.
+    assert_eq!(
+        unsafe { get(h, 1, 0, &mut ty, std::ptr::null_mut(), std::ptr::null_mut()) },
+        2
+    );
+    let zero = nvmlSample_t {
+        timeStamp: 0,
+        sampleValue: nvmlValue_t { ullVal: 0 },
+    };
+    let mut buf = vec![zero; 10];
+    n = 10;
+    // SAFETY: `buf` holds `n` samples.
+    assert_eq!(
+        unsafe { get(h, 1, 0, &mut ty, &mut n, buf.as_mut_ptr()) },
+        0
+    );
+    assert_eq!(n, 10, "the newest 10");
+    let d = &scenario.devices[0];
+    for w in buf.windows(2) {
+        assert_eq!(w[1].timeStamp - w[0].timeStamp, 100_000);
+    }
+    for sample in &buf {
+        // SAFETY: utilisation samples are unsigned ints.
+        let v = unsafe { sample.sampleValue.uiVal };
+        let want = d.utilization_gpu.at(
+            nvml_sim::series::secs(sample.timeStamp),
+            nvml_sim::state::device_seed(0),
+        );
+        assert_eq!(v, want, "the value at the sample's time");
+    }
+    // Nothing newer than the newest sample: NOT_FOUND.
+    let newest = buf[9].timeStamp;
+    n = 10;
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { get(h, 1, newest, &mut ty, &mut n, buf.as_mut_ptr()) },
+        6
+    );
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { get(h, 99, 0, &mut ty, &mut n, buf.as_mut_ptr()) },
+        2
+    );
 }
