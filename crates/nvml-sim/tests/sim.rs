@@ -1597,16 +1597,12 @@ fn samples_clocks_and_sizes() {
     let get = sym::<Samples>("nvmlDeviceGetSamples");
     let (mut ty, mut n) = (9, 0);
     // SAFETY: valid out-pointers and a null buffer: how many samples there are.
-    assert_eq!(
-        unsafe { get(h, 1, 0, &mut ty, &mut n, std::ptr::null_mut()) },
-        0
-    );
+    let rc = unsafe { get(h, 1, 0, &mut ty, &mut n, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
     assert_eq!((ty, n), (1, 120), "unsigned ints, the last 12 s");
     // SAFETY: null count is what is being tested.
-    assert_eq!(
-        unsafe { get(h, 1, 0, &mut ty, std::ptr::null_mut(), std::ptr::null_mut()) },
-        2
-    );
+    let rc = unsafe { get(h, 1, 0, &mut ty, std::ptr::null_mut(), std::ptr::null_mut()) };
+    assert_eq!(rc, 2);
     let zero = nvmlSample_t {
         timeStamp: 0,
         sampleValue: nvmlValue_t { ullVal: 0 },
@@ -1614,10 +1610,8 @@ fn samples_clocks_and_sizes() {
     let mut buf = vec![zero; 10];
     n = 10;
     // SAFETY: `buf` holds `n` samples.
-    assert_eq!(
-        unsafe { get(h, 1, 0, &mut ty, &mut n, buf.as_mut_ptr()) },
-        0
-    );
+    let rc = unsafe { get(h, 1, 0, &mut ty, &mut n, buf.as_mut_ptr()) };
+    assert_eq!(rc, 0);
     assert_eq!(n, 10, "the newest 10");
     let d = &scenario.devices[0];
     for w in buf.windows(2) {
@@ -1636,13 +1630,9 @@ fn samples_clocks_and_sizes() {
     let newest = buf[9].timeStamp;
     n = 10;
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { get(h, 1, newest, &mut ty, &mut n, buf.as_mut_ptr()) },
-        6
-    );
+    let rc = unsafe { get(h, 1, newest, &mut ty, &mut n, buf.as_mut_ptr()) };
+    assert_eq!(rc, 6);
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { get(h, 99, 0, &mut ty, &mut n, buf.as_mut_ptr()) },
-        2
-    );
+    let rc = unsafe { get(h, 99, 0, &mut ty, &mut n, buf.as_mut_ptr()) };
+    assert_eq!(rc, 2);
 }
