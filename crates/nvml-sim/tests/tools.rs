@@ -321,7 +321,7 @@ fn nvtop_lists_the_scenario_gpus() {
     };
     let tmp = sim_dir("nvtop");
     let libdir = &tmp.0;
-    for name in ["8gpu", "mig", "lost", "live", "nodevices"] {
+    for &name in nvml_sim::BUNDLED_SCENARIOS {
         let scenario = Scenario::bundled(name).unwrap();
         let tmux = Tmux {
             socket: libdir.join(format!("tmux-{name}")),
@@ -339,18 +339,22 @@ fn nvtop_lists_the_scenario_gpus() {
             .status()
             .expect("tmux new-session");
         assert!(started.success(), "tmux new-session for {name}");
-        // What each GPU's header says: `Device <i> [<name>]`; lost GPUs are left out.
+        // What each GPU's header says: `Device <i> [<name>]`; nvtop leaves lost GPUs out and
+        // numbers the others in order.
         let wanted: Vec<String> = scenario
             .devices
             .iter()
             .filter(|d| !d.lost)
-            .map(|d| format!("[{}]", d.name))
+            .enumerate()
+            .map(|(i, d)| format!("Device {i} [{}]", d.name))
             .collect();
         let screen = if wanted.is_empty() {
             tmux.wait_for(Duration::from_secs(30), |s| s.contains("No GPU to monitor"))
         } else {
+            // Every header, and the last GPU's power line below it.
             tmux.wait_for(Duration::from_secs(30), |s| {
-                wanted.iter().all(|w| s.contains(w.as_str())) && s.contains("W")
+                wanted.iter().all(|w| s.contains(w.as_str()))
+                    && s.matches(" POW ").count() >= wanted.len()
             })
         }
         .unwrap_or_else(|screen| panic!("nvtop on {name}: expected {wanted:?} in\n{screen}"));
