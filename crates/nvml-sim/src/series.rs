@@ -18,8 +18,7 @@ pub const SAMPLE_PERIOD_US: u64 = 100_000;
 pub const DEFAULT_PERIOD_S: f64 = 30.0;
 
 /// A scenario value: fixed, or varying between `min` and `max` (both included) over `period_s`.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(try_from = "LevelRepr")]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Level {
     /// Every query returns this value.
     Fixed(u32),
@@ -35,13 +34,6 @@ pub enum Level {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum LevelRepr {
-    Fixed(u32),
-    Range(RangeRepr),
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RangeRepr {
     min: u32,
@@ -50,31 +42,52 @@ struct RangeRepr {
     period_s: Option<f64>,
 }
 
-impl TryFrom<LevelRepr> for Level {
-    type Error = String;
-    fn try_from(r: LevelRepr) -> Result<Self, String> {
-        match r {
-            LevelRepr::Fixed(v) => Ok(Level::Fixed(v)),
-            LevelRepr::Range(r) => {
-                let period_s = r.period_s.unwrap_or(DEFAULT_PERIOD_S);
-                if r.min > r.max {
-                    return Err(format!(
-                        "range min {} is above max {}: expected min <= max",
-                        r.min, r.max
-                    ));
-                }
-                if !(period_s.is_finite() && period_s > 0.0) {
-                    return Err(format!(
-                        "range period_s {period_s}: expected a positive number of seconds"
-                    ));
-                }
-                Ok(Level::Range {
-                    min: r.min,
-                    max: r.max,
-                    period_s,
-                })
+impl<'de> Deserialize<'de> for Level {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Level;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a whole number or a range { min, max, period_s }")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Level, E> {
+                u32::try_from(v)
+                    .map(Level::Fixed)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Level, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Level, A::Error> {
+                let r = RangeRepr::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Level::range(r).map_err(serde::de::Error::custom)
             }
         }
+        d.deserialize_any(V)
+    }
+}
+
+impl Level {
+    fn range(r: RangeRepr) -> Result<Level, String> {
+        let period_s = r.period_s.unwrap_or(DEFAULT_PERIOD_S);
+        if r.min > r.max {
+            return Err(format!(
+                "range min {} is above max {}: expected min <= max",
+                r.min, r.max
+            ));
+        }
+        if !(period_s.is_finite() && period_s > 0.0) {
+            return Err(format!(
+                "range period_s {period_s}: expected a positive number of seconds"
+            ));
+        }
+        Ok(Level::Range {
+            min: r.min,
+            max: r.max,
+            period_s,
+        })
     }
 }
 
@@ -306,6 +319,13 @@ mod tests {
         assert!(p("v = { min = 9, max = 1 }").is_err());
         assert!(p("v = { min = 1, max = 9, period_s = 0 }").is_err());
         assert!(p("v = { min = 1, max = 9, typo = 1 }").is_err());
+        let e = p("v = 4.5").unwrap_err().to_string();
+        assert!(e.contains("a whole number or a range"), "{e}");
+        let e = p("v = -3").unwrap_err().to_string();
+        assert!(e.contains("negative"), "{e}");
+        let json = |s: &str| serde_json::from_str::<T>(s).map(|t| t.v);
+        assert_eq!(json(r#"{"v": 7}"#).unwrap(), Level::Fixed(7));
+        assert!(json(r#"{"v": {"min": 1, "max": 2, "period_s": 5}}"#).is_ok());
     }
 
     #[test]

@@ -695,6 +695,37 @@ mod tests {
     }
 
     #[test]
+    fn process_samples_share_the_gpu_and_keep_stated_values() {
+        let s = Scenario::parse(
+            "[[devices]]\nutilization_gpu = 90\nutilization_memory = 40\nprocesses = [\n{ pid = 1, used_memory = 1 },\n{ pid = 2, used_memory = 1 },\n{ pid = 3, used_memory = 1, sm_utilization = 30 }]",
+            Format::Toml,
+            "t",
+        )
+        .unwrap();
+        let d = &s.devices[0];
+        let procs: Vec<(u32, Option<&Process>)> = d
+            .processes
+            .iter()
+            .map(|p| (p.pid.resolve(), Some(p)))
+            .collect();
+        let mut shares = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            let t = 1.7e9 + f64::from(i) * 0.5;
+            let v = process_samples(d, 0, &procs, t);
+            assert_eq!(v.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![1, 2, 3]);
+            assert_eq!(v[2].sm, 30, "a stated value is kept");
+            assert!(
+                v[0].sm + v[1].sm <= 60,
+                "the others share what is left: {v:?}"
+            );
+            assert!(v.iter().map(|p| p.mem).sum::<u32>() <= 40);
+            shares.insert(v[0].sm);
+        }
+        assert!(shares.len() > 5, "the shares move: {shares:?}");
+        assert!(process_samples(d, 0, &[], 1.7e9).is_empty());
+    }
+
+    #[test]
     fn mig_memory_and_processes() {
         let s = Sim::new(Scenario::bundled("mig").unwrap());
         let parent = s.processes(Target::Gpu(0), ProcessKind::Compute);
