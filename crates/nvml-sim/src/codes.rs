@@ -23,6 +23,8 @@ pub const NOT_FOUND: Code = Code(6);
 pub const INSUFFICIENT_SIZE: Code = Code(7);
 /// `NVML_ERROR_DRIVER_NOT_LOADED`.
 pub const DRIVER_NOT_LOADED: Code = Code(9);
+/// `NVML_ERROR_TIMEOUT`.
+pub const TIMEOUT: Code = Code(10);
 /// `NVML_ERROR_GPU_IS_LOST`.
 pub const GPU_IS_LOST: Code = Code(15);
 /// `NVML_ERROR_ARGUMENT_VERSION_MISMATCH`.

@@ -10,7 +10,9 @@ use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::codes::{self, Code};
+use crate::events;
 use crate::scenario::{parse_bus_id, Feature, ProcessKind};
+use crate::series;
 use crate::state::{self, ProcInfo, Sim, Target};
 
 /// `nvmlReturn_t`.
@@ -91,6 +93,119 @@ pub struct nvmlPciInfoPrefix_t {
 pub struct nvmlUtilization_t {
     pub gpu: c_uint,
     pub memory: c_uint,
+}
+
+/// `nvmlBAR1Memory_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlBAR1Memory_t {
+    pub bar1Total: c_ulonglong,
+    pub bar1Free: c_ulonglong,
+    pub bar1Used: c_ulonglong,
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlProcessUtilizationSample_t {
+    pub pid: c_uint,
+    pub timeStamp: c_ulonglong,
+    pub smUtil: c_uint,
+    pub memUtil: c_uint,
+    pub encUtil: c_uint,
+    pub decUtil: c_uint,
+}
+
+/// `nvmlValue_t`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union nvmlValue_t {
+    pub dVal: f64,
+    pub siVal: c_int,
+    pub uiVal: c_uint,
+    pub ulVal: std::ffi::c_ulong,
+    pub ullVal: c_ulonglong,
+    pub sllVal: std::ffi::c_longlong,
+    pub usVal: std::ffi::c_ushort,
+}
+
+impl std::fmt::Debug for nvmlValue_t {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // SAFETY: every field is plain data and `ullVal` covers all 8 bytes of the union.
+        let bits = unsafe { self.ullVal };
+        write!(f, "nvmlValue_t({bits:#x})")
+    }
+}
+
+/// `nvmlFieldValue_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlFieldValue_t {
+    pub fieldId: c_uint,
+    pub scopeId: c_uint,
+    pub timestamp: std::ffi::c_longlong,
+    pub latencyUsec: std::ffi::c_longlong,
+    pub valueType: c_uint,
+    pub nvmlReturn: nvmlReturn_t,
+    pub value: nvmlValue_t,
+}
+
+/// `nvmlEventSet_t`: an opaque pointer that callers never dereference.
+pub type nvmlEventSet_t = *mut c_void;
+
+/// `nvmlEventData_t` as `nvmlEventSetWait_v2` fills it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlEventData_t {
+    pub device: nvmlDevice_t,
+    pub eventType: c_ulonglong,
+    pub eventData: c_ulonglong,
+    pub gpuInstanceId: c_uint,
+    pub computeInstanceId: c_uint,
+}
+
+/// The part of `nvmlEventData_t` that `nvmlEventSetWait` (v1) fills.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlEventData_v1_t {
+    pub device: nvmlDevice_t,
+    pub eventType: c_ulonglong,
+    pub eventData: c_ulonglong,
+}
+
+/// `nvmlSample_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nvmlSample_t {
+    pub timeStamp: c_ulonglong,
+    pub sampleValue: nvmlValue_t,
+}
+
+/// How many samples per type the simulated driver keeps (12 s at one per 100 ms).
+pub const MAX_SAMPLES: u64 = 120;
+
+/// `NVML_VALUE_TYPE_UNSIGNED_INT`.
+pub const NVML_VALUE_TYPE_UNSIGNED_INT: c_uint = 1;
+/// `NVML_VALUE_TYPE_UNSIGNED_LONG_LONG`.
+pub const NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: c_uint = 3;
+
+/// The field ids of `nvmlDeviceGetFieldValues` that the simulator answers; the rest answer
+/// `NOT_SUPPORTED` in their entry.
+pub mod field {
+    /// `NVML_FI_DEV_ECC_CURRENT`: 1 while ECC is on.
+    pub const ECC_CURRENT: u32 = 1;
+    /// `NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION`: mJ since the driver loaded.
+    pub const TOTAL_ENERGY_CONSUMPTION: u32 = 83;
+    /// `NVML_FI_DEV_NVLINK_LINK_COUNT`.
+    pub const NVLINK_LINK_COUNT: u32 = 91;
+    /// `NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX`: KiB sent over link `scopeId` since boot.
+    pub const NVLINK_THROUGHPUT_DATA_TX: u32 = 138;
+    /// `NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX`: KiB received over link `scopeId` since boot.
+    pub const NVLINK_THROUGHPUT_DATA_RX: u32 = 139;
+    /// `NVML_FI_DEV_NVLINK_GET_STATE`: 1 for an active link `scopeId`.
+    pub const NVLINK_GET_STATE: u32 = 165;
+    /// `NVML_FI_DEV_POWER_INSTANT`: mW now.
+    pub const POWER_INSTANT: u32 = 186;
 }
 
 type R = Result<(), Code>;
@@ -295,6 +410,52 @@ pub const EXPORTED: &[&str] = &[
     "nvmlDeviceGetMPSComputeRunningProcesses",
     "nvmlDeviceGetMPSComputeRunningProcesses_v2",
     "nvmlDeviceGetMPSComputeRunningProcesses_v3",
+    "nvmlDeviceGetBAR1MemoryInfo",
+    "nvmlDeviceGetDriverModel",
+    "nvmlDeviceGetDriverModel_v2",
+    "nvmlDeviceGetProcessUtilization",
+    "nvmlDeviceGetMaxPcieLinkGeneration",
+    "nvmlDeviceGetGpuMaxPcieLinkGeneration",
+    "nvmlDeviceGetMaxPcieLinkWidth",
+    "nvmlDeviceGetCurrPcieLinkGeneration",
+    "nvmlDeviceGetCurrPcieLinkWidth",
+    "nvmlDeviceGetPcieLinkMaxSpeed",
+    "nvmlDeviceGetPcieSpeed",
+    "nvmlDeviceGetPcieThroughput",
+    "nvmlDeviceGetPcieReplayCounter",
+    "nvmlDeviceGetTemperatureThreshold",
+    "nvmlDeviceGetArchitecture",
+    "nvmlDeviceGetBusType",
+    "nvmlDeviceGetNvLinkState",
+    "nvmlDeviceGetNvLinkVersion",
+    "nvmlDeviceGetFieldValues",
+    "nvmlDeviceGetTotalEnergyConsumption",
+    "nvmlDeviceGetCurrentClocksThrottleReasons",
+    "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlDeviceGetSupportedClocksThrottleReasons",
+    "nvmlDeviceGetSupportedClocksEventReasons",
+    "nvmlDeviceGetPowerManagementLimitConstraints",
+    "nvmlDeviceGetPowerManagementDefaultLimit",
+    "nvmlDeviceGetMemoryErrorCounter",
+    "nvmlDeviceGetRetiredPages",
+    "nvmlDeviceGetRetiredPages_v2",
+    "nvmlDeviceGetRetiredPagesPendingStatus",
+    "nvmlDeviceGetRemappedRows",
+    "nvmlDeviceGetVbiosVersion",
+    "nvmlDeviceGetBoardPartNumber",
+    "nvmlDeviceGetMemoryBusWidth",
+    "nvmlDeviceGetNumGpuCores",
+    "nvmlDeviceGetClock",
+    "nvmlDeviceGetApplicationsClock",
+    "nvmlDeviceGetDefaultApplicationsClock",
+    "nvmlDeviceGetMaxCustomerBoostClock",
+    "nvmlDeviceGetSamples",
+    "nvmlEventSetCreate",
+    "nvmlDeviceRegisterEvents",
+    "nvmlDeviceGetSupportedEventTypes",
+    "nvmlEventSetWait",
+    "nvmlEventSetWait_v2",
+    "nvmlEventSetFree",
     "nvmlSimSetScenario",
 ];
 
@@ -667,11 +828,15 @@ export! {
 }
 
 export! {
-    /// GPU and memory utilisation, percent.
+    /// GPU and memory utilisation, percent; `NOT_SUPPORTED` on a GPU in MIG mode, as in NVML.
     fn nvmlDeviceGetUtilizationRates(device: nvmlDevice_t, utilization: *mut nvmlUtilization_t) |f| {
         query(f, device, Some(Feature::Utilization), false, |s, t| {
             let d = s.device(t);
-            let v = nvmlUtilization_t { gpu: d.utilization_gpu, memory: d.utilization_memory };
+            if d.mig_mode {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            let g = t.gpu();
+            let v = nvmlUtilization_t { gpu: s.level(g, d.utilization_gpu), memory: s.level(g, d.utilization_memory) };
             // SAFETY: `utilization` is null or valid (export contract).
             unsafe { put(utilization, v) }
         })
@@ -682,12 +847,16 @@ export! {
 const SAMPLING_PERIOD_US: c_uint = 167_000;
 
 export! {
-    /// Encoder utilisation and sampling period (µs).
+    /// Encoder utilisation and sampling period (µs); `NOT_SUPPORTED` in MIG mode.
     fn nvmlDeviceGetEncoderUtilization(device: nvmlDevice_t, utilization: *mut c_uint, samplingPeriodUs: *mut c_uint) |f| {
         query(f, device, Some(Feature::EncoderUtilization), false, |s, t| {
+            let d = s.device(t);
+            if d.mig_mode {
+                return Err(codes::NOT_SUPPORTED);
+            }
             // SAFETY: both pointers are null or valid (export contract).
             unsafe {
-                put(utilization, s.device(t).encoder_utilization)?;
+                put(utilization, s.level(t.gpu(), d.encoder_utilization))?;
                 put(samplingPeriodUs, SAMPLING_PERIOD_US)
             }
         })
@@ -695,12 +864,16 @@ export! {
 }
 
 export! {
-    /// Decoder utilisation and sampling period (µs).
+    /// Decoder utilisation and sampling period (µs); `NOT_SUPPORTED` in MIG mode.
     fn nvmlDeviceGetDecoderUtilization(device: nvmlDevice_t, utilization: *mut c_uint, samplingPeriodUs: *mut c_uint) |f| {
         query(f, device, Some(Feature::DecoderUtilization), false, |s, t| {
+            let d = s.device(t);
+            if d.mig_mode {
+                return Err(codes::NOT_SUPPORTED);
+            }
             // SAFETY: both pointers are null or valid (export contract).
             unsafe {
-                put(utilization, s.device(t).decoder_utilization)?;
+                put(utilization, s.level(t.gpu(), d.decoder_utilization))?;
                 put(samplingPeriodUs, SAMPLING_PERIOD_US)
             }
         })
@@ -717,7 +890,7 @@ export! {
                 return Err(codes::INVALID_ARGUMENT);
             }
             // SAFETY: `temp` is null or valid (export contract).
-            unsafe { put(temp, s.device(t).temperature_c) }
+            unsafe { put(temp, s.level(t.gpu(), s.device(t).temperature_c)) }
         })
     }
 }
@@ -726,7 +899,7 @@ export! {
     /// Power draw, milliwatts.
     fn nvmlDeviceGetPowerUsage(device: nvmlDevice_t, power: *mut c_uint) |f| {
         // SAFETY: `power` is null or valid (export contract).
-        query(f, device, Some(Feature::PowerUsage), false, |s, t| unsafe { put(power, s.device(t).power_usage_mw) })
+        query(f, device, Some(Feature::PowerUsage), false, |s, t| unsafe { put(power, s.level(t.gpu(), s.device(t).power_usage_mw)) })
     }
 }
 
@@ -790,10 +963,11 @@ fn clock(c: &crate::scenario::Clocks, kind: c_uint) -> Result<c_uint, Code> {
 }
 
 export! {
-    /// Current clock (`NVML_CLOCK_GRAPHICS`, `SM`, `MEM`, `VIDEO`), MHz.
+    /// Current clock (`NVML_CLOCK_GRAPHICS`, `SM`, `MEM`, `VIDEO`), MHz: the scenario's, else the
+    /// maximum while busy and the idle clock while not.
     fn nvmlDeviceGetClockInfo(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
         query(f, device, Some(Feature::Clocks), false, |s, t| {
-            let v = clock(&s.device(t).clocks, clockType)?;
+            let v = clock(&s.clocks(t.gpu()), clockType)?;
             // SAFETY: `clockMHz` is null or valid (export contract).
             unsafe { put(clockMHz, v) }
         })
@@ -815,7 +989,7 @@ export! {
     /// Performance state (0 = P0).
     fn nvmlDeviceGetPerformanceState(device: nvmlDevice_t, pState: *mut c_uint) |f| {
         // SAFETY: `pState` is null or valid (export contract).
-        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.device(t).pstate) })
+        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.pstate(t.gpu())) })
     }
 }
 
@@ -823,7 +997,7 @@ export! {
     /// Deprecated alias of `nvmlDeviceGetPerformanceState`.
     fn nvmlDeviceGetPowerState(device: nvmlDevice_t, pState: *mut c_uint) |f| {
         // SAFETY: `pState` is null or valid (export contract).
-        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.device(t).pstate) })
+        query(f, device, Some(Feature::Pstate), false, |s, t| unsafe { put(pState, s.pstate(t.gpu())) })
     }
 }
 
@@ -1081,6 +1255,841 @@ process_queries! {
         "MPS processes: none (the simulator has no MPS server).";
 }
 
+// ---- BAR1, PCIe, thresholds, architecture -----------------------------------------------------
+
+export! {
+    /// BAR1 aperture: total, used and free bytes. A MIG device gets the share of its GPU's
+    /// aperture that its memory is of the GPU's, in whole MiB, none of it used.
+    fn nvmlDeviceGetBAR1MemoryInfo(device: nvmlDevice_t, bar1Memory: *mut nvmlBAR1Memory_t) |f| {
+        query(f, device, Some(Feature::Bar1), true, |s, t| {
+            let d = s.device(t);
+            let (total, used) = match s.mig(t) {
+                Some(m) => {
+                    let share = m.memory_total.0 as f64 / d.memory_total.0.max(1) as f64;
+                    let mib = (d.bar1_total.0 as f64 * share.min(1.0) / 1048576.0).floor() as u64;
+                    (mib << 20, 0)
+                }
+                None => (d.bar1_total.0, d.bar1_used.0.min(d.bar1_total.0)),
+            };
+            let v = nvmlBAR1Memory_t { bar1Total: total, bar1Free: total - used, bar1Used: used };
+            // SAFETY: `bar1Memory` is null or valid (export contract).
+            unsafe { put(bar1Memory, v) }
+        })
+    }
+}
+
+/// # Safety
+/// Both pointers must be null or valid for a write.
+unsafe fn driver_model(
+    f: &str,
+    device: nvmlDevice_t,
+    current: *mut c_uint,
+    pending: *mut c_uint,
+) -> R {
+    query(f, device, None, true, |_, _| {
+        if current.is_null() || pending.is_null() {
+            return Err(codes::INVALID_ARGUMENT);
+        }
+        // WDDM/TCC driver models exist on Windows only.
+        Err(codes::NOT_SUPPORTED)
+    })
+}
+
+export! {
+    /// Windows only: `NOT_SUPPORTED`, as on every Linux driver.
+    fn nvmlDeviceGetDriverModel(device: nvmlDevice_t, current: *mut c_uint, pending: *mut c_uint) |f| {
+        // SAFETY: forwarded caller contract.
+        unsafe { driver_model(f, device, current, pending) }
+    }
+}
+
+export! {
+    /// Windows only: `NOT_SUPPORTED`, as on every Linux driver.
+    fn nvmlDeviceGetDriverModel_v2(device: nvmlDevice_t, current: *mut c_uint, pending: *mut c_uint) |f| {
+        // SAFETY: forwarded caller contract.
+        unsafe { driver_model(f, device, current, pending) }
+    }
+}
+
+/// A PCIe query answering one number from the device.
+fn pcie_value(
+    f: &str,
+    device: nvmlDevice_t,
+    out: *mut c_uint,
+    get: fn(&crate::scenario::Device) -> c_uint,
+) -> R {
+    query(f, device, Some(Feature::Pcie), false, |s, t| {
+        // SAFETY: `out` is null or valid (export contract of every caller).
+        unsafe { put(out, get(s.device(t))) }
+    })
+}
+
+/// Per-lane speed of PCIe generation `gen`, MB/s (`NVML_PCIE_LINK_MAX_SPEED_*MBPS`).
+fn pcie_lane_speed(gen: c_uint) -> c_uint {
+    match gen {
+        1 => 2_500,
+        2 => 5_000,
+        3 => 8_000,
+        4 => 16_000,
+        5 => 32_000,
+        6 => 64_000,
+        _ => 0,
+    }
+}
+
+export! {
+    /// The highest PCIe generation of the GPU and its slot.
+    fn nvmlDeviceGetMaxPcieLinkGeneration(device: nvmlDevice_t, maxLinkGen: *mut c_uint) |f| {
+        pcie_value(f, device, maxLinkGen, |d| d.pcie.max_generation)
+    }
+}
+
+export! {
+    /// The highest PCIe generation of the GPU.
+    fn nvmlDeviceGetGpuMaxPcieLinkGeneration(device: nvmlDevice_t, maxLinkGenDevice: *mut c_uint) |f| {
+        pcie_value(f, device, maxLinkGenDevice, |d| d.pcie.max_generation)
+    }
+}
+
+export! {
+    /// The widest PCIe link, lanes.
+    fn nvmlDeviceGetMaxPcieLinkWidth(device: nvmlDevice_t, maxLinkWidth: *mut c_uint) |f| {
+        pcie_value(f, device, maxLinkWidth, |d| d.pcie.max_width)
+    }
+}
+
+export! {
+    /// The PCIe generation now.
+    fn nvmlDeviceGetCurrPcieLinkGeneration(device: nvmlDevice_t, currLinkGen: *mut c_uint) |f| {
+        pcie_value(f, device, currLinkGen, |d| d.pcie.generation)
+    }
+}
+
+export! {
+    /// The PCIe link width now, lanes.
+    fn nvmlDeviceGetCurrPcieLinkWidth(device: nvmlDevice_t, currLinkWidth: *mut c_uint) |f| {
+        pcie_value(f, device, currLinkWidth, |d| d.pcie.width)
+    }
+}
+
+export! {
+    /// Per-lane speed of the highest PCIe generation, MB/s.
+    fn nvmlDeviceGetPcieLinkMaxSpeed(device: nvmlDevice_t, maxSpeed: *mut c_uint) |f| {
+        pcie_value(f, device, maxSpeed, |d| pcie_lane_speed(d.pcie.max_generation))
+    }
+}
+
+export! {
+    /// Per-lane speed of the PCIe generation now, MB/s.
+    fn nvmlDeviceGetPcieSpeed(device: nvmlDevice_t, pcieSpeed: *mut c_uint) |f| {
+        pcie_value(f, device, pcieSpeed, |d| pcie_lane_speed(d.pcie.generation))
+    }
+}
+
+export! {
+    /// PCIe replays since boot.
+    fn nvmlDeviceGetPcieReplayCounter(device: nvmlDevice_t, value: *mut c_uint) |f| {
+        pcie_value(f, device, value, |d| d.pcie.replay_counter)
+    }
+}
+
+export! {
+    /// PCIe traffic, KB/s: `counter` 0 = TX, 1 = RX.
+    fn nvmlDeviceGetPcieThroughput(device: nvmlDevice_t, counter: c_uint, value: *mut c_uint) |f| {
+        query(f, device, Some(Feature::PcieThroughput), false, |s, t| {
+            let p = s.device(t).pcie;
+            let level = match counter {
+                0 => p.tx_kbps,
+                1 => p.rx_kbps,
+                _ => return Err(codes::INVALID_ARGUMENT),
+            };
+            // SAFETY: `value` is null or valid (export contract).
+            unsafe { put(value, s.level(t.gpu(), level)) }
+        })
+    }
+}
+
+export! {
+    /// Temperature thresholds, °C: 0 shutdown, 1 slowdown, 2 memory max, 3 GPU max; the
+    /// acoustic and later ones (4 to 7) and any the scenario leaves out are `NOT_SUPPORTED`.
+    fn nvmlDeviceGetTemperatureThreshold(device: nvmlDevice_t, thresholdType: c_uint, temp: *mut c_uint) |f| {
+        query(f, device, Some(Feature::TemperatureThreshold), false, |s, t| {
+            let th = s.device(t).temperature_thresholds;
+            let v = match thresholdType {
+                0 => th.shutdown,
+                1 => th.slowdown,
+                2 => th.mem_max,
+                3 => th.gpu_max,
+                4..=7 => None,
+                _ => return Err(codes::INVALID_ARGUMENT),
+            };
+            if temp.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            // SAFETY: `temp` is valid (export contract).
+            unsafe { put(temp, v.ok_or(codes::NOT_SUPPORTED)?) }
+        })
+    }
+}
+
+export! {
+    /// `nvmlDeviceArchitecture_t`.
+    fn nvmlDeviceGetArchitecture(device: nvmlDevice_t, arch: *mut c_uint) |f| {
+        query(f, device, Some(Feature::Architecture), true, |s, t| {
+            // SAFETY: `arch` is null or valid (export contract).
+            unsafe { put(arch, s.device(t).architecture as c_uint) }
+        })
+    }
+}
+
+export! {
+    /// `NVML_BUS_TYPE_PCIE` (2): every simulated GPU sits on PCIe.
+    fn nvmlDeviceGetBusType(device: nvmlDevice_t, busType: *mut c_uint) |f| {
+        query(f, device, Some(Feature::Pcie), false, |_, _| {
+            // SAFETY: `busType` is null or valid (export contract).
+            unsafe { put(busType, 2) }
+        })
+    }
+}
+
+export! {
+    /// `nvmlDeviceGetVbiosVersion`.
+    fn nvmlDeviceGetVbiosVersion(device: nvmlDevice_t, version: *mut c_char, length: c_uint) |f| {
+        query(f, device, Some(Feature::Vbios), false, |s, t| {
+            // SAFETY: `version` is valid for `length` bytes (export contract).
+            unsafe { put_str(version, length, &s.device(t).vbios_version) }
+        })
+    }
+}
+
+export! {
+    /// Board part number; `NOT_SUPPORTED` where the scenario's is empty (GeForce cards).
+    fn nvmlDeviceGetBoardPartNumber(device: nvmlDevice_t, partNumber: *mut c_char, length: c_uint) |f| {
+        query(f, device, None, false, |s, t| {
+            let pn = &s.device(t).board_part_number;
+            if pn.is_empty() {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            // SAFETY: `partNumber` is valid for `length` bytes (export contract).
+            unsafe { put_str(partNumber, length, pn) }
+        })
+    }
+}
+
+// ---- per-process utilisation ----------------------------------------------------------------
+
+export! {
+    /// One sample per process (timestamp on the 100 ms sample grid) if the latest sample is
+    /// newer than `lastSeenTimeStamp` (µs since the epoch; 0 = any), else `NOT_FOUND`, as is a
+    /// GPU without processes. Null `utilization` or a short buffer: `INSUFFICIENT_SIZE` with the
+    /// needed count. `NOT_SUPPORTED` in MIG mode, as in NVML.
+    fn nvmlDeviceGetProcessUtilization(device: nvmlDevice_t, utilization: *mut nvmlProcessUtilizationSample_t, processSamplesCount: *mut c_uint, lastSeenTimeStamp: c_ulonglong) |f| {
+        query(f, device, Some(Feature::ProcessUtilization), false, |s, t| {
+            if s.device(t).mig_mode {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            if processSamplesCount.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let tick = series::sample_tick(s.now_us());
+            let samples = if lastSeenTimeStamp >= tick { Vec::new() } else { s.process_samples(t.gpu(), tick) };
+            if samples.is_empty() {
+                return Err(codes::NOT_FOUND);
+            }
+            let list: Vec<nvmlProcessUtilizationSample_t> = samples
+                .into_iter()
+                .map(|p| nvmlProcessUtilizationSample_t {
+                    pid: p.pid,
+                    timeStamp: tick,
+                    smUtil: p.sm,
+                    memUtil: p.mem,
+                    encUtil: p.enc,
+                    decUtil: p.dec,
+                })
+                .collect();
+            if utilization.is_null() {
+                let needed = c_uint::try_from(list.len()).map_err(|_| codes::UNKNOWN)?;
+                // SAFETY: `processSamplesCount` is non-null and valid (export contract).
+                unsafe { processSamplesCount.write_unaligned(needed) };
+                return Err(codes::INSUFFICIENT_SIZE);
+            }
+            // SAFETY: `processSamplesCount` is valid, `utilization` holds that many entries.
+            unsafe { put_list(processSamplesCount, utilization, list) }
+        })
+    }
+}
+
+// ---- NVLink and field values ----------------------------------------------------------------
+
+/// Checks that `link` exists on a GPU with NVLink.
+fn nvlink_link(s: &Sim, t: Target, link: c_uint) -> R {
+    let n = s.device(t).nvlink.links;
+    if n == 0 {
+        return Err(codes::NOT_SUPPORTED);
+    }
+    if link >= n {
+        return Err(codes::INVALID_ARGUMENT);
+    }
+    Ok(())
+}
+
+export! {
+    /// `NVML_FEATURE_ENABLED` (1) for every link the scenario lists; `NOT_SUPPORTED` without
+    /// NVLink; `INVALID_ARGUMENT` past the last link.
+    fn nvmlDeviceGetNvLinkState(device: nvmlDevice_t, link: c_uint, isActive: *mut c_uint) |f| {
+        query(f, device, Some(Feature::Nvlink), false, |s, t| {
+            nvlink_link(s, t, link)?;
+            // SAFETY: `isActive` is null or valid (export contract).
+            unsafe { put(isActive, 1) }
+        })
+    }
+}
+
+export! {
+    /// The NVLink version of `link`.
+    fn nvmlDeviceGetNvLinkVersion(device: nvmlDevice_t, link: c_uint, version: *mut c_uint) |f| {
+        query(f, device, Some(Feature::Nvlink), false, |s, t| {
+            nvlink_link(s, t, link)?;
+            // SAFETY: `version` is null or valid (export contract).
+            unsafe { put(version, s.device(t).nvlink.version) }
+        })
+    }
+}
+
+/// One field value: `(valueType, value)` or the entry's error.
+fn field_value(
+    s: &Sim,
+    t: Target,
+    id: c_uint,
+    scope: c_uint,
+) -> Result<(c_uint, nvmlValue_t), Code> {
+    let d = s.device(t);
+    let g = t.gpu();
+    let nvlink = |link: bool| -> R {
+        if d.unsupported(Feature::Nvlink) || d.nvlink.links == 0 {
+            return Err(codes::NOT_SUPPORTED);
+        }
+        if link && scope >= d.nvlink.links {
+            return Err(codes::INVALID_ARGUMENT);
+        }
+        Ok(())
+    };
+    let ui = |v: c_uint| (NVML_VALUE_TYPE_UNSIGNED_INT, nvmlValue_t { uiVal: v });
+    let ull = |v: c_ulonglong| {
+        (
+            NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
+            nvmlValue_t { ullVal: v },
+        )
+    };
+    match id {
+        field::ECC_CURRENT if !d.unsupported(Feature::Ecc) => Ok(ui(d.ecc.enabled as c_uint)),
+        field::TOTAL_ENERGY_CONSUMPTION if !d.unsupported(Feature::Energy) => {
+            Ok(ull(s.energy_mj(g)))
+        }
+        field::POWER_INSTANT if !d.unsupported(Feature::PowerUsage) => {
+            Ok(ui(s.level(g, d.power_usage_mw)))
+        }
+        field::NVLINK_LINK_COUNT => nvlink(false).map(|()| ui(d.nvlink.links)),
+        field::NVLINK_GET_STATE => nvlink(true).map(|()| ui(1)),
+        field::NVLINK_THROUGHPUT_DATA_TX => {
+            nvlink(true).map(|()| ull(s.counter_kib(g, d.nvlink.tx_kibps)))
+        }
+        field::NVLINK_THROUGHPUT_DATA_RX => {
+            nvlink(true).map(|()| ull(s.counter_kib(g, d.nvlink.rx_kibps)))
+        }
+        _ => Err(codes::NOT_SUPPORTED),
+    }
+}
+
+export! {
+    /// Fills each entry's value, type, timestamp and `nvmlReturn`: the fields in [`field`] are
+    /// answered, the rest say `NOT_SUPPORTED` in their entry while the call succeeds, as NVML does.
+    fn nvmlDeviceGetFieldValues(device: nvmlDevice_t, valuesCount: c_int, values: *mut nvmlFieldValue_t) |f| {
+        query(f, device, None, false, |s, t| {
+            let n = usize::try_from(valuesCount).map_err(|_| codes::INVALID_ARGUMENT)?;
+            if values.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let now = i64::try_from(s.now_us()).unwrap_or(i64::MAX);
+            for i in 0..n {
+                // SAFETY: `values` holds `valuesCount` entries (export contract) and `i < n`.
+                let entry = unsafe { values.add(i) };
+                // SAFETY: as above; the caller filled in `fieldId` and `scopeId`.
+                let mut v = unsafe { entry.read_unaligned() };
+                v.timestamp = now;
+                v.latencyUsec = 0;
+                match field_value(s, t, v.fieldId, v.scopeId) {
+                    Ok((ty, value)) => {
+                        v.valueType = ty;
+                        v.value = value;
+                        v.nvmlReturn = codes::SUCCESS.0;
+                    }
+                    Err(code) => v.nvmlReturn = code.0,
+                }
+                // SAFETY: as above.
+                unsafe { entry.write_unaligned(v) };
+            }
+            Ok(())
+        })
+    }
+}
+
+// ---- energy, clock events, power limits -----------------------------------------------------
+
+export! {
+    /// Energy since the driver loaded (the machine's boot), mJ: the scenario's `energy_mj` plus
+    /// the power draw integrated since then.
+    fn nvmlDeviceGetTotalEnergyConsumption(device: nvmlDevice_t, energy: *mut c_ulonglong) |f| {
+        query(f, device, Some(Feature::Energy), false, |s, t| {
+            // SAFETY: `energy` is null or valid (export contract).
+            unsafe { put(energy, s.energy_mj(t.gpu())) }
+        })
+    }
+}
+
+/// Every clock event reason the simulator may report (`GpuIdle` to `DisplayClockSetting`).
+const SUPPORTED_CLOCK_EVENTS: c_ulonglong = 0x1FF;
+
+/// # Safety
+/// `out` must be null or valid for a write.
+unsafe fn clock_events(f: &str, device: nvmlDevice_t, out: *mut c_ulonglong, supported: bool) -> R {
+    query(
+        f,
+        device,
+        Some(Feature::ClocksEventReasons),
+        false,
+        |s, t| {
+            let d = s.device(t);
+            let v = if supported {
+                SUPPORTED_CLOCK_EVENTS
+            } else {
+                d.clocks_event_reasons.unwrap_or_else(|| {
+                    let busy = !d.mig_mode && s.level(t.gpu(), d.utilization_gpu) > 0;
+                    if busy {
+                        0
+                    } else {
+                        1
+                    }
+                })
+            };
+            // SAFETY: forwarded caller contract.
+            unsafe { put(out, v) }
+        },
+    )
+}
+
+export! {
+    /// The scenario's `clocks_event_reasons`, else `GpuIdle` (1) while utilisation is 0.
+    fn nvmlDeviceGetCurrentClocksEventReasons(device: nvmlDevice_t, clocksEventReasons: *mut c_ulonglong) |f| {
+        // SAFETY: forwarded caller contract.
+        unsafe { clock_events(f, device, clocksEventReasons, false) }
+    }
+}
+
+export! {
+    /// Older name of `nvmlDeviceGetCurrentClocksEventReasons`.
+    fn nvmlDeviceGetCurrentClocksThrottleReasons(device: nvmlDevice_t, clocksThrottleReasons: *mut c_ulonglong) |f| {
+        // SAFETY: forwarded caller contract.
+        unsafe { clock_events(f, device, clocksThrottleReasons, false) }
+    }
+}
+
+export! {
+    /// The reasons this GPU can report: `0x1FF`.
+    fn nvmlDeviceGetSupportedClocksEventReasons(device: nvmlDevice_t, supportedClocksEventReasons: *mut c_ulonglong) |f| {
+        // SAFETY: forwarded caller contract.
+        unsafe { clock_events(f, device, supportedClocksEventReasons, true) }
+    }
+}
+
+export! {
+    /// Older name of `nvmlDeviceGetSupportedClocksEventReasons`.
+    fn nvmlDeviceGetSupportedClocksThrottleReasons(device: nvmlDevice_t, supportedClocksThrottleReasons: *mut c_ulonglong) |f| {
+        // SAFETY: forwarded caller contract.
+        unsafe { clock_events(f, device, supportedClocksThrottleReasons, true) }
+    }
+}
+
+export! {
+    /// The range the power limit can be set in, milliwatts.
+    fn nvmlDeviceGetPowerManagementLimitConstraints(device: nvmlDevice_t, minLimit: *mut c_uint, maxLimit: *mut c_uint) |f| {
+        query(f, device, Some(Feature::PowerConstraints), false, |s, t| {
+            let d = s.device(t);
+            if minLimit.is_null() || maxLimit.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            // SAFETY: both pointers are valid (export contract).
+            unsafe {
+                put(minLimit, d.power_limit_min_mw)?;
+                put(maxLimit, d.power_limit_max_mw)
+            }
+        })
+    }
+}
+
+export! {
+    /// The board's default power limit, milliwatts.
+    fn nvmlDeviceGetPowerManagementDefaultLimit(device: nvmlDevice_t, defaultLimit: *mut c_uint) |f| {
+        query(f, device, Some(Feature::PowerLimit), false, |s, t| {
+            let d = s.device(t);
+            // SAFETY: `defaultLimit` is null or valid (export contract).
+            unsafe { put(defaultLimit, d.power_default_limit_mw.unwrap_or(d.power_limit_mw)) }
+        })
+    }
+}
+
+// ---- ECC detail -----------------------------------------------------------------------------
+
+export! {
+    /// ECC errors by location: device memory (2) holds the scenario's totals, the other
+    /// locations (0 to 8) none. `NOT_SUPPORTED` while ECC is off.
+    fn nvmlDeviceGetMemoryErrorCounter(device: nvmlDevice_t, errorType: c_uint, counterType: c_uint, locationType: c_uint, count: *mut c_ulonglong) |f| {
+        query(f, device, Some(Feature::Ecc), false, |s, t| {
+            let e = s.device(t).ecc;
+            if !e.enabled {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            if counterType > 1 || locationType > 8 {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let total = match errorType {
+                0 => e.corrected,
+                1 => e.uncorrected,
+                _ => return Err(codes::INVALID_ARGUMENT),
+            };
+            // SAFETY: `count` is null or valid (export contract).
+            unsafe { put(count, if locationType == 2 { total } else { 0 }) }
+        })
+    }
+}
+
+/// The retired pages of `cause` (0: multiple single-bit errors, 1: a double-bit error) as
+/// (address, retirement time in µs since the epoch), made up from the scenario's counts.
+fn retired_pages(s: &Sim, t: Target, cause: c_uint) -> Result<Vec<(u64, u64)>, Code> {
+    let e = s.device(t).ecc;
+    let n = match cause {
+        0 => e.retired_pages_single_bit,
+        1 => e.retired_pages_double_bit,
+        _ => return Err(codes::INVALID_ARGUMENT),
+    };
+    Ok((0..u64::from(n))
+        .map(|i| {
+            let address = 0x0001_0000 + (u64::from(cause) << 20) + i * 0x1000;
+            (address, 1_700_000_000_000_000 + i * 3_600_000_000)
+        })
+        .collect())
+}
+
+export! {
+    /// Retired page addresses (list protocol: `*pageCount` in = room, out = count).
+    fn nvmlDeviceGetRetiredPages(device: nvmlDevice_t, cause: c_uint, pageCount: *mut c_uint, addresses: *mut c_ulonglong) |f| {
+        query(f, device, Some(Feature::RetiredPages), false, |s, t| {
+            let pages = retired_pages(s, t, cause)?;
+            // SAFETY: `pageCount`/`addresses` follow the NVML list contract (export contract).
+            unsafe { put_list(pageCount, addresses, pages.into_iter().map(|p| p.0).collect()) }
+        })
+    }
+}
+
+export! {
+    /// Retired page addresses and when each was retired (µs since the epoch).
+    fn nvmlDeviceGetRetiredPages_v2(device: nvmlDevice_t, cause: c_uint, pageCount: *mut c_uint, addresses: *mut c_ulonglong, timestamps: *mut c_ulonglong) |f| {
+        query(f, device, Some(Feature::RetiredPages), false, |s, t| {
+            let pages = retired_pages(s, t, cause)?;
+            if !pages.is_empty() && timestamps.is_null() && !addresses.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let times: Vec<u64> = pages.iter().map(|p| p.1).collect();
+            // SAFETY: `pageCount`/`addresses` follow the NVML list contract (export contract).
+            unsafe { put_list(pageCount, addresses, pages.into_iter().map(|p| p.0).collect())? };
+            if times.is_empty() {
+                return Ok(());
+            }
+            // SAFETY: `timestamps` has as much room as `addresses`, which took every entry.
+            unsafe { put_list(pageCount, timestamps, times) }
+        })
+    }
+}
+
+export! {
+    /// `NVML_FEATURE_ENABLED` (1) while a page retirement waits for a reboot.
+    fn nvmlDeviceGetRetiredPagesPendingStatus(device: nvmlDevice_t, isPending: *mut c_uint) |f| {
+        query(f, device, Some(Feature::RetiredPages), false, |s, t| {
+            // SAFETY: `isPending` is null or valid (export contract).
+            unsafe { put(isPending, s.device(t).ecc.retired_pages_pending as c_uint) }
+        })
+    }
+}
+
+export! {
+    /// Remapped rows (Ampere on): correctable, uncorrectable, pending, failed.
+    fn nvmlDeviceGetRemappedRows(device: nvmlDevice_t, corrRows: *mut c_uint, uncRows: *mut c_uint, isPending: *mut c_uint, failureOccurred: *mut c_uint) |f| {
+        query(f, device, Some(Feature::RemappedRows), false, |s, t| {
+            let e = s.device(t).ecc;
+            if corrRows.is_null() || uncRows.is_null() || isPending.is_null() || failureOccurred.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            // SAFETY: every pointer is valid (export contract).
+            unsafe {
+                put(corrRows, e.remapped_rows_correctable)?;
+                put(uncRows, e.remapped_rows_uncorrectable)?;
+                put(isPending, e.remapped_rows_pending as c_uint)?;
+                put(failureOccurred, e.remapped_rows_failure as c_uint)
+            }
+        })
+    }
+}
+
+// ---- more clocks, bus width, cores, samples -------------------------------------------------
+
+export! {
+    /// `nvmlDeviceGetMemoryBusWidth`, bits.
+    fn nvmlDeviceGetMemoryBusWidth(device: nvmlDevice_t, busWidth: *mut c_uint) |f| {
+        query(f, device, None, false, |s, t| {
+            // SAFETY: `busWidth` is null or valid (export contract).
+            unsafe { put(busWidth, s.device(t).memory_bus_width) }
+        })
+    }
+}
+
+export! {
+    /// `nvmlDeviceGetNumGpuCores`.
+    fn nvmlDeviceGetNumGpuCores(device: nvmlDevice_t, numCores: *mut c_uint) |f| {
+        query(f, device, None, false, |s, t| {
+            // SAFETY: `numCores` is null or valid (export contract).
+            unsafe { put(numCores, s.device(t).cuda_cores) }
+        })
+    }
+}
+
+export! {
+    /// `clockId` 0 = current, 1 = application target, 2 = application default, 3 = customer
+    /// boost maximum; the application clocks and the boost maximum are the maximum clocks.
+    fn nvmlDeviceGetClock(device: nvmlDevice_t, clockType: c_uint, clockId: c_uint, clockMHz: *mut c_uint) |f| {
+        query(f, device, Some(Feature::Clocks), false, |s, t| {
+            let v = match clockId {
+                0 => clock(&s.clocks(t.gpu()), clockType)?,
+                1..=3 => clock(&s.device(t).max_clocks, clockType)?,
+                _ => return Err(codes::INVALID_ARGUMENT),
+            };
+            // SAFETY: `clockMHz` is null or valid (export contract).
+            unsafe { put(clockMHz, v) }
+        })
+    }
+}
+
+/// A query answering one of the maximum clocks.
+fn max_clock(f: &str, device: nvmlDevice_t, clock_type: c_uint, out: *mut c_uint) -> R {
+    query(f, device, Some(Feature::MaxClocks), false, |s, t| {
+        let v = clock(&s.device(t).max_clocks, clock_type)?;
+        // SAFETY: `out` is null or valid (export contract of every caller).
+        unsafe { put(out, v) }
+    })
+}
+
+export! {
+    /// Application clock: the maximum clock.
+    fn nvmlDeviceGetApplicationsClock(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
+        max_clock(f, device, clockType, clockMHz)
+    }
+}
+
+export! {
+    /// Default application clock: the maximum clock.
+    fn nvmlDeviceGetDefaultApplicationsClock(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
+        max_clock(f, device, clockType, clockMHz)
+    }
+}
+
+export! {
+    /// Customer boost maximum: the maximum clock.
+    fn nvmlDeviceGetMaxCustomerBoostClock(device: nvmlDevice_t, clockType: c_uint, clockMHz: *mut c_uint) |f| {
+        max_clock(f, device, clockType, clockMHz)
+    }
+}
+
+/// The value of sample type `kind` of GPU `gpu` at `t_us`, for `nvmlDeviceGetSamples`.
+fn sample_value(s: &Sim, gpu: usize, kind: c_uint, t_us: u64) -> c_uint {
+    let d = &s.scenario.devices[gpu];
+    match kind {
+        0 => s.level_at(gpu, d.power_usage_mw, t_us),
+        1 => s.level_at(gpu, d.utilization_gpu, t_us),
+        2 => s.level_at(gpu, d.utilization_memory, t_us),
+        3 => s.level_at(gpu, d.encoder_utilization, t_us),
+        4 => s.level_at(gpu, d.decoder_utilization, t_us),
+        5 => s.clocks_at(gpu, t_us).graphics,
+        _ => s.clocks_at(gpu, t_us).memory,
+    }
+}
+
+export! {
+    /// The driver's samples of `type` (0 power, 1 GPU and 2 memory utilisation, 3 encoder,
+    /// 4 decoder, 5 graphics and 6 memory clock) newer than `lastSeenTimeStamp`: one per 100 ms,
+    /// the last 120. A null `samples` writes how many there are. `NOT_FOUND` when there is
+    /// none; utilisation types answer `NOT_SUPPORTED` in MIG mode.
+    fn nvmlDeviceGetSamples(device: nvmlDevice_t, type_: c_uint, lastSeenTimeStamp: c_ulonglong, sampleValType: *mut c_uint, sampleCount: *mut c_uint, samples: *mut nvmlSample_t) |f| {
+        query(f, device, None, false, |s, t| {
+            let feature = match type_ {
+                0 => Feature::PowerUsage,
+                1 | 2 => Feature::Utilization,
+                3 => Feature::EncoderUtilization,
+                4 => Feature::DecoderUtilization,
+                5 | 6 => Feature::Clocks,
+                7..=15 => return Err(codes::NOT_SUPPORTED),
+                _ => return Err(codes::INVALID_ARGUMENT),
+            };
+            let d = s.device(t);
+            if d.unsupported(feature) || ((1..=4).contains(&type_) && d.mig_mode) {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            if sampleValType.is_null() || sampleCount.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let now = series::sample_tick(s.now_us());
+            let oldest = now.saturating_sub((MAX_SAMPLES - 1) * series::SAMPLE_PERIOD_US);
+            let first = match lastSeenTimeStamp.checked_add(1) {
+                Some(after) => oldest.max(after.div_ceil(series::SAMPLE_PERIOD_US) * series::SAMPLE_PERIOD_US),
+                None => return Err(codes::NOT_FOUND),
+            };
+            let ticks: Vec<u64> = (first..=now).step_by(series::SAMPLE_PERIOD_US as usize).collect();
+            if ticks.is_empty() {
+                return Err(codes::NOT_FOUND);
+            }
+            // SAFETY: both pointers are non-null and valid (export contract).
+            unsafe { sampleValType.write_unaligned(NVML_VALUE_TYPE_UNSIGNED_INT) };
+            let available = c_uint::try_from(ticks.len()).map_err(|_| codes::UNKNOWN)?;
+            if samples.is_null() {
+                // SAFETY: as above.
+                unsafe { sampleCount.write_unaligned(available) };
+                return Ok(());
+            }
+            // SAFETY: as above.
+            let room = unsafe { sampleCount.read_unaligned() } as usize;
+            let keep = &ticks[ticks.len().saturating_sub(room)..];
+            for (i, &tick) in keep.iter().enumerate() {
+                let v = nvmlSample_t {
+                    timeStamp: tick,
+                    sampleValue: nvmlValue_t { uiVal: sample_value(s, t.gpu(), type_, tick) },
+                };
+                // SAFETY: `samples` holds `room` entries (export contract) and `i < room`.
+                unsafe { samples.add(i).write_unaligned(v) };
+            }
+            let written = c_uint::try_from(keep.len()).map_err(|_| codes::UNKNOWN)?;
+            // SAFETY: as above.
+            unsafe { sampleCount.write_unaligned(written) };
+            if keep.is_empty() {
+                return Err(codes::INSUFFICIENT_SIZE);
+            }
+            Ok(())
+        })
+    }
+}
+
+// ---- events ---------------------------------------------------------------------------------
+
+export! {
+    /// A new event set.
+    fn nvmlEventSetCreate(set: *mut nvmlEventSet_t) |f| {
+        system(f, |_| {
+            if set.is_null() {
+                return Err(codes::INVALID_ARGUMENT);
+            }
+            let h = std::ptr::without_provenance_mut(events::create());
+            // SAFETY: `set` is non-null and valid (export contract).
+            unsafe { put(set, h) }
+        })
+    }
+}
+
+fn supported_events(d: &crate::scenario::Device) -> c_ulonglong {
+    if d.unsupported(Feature::Ecc) {
+        events::SUPPORTED_WITHOUT_ECC
+    } else {
+        events::SUPPORTED_WITH_ECC
+    }
+}
+
+export! {
+    /// Registers the GPU for `eventTypes` in `set`; types it cannot report: `NOT_SUPPORTED`.
+    fn nvmlDeviceRegisterEvents(device: nvmlDevice_t, eventTypes: c_ulonglong, set: nvmlEventSet_t) |f| {
+        query(f, device, Some(Feature::Events), false, |s, t| {
+            if eventTypes & !supported_events(s.device(t)) != 0 {
+                return Err(codes::NOT_SUPPORTED);
+            }
+            events::register(set as usize, t.gpu(), eventTypes)
+        })
+    }
+}
+
+export! {
+    /// The event types the GPU reports: ECC (single and double bit, where it has ECC), P-state,
+    /// XID and clock changes.
+    fn nvmlDeviceGetSupportedEventTypes(device: nvmlDevice_t, eventTypes: *mut c_ulonglong) |f| {
+        query(f, device, Some(Feature::Events), false, |s, t| {
+            // SAFETY: `eventTypes` is null or valid (export contract).
+            unsafe { put(eventTypes, supported_events(s.device(t))) }
+        })
+    }
+}
+
+/// Waits for the next event of `set` (no lock held while waiting).
+fn event_wait(
+    f: &str,
+    set: nvmlEventSet_t,
+    timeoutms: c_uint,
+) -> Result<(events::Event, nvmlDevice_t), Code> {
+    let sim = state::current()?;
+    sim.inject(f, None)?;
+    let timeout = std::time::Duration::from_millis(u64::from(timeoutms));
+    let e = events::wait(set as usize, timeout, |gpu| {
+        sim.scenario
+            .devices
+            .get(gpu)
+            .map(|d| d.xid_events.clone())
+            .unwrap_or_default()
+    })?;
+    Ok((e, handle_ptr(Target::Gpu(e.gpu))))
+}
+
+export! {
+    /// The next event, waiting up to `timeoutms` ms; `NVML_ERROR_TIMEOUT` if none comes.
+    fn nvmlEventSetWait_v2(set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeoutms: c_uint) |f| {
+        if data.is_null() {
+            return Err(codes::INVALID_ARGUMENT);
+        }
+        let (e, device) = event_wait(f, set, timeoutms)?;
+        let v = nvmlEventData_t {
+            device,
+            eventType: e.event_type,
+            eventData: e.data,
+            gpuInstanceId: state::NOT_AVAILABLE_U32,
+            computeInstanceId: state::NOT_AVAILABLE_U32,
+        };
+        // SAFETY: `data` is valid (export contract).
+        unsafe { put(data, v) }
+    }
+}
+
+export! {
+    /// `nvmlEventSetWait_v2` with the v1 `nvmlEventData_t` (no instance ids).
+    fn nvmlEventSetWait(set: nvmlEventSet_t, data: *mut nvmlEventData_v1_t, timeoutms: c_uint) |f| {
+        if data.is_null() {
+            return Err(codes::INVALID_ARGUMENT);
+        }
+        let (e, device) = event_wait(f, set, timeoutms)?;
+        let v = nvmlEventData_v1_t { device, eventType: e.event_type, eventData: e.data };
+        // SAFETY: `data` is valid (export contract).
+        unsafe { put(data, v) }
+    }
+}
+
+export! {
+    /// Frees the set; an unknown set: `INVALID_ARGUMENT`.
+    fn nvmlEventSetFree(set: nvmlEventSet_t) |f| {
+        system(f, |_| events::free(set as usize))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1096,6 +2105,13 @@ mod tests {
         assert_eq!(size_of::<nvmlPciInfo_t>(), 68);
         assert_eq!(size_of::<nvmlPciInfoPrefix_t>(), 36);
         assert_eq!(size_of::<nvmlUtilization_t>(), 8);
+        assert_eq!(size_of::<nvmlBAR1Memory_t>(), 24);
+        assert_eq!(size_of::<nvmlProcessUtilizationSample_t>(), 32);
+        assert_eq!(size_of::<nvmlValue_t>(), 8);
+        assert_eq!(size_of::<nvmlFieldValue_t>(), 40);
+        assert_eq!(size_of::<nvmlEventData_t>(), 32);
+        assert_eq!(size_of::<nvmlSample_t>(), 16);
+        assert_eq!(size_of::<nvmlEventData_v1_t>(), 24);
     }
 
     #[test]

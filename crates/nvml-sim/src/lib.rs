@@ -19,14 +19,69 @@
 //! - `NVML_SIM_SCENARIO` picks the scenario (bundled name or `.toml`/`.json` path),
 //!   `NVML_SIM_STATE_DIR` names the live-allocation directory (see [`state`]).
 //!
+//! - `NVML_SIM_CLOCK` stops the simulated clock (seconds since the epoch) for frames that must
+//!   not move.
+//!
 //! The rlib half (this API) is for tests and tools; the cdylib half is the library itself.
+//!
+//! # What it implements
+//!
+//! Every function that nvitop 1.7, nvtop 3.0, gpustat 1.1, nvidia-ml-py's common queries and
+//! gpuproc resolve ([`ffi::EXPORTED`] is the list; `tests/tools.rs` runs nvitop and nvtop on it):
+//!
+//! - init and system: `nvmlInit(_v2)`, `nvmlInitWithFlags`, `nvmlShutdown`, `nvmlErrorString`,
+//!   driver, NVML and CUDA driver versions, process names;
+//! - enumeration: count, handles by index, UUID, serial and PCI bus id;
+//! - identity: index, name, UUID, serial, minor number, PCI info (v1 to v3), brand, compute
+//!   capability, architecture, bus type, VBIOS version, board part number;
+//! - memory: `MemoryInfo(_v2)`, `BAR1MemoryInfo`;
+//! - utilisation: device, encoder, decoder, and per process (`ProcessUtilization`, one sample
+//!   per process on a 100 ms grid, after `lastSeenTimeStamp`); the driver's sample buffer
+//!   (`Samples`: the last 12 s of power, utilisation and clocks);
+//! - thermals and power: temperature and its thresholds, power draw, enforced, management and
+//!   default limits and the limits' range, total energy, fans, current, application, boost and
+//!   maximum clocks, memory bus width, core count,
+//!   performance state, clock event (throttle) reasons;
+//! - PCIe: maximum and current generation and width, lane speeds, throughput, replays;
+//! - NVLink: link state and version, and through `FieldValues` the link count, state and the
+//!   data sent and received per link (see [`ffi::field`]);
+//! - ECC: mode, totals, per-location counters, retired pages (`_v2` with timestamps) and their
+//!   pending state, remapped rows;
+//! - events: event sets that receive the scenario's XID errors ([`events`]);
+//! - modes: compute, persistence, display, driver model;
+//! - MIG: mode, instance handles, GPU and compute instance ids, parent handles;
+//! - processes: compute, graphics and MPS lists in the v1, v2 and v3 layouts.
+//!
+//! Values come from the scenario, or from the model's defaults ([`models`]) where it is silent;
+//! ranges move with time ([`series`]).
+//!
+//! # What answers `NVML_ERROR_NOT_SUPPORTED`
+//!
+//! As a real Linux driver answers it:
+//!
+//! - `nvmlDeviceGetDriverModel(_v2)` always (WDDM/TCC exist on Windows only);
+//! - on a GPU in MIG mode: utilisation, encoder and decoder utilisation, per-process utilisation;
+//! - on a MIG device handle: everything but identity, memory, BAR1, PCI info, architecture,
+//!   processes and MIG queries;
+//! - by model: ECC and MIG on a GeForce, fans on datacenter boards, NVLink on GPUs without
+//!   links, retired pages from Ampere on, remapped rows before Ampere, acoustic temperature
+//!   thresholds everywhere, a board part number a scenario leaves empty;
+//! - `FieldValues` entries for fields outside [`ffi::field`] (in the entry; the call succeeds);
+//! - every query whose feature a scenario lists in `unsupported`.
+//!
+//! Not exported at all, like the 550 driver the bundled scenarios name (clients probe for them
+//! and fall back): `nvmlDeviceGetTemperatureV`, `nvmlDeviceGetConfComputeMemSizeInfo`,
+//! `nvmlDeviceGetRunningProcessDetailList`, vGPU, unit, accounting and every setter.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub mod codes;
+pub mod events;
 pub mod ffi;
+pub mod models;
 pub mod scenario;
+pub mod series;
 pub mod state;
 
 pub use scenario::{Scenario, ScenarioError};
@@ -39,7 +94,7 @@ pub const LIBRARY_FILE: &str = "libnvml_sim.so";
 pub const BUNDLED_SCENARIOS: &[&str] = scenario::BUNDLED_NAMES;
 
 /// The names of the bundled scenarios (`default`, `1gpu`, `4gpu`, `8gpu`, `mig`, `lost`,
-/// `nodevices`, `nodriver`).
+/// `nodevices`, `nodriver`, `live`).
 pub fn bundled_scenarios() -> &'static [&'static str] {
     BUNDLED_SCENARIOS
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::codes::Code;
+use crate::series::Level;
 
 /// Bundled scenarios: (name, TOML text). `1gpu` is an alias of `default`.
 const BUNDLED: &[(&str, &str)] = &[
@@ -20,6 +21,7 @@ const BUNDLED: &[(&str, &str)] = &[
     ("lost", include_str!("../scenarios/lost.toml")),
     ("nodevices", include_str!("../scenarios/nodevices.toml")),
     ("nodriver", include_str!("../scenarios/nodriver.toml")),
+    ("live", include_str!("../scenarios/live.toml")),
 ];
 
 /// The names of the bundled scenarios, as accepted by `NVML_SIM_SCENARIO`.
@@ -32,10 +34,14 @@ pub const BUNDLED_NAMES: &[&str] = &[
     "lost",
     "nodevices",
     "nodriver",
+    "live",
 ];
 
 /// The largest number of GPUs (and of MIG instances per GPU) a scenario may declare.
 pub const MAX_DEVICES: usize = 255;
+
+/// `NVML_NVLINK_MAX_LINKS`.
+pub const MAX_NVLINKS: u32 = 18;
 
 /// A scenario could not be read or is invalid. Its `Display` is one line naming the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +152,20 @@ pub enum Feature {
     Display,
     Brand,
     CudaComputeCapability,
+    Bar1,
+    Pcie,
+    PcieThroughput,
+    TemperatureThreshold,
+    Nvlink,
+    Energy,
+    ClocksEventReasons,
+    RetiredPages,
+    RemappedRows,
+    ProcessUtilization,
+    PowerConstraints,
+    Architecture,
+    Vbios,
+    Events,
 }
 
 /// `nvmlBrandType_t`.
@@ -164,6 +184,22 @@ pub enum Brand {
     Nvidia = 14,
     GeforceRtx = 15,
     TitanRtx = 16,
+}
+
+/// `nvmlDeviceArchitecture_t`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum Architecture {
+    Kepler = 2,
+    Maxwell = 3,
+    Pascal = 4,
+    Volta = 5,
+    Turing = 6,
+    Ampere = 7,
+    Ada = 8,
+    Hopper = 9,
+    Blackwell = 10,
 }
 
 /// `nvmlComputeMode_t`.
@@ -288,6 +324,19 @@ pub struct Process {
     /// `nvmlSystemGetProcessName`; defaults to the name in `/proc/<pid>/comm`.
     #[serde(default)]
     pub name: Option<String>,
+    /// SM utilisation in `nvmlDeviceGetProcessUtilization`, percent; by default the processes
+    /// without one share what is left of the GPU's `utilization_gpu`, in shares that move.
+    #[serde(default)]
+    pub sm_utilization: Option<Level>,
+    /// Memory (bandwidth) utilisation, percent; by default a share of `utilization_memory`.
+    #[serde(default)]
+    pub memory_utilization: Option<Level>,
+    /// Encoder utilisation, percent; by default a share of `encoder_utilization`.
+    #[serde(default)]
+    pub encoder_utilization: Option<Level>,
+    /// Decoder utilisation, percent; by default a share of `decoder_utilization`.
+    #[serde(default)]
+    pub decoder_utilization: Option<Level>,
 }
 
 /// Clock speeds in MHz.
@@ -312,7 +361,10 @@ impl Default for Clocks {
     }
 }
 
-/// ECC state and aggregate error totals (the volatile counters report the same totals).
+/// ECC state, aggregate error totals (the volatile counters report the same totals), and the
+/// memory the driver took out of service: retired pages (up to Turing) or remapped rows (Ampere
+/// on). Which of the two a GPU has is its model's `unsupported` list (`retired_pages`,
+/// `remapped_rows`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Ecc {
@@ -322,6 +374,115 @@ pub struct Ecc {
     pub corrected: u64,
     /// Uncorrected (double-bit) errors.
     pub uncorrected: u64,
+    /// Pages retired for multiple single-bit errors (`nvmlDeviceGetRetiredPages`).
+    pub retired_pages_single_bit: u32,
+    /// Pages retired for a double-bit error.
+    pub retired_pages_double_bit: u32,
+    /// Whether a page retirement waits for the next reboot.
+    pub retired_pages_pending: bool,
+    /// Rows remapped for correctable errors (`nvmlDeviceGetRemappedRows`).
+    pub remapped_rows_correctable: u32,
+    /// Rows remapped for uncorrectable errors.
+    pub remapped_rows_uncorrectable: u32,
+    /// Whether a remapping waits for the next GPU reset.
+    pub remapped_rows_pending: bool,
+    /// Whether a remapping failed.
+    pub remapped_rows_failure: bool,
+}
+
+/// An XID error the GPU reports to event sets (`nvmlEventTypeXidCriticalError`): `after_ms`
+/// after the GPU was registered in a set, each set that asked for XIDs receives it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XidEvent {
+    /// Milliseconds from the registration to the event.
+    pub after_ms: u64,
+    /// The XID (`eventData`), e.g. 79 (fallen off the bus) or 48 (double-bit ECC error).
+    pub xid: u64,
+}
+
+/// The PCIe link (`nvmlDeviceGet{Max,Curr}PcieLink{Generation,Width}`) and its traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pcie {
+    /// The highest generation the GPU and the slot support together.
+    pub max_generation: u32,
+    /// The widest the link can be, lanes.
+    pub max_width: u32,
+    /// The generation now (GeForce cards drop to 1 when idle).
+    pub generation: u32,
+    /// The width now, lanes.
+    pub width: u32,
+    /// `nvmlDeviceGetPcieThroughput(NVML_PCIE_UTIL_TX_BYTES)`, KB/s.
+    pub tx_kbps: Level,
+    /// `nvmlDeviceGetPcieThroughput(NVML_PCIE_UTIL_RX_BYTES)`, KB/s.
+    pub rx_kbps: Level,
+    /// `nvmlDeviceGetPcieReplayCounter`.
+    pub replay_counter: u32,
+}
+
+impl Default for Pcie {
+    fn default() -> Self {
+        Pcie {
+            max_generation: 5,
+            max_width: 16,
+            generation: 5,
+            width: 16,
+            tx_kbps: Level::Fixed(1_200),
+            rx_kbps: Level::Fixed(900),
+            replay_counter: 0,
+        }
+    }
+}
+
+/// `nvmlDeviceGetTemperatureThreshold`, °C; a missing one answers `NOT_SUPPORTED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemperatureThresholds {
+    /// `NVML_TEMPERATURE_THRESHOLD_SHUTDOWN`.
+    pub shutdown: Option<u32>,
+    /// `NVML_TEMPERATURE_THRESHOLD_SLOWDOWN`.
+    pub slowdown: Option<u32>,
+    /// `NVML_TEMPERATURE_THRESHOLD_MEM_MAX`.
+    pub mem_max: Option<u32>,
+    /// `NVML_TEMPERATURE_THRESHOLD_GPU_MAX`.
+    pub gpu_max: Option<u32>,
+}
+
+impl Default for TemperatureThresholds {
+    fn default() -> Self {
+        TemperatureThresholds {
+            shutdown: Some(92),
+            slowdown: Some(89),
+            mem_max: Some(95),
+            gpu_max: Some(87),
+        }
+    }
+}
+
+/// NVLink: how many links, their version, and the data each link moves.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvLink {
+    /// Links, all active (0: no NVLink, its queries answer `NOT_SUPPORTED`); at most 18.
+    pub links: u32,
+    /// `nvmlDeviceGetNvLinkVersion`.
+    pub version: u32,
+    /// Data sent per link, KiB/s; the field `NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX` counts it up.
+    pub tx_kibps: Level,
+    /// Data received per link, KiB/s (`NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX`).
+    pub rx_kibps: Level,
+}
+
+impl Default for NvLink {
+    fn default() -> Self {
+        NvLink {
+            links: 18,
+            version: 4,
+            tx_kibps: Level::Fixed(0),
+            rx_kibps: Level::Fixed(0),
+        }
+    }
 }
 
 /// A MIG device (GPU instance + compute instance) on a MIG-enabled GPU.
@@ -383,32 +544,71 @@ pub struct Device {
     pub memory_reserved: Bytes,
     /// Memory used besides the listed processes and MIG instances.
     pub memory_used: Bytes,
-    /// GPU utilisation, percent.
-    pub utilization_gpu: u32,
+    /// GPU utilisation, percent: a number, or a range that moves with time.
+    pub utilization_gpu: Level,
     /// Memory utilisation, percent.
-    pub utilization_memory: u32,
+    pub utilization_memory: Level,
     /// Encoder utilisation, percent.
-    pub encoder_utilization: u32,
+    pub encoder_utilization: Level,
     /// Decoder utilisation, percent.
-    pub decoder_utilization: u32,
+    pub decoder_utilization: Level,
     /// GPU temperature, °C.
-    pub temperature_c: u32,
+    pub temperature_c: Level,
     /// Power draw, milliwatts.
-    pub power_usage_mw: u32,
+    pub power_usage_mw: Level,
     /// Enforced power limit, milliwatts.
     pub power_limit_mw: u32,
     /// Power management limit, milliwatts; defaults to `power_limit_mw`.
     pub power_management_limit_mw: Option<u32>,
+    /// The lowest power limit that can be set, milliwatts.
+    pub power_limit_min_mw: u32,
+    /// The highest power limit that can be set, milliwatts.
+    pub power_limit_max_mw: u32,
+    /// The power limit the board ships with, milliwatts; defaults to `power_limit_mw`.
+    pub power_default_limit_mw: Option<u32>,
+    /// Energy used since the driver loaded (taken as the machine's boot), millijoules, at boot;
+    /// `nvmlDeviceGetTotalEnergyConsumption` adds the mean power draw times the time since.
+    pub energy_mj: u64,
     /// Fan speed, percent.
     pub fan_speed: u32,
     /// `nvmlDeviceGetNumFans`.
     pub num_fans: u32,
-    /// Current clocks.
-    pub clocks: Clocks,
+    /// Current clocks; by default `max_clocks` while the GPU is busy (utilisation above 0) and
+    /// `idle_clocks` while it is not. Keys left out of a stated table are the maximum ones.
+    pub clocks: Option<Clocks>,
+    /// Clocks while idle, when `clocks` is not stated.
+    pub idle_clocks: Clocks,
     /// Maximum clocks.
     pub max_clocks: Clocks,
-    /// Performance state, 0 (P0) to 15.
-    pub pstate: u32,
+    /// Performance state, 0 (P0) to 15; by default P0 while busy and `idle_pstate` while idle.
+    pub pstate: Option<u32>,
+    /// Performance state while idle, when `pstate` is not stated (P8 on a GeForce).
+    pub idle_pstate: u32,
+    /// `nvmlDeviceGetCurrentClocksEventReasons` bits; by default `GpuIdle` (1) while the GPU's
+    /// utilisation is 0, else none.
+    pub clocks_event_reasons: Option<u64>,
+    /// `nvmlDeviceGetArchitecture`.
+    pub architecture: Architecture,
+    /// PCIe link and traffic.
+    pub pcie: Pcie,
+    /// BAR1 aperture size.
+    pub bar1_total: Bytes,
+    /// BAR1 in use.
+    pub bar1_used: Bytes,
+    /// Temperature thresholds.
+    pub temperature_thresholds: TemperatureThresholds,
+    /// NVLink links.
+    pub nvlink: NvLink,
+    /// `nvmlDeviceGetVbiosVersion`.
+    pub vbios_version: String,
+    /// `nvmlDeviceGetBoardPartNumber`.
+    pub board_part_number: String,
+    /// XID errors delivered to event sets, in the order they happen.
+    pub xid_events: Vec<XidEvent>,
+    /// `nvmlDeviceGetMemoryBusWidth`, bits.
+    pub memory_bus_width: u32,
+    /// `nvmlDeviceGetNumGpuCores`.
+    pub cuda_cores: u32,
     /// `nvmlDeviceGetComputeMode`.
     pub compute_mode: ComputeMode,
     /// `nvmlDeviceGetPersistenceMode`.
@@ -448,17 +648,22 @@ impl Default for Device {
             memory_total: Bytes(85_520_809_984),
             memory_reserved: Bytes(570_425_344),
             memory_used: Bytes(0),
-            utilization_gpu: 0,
-            utilization_memory: 0,
-            encoder_utilization: 0,
-            decoder_utilization: 0,
-            temperature_c: 33,
-            power_usage_mw: 71_000,
+            utilization_gpu: Level::Fixed(0),
+            utilization_memory: Level::Fixed(0),
+            encoder_utilization: Level::Fixed(0),
+            decoder_utilization: Level::Fixed(0),
+            temperature_c: Level::Fixed(33),
+            power_usage_mw: Level::Fixed(71_000),
             power_limit_mw: 700_000,
             power_management_limit_mw: None,
+            power_limit_min_mw: 200_000,
+            power_limit_max_mw: 700_000,
+            power_default_limit_mw: None,
+            energy_mj: 0,
             fan_speed: 0,
             num_fans: 0,
-            clocks: Clocks {
+            clocks: None,
+            idle_clocks: Clocks {
                 graphics: 345,
                 sm: 345,
                 memory: 2619,
@@ -470,21 +675,33 @@ impl Default for Device {
                 memory: 2619,
                 video: 1545,
             },
-            pstate: 0,
+            pstate: None,
+            idle_pstate: 0,
+            clocks_event_reasons: None,
+            architecture: Architecture::Hopper,
+            pcie: Pcie::default(),
+            bar1_total: Bytes(128 << 30),
+            bar1_used: Bytes(1 << 20),
+            temperature_thresholds: TemperatureThresholds::default(),
+            nvlink: NvLink::default(),
+            vbios_version: "96.00.74.00.01".into(),
+            board_part_number: "692-2G520-0200-000".into(),
+            xid_events: Vec::new(),
+            memory_bus_width: 5120,
+            cuda_cores: 16896,
             compute_mode: ComputeMode::Default,
             persistence_mode: true,
             display_active: false,
             display_mode: false,
             ecc: Ecc {
                 enabled: true,
-                corrected: 0,
-                uncorrected: 0,
+                ..Ecc::default()
             },
             mig_mode: false,
             max_mig_devices: 7,
             mig: Vec::new(),
             processes: Vec::new(),
-            unsupported: vec![Feature::Fan],
+            unsupported: vec![Feature::Fan, Feature::RetiredPages],
             lost: false,
         }
     }
@@ -530,19 +747,31 @@ impl Scenario {
             origin: origin.to_string(),
             message,
         };
-        let mut scenario: Scenario = match format {
-            Format::Toml => toml::from_str(text).map_err(|e| {
-                let at = e.span().map_or(String::new(), |span| {
-                    let before = &text[..span.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    format!("line {line}: ")
-                });
-                err(format!("{at}{}", one_line(e.message())))
-            })?,
+        // First as written, for errors that name the line; then again with each device's model
+        // defaults filled in where the scenario is silent.
+        let mut doc: serde_json::Value = match format {
+            Format::Toml => {
+                toml::from_str::<Scenario>(text).map_err(|e| {
+                    let at = e.span().map_or(String::new(), |span| {
+                        let before = &text[..span.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        format!("line {line}: ")
+                    });
+                    err(format!("{at}{}", one_line(e.message())))
+                })?;
+                let table: toml::Table =
+                    toml::from_str(text).map_err(|e| err(one_line(e.message())))?;
+                serde_json::to_value(table).map_err(|e| err(one_line(&e.to_string())))?
+            }
             Format::Json => {
+                serde_json::from_str::<Scenario>(text)
+                    .map_err(|e| err(one_line(&e.to_string())))?;
                 serde_json::from_str(text).map_err(|e| err(one_line(&e.to_string())))?
             }
         };
+        crate::models::apply(&mut doc);
+        let mut scenario: Scenario =
+            serde_json::from_value(doc).map_err(|e| err(one_line(&e.to_string())))?;
         scenario.fill_defaults();
         scenario.validate().map_err(err)?;
         Ok(scenario)
@@ -646,8 +875,12 @@ impl Scenario {
             if !buses.insert(parts) {
                 return Err(format!("{at}.pci_bus_id {:?} is used twice", d.pci_bus_id));
             }
-            if d.pstate > 15 {
-                return Err(format!("{at}.pstate {}: expected 0 to 15", d.pstate));
+            if let Some(p) = d
+                .pstate
+                .filter(|&p| p > 15)
+                .or((d.idle_pstate > 15).then_some(d.idle_pstate))
+            {
+                return Err(format!("{at}.pstate {p}: expected 0 to 15"));
             }
             if d.mig.len() > MAX_DEVICES || d.mig.len() > d.max_mig_devices as usize {
                 return Err(format!(
@@ -658,6 +891,28 @@ impl Scenario {
             }
             if !d.mig.is_empty() && !d.mig_mode {
                 return Err(format!("{at}.mig lists instances but mig_mode is false"));
+            }
+            if d.mig_mode && d.unsupported(Feature::Mig) {
+                return Err(format!(
+                    "{at}: mig_mode is true but {:?} has no MIG (\"mig\" is in unsupported)",
+                    d.name
+                ));
+            }
+            for (field, level) in [
+                ("utilization_gpu", d.utilization_gpu),
+                ("utilization_memory", d.utilization_memory),
+                ("encoder_utilization", d.encoder_utilization),
+                ("decoder_utilization", d.decoder_utilization),
+            ] {
+                if level.max() > 100 {
+                    return Err(format!("{at}.{field}: {} is over 100 percent", level.max()));
+                }
+            }
+            if d.nvlink.links > MAX_NVLINKS {
+                return Err(format!(
+                    "{at}.nvlink.links {}: at most {MAX_NVLINKS}",
+                    d.nvlink.links
+                ));
             }
             let mut used = d.memory_reserved.0 + d.memory_used.0;
             used += d.processes.iter().map(|p| p.used_memory.0).sum::<u64>();
@@ -810,6 +1065,10 @@ mod tests {
             ("{\"devices\": [{\"pid\": 1}]}", Format::Json, "pid"),
             ("{\"devices\": [", Format::Json, "EOF"),
             ("devices = [{ processes = [{ pid = \"me\", used_memory = 1 }] }]", Format::Toml, "self"),
+            ("devices = [{ name = \"NVIDIA GeForce RTX 4090\", mig_mode = true }]", Format::Toml, "has no MIG"),
+            ("devices = [{ utilization_gpu = { min = 10, max = 120 } }]", Format::Toml, "over 100"),
+            ("devices = [{ utilization_gpu = { min = 50, max = 10 } }]", Format::Toml, "min <= max"),
+            ("devices = [{ nvlink = { links = 19 } }]", Format::Toml, "at most 18"),
         ];
         for (text, format, needle) in cases {
             let e = Scenario::parse(text, *format, "f.toml").unwrap_err();

@@ -13,12 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::codes::{self, Code};
-use crate::scenario::{Device, Feature, MigInstance, ProcessKind, Scenario};
+use crate::scenario::{Clocks, Device, Feature, MigInstance, Process, ProcessKind, Scenario};
+use crate::series::{self, Level};
 
 /// Environment variable naming the scenario: a bundled name or a `.toml`/`.json` path.
 pub const SCENARIO_ENV: &str = "NVML_SIM_SCENARIO";
 /// Environment variable naming the live allocation directory.
 pub const STATE_DIR_ENV: &str = "NVML_SIM_STATE_DIR";
+/// Environment variable that stops the simulated clock at this many seconds since the Unix
+/// epoch (a decimal number), for frames that must not move. Read at the first `nvmlInit`.
+pub const CLOCK_ENV: &str = "NVML_SIM_CLOCK";
 
 /// `NVML_VALUE_NOT_AVAILABLE` as an unsigned int: the GPU/compute instance id of a non-MIG process.
 pub const NOT_AVAILABLE_U32: u32 = u32::MAX;
@@ -153,6 +157,106 @@ pub struct Sim {
     state_dir: Option<PathBuf>,
     /// The last byte count read from each `(gpu, pid)` file, for when it is read half written.
     last_read: Mutex<HashMap<(usize, u32), u64>>,
+    /// `NVML_SIM_CLOCK`, in microseconds since the Unix epoch.
+    frozen_us: Option<u64>,
+    /// When the machine booted (taken as when the driver loaded), seconds since the Unix epoch.
+    boot_s: f64,
+}
+
+/// One entry of `nvmlDeviceGetProcessUtilization`, percent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcSample {
+    /// Host pid.
+    pub pid: u32,
+    /// SM utilisation.
+    pub sm: u32,
+    /// Memory (bandwidth) utilisation.
+    pub mem: u32,
+    /// Encoder utilisation.
+    pub enc: u32,
+    /// Decoder utilisation.
+    pub dec: u32,
+}
+
+/// The phase seed of GPU `gpu`'s values, so GPUs sharing a range do not move together.
+pub fn device_seed(gpu: usize) -> u64 {
+    (gpu as u64).wrapping_mul(7919).wrapping_add(1)
+}
+
+/// The per-process utilisation of GPU `gpu` at `t` seconds since the epoch, for `procs` (pid and
+/// its scenario entry, if any), in `procs` order. A process with a stated value gets it; the
+/// others share what is left of the GPU's value, in shares that move with time. Pure: tests use
+/// it to predict what the simulator answers.
+pub fn process_samples(
+    d: &Device,
+    gpu: usize,
+    procs: &[(u32, Option<&Process>)],
+    t: f64,
+) -> Vec<ProcSample> {
+    let seed = device_seed(gpu);
+    let weights: Vec<f64> = procs
+        .iter()
+        .map(|&(pid, _)| series::process_weight(t, pid))
+        .collect();
+    let metric = |total: Level, own: fn(&Process) -> Option<Level>| -> Vec<u32> {
+        let stated: Vec<Option<u32>> = procs
+            .iter()
+            .map(|&(pid, p)| p.and_then(own).map(|l| l.at(t, u64::from(pid))))
+            .collect();
+        let taken: u32 = stated.iter().flatten().sum();
+        let left = total.at(t, seed).saturating_sub(taken);
+        let free_weights: Vec<f64> = stated
+            .iter()
+            .zip(&weights)
+            .map(|(s, w)| if s.is_some() { 0.0 } else { *w })
+            .collect();
+        let shares = series::split(left, &free_weights);
+        stated
+            .iter()
+            .zip(shares)
+            .map(|(s, share)| s.unwrap_or(share))
+            .collect()
+    };
+    let sm = metric(d.utilization_gpu, |p| p.sm_utilization);
+    let mem = metric(d.utilization_memory, |p| p.memory_utilization);
+    let enc = metric(d.encoder_utilization, |p| p.encoder_utilization);
+    let dec = metric(d.decoder_utilization, |p| p.decoder_utilization);
+    procs
+        .iter()
+        .enumerate()
+        .map(|(i, &(pid, _))| ProcSample {
+            pid,
+            sm: sm[i],
+            mem: mem[i],
+            enc: enc[i],
+            dec: dec[i],
+        })
+        .collect()
+}
+
+/// Energy used by GPU `gpu` (scenario `d`) from boot to `t` (seconds since the epoch), mJ: the
+/// scenario's `energy_mj` plus the power draw integrated since boot.
+pub fn energy_mj(d: &Device, gpu: usize, boot_s: f64, t: f64) -> u64 {
+    // mW times seconds is mJ.
+    let used = d.power_usage_mw.integral(boot_s, t, device_seed(gpu));
+    d.energy_mj.saturating_add(used as u64)
+}
+
+/// KiB moved over one NVLink link of GPU `gpu` from boot to `t` at `rate` KiB/s.
+pub fn counter_kib(rate: Level, gpu: usize, boot_s: f64, t: f64) -> u64 {
+    rate.integral(boot_s, t, device_seed(gpu)) as u64
+}
+
+/// The boot time from `/proc/stat` (`btime`), else now.
+fn boot_time_s() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .map_or_else(|| series::secs(series::now_us()), |s| s as f64)
 }
 
 impl Sim {
@@ -161,6 +265,11 @@ impl Sim {
             .filter(|s| !s.is_empty())
             .map(PathBuf::from)
             .or_else(|| scenario.state_dir.clone());
+        let frozen_us = std::env::var(CLOCK_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| (s * 1e6) as u64);
         Sim {
             failure_calls: scenario
                 .failures
@@ -170,7 +279,101 @@ impl Sim {
             scenario,
             state_dir,
             last_read: Mutex::default(),
+            frozen_us,
+            boot_s: boot_time_s(),
         }
+    }
+
+    /// The simulated time, microseconds since the Unix epoch (the wall clock unless frozen).
+    pub fn now_us(&self) -> u64 {
+        self.frozen_us.unwrap_or_else(series::now_us)
+    }
+
+    /// The value of one of GPU `gpu`'s levels now.
+    pub fn level(&self, gpu: usize, level: Level) -> u32 {
+        self.level_at(gpu, level, self.now_us())
+    }
+
+    /// The value of one of GPU `gpu`'s levels at `t_us` (µs since the epoch).
+    pub fn level_at(&self, gpu: usize, level: Level, t_us: u64) -> u32 {
+        level.at(series::secs(t_us), device_seed(gpu))
+    }
+
+    /// Whether GPU `gpu` is busy now: its utilisation is above 0, or, in MIG mode, one of its
+    /// instances has a process.
+    pub fn busy(&self, gpu: usize) -> bool {
+        self.busy_at(gpu, self.now_us())
+    }
+
+    /// Whether GPU `gpu` is busy at `t_us`.
+    pub fn busy_at(&self, gpu: usize, t_us: u64) -> bool {
+        let d = &self.scenario.devices[gpu];
+        if d.mig_mode {
+            d.mig.iter().any(|m| !m.processes.is_empty())
+        } else {
+            self.level_at(gpu, d.utilization_gpu, t_us) > 0
+        }
+    }
+
+    /// GPU `gpu`'s clocks now: the stated ones, else the maximum ones while busy and the idle
+    /// ones while not.
+    pub fn clocks(&self, gpu: usize) -> Clocks {
+        self.clocks_at(gpu, self.now_us())
+    }
+
+    /// GPU `gpu`'s clocks at `t_us`.
+    pub fn clocks_at(&self, gpu: usize, t_us: u64) -> Clocks {
+        let d = &self.scenario.devices[gpu];
+        match d.clocks {
+            Some(c) => c,
+            None if self.busy_at(gpu, t_us) => d.max_clocks,
+            None => d.idle_clocks,
+        }
+    }
+
+    /// GPU `gpu`'s performance state now: the stated one, else P0 while busy and the idle one
+    /// while not.
+    pub fn pstate(&self, gpu: usize) -> u32 {
+        let d = &self.scenario.devices[gpu];
+        match d.pstate {
+            Some(p) => p,
+            None if self.busy(gpu) => 0,
+            None => d.idle_pstate,
+        }
+    }
+
+    /// Energy used by GPU `gpu` since boot, mJ.
+    pub fn energy_mj(&self, gpu: usize) -> u64 {
+        energy_mj(
+            &self.scenario.devices[gpu],
+            gpu,
+            self.boot_s,
+            series::secs(self.now_us()),
+        )
+    }
+
+    /// KiB moved since boot over one link at `rate` KiB/s.
+    pub fn counter_kib(&self, gpu: usize, rate: Level) -> u64 {
+        counter_kib(rate, gpu, self.boot_s, series::secs(self.now_us()))
+    }
+
+    /// Per-process utilisation of GPU `gpu` at the sample time `tick_us`: every compute and
+    /// graphics process it lists (live allocations included), each once.
+    pub fn process_samples(&self, gpu: usize, tick_us: u64) -> Vec<ProcSample> {
+        let d = &self.scenario.devices[gpu];
+        let mut pids: Vec<u32> = Vec::new();
+        for kind in [ProcessKind::Compute, ProcessKind::Graphics] {
+            for p in self.processes(Target::Gpu(gpu), kind) {
+                if !pids.contains(&p.pid) {
+                    pids.push(p.pid);
+                }
+            }
+        }
+        let procs: Vec<(u32, Option<&Process>)> = pids
+            .iter()
+            .map(|&pid| (pid, d.processes.iter().find(|p| p.pid.resolve() == pid)))
+            .collect();
+        process_samples(d, gpu, &procs, series::secs(tick_us))
     }
 
     /// Returns the injected error for this call of `function`, if one is due.
@@ -476,6 +679,8 @@ mod tests {
             failure_calls: Vec::new(),
             state_dir: scenario.state_dir.clone(),
             last_read: Mutex::default(),
+            frozen_us: None,
+            boot_s: 0.0,
             scenario,
         };
         let procs = s.processes(Target::Gpu(0), ProcessKind::Compute);
@@ -487,6 +692,37 @@ mod tests {
             .processes(Target::Gpu(0), ProcessKind::Graphics)
             .is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn process_samples_share_the_gpu_and_keep_stated_values() {
+        let s = Scenario::parse(
+            "[[devices]]\nutilization_gpu = 90\nutilization_memory = 40\nprocesses = [\n{ pid = 1, used_memory = 1 },\n{ pid = 2, used_memory = 1 },\n{ pid = 3, used_memory = 1, sm_utilization = 30 }]",
+            Format::Toml,
+            "t",
+        )
+        .unwrap();
+        let d = &s.devices[0];
+        let procs: Vec<(u32, Option<&Process>)> = d
+            .processes
+            .iter()
+            .map(|p| (p.pid.resolve(), Some(p)))
+            .collect();
+        let mut shares = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            let t = 1.7e9 + f64::from(i) * 0.5;
+            let v = process_samples(d, 0, &procs, t);
+            assert_eq!(v.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![1, 2, 3]);
+            assert_eq!(v[2].sm, 30, "a stated value is kept");
+            assert!(
+                v[0].sm + v[1].sm <= 60,
+                "the others share what is left: {v:?}"
+            );
+            assert!(v.iter().map(|p| p.mem).sum::<u32>() <= 40);
+            shares.insert(v[0].sm);
+        }
+        assert!(shares.len() > 5, "the shares move: {shares:?}");
+        assert!(process_samples(d, 0, &[], 1.7e9).is_empty());
     }
 
     #[test]

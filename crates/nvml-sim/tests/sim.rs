@@ -9,8 +9,9 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use nvml_sim::ffi::{
-    nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessInfo_v1_t, nvmlProcessInfo_v2_t,
-    nvmlUtilization_t, NVML_MEMORY_V2,
+    field, nvmlBAR1Memory_t, nvmlEventData_t, nvmlFieldValue_t, nvmlMemory_t, nvmlMemory_v2_t,
+    nvmlPciInfo_t, nvmlProcessInfo_v1_t, nvmlProcessInfo_v2_t, nvmlProcessUtilizationSample_t,
+    nvmlSample_t, nvmlUtilization_t, nvmlValue_t, NVML_MEMORY_V2,
 };
 use nvml_sim::Scenario;
 
@@ -269,7 +270,10 @@ fn eight_gpus_answer_from_the_scenario() {
         assert_eq!(string("nvmlDeviceGetUUID", h).unwrap(), d.uuid);
         assert_eq!(string("nvmlDeviceGetSerial", h).unwrap(), d.serial);
         assert_eq!(uint("nvmlDeviceGetIndex", h), Ok(i as u32));
-        assert_eq!(uint("nvmlDeviceGetPowerUsage", h), Ok(d.power_usage_mw));
+        assert_eq!(
+            uint("nvmlDeviceGetPowerUsage", h),
+            Ok(d.power_usage_mw.fixed().unwrap())
+        );
         assert_eq!(
             uint("nvmlDeviceGetEnforcedPowerLimit", h),
             Ok(d.power_limit_mw)
@@ -315,7 +319,10 @@ fn eight_gpus_answer_from_the_scenario() {
             },
             0
         );
-        assert_eq!((u.gpu, u.memory), (d.utilization_gpu, d.utilization_memory));
+        assert_eq!(
+            (Some(u.gpu), Some(u.memory)),
+            (d.utilization_gpu.fixed(), d.utilization_memory.fixed())
+        );
         let mut temp = 0;
         // SAFETY: valid out-pointer.
         assert_eq!(
@@ -327,7 +334,7 @@ fn eight_gpus_answer_from_the_scenario() {
             },
             0
         );
-        assert_eq!(temp, d.temperature_c);
+        assert_eq!(Some(temp), d.temperature_c.fixed());
         // SAFETY: zeroed is a valid nvmlPciInfo_t.
         let mut pci: nvmlPciInfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: valid out-struct of the v3 layout.
@@ -691,6 +698,27 @@ fn mig_devices() {
             .len(),
         3
     );
+    // In MIG mode the GPU has no utilisation of its own, as in NVML; with MIG off it has.
+    assert_eq!(with_null("nvmlDeviceGetUtilizationRates", gpu, false), 3);
+    assert_eq!(
+        process_utilization(gpu, Some(8), 0).0,
+        3,
+        "no per-process utilisation in MIG mode"
+    );
+    let mut u = nvmlUtilization_t { gpu: 9, memory: 9 };
+    // SAFETY: valid out-struct.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut nvmlUtilization_t) -> u32>(
+            "nvmlDeviceGetUtilizationRates",
+        )(handle(1), &mut u)
+    };
+    assert_eq!((rc, u.gpu), (0, 0));
+    let m = handle_out("nvmlDeviceGetMigDeviceHandleByIndex", gpu, Some(0)).unwrap();
+    assert_eq!(
+        bar1(m).unwrap().bar1Total,
+        (((128u64 << 30) * 39 / 80) >> 20) << 20,
+        "a MIG device gets its memory's share of BAR1"
+    );
     // The second GPU is MIG-capable with MIG off.
     assert_eq!(
         handle_out("nvmlDeviceGetMigDeviceHandleByIndex", handle(1), Some(0)),
@@ -872,8 +900,20 @@ fn pynvml_and_gpustat_agree_with_the_scenarios() {
             assert_eq!(g["name"], d.name.as_str());
             assert_eq!(g["memory.total"], d.memory_total.0 / MIB);
             assert_eq!(g["memory.used"], used / MIB);
-            assert_eq!(g["power.draw"], u64::from(d.power_usage_mw / 1000));
-            assert_eq!(g["utilization.gpu"], d.utilization_gpu);
+            assert_eq!(
+                g["power.draw"],
+                u64::from(d.power_usage_mw.fixed().unwrap() / 1000)
+            );
+            if d.mig_mode {
+                // A GPU in MIG mode has no device utilisation (NOT_SUPPORTED, as in NVML).
+                assert_eq!(
+                    g["utilization.gpu"],
+                    serde_json::Value::Null,
+                    "{name} GPU {i}"
+                );
+            } else {
+                assert_eq!(g["utilization.gpu"], d.utilization_gpu.fixed().unwrap());
+            }
             // pynvml sees every listed process (MIG ones through the parent too).
             let mut want: Vec<(u64, u64)> = d
                 .processes
@@ -949,4 +989,650 @@ fn python_sees_init_failures_and_one_line_scenario_errors() {
     let (gs, _) = run_python("nodevices", &["-m", "gpustat", "--json"]);
     assert!(gs.contains("\"gpus\": []"), "{gs}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---- the queries monitors make: BAR1, PCIe, thresholds, NVLink, fields, per-process use -------
+
+/// Calls `name(device, a, out)` for a query taking one unsigned argument and one out-pointer.
+fn uint_arg(name: &str, h: Dev, a: c_uint) -> Result<u32, u32> {
+    let mut v: c_uint = 0;
+    // SAFETY: `v` is a valid out-pointer; the signature is the one in nvml.h.
+    let rc =
+        unsafe { sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint) -> u32>(name)(h, a, &mut v) };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(rc)
+    }
+}
+
+fn ull(name: &str, h: Dev) -> Result<u64, u32> {
+    let mut v: c_ulonglong = 0;
+    // SAFETY: `v` is a valid out-pointer; the signature is the one in nvml.h.
+    let rc = unsafe { sym::<unsafe extern "C" fn(Dev, *mut c_ulonglong) -> u32>(name)(h, &mut v) };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(rc)
+    }
+}
+
+/// Calls `name(device, null)` (or with two null out-pointers when `two`).
+fn with_null(name: &str, h: Dev, two: bool) -> u32 {
+    // SAFETY: null out-pointers are what is being tested; the simulator checks them.
+    unsafe {
+        if two {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(name)(
+                h,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        } else {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint) -> u32>(name)(h, std::ptr::null_mut())
+        }
+    }
+}
+
+fn bar1(h: Dev) -> Result<nvmlBAR1Memory_t, u32> {
+    let mut b = nvmlBAR1Memory_t {
+        bar1Total: 0,
+        bar1Free: 0,
+        bar1Used: 0,
+    };
+    // SAFETY: `b` is a valid out-struct.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut nvmlBAR1Memory_t) -> u32>(
+            "nvmlDeviceGetBAR1MemoryInfo",
+        )(h, &mut b)
+    };
+    if rc == 0 {
+        Ok(b)
+    } else {
+        Err(rc)
+    }
+}
+
+/// `nvmlDeviceGetProcessUtilization` with room for `cap` samples (a null buffer when `cap` is
+/// `None`): (rc, count written back, samples).
+fn process_utilization(
+    h: Dev,
+    cap: Option<u32>,
+    last_seen: u64,
+) -> (u32, u32, Vec<nvmlProcessUtilizationSample_t>) {
+    let zero = nvmlProcessUtilizationSample_t {
+        pid: 0,
+        timeStamp: 0,
+        smUtil: 0,
+        memUtil: 0,
+        encUtil: 0,
+        decUtil: 0,
+    };
+    let mut buf = vec![zero; cap.unwrap_or(0) as usize];
+    let mut count = cap.unwrap_or(0);
+    let p = if cap.is_some() {
+        buf.as_mut_ptr()
+    } else {
+        std::ptr::null_mut()
+    };
+    // SAFETY: `buf` holds `count` samples, or `p` is null.
+    let rc = unsafe {
+        sym::<
+            unsafe extern "C" fn(
+                Dev,
+                *mut nvmlProcessUtilizationSample_t,
+                *mut c_uint,
+                c_ulonglong,
+            ) -> u32,
+        >("nvmlDeviceGetProcessUtilization")(h, p, &mut count, last_seen)
+    };
+    buf.truncate(if rc == 0 { count as usize } else { 0 });
+    (rc, count, buf)
+}
+
+fn fields(h: Dev, asks: &[(u32, u32)]) -> (u32, Vec<nvmlFieldValue_t>) {
+    let mut v: Vec<nvmlFieldValue_t> = asks
+        .iter()
+        .map(|&(id, scope)| nvmlFieldValue_t {
+            fieldId: id,
+            scopeId: scope,
+            timestamp: 0,
+            latencyUsec: 0,
+            valueType: 0,
+            nvmlReturn: 0,
+            value: nvmlValue_t { ullVal: 0 },
+        })
+        .collect();
+    // SAFETY: `v` holds `asks.len()` entries.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, std::ffi::c_int, *mut nvmlFieldValue_t) -> u32>(
+            "nvmlDeviceGetFieldValues",
+        )(h, asks.len() as std::ffi::c_int, v.as_mut_ptr())
+    };
+    (rc, v)
+}
+
+fn scenario_file(tag: &str, text: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(tag);
+    let path = dir.join("s.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn monitor_queries_answer_from_the_model_and_the_scenario() {
+    let _s = session("default");
+    let h = handle(0);
+    let b = bar1(h).unwrap();
+    assert_eq!((b.bar1Total, b.bar1Used), (128 << 30, 1 << 20));
+    assert_eq!(b.bar1Free, b.bar1Total - b.bar1Used);
+    for (name, want) in [
+        ("nvmlDeviceGetMaxPcieLinkGeneration", 5),
+        ("nvmlDeviceGetGpuMaxPcieLinkGeneration", 5),
+        ("nvmlDeviceGetCurrPcieLinkGeneration", 5),
+        ("nvmlDeviceGetMaxPcieLinkWidth", 16),
+        ("nvmlDeviceGetCurrPcieLinkWidth", 16),
+        ("nvmlDeviceGetPcieLinkMaxSpeed", 32_000),
+        ("nvmlDeviceGetPcieReplayCounter", 0),
+        ("nvmlDeviceGetArchitecture", 9),
+        ("nvmlDeviceGetBusType", 2),
+        ("nvmlDeviceGetPowerManagementDefaultLimit", 700_000),
+    ] {
+        assert_eq!(uint(name, h), Ok(want), "{name}");
+    }
+    assert_eq!(uint_arg("nvmlDeviceGetPcieThroughput", h, 0), Ok(1_200));
+    assert_eq!(uint_arg("nvmlDeviceGetPcieThroughput", h, 1), Ok(900));
+    assert_eq!(uint_arg("nvmlDeviceGetPcieThroughput", h, 2), Err(2));
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 0), Ok(92));
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 1), Ok(89));
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 3), Ok(87));
+    assert_eq!(
+        uint_arg("nvmlDeviceGetTemperatureThreshold", h, 4),
+        Err(3),
+        "acoustic thresholds are not supported"
+    );
+    assert_eq!(uint_arg("nvmlDeviceGetTemperatureThreshold", h, 99), Err(2));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", h, 17), Ok(1));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", h, 18), Err(2));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkVersion", h, 0), Ok(4));
+    let (mut cur, mut pending) = (7, 7);
+    for name in ["nvmlDeviceGetDriverModel", "nvmlDeviceGetDriverModel_v2"] {
+        // SAFETY: valid out-pointers.
+        let rc = unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(name)(
+                h,
+                &mut cur,
+                &mut pending,
+            )
+        };
+        assert_eq!(rc, 3, "{name}: WDDM/TCC exist on Windows only");
+    }
+    // Energy since boot only grows; the default GPU idles, so its clocks say GpuIdle.
+    let e1 = ull("nvmlDeviceGetTotalEnergyConsumption", h).unwrap();
+    let e2 = ull("nvmlDeviceGetTotalEnergyConsumption", h).unwrap();
+    assert!(e1 > 0 && e2 >= e1, "{e1} {e2}");
+    assert_eq!(ull("nvmlDeviceGetCurrentClocksEventReasons", h), Ok(1));
+    assert_eq!(ull("nvmlDeviceGetCurrentClocksThrottleReasons", h), Ok(1));
+    assert_eq!(
+        ull("nvmlDeviceGetSupportedClocksEventReasons", h),
+        Ok(0x1FF)
+    );
+    let (mut lo, mut hi) = (0, 0);
+    // SAFETY: valid out-pointers.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(
+            "nvmlDeviceGetPowerManagementLimitConstraints",
+        )(h, &mut lo, &mut hi)
+    };
+    assert_eq!((rc, lo, hi), (0, 200_000, 700_000));
+    // Hopper remaps rows; it does not retire pages.
+    let mut rows = [9u32; 4];
+    let [a, b2, c, d] = &mut rows;
+    // SAFETY: four valid out-pointers.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint, *mut c_uint, *mut c_uint) -> u32>(
+            "nvmlDeviceGetRemappedRows",
+        )(h, a, b2, c, d)
+    };
+    assert_eq!((rc, rows), (0, [0; 4]));
+    assert_eq!(
+        uint("nvmlDeviceGetRetiredPagesPendingStatus", h),
+        Err(3),
+        "no page retirement on Hopper"
+    );
+    assert_eq!(
+        string("nvmlDeviceGetVbiosVersion", h).unwrap(),
+        "96.00.74.00.01"
+    );
+    let (rc, v) = fields(
+        h,
+        &[
+            (field::NVLINK_LINK_COUNT, 0),
+            (field::TOTAL_ENERGY_CONSUMPTION, 0),
+            (9999, 0),
+            (field::NVLINK_THROUGHPUT_DATA_TX, 0),
+            (field::NVLINK_THROUGHPUT_DATA_RX, 18),
+        ],
+    );
+    assert_eq!(rc, 0, "the call succeeds, each entry says how it went");
+    let rcs: Vec<u32> = v.iter().map(|f| f.nvmlReturn).collect();
+    assert_eq!(rcs, vec![0, 0, 3, 0, 2]);
+    // SAFETY: the simulator wrote these fields as the value types it reports.
+    unsafe {
+        assert_eq!(v[0].value.uiVal, 18);
+        assert!(v[1].value.ullVal >= e2);
+    }
+    assert_eq!((v[0].valueType, v[1].valueType), (1, 3));
+    assert!(v.iter().all(|f| f.timestamp > 0));
+}
+
+#[test]
+fn monitor_queries_reject_null_pointers_and_short_buffers() {
+    let _s = session("8gpu");
+    let h = handle(4); // four processes
+    for name in [
+        "nvmlDeviceGetBAR1MemoryInfo",
+        "nvmlDeviceGetMaxPcieLinkGeneration",
+        "nvmlDeviceGetCurrPcieLinkWidth",
+        "nvmlDeviceGetArchitecture",
+        "nvmlDeviceGetTotalEnergyConsumption",
+        "nvmlDeviceGetCurrentClocksEventReasons",
+    ] {
+        assert_eq!(with_null(name, h, false), 2, "{name}");
+    }
+    for name in [
+        "nvmlDeviceGetDriverModel",
+        "nvmlDeviceGetDriverModel_v2",
+        "nvmlDeviceGetPowerManagementLimitConstraints",
+    ] {
+        assert_eq!(with_null(name, h, true), 2, "{name}");
+    }
+    // SAFETY: null out-pointers are what is being tested.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint) -> u32>(
+            "nvmlDeviceGetTemperatureThreshold",
+        )(h, 0, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
+    // SAFETY: as above.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, std::ffi::c_int, *mut nvmlFieldValue_t) -> u32>(
+            "nvmlDeviceGetFieldValues",
+        )(h, 1, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
+    // SAFETY: a negative count is rejected before the (null) buffer is touched.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, std::ffi::c_int, *mut nvmlFieldValue_t) -> u32>(
+            "nvmlDeviceGetFieldValues",
+        )(h, -1, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
+
+    // Per-process utilisation: the NVML size protocol.
+    // SAFETY: a null count pointer is what is being tested.
+    let rc = unsafe {
+        sym::<
+            unsafe extern "C" fn(
+                Dev,
+                *mut nvmlProcessUtilizationSample_t,
+                *mut c_uint,
+                c_ulonglong,
+            ) -> u32,
+        >("nvmlDeviceGetProcessUtilization")(
+            h, std::ptr::null_mut(), std::ptr::null_mut(), 0
+        )
+    };
+    assert_eq!(rc, 2);
+    assert_eq!(
+        process_utilization(h, None, 0).0,
+        7,
+        "null buffer: INSUFFICIENT_SIZE"
+    );
+    assert_eq!(
+        process_utilization(h, None, 0).1,
+        4,
+        "with the needed count"
+    );
+    assert_eq!(process_utilization(h, Some(2), 0).0, 7);
+    assert_eq!(process_utilization(h, Some(2), 0).1, 4);
+    // A busy GPU runs at its maximum clocks in P0, an idle one at its idle clocks.
+    assert_eq!(uint_arg("nvmlDeviceGetClockInfo", h, 0), Ok(1980));
+    assert_eq!(uint_arg("nvmlDeviceGetClockInfo", h, 2), Ok(2619));
+    assert_eq!(uint("nvmlDeviceGetPerformanceState", h), Ok(0));
+    assert_eq!(uint_arg("nvmlDeviceGetClockInfo", handle(2), 1), Ok(345));
+    let (rc, n, samples) = process_utilization(h, Some(8), 0);
+    assert_eq!((rc, n), (0, 4));
+    let mut pids: Vec<u32> = samples.iter().map(|s| s.pid).collect();
+    pids.sort_unstable();
+    assert_eq!(pids, vec![40010, 40011, 40012, 40013]);
+    let total: u32 = samples.iter().map(|s| s.smUtil).sum();
+    assert!(
+        total <= 45,
+        "the processes share the GPU's 45%: {samples:?}"
+    );
+    let tick = samples[0].timeStamp;
+    assert!(samples.iter().all(|s| s.timeStamp == tick));
+    assert_eq!(
+        process_utilization(h, Some(8), u64::MAX).0,
+        6,
+        "nothing newer than the last sample seen: NOT_FOUND"
+    );
+    assert_eq!(
+        process_utilization(handle(2), Some(8), 0).0,
+        6,
+        "no processes: NOT_FOUND"
+    );
+    let mut small = [0 as c_char; 4];
+    // SAFETY: `small` holds 4 bytes and we say so.
+    let rc =
+        unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut c_char, c_uint) -> u32>(
+                "nvmlDeviceGetVbiosVersion",
+            )(h, small.as_mut_ptr(), 4)
+        };
+    assert_eq!(rc, 7);
+}
+
+#[test]
+fn models_fill_what_the_scenario_leaves_out() {
+    let (dir, path) = scenario_file(
+        "models",
+        r#"
+        [[devices]]
+        name = "NVIDIA GeForce RTX 4090"
+        [[devices]]
+        name = "Tesla V100-SXM2-32GB"
+        ecc = { enabled = true, retired_pages_single_bit = 3 }
+        [[devices]]
+        name = "NVIDIA A100-SXM4-80GB"
+        max_clocks = { graphics = 1200 }
+        "#,
+    );
+    let _s = session(path.to_str().unwrap());
+    let (geforce, volta, a100) = (handle(0), handle(1), handle(2));
+    // A GeForce: fans, no ECC, no MIG, an idle PCIe link at generation 1, a 256 MiB BAR1.
+    assert_eq!(uint("nvmlDeviceGetFanSpeed", geforce), Ok(30));
+    assert_eq!(uint("nvmlDeviceGetNumFans", geforce), Ok(2));
+    assert_eq!(uint("nvmlDeviceGetBrand", geforce), Ok(5));
+    assert_eq!(with_null("nvmlDeviceGetEccMode", geforce, true), 3);
+    let (mut cur, mut pending) = (0, 0);
+    // SAFETY: valid out-pointers.
+    let rc =
+        unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut c_uint, *mut c_uint) -> u32>(
+                "nvmlDeviceGetMigMode",
+            )(geforce, &mut cur, &mut pending)
+        };
+    assert_eq!(rc, 3, "a GeForce has no MIG");
+    assert_eq!(uint_arg("nvmlDeviceGetMaxClockInfo", geforce, 0), Ok(3120));
+    assert_eq!(
+        uint_arg("nvmlDeviceGetClockInfo", geforce, 0),
+        Ok(210),
+        "idle clocks"
+    );
+    assert_eq!(
+        uint("nvmlDeviceGetPerformanceState", geforce),
+        Ok(8),
+        "idle in P8"
+    );
+    assert_eq!(uint("nvmlDeviceGetCurrPcieLinkGeneration", geforce), Ok(1));
+    assert_eq!(uint("nvmlDeviceGetMaxPcieLinkGeneration", geforce), Ok(4));
+    assert_eq!(bar1(geforce).unwrap().bar1Total, 256 << 20);
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", geforce, 0), Err(3));
+    assert_eq!(
+        uint("nvmlDeviceGetEnforcedPowerLimit", geforce),
+        Ok(450_000)
+    );
+    // A V100 retires pages (and reports them through the list protocol); it has no row remapping.
+    let mut n: c_uint = 0;
+    let mut pages = [0u64; 3];
+    let retired = |n: &mut c_uint, out: *mut c_ulonglong| {
+        // SAFETY: `out` is null or holds `*n` entries.
+        unsafe {
+            sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint, *mut c_ulonglong) -> u32>(
+                "nvmlDeviceGetRetiredPages",
+            )(volta, 0, n, out)
+        }
+    };
+    assert_eq!(retired(&mut n, std::ptr::null_mut()), 7);
+    assert_eq!(n, 3);
+    n = 1;
+    assert_eq!(retired(&mut n, pages.as_mut_ptr()), 7);
+    n = 3;
+    assert_eq!(retired(&mut n, pages.as_mut_ptr()), 0);
+    assert!(pages[0] != pages[1] && pages[1] != pages[2]);
+    // SAFETY: a null count is what is being tested.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(Dev, c_uint, *mut c_uint, *mut c_ulonglong) -> u32>(
+            "nvmlDeviceGetRetiredPages",
+        )(volta, 0, std::ptr::null_mut(), std::ptr::null_mut())
+    };
+    assert_eq!(rc, 2);
+    assert_eq!(
+        with_null("nvmlDeviceGetRemappedRows", volta, true),
+        3,
+        "no row remapping before Ampere"
+    );
+    assert_eq!(uint("nvmlDeviceGetArchitecture", volta), Ok(5));
+    // An A100 has its clocks and 12 NVLinks; what the scenario states wins key by key.
+    assert_eq!(uint_arg("nvmlDeviceGetMaxClockInfo", a100, 0), Ok(1200));
+    assert_eq!(uint_arg("nvmlDeviceGetMaxClockInfo", a100, 2), Ok(1593));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", a100, 11), Ok(1));
+    assert_eq!(uint_arg("nvmlDeviceGetNvLinkState", a100, 12), Err(2));
+    assert_eq!(uint("nvmlDeviceGetEnforcedPowerLimit", a100), Ok(400_000));
+    assert_eq!(bar1(a100).unwrap().bar1Total, 128 << 30);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn live_values_move_within_their_ranges() {
+    let scenario = Scenario::bundled("live").unwrap();
+    let _s = session("live");
+    let h = handle(0);
+    let d = &scenario.devices[0];
+    let seed = nvml_sim::state::device_seed(0);
+    for _ in 0..5 {
+        let t0 = nvml_sim::series::now_us();
+        let mut u = nvmlUtilization_t { gpu: 0, memory: 0 };
+        // SAFETY: valid out-struct.
+        let rc = unsafe {
+            sym::<unsafe extern "C" fn(Dev, *mut nvmlUtilization_t) -> u32>(
+                "nvmlDeviceGetUtilizationRates",
+            )(h, &mut u)
+        };
+        let t1 = nvml_sim::series::now_us();
+        assert_eq!(rc, 0);
+        // What the simulator answers is the range's value at the time of the call.
+        let (a, b) = (
+            d.utilization_gpu.at(nvml_sim::series::secs(t0), seed),
+            d.utilization_gpu.at(nvml_sim::series::secs(t1), seed),
+        );
+        assert!(
+            (a.min(b)..=a.max(b)).contains(&u.gpu),
+            "{} not between {a} and {b}",
+            u.gpu
+        );
+        assert!((35..=95).contains(&u.gpu) && (15..=45).contains(&u.memory));
+        let (rc, _, samples) = process_utilization(h, Some(4), 0);
+        assert_eq!(rc, 0);
+        assert_eq!(samples.len(), 2);
+        assert!(samples.iter().map(|s| s.smUtil).sum::<u32>() <= 95);
+    }
+    // The stated per-process encoder use of the GeForce's ffmpeg is within its bounds.
+    let (rc, _, samples) = process_utilization(handle(1), Some(4), 0);
+    assert_eq!(rc, 0);
+    let ffmpeg = samples.iter().find(|s| s.pid == 42101).unwrap();
+    assert!((10..=40).contains(&ffmpeg.encUtil), "{ffmpeg:?}");
+}
+
+#[test]
+fn a_frozen_clock_holds_every_value() {
+    let guard = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    while call0("nvmlShutdown") == 0 {}
+    // The variable is read at the first nvmlInit, under the lock every session holds.
+    std::env::set_var(nvml_sim::state::CLOCK_ENV, "1700000000.25");
+    set_scenario(Some("live"));
+    assert_eq!(call0("nvmlInit_v2"), 0);
+    let scenario = Scenario::bundled("live").unwrap();
+    let want = scenario.devices[0]
+        .power_usage_mw
+        .at(1_700_000_000.25, nvml_sim::state::device_seed(0));
+    for _ in 0..3 {
+        assert_eq!(uint("nvmlDeviceGetPowerUsage", handle(0)), Ok(want));
+    }
+    let (rc, _, samples) = process_utilization(handle(0), Some(4), 0);
+    assert_eq!(rc, 0);
+    assert!(samples.iter().all(|s| s.timeStamp == 1_700_000_000_200_000));
+    let e = ull("nvmlDeviceGetTotalEnergyConsumption", handle(0)).unwrap();
+    assert_eq!(ull("nvmlDeviceGetTotalEnergyConsumption", handle(0)), Ok(e));
+    while call0("nvmlShutdown") == 0 {}
+    std::env::remove_var(nvml_sim::state::CLOCK_ENV);
+    set_scenario(None);
+    drop(guard);
+}
+
+#[test]
+fn event_sets_receive_the_scenario_xids() {
+    let (dir, path) = scenario_file(
+        "events",
+        r#"
+        [[devices]]
+        [[devices]]
+        xid_events = [{ after_ms = 0, xid = 48 }, { after_ms = 50, xid = 79 }]
+        [[devices]]
+        name = "NVIDIA GeForce RTX 4090"
+        "#,
+    );
+    let _s = session(path.to_str().unwrap());
+    type Set = *mut c_void;
+    let create = sym::<unsafe extern "C" fn(*mut Set) -> u32>("nvmlEventSetCreate");
+    let register =
+        sym::<unsafe extern "C" fn(Dev, c_ulonglong, Set) -> u32>("nvmlDeviceRegisterEvents");
+    let wait = sym::<unsafe extern "C" fn(Set, *mut nvmlEventData_t, c_uint) -> u32>(
+        "nvmlEventSetWait_v2",
+    );
+    let free = sym::<unsafe extern "C" fn(Set) -> u32>("nvmlEventSetFree");
+    // SAFETY: a null out-pointer is what is being tested.
+    assert_eq!(unsafe { create(std::ptr::null_mut()) }, 2);
+    let mut set: Set = std::ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    assert_eq!(unsafe { create(&mut set) }, 0);
+    assert_eq!(ull("nvmlDeviceGetSupportedEventTypes", handle(1)), Ok(0x1F));
+    assert_eq!(
+        ull("nvmlDeviceGetSupportedEventTypes", handle(2)),
+        Ok(0x1C),
+        "no ECC events without ECC"
+    );
+    // SAFETY: `set` came from nvmlEventSetCreate.
+    unsafe {
+        assert_eq!(
+            register(handle(2), 1, set),
+            3,
+            "single-bit ECC on a GeForce"
+        );
+        assert_eq!(register(handle(0), 8, set), 0);
+        assert_eq!(register(handle(1), 8, set), 0);
+        assert_eq!(register(handle(1), 8, 0x77 as Set), 2, "not a set");
+    }
+    let mut data = nvmlEventData_t {
+        device: std::ptr::null_mut(),
+        eventType: 0,
+        eventData: 0,
+        gpuInstanceId: 0,
+        computeInstanceId: 0,
+    };
+    // SAFETY: `set` is live and `data` a valid out-struct (or null, where that is tested).
+    unsafe {
+        assert_eq!(wait(set, std::ptr::null_mut(), 0), 2);
+        assert_eq!(wait(set, &mut data, 0), 0);
+        assert_eq!(
+            (data.device, data.eventType, data.eventData),
+            (handle(1), 8, 48)
+        );
+        assert_eq!(data.gpuInstanceId, u32::MAX);
+        // The second XID comes 50 ms after the registration; the wait lasts until then.
+        assert_eq!(wait(set, &mut data, 10_000), 0);
+        assert_eq!(data.eventData, 79);
+        assert_eq!(
+            wait(set, &mut data, 20),
+            10,
+            "nothing more: NVML_ERROR_TIMEOUT"
+        );
+        assert_eq!(free(set), 0);
+        assert_eq!(free(set), 2);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn samples_clocks_and_sizes() {
+    let scenario = Scenario::bundled("live").unwrap();
+    let _s = session("live");
+    let h = handle(0);
+    assert_eq!(uint("nvmlDeviceGetMemoryBusWidth", h), Ok(5120));
+    assert_eq!(uint("nvmlDeviceGetNumGpuCores", h), Ok(16896));
+    assert_eq!(uint("nvmlDeviceGetNumGpuCores", handle(1)), Ok(16384));
+    let clock_id = |id: c_uint| {
+        let mut v: c_uint = 0;
+        // SAFETY: valid out-pointer.
+        let rc = unsafe {
+            sym::<unsafe extern "C" fn(Dev, c_uint, c_uint, *mut c_uint) -> u32>(
+                "nvmlDeviceGetClock",
+            )(h, 0, id, &mut v)
+        };
+        (rc, v)
+    };
+    assert_eq!(clock_id(0), (0, 1755), "the scenario's current clock");
+    assert_eq!(clock_id(3), (0, 1980), "the boost maximum");
+    assert_eq!(clock_id(9).0, 2);
+    assert_eq!(uint_arg("nvmlDeviceGetApplicationsClock", h, 0), Ok(1980));
+    type Samples = unsafe extern "C" fn(
+        Dev,
+        c_uint,
+        c_ulonglong,
+        *mut c_uint,
+        *mut c_uint,
+        *mut nvmlSample_t,
+    ) -> u32;
+    let get = sym::<Samples>("nvmlDeviceGetSamples");
+    let (mut ty, mut n) = (9, 0);
+    // SAFETY: valid out-pointers and a null buffer: how many samples there are.
+    let rc = unsafe { get(h, 1, 0, &mut ty, &mut n, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
+    assert_eq!((ty, n), (1, 120), "unsigned ints, the last 12 s");
+    // SAFETY: null count is what is being tested.
+    let rc = unsafe { get(h, 1, 0, &mut ty, std::ptr::null_mut(), std::ptr::null_mut()) };
+    assert_eq!(rc, 2);
+    let zero = nvmlSample_t {
+        timeStamp: 0,
+        sampleValue: nvmlValue_t { ullVal: 0 },
+    };
+    let mut buf = vec![zero; 10];
+    n = 10;
+    // SAFETY: `buf` holds `n` samples.
+    let rc = unsafe { get(h, 1, 0, &mut ty, &mut n, buf.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    assert_eq!(n, 10, "the newest 10");
+    let d = &scenario.devices[0];
+    for w in buf.windows(2) {
+        assert_eq!(w[1].timeStamp - w[0].timeStamp, 100_000);
+    }
+    for sample in &buf {
+        // SAFETY: utilisation samples are unsigned ints.
+        let v = unsafe { sample.sampleValue.uiVal };
+        let want = d.utilization_gpu.at(
+            nvml_sim::series::secs(sample.timeStamp),
+            nvml_sim::state::device_seed(0),
+        );
+        assert_eq!(v, want, "the value at the sample's time");
+    }
+    // Nothing newer than the newest sample: NOT_FOUND.
+    let newest = buf[9].timeStamp;
+    n = 10;
+    // SAFETY: as above.
+    let rc = unsafe { get(h, 1, newest, &mut ty, &mut n, buf.as_mut_ptr()) };
+    assert_eq!(rc, 6);
+    // SAFETY: as above.
+    let rc = unsafe { get(h, 99, 0, &mut ty, &mut n, buf.as_mut_ptr()) };
+    assert_eq!(rc, 2);
 }
