@@ -251,7 +251,7 @@ pub use channel::{
     Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SendError, SimpleQueue,
 };
 pub use ipc::{deserialize_fd, serialize_fd};
-pub use pool::{AsyncResult, Imap, Pool, PoolBuilder, PoolError, WorkerGpuUsage};
+pub use pool::{AsyncResult, Imap, Launcher, Pool, PoolBuilder, PoolError, Slurm, WorkerGpuUsage};
 pub use process::{
     active_children, cpu_count, current_process, get_start_method, parent_process,
     process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo,
@@ -275,7 +275,8 @@ pub use sys::signal_name;
 /// }
 /// ```
 pub fn init() {
-    process::init()
+    process::init();
+    pool::serve_if_remote_worker();
 }
 
 /// Makes gpuproc work in a test binary: write it once, at the top level of the test crate.

@@ -144,6 +144,12 @@ fn recv_error(e: io::Error) -> ConnectionError {
 }
 
 impl Connection {
+    /// The socket, for a protocol of its own after the handshake. (Only between whole
+    /// messages, when nothing more has arrived: the caller's protocol must alternate.)
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     pub(crate) fn new(fd: OwnedFd, max_message_size: usize) -> Self {
         Connection {
             fd,

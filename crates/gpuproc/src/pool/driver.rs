@@ -433,6 +433,8 @@ impl Driver {
             init: self.config.init.clone(),
             max_tasks: self.config.max_tasks_per_child,
             track_time: self.config.task_timeout.is_some(),
+            launcher: self.config.launcher.clone(),
+            remote: false,
         };
         // Checked here, with the pools' own threads left out (replacements fork from the
         // driver thread).

@@ -33,7 +33,11 @@ mod error;
 mod lens;
 mod plain;
 pub(crate) mod policy;
+mod remote;
 mod shm_args;
+
+pub(crate) use remote::serve_if_remote_worker;
+pub use remote::{Launcher, Slurm};
 pub(crate) mod worker;
 
 use std::any::type_name;
@@ -77,6 +81,8 @@ pub(crate) struct Config {
     pub gpus: Option<gpu::WorkerGpus>,
     /// How often the driver samples each worker's GPU memory through NVML.
     pub gpu_sampling: Option<Duration>,
+    /// Where workers run (`None`: here).
+    pub launcher: Option<remote::Launcher>,
 }
 
 impl std::fmt::Debug for Config {
@@ -128,6 +134,7 @@ impl Default for PoolBuilder {
                 progress: false,
                 gpus: None,
                 gpu_sampling: None,
+                launcher: None,
             },
             init_error: None,
             gpu_share: None,
@@ -243,6 +250,21 @@ impl PoolBuilder {
         self
     }
 
+    /// Where the workers run: on this machine (the default), as Slurm job steps, or started
+    /// by any command line such as `ssh host` (see [`Launcher`](remote::Launcher) and the
+    /// crate guide, "Remote computers"). Workers elsewhere run the same executable, connect
+    /// back over an authenticated TCP connection, and behave as local ones: a worker that
+    /// is lost fails its task alone and is replaced; nothing is left running when the pool
+    /// ends. Their arguments and results are copied over the network, so values that hold
+    /// descriptors (queues, locks, shared memory) cannot be sent to them: such a task is
+    /// refused when it is submitted, naming the type. Not with a task timeout or GPUs leased
+    /// through [`gpus_per_worker`](Self::gpus_per_worker) (Slurm hands out the GPUs: see
+    /// [`Slurm::gpus`](remote::Slurm::gpus)).
+    pub fn launcher(mut self, launcher: remote::Launcher) -> Self {
+        self.config.launcher = (!launcher.is_local()).then_some(launcher);
+        self
+    }
+
     /// Run a task again, up to `n` times, when its worker dies under it (default 0: report
     /// the failure). Tasks that fail by panicking are never retried.
     pub fn retries(mut self, n: u32) -> Self {
@@ -308,6 +330,41 @@ impl PoolBuilder {
             return Err(e);
         }
         policy::check_counts(self.config.processes, self.config.max_tasks_per_child)?;
+        if self.config.launcher.is_some() {
+            let remote_refuses = |setting, value: String, expected| {
+                Err(PoolError::InvalidArgument {
+                    setting,
+                    value,
+                    expected,
+                })
+            };
+            if let Some(t) = self.config.task_timeout {
+                return remote_refuses(
+                    "task_timeout",
+                    format!("{t:?}"),
+                    "no task timeout with remote workers (a launcher other than local)",
+                );
+            }
+            if self.gpu_share.is_some() {
+                return remote_refuses(
+                    "gpus_per_worker",
+                    "a GPU share".into(),
+                    "no leased GPUs with remote workers: ask the launcher (Slurm::gpus)",
+                );
+            }
+            if self
+                .config
+                .init
+                .as_ref()
+                .is_some_and(|i| !i.fds.0.is_empty())
+            {
+                return remote_refuses(
+                    "initializer",
+                    "an argument holding descriptors (a queue, lock or shared memory)".into(),
+                    "an initializer argument without descriptors: they cannot cross machines",
+                );
+            }
+        }
         if let Some(init) = self.config.init.as_ref() {
             if self.config.start_method != StartMethod::Fork {
                 init.func.check()?;
@@ -642,7 +699,7 @@ impl Pool {
     {
         let (job, rx) = self.new_job();
         let mut chunk = new_chunk(job.clone(), fn_ref(f), 0);
-        push_task(&mut chunk, &self.shared.shm, &args)?;
+        push_task(&mut chunk, self.target(), &args)?;
         self.submit(vec![chunk])?;
         Ok(AsyncResult {
             rx,
@@ -737,21 +794,45 @@ fn new_chunk(job: Arc<Job>, func: FnRef, first_index: u64) -> Chunk {
     }
 }
 
+/// Where a chunk's tasks go: the pool's shared memory for large arguments, and whether its
+/// workers are on other machines.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    shm: &'a Arc<ShmPool>,
+    remote: bool,
+}
+
+impl Pool {
+    fn target(&self) -> Target<'_> {
+        Target {
+            shm: &self.shared.shm,
+            remote: self.config.launcher.is_some(),
+        }
+    }
+}
+
 /// Appends one task's encoded argument to a chunk.
-fn push_task<A: Serialize>(
-    chunk: &mut Chunk,
-    pool: &Arc<ShmPool>,
-    args: &A,
-) -> Result<(), PoolError> {
+fn push_task<A: Serialize>(chunk: &mut Chunk, to: Target<'_>, args: &A) -> Result<(), PoolError> {
     let index = chunk.first_index + chunk.len() as u64;
     let start = chunk.args_len();
-    let fds = shm_args::encode(&mut chunk.args, &mut chunk.shm, pool, args).map_err(|reason| {
-        PoolError::Encode {
+    let fds =
+        shm_args::encode(&mut chunk.args, &mut chunk.shm, to.shm, args).map_err(|reason| {
+            PoolError::Encode {
+                index,
+                type_name: type_name::<A>().to_string(),
+                reason,
+            }
+        })?;
+    if to.remote && !fds.is_empty() {
+        chunk.truncate_args(start);
+        return Err(PoolError::Encode {
             index,
             type_name: type_name::<A>().to_string(),
-            reason,
-        }
-    })?;
+            reason: "it holds a descriptor (a queue, lock, pipe or shared memory), which cannot \
+                     go to a worker on another machine"
+                .into(),
+        });
+    }
     let sizes = lens::checked_len(chunk.args_len() - start, "the argument")
         .and_then(|len| Ok((len, lens::checked_fds(fds.len(), "the argument")?)));
     let (len, nfds) = match sizes {
@@ -828,7 +909,7 @@ impl<A, I: Iterator<Item = A>> Iterator for Input<A, I> {
 /// rest of the job (`plain` becomes `None`), re-encoding the chunk so far with postcard.
 fn push_item<A: Serialize + DeserializeOwned>(
     chunk: &mut Chunk,
-    pool: &Arc<ShmPool>,
+    pool: Target<'_>,
     plain: &mut Option<plain::Encoder>,
     args: &A,
 ) -> Result<(), PoolError> {
@@ -1156,7 +1237,7 @@ where
                 self.max_chunk_bytes,
             ) {
                 let Some(a) = self.input.next() else { break };
-                push_item(&mut chunk, &self.pool.shared.shm, &mut self.plain, &a)?;
+                push_item(&mut chunk, self.pool.target(), &mut self.plain, &a)?;
             }
             if chunk.len() == 0 {
                 break;

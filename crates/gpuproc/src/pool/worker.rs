@@ -431,6 +431,11 @@ pub(crate) struct WorkerArgs {
     pub max_tasks: Option<u64>,
     /// Record each task's start time (the pool has a task timeout).
     pub track_time: bool,
+    /// Start the worker on another machine through this launcher: this process is then its
+    /// relay (see `remote`).
+    pub launcher: Option<super::remote::Launcher>,
+    /// This worker runs on another machine: results never go through shared memory.
+    pub remote: bool,
 }
 
 fn ser_fd<S: serde::Serializer>(fd: &OwnedFd, s: S) -> Result<S::Ok, S::Error> {
@@ -462,11 +467,29 @@ impl From<String> for WorkerError {
 
 /// The worker's main loop: the target of each worker `Process`.
 pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
+    if let Some(launcher) = args.launcher.clone() {
+        return super::remote::relay_main(args, launcher);
+    }
     let page = Mapping::map_existing(args.page, PAGE_LEN)
         .map_err(|e| format!("mapping the status page: {e}"))?;
     let phase = page.atomic_u64(PHASE_AT);
     phase.store(PHASE_INIT, Ordering::Release);
     if let Some(init) = args.init {
+        run_initializer(init)?;
+    }
+    phase.store(PHASE_READY, Ordering::Release);
+    serve(
+        args.conn,
+        &page,
+        args.track_time,
+        args.max_tasks,
+        args.remote,
+    )
+}
+
+/// Runs the pool's initializer in this worker.
+pub(crate) fn run_initializer(init: Init) -> Result<(), WorkerError> {
+    {
         // Run like a chunk of one task whose result is dropped.
         let (t, target) = resolve(init.func);
         // Received with this worker's start (spawn, fork server), or inherited with the
@@ -498,11 +521,26 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
             return Err(WorkerError::Initializer(f.to_string()));
         }
     }
-    phase.store(PHASE_READY, Ordering::Release);
-    let (conn, track_time, max_tasks) = (args.conn, args.track_time, args.max_tasks);
+    Ok(())
+}
+
+/// The worker loop: runs the chunks that come on `conn` and sends their results, until told
+/// to stop, the connection ends, or `max_tasks` are done. A `remote` worker (on another
+/// machine) sends every result in its frames, never in shared memory.
+pub(crate) fn serve(
+    conn: OwnedFd,
+    page: &Mapping,
+    track_time: bool,
+    max_tasks: Option<u64>,
+    remote: bool,
+) -> Result<(), WorkerError> {
     let err = |e: std::io::Error| e.to_string();
     let mut reader = FrameReader::default();
-    let mut out = Outbox::default();
+    let mut out = Outbox {
+        spill: !remote,
+        eager: remote,
+        ..Outbox::default()
+    };
     // Mappings of the memfds that large arguments come in, kept for their reuse.
     let memfds = MapCache::default();
     let mut done: u64 = 0;
@@ -536,7 +574,7 @@ pub(crate) fn worker_main(args: WorkerArgs) -> Result<(), WorkerError> {
             };
             out.begin(chunk.first_seq);
             let mut st = ChunkState::new(&chunk, args, frame_fds, &mut out);
-            st.page = Some(&page);
+            st.page = Some(page);
             st.track_time = track_time;
             st.conn = Some(&conn);
             // One panic guard for the whole chunk (a guard per task costs more than a trivial
@@ -596,6 +634,11 @@ pub(crate) struct Outbox {
     results_shm: Option<ShmArgs>,
     /// Memfds for large results.
     shm: Arc<ShmPool>,
+    /// Whether large results may go through memfds (not from another machine).
+    spill: bool,
+    /// Send each result as soon as its task ends (a worker on another machine: its relay
+    /// learns which task runs from the results, see `remote`).
+    eager: bool,
     run_fds: Vec<OwnedFd>,
     codec: RunCodec,
     /// The encoded header of the run being closed (kept for its capacity).
@@ -666,7 +709,11 @@ impl Outbox {
             RunCodec::Postcard => {}
         }
         let start = self.results_len();
-        let fds = shm_args::encode(&mut self.results, &mut self.results_shm, &self.shm, r)?;
+        let fds = if self.spill {
+            shm_args::encode(&mut self.results, &mut self.results_shm, &self.shm, r)?
+        } else {
+            encode_into(&mut self.results, r)?
+        };
         match result_sizes(self.results_len() - start, fds.len()) {
             Ok(sizes) => {
                 self.push_ok(sizes, fds);
@@ -798,7 +845,7 @@ impl Outbox {
 
     #[inline]
     fn due(&mut self) -> bool {
-        if self.frames.len() + self.results_len() >= FLUSH_BYTES {
+        if self.eager || self.frames.len() + self.results_len() >= FLUSH_BYTES {
             return true;
         }
         self.tick += 1;

@@ -289,6 +289,30 @@ pub(crate) fn kill_me_with_parent() -> io::Result<()> {
     ))?)
 }
 
+/// Makes the command, once spawned, receive `signal` when the thread that spawned it ends
+/// (as its parent process dies, for a single-threaded spawner).
+pub(crate) fn die_with_parent(cmd: &mut std::process::Command, signal: Signal) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and makes one async-signal-safe
+    // system call (prctl).
+    unsafe {
+        cmd.pre_exec(move || {
+            Ok(rustix::process::set_parent_process_death_signal(Some(
+                signal,
+            ))?)
+        });
+    }
+}
+
+/// Blocks until the peer of the socket `fd` has closed its end (or the socket failed);
+/// `false` if it could not be watched. Reads nothing.
+pub(crate) fn wait_for_hangup(fd: BorrowedFd<'_>) -> bool {
+    matches!(
+        poll_events(&[(fd, PollFlags::RDHUP)], None),
+        Ok(ev) if ev.iter().any(|e| e.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR))
+    )
+}
+
 /// Sends SIGKILL to this process.
 pub(crate) fn kill_self() -> ! {
     let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::KILL);

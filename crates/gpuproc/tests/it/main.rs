@@ -9,6 +9,7 @@ mod examples;
 mod pool;
 mod pool_gpu;
 mod process;
+mod remote;
 mod shm;
 mod support;
 mod sync;

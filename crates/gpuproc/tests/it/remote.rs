@@ -1,0 +1,228 @@
+//! Pools whose workers are started by a launcher: a command line (here `env`, standing in
+//! for `ssh host`) and Slurm steps on the project's local cluster (`scripts/slurm-local`).
+
+use std::time::{Duration, Instant};
+
+use gpuproc::channel::Queue;
+use gpuproc::{Launcher, Pool, Slurm};
+
+use crate::support::TIMEOUT;
+
+/// Runs `f` on another thread, failing the test if it takes longer than [`TIMEOUT`].
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(TIMEOUT)
+        .expect("the call returned within the timeout (and did not panic)")
+}
+
+/// The pids of this user's processes running as remote pool workers.
+fn remote_workers() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            (!zombie && cmd.split(|&b| b == 0).any(|a| a == b"--gpuproc-worker")).then_some(pid)
+        })
+        .collect()
+}
+
+/// Waits (with a deadline) until no remote worker is left; returns those still there.
+fn no_remote_workers_left() -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = remote_workers();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stand_in_for_ssh() -> Launcher {
+    Launcher::command(["env", "GPUPROC_TEST_REMOTE=yes"])
+        .connect_back_to("127.0.0.1")
+        .start_timeout(Duration::from_secs(30))
+}
+
+/// Where a task ran: its pid, and whether it is a launched worker.
+fn where_and_square(x: u64) -> (u32, Option<String>, u64) {
+    (
+        std::process::id(),
+        std::env::var("GPUPROC_TEST_REMOTE").ok(),
+        x * x,
+    )
+}
+
+fn dies_on_5(x: u64) -> u64 {
+    if x == 5 {
+        // SAFETY: a plain system call on this process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    x * x
+}
+
+#[test]
+fn workers_started_by_a_command_run_tasks_and_a_lost_one_fails_its_task_alone() {
+    let (placed, outcomes) = within(|| {
+        let pool = Pool::builder()
+            .processes(2)
+            .launcher(stand_in_for_ssh())
+            .build()
+            .unwrap();
+        let placed = pool.map(where_and_square, 0..40u64).unwrap();
+        let outcomes: Vec<Result<u64, String>> = pool
+            .imap(dies_on_5, 0..20u64)
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect();
+        // And the pool goes on with a replacement.
+        assert_eq!(pool.map(dies_on_5, 6..9u64).unwrap(), [36, 49, 64]);
+        pool.close();
+        pool.join().unwrap();
+        (placed, outcomes)
+    });
+    let squares: Vec<u64> = placed.iter().map(|p| p.2).collect();
+    assert_eq!(squares, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
+    assert!(
+        placed.iter().all(|p| p.1.as_deref() == Some("yes")),
+        "every task ran in a launched worker"
+    );
+    let mut pids: Vec<u32> = placed.iter().map(|p| p.0).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert!(!pids.contains(&std::process::id()));
+    for (x, r) in outcomes.iter().enumerate() {
+        if x == 5 {
+            let e = r.as_ref().unwrap_err();
+            assert!(e.contains("task 5") || e.contains("died"), "{e}");
+        } else {
+            assert_eq!(r, &Ok(x as u64 * x as u64), "task {x}");
+        }
+    }
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn put_one((q, x): (Queue<u64>, u64)) -> u64 {
+    q.put(x).unwrap();
+    x
+}
+
+fn keep(_: Queue<u64>) {}
+
+#[test]
+fn descriptors_cannot_go_to_remote_workers_and_the_refusal_names_the_type() {
+    let e = Pool::builder()
+        .processes(1)
+        .launcher(stand_in_for_ssh())
+        .initializer(keep, Queue::new().unwrap())
+        .build()
+        .unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    assert!(e.to_string().contains("cannot cross machines"), "{e}");
+
+    let e = within(|| {
+        let pool = Pool::builder()
+            .processes(1)
+            .launcher(stand_in_for_ssh())
+            .build()
+            .unwrap();
+        let q = Queue::<u64>::new().unwrap();
+        pool.apply(put_one, (q, 1)).unwrap_err()
+    });
+    let text = e.to_string();
+    assert!(text.contains("Queue"), "{text}");
+    assert!(text.contains("another machine"), "{text}");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+#[test]
+fn a_launcher_that_cannot_start_workers_fails_the_tasks_with_its_reason() {
+    let e = within(|| {
+        let pool = Pool::builder()
+            .processes(1)
+            .launcher(Launcher::command(["false"]).connect_back_to("127.0.0.1"))
+            .build()
+            .unwrap();
+        pool.map(where_and_square, 0..3u64).unwrap_err()
+    });
+    let text = e.to_string();
+    assert!(text.contains("`false"), "{text}");
+    assert!(text.contains("before the worker connected"), "{text}");
+}
+
+/// Whether the project's local Slurm cluster is up (`GPUPROC_SLURM=1`, as `scripts/test`
+/// sets); fails when nobody said, skips when told there is none (`GPUPROC_SLURM=0`).
+fn slurm_available() -> bool {
+    match std::env::var("GPUPROC_SLURM").as_deref() {
+        Ok("1") => true,
+        Ok("0") => {
+            println!("note: skipping: no local Slurm cluster on this machine (GPUPROC_SLURM=0)");
+            false
+        }
+        _ => panic!(
+            "the Slurm tests need the local cluster: eval \"$(scripts/slurm-local up)\" (or \
+             GPUPROC_SLURM=0 to skip them)"
+        ),
+    }
+}
+
+/// The GPUs Slurm gave the worker, and its step.
+fn gpus_of_step(_: u32) -> (Option<String>, Option<String>, u32) {
+    let env = |k: &str| std::env::var(k).ok();
+    (
+        env("CUDA_VISIBLE_DEVICES"),
+        env("SLURM_JOB_ID")
+            .zip(env("SLURM_STEP_ID"))
+            .map(|(j, s)| format!("{j}.{s}")),
+        std::process::id(),
+    )
+}
+
+#[test]
+fn workers_as_slurm_steps_each_get_their_own_gpu() {
+    if !slurm_available() {
+        return;
+    }
+    let got = within(|| {
+        let pool = Pool::builder()
+            .processes(2)
+            .launcher(
+                Launcher::slurm(Slurm::new().gpus(1).time("5"))
+                    .connect_back_to("127.0.0.1")
+                    .start_timeout(Duration::from_secs(30)),
+            )
+            .build()
+            .unwrap();
+        let got = pool.map_chunksize(gpus_of_step, 0..8u32, 1).unwrap();
+        pool.close();
+        pool.join().unwrap();
+        got
+    });
+    let mut by_worker: Vec<(u32, String, String)> = got
+        .into_iter()
+        .map(|(gpus, step, pid)| {
+            (
+                pid,
+                gpus.expect("Slurm set CUDA_VISIBLE_DEVICES"),
+                step.expect("the worker runs in a Slurm step"),
+            )
+        })
+        .collect();
+    by_worker.sort();
+    by_worker.dedup();
+    let mut gpus: Vec<&String> = by_worker.iter().map(|w| &w.1).collect();
+    gpus.dedup();
+    assert_eq!(
+        gpus.len(),
+        by_worker.len(),
+        "one GPU per worker: {by_worker:?}"
+    );
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
