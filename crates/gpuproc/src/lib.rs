@@ -242,7 +242,7 @@ pub use ipc::{deserialize_fd, serialize_fd};
 pub use pool::{AsyncResult, Imap, Pool, PoolBuilder, PoolError, WorkerGpuUsage};
 pub use process::{
     active_children, cpu_count, current_process, get_start_method, parent_process,
-    process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo,
+    process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo, Sentinel,
     StartMethod,
 };
 pub use shm::{SharedArray, SharedMemory, SharedSlice, SharedValue, ShmError};

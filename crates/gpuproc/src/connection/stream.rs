@@ -401,6 +401,18 @@ impl Connection {
     pub fn close(self) {}
 }
 
+/// Ready when part of a message (or the other end's closing) is waiting, or when the
+/// connection can receive no more (the next receive reports why).
+impl super::Waitable for Connection {
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn ready_now(&self) -> bool {
+        self.rx.try_lock().is_ok_and(|rx| rx.broken.is_some())
+    }
+}
+
 /// Python's `conn.fileno()`.
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
