@@ -7,6 +7,7 @@ mod connection;
 mod examples;
 mod pool;
 mod pool_gpu;
+mod ported;
 mod process;
 mod shm;
 mod support;
