@@ -225,6 +225,7 @@
 pub mod channel;
 mod codec;
 pub mod connection;
+mod context;
 mod errors;
 pub mod gpu;
 mod ipc;
@@ -238,6 +239,7 @@ pub mod time;
 pub use channel::{
     Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SendError, SimpleQueue,
 };
+pub use context::{get_context, Context};
 pub use ipc::{deserialize_fd, serialize_fd};
 pub use pool::{AsyncResult, Imap, Pool, PoolBuilder, PoolError, WorkerGpuUsage};
 pub use process::{
