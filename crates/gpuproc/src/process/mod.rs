@@ -211,7 +211,7 @@ impl ProcessInfo {
     /// How the process ended, once it has; `None` while it runs. Always `None` for
     /// [`current_process`] and [`parent_process`], as in Python (only a process's parent
     /// learns its exit code); for an entry of [`active_children`], see
-    /// [`Process::exitcode`].
+    /// [`Process::exitcode`] (`None` once that `Process` was dropped).
     pub fn exitcode(&self) -> Option<i32> {
         match self.role {
             Role::Current | Role::Parent => None,
@@ -220,11 +220,13 @@ impl ProcessInfo {
     }
 }
 
-/// A pidfd for this process's parent, opened when the child started.
-static PARENT_PIDFD: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+/// A pidfd for this process's parent, opened when the child started (`Some(None)`: the
+/// parent was gone by then). Replaced in each child: a forked child inherits its parent's.
+static PARENT_PIDFD: Mutex<Option<Option<OwnedFd>>> = Mutex::new(None);
 
 fn parent_alive(pid: u32) -> bool {
-    match PARENT_PIDFD.get() {
+    let parent = PARENT_PIDFD.lock().unwrap_or_else(|p| p.into_inner());
+    match &*parent {
         Some(Some(fd)) => !matches!(
             sys::poll_readable(&[fd.as_fd()], Some(Instant::now())).as_deref(),
             Ok([true])
@@ -272,7 +274,8 @@ fn enter_child(id: &Identity, env: &[(String, Option<String>)]) {
         parent: Some((id.parent_pid, id.parent_name.clone())),
     });
     NEXT_ID.store(1, Ordering::SeqCst);
-    let _ = PARENT_PIDFD.set(sys::pidfd_open(id.parent_pid).ok());
+    *PARENT_PIDFD.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(sys::pidfd_open(id.parent_pid).ok());
     for (k, v) in env {
         match v {
             Some(v) => std::env::set_var(k, v),
