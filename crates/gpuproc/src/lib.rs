@@ -232,7 +232,7 @@
 //! | `get_start_method`, `set_start_method` | [`get_start_method`], [`set_start_method`] ([`Process::with_start_method`] and [`PoolBuilder::start_method`] for one process or pool) |
 //! | `get_all_start_methods` | [`StartMethod::all`] |
 //! | `ProcessError` | each area's error: [`ProcessError`], [`PoolError`], [`ChannelError`], [`SyncError`], [`ShmError`], [`connection::ConnectionError`] |
-//! | `BufferTooShort` | [`ChannelError::BufferTooShort`] (from [`Connection::recv_bytes_into`]) |
+//! | `BufferTooShort` | [`ChannelError::BufferTooShort`] (from [`Connection::recv_bytes_into`]) and [`connection::ConnectionError::BufferTooShort`] (from [`connection::Connection::recv_bytes_into`]) |
 //! | `TimeoutError` | each error's `Timeout` case (`is_timeout()`), e.g. [`ChannelError::Timeout`] |
 //! | `AuthenticationError` | [`connection::ConnectionError::Authentication`] |
 //! | `freeze_support` | none: it is for frozen Windows executables; [`init`] is the one line of set-up gpuproc needs |
