@@ -213,6 +213,52 @@
 //!
 //! [`Process::with_gpus`] does the same for one process.
 //!
+//! # Python's `multiprocessing`, name by name
+//!
+//! Every public name of Python's `multiprocessing` (its `__all__`) and
+//! `multiprocessing.shared_memory`, with the submodule names Python programs import most,
+//! and what to use in gpuproc. Where Rust has a better idiom, it is offered under a name a
+//! Python user finds (search the docs for the Python name: most items carry it as an
+//! alias).
+//!
+//! | Python | gpuproc |
+//! |---|---|
+//! | `Process` | [`Process`] (`sentinel` is [`Process::sentinel`], `close` is [`Process::close`]) |
+//! | `current_process()` | [`current_process`] (a [`ProcessInfo`]: `name`, `pid`, `daemon`, [`is_alive`](ProcessInfo::is_alive), [`exitcode`](ProcessInfo::exitcode)) |
+//! | `parent_process()` | [`parent_process`] |
+//! | `active_children()` | [`active_children`] |
+//! | `cpu_count()` | [`cpu_count`] ([`process_cpu_count`] for Python 3.13's `os.process_cpu_count()`) |
+//! | `Pipe` | [`Pipe::new`], [`Pipe::simplex`] for `duplex=False`; ends are [`Connection`] |
+//! | `Queue`, `JoinableQueue`, `SimpleQueue` | [`Queue`], [`JoinableQueue`], [`SimpleQueue`] ([`Queue::shutdown`] for Python 3.13's `shutdown`) |
+//! | `Lock`, `RLock`, `Semaphore`, `BoundedSemaphore`, `Event`, `Condition`, `Barrier` | [`Lock`], [`RLock`], [`Semaphore`], [`BoundedSemaphore`], [`Event`], [`Condition`], [`Barrier`] (module [`sync`]) |
+//! | `Value`, `Array` | [`SharedValue::new`], [`SharedArray::from_slice`] (each with its lock, [`SharedValue::get_lock`]) |
+//! | `RawValue`, `RawArray` | [`SharedValue::new_unlocked`], [`SharedArray::from_slice_unlocked`] |
+//! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more); results are [`AsyncResult`] and [`Imap`] |
+//! | `Manager` | planned: a manager process serving shared containers through proxies |
+//! | `get_context` | [`get_context`] (a [`Context`]) |
+//! | `get_start_method`, `set_start_method` | [`get_start_method`], [`set_start_method`] ([`Process::with_start_method`] and [`PoolBuilder::start_method`] for one process or pool) |
+//! | `get_all_start_methods` | [`StartMethod::all`] |
+//! | `ProcessError` | each area's error: [`ProcessError`], [`PoolError`], [`ChannelError`], [`SyncError`], [`ShmError`], [`connection::ConnectionError`] |
+//! | `BufferTooShort` | [`ChannelError::BufferTooShort`] (from [`Connection::recv_bytes_into`]) and [`connection::ConnectionError::BufferTooShort`] (from [`connection::Connection::recv_bytes_into`]) |
+//! | `TimeoutError` | each error's `Timeout` case (`is_timeout()`), e.g. [`ChannelError::Timeout`] |
+//! | `AuthenticationError` | [`connection::ConnectionError::Authentication`] |
+//! | `freeze_support` | none: it is for frozen Windows executables; [`init`] is the one line of set-up gpuproc needs |
+//! | `set_executable` | none: a child always runs this same executable (`/proc/self/exe`), which is how it finds the function to call |
+//! | `set_forkserver_preload` | none: the fork server is a copy of the whole program, with everything it links already loaded |
+//! | `allow_connection_pickling`, `reducer` | none: values are serde data, and handles (connections, queues, locks, shared memory) always cross inside gpuproc's own messages, as descriptors ([`serialize_fd`], [`deserialize_fd`] for your own types) |
+//! | `get_logger`, `log_to_stderr` | none: gpuproc reports through its errors, not a logger |
+//! | `connection.wait` | [`connection::wait`] (and [`connection::wait_indices`]) over anything [`connection::Waitable`]: both kinds of connection, queues, [`Sentinel`]s, descriptors |
+//! | `connection.Listener`, `connection.Client`, `connection.Connection` | [`connection::Listener`], [`connection::Client`], [`connection::Connection`] |
+//! | `connection.answer_challenge`, `connection.deliver_challenge` | none as functions: [`connection::Listener`] and [`connection::Client`] run them |
+//! | `pool.ThreadPool`, `dummy` | planned: the [`Pool`] API on threads |
+//! | `pool.AsyncResult`, `pool.TimeoutError` | [`AsyncResult`], [`PoolError`]'s timeout |
+//! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | planned, with `Manager` |
+//! | `resource_tracker` | planned: unlinking named shared memory left by a process that was killed |
+//! | `sharedctypes.synchronized`, `sharedctypes.copy` | none: [`SharedValue`] and [`SharedArray`] carry their lock already; copy out with [`SharedArray::to_vec`] |
+//! | `util.Finalize`, `util.register_after_fork` | none: Rust's `Drop` releases resources; nothing runs after a fork but the child's target |
+//! | `shared_memory.SharedMemory` | [`SharedMemory`] ([`SharedMemory::create_named`], [`SharedMemory::attach`], [`SharedMemory::create`] for an unnamed block) |
+//! | `shared_memory.ShareableList` | planned: a fixed list of scalars and short strings in one named block |
+//!
 //! # Platform support
 //!
 //! Linux only (pidfds need Linux 5.3 or later).
@@ -237,6 +283,7 @@
 pub mod channel;
 mod codec;
 pub mod connection;
+mod context;
 mod errors;
 pub mod gpu;
 mod ipc;
@@ -250,11 +297,12 @@ pub mod time;
 pub use channel::{
     Bytes, ChannelError, Connection, JoinableQueue, Pipe, Queue, SendError, SimpleQueue,
 };
+pub use context::{get_context, Context};
 pub use ipc::{deserialize_fd, serialize_fd};
 pub use pool::{AsyncResult, Imap, Launcher, Pool, PoolBuilder, PoolError, Slurm, WorkerGpuUsage};
 pub use process::{
     active_children, cpu_count, current_process, get_start_method, parent_process,
-    process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo,
+    process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo, Sentinel,
     StartMethod,
 };
 pub use shm::{SharedArray, SharedMemory, SharedSlice, SharedValue, ShmError};

@@ -59,6 +59,24 @@ pub enum ChannelError {
     /// An argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The queue was shut down ([`Queue::shutdown`](super::Queue::shutdown)): a put after
+    /// it, or a get once nothing is left to take (at once after an immediate shutdown);
+    /// Python's `queue.ShutDown`.
+    #[error("the queue has been shut down")]
+    ShutDown,
+    /// A message did not fit in the buffer given to
+    /// [`Connection::recv_bytes_into`](super::Connection::recv_bytes_into); the message
+    /// was consumed and is here. Python's `multiprocessing.BufferTooShort`, whose argument
+    /// is the message.
+    #[error("a message of {size} bytes does not fit in the {room} bytes of buffer given")]
+    BufferTooShort {
+        /// The message's length.
+        size: usize,
+        /// The room there was (the buffer's length past the offset).
+        room: usize,
+        /// The whole message.
+        message: Vec<u8>,
+    },
     /// `task_done` was called more times than items were put; Python's `ValueError`.
     #[error("task_done() called more times than there were items put in the queue")]
     TaskDoneTooOften,
@@ -107,6 +125,25 @@ impl ChannelError {
         )
     }
 
+    /// The queue was shut down (Python's `queue.ShutDown`).
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, ChannelError::ShutDown)
+    }
+
+    /// The message did not fit the buffer (Python's `BufferTooShort`).
+    pub fn is_buffer_too_short(&self) -> bool {
+        matches!(self, ChannelError::BufferTooShort { .. })
+    }
+
+    /// The message that did not fit the buffer given to `recv_bytes_into` (Python's
+    /// `e.args[0]` of `BufferTooShort`).
+    pub fn too_short_message(&self) -> Option<&[u8]> {
+        match self {
+            ChannelError::BufferTooShort { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(context: &'static str) -> impl FnOnce(io::Error) -> ChannelError {
         move |source| ChannelError::Io { context, source }
     }
@@ -153,6 +190,11 @@ impl<T> SendError<T> {
     /// See [`ChannelError::is_disconnected`].
     pub fn is_disconnected(&self) -> bool {
         self.error.is_disconnected()
+    }
+
+    /// See [`ChannelError::is_shutdown`].
+    pub fn is_shutdown(&self) -> bool {
+        self.error.is_shutdown()
     }
 
     /// See [`ChannelError::is_too_large`].

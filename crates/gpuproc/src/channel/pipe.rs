@@ -271,16 +271,90 @@ impl Connection {
         self.recv_bytes_shared_wait(Wait::For(timeout))
     }
 
+    /// Receives the next message's bytes into `buf`, from `offset` on, and returns its
+    /// length; Python's `conn.recv_bytes_into(buf, offset)`.
+    ///
+    /// A message longer than the room after `offset` is a [`ChannelError::BufferTooShort`]
+    /// error that carries the whole message and its size (Python's `BufferTooShort`, whose
+    /// argument is the message); the message is consumed either way. An `offset` past the
+    /// end of `buf` is a [`ChannelError::InvalidArgument`] error, and nothing is received.
+    ///
+    /// ```
+    /// use gpuproc::channel::Pipe;
+    /// let (a, b) = Pipe::new()?;
+    /// b.send_bytes(b"hello")?;
+    /// let mut buf = [0u8; 8];
+    /// assert_eq!(a.recv_bytes_into(&mut buf, 2)?, 5);
+    /// assert_eq!(&buf, b"\0\0hello\0");
+    /// b.send_bytes(b"too long for it")?;
+    /// let e = a.recv_bytes_into(&mut buf, 0).unwrap_err();
+    /// assert_eq!(e.too_short_message(), Some(&b"too long for it"[..]));
+    /// # Ok::<(), gpuproc::ChannelError>(())
+    /// ```
+    pub fn recv_bytes_into(&self, buf: &mut [u8], offset: usize) -> Result<usize, ChannelError> {
+        self.recv_bytes_into_wait(buf, offset, Wait::Forever)
+    }
+
+    /// [`recv_bytes_into`](Self::recv_bytes_into), waiting at most `timeout`.
+    pub fn recv_bytes_into_timeout(
+        &self,
+        buf: &mut [u8],
+        offset: usize,
+        timeout: Duration,
+    ) -> Result<usize, ChannelError> {
+        self.recv_bytes_into_wait(buf, offset, Wait::For(timeout))
+    }
+
+    fn recv_bytes_into_wait(
+        &self,
+        buf: &mut [u8],
+        offset: usize,
+        wait: Wait,
+    ) -> Result<usize, ChannelError> {
+        let Some(room) = buf.get_mut(offset..) else {
+            return Err(ChannelError::InvalidArgument(format!(
+                "offset {offset} is past the end of a buffer of {} bytes",
+                buf.len()
+            )));
+        };
+        self.recv_as(wait, |payload, _fds| {
+            let size = payload.len();
+            match room.get_mut(..size) {
+                Some(to) => {
+                    to.copy_from_slice(payload);
+                    Ok(size)
+                }
+                None => Err(ChannelError::BufferTooShort {
+                    size,
+                    room: room.len(),
+                    message: super::copy_to_vec(payload),
+                }),
+            }
+        })
+    }
+
     /// Whether a message (or the other end's closing) is waiting, after waiting at most
-    /// `timeout`; Python's `conn.poll(timeout)`. A failure to poll reports `true`, so that
-    /// the next receive reports the error.
-    pub fn poll(&self, timeout: Duration) -> bool {
+    /// `timeout`; Python's `conn.poll(timeout)`.
+    ///
+    /// The sending end of a one-way pipe cannot receive: polling it is a
+    /// [`ChannelError::Unsupported`] error, as Python's `poll` on a write-only connection
+    /// raises `OSError`.
+    pub fn poll(&self, timeout: Duration) -> Result<bool, ChannelError> {
+        self.check_recv()?;
         crate::sys::wait_ready(self.fd.as_fd(), false, crate::time::deadline(timeout))
-            .unwrap_or(true)
+            .map_err(ChannelError::io("polling a connection"))
     }
 
     /// Closes this end; Python's `conn.close()`. The same as dropping it.
     pub fn close(self) {}
+}
+
+/// Ready when a message (or the other end's closing) is waiting. The sending end of a
+/// one-way pipe is ready only once the receiving end is closed everywhere.
+impl crate::connection::Waitable for Connection {
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 /// Python's `conn.fileno()`.

@@ -36,11 +36,12 @@ use super::wire::{self, Wait};
 use super::{
     Bytes, BytesRef, ChannelError, FdRef, SendError, SharedBytes, DEFAULT_MAX_MESSAGE_SIZE,
 };
+use crate::connection::Waitable;
 use crate::sys::seqpacket::{self as sp, MapCache};
 use crate::sys::shm::{self, Mapping};
 
 /// The shared page: these 32-bit words.
-const WORDS: usize = 5;
+const WORDS: usize = 6;
 const STATE_LEN: usize = 4096;
 /// Messages in the queue (signed, may dip below zero for a moment).
 const ITEMS: usize = 0;
@@ -52,6 +53,15 @@ const FREE_WAITERS: usize = 2;
 const UNFINISHED: usize = 3;
 /// 1 if the queue is joinable.
 const JOINABLE: usize = 4;
+/// [`OPEN`], [`SHUT`] or [`SHUT_NOW`]: whether and how the queue was shut down.
+const SHUTDOWN: usize = 5;
+
+/// The queue works as usual.
+const OPEN: u32 = 0;
+/// `shutdown(false)`: puts fail, gets take what is left and then fail.
+const SHUT: u32 = 1;
+/// `shutdown(true)`: puts and gets fail at once; what was queued is gone.
+const SHUT_NOW: u32 = 2;
 
 /// The largest bound a queue accepts.
 const MAX_BOUND: usize = i32::MAX as usize;
@@ -214,6 +224,9 @@ impl Shared {
             Wait::For(d) => crate::time::deadline(d),
         };
         loop {
+            if self.shutdown_state() != OPEN {
+                return Err(ChannelError::ShutDown);
+            }
             let v = free.load(SeqCst);
             if v > 0 {
                 if free.compare_exchange(v, v - 1, SeqCst, SeqCst).is_ok() {
@@ -297,7 +310,58 @@ impl Shared {
         }
     }
 
+    fn shutdown_state(&self) -> u32 {
+        self.word(SHUTDOWN).load(SeqCst)
+    }
+
+    /// After a shutdown, the sending socket is shut down too: an error from it (or the
+    /// end of the stream on the receiving one) is the shutdown.
+    fn or_shutdown(&self, e: ChannelError) -> ChannelError {
+        if e.is_disconnected() && self.shutdown_state() != OPEN {
+            ChannelError::ShutDown
+        } else {
+            e
+        }
+    }
+
+    fn shutdown(&self, immediate: bool) -> Result<(), ChannelError> {
+        self.word(SHUTDOWN)
+            .fetch_max(if immediate { SHUT_NOW } else { SHUT }, SeqCst);
+        // Putters waiting for a slot look at the state again; putters waiting for room in
+        // the socket and getters waiting for an item wake with the socket's shutdown.
+        shm::futex_wake(self.word(FREE), u32::MAX);
+        sp::shutdown_both(self.tx.as_fd()).map_err(ChannelError::io("shutting a queue down"))?;
+        if immediate {
+            // Python's `shutdown(immediate=True)`: what is queued is dropped, and each item
+            // counts as a task done, so that `join` returns.
+            loop {
+                let got = wire::recv_with(
+                    self.rx.as_fd(),
+                    &self.maps,
+                    usize::MAX,
+                    Wait::Never,
+                    || {
+                        self.taken();
+                        if self.joinable() {
+                            let _ = self.task_done();
+                        }
+                    },
+                    |_, _| Ok(()),
+                );
+                match got {
+                    Ok(()) => {}
+                    Err(e) if e.is_malformed() || e.is_too_large() => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn put<T: Serialize>(&self, value: T, max: usize, wait: Wait) -> Result<(), SendError<T>> {
+        if self.shutdown_state() != OPEN {
+            return Err(SendError::new(value, ChannelError::ShutDown));
+        }
         let record = PutRecord::new(self);
         if self.bounded() {
             match self.acquire_slot(wait) {
@@ -339,7 +403,7 @@ impl Shared {
                     ChannelError::Full { .. } => ChannelError::Full {
                         maxsize: self.maxsize,
                     },
-                    other => other,
+                    other => self.or_shutdown(other),
                 };
                 Err(SendError::new(value, e))
             }
@@ -347,6 +411,9 @@ impl Shared {
     }
 
     fn get<T: DeserializeOwned>(&self, max: usize, wait: Wait) -> Result<T, ChannelError> {
+        if self.shutdown_state() == SHUT_NOW {
+            return Err(ChannelError::ShutDown);
+        }
         let got = wire::recv_with(
             self.rx.as_fd(),
             &self.maps,
@@ -360,6 +427,9 @@ impl Shared {
 
     /// Takes the next item, which must be a [`Bytes`], as [`SharedBytes`].
     fn get_shared(&self, max: usize, wait: Wait) -> Result<SharedBytes, ChannelError> {
+        if self.shutdown_state() == SHUT_NOW {
+            return Err(ChannelError::ShutDown);
+        }
         let got = wire::recv_shared(
             self.rx.as_fd(),
             &self.maps,
@@ -380,6 +450,7 @@ impl Shared {
     }
 
     fn got<R>(&self, got: Result<R, ChannelError>) -> Result<R, ChannelError> {
+        let got = got.map_err(|e| self.or_shutdown(e));
         if let Err(e) = &got {
             // A message that was taken but cannot be used counts as done, so that join()
             // does not wait for it for ever.
@@ -606,8 +677,72 @@ impl<T> Queue<T> {
         self.max_message_size
     }
 
+    /// Shuts the queue down, for every process; Python 3.13's `queue.Queue.shutdown()`.
+    ///
+    /// Afterwards every [`put`](Self::put) fails with [`ChannelError::ShutDown`]. With
+    /// `immediate` false, [`get`](Self::get) takes the items still queued, then fails with
+    /// `ShutDown` instead of waiting; with `immediate` true, the items still queued are
+    /// dropped (each counts as a task done for a [`JoinableQueue`], so that
+    /// [`join`](JoinableQueue::join) returns) and every get fails at once. Puts and gets
+    /// that are waiting, in any process, wake up and fail the same way. A second call can
+    /// make a shutdown immediate; a queue cannot be reopened.
+    ///
+    /// ```
+    /// let q = gpuproc::channel::Queue::<u32>::new()?;
+    /// q.put(1).unwrap();
+    /// q.shutdown(false)?;
+    /// assert!(q.put(2).unwrap_err().is_shutdown());
+    /// assert_eq!(q.get()?, 1);
+    /// assert!(q.get().unwrap_err().is_shutdown());
+    /// # Ok::<(), gpuproc::ChannelError>(())
+    /// ```
+    ///
+    /// # Differences from Python
+    /// Python's `multiprocessing.Queue` has no `shutdown` (its `queue.Queue` and
+    /// `asyncio.Queue` do, since 3.13); this follows `queue.Queue`'s. An item whose put was
+    /// under way in another process when the queue was shut down may still be queued, and
+    /// got, after the shutdown.
+    pub fn shutdown(&self, immediate: bool) -> Result<(), ChannelError> {
+        self.shared.shutdown(immediate)
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called, in any process; Python's
+    /// `q.is_shutdown`.
+    pub fn is_shutdown(&self) -> bool {
+        self.shared.shutdown_state() != OPEN
+    }
+
     /// Drops this handle; Python's `q.close()` (this process will put no more through it).
     pub fn close(self) {}
+}
+
+/// Ready when an item is waiting, or the queue is shut down.
+impl<T> Waitable for Queue<T> {
+    fn wait_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.rx.as_fd()
+    }
+
+    fn ready_now(&self) -> bool {
+        self.shared.shutdown_state() == SHUT_NOW
+    }
+}
+
+/// Ready when an item is waiting, or the queue is shut down.
+impl<T> Waitable for JoinableQueue<T> {
+    fn wait_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.queue.wait_fd()
+    }
+
+    fn ready_now(&self) -> bool {
+        self.queue.ready_now()
+    }
+}
+
+/// Ready when an item is waiting.
+impl<T> Waitable for SimpleQueue<T> {
+    fn wait_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.queue.wait_fd()
+    }
 }
 
 #[derive(Serialize)]

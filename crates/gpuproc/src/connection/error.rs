@@ -102,6 +102,19 @@ pub enum ConnectionError {
         /// The address.
         address: String,
     },
+    /// A message did not fit in the buffer given to
+    /// [`Connection::recv_bytes_into`](super::Connection::recv_bytes_into); it was
+    /// consumed and is here. Python's `multiprocessing.BufferTooShort`, whose argument is
+    /// the message.
+    #[error("a message of {size} bytes does not fit in the {room} bytes of buffer given")]
+    BufferTooShort {
+        /// The message's length.
+        size: usize,
+        /// The room there was (the buffer's length past the offset).
+        room: usize,
+        /// The whole message.
+        message: Vec<u8>,
+    },
     /// An argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -140,6 +153,20 @@ impl ConnectionError {
     /// The message broke `max_message_size`.
     pub fn is_too_large(&self) -> bool {
         matches!(self, ConnectionError::TooLarge { .. })
+    }
+
+    /// The message did not fit the buffer (Python's `BufferTooShort`).
+    pub fn is_buffer_too_short(&self) -> bool {
+        matches!(self, ConnectionError::BufferTooShort { .. })
+    }
+
+    /// The message that did not fit the buffer given to `recv_bytes_into` (Python's
+    /// `e.args[0]` of `BufferTooShort`).
+    pub fn too_short_message(&self) -> Option<&[u8]> {
+        match self {
+            ConnectionError::BufferTooShort { message, .. } => Some(message),
+            _ => None,
+        }
     }
 
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> ConnectionError {

@@ -98,6 +98,7 @@ mod auth;
 mod error;
 mod frame;
 mod stream;
+mod wait;
 
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -107,6 +108,7 @@ use std::time::{Duration, Instant};
 pub use self::address::Address;
 pub use self::error::ConnectionError;
 pub use self::stream::Connection;
+pub use self::wait::{wait, wait_indices, Waitable};
 
 use self::auth::Policy;
 use self::stream::Wait;

@@ -390,6 +390,54 @@ impl Connection {
         self.recv_frame(Wait::at_most(timeout, "a message"), self.max_message_size)
     }
 
+    /// Receives the next message's bytes into `buf`, from `offset` on, and returns its
+    /// length; Python's `conn.recv_bytes_into(buf, offset)`.
+    ///
+    /// A message longer than the room after `offset` is a
+    /// [`ConnectionError::BufferTooShort`] error carrying the whole message (Python's
+    /// `BufferTooShort`); it was consumed. An `offset` past the end of `buf` is a
+    /// [`ConnectionError::InvalidArgument`] error, and nothing is received.
+    pub fn recv_bytes_into(&self, buf: &mut [u8], offset: usize) -> Result<usize, ConnectionError> {
+        self.recv_bytes_into_wait(buf, offset, Wait::Forever)
+    }
+
+    /// [`recv_bytes_into`](Self::recv_bytes_into), waiting at most `timeout`.
+    pub fn recv_bytes_into_timeout(
+        &self,
+        buf: &mut [u8],
+        offset: usize,
+        timeout: Duration,
+    ) -> Result<usize, ConnectionError> {
+        self.recv_bytes_into_wait(buf, offset, Wait::at_most(timeout, "a message"))
+    }
+
+    fn recv_bytes_into_wait(
+        &self,
+        buf: &mut [u8],
+        offset: usize,
+        wait: Wait,
+    ) -> Result<usize, ConnectionError> {
+        let len = buf.len();
+        let Some(room) = buf.get_mut(offset..) else {
+            return Err(ConnectionError::InvalidArgument(format!(
+                "offset {offset} is past the end of a buffer of {len} bytes"
+            )));
+        };
+        let message = self.recv_frame(wait, self.max_message_size)?;
+        let size = message.len();
+        match room.get_mut(..size) {
+            Some(to) => {
+                to.copy_from_slice(&message);
+                Ok(size)
+            }
+            None => Err(ConnectionError::BufferTooShort {
+                size,
+                room: room.len(),
+                message,
+            }),
+        }
+    }
+
     /// Whether something (part of a message, or the other end's closing) is waiting, after
     /// waiting at most `timeout`; Python's `conn.poll(timeout)`. A failure to poll reports
     /// `true`, so that the next receive reports the error.
@@ -405,6 +453,18 @@ impl Connection {
 
     /// Closes the connection; Python's `conn.close()`. The same as dropping it.
     pub fn close(self) {}
+}
+
+/// Ready when part of a message (or the other end's closing) is waiting, or when the
+/// connection can receive no more (the next receive reports why).
+impl super::Waitable for Connection {
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn ready_now(&self) -> bool {
+        self.rx.try_lock().is_ok_and(|rx| rx.broken.is_some())
+    }
 }
 
 /// Python's `conn.fileno()`.
@@ -441,6 +501,37 @@ mod tests {
         assert!(b.try_recv_bytes().unwrap_err().is_empty());
         drop(a);
         assert!(b.recv_bytes_timeout(T).unwrap_err().is_disconnected());
+    }
+
+    #[test]
+    fn recv_bytes_into_fills_a_buffer_or_hands_the_message_back() {
+        let (a, b) = pair();
+        a.send_bytes(b"hello").unwrap();
+        a.send_bytes(b"far too long").unwrap();
+        a.send_bytes(b"next").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(b.recv_bytes_into_timeout(&mut buf, 3, T).unwrap(), 5);
+        assert_eq!(&buf, b"\0\0\0hello");
+        let e = b.recv_bytes_into(&mut buf, 0).unwrap_err();
+        assert!(e.is_buffer_too_short(), "{e}");
+        assert_eq!(e.too_short_message(), Some(&b"far too long"[..]));
+        assert!(matches!(
+            e,
+            ConnectionError::BufferTooShort {
+                size: 12,
+                room: 8,
+                ..
+            }
+        ));
+        // An offset past the end receives nothing.
+        let e = b.recv_bytes_into(&mut buf, 9).unwrap_err();
+        assert!(matches!(e, ConnectionError::InvalidArgument(_)), "{e}");
+        assert_eq!(
+            b.recv_bytes_into(&mut buf, 8)
+                .unwrap_err()
+                .too_short_message(),
+            Some(&b"next"[..])
+        );
     }
 
     #[test]

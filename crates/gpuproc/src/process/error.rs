@@ -101,6 +101,20 @@ pub enum ProcessError {
         /// The process's name.
         name: String,
     },
+    /// The process was closed with [`Process::close`](crate::Process::close) and cannot be
+    /// used any more; Python's `ValueError: process object is closed`.
+    #[error("process {name:?} is closed: it cannot be used after Process::close")]
+    Closed {
+        /// The process's name.
+        name: String,
+    },
+    /// [`Process::close`](crate::Process::close) was called while the process runs;
+    /// Python's `ValueError: Cannot close a process while it is still running`.
+    #[error("process {name:?} is still running: join, terminate or kill it before closing it")]
+    StillRunning {
+        /// The process's name.
+        name: String,
+    },
     /// The `Fork` start method was refused because this process has other threads.
     #[error(
         "refusing to fork: this process has {threads} threads, and a forked child of a \
@@ -183,6 +197,12 @@ impl ProcessError {
     /// A `join_timeout` expired.
     pub fn is_timeout(&self) -> bool {
         matches!(self, ProcessError::Timeout { .. })
+    }
+
+    /// The process was used after [`Process::close`](crate::Process::close) (Python's
+    /// `ValueError: process object is closed`).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, ProcessError::Closed { .. })
     }
 
     /// The child ended without a result: Python's `exitcode` (negative signal number when

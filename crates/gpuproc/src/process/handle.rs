@@ -157,6 +157,16 @@ impl ChildHandle {
         }
     }
 
+    /// A descriptor of its own that becomes readable once the child has ended: a pidfd.
+    /// A fork-server child that had already ended when it was registered (no pidfd could
+    /// be opened for it) gets one that is readable at once.
+    pub fn sentinel(&self) -> io::Result<OwnedFd> {
+        match self.pidfd.as_ref().or(self.signal_fd.as_ref()) {
+            Some(fd) => sys::dup(fd.as_fd()),
+            None => sys::always_readable(),
+        }
+    }
+
     /// Whether the child is still running (never blocks).
     pub fn is_alive(&self) -> bool {
         !matches!(self.wait(Some(Instant::now())), Ok(true))
@@ -271,4 +281,19 @@ pub(crate) fn active() -> Vec<Arc<ChildHandle>> {
     live.into_iter()
         .filter(|c| c.owner == me && c.is_alive())
         .collect()
+}
+
+/// How this process's child `pid` ended, if it is one of them and has ended.
+pub(crate) fn status_of(pid: u32) -> Option<ExitStatus> {
+    let me = sys::getpid();
+    let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let child = reg
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|c| c.owner == me && c.pid == pid)?;
+    drop(reg);
+    if child.is_alive() {
+        return None;
+    }
+    child.status()
 }

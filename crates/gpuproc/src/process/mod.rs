@@ -11,7 +11,7 @@ mod handle;
 pub(crate) mod wire;
 
 use std::any::type_name;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -165,7 +165,12 @@ fn take_env_fd(var: &str, arg: &str) -> Option<OwnedFd> {
     }
 }
 
-/// What a process knows about itself or another process; Python's `current_process()`.
+/// What a process knows about itself or another process: what Python's
+/// `current_process()`, `parent_process()` and `active_children()` return.
+///
+/// Python returns process objects there; the parts of them that make sense for a process
+/// this one did not start are here: `name`, `pid` (Python's `pid` and `ident`), `daemon`,
+/// [`is_alive`](Self::is_alive) and [`exitcode`](Self::exitcode).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessInfo {
     /// The process's name (`"MainProcess"` for the main program, `"Process-1"`, ...).
@@ -174,6 +179,62 @@ pub struct ProcessInfo {
     pub pid: u32,
     /// Whether it is daemonic.
     pub daemon: bool,
+    role: Role,
+}
+
+/// Which process a [`ProcessInfo`] describes, as seen from this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Current,
+    Parent,
+    Child,
+}
+
+impl ProcessInfo {
+    /// The process's pid; Python's `pid` (and `ident`).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process is running; Python's `is_alive()`. Always `true` for
+    /// [`current_process`]; for [`parent_process`], whether the parent has not ended (a
+    /// gpuproc child is killed when its parent ends, so it rarely sees `false`); for an
+    /// entry of [`active_children`], whether that child still runs.
+    pub fn is_alive(&self) -> bool {
+        match self.role {
+            Role::Current => true,
+            Role::Parent => parent_alive(self.pid),
+            Role::Child => handle::active().iter().any(|c| c.pid == self.pid),
+        }
+    }
+
+    /// How the process ended, once it has; `None` while it runs. Always `None` for
+    /// [`current_process`] and [`parent_process`], as in Python (only a process's parent
+    /// learns its exit code); for an entry of [`active_children`], see
+    /// [`Process::exitcode`] (`None` once that `Process` was dropped).
+    pub fn exitcode(&self) -> Option<i32> {
+        match self.role {
+            Role::Current | Role::Parent => None,
+            Role::Child => handle::status_of(self.pid).map(ExitStatus::exitcode),
+        }
+    }
+}
+
+/// A pidfd for this process's parent, opened when the child started (`Some(None)`: the
+/// parent was gone by then). Replaced in each child: a forked child inherits its parent's.
+static PARENT_PIDFD: Mutex<Option<Option<OwnedFd>>> = Mutex::new(None);
+
+fn parent_alive(pid: u32) -> bool {
+    let parent = PARENT_PIDFD.lock().unwrap_or_else(|p| p.into_inner());
+    match &*parent {
+        Some(Some(fd)) => !matches!(
+            sys::poll_readable(&[fd.as_fd()], Some(Instant::now())).as_deref(),
+            Ok([true])
+        ),
+        // No pidfd could be opened: the parent was already gone.
+        Some(None) => false,
+        None => sys::pidfd_open(pid).is_ok(),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +274,8 @@ fn enter_child(id: &Identity, env: &[(String, Option<String>)]) {
         parent: Some((id.parent_pid, id.parent_name.clone())),
     });
     NEXT_ID.store(1, Ordering::SeqCst);
+    *PARENT_PIDFD.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(sys::pidfd_open(id.parent_pid).ok());
     for (k, v) in env {
         match v {
             Some(v) => std::env::set_var(k, v),
@@ -228,6 +291,7 @@ pub fn current_process() -> ProcessInfo {
         name: me.name,
         pid: sys::getpid(),
         daemon: me.daemon,
+        role: Role::Current,
     }
 }
 
@@ -238,6 +302,7 @@ pub fn parent_process() -> Option<ProcessInfo> {
         name,
         pid,
         daemon: false,
+        role: Role::Parent,
     })
 }
 
@@ -250,6 +315,7 @@ pub fn active_children() -> Vec<ProcessInfo> {
             name: c.name.clone(),
             pid: c.pid,
             daemon: c.daemon,
+            role: Role::Child,
         })
         .collect()
 }
@@ -317,6 +383,9 @@ pub struct Process<A, R> {
     env: Vec<(String, Option<String>)>,
     child: Option<Arc<ChildHandle>>,
     joined: bool,
+    /// Set by [`close`](Process::close): the pid and exit code, kept for `pid` and
+    /// `exitcode`; the child's handle is gone.
+    closed: Option<(Option<u32>, Option<i32>)>,
     gpus: Option<Criteria>,
     // After `child`: dropped once the child is killed and reaped.
     gpu_lease: Option<GpuLease>,
@@ -351,6 +420,7 @@ where
             env: Vec::new(),
             child: None,
             joined: false,
+            closed: None,
             gpus: None,
             gpu_lease: None,
         }
@@ -471,6 +541,7 @@ where
     ///
     /// With [`with_gpus`](Self::with_gpus) and friends, picks the GPUs first.
     pub fn start(&mut self) -> Result<(), ProcessError> {
+        self.check_open()?;
         let Some(criteria) = &self.gpus else {
             return self.start_child();
         };
@@ -693,6 +764,7 @@ where
     }
 
     fn join_until(&mut self, deadline: Option<Instant>) -> Result<R, ProcessError> {
+        self.check_open()?;
         let started = Instant::now();
         let Some(child) = self.child.as_ref() else {
             return Err(ProcessError::NotStarted {
@@ -773,14 +845,97 @@ where
     }
 
     /// Whether the process has started and not yet ended; Python's `p.is_alive()`.
+    ///
+    /// After [`close`](Self::close) it is `false` (Python raises `ValueError`).
     pub fn is_alive(&self) -> bool {
         self.child.as_ref().is_some_and(|c| c.is_alive())
     }
 
     /// The process id, once started; Python's `p.pid`.
+    ///
+    /// After [`close`](Self::close) it is still the pid the process had (Python raises
+    /// `ValueError`).
     #[doc(alias = "ident")]
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.pid)
+        match &self.closed {
+            Some((pid, _)) => *pid,
+            None => self.child.as_ref().map(|c| c.pid),
+        }
+    }
+
+    /// A descriptor that becomes readable when the process ends; Python's `p.sentinel`.
+    ///
+    /// Wait on it, with other sentinels, connections and queues, through
+    /// [`connection::wait`](crate::connection::wait). Each call returns a new descriptor
+    /// of its own (a pidfd), which stays valid after the process is joined or closed.
+    /// [`ProcessError::NotStarted`] before [`start`](Self::start), [`ProcessError::Closed`]
+    /// after [`close`](Self::close), as Python raises `ValueError` then.
+    ///
+    /// For a child of the fork server (the default start method) the sentinel is ready as
+    /// soon as the child has ended; [`is_alive`](Self::is_alive) may say `true` for a moment
+    /// longer, until the fork server has reported how it ended, and
+    /// [`join`](Self::join) waits that moment.
+    pub fn sentinel(&self) -> Result<Sentinel, ProcessError> {
+        self.check_open()?;
+        let Some(child) = self.child.as_ref() else {
+            return Err(ProcessError::NotStarted {
+                name: self.name.clone(),
+            });
+        };
+        let fd = child
+            .sentinel()
+            .map_err(ProcessError::io("opening a sentinel for the child"))?;
+        Ok(Sentinel { fd, pid: child.pid })
+    }
+
+    /// Releases what the process holds (its control socket, its pidfds, the GPUs it
+    /// leased); Python's `p.close()`. Afterwards [`start`](Self::start),
+    /// [`join`](Self::join), [`terminate`](Self::terminate), [`kill`](Self::kill) and
+    /// [`sentinel`](Self::sentinel) are [`ProcessError::Closed`] errors; closing again does
+    /// nothing. A process that was started and is still running cannot be closed
+    /// ([`ProcessError::StillRunning`]): join, terminate or kill it first. A result that
+    /// was not taken with `join` is dropped.
+    ///
+    /// ```
+    /// # gpuproc::init();
+    /// let mut p = gpuproc::Process::new(|x: u32| x + 1, 1);
+    /// p.start()?;
+    /// assert_eq!(p.join()?, 2);
+    /// p.close()?;
+    /// assert!(p.join().unwrap_err().is_closed());
+    /// assert_eq!(p.exitcode(), Some(0));
+    /// # Ok::<(), gpuproc::ProcessError>(())
+    /// ```
+    ///
+    /// # Differences from Python
+    /// [`is_alive`](Self::is_alive), [`exitcode`](Self::exitcode) and [`pid`](Self::pid)
+    /// return plain values, not results: after `close` they answer from what was known
+    /// (`false`, the exit code, the pid) instead of raising `ValueError`.
+    pub fn close(&mut self) -> Result<(), ProcessError> {
+        if self.closed.is_some() {
+            return Ok(());
+        }
+        if let Some(child) = &self.child {
+            if child.is_alive() {
+                return Err(ProcessError::StillRunning {
+                    name: self.name.clone(),
+                });
+            }
+        }
+        self.closed = Some((self.pid(), self.exitcode()));
+        self.child = None;
+        self.args = None;
+        self.gpu_lease = None;
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<(), ProcessError> {
+        match self.closed {
+            Some(_) => Err(ProcessError::Closed {
+                name: self.name.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// How the process ended, once it has: its exit code (0 when the target returned, 1 when
@@ -788,6 +943,9 @@ where
     /// it (Python's convention). `None` while it runs or before it starts. Python's
     /// `p.exitcode`.
     pub fn exitcode(&self) -> Option<i32> {
+        if let Some((_, code)) = self.closed {
+            return code;
+        }
         let child = self.child.as_ref()?;
         if child.is_alive() {
             return None;
@@ -806,6 +964,7 @@ where
     }
 
     fn send_signal(&self, sig: Sig) -> Result<(), ProcessError> {
+        self.check_open()?;
         match &self.child {
             Some(c) => c
                 .signal(sig)
@@ -814,6 +973,45 @@ where
                 name: self.name.clone(),
             }),
         }
+    }
+}
+
+/// A descriptor that becomes readable when a process ends; Python's `p.sentinel`, from
+/// [`Process::sentinel`]. Wait on it with [`connection::wait`](crate::connection::wait).
+///
+/// It owns its descriptor (a pidfd): it stays valid, and ready, after the process was
+/// joined, closed or dropped.
+#[derive(Debug)]
+pub struct Sentinel {
+    fd: OwnedFd,
+    pid: u32,
+}
+
+impl Sentinel {
+    /// The pid of the process it watches.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process has ended (never blocks).
+    pub fn is_ready(&self) -> bool {
+        matches!(
+            sys::poll_readable(&[self.fd.as_fd()], Some(Instant::now())).as_deref(),
+            Ok([true])
+        )
+    }
+}
+
+impl std::os::fd::AsFd for Sentinel {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Ready once the process has ended.
+impl crate::connection::Waitable for Sentinel {
+    fn wait_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

@@ -306,6 +306,26 @@ impl RLock {
     pub fn new() -> Result<RLock, SyncError> {
         Lock::create(Kind::RLock, true).map(|mutex| RLock { mutex })
     }
+
+    /// How many times the calling thread holds the lock (0 when it does not hold it):
+    /// Python's `_recursion_count()` (of `threading.RLock`; `multiprocessing`'s
+    /// `_semlock._count()`).
+    ///
+    /// ```
+    /// let l = gpuproc::sync::RLock::new()?;
+    /// assert_eq!((l.count(), l.is_owned(), l.locked()), (0, false, false));
+    /// let a = l.lock()?;
+    /// let b = l.lock()?;
+    /// assert_eq!((l.count(), l.is_owned(), l.locked()), (2, true, true));
+    /// drop((a, b));
+    /// assert_eq!(l.count(), 0);
+    /// # Ok::<(), gpuproc::sync::SyncError>(())
+    /// ```
+    #[doc(alias = "_recursion_count")]
+    #[doc(alias = "_count")]
+    pub fn count(&self) -> usize {
+        self.mutex.depth_here()
+    }
 }
 
 /// The locking methods, serde support and guard of a lock type around a robust mutex
@@ -357,6 +377,21 @@ macro_rules! robust_lock {
             /// thread holding it may ([`SyncError::NotOwner`]).
             pub fn release(&self) -> Result<(), SyncError> {
                 Ok(self.mutex.unlock()?)
+            }
+
+            /// Whether some thread, of any process, holds the lock now;
+            #[doc = concat!("Python's `", $py, ".locked()`. A holder that died without")]
+            /// releasing it does not count (the next locker gets it). Another process may
+            /// take or release it at any moment: the answer is a snapshot.
+            pub fn locked(&self) -> bool {
+                self.mutex.is_locked()
+            }
+
+            /// Whether the calling thread holds the lock; Python's `_is_owned()` (of
+            /// `threading.RLock`; `multiprocessing`'s `_semlock._is_mine()`).
+            #[doc(alias = "_is_owned")]
+            pub fn is_owned(&self) -> bool {
+                self.mutex.held_here()
             }
         }
 
@@ -837,26 +872,86 @@ impl<'de> Deserialize<'de> for Condition {
 
 // --- Barrier --------------------------------------------------------------------------------
 
-// The barrier's state word: bit 31 broken, bits 16..=30 the generation, bits 0..=15 the
-// number of parties waiting. WORD1 holds the number of parties.
+// The barrier's state word: bit 31 broken, bit 30 "a generation is being ended" (its action
+// runs, or a reset is under way), bits 16..=27 the generation, bits 0..=15 the number of
+// parties waiting. WORD1 holds the number of parties. From OUTCOMES_AT, one bit per
+// generation says how it ended: set when it was reset (or broke), clear when it passed.
+// A waiter reads its generation's bit once it sees the generation change; the bit is
+// written before the change, by the one party that set the ending bit.
 const BROKEN: u32 = 1 << 31;
+const ENDING: u32 = 1 << 30;
 const GEN_SHIFT: u32 = 16;
-const GEN_MASK: u32 = 0x7fff;
+const GEN_MASK: u32 = 0xfff;
 const COUNT_MASK: u32 = 0xffff;
+/// Where the generations' outcome bits start (one per generation: 512 bytes).
+const OUTCOMES_AT: usize = 1024;
+const _: () = assert!(OUTCOMES_AT + (GEN_MASK as usize + 1) / 8 <= PAGE);
+
+fn generation(state: u32) -> u32 {
+    (state >> GEN_SHIFT) & GEN_MASK
+}
+
+/// The state that starts the generation after `gen`: nobody waiting, not broken.
+fn next_generation(gen: u32) -> u32 {
+    ((gen + 1) & GEN_MASK) << GEN_SHIFT
+}
 
 /// A meeting point for a fixed number of parties; Python's `multiprocessing.Barrier`.
 ///
 /// Each of `parties` processes (or threads) calls [`wait`](Self::wait); all return together
 /// once the last arrives, each with a different index in `0..parties`, and the barrier is
-/// ready for the next round. A timeout or [`abort`](Self::abort) breaks it: every waiter,
-/// and every later caller, gets [`SyncError::BrokenBarrier`].
-#[derive(Clone, Debug)]
+/// ready for the next round (the next generation). A timeout or [`abort`](Self::abort)
+/// breaks it: every waiter, and every later caller, gets [`SyncError::BrokenBarrier`]
+/// (Python's `BrokenBarrierError`) until [`reset`](Self::reset).
+///
+/// [`with_action`](Self::with_action) gives it an action that the last party to arrive
+/// runs, once per generation, before any party is released; [`with_timeout`](Self::with_timeout)
+/// a default timeout for [`wait`](Self::wait). Both travel with the handle to other
+/// processes.
+///
+/// ```
+/// use gpuproc::sync::Barrier;
+/// use std::time::Duration;
+///
+/// let b = Barrier::new(2)?.with_timeout(Duration::from_secs(60));
+/// let b2 = b.clone();
+/// let t = std::thread::spawn(move || b2.wait());
+/// let mine = b.wait()?;
+/// let theirs = t.join().unwrap()?;
+/// assert_eq!(mine + theirs, 1); // indices 0 and 1
+/// # Ok::<(), gpuproc::sync::SyncError>(())
+/// ```
+///
+/// # Differences from Python
+/// - The action is a plain `fn()` (it crosses to other processes as its place in the
+///   executable, as a [`Process`](crate::Process) target does), so it reaches shared state
+///   through statics. If it panics, the barrier breaks, the other parties get
+///   `BrokenBarrier` and the panic goes on in the party that ran it (Python's action
+///   raising: the same).
+/// - A timeout or abort while the action runs breaks the barrier, and the party running
+///   the action gets `BrokenBarrier` too once it is done (Python lets that party through).
+/// - [`reset`](Self::reset) waits for a running action to finish.
+#[derive(Clone)]
 pub struct Barrier {
     map: Arc<Mapping>,
+    action: Option<fn()>,
+    timeout: Option<Duration>,
+}
+
+impl fmt::Debug for Barrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Barrier")
+            .field("parties", &self.parties())
+            .field("n_waiting", &self.n_waiting())
+            .field("broken", &self.broken())
+            .field("action", &self.action.is_some())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl Barrier {
-    /// A barrier for `parties` parties (1 to 65535).
+    /// A barrier for `parties` parties (1 to 65535); Python's `Barrier(parties)`.
     pub fn new(parties: u32) -> Result<Barrier, SyncError> {
         if parties == 0 || parties > COUNT_MASK {
             return Err(SyncError::InvalidArgument(format!(
@@ -865,11 +960,56 @@ impl Barrier {
         }
         let map = create(Kind::Barrier)?;
         map.atomic_u32(WORD1).store(parties, SeqCst);
-        Ok(Barrier { map })
+        Ok(Barrier {
+            map,
+            action: None,
+            timeout: None,
+        })
+    }
+
+    /// Sets the action the last party to arrive runs, once per generation, before the
+    /// parties are released; Python's `Barrier(parties, action)`. It applies to this handle
+    /// and the handles cloned or sent from it afterwards (give it before sharing the
+    /// barrier, so that every party runs the same one).
+    pub fn with_action(mut self, action: fn()) -> Self {
+        self.action = Some(action);
+        self
+    }
+
+    /// Sets the default timeout of [`wait`](Self::wait); Python's `Barrier(parties,
+    /// timeout=...)`. Like the action, it travels with the handle.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The default timeout of [`wait`](Self::wait), if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     fn state(&self) -> &AtomicU32 {
         self.map.atomic_u32(WORD0)
+    }
+
+    fn outcome_word(&self, gen: u32) -> (&AtomicU32, u32) {
+        let word = self.map.atomic_u32(OUTCOMES_AT + (gen as usize / 32) * 4);
+        (word, 1 << (gen % 32))
+    }
+
+    /// Records how generation `gen` ended. Only the party that set [`ENDING`] calls it.
+    fn set_outcome(&self, gen: u32, broken: bool) {
+        let (word, bit) = self.outcome_word(gen);
+        if broken {
+            word.fetch_or(bit, SeqCst);
+        } else {
+            word.fetch_and(!bit, SeqCst);
+        }
+    }
+
+    fn ended_broken(&self, gen: u32) -> bool {
+        let (word, bit) = self.outcome_word(gen);
+        word.load(SeqCst) & bit != 0
     }
 
     /// The number of parties needed to pass; Python's `parties`.
@@ -887,16 +1027,43 @@ impl Barrier {
         self.state().load(SeqCst) & BROKEN != 0
     }
 
-    /// Breaks the barrier: current and later waiters get [`SyncError::BrokenBarrier`];
-    /// Python's `abort()`.
+    /// Breaks the barrier: current and later waiters get [`SyncError::BrokenBarrier`] until
+    /// [`reset`](Self::reset); Python's `abort()`.
     pub fn abort(&self) {
         self.state().fetch_or(BROKEN, SeqCst);
         sys::futex_wake(self.state(), u32::MAX);
     }
 
-    /// Waits for all parties; returns this party's index. Python's `wait()`.
+    /// Returns the barrier to its empty, unbroken state; Python's `reset()`. Parties
+    /// waiting in it get [`SyncError::BrokenBarrier`]; the next `parties` callers of
+    /// [`wait`](Self::wait) pass together. If the last party's action is running, this
+    /// waits for it to finish first (so an action must not reset its own barrier).
+    pub fn reset(&self) {
+        let state = self.state();
+        loop {
+            let cur = state.load(SeqCst);
+            if cur & ENDING != 0 {
+                sys::futex_wait(state, cur, None);
+                continue;
+            }
+            if state
+                .compare_exchange(cur, cur | ENDING, SeqCst, SeqCst)
+                .is_err()
+            {
+                continue;
+            }
+            let gen = generation(cur);
+            self.set_outcome(gen, true);
+            state.store(next_generation(gen), SeqCst);
+            sys::futex_wake(state, u32::MAX);
+            return;
+        }
+    }
+
+    /// Waits for all parties, at most the default [`timeout`](Self::timeout) if one was
+    /// set; returns this party's index. Python's `wait()`.
     pub fn wait(&self) -> Result<u32, SyncError> {
-        self.wait_until(None)
+        self.wait_until(self.timeout.and_then(crate::time::deadline))
     }
 
     /// Waits at most `timeout` for all parties; on timeout the barrier breaks and this (and
@@ -908,44 +1075,47 @@ impl Barrier {
     fn wait_until(&self, deadline: Option<Instant>) -> Result<u32, SyncError> {
         let parties = self.parties();
         let state = self.state();
-        let mut cur = state.load(SeqCst);
         let (index, gen) = loop {
+            let cur = state.load(SeqCst);
             if cur & BROKEN != 0 {
                 return Err(SyncError::BrokenBarrier);
             }
+            if cur & ENDING != 0 {
+                // The previous generation is being released (or reset): wait for the next.
+                if !sys::futex_wait(state, cur, deadline) {
+                    self.abort();
+                    return Err(SyncError::BrokenBarrier);
+                }
+                continue;
+            }
             let count = cur & COUNT_MASK;
-            let gen = (cur >> GEN_SHIFT) & GEN_MASK;
-            if count + 1 == parties {
-                // The last to arrive: start the next generation and let everyone go.
-                let next = ((gen + 1) & GEN_MASK) << GEN_SHIFT;
-                match state.compare_exchange(cur, next, SeqCst, SeqCst) {
-                    Ok(_) => {
-                        sys::futex_wake(state, u32::MAX);
-                        return Ok(count);
-                    }
-                    Err(now) => cur = now,
+            let gen = generation(cur);
+            if count + 1 >= parties {
+                // The last to arrive: this party ends the generation.
+                if state
+                    .compare_exchange(cur, cur | ENDING, SeqCst, SeqCst)
+                    .is_ok()
+                {
+                    return self.release(gen, count);
                 }
-            } else {
-                match state.compare_exchange(cur, cur + 1, SeqCst, SeqCst) {
-                    Ok(_) => break (count, gen),
-                    Err(now) => cur = now,
-                }
+            } else if state.compare_exchange(cur, cur + 1, SeqCst, SeqCst).is_ok() {
+                break (count, gen);
             }
         };
         loop {
             let cur = state.load(SeqCst);
-            if (cur >> GEN_SHIFT) & GEN_MASK != gen {
-                return Ok(index);
+            if generation(cur) != gen {
+                return self.outcome(gen, index);
             }
             if cur & BROKEN != 0 {
                 return Err(SyncError::BrokenBarrier);
             }
             if !sys::futex_wait(state, cur, deadline) {
-                // Out of time: break this generation, unless it passed meanwhile.
+                // Out of time: break this generation, unless it ended meanwhile.
                 let mut cur = state.load(SeqCst);
                 loop {
-                    if (cur >> GEN_SHIFT) & GEN_MASK != gen {
-                        return Ok(index);
+                    if generation(cur) != gen {
+                        return self.outcome(gen, index);
                     }
                     match state.compare_exchange(cur, cur | BROKEN, SeqCst, SeqCst) {
                         Ok(_) => break,
@@ -957,18 +1127,124 @@ impl Barrier {
             }
         }
     }
+
+    fn outcome(&self, gen: u32, index: u32) -> Result<u32, SyncError> {
+        if self.ended_broken(gen) {
+            Err(SyncError::BrokenBarrier)
+        } else {
+            Ok(index)
+        }
+    }
+
+    /// Ends generation `gen` as the last party (holding [`ENDING`]): runs the action, then
+    /// lets everyone go, unless the barrier broke meanwhile.
+    fn release(&self, gen: u32, index: u32) -> Result<u32, SyncError> {
+        let state = self.state();
+        self.set_outcome(gen, false);
+        if let Some(action) = self.action {
+            /// Breaks the barrier if the action panics, so that nobody waits for ever.
+            struct BreakOnUnwind<'a>(&'a AtomicU32);
+            impl Drop for BreakOnUnwind<'_> {
+                fn drop(&mut self) {
+                    if std::thread::panicking() {
+                        let _ = self
+                            .0
+                            .fetch_update(SeqCst, SeqCst, |v| Some((v | BROKEN) & !ENDING));
+                        sys::futex_wake(self.0, u32::MAX);
+                    }
+                }
+            }
+            let guard = BreakOnUnwind(state);
+            action();
+            drop(guard);
+        }
+        let mut cur = state.load(SeqCst);
+        loop {
+            let (next, result) = if cur & BROKEN != 0 {
+                (cur & !ENDING, Err(SyncError::BrokenBarrier))
+            } else {
+                (next_generation(gen), Ok(index))
+            };
+            match state.compare_exchange(cur, next, SeqCst, SeqCst) {
+                Ok(_) => {
+                    sys::futex_wake(state, u32::MAX);
+                    return result;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct BarrierOut<'a> {
+    #[serde(serialize_with = "ser_ref_map")]
+    map: &'a Mapping,
+    /// The action's offset from the anchor function (see `process::wire`).
+    action: Option<i64>,
+    timeout: Option<Duration>,
+}
+
+fn ser_ref_map<S: Serializer>(map: &&Mapping, s: S) -> Result<S::Ok, S::Error> {
+    ser_map(map, s)
+}
+
+#[derive(Deserialize)]
+struct BarrierIn {
+    #[serde(deserialize_with = "de_barrier")]
+    map: Arc<Mapping>,
+    action: Option<i64>,
+    timeout: Option<Duration>,
+}
+
+fn de_barrier<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Mapping>, D::Error> {
+    de_map(d, Kind::Barrier)
+}
+
+/// The action whose offset from the anchor is `offset`, if that lies in this executable.
+fn action_at(offset: i64) -> Result<fn(), String> {
+    use crate::process::wire;
+    let offset = isize::try_from(offset).map_err(|_| "its action's offset is out of range")?;
+    let addr = wire::address_of(offset);
+    if let Some(object) = crate::process::foreign_object(wire::anchor as fn() as usize, &[addr]) {
+        return Err(format!("its action would lie in {object}"));
+    }
+    // SAFETY: `addr` is the address of a `fn()` in this executable image: the sender, a
+    // process of the same executable (every gpuproc process is), took the offset of a
+    // `fn()` from the same anchor, and the address was checked to lie in this executable.
+    Ok(unsafe { std::mem::transmute::<usize, fn()>(addr) })
 }
 
 impl Serialize for Barrier {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        ser_map(&self.map, s)
+        let action = self
+            .action
+            .map(|f| crate::process::wire::offset_of(f as usize) as i64);
+        BarrierOut {
+            map: &self.map,
+            action,
+            timeout: self.timeout,
+        }
+        .serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Barrier {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let b = BarrierIn::deserialize(d)?;
+        let action = match b.action {
+            None => None,
+            Some(offset) => Some(action_at(offset).map_err(|reason| {
+                crate::ipc::de_error(SyncError::WrongObject {
+                    expected: "Barrier",
+                    reason,
+                })
+            })?),
+        };
         Ok(Barrier {
-            map: de_map(d, Kind::Barrier)?,
+            map: b.map,
+            action,
+            timeout: b.timeout,
         })
     }
 }
@@ -1016,6 +1292,131 @@ mod tests {
         assert_eq!(s.get_value(), 0);
         let b = BoundedSemaphore::new(1).unwrap();
         assert!(b.release().unwrap_err().is_over_released());
+    }
+
+    #[test]
+    fn locked_and_owned_say_who_holds_a_lock() {
+        let lock = Lock::new().unwrap();
+        assert!(!lock.locked() && !lock.is_owned());
+        let g = lock.lock().unwrap();
+        assert!(lock.locked() && lock.is_owned());
+        let l2 = lock.clone();
+        let seen = std::thread::spawn(move || (l2.locked(), l2.is_owned()))
+            .join()
+            .unwrap();
+        assert_eq!(seen, (true, false));
+        drop(g);
+        assert!(!lock.locked() && !lock.is_owned());
+        // A holder that ended without releasing it leaves it free for the next locker.
+        let l3 = lock.clone();
+        std::thread::spawn(move || std::mem::forget(l3.lock().unwrap()))
+            .join()
+            .unwrap();
+        assert!(!lock.locked());
+        assert!(lock.lock().unwrap().owner_died());
+    }
+
+    #[test]
+    fn rlock_counts_its_depth_per_thread() {
+        let l = RLock::new().unwrap();
+        let a = l.lock().unwrap();
+        let _ = l.acquire().unwrap();
+        assert_eq!(l.count(), 2);
+        let l2 = l.clone();
+        let other = std::thread::spawn(move || (l2.count(), l2.is_owned(), l2.locked()))
+            .join()
+            .unwrap();
+        assert_eq!(other, (0, false, true));
+        l.release().unwrap();
+        assert_eq!(l.count(), 1);
+        drop(a);
+        assert_eq!((l.count(), l.is_owned(), l.locked()), (0, false, false));
+    }
+
+    static ACTIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    fn count_action() {
+        ACTIONS.fetch_add(1, SeqCst);
+    }
+
+    /// Runs `f(barrier, i)` on `n` threads and collects what they return.
+    fn on_threads<T: Send + 'static>(b: &Barrier, n: u32, f: fn(Barrier, u32) -> T) -> Vec<T> {
+        let ts: Vec<_> = (0..n)
+            .map(|i| {
+                let b = b.clone();
+                std::thread::spawn(move || f(b, i))
+            })
+            .collect();
+        ts.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_action_runs_once_per_generation_before_anyone_passes() {
+        let b = Barrier::new(4)
+            .unwrap()
+            .with_action(count_action)
+            .with_timeout(Duration::from_secs(60));
+        let seen = on_threads(&b, 4, |b, _| {
+            b.wait().unwrap();
+            let first = ACTIONS.load(SeqCst);
+            b.wait().unwrap();
+            (first, ACTIONS.load(SeqCst))
+        });
+        assert!(seen.iter().all(|&s| s == (1, 2)), "{seen:?}");
+    }
+
+    fn panicking_action() {
+        panic!("the action failed");
+    }
+
+    #[test]
+    fn a_panicking_action_breaks_the_barrier() {
+        let b = Barrier::new(3)
+            .unwrap()
+            .with_action(panicking_action)
+            .with_timeout(Duration::from_secs(60));
+        let seen = on_threads(&b, 3, |b, _| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.wait()))
+                .map(|r| r.map_err(|e| e.is_broken_barrier()))
+        });
+        let panics = seen.iter().filter(|r| r.is_err()).count();
+        let broken = seen.iter().filter(|r| matches!(r, Ok(Err(true)))).count();
+        assert_eq!((panics, broken), (1, 2), "{seen:?}");
+        assert!(b.broken());
+        b.reset();
+        assert!(!b.broken());
+    }
+
+    #[test]
+    fn reset_sends_waiters_away_broken_and_the_barrier_works_again() {
+        let b = Barrier::new(3).unwrap();
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.wait_timeout(Duration::from_secs(60)));
+        let deadline = crate::time::deadline(Duration::from_secs(60));
+        while b.n_waiting() < 1 && crate::time::remaining(deadline) != Some(Duration::ZERO) {
+            std::thread::yield_now();
+        }
+        assert_eq!(b.n_waiting(), 1);
+        b.reset();
+        assert!(t.join().unwrap().unwrap_err().is_broken_barrier());
+        assert!(!b.broken());
+        assert_eq!(b.n_waiting(), 0);
+        let mut again = on_threads(&b, 3, |b, _| {
+            b.wait_timeout(Duration::from_secs(60)).unwrap()
+        });
+        again.sort();
+        assert_eq!(again, [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_default_timeout_breaks_a_lonely_wait() {
+        let b = Barrier::new(2)
+            .unwrap()
+            .with_timeout(Duration::from_millis(10));
+        assert!(b.wait().unwrap_err().is_broken_barrier());
+        assert!(b.broken());
+        b.reset();
+        assert!(!b.broken());
     }
 
     #[test]

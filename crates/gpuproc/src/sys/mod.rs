@@ -344,6 +344,13 @@ pub(crate) fn pidfd_open(p: u32) -> io::Result<OwnedFd> {
     )?)
 }
 
+/// A descriptor that is readable from the start and stays so (an eventfd holding 1): the
+/// sentinel of something that has already happened.
+pub(crate) fn always_readable() -> io::Result<OwnedFd> {
+    use rustix::event::EventfdFlags;
+    Ok(rustix::event::eventfd(1, EventfdFlags::CLOEXEC)?)
+}
+
 /// Sends `sig` to the process behind `pidfd`. A process that already ended is not an error.
 pub(crate) fn pidfd_signal(pidfd: BorrowedFd<'_>, sig: Sig) -> io::Result<()> {
     match rustix::process::pidfd_send_signal(pidfd, sig.to_rustix()) {

@@ -41,6 +41,17 @@ pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((a, b))
 }
 
+/// Shuts a socket of a pair down both ways, for every process that holds it: sends on it
+/// fail (`EPIPE`), and its peer reads what is queued, then the end. Waiters on either side
+/// wake (`POLLHUP` here, `POLLRDHUP` on the peer).
+pub(crate) fn shutdown_both(sock: BorrowedFd<'_>) -> io::Result<()> {
+    match rustix::net::shutdown(sock, rustix::net::Shutdown::Both) {
+        // Already shut down by the peer's side, or never connected: nothing left to do.
+        Ok(()) | Err(Errno::NOTCONN) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What a send or receive with a deadline ended with.
 #[derive(Debug)]
 pub(crate) enum Outcome<T> {

@@ -17,7 +17,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -502,6 +502,14 @@ impl Drop for Held {
     }
 }
 
+/// Where the lock word (the owner's thread id) is in the C library's `pthread_mutex_t`.
+#[cfg(target_env = "musl")]
+const LOCK_WORD_AT: usize = 4;
+#[cfg(not(target_env = "musl"))]
+const LOCK_WORD_AT: usize = 0;
+/// The thread-id bits of a robust futex word (`linux/futex.h`).
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+
 /// Room a mutex takes in a mapping.
 pub(crate) const MUTEX_SIZE: usize = std::mem::size_of::<libc::pthread_mutex_t>();
 
@@ -598,6 +606,44 @@ impl RobustMutex {
         };
         HELD.with(|h| h.borrow_mut().0.push(self.map.clone()));
         Ok(locked)
+    }
+
+    /// The mutex's lock word: the C library keeps the owner's thread id there, as the
+    /// kernel's robust-futex protocol requires (0 when free; on the owner's death the
+    /// kernel clears the id and sets `FUTEX_OWNER_DIED`).
+    fn lock_word(&self) -> &AtomicU32 {
+        self.map.atomic_u32(self.offset + LOCK_WORD_AT)
+    }
+
+    /// Whether some thread (of any process) holds the mutex now. A holder that died does
+    /// not count: the next locker gets the mutex.
+    pub fn is_locked(&self) -> bool {
+        self.lock_word().load(Ordering::SeqCst) & FUTEX_TID_MASK != 0
+    }
+
+    /// Whether the calling thread holds the mutex.
+    pub fn held_here(&self) -> bool {
+        let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        self.lock_word().load(Ordering::SeqCst) & FUTEX_TID_MASK == tid
+    }
+
+    /// How many times the calling thread holds the mutex (its recursion depth; 0 when it
+    /// does not hold it).
+    pub fn depth_here(&self) -> usize {
+        if !self.held_here() {
+            return 0;
+        }
+        let me = file_id(self.map.fd()).ok();
+        HELD.with(|h| {
+            h.borrow()
+                .0
+                .iter()
+                .filter(|m| {
+                    Arc::ptr_eq(m, &self.map) || (me.is_some() && file_id(m.fd()).ok() == me)
+                })
+                .count()
+        })
+        .max(1)
     }
 
     /// Unlocks (one level, if recursive). Only the holding thread may.

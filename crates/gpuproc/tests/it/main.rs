@@ -8,6 +8,7 @@ mod connection;
 mod examples;
 mod pool;
 mod pool_gpu;
+mod ported;
 mod process;
 mod remote;
 mod shm;
