@@ -191,6 +191,50 @@
 //! shared authkey (Python's HMAC challenge-response, required for TCP). Bytes interoperate
 //! with Python's `Listener` and `Client`.
 //!
+//! # Remote computers
+//!
+//! A pool's workers can run on other machines, started by the engine the cluster already
+//! runs: [`PoolBuilder::launcher`] with [`Launcher::slurm`] makes each worker a Slurm job
+//! step (`srun`; inside an allocation, a step of it; outside one, its own allocation), with
+//! the options of [`Slurm`] (`Slurm::new().gpus(1)` gives each worker one GPU, which it sees
+//! through `CUDA_VISIBLE_DEVICES`); [`Launcher::command`] starts each through any command
+//! line (`["ssh", "node3"]`) for sites without Slurm. The API and the promises are the
+//! local pool's: a worker that is lost (its node fails, its step is cancelled, it is
+//! killed) fails the task it was running and is replaced; the pool's end ends every worker.
+//!
+//! ```no_run
+//! # gpuproc::init();
+//! use gpuproc::{Launcher, Pool, Slurm};
+//!
+//! fn train(seed: u64) -> f64 { seed as f64 }
+//!
+//! let pool = Pool::builder()
+//!     .processes(8)
+//!     .launcher(Launcher::slurm(Slurm::new().gpus(1).time("2:00:00")))
+//!     .build()?;
+//! let scores = pool.map(train, 0..64u64)?;
+//! # Ok::<(), gpuproc::PoolError>(())
+//! ```
+//!
+//! A remote worker is the same executable at the same path (a shared filesystem, or copied
+//! with `sbcast`), started with a flag that [`init`] recognises. It connects back to this
+//! machine over TCP ([`Launcher::connect_back_to`] says which address; by default this
+//! host's name, listening on every interface) with a fresh 32-byte key that it reads from
+//! its standard input, so the key is never on a command line or in an environment other
+//! users can read; the mutual HMAC handshake of [`connection`] proves both sides hold it,
+//! and the worker proves it runs the same build (the executable's GNU build id, else its
+//! SHA-256), since a task function travels as an offset in the executable. What a hostile
+//! user on the network can do: connect to the port, and be refused after at most 256 bytes
+//! and the handshake timeout; not run tasks, read arguments or results that are not theirs
+//! to see on the wire (traffic is authenticated, not encrypted: use a trusted network or a
+//! tunnel for secret data).
+//!
+//! Arguments and results cross the network inline (shared memory does not cross machines);
+//! values that hold descriptors (queues, locks, pipes, shared memory) cannot be sent to a
+//! remote worker, and such a task is refused when submitted, naming its type. Task timeouts
+//! and GPU leases for workers ([`PoolBuilder::gpus_per_worker`]) are for local pools: with a
+//! remote launcher they are refused when the pool is built.
+//!
 //! # GPUs
 //!
 //! [`gpu`] reads NVML (never CUDA, so no context is created and it is safe before fork) from
@@ -233,7 +277,7 @@
 //! | `Lock`, `RLock`, `Semaphore`, `BoundedSemaphore`, `Event`, `Condition`, `Barrier` | [`Lock`], [`RLock`], [`Semaphore`], [`BoundedSemaphore`], [`Event`], [`Condition`], [`Barrier`] (module [`sync`]) |
 //! | `Value`, `Array` | [`SharedValue::new`], [`SharedArray::from_slice`] (each with its lock, [`SharedValue::get_lock`]) |
 //! | `RawValue`, `RawArray` | [`SharedValue::new_unlocked`], [`SharedArray::from_slice_unlocked`] |
-//! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more); results are [`AsyncResult`] and [`Imap`] |
+//! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more; workers on other machines through [`Launcher`]); results are [`AsyncResult`] and [`Imap`] |
 //! | `Manager` | planned: a manager process serving shared containers through proxies |
 //! | `get_context` | [`get_context`] (a [`Context`]) |
 //! | `get_start_method`, `set_start_method` | [`get_start_method`], [`set_start_method`] ([`Process::with_start_method`] and [`PoolBuilder::start_method`] for one process or pool) |
