@@ -637,6 +637,10 @@ fn serve_remote() -> Result<(), String> {
         .take(512)
         .read_line(&mut line)
         .map_err(|e| format!("reading where to connect: {e}"))?;
+    if line.is_empty() {
+        // The relay ended before it said where to connect: nobody waits for this worker.
+        sys::exit_now(1);
+    }
     let (host, port, key) =
         parse_ticket(&line).ok_or("standard input did not say where to connect")?;
     let conn = Client::builder(Address::tcp(host.clone(), port))
@@ -677,23 +681,33 @@ fn serve_remote() -> Result<(), String> {
         return Err(e);
     }
     let fd = conn.into_fd();
-    watch_for_hangup(&fd)?;
-    let page = Mapping::anonymous("gpuproc-remote-worker", worker::PAGE_LEN)
-        .map_err(|e| format!("making a status page: {e}"))?;
+    let page = std::sync::Arc::new(
+        Mapping::anonymous("gpuproc-remote-worker", worker::PAGE_LEN)
+            .map_err(|e| format!("making a status page: {e}"))?,
+    );
+    watch_for_hangup(&fd, std::sync::Arc::clone(&page))?;
     worker::serve(fd, &page, track_time, max_tasks, true).map_err(|e| match e {
         WorkerError::Initializer(m) | WorkerError::Connection(m) => m,
     })
 }
 
-/// Ends this process as soon as the pool's end of `fd` closes, also while a task runs.
-fn watch_for_hangup(fd: &OwnedFd) -> Result<(), String> {
+/// Ends this process when the pool's end of `fd` has closed while a task runs (its result
+/// could not be delivered). Between tasks the worker loop sees the end itself and exits
+/// cleanly, as it does after the pool's last frame.
+fn watch_for_hangup(fd: &OwnedFd, page: std::sync::Arc<Mapping>) -> Result<(), String> {
     let watched = sys::dup(fd.as_fd()).map_err(|e| format!("duplicating: {e}"))?;
     std::thread::Builder::new()
         .name("gpuproc-hangup".into())
         .spawn(move || {
-            if sys::wait_for_hangup(watched.as_fd()) {
-                // The pool is gone: nothing this worker does can be delivered.
-                sys::exit_now(1);
+            if !sys::wait_for_hangup(watched.as_fd()) {
+                return;
+            }
+            let running = page.atomic_u64(worker::RUNNING_AT);
+            loop {
+                if running.load(std::sync::atomic::Ordering::Acquire) != 0 {
+                    sys::exit_now(1);
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         })
         .map_err(|e| format!("starting a watch thread: {e}"))?;

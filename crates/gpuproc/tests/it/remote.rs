@@ -226,3 +226,181 @@ fn workers_as_slurm_steps_each_get_their_own_gpu() {
     );
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
 }
+
+/// A copy of this executable whose GNU build id differs in one byte: the same code,
+/// claiming another build.
+fn copy_with_another_build_id() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mut exe = std::fs::read("/proc/self/exe").unwrap();
+    // A note header: name size 4, descriptor size 20, type 3 (NT_GNU_BUILD_ID), "GNU\0".
+    let header = [4, 0, 0, 0, 20, 0, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0];
+    let at = exe[..exe.len().min(64 << 10)]
+        .windows(header.len())
+        .position(|w| w == header)
+        .expect("this executable has a GNU build id")
+        + header.len();
+    exe[at] ^= 0xff;
+    let path = std::env::temp_dir().join(format!("gpuproc-other-build-{}", std::process::id()));
+    std::fs::write(&path, &exe).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn a_worker_from_another_build_is_refused_with_the_reason() {
+    let other = copy_with_another_build_id();
+    let shown = other.to_string_lossy().into_owned();
+    let e = within(move || {
+        let pool = Pool::builder()
+            .processes(1)
+            .launcher(
+                // Runs the copy in place of this executable.
+                Launcher::command(["sh", "-c", "shift; exec \"$0\" \"$@\"", &shown])
+                    .connect_back_to("127.0.0.1"),
+            )
+            .build()
+            .unwrap();
+        pool.map(where_and_square, 0..2u64).unwrap_err()
+    });
+    let _ = std::fs::remove_file(&other);
+    let text = e.to_string();
+    assert!(text.contains("runs a different build"), "{text}");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn slurm_pool(workers: usize, job_name: &str) -> Pool {
+    Pool::builder()
+        .processes(workers)
+        .launcher(
+            Launcher::slurm(
+                Slurm::new()
+                    .gpus(1)
+                    .time("5")
+                    .arg(format!("--job-name={job_name}")),
+            )
+            .connect_back_to("127.0.0.1")
+            .start_timeout(Duration::from_secs(30)),
+        )
+        .build()
+        .unwrap()
+}
+
+/// The Slurm job ids with this name still known to the cluster, pending or running.
+fn jobs_named(name: &str) -> Vec<String> {
+    let out = std::process::Command::new("squeue")
+        .args(["-h", "-o", "%A", "-t", "PD,R,CG", "-n", name])
+        .output()
+        .expect("squeue runs");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+fn no_jobs_named(name: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = jobs_named(name);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The task's worker's Slurm job, and its square.
+fn job_and_square(x: u64) -> (String, u64) {
+    (std::env::var("SLURM_JOB_ID").unwrap_or_default(), x * x)
+}
+
+#[test]
+fn four_slurm_workers_map_ten_thousand_tasks_and_a_cancelled_step_fails_only_its_task() {
+    if !slurm_available() {
+        return;
+    }
+    let name = "gpuproc-it-remote-4";
+    let (cancelled, outcomes) = within(move || {
+        let pool = slurm_pool(4, name);
+        let got = pool.map(job_and_square, 0..10_000u64).unwrap();
+        assert!(got.iter().enumerate().all(|(x, r)| r.1 == (x * x) as u64));
+        let mut jobs: Vec<&String> = got.iter().map(|r| &r.0).collect();
+        jobs.sort();
+        jobs.dedup();
+        assert!(
+            jobs.len() >= 2,
+            "the work spread over the workers: {jobs:?}"
+        );
+        // Cancel one worker's step in the middle of a map: only its running task fails.
+        let mut it = pool.imap(job_and_square, 0..2_000u64).chunksize(1);
+        let first = it.next().unwrap().unwrap();
+        let victim = first.0.clone();
+        let status = std::process::Command::new("scancel")
+            .arg(&victim)
+            .status()
+            .expect("scancel runs");
+        assert!(status.success());
+        let outcomes: Vec<Result<u64, String>> = std::iter::once(Ok(first.1))
+            .chain(it.map(|r| r.map(|(_, sq)| sq).map_err(|e| e.to_string())))
+            .collect();
+        pool.close();
+        pool.join().unwrap();
+        (victim, outcomes)
+    });
+    assert_eq!(outcomes.len(), 2_000);
+    let failed: Vec<usize> = (0..outcomes.len())
+        .filter(|&x| outcomes[x].is_err())
+        .collect();
+    assert!(
+        failed.len() <= 1,
+        "at most the task running in job {cancelled}: {failed:?}"
+    );
+    for (x, r) in outcomes.iter().enumerate() {
+        if let Ok(sq) = r {
+            assert_eq!(*sq, (x * x) as u64);
+        }
+    }
+    assert_eq!(
+        no_jobs_named(name, Duration::from_secs(10)),
+        Vec::<String>::new()
+    );
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn slow_square(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(20));
+    x * x
+}
+
+/// In a child: a Slurm pool busy with a long map; tells the parent when tasks are done.
+fn busy_slurm_pool(tx: gpuproc::Connection) {
+    let pool = slurm_pool(2, "gpuproc-it-remote-kill");
+    for (i, r) in pool.imap(slow_square, 0..100_000u64).enumerate() {
+        r.unwrap();
+        if i == 10 {
+            tx.send(&1u8).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_parent_killed_with_sigkill_leaves_no_slurm_step_running() {
+    if !slurm_available() {
+        return;
+    }
+    let (rx, tx) = gpuproc::Pipe::new().unwrap();
+    let mut p = crate::support::start(gpuproc::StartMethod::Spawn, busy_slurm_pool, tx);
+    assert_eq!(
+        rx.recv_timeout::<u8>(TIMEOUT).unwrap(),
+        1,
+        "the pool ran tasks"
+    );
+    assert!(!jobs_named("gpuproc-it-remote-kill").is_empty());
+    p.kill().unwrap();
+    let _ = p.join_timeout(TIMEOUT);
+    assert_eq!(
+        no_jobs_named("gpuproc-it-remote-kill", Duration::from_secs(5)),
+        Vec::<String>::new(),
+        "steps left running 5 s after their pool's process was killed"
+    );
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
