@@ -404,3 +404,21 @@ fn a_parent_killed_with_sigkill_leaves_no_slurm_step_running() {
     );
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
 }
+
+#[test]
+fn the_remote_pool_example_runs_on_slurm_workers_with_one_gpu_each() {
+    if !slurm_available() {
+        return;
+    }
+    let out = crate::support::run_example_with_args("remote_pool", &["127.0.0.1"]);
+    let lines = crate::support::stdout_lines(&out);
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("sum of squares: 140"),
+        "{lines:?}"
+    );
+    // (Both workers usually run tasks; one may finish them all before the other starts.)
+    let workers = lines.iter().filter(|l| l.starts_with("worker on ")).count();
+    assert!((1..=2).contains(&workers), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.ends_with("GPU none")), "{lines:?}");
+}

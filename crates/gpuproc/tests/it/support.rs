@@ -158,11 +158,17 @@ pub fn block_forever() -> ! {
 
 /// Runs a built example (cargo builds examples before integration tests) with a timeout.
 pub fn run_example(name: &str) -> Output {
+    run_example_with_args(name, &[])
+}
+
+/// [`run_example`] with command-line arguments.
+pub fn run_example_with_args(name: &str, args: &[&str]) -> Output {
     let exe = std::env::current_exe().unwrap();
     let dir: PathBuf = exe.parent().unwrap().parent().unwrap().join("examples");
     let path = dir.join(name);
     assert!(path.exists(), "{} is not built", path.display());
     let child = Command::new(&path)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
