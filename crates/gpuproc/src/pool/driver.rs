@@ -753,12 +753,19 @@ impl Driver {
     /// A worker's connection closed: learn how it ended, settle its tasks, start another.
     fn replace(&mut self, i: usize) {
         let mut init_failed = None;
+        // A worker on another machine that was lost: all it had in flight fails (or runs
+        // again), since which of its tasks was running is not known here.
+        let mut lost = None;
         let status = match self.workers[i]
             .process
             .join_timeout(Duration::from_secs(10))
         {
             Ok(Err(WorkerError::Initializer(message))) => {
                 init_failed = Some(message);
+                ExitStatus::Code(0)
+            }
+            Ok(Err(WorkerError::Lost { node, reason })) => {
+                lost = Some((node, reason));
                 ExitStatus::Code(0)
             }
             Ok(_) => ExitStatus::Code(0),
@@ -787,6 +794,29 @@ impl Driver {
             // Tasks that reported are settled; the rest never ran, ran and lost their
             // results with the worker (they run again), or killed it.
             let mut rest = chunk.split_off(done);
+            if rest.len() == 0 {
+                continue;
+            }
+            if let Some((node, reason)) = &lost {
+                rest.attempts += 1;
+                match policy::after_worker_death(rest.attempts, self.config.retries) {
+                    AfterDeath::Retry => requeue.push(rest),
+                    AfterDeath::Fail => {
+                        let runs = (rest.first_index..rest.first_index + rest.len() as u64)
+                            .map(|index| {
+                                let err = PoolError::WorkerLost {
+                                    index,
+                                    node: node.clone(),
+                                    reason: reason.clone(),
+                                };
+                                Run::failure(index, err)
+                            })
+                            .collect();
+                        rest.job.send(runs);
+                    }
+                }
+                continue;
+            }
             let start = first_seq + done as u64;
             match culprit_seq.filter(|&c| c >= start && c < start + rest.len() as u64) {
                 None => requeue.push(rest),

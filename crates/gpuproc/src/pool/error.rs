@@ -32,6 +32,20 @@ pub enum PoolError {
         /// How the worker ended.
         status: ExitStatus,
     },
+    /// The task was sent to a worker on another machine (see
+    /// [`PoolBuilder::launcher`](super::PoolBuilder::launcher)) that was lost before
+    /// reporting it: its process ended, its Slurm step was cancelled, its node or the
+    /// network failed. Every task in flight on that worker fails so (or runs again, with
+    /// [`retries`](super::PoolBuilder::retries)); the worker is replaced.
+    #[error("task {index} was in flight on the worker on {node}, which was lost: {reason}")]
+    WorkerLost {
+        /// The task's index.
+        index: u64,
+        /// The worker's host name.
+        node: String,
+        /// What happened to it.
+        reason: String,
+    },
     /// The task ran longer than the pool's task timeout; its worker was killed and replaced.
     #[error(
         "task {index} did not finish within the task timeout of {timeout:?}; its worker was killed"
@@ -179,6 +193,7 @@ impl PoolError {
         match self {
             PoolError::Panicked { index, .. }
             | PoolError::WorkerDied { index, .. }
+            | PoolError::WorkerLost { index, .. }
             | PoolError::TimedOut { index, .. }
             | PoolError::BadArgument { index, .. }
             | PoolError::Encode { index, .. }
@@ -200,9 +215,12 @@ impl PoolError {
         matches!(self, PoolError::Panicked { .. })
     }
 
-    /// The task's worker died under it.
+    /// The task's worker died under it (on this machine, or on another: [`PoolError::WorkerLost`]).
     pub fn is_worker_died(&self) -> bool {
-        matches!(self, PoolError::WorkerDied { .. })
+        matches!(
+            self,
+            PoolError::WorkerDied { .. } | PoolError::WorkerLost { .. }
+        )
     }
 
     /// The task exceeded the pool's task timeout.

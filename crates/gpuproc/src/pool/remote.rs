@@ -43,6 +43,10 @@ use crate::sys;
 use crate::sys::seqpacket::MapCache;
 use crate::sys::shm::Mapping;
 
+/// TCP keep-alive for the connection to a remote worker: probes after 15 s of silence,
+/// every 5 s; 3 unanswered probes end it.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(15), Duration::from_secs(5), 3);
+
 /// The flag that makes [`crate::init`] serve as a remote pool worker.
 pub(crate) const WORKER_FLAG: &str = "--gpuproc-worker";
 
@@ -349,11 +353,15 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
     };
     // A worker that cannot be started counts as one whose initializer failed: the pool
     // gives up after a few in a row instead of starting them for ever.
-    let (conn, mut child) = start_remote(&launcher, settings).map_err(WorkerError::Initializer)?;
+    let (conn, mut child, node) =
+        start_remote(&launcher, settings).map_err(WorkerError::Initializer)?;
     page.atomic_u64(worker::PHASE_AT)
         .store(worker::PHASE_READY, std::sync::atomic::Ordering::Release);
     let remote = conn.into_fd();
-    let result = forward(args.conn, remote, &page);
+    // A node that dies, or a network that drops, sends nothing: keep-alive probes find it
+    // (in about 30 s) and end the connection.
+    let _ = sys::set_keepalive(remote.as_fd(), KEEPALIVE);
+    let result = forward(args.conn, remote);
     // The worker has ended (or the driver has): so does its launcher, soon.
     let deadline = crate::time::deadline(Duration::from_secs(5));
     let status = loop {
@@ -368,16 +376,20 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
             }
         }
     };
-    // The relay ends as its worker did, so that the pool reports the worker's own signal
-    // or exit code (SIGKILL, or `srun`'s code for it).
-    if let Some(s) = status.filter(|s| !s.success()) {
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(sig) = s.signal().and_then(rustix::process::Signal::from_named_raw) {
-            let _ = rustix::process::kill_process(rustix::process::getpid(), sig);
-        }
-        sys::exit_now(s.code().unwrap_or(1));
+    // A worker that ended other than cleanly (after the pool's last frame, or its
+    // `max_tasks_per_child`) was lost with whatever it had in flight.
+    match (status, result) {
+        (Some(s), Ok(())) if s.success() => Ok(()),
+        (_, Err(reason)) => Err(WorkerError::Lost { node, reason }),
+        (Some(s), Ok(())) => Err(WorkerError::Lost {
+            node,
+            reason: format!("its launcher ended: {s}"),
+        }),
+        (None, Ok(())) => Err(WorkerError::Lost {
+            node,
+            reason: "its launcher could not be waited for".into(),
+        }),
     }
-    result
 }
 
 fn spawn_launcher(argv: &[String]) -> std::io::Result<Child> {
@@ -395,7 +407,7 @@ fn spawn_launcher(argv: &[String]) -> std::io::Result<Child> {
 fn start_remote(
     launcher: &Launcher,
     settings: Start,
-) -> Result<(crate::connection::Connection, Child), String> {
+) -> Result<(crate::connection::Connection, Child, String), String> {
     let started = std::time::Instant::now();
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| format!("making a key for the worker: {e}"))?;
@@ -466,114 +478,52 @@ fn start_remote(
         .recv_timeout(launcher.start_timeout)
         .map_err(|e| format!("waiting for the worker's initializer: {e}"))?;
     ready.map_err(|e| format!("the initializer on {}: {e}", hello.host))?;
-    Ok((conn, child))
-}
-
-/// Which task the remote worker is taken to be running, for the driver (the status page's
-/// running word, which a local worker writes itself): the first task sent and not yet
-/// reported. (Results are reported in batches, so a worker that dies between finishing a
-/// task and reporting it has that task blamed: one task, as for a local worker.)
-#[derive(Default)]
-struct Progress {
-    sent_upto: std::sync::atomic::AtomicU64,
-    reported_upto: std::sync::atomic::AtomicU64,
-}
-
-impl Progress {
-    fn publish(&self, page: &Mapping) {
-        use std::sync::atomic::Ordering::{Acquire, Release};
-        let (sent, reported) = (
-            self.sent_upto.load(Acquire),
-            self.reported_upto.load(Acquire),
-        );
-        let running = if reported < sent { reported + 1 } else { 0 };
-        page.atomic_u64(worker::RUNNING_AT).store(running, Release);
-    }
+    Ok((conn, child, hello.host))
 }
 
 /// Forwards frames from the driver to the remote worker (inlining arguments that are in
-/// shared memory) and back, until either side ends.
-fn forward(local: OwnedFd, remote: OwnedFd, page: &Mapping) -> Result<(), WorkerError> {
+/// shared memory) and the worker's bytes back, until either side ends; the error says
+/// which side failed how.
+fn forward(local: OwnedFd, remote: OwnedFd) -> Result<(), String> {
     let local_in = sys::dup(local.as_fd()).map_err(|e| format!("duplicating: {e}"))?;
     let remote_out = sys::dup(remote.as_fd()).map_err(|e| format!("duplicating: {e}"))?;
-    let progress = Progress::default();
     let (out, back) = std::thread::scope(|scope| {
         let back = scope.spawn(|| {
-            let r = send_results(&remote, &local, &progress, page);
+            let r = copy_bytes(&remote, &local);
             // The worker is gone: stop waiting for the driver's next frame.
             let _ = rustix::net::shutdown(&local, rustix::net::Shutdown::Read);
             r
         });
-        let out = send_frames(&local_in, &remote_out, &progress, page);
+        let out = send_frames(&local_in, &remote_out);
         // The driver ended (or the worker stopped reading): let the worker see the end.
         let _ = rustix::net::shutdown(&remote_out, rustix::net::Shutdown::Write);
         (out, back.join().unwrap_or(Ok(())))
     });
-    out.and(back).map_err(WorkerError::from)
+    back.and(out)
 }
 
-/// Results from the remote worker, passed on frame by frame (a remote worker sends no
-/// descriptors), noting which tasks they report.
-fn send_results(
-    from: &OwnedFd,
-    to: &OwnedFd,
-    progress: &Progress,
-    page: &Mapping,
-) -> Result<(), String> {
-    let mut reader = FrameReader::default();
+/// The worker's frames, passed on as they come (a remote worker sends no descriptors).
+fn copy_bytes(from: &OwnedFd, to: &OwnedFd) -> Result<(), String> {
+    let mut buf = vec![0u8; 1 << 20];
     loop {
-        while let Some((bytes, fds)) = reader.next_frame_ref().map_err(|e| e.to_string())? {
-            if !fds.is_empty() {
-                return Err("the remote worker sent descriptors".into());
-            }
-            if let Ok((done, _)) = codec::take_from_bytes::<worker::DoneHeader>(bytes) {
-                let upto = done.first_seq.saturating_add(u64::from(done.count));
-                progress
-                    .reported_upto
-                    .fetch_max(upto, std::sync::atomic::Ordering::AcqRel);
-            }
-            let frame = ipc::frame_header(bytes.len(), 0);
-            sys::send_all(to.as_fd(), &[&frame, bytes], &[])
-                .map_err(|e| format!("passing results on: {e}"))?;
-            progress.publish(page);
-        }
-        if reader.at_eof() {
-            return Ok(());
-        }
-        reader
-            .wait_and_fill(from.as_fd())
-            .map_err(|e| format!("reading from the remote worker: {e}"))?;
+        let n = match rustix::io::read(from, &mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(format!("the connection was lost: {e}")),
+        };
+        sys::send_all(to.as_fd(), &[&buf[..n]], &[])
+            .map_err(|e| format!("passing results on: {e}"))?;
     }
 }
 
-fn send_frames(
-    from: &OwnedFd,
-    to: &OwnedFd,
-    progress: &Progress,
-    page: &Mapping,
-) -> Result<(), String> {
+fn send_frames(from: &OwnedFd, to: &OwnedFd) -> Result<(), String> {
     let mut reader = FrameReader::default();
     let memfds = MapCache::default();
     loop {
         while let Some((bytes, mut fds)) = reader.next_frame_ref().map_err(|e| e.to_string())? {
             let (msg, rest) = codec::take_from_bytes::<ToWorker>(bytes)
                 .map_err(|e| format!("a frame from the pool: {e}"))?;
-            if let ToWorker::Chunk(c) = &msg {
-                let upto = c.first_seq.saturating_add(c.lens.len() as u64);
-                if progress
-                    .sent_upto
-                    .load(std::sync::atomic::Ordering::Acquire)
-                    == 0
-                {
-                    progress
-                        .reported_upto
-                        .fetch_max(c.first_seq, std::sync::atomic::Ordering::AcqRel);
-                }
-                progress
-                    .sent_upto
-                    .fetch_max(upto, std::sync::atomic::Ordering::AcqRel);
-                progress.publish(page);
-            }
             match msg {
                 ToWorker::Chunk(ChunkHeader { in_memfd: true, .. }) => {
                     let ToWorker::Chunk(mut header) = msg else {
@@ -592,7 +542,7 @@ fn send_frames(
                         .map_err(|e| format!("re-encoding a chunk: {e}"))?;
                     let frame = ipc::frame_header(head.len() + len, 0);
                     sys::send_all(to.as_fd(), &[&frame, &head, &map.bytes()[..len]], &[])
-                        .map_err(|e| format!("sending to the remote worker: {e}"))?;
+                        .map_err(|e| format!("the connection was lost: {e}"))?;
                 }
                 _ => {
                     if !fds.is_empty() {
@@ -600,7 +550,7 @@ fn send_frames(
                     }
                     let frame = ipc::frame_header(bytes.len(), 0);
                     sys::send_all(to.as_fd(), &[&frame, bytes], &[])
-                        .map_err(|e| format!("sending to the remote worker: {e}"))?;
+                        .map_err(|e| format!("the connection was lost: {e}"))?;
                     let _ = rest;
                 }
             }
@@ -672,6 +622,7 @@ fn serve_remote() -> Result<(), String> {
             .and_then(worker::run_initializer)
             .map_err(|e| match e {
                 WorkerError::Initializer(m) | WorkerError::Connection(m) => m,
+                WorkerError::Lost { reason, .. } => reason,
             }),
     };
     let failed = ready.clone().err();
@@ -681,6 +632,7 @@ fn serve_remote() -> Result<(), String> {
         return Err(e);
     }
     let fd = conn.into_fd();
+    let _ = sys::set_keepalive(fd.as_fd(), KEEPALIVE);
     let page = std::sync::Arc::new(
         Mapping::anonymous("gpuproc-remote-worker", worker::PAGE_LEN)
             .map_err(|e| format!("making a status page: {e}"))?,
@@ -688,6 +640,7 @@ fn serve_remote() -> Result<(), String> {
     watch_for_hangup(&fd, std::sync::Arc::clone(&page))?;
     worker::serve(fd, &page, track_time, max_tasks, true).map_err(|e| match e {
         WorkerError::Initializer(m) | WorkerError::Connection(m) => m,
+        WorkerError::Lost { reason, .. } => reason,
     })
 }
 

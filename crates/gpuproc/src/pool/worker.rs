@@ -457,6 +457,8 @@ pub(crate) enum WorkerError {
     Initializer(String),
     /// Its connection to the pool failed.
     Connection(String),
+    /// It relayed for a worker on another machine, which was lost (see `remote`).
+    Lost { node: String, reason: String },
 }
 
 impl From<String> for WorkerError {
@@ -538,7 +540,6 @@ pub(crate) fn serve(
     let mut reader = FrameReader::default();
     let mut out = Outbox {
         spill: !remote,
-        eager: remote,
         ..Outbox::default()
     };
     // Mappings of the memfds that large arguments come in, kept for their reuse.
@@ -636,9 +637,6 @@ pub(crate) struct Outbox {
     shm: Arc<ShmPool>,
     /// Whether large results may go through memfds (not from another machine).
     spill: bool,
-    /// Send each result as soon as its task ends (a worker on another machine: its relay
-    /// learns which task runs from the results, see `remote`).
-    eager: bool,
     run_fds: Vec<OwnedFd>,
     codec: RunCodec,
     /// The encoded header of the run being closed (kept for its capacity).
@@ -845,7 +843,7 @@ impl Outbox {
 
     #[inline]
     fn due(&mut self) -> bool {
-        if self.eager || self.frames.len() + self.results_len() >= FLUSH_BYTES {
+        if self.frames.len() + self.results_len() >= FLUSH_BYTES {
             return true;
         }
         self.tick += 1;

@@ -304,6 +304,20 @@ pub(crate) fn die_with_parent(cmd: &mut std::process::Command, signal: Signal) {
     }
 }
 
+/// Turns on TCP keep-alive for `fd`: probes after `idle` of silence, every `interval`,
+/// and the connection fails after `count` unanswered ones.
+pub(crate) fn set_keepalive(
+    fd: BorrowedFd<'_>,
+    (idle, interval, count): (std::time::Duration, std::time::Duration, u32),
+) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(fd, true)?;
+    sockopt::set_tcp_keepidle(fd, idle)?;
+    sockopt::set_tcp_keepintvl(fd, interval)?;
+    sockopt::set_tcp_keepcnt(fd, count)?;
+    Ok(())
+}
+
 /// Blocks until the peer of the socket `fd` has closed its end (or the socket failed);
 /// `false` if it could not be watched. Reads nothing.
 pub(crate) fn wait_for_hangup(fd: BorrowedFd<'_>) -> bool {

@@ -70,7 +70,7 @@ fn dies_on_5(x: u64) -> u64 {
 }
 
 #[test]
-fn workers_started_by_a_command_run_tasks_and_a_lost_one_fails_its_task_alone() {
+fn workers_started_by_a_command_run_tasks_and_a_lost_one_fails_only_what_it_had_in_flight() {
     let (placed, outcomes) = within(|| {
         let pool = Pool::builder()
             .processes(2)
@@ -98,12 +98,15 @@ fn workers_started_by_a_command_run_tasks_and_a_lost_one_fails_its_task_alone() 
     pids.sort_unstable();
     pids.dedup();
     assert!(!pids.contains(&std::process::id()));
+    // The worker running task 5 was lost with everything it had in flight: those tasks fail
+    // with the node and the reason; every other task has its result.
+    let e = outcomes[5].as_ref().unwrap_err();
+    assert!(e.contains("task 5 was in flight on the worker on "), "{e}");
+    assert!(e.contains("SIGKILL"), "{e}");
     for (x, r) in outcomes.iter().enumerate() {
-        if x == 5 {
-            let e = r.as_ref().unwrap_err();
-            assert!(e.contains("task 5") || e.contains("died"), "{e}");
-        } else {
-            assert_eq!(r, &Ok(x as u64 * x as u64), "task {x}");
+        match r {
+            Ok(sq) => assert_eq!(*sq, x as u64 * x as u64, "task {x}"),
+            Err(e) => assert!(e.contains("was lost"), "task {x}: {e}"),
         }
     }
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
@@ -314,7 +317,7 @@ fn job_and_square(x: u64) -> (String, u64) {
 }
 
 #[test]
-fn four_slurm_workers_map_ten_thousand_tasks_and_a_cancelled_step_fails_only_its_task() {
+fn four_slurm_workers_map_ten_thousand_tasks_and_a_cancelled_step_fails_only_its_tasks() {
     if !slurm_available() {
         return;
     }
@@ -347,16 +350,13 @@ fn four_slurm_workers_map_ten_thousand_tasks_and_a_cancelled_step_fails_only_its
         (victim, outcomes)
     });
     assert_eq!(outcomes.len(), 2_000);
-    let failed: Vec<usize> = (0..outcomes.len())
-        .filter(|&x| outcomes[x].is_err())
-        .collect();
-    assert!(
-        failed.len() <= 1,
-        "at most the task running in job {cancelled}: {failed:?}"
-    );
+    // Only the cancelled worker's tasks in flight fail, each saying so; the map finishes.
+    let failed = outcomes.iter().filter(|r| r.is_err()).count();
+    assert!(failed < 2_000 / 2, "job {cancelled}: {failed} failed");
     for (x, r) in outcomes.iter().enumerate() {
-        if let Ok(sq) = r {
-            assert_eq!(*sq, (x * x) as u64);
+        match r {
+            Ok(sq) => assert_eq!(*sq, (x * x) as u64),
+            Err(e) => assert!(e.contains("was lost"), "task {x}: {e}"),
         }
     }
     assert_eq!(
