@@ -198,9 +198,13 @@
 //! step (`srun`; inside an allocation, a step of it; outside one, its own allocation), with
 //! the options of [`Slurm`] (`Slurm::new().gpus(1)` gives each worker one GPU, which it sees
 //! through `CUDA_VISIBLE_DEVICES`); [`Launcher::command`] starts each through any command
-//! line (`["ssh", "node3"]`) for sites without Slurm. The API and the promises are the
-//! local pool's: a worker that is lost (its node fails, its step is cancelled, it is
-//! killed) fails the task it was running and is replaced; the pool's end ends every worker.
+//! line (`["ssh", "node3"]`) for sites without Slurm. The API is the local pool's, and so
+//! are the promises, with one difference: a worker that is lost (its node fails, its step is
+//! cancelled, it is killed, the network drops: TCP keep-alive notices within about 30 s)
+//! fails the tasks it had in flight, each with [`PoolError::WorkerLost`] naming the node and
+//! what happened (or runs them again, with [`PoolBuilder::retries`]), since which of them
+//! was running is not known on this side; it is replaced, and the map goes on. The pool's
+//! end, or this process's death, ends every worker (`srun` cancels its step).
 //!
 //! ```no_run
 //! # gpuproc::init();

@@ -253,9 +253,9 @@ impl PoolBuilder {
     /// Where the workers run: on this machine (the default), as Slurm job steps, or started
     /// by any command line such as `ssh host` (see [`Launcher`] and the
     /// crate guide, "Remote computers"). Workers elsewhere run the same executable, connect
-    /// back over an authenticated TCP connection, and behave as local ones: a worker that
-    /// is lost fails its task alone and is replaced; nothing is left running when the pool
-    /// ends. Their arguments and results are copied over the network, so values that hold
+    /// back over an authenticated TCP connection, and behave as local ones, except that a
+    /// worker that is lost fails the tasks it had in flight ([`PoolError::WorkerLost`]) and
+    /// is replaced; nothing is left running when the pool ends. Their arguments and results are copied over the network, so values that hold
     /// descriptors (queues, locks, shared memory) cannot be sent to them: such a task is
     /// refused when it is submitted, naming the type. Not with a task timeout or GPUs leased
     /// through [`gpus_per_worker`](Self::gpus_per_worker) (Slurm hands out the GPUs: see

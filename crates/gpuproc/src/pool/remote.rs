@@ -16,8 +16,9 @@
 //!
 //! When anything ends: the relay's death closes the connection, and the remote worker
 //! exits as soon as it sees that (a thread watches for it, also while a task runs); the
-//! remote worker's death ends the launcher's command and the relay, which the driver sees
-//! as a dead worker (its task fails, the worker is replaced). The launcher's command gets
+//! remote worker's death ends the launcher's command and the relay, which tells the driver
+//! the worker was lost (`WorkerError::Lost`): its tasks in flight fail with
+//! `PoolError::WorkerLost` or run again, and it is replaced. The launcher's command gets
 //! SIGTERM when its relay dies (`srun` then cancels its step).
 //!
 //! Limits: values that hold descriptors (queues, locks, shared memory, pipes) cannot cross
