@@ -92,31 +92,25 @@ mod varint {
     /// The longest varint of a `u128`.
     pub const MAX_U128: usize = 19;
 
-    /// Writes `v` into `buf`, returning the number of bytes used.
-    #[inline]
-    pub fn put_u64(mut v: u64, buf: &mut [u8; MAX_U64]) -> usize {
-        let mut i = 0;
-        while v >= 0x80 {
-            buf[i] = (v as u8) | 0x80;
-            v >>= 7;
-            i += 1;
-        }
-        buf[i] = v as u8;
-        i + 1
+    macro_rules! put {
+        ($name:ident, $t:ty, $max:ident) => {
+            /// Writes `v` into `buf`, returning the number of bytes used.
+            #[inline]
+            pub fn $name(mut v: $t, buf: &mut [u8; $max]) -> usize {
+                let mut i = 0;
+                while v >= 0x80 {
+                    buf[i] = (v as u8) | 0x80;
+                    v >>= 7;
+                    i += 1;
+                }
+                buf[i] = v as u8;
+                i + 1
+            }
+        };
     }
 
-    /// Writes `v` into `buf`, returning the number of bytes used.
-    #[inline]
-    pub fn put_u128(mut v: u128, buf: &mut [u8; MAX_U128]) -> usize {
-        let mut i = 0;
-        while v >= 0x80 {
-            buf[i] = (v as u8) | 0x80;
-            v >>= 7;
-            i += 1;
-        }
-        buf[i] = v as u8;
-        i + 1
-    }
+    put!(put_u64, u64, MAX_U64);
+    put!(put_u128, u128, MAX_U128);
 
     /// Zigzag: small magnitudes of either sign become small unsigned numbers.
     #[inline]
