@@ -258,8 +258,9 @@ impl PoolBuilder {
     /// is replaced; nothing is left running when the pool ends. Their arguments and results are copied over the network, so values that hold
     /// descriptors (queues, locks, shared memory) cannot be sent to them: such a task is
     /// refused when it is submitted, naming the type. Not with a task timeout or GPUs leased
-    /// through [`gpus_per_worker`](Self::gpus_per_worker) (Slurm hands out the GPUs: see
-    /// [`Slurm::gpus`]).
+    /// through [`workers_per_gpu`](Self::workers_per_gpu); with a Slurm launcher,
+    /// [`gpus_per_worker`](Self::gpus_per_worker) asks Slurm for the GPUs with each step
+    /// (as [`Slurm::gpus`] does), and other launchers cannot give GPUs.
     pub fn launcher(mut self, launcher: remote::Launcher) -> Self {
         self.config.launcher = (!launcher.is_local()).then_some(launcher);
         self
@@ -345,12 +346,21 @@ impl PoolBuilder {
                     "no task timeout with remote workers (a launcher other than local)",
                 );
             }
-            if self.gpu_share.is_some() {
-                return remote_refuses(
-                    "gpus_per_worker",
-                    "a GPU share".into(),
-                    "no leased GPUs with remote workers: ask the launcher (Slurm::gpus)",
-                );
+            // On Slurm, GPUs per worker are Slurm's to give: asked with each step.
+            match (self.gpu_share.take(), self.config.launcher.as_mut()) {
+                (None, _) => {}
+                (Some(gpu::Share::GpusPerWorker(n)), Some(l)) if l.asks_slurm() => {
+                    let n = u32::try_from(n).unwrap_or(u32::MAX);
+                    *l = l.clone().with_slurm_gpus(n);
+                }
+                (Some(share), _) => {
+                    return remote_refuses(
+                        "gpus_per_worker",
+                        format!("{share:?}"),
+                        "GPUs per worker only with a Slurm launcher, which asks Slurm for \
+                         them (GPUs cannot be leased on another machine)",
+                    );
+                }
             }
             if self
                 .config

@@ -169,6 +169,26 @@ impl Launcher {
         self.kind == Kind::Local
     }
 
+    /// Whether workers are Slurm steps.
+    pub(crate) fn asks_slurm(&self) -> bool {
+        matches!(self.kind, Kind::Slurm(_))
+    }
+
+    /// The same launcher asking Slurm for `n` GPUs per worker (unless its options already
+    /// ask for GPUs).
+    pub(crate) fn with_slurm_gpus(mut self, n: u32) -> Launcher {
+        if let Kind::Slurm(s) = &mut self.kind {
+            if !s
+                .args
+                .iter()
+                .any(|a| a.starts_with("--gres=gpu") || a.starts_with("--gpus"))
+            {
+                s.args.push(format!("--gres=gpu:{n}"));
+            }
+        }
+        self
+    }
+
     /// The command line that starts one worker running `exe`.
     fn argv(&self, exe: &str) -> Vec<String> {
         let mut argv: Vec<String> = match &self.kind {

@@ -274,15 +274,12 @@ fn a_worker_from_another_build_is_refused_with_the_reason() {
 fn slurm_pool(workers: usize, job_name: &str) -> Pool {
     Pool::builder()
         .processes(workers)
+        // Asked of Slurm with each step, as `Slurm::gpus(1)` would.
+        .gpus_per_worker(1)
         .launcher(
-            Launcher::slurm(
-                Slurm::new()
-                    .gpus(1)
-                    .time("5")
-                    .arg(format!("--job-name={job_name}")),
-            )
-            .connect_back_to("127.0.0.1")
-            .start_timeout(Duration::from_secs(30)),
+            Launcher::slurm(Slurm::new().time("5").arg(format!("--job-name={job_name}")))
+                .connect_back_to("127.0.0.1")
+                .start_timeout(Duration::from_secs(30)),
         )
         .build()
         .unwrap()
@@ -311,9 +308,10 @@ fn no_jobs_named(name: &str, within: Duration) -> Vec<String> {
     }
 }
 
-/// The task's worker's Slurm job, and its square.
-fn job_and_square(x: u64) -> (String, u64) {
-    (std::env::var("SLURM_JOB_ID").unwrap_or_default(), x * x)
+/// The task's worker's Slurm job, its square, and the worker's GPUs.
+fn job_and_square(x: u64) -> (String, u64, String) {
+    let env = |k| std::env::var(k).unwrap_or_default();
+    (env("SLURM_JOB_ID"), x * x, env("CUDA_VISIBLE_DEVICES"))
 }
 
 #[test]
@@ -327,6 +325,13 @@ fn four_slurm_workers_map_ten_thousand_tasks_and_a_cancelled_step_fails_only_its
         let got = pool.map(job_and_square, 0..10_000u64).unwrap();
         assert!(got.iter().enumerate().all(|(x, r)| r.1 == (x * x) as u64));
         let mut jobs: Vec<&String> = got.iter().map(|r| &r.0).collect();
+        let mut gpus: Vec<&String> = got.iter().map(|r| &r.2).collect();
+        gpus.sort();
+        gpus.dedup();
+        assert!(
+            gpus.iter().all(|g| g.len() == 1),
+            "one GPU per worker: {gpus:?}"
+        );
         jobs.sort();
         jobs.dedup();
         assert!(
@@ -343,7 +348,7 @@ fn four_slurm_workers_map_ten_thousand_tasks_and_a_cancelled_step_fails_only_its
             .expect("scancel runs");
         assert!(status.success());
         let outcomes: Vec<Result<u64, String>> = std::iter::once(Ok(first.1))
-            .chain(it.map(|r| r.map(|(_, sq)| sq).map_err(|e| e.to_string())))
+            .chain(it.map(|r| r.map(|(_, sq, _)| sq).map_err(|e| e.to_string())))
             .collect();
         pool.close();
         pool.join().unwrap();
