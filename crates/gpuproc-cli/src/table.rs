@@ -242,6 +242,7 @@ mod tests {
                         kind: ProcessKind::Compute,
                         gpu_instance_id: None,
                         compute_instance_id: None,
+                        utilization: None,
                         host: Some(HostProcess {
                             user: Some("alice".into()),
                             cmdline: vec!["python".into(), "train.py".into()],
