@@ -58,6 +58,11 @@ pub struct GpusArgs {
     /// Do not list the processes under each GPU.
     #[arg(long)]
     pub no_processes: bool,
+
+    /// Add lines under each GPU: PCIe link and traffic, NVLink, BAR1, encoder and decoder,
+    /// energy, clock event (throttle) reasons, ECC counts and retired or remapped memory.
+    #[arg(long, short = 'd')]
+    pub details: bool,
 }
 
 /// `--color` values.
