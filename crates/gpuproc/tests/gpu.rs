@@ -162,6 +162,14 @@ fn eight_gpus_with_processes() {
         );
         assert!(host.rss_bytes.unwrap() > 0);
         assert!(host.uid.is_some() && host.cpu_percent.is_some());
+        let parent = rustix::process::getppid().unwrap().as_raw_nonzero().get() as u32;
+        assert_eq!(host.ppid, Some(parent));
+        // Started before the snapshot, and not before the machine booted this year.
+        let started = host.started_ms.unwrap();
+        assert!(
+            started <= snap.timestamp_ms && started > 1_600_000_000_000,
+            "{started}"
+        );
         // GPU 5 has a graphics process.
         assert!(snap.devices[5]
             .processes

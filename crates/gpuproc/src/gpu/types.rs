@@ -390,6 +390,12 @@ pub struct HostProcess {
     pub cpu_percent: Option<f64>,
     /// Resident set size, bytes.
     pub rss_bytes: Option<u64>,
+    /// The parent process's id (in the namespace of the `/proc` read).
+    #[serde(default)]
+    pub ppid: Option<u32>,
+    /// When the process started, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub started_ms: Option<u64>,
 }
 
 impl HostProcess {
