@@ -334,3 +334,53 @@ fn in_tmux_sort_filter_and_kill_a_gpu_process() {
     drop(small);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn leases_show_who_holds_a_gpu_and_its_process() {
+    let dir = scratch_dir("lease");
+    let state = dir.join("state");
+    let runtime = dir.join("runtime");
+    std::fs::create_dir_all(&state).unwrap();
+    // `pick --hold` leases GPU 2 and runs `sleep` behind its gate.
+    let mut pick = sim_gpuproc("4gpu", Some(&runtime));
+    pick.args(["pick", "--devices", "2", "--hold", "--", "sleep", "600"]);
+    let pick = Background::start_in_group(pick);
+    let deadline = Instant::now()
+        .checked_add(Duration::from_secs(30))
+        .expect("a deadline");
+    let held = loop {
+        let sleeping = common::children_of(pick.pid()).into_iter().find(|&c| {
+            std::fs::read(format!("/proc/{c}/cmdline")).is_ok_and(|b| b == b"sleep\0600\0")
+        });
+        if let Some(pid) = sleeping {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "pick --hold did not start sleep");
+        // Polling /proc: nothing announces the exec.
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The held command uses GPU 2.
+    nvml_sim::state::write_allocation(&state, 2, held, 2 << 30).unwrap();
+    let mut cmd = sim_gpuproc("4gpu", Some(&runtime));
+    cmd.args(["top", "--once"])
+        .env("NVML_SIM_STATE_DIR", &state)
+        .env("NVML_SIM_CLOCK", CLOCK)
+        .env("COLUMNS", "120")
+        .env("LINES", "40");
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let holder = text
+        .lines()
+        .find(|l| l.contains("pick --hold (pid "))
+        .unwrap_or_else(|| panic!("the GPU's holder:\n{text}"));
+    assert!(holder.contains(&held.to_string()), "{holder}");
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(held.to_string().as_str()))
+        .unwrap_or_else(|| panic!("no row of {held}:\n{text}"));
+    assert!(row.contains("[pick --hold] sleep 600"), "{row}");
+    assert!(row.starts_with("2 "), "{row}");
+    drop(pick);
+    let _ = std::fs::remove_dir_all(dir);
+}

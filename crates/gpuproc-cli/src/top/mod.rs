@@ -37,10 +37,11 @@ pub fn sample(gpus: &Gpus) -> Result<Sample, gpuproc::gpu::GpuError> {
         .unwrap_or_default();
     let lease_labels = leases
         .iter()
-        .filter_map(|l| {
-            let holder = l.holders.first()?.pid;
-            let parent = sys::ppid(holder)?;
-            Some((l.id.clone(), model::holder_label(&sys::cmdline(parent))))
+        .map(|l| {
+            let holders = l.holders.iter().map(|h| h.pid);
+            let parents = l.holders.iter().filter_map(|h| sys::ppid(h.pid));
+            let cmdlines: Vec<Vec<String>> = holders.chain(parents).map(sys::cmdline).collect();
+            (l.id.clone(), model::holder_label(&cmdlines))
         })
         .collect();
     let pids: Vec<u32> = snapshot

@@ -198,19 +198,22 @@ pub fn process_holder(pid: u32, sample: &Sample) -> Option<String> {
     None
 }
 
-/// What holds a lease, from the command line of its holder's parent: the gpuproc command
-/// that gated it (`run`, `pick`), else a program that leased GPUs itself (a pool, a
-/// `Process::with_gpus`).
-pub fn holder_label(parent_cmdline: &[String]) -> String {
-    let is_gpuproc = parent_cmdline
-        .first()
-        .and_then(|p| std::path::Path::new(p).file_name())
-        .is_some_and(|n| n == "gpuproc");
-    match parent_cmdline.get(1).map(String::as_str) {
-        Some("run") if is_gpuproc => "run job".to_string(),
-        Some("pick") if is_gpuproc => "pick --hold".to_string(),
-        _ => "lease".to_string(),
+/// What holds a lease, from the command lines of its holders and of their parents, in
+/// that order: the gpuproc command that took it (`run`, `pick --hold`), else a program
+/// that leased GPUs itself (a pool, a `Process::with_gpus`): `lease`.
+pub fn holder_label(cmdlines: &[Vec<String>]) -> String {
+    for cmdline in cmdlines {
+        let is_gpuproc = cmdline
+            .first()
+            .and_then(|p| std::path::Path::new(p).file_name())
+            .is_some_and(|n| n == "gpuproc");
+        match cmdline.get(1).map(String::as_str) {
+            Some("run") if is_gpuproc => return "run job".to_string(),
+            Some("pick") if is_gpuproc => return "pick --hold".to_string(),
+            _ => {}
+        }
     }
+    "lease".to_string()
 }
 
 /// The process rows of a sample, in snapshot order.
@@ -733,15 +736,12 @@ mod tests {
         assert_eq!(process_holder(600, &sample).as_deref(), Some("lease"));
         assert_eq!(process_holder(700, &sample), None);
         let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            holder_label(&cmd(&["/usr/bin/gpuproc", "run", "-j", "2"])),
-            "run job"
-        );
-        assert_eq!(
-            holder_label(&cmd(&["gpuproc", "pick", "--hold"])),
-            "pick --hold"
-        );
-        assert_eq!(holder_label(&cmd(&["python", "run"])), "lease");
+        let run = cmd(&["/usr/bin/gpuproc", "run", "-j", "2"]);
+        let pick = cmd(&["gpuproc", "pick", "--hold", "--", "sleep", "1"]);
+        let sleep = cmd(&["sleep", "1"]);
+        assert_eq!(holder_label(&[sleep.clone(), run]), "run job");
+        assert_eq!(holder_label(&[pick, sleep.clone()]), "pick --hold");
+        assert_eq!(holder_label(&[cmd(&["python", "run"]), sleep]), "lease");
         assert_eq!(holder_label(&[]), "lease");
     }
 
