@@ -211,7 +211,7 @@ fn running(pid: u32) -> bool {
         .and_then(|s| {
             s.rsplit(')')
                 .next()
-                .map(|r| r.trim_start().chars().next() != Some('Z'))
+                .map(|r| !r.trim_start().starts_with('Z'))
         })
         .unwrap_or(false)
 }
@@ -350,7 +350,7 @@ fn leases_show_who_holds_a_gpu_and_its_process() {
         .expect("a deadline");
     let held = loop {
         let sleeping = common::children_of(pick.pid()).into_iter().find(|&c| {
-            std::fs::read(format!("/proc/{c}/cmdline")).is_ok_and(|b| b == b"sleep\0600\0")
+            std::fs::read(format!("/proc/{c}/cmdline")).is_ok_and(|b| b == b"sleep\x00600\x00")
         });
         if let Some(pid) = sleeping {
             break pid;

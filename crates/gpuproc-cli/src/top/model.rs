@@ -778,15 +778,17 @@ mod tests {
     #[test]
     fn history_keeps_the_last_samples() {
         let mut h = History::default();
-        let mut snap = Snapshot::default();
-        snap.devices = vec![Device {
-            memory: Some(Memory {
-                total: 100,
-                used: 25,
-                free: 75,
-            }),
-            ..Device::default()
-        }];
+        let snap = Snapshot {
+            devices: vec![Device {
+                memory: Some(Memory {
+                    total: 100,
+                    used: 25,
+                    free: 75,
+                }),
+                ..Device::default()
+            }],
+            ..Snapshot::default()
+        };
         for _ in 0..HISTORY + 5 {
             h.push(&snap);
         }

@@ -386,14 +386,14 @@ fn full_panel(frame: &mut Frame<'_>, app: &App, d: &Device, area: Rect) {
     // Each graph under its bar: memory on the left, utilisation on the right.
     frame.render_widget(
         Sparkline::default()
-            .data(&tail(&mem_hist, left.width))
+            .data(tail(&mem_hist, left.width))
             .max(100)
             .style(Style::new().fg(Color::Yellow)),
         left,
     );
     frame.render_widget(
         Sparkline::default()
-            .data(&tail(&util_hist, right.width))
+            .data(tail(&util_hist, right.width))
             .max(100)
             .style(Style::new().fg(Color::Green)),
         right,
