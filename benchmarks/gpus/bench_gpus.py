@@ -1,8 +1,12 @@
-"""Python side of bench_gpus: times full GPU snapshots with gpustat and with a pynvml loop.
+"""Python side of bench_gpus: times full GPU snapshots with gpustat, a pynvml loop and nvitop.
 
 Usage: bench_gpus.py ITERATIONS
 Prints one JSON object: seconds per snapshot for gpustat.new_query() (in process; also with
-its 0.1 s-per-GPU CPU-sampling sleep patched out) and for a pynvml loop reading the same fields gpuproc reads, with processes joined to psutil host data.
+its 0.1 s-per-GPU CPU-sampling sleep patched out), for a pynvml loop reading the same fields
+gpuproc reads, with processes joined to psutil host data, and for nvitop's `Device.all()`
+with each device's snapshot, the detailed fields of gpuproc's snapshot (PCIe link,
+throughput, BAR1, NVLink, clock event reasons, remapped rows, energy, encoder and decoder)
+and its processes' snapshots (per-process SM utilisation and host data).
 """
 import json
 import sys
@@ -11,6 +15,8 @@ import time
 import gpustat
 import psutil
 import pynvml
+from nvitop import Device, GpuProcess
+from nvitop.api import libnvml
 
 
 def pynvml_snapshot():
@@ -61,6 +67,29 @@ def pynvml_snapshot():
     return out
 
 
+def nvitop_snapshot():
+    query = libnvml.nvmlQuery
+    out = []
+    for device in Device.all():
+        with device.oneshot():
+            snap = device.as_snapshot()
+            h = device.handle
+            extra = {
+                "pcie": [query(f, h) for f in (
+                    "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetMaxPcieLinkGeneration",
+                    "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetMaxPcieLinkWidth")],
+                "bar1": device.bar1_memory_info(),
+                "nvlink": [query("nvmlDeviceGetNvLinkState", h, link)
+                           for link in range(device.nvlink_link_count())],
+                "reasons": query("nvmlDeviceGetCurrentClocksEventReasons", h),
+                "remapped": query("nvmlDeviceGetRemappedRows", h),
+                "energy": query("nvmlDeviceGetTotalEnergyConsumption", h),
+            }
+        processes = GpuProcess.take_snapshots(device.processes().values(), failsafe=True)
+        out.append((snap, extra, processes))
+    return out
+
+
 def per_call(f, iterations):
     f()  # warm up: imports, first NVML calls, psutil caches
     start = time.perf_counter()
@@ -75,6 +104,7 @@ def main():
     result = {
         "gpustat_new_query": per_call(gpustat.new_query, iterations),
         "pynvml_loop": per_call(pynvml_snapshot, iterations),
+        "nvitop_loop": per_call(nvitop_snapshot, iterations),
     }
     # gpustat sleeps 0.1 s per GPU to sample CPU use; without it, its own work remains.
     gpustat.core.time.sleep = lambda _seconds: None

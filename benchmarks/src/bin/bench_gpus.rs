@@ -6,7 +6,12 @@
 //! - `gpustat --json` as a command, as a user runs it;
 //! - `gpustat.new_query()` in a Python loop (no interpreter start-up), for fairness, and
 //!   again with its 0.1 s-per-GPU CPU-sampling sleep patched out;
-//! - a pynvml loop reading the same fields with psutil host data.
+//! - a pynvml loop reading the same fields with psutil host data;
+//! - nvitop's `Device.all()` with each device's snapshot, the detailed fields (PCIe link and
+//!   throughput, BAR1, NVLink, clock event reasons, remapped rows, energy, video engines)
+//!   and its processes' snapshots (per-process SM utilisation, host data): the target is
+//!   gpuproc at least 10x faster;
+//! - `nvitop -1` as a command.
 //!
 //! Usage: `cargo run --release -p gpuproc-benchmarks --bin bench_gpus [ITERATIONS]`
 //! (Python from `$GPUPROC_PYTHON`, default `.venv/bin/python`).
@@ -88,6 +93,26 @@ fn main() {
     }
     let gpustat_cmd = start.elapsed() / runs;
 
+    // nvitop -1, as a command (the nvitop script next to the venv's Python).
+    let nvitop = python.with_file_name("nvitop");
+    let run_nvitop = || {
+        let out = Command::new(&nvitop)
+            .arg("-1")
+            .output()
+            .expect("run nvitop -1");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run_nvitop();
+    let start = Instant::now();
+    for _ in 0..runs {
+        run_nvitop();
+    }
+    let nvitop_cmd = start.elapsed() / runs;
+
     // Python loops, in process.
     let py_iterations = (iterations / 10).max(20);
     let out = Command::new(&python)
@@ -129,6 +154,16 @@ fn main() {
     row(
         &format!("pynvml + psutil loop ({py_iterations}x)"),
         secs("pynvml_loop"),
+    );
+    row(
+        &format!("nvitop Device.all() loop ({py_iterations}x)"),
+        secs("nvitop_loop"),
+    );
+    row(&format!("nvitop -1, command ({runs}x)"), nvitop_cmd);
+    let ratio = secs("nvitop_loop").as_secs_f64() / gpuproc.as_secs_f64();
+    println!(
+        "\nwith the detailed fields, gpuproc is {ratio:.1}x faster than nvitop's loop (target: at least 10x): {}",
+        if ratio >= 10.0 { "met" } else { "NOT met" }
     );
     let _ = std::fs::remove_dir_all(scratch);
 }

@@ -38,6 +38,56 @@ pub enum Command {
     Pick(crate::cmd::pick::PickArgs),
     /// Run a queue of shell commands spread over GPUs (like GNU parallel).
     Run(crate::run::RunArgs),
+    /// Watch GPUs and their processes live (like nvitop): history graphs, sorting,
+    /// filtering, a process tree, signals, and which gpuproc lease or run job holds what.
+    #[command(after_help = TOP_KEYS)]
+    Top(TopArgs),
+}
+
+const TOP_KEYS: &str = "Keys:
+  q, Esc       quit (Esc first clears a filter)
+  /            filter: type words that must all appear in the user, command, pid or
+               holder (gpu:N for one GPU); Enter keeps it, Esc clears it
+  s, S         next, previous sort key (also > and <);  r  reverse the order
+  g p u m M    sort by GPU, pid, user, %SM, GPU memory (again: reverse)
+  c h e n      sort by %CPU, host memory, run time, command
+  t            tree of process families (a launcher above its workers)
+  Up Down j k  select a process;  PgUp PgDn Home End
+  T K I        send SIGTERM, SIGKILL, SIGINT to the selected process (asks y/N)
+
+Columns: GPU (index, /N for a MIG device), PID, USER, %SM (the process's share of the
+GPU's streaming multiprocessors), GPU-MEM, %CPU (of one core), HOST-MEM (resident), TIME
+(since it started), COMMAND, prefixed by what holds it: [run job], [pick --hold], [lease]
+(a pool or a Process::with_gpus), with the holder's pid when it is an ancestor.
+
+Layout: a panel per GPU (figures, memory and utilisation bars, history graphs of
+utilisation and memory, MIG devices, the lease holding it) when the terminal is tall
+enough, else two lines or one line per GPU; two columns of panels from 160 columns.
+Works from 80x24.";
+
+/// Options of `gpuproc top`.
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Print one frame to standard output and exit (the terminal's size, else $COLUMNS x
+    /// $LINES, else 80x24).
+    #[arg(long, short = '1')]
+    pub once: bool,
+
+    /// Seconds between samples.
+    #[arg(long, short = 'n', value_name = "SECONDS", default_value_t = 1.0, value_parser = parse_interval)]
+    pub interval: f64,
+
+    /// Start in the tree view.
+    #[arg(long)]
+    pub tree: bool,
+
+    /// Start with this filter.
+    #[arg(long, value_name = "WORDS")]
+    pub filter: Option<String>,
+
+    /// Measure: take N samples and draw N frames off screen, print the CPU time of each.
+    #[arg(long, value_name = "N", hide = true)]
+    pub bench_frames: Option<u32>,
 }
 
 /// Options of `gpuproc gpus`.
@@ -58,6 +108,11 @@ pub struct GpusArgs {
     /// Do not list the processes under each GPU.
     #[arg(long)]
     pub no_processes: bool,
+
+    /// Add lines under each GPU: PCIe link and traffic, NVLink, BAR1, encoder and decoder,
+    /// energy, clock event (throttle) reasons, ECC counts and retired or remapped memory.
+    #[arg(long, short = 'd')]
+    pub details: bool,
 }
 
 /// `--color` values.

@@ -1,10 +1,12 @@
-//! The `gpuproc` command-line tool: list GPUs and their processes (`gpuproc gpus`).
+//! The `gpuproc` command-line tool: list GPUs and their processes (`gpuproc gpus`), watch
+//! them (`gpuproc top`).
 
 mod cli;
 mod cmd;
 mod gate;
 mod run;
 mod table;
+mod top;
 mod units;
 
 use std::io::{self, Write};

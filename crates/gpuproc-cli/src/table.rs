@@ -11,7 +11,13 @@ pub struct Style {
     pub colour: bool,
     /// List processes under each GPU.
     pub processes: bool,
+    /// Add lines under each GPU with PCIe, NVLink, BAR1, video engines, energy, clock
+    /// event reasons and ECC pages.
+    pub details: bool,
 }
+
+/// The width detail lines are wrapped to.
+const DETAIL_WIDTH: usize = 80;
 
 const BAR_WIDTH: usize = 20;
 const MIB: u64 = 1 << 20;
@@ -62,6 +68,11 @@ pub fn render(snap: &Snapshot, leases: &[LeaseRecord], style: Style) -> String {
         .unwrap_or(1);
     for device in &snap.devices {
         device_line(&mut out, &p, device, name_width, total_width);
+        if style.details && device.error.is_none() {
+            for line in detail_lines(device, DETAIL_WIDTH) {
+                let _ = writeln!(out, "{}", p.paint("90", &line));
+            }
+        }
         if let Some(note) = device.uuid.as_deref().and_then(|u| lease_note(u, leases)) {
             let _ = writeln!(out, " └─ {}", p.paint("35", &note));
         }
@@ -148,6 +159,122 @@ fn lease_note(uuid: &str, leases: &[LeaseRecord]) -> Option<String> {
     ))
 }
 
+/// KiB/s as a short rate: `900 KiB/s`, `12.5 MiB/s`, `2.3 GiB/s`.
+fn rate(kib_per_s: u64) -> String {
+    match kib_per_s {
+        k if k < 1024 => format!("{k} KiB/s"),
+        k if k < 1024 * 1024 => format!("{:.1} MiB/s", k as f64 / 1024.0),
+        k => format!("{:.1} GiB/s", k as f64 / (1024.0 * 1024.0)),
+    }
+}
+
+/// The details of a device as short parts (`PCIe 5x16 of 5x16`, `NVLink 18/18`, ...), in a
+/// fixed order; parts the device does not report are left out.
+pub fn detail_parts(d: &Device) -> Vec<String> {
+    let mut parts = Vec::new();
+    let known = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
+    if let Some(pcie) = d.pcie {
+        parts.push(format!(
+            "PCIe gen {} x{} (max gen {} x{})",
+            known(pcie.generation),
+            known(pcie.width),
+            known(pcie.max_generation),
+            known(pcie.max_width)
+        ));
+        if let (Some(tx), Some(rx)) = (pcie.tx_kib_per_s, pcie.rx_kib_per_s) {
+            parts.push(format!(
+                "tx {} rx {}",
+                rate(u64::from(tx)),
+                rate(u64::from(rx))
+            ));
+        }
+    }
+    if let Some(nvlink) = &d.nvlink {
+        parts.push(format!(
+            "NVLink {}/{} up",
+            nvlink.active(),
+            nvlink.links.len()
+        ));
+    }
+    if let Some(bar1) = d.bar1_memory {
+        parts.push(format!(
+            "BAR1 {} / {} MiB",
+            bar1.used / MIB,
+            bar1.total / MIB
+        ));
+    }
+    match (d.encoder_utilization, d.decoder_utilization) {
+        (None, None) => {}
+        (enc, dec) => parts.push(format!("enc {} % dec {} %", known(enc), known(dec))),
+    }
+    if let Some(mj) = d.total_energy_mj {
+        parts.push(format!("energy {:.1} kWh", mj as f64 / 3.6e9));
+    }
+    if let Some(reasons) = &d.clock_event_reasons {
+        if !reasons.reasons.is_empty() {
+            parts.push(format!("clocks: {}", reasons.reasons.join(",")));
+        }
+    }
+    if let Some(ecc) = d.ecc_errors {
+        parts.push(format!(
+            "ECC corrected {} uncorrected {}",
+            ecc.volatile_corrected
+                .map_or("?".to_string(), |v| v.to_string()),
+            ecc.volatile_uncorrected
+                .map_or("?".to_string(), |v| v.to_string())
+        ));
+    }
+    if let Some(rows) = d.remapped_rows {
+        let mut part = format!(
+            "remapped rows {} + {}",
+            rows.correctable, rows.uncorrectable
+        );
+        if rows.pending {
+            part.push_str(" (reset pending)");
+        }
+        if rows.failure {
+            part.push_str(" (FAILED)");
+        }
+        parts.push(part);
+    }
+    if let Some(pages) = d.retired_pages {
+        let mut part = format!("retired pages {} + {}", pages.single_bit, pages.double_bit);
+        if pages.pending == Some(true) {
+            part.push_str(" (pending)");
+        }
+        parts.push(part);
+    }
+    parts
+}
+
+/// The detail parts packed into lines of at most `width` columns (a part longer than that
+/// stands alone), each indented by four spaces.
+pub fn detail_lines(d: &Device, width: usize) -> Vec<String> {
+    const INDENT: &str = "    ";
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for part in detail_parts(d) {
+        let needed = if line.is_empty() {
+            INDENT.len() + part.chars().count()
+        } else {
+            line.chars().count() + 2 + part.chars().count()
+        };
+        if !line.is_empty() && needed > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if line.is_empty() {
+            line.push_str(INDENT);
+        } else {
+            line.push_str("  ");
+        }
+        line.push_str(&part);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
 fn bar(p: &Paint, fraction: f64) -> String {
     let filled = ((fraction.clamp(0.0, 1.0) * BAR_WIDTH as f64).round() as usize).min(BAR_WIDTH);
     let colour = if fraction >= 0.9 { "31" } else { "33" };
@@ -177,9 +304,15 @@ fn process_line(out: &mut String, p: &Paint, process: &GpuProcess) {
         .as_ref()
         .map(|h| h.command())
         .unwrap_or_else(|| "?".to_string());
+    // The process's SM share, when the driver sampled it.
+    let sm = process
+        .utilization
+        .and_then(|u| u.sm)
+        .map(|sm| format!("  {}", p.paint("32", &format!("{sm:>3} %SM"))))
+        .unwrap_or_default();
     let _ = writeln!(
         out,
-        "    └─ {}  {:>8}  {:>10}  {}",
+        "    └─ {}  {:>8}  {:>10}{sm}  {}",
         p.paint("90", &format!("{user:<10}")),
         p.paint("1", &pid),
         p.paint("33", &memory),
@@ -212,7 +345,10 @@ fn local_time(unix_secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuproc::gpu::{DeviceFault, GpuErrorKind, HostProcess, Memory, ProcessKind, Utilization};
+    use gpuproc::gpu::{
+        ClockEventReasons, DeviceFault, GpuErrorKind, HostProcess, Memory, NvLink, Pcie,
+        ProcessKind, ProcessUtilization, RemappedRows, Utilization,
+    };
 
     fn snapshot() -> Snapshot {
         Snapshot {
@@ -242,6 +378,7 @@ mod tests {
                         kind: ProcessKind::Compute,
                         gpu_instance_id: None,
                         compute_instance_id: None,
+                        utilization: None,
                         host: Some(HostProcess {
                             user: Some("alice".into()),
                             cmdline: vec!["python".into(), "train.py".into()],
@@ -294,6 +431,7 @@ mod tests {
         let style = Style {
             colour: false,
             processes: true,
+            details: false,
         };
         let text = render(&snapshot(), &[], style);
         let lines: Vec<&str> = text.lines().collect();
@@ -316,11 +454,86 @@ mod tests {
         let style = Style {
             colour: true,
             processes: false,
+            details: false,
         };
         let text = render(&snapshot(), &[], style);
         assert!(text.contains("\x1b[36m[0]\x1b[0m"));
         assert!(!text.contains("alice"));
         let empty = render(&Snapshot::default(), &[], style);
         assert!(empty.ends_with("no GPUs\n"));
+    }
+
+    #[test]
+    fn details_fit_in_80_columns_and_processes_show_their_sm_share() {
+        let mut snap = snapshot();
+        let d = &mut snap.devices[0];
+        d.pcie = Some(Pcie {
+            generation: Some(5),
+            max_generation: Some(5),
+            width: Some(16),
+            max_width: Some(16),
+            tx_kib_per_s: Some(900),
+            rx_kib_per_s: Some(2_400_000),
+        });
+        d.nvlink = Some(NvLink {
+            links: vec![true, true, false],
+            tx_kib: None,
+            rx_kib: None,
+        });
+        d.bar1_memory = Some(Memory {
+            total: 128 * 1024 * MIB,
+            used: MIB,
+            free: 128 * 1024 * MIB - MIB,
+        });
+        d.encoder_utilization = Some(12);
+        d.decoder_utilization = None;
+        d.total_energy_mj = Some(7_200_000_000);
+        d.clock_event_reasons = Some(ClockEventReasons::from_mask(0x4 | 0x20));
+        d.remapped_rows = Some(RemappedRows {
+            correctable: 1,
+            uncorrectable: 0,
+            pending: true,
+            failure: false,
+        });
+        d.processes.as_mut().unwrap()[0].utilization = Some(ProcessUtilization {
+            sm: Some(45),
+            ..ProcessUtilization::default()
+        });
+        let style = Style {
+            colour: false,
+            processes: true,
+            details: true,
+        };
+        let text = render(&snap, &[], style);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            &lines[2..6],
+            [
+                "    PCIe gen 5 x16 (max gen 5 x16)  tx 900 KiB/s rx 2.3 GiB/s  NVLink 2/3 up",
+                "    BAR1 1 / 131072 MiB  enc 12 % dec ? %  energy 2.0 kWh",
+                "    clocks: sw_power_cap,sw_thermal_slowdown",
+                "    remapped rows 1 + 0 (reset pending)",
+            ],
+            "{text}"
+        );
+        assert!(
+            lines.iter().skip(2).all(|l| l.chars().count() <= 80),
+            "{text}"
+        );
+        assert_eq!(
+            lines[6],
+            "    └─ alice          23411   34816 MiB   45 %SM  python train.py"
+        );
+        // A lost GPU has no detail lines; without the flag there are none at all.
+        assert_eq!(lines[7], "[1] ?            GPU 1 is lost");
+        let plain = render(
+            &snap,
+            &[],
+            Style {
+                details: false,
+                ..style
+            },
+        );
+        assert!(!plain.contains("PCIe"));
     }
 }

@@ -30,7 +30,7 @@ fn help_and_version() {
     let mut gpus_help = gpuproc("default");
     gpus_help.args(["gpus", "--help"]);
     let text = stdout(&run(gpus_help));
-    for flag in ["--json", "--watch", "--color"] {
+    for flag in ["--json", "--watch", "--color", "--details"] {
         assert!(text.contains(flag), "{text}");
     }
 
@@ -360,4 +360,144 @@ fn nested_errors_show_each_cause_once() {
     assert!(err.starts_with("gpuproc: GPU lease table "), "{err}");
     assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The detailed fields of `gpus --json` (PCIe, BAR1, video engines, energy, clock event
+/// reasons, remapped rows, NVLink, per-process utilisation) agree with what pynvml reads on
+/// the moving `live` scenario with the simulated clock stopped.
+#[test]
+fn details_agree_with_pynvml() {
+    let Some(python) = python() else { return };
+    let dir = scratch_dir("details");
+    let libdir = dir.join("lib");
+    nvml_sim::make_pynvml_dir(&libdir).expect("pynvml library dir");
+    let env = |cmd: &mut Command| {
+        cmd.env("NVML_SIM_SCENARIO", "live")
+            .env("NVML_SIM_CLOCK", "1700000000.25")
+            .env("LD_LIBRARY_PATH", &libdir)
+            .env("GPUPROC_NVML_LIB", sim_lib());
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+    cmd.args(["gpus", "--json"]);
+    env(&mut cmd);
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap: Snapshot = serde_json::from_slice(&out.stdout).unwrap();
+
+    let mut cmd = Command::new(&python);
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benchmarks/gpus/pynvml_details.py"));
+    env(&mut cmd);
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs = py["devices"].as_array().unwrap();
+    assert_eq!(theirs.len(), snap.devices.len());
+    let num = |v: &serde_json::Value| v.as_u64();
+    for (d, t) in snap.devices.iter().zip(theirs) {
+        let what = format!("GPU {}", d.index);
+        let pcie = d.pcie.unwrap_or_default();
+        let tp = &t["pcie"];
+        assert_eq!(
+            [
+                pcie.generation,
+                pcie.max_generation,
+                pcie.width,
+                pcie.max_width,
+                pcie.tx_kib_per_s,
+                pcie.rx_kib_per_s
+            ]
+            .map(|v| v.map(u64::from)),
+            [
+                "generation",
+                "max_generation",
+                "width",
+                "max_width",
+                "tx_kib_per_s",
+                "rx_kib_per_s"
+            ]
+            .map(|k| num(&tp[k])),
+            "{what} PCIe"
+        );
+        assert_eq!(
+            d.bar1_memory.map(|m| m.total),
+            num(&t["bar1_total"]),
+            "{what}"
+        );
+        assert_eq!(
+            d.bar1_memory.map(|m| m.used),
+            num(&t["bar1_used"]),
+            "{what}"
+        );
+        assert_eq!(
+            d.encoder_utilization.map(u64::from),
+            num(&t["encoder_utilization"]),
+            "{what}"
+        );
+        assert_eq!(
+            d.decoder_utilization.map(u64::from),
+            num(&t["decoder_utilization"]),
+            "{what}"
+        );
+        assert_eq!(d.total_energy_mj, num(&t["total_energy_mj"]), "{what}");
+        assert_eq!(
+            d.clock_event_reasons.as_ref().map(|r| r.mask),
+            num(&t["clock_event_reasons"]),
+            "{what}"
+        );
+        let rows = d.remapped_rows.map(|r| {
+            vec![
+                r.correctable,
+                r.uncorrectable,
+                r.pending.into(),
+                r.failure.into(),
+            ]
+        });
+        let their_rows: Option<Vec<u32>> = t["remapped_rows"].as_array().map(|a| {
+            a.iter()
+                .map(|v| u32::try_from(v.as_u64().unwrap()).unwrap())
+                .collect()
+        });
+        assert_eq!(rows, their_rows, "{what}");
+        let links: Option<Vec<bool>> = t["nvlink"]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_bool().unwrap()).collect());
+        assert_eq!(d.nvlink.as_ref().map(|n| n.links.clone()), links, "{what}");
+        let procs = d.processes.as_ref().unwrap();
+        assert!(!procs.is_empty());
+        for p in procs {
+            let u = p.utilization.expect("a sample per process");
+            let tu = &t["process_utilization"][p.nvml_pid.to_string()];
+            assert_eq!(
+                [u.sm, u.memory, u.encoder, u.decoder].map(|v| v.map(u64::from)),
+                ["sm", "memory", "encoder", "decoder"].map(|k| num(&tu[k])),
+                "{what} pid {}",
+                p.nvml_pid
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn details_table() {
+    let mut cmd = gpuproc("live");
+    cmd.args(["gpus", "--details"])
+        .env("NVML_SIM_CLOCK", "1700000000.25");
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("    PCIe gen 5 x16 (max gen 5 x16)  tx "),
+        "{text}"
+    );
+    assert!(text.contains("NVLink 18/18 up"), "{text}");
+    assert!(text.contains("BAR1 1 / 131072 MiB"), "{text}");
+    assert!(text.contains(" %SM  "), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let details: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("    ") && !l.contains("└─"))
+        .collect();
+    assert!(details.len() >= 2, "{text}");
+    assert!(details.iter().all(|l| l.chars().count() <= 80), "{text}");
 }

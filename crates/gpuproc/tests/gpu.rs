@@ -162,6 +162,14 @@ fn eight_gpus_with_processes() {
         );
         assert!(host.rss_bytes.unwrap() > 0);
         assert!(host.uid.is_some() && host.cpu_percent.is_some());
+        let parent = rustix::process::getppid().unwrap().as_raw_nonzero().get() as u32;
+        assert_eq!(host.ppid, Some(parent));
+        // Started before the snapshot, and not before the machine booted this year.
+        let started = host.started_ms.unwrap();
+        assert!(
+            started <= snap.timestamp_ms && started > 1_600_000_000_000,
+            "{started}"
+        );
         // GPU 5 has a graphics process.
         assert!(snap.devices[5]
             .processes
@@ -295,6 +303,185 @@ fn mig_instances_and_their_processes() {
     });
 }
 
+/// A fixed simulated clock: values that move in the `live` scenario hold still.
+const FROZEN_CLOCK: &str = "1700000000.25";
+
+#[test]
+fn snapshot_details_on_the_live_scenario() {
+    in_scenario(
+        "snapshot_details_on_the_live_scenario",
+        "live",
+        &[("NVML_SIM_CLOCK", FROZEN_CLOCK)],
+        || {
+            let gpus = Gpus::open().unwrap();
+            let snap = gpus.snapshot().unwrap();
+            let (h100, rtx) = (&snap.devices[0], &snap.devices[1]);
+
+            // PCIe: the H100 at gen 5 x16 with traffic inside the scenario's ranges; the
+            // GeForce at gen 4 of a gen-4 link.
+            let pcie = h100.pcie.unwrap();
+            assert_eq!((pcie.generation, pcie.max_generation), (Some(5), Some(5)));
+            assert_eq!((pcie.width, pcie.max_width), (Some(16), Some(16)));
+            let tx = pcie.tx_kib_per_s.unwrap();
+            let rx = pcie.rx_kib_per_s.unwrap();
+            assert!((20_000..=900_000).contains(&tx), "{tx}");
+            assert!((50_000..=2_400_000).contains(&rx), "{rx}");
+            assert_eq!(rtx.pcie.unwrap().generation, Some(4));
+
+            // NVLink: 18 active links on the H100, none on the GeForce.
+            let nvlink = h100.nvlink.as_ref().unwrap();
+            assert_eq!((nvlink.links.len(), nvlink.active()), (18, 18));
+            // Counters since boot (with the clock frozen before this machine booted: 0).
+            assert!(nvlink.tx_kib.is_some() && nvlink.rx_kib.is_some());
+            assert_eq!(rtx.nvlink, None);
+
+            // BAR1, energy, clock event reasons (both busy: no reason), ECC pages.
+            assert_eq!(h100.bar1_memory.unwrap().total, 128 << 30);
+            assert_eq!(rtx.bar1_memory.unwrap().total, 256 << 20);
+            assert!(h100.total_energy_mj.is_some());
+            let reasons = h100.clock_event_reasons.as_ref().unwrap();
+            assert!(!reasons.is_throttled(), "{reasons:?}");
+            let remapped = h100.remapped_rows.unwrap();
+            assert!(!remapped.failure && !remapped.pending);
+            assert_eq!(h100.retired_pages, None, "Hopper remaps rows instead");
+            assert_eq!((rtx.remapped_rows, rtx.retired_pages), (None, None));
+
+            // Encoder: the GeForce encodes, the H100 does not.
+            let enc = rtx.encoder_utilization.unwrap();
+            assert!((10..=40).contains(&enc), "{enc}");
+            assert_eq!(h100.encoder_utilization, Some(0));
+
+            // Per-process utilisation: every process has a sample; the two trainers share
+            // no more than the GPU's utilisation; ffmpeg encodes.
+            let util = h100.utilization.unwrap().gpu;
+            let procs = h100.processes.as_ref().unwrap();
+            let sm: Vec<u32> = procs
+                .iter()
+                .map(|p| p.utilization.unwrap().sm.unwrap())
+                .collect();
+            assert_eq!(sm.len(), 2);
+            assert!(sm.iter().sum::<u32>() <= util, "{sm:?} of {util}");
+            let ffmpeg = rtx.processes.as_ref().unwrap();
+            let ffmpeg = ffmpeg.iter().find(|p| p.nvml_pid == 42101).unwrap();
+            let ffmpeg_enc = ffmpeg.utilization.unwrap().encoder.unwrap();
+            assert!((10..=40).contains(&ffmpeg_enc), "{ffmpeg_enc}");
+
+            // With the clock frozen the driver takes no new sample: the next snapshot asks
+            // for samples after the last one seen, gets none, and keeps the figures.
+            let again = gpus.snapshot().unwrap();
+            assert_eq!(again.devices[0].processes, h100.processes);
+            assert_eq!(again.devices[0].pcie, h100.pcie);
+
+            // The quick read that picking uses leaves the details out.
+            let quick = gpus.devices(true).unwrap();
+            assert_eq!(quick[0].pcie, None);
+            assert!(quick[0]
+                .processes
+                .iter()
+                .flatten()
+                .all(|p| p.utilization.is_none()));
+
+            let json = serde_json::to_string(&snap).unwrap();
+            assert_eq!(serde_json::from_str::<gpu::Snapshot>(&json).unwrap(), snap);
+        },
+    );
+}
+
+#[test]
+fn mig_mode_has_no_utilization_and_other_fields_stay() {
+    in_scenario(
+        "mig_mode_has_no_utilization_and_other_fields_stay",
+        "mig",
+        &[("NVML_SIM_CLOCK", FROZEN_CLOCK)],
+        || {
+            let snap = gpu::snapshot().unwrap();
+            let d = &snap.devices[0];
+            // NOT_SUPPORTED in MIG mode is `None`, never an error.
+            assert!(d.error.is_none());
+            assert_eq!(d.utilization, None);
+            assert_eq!((d.encoder_utilization, d.decoder_utilization), (None, None));
+            let procs = d.processes.as_ref().unwrap();
+            assert!(!procs.is_empty());
+            assert!(procs.iter().all(|p| p.utilization.is_none()), "{procs:?}");
+            assert_eq!(d.bar1_memory.unwrap().total, 128 << 30);
+            assert_eq!(d.pcie.unwrap().max_generation, Some(4));
+            // Ampere: rows are remapped, pages are not retired.
+            assert!(d.remapped_rows.is_some() && d.retired_pages.is_none());
+        },
+    );
+}
+
+#[test]
+fn older_entry_points_when_the_newer_are_missing() {
+    let dir = scratch_dir("versions");
+    let scenario = dir.join("scenario.toml");
+    // GPU 0 as a driver without the `_v3` process lists nor `nvmlDeviceGetMemoryInfo_v2`; GPU 1
+    // also without the `_v2` lists; GPU 2 without the new name of the clock event reasons.
+    let mut text = String::from(
+        r#"
+[[devices]]
+memory_reserved = "512 MiB"
+processes = [{ pid = 4100, used_memory = "3 GiB" }, { pid = 4101, used_memory = "1 GiB", kind = "graphics" }]
+
+[[devices]]
+processes = [{ pid = 4200, used_memory = "2 GiB" }]
+
+[[devices]]
+clocks_event_reasons = 4
+"#,
+    );
+    for (function, device) in [
+        ("nvmlDeviceGetComputeRunningProcesses_v3", 0),
+        ("nvmlDeviceGetGraphicsRunningProcesses_v3", 0),
+        ("nvmlDeviceGetMemoryInfo_v2", 0),
+        ("nvmlDeviceGetComputeRunningProcesses_v3", 1),
+        ("nvmlDeviceGetComputeRunningProcesses_v2", 1),
+        ("nvmlDeviceGetGraphicsRunningProcesses_v3", 1),
+        ("nvmlDeviceGetGraphicsRunningProcesses_v2", 1),
+        ("nvmlDeviceGetCurrentClocksEventReasons", 2),
+    ] {
+        text.push_str(&format!(
+            "\n[[failures]]\nfunction = \"{function}\"\nerror = \"FUNCTION_NOT_FOUND\"\ndevice = {device}\n"
+        ));
+    }
+    std::fs::write(&scenario, text).unwrap();
+    let path = scenario.to_string_lossy().into_owned();
+    in_scenario(
+        "older_entry_points_when_the_newer_are_missing",
+        &path,
+        &[],
+        || {
+            let snap = gpu::snapshot().unwrap();
+            let pids = |d: usize| -> Vec<(u32, Option<u64>, ProcessKind)> {
+                snap.devices[d]
+                    .processes
+                    .iter()
+                    .flatten()
+                    .map(|p| (p.nvml_pid, p.used_memory, p.kind))
+                    .collect()
+            };
+            assert_eq!(
+                pids(0),
+                vec![
+                    (4100, Some(3 << 30), ProcessKind::Compute),
+                    (4101, Some(1 << 30), ProcessKind::Graphics)
+                ]
+            );
+            assert_eq!(pids(1), vec![(4200, Some(2 << 30), ProcessKind::Compute)]);
+            // Version 1 memory counts the driver's reservation as used.
+            let m0 = snap.devices[0].memory.unwrap();
+            assert_eq!(m0.used, 4 << 30 | 512 << 20);
+            assert_eq!(m0.used + m0.free, m0.total);
+            assert_eq!(gpu::usage_of(4200, false).unwrap().total_memory(), 2 << 30);
+            // The old name of the clock event reasons.
+            let reasons = snap.devices[2].clock_event_reasons.as_ref().unwrap();
+            assert_eq!(reasons.reasons, vec!["sw_power_cap".to_string()]);
+            assert!(reasons.is_throttled());
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn unsupported_fields_and_injected_failures() {
     let dir = scratch_dir("unsupported");
@@ -303,10 +490,14 @@ fn unsupported_fields_and_injected_failures() {
         &scenario,
         r#"
 [[devices]]
-unsupported = ["fan", "ecc", "temperature", "power_usage", "processes", "clocks"]
+unsupported = ["fan", "ecc", "temperature", "power_usage", "processes", "clocks", "bar1", "pcie",
+    "pcie_throughput", "nvlink", "energy", "clocks_event_reasons", "remapped_rows",
+    "encoder_utilization", "decoder_utilization", "retired_pages"]
 
 [[devices]]
 memory_used = "1 GiB"
+processes = [{ pid = 4300, used_memory = "1 GiB" }]
+unsupported = ["process_utilization"]
 
 [[devices]]
 
@@ -342,9 +533,23 @@ error = "FUNCTION_NOT_FOUND"
             assert_eq!(d0.clocks.graphics_mhz, None);
             assert_eq!(d0.processes, None);
             assert!(d0.memory.is_some() && d0.utilization.is_some());
+            assert_eq!(
+                (d0.bar1_memory, d0.pcie, d0.total_energy_mj),
+                (None, None, None)
+            );
+            assert_eq!((&d0.nvlink, &d0.clock_event_reasons), (&None, &None));
+            assert_eq!((d0.remapped_rows, d0.retired_pages), (None, None));
+            assert_eq!(
+                (d0.encoder_utilization, d0.decoder_utilization),
+                (None, None)
+            );
             let d1 = &snap.devices[1];
             assert_eq!(d1.utilization, None);
-            assert_eq!(d1.memory.unwrap().used, 1 << 30);
+            assert_eq!(d1.memory.unwrap().used, 2 << 30);
+            let p1 = d1.processes.as_ref().unwrap();
+            assert_eq!(p1.len(), 1);
+            assert_eq!(p1[0].utilization, None);
+            assert!(d1.pcie.is_some() && d1.bar1_memory.is_some());
             let d2 = &snap.devices[2];
             assert_eq!(
                 d2.error.as_ref().map(|f| f.kind),

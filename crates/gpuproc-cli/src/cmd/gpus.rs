@@ -22,6 +22,7 @@ pub fn run(args: &GpusArgs) -> anyhow::Result<()> {
     let style = Style {
         colour,
         processes: !args.no_processes,
+        details: args.details,
     };
     loop {
         let snapshot = gpus.snapshot()?;

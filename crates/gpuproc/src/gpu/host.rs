@@ -144,6 +144,22 @@ pub(crate) struct Proc {
     ticks_per_sec: u64,
     users: Mutex<Option<HashMap<u32, String>>>,
     cpu: Mutex<HashMap<(u32, u64), (u64, Instant)>>,
+    /// The boot time (`btime` of `/proc/stat`), seconds since the epoch, read once.
+    boot: std::sync::OnceLock<Option<u64>>,
+}
+
+/// The `btime` line of `/proc/stat`: when the machine booted, seconds since the epoch.
+pub(crate) fn parse_btime(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// When a process started, milliseconds since the epoch, from the boot time and its start
+/// time in clock ticks after boot.
+pub(crate) fn started_ms(boot_s: u64, start_ticks: u64, ticks_per_sec: u64) -> Option<u64> {
+    let after_boot_ms = start_ticks.checked_mul(1000)? / ticks_per_sec.max(1);
+    boot_s.checked_mul(1000)?.checked_add(after_boot_ms)
 }
 
 impl Proc {
@@ -153,6 +169,7 @@ impl Proc {
             ticks_per_sec: rustix::param::clock_ticks_per_second(),
             users: Mutex::new(None),
             cpu: Mutex::new(HashMap::new()),
+            boot: std::sync::OnceLock::new(),
         }
     }
 
@@ -213,10 +230,16 @@ impl Proc {
         let cmdline = fs::read(self.path(pid, "cmdline"))
             .map(|b| parse_cmdline(&b))
             .unwrap_or_default();
-        let cpu_percent = fs::read_to_string(self.path(pid, "stat"))
+        let stat = fs::read_to_string(self.path(pid, "stat"))
             .ok()
-            .and_then(|t| parse_stat(&t))
-            .and_then(|stat| self.cpu_percent(pid, stat));
+            .and_then(|t| parse_stat(&t));
+        let started_ms = stat.and_then(|stat| {
+            let boot = self
+                .boot
+                .get_or_init(|| parse_btime(&fs::read_to_string(self.root.join("stat")).ok()?));
+            started_ms((*boot)?, stat.start_ticks, self.ticks_per_sec)
+        });
+        let cpu_percent = stat.and_then(|stat| self.cpu_percent(pid, stat));
         Some(HostProcess {
             uid: status.uid,
             user: status.uid.and_then(|uid| self.user_name(uid)),
@@ -224,6 +247,8 @@ impl Proc {
             cmdline,
             cpu_percent,
             rss_bytes: status.rss_bytes,
+            ppid: status.ppid,
+            started_ms,
         })
     }
 
@@ -326,6 +351,16 @@ mod tests {
     const STATUS: &str = "Name:\tpython3\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\n\
         Ngid:\t0\nPid:\t4242\nPPid:\t17\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\n\
         Gid:\t1000\t1000\t1000\t1000\nNSpid:\t4242\t7\nVmRSS:\t  123456 kB\nThreads:\t3\n";
+
+    #[test]
+    fn boot_time_and_start_times() {
+        let stat = "cpu  1 2 3\nintr 5\nctxt 9\nbtime 1700000000\nprocesses 12\n";
+        assert_eq!(parse_btime(stat), Some(1_700_000_000));
+        assert_eq!(parse_btime("cpu 1\n"), None);
+        assert_eq!(started_ms(1_700_000_000, 250, 100), Some(1_700_000_002_500));
+        assert_eq!(started_ms(1, u64::MAX, 100), None);
+        assert_eq!(started_ms(1, 5, 0), Some(6000));
+    }
 
     #[test]
     fn status_fields() {

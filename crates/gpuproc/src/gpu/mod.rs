@@ -42,6 +42,7 @@
 //! [`assigned()`] reports them; [`pick_for_workers`] does the same for a pool's workers.
 //! The policy is the pure function [`select`].
 
+mod entry;
 mod error;
 mod host;
 mod lease;
@@ -62,8 +63,9 @@ pub use pick::{
     select, Criteria, DeviceId, Order, PickError, PickedDevice, Rejection, Unavailable, Verdict,
 };
 pub use types::{
-    Clocks, ComputeMode, CudaVersion, Device, DeviceFault, DeviceUsage, EccErrors, GpuProcess,
-    HostProcess, Memory, Mig, MigInstance, ProcessKind, ProcessUsage, Snapshot, Utilization,
+    ClockEventReasons, Clocks, ComputeMode, CudaVersion, Device, DeviceFault, DeviceUsage,
+    EccErrors, GpuProcess, HostProcess, Memory, Mig, MigInstance, NvLink, Pcie, ProcessKind,
+    ProcessUsage, ProcessUtilization, RemappedRows, RetiredPages, Snapshot, Utilization,
 };
 pub use visible::{
     order_is_exact, parse_cuda_visible_devices, resolve_visible_devices, CudaDeviceOrder,

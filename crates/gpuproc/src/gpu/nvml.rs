@@ -3,17 +3,19 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper::enum_wrappers::device::{
-    Clock, ComputeMode as NvComputeMode, EccCounter, MemoryError, PerformanceState,
-    TemperatureSensor,
+    Clock, ComputeMode as NvComputeMode, EccCounter, MemoryError, PcieUtilCounter,
+    PerformanceState, TemperatureSensor,
 };
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::{MemoryInfo, ProcessInfo};
 use nvml_wrapper::{Device as NvDevice, Nvml};
 
+use super::entry::{self, Entries, ListKind, UtilizationCache};
 use super::error::{from_nvml, GpuError, GpuErrorKind};
 use super::host::Proc;
 use super::types::*;
@@ -41,6 +43,9 @@ pub const NVML_LIB_ENV: &str = "GPUPROC_NVML_LIB";
 #[derive(Debug)]
 pub struct Gpus {
     nvml: Nvml,
+    entries: Entries,
+    /// Per-process utilisation samples by device index, kept between snapshots.
+    utilization: Mutex<BTreeMap<u32, UtilizationCache>>,
     proc: Proc,
     host_info: bool,
 }
@@ -116,6 +121,8 @@ impl GpusBuilder {
                 other => from_nvml(other, "initialising NVML"),
             })?;
         Ok(Gpus {
+            entries: Entries::resolve(&nvml),
+            utilization: Mutex::new(BTreeMap::new()),
             nvml,
             proc: Proc::new(self.proc_root),
             host_info: self.host_info,
@@ -174,10 +181,20 @@ impl Gpus {
     /// A device that cannot be read (lost, permission denied) is listed with
     /// [`Device::error`] set; only a failure to count the devices fails the snapshot.
     ///
+    /// Per-process utilisation ([`GpuProcess::utilization`]) comes from the driver's sample
+    /// buffer: the first snapshot through a handle asks for every buffered sample, later
+    /// ones only for samples newer than the newest seen (as nvtop does), and each process
+    /// gets its newest sample; when the driver has taken no new sample since (it samples
+    /// about every 100 ms to 1 s), the previous figures stand. A figure over 100% is
+    /// dropped. A process without a sample in the last answer has `None`.
+    ///
+    /// On real hardware [`Pcie`]'s throughput costs about 20 ms per direction and device
+    /// (the driver counts bytes over a 20 ms window).
+    ///
     /// # Errors
     /// When NVML cannot count the devices.
     pub fn snapshot(&self) -> Result<Snapshot, GpuError> {
-        let devices = self.devices(true)?;
+        let devices = self.read_devices(true, true)?;
         let cuda = opt(self.nvml.sys_cuda_driver_version()).map(|v| CudaVersion {
             major: (v / 1000) as u32,
             minor: ((v % 1000) / 10) as u32,
@@ -198,17 +215,28 @@ impl Gpus {
     /// Every device; with `processes`, the processes on each (joined with `/proc` when the
     /// handle was built with host information).
     ///
+    /// This is the quick read that picking GPUs needs: the fields a [`snapshot`](Gpus::snapshot)
+    /// adds (PCIe, NVLink, BAR1, clock event reasons, retired pages, remapped rows, energy,
+    /// encoder and decoder utilisation, per-process utilisation) are left `None`.
+    ///
     /// # Errors
     /// When NVML cannot count the devices.
     pub fn devices(&self, processes: bool) -> Result<Vec<Device>, GpuError> {
+        self.read_devices(processes, false)
+    }
+
+    fn read_devices(&self, processes: bool, details: bool) -> Result<Vec<Device>, GpuError> {
         let count = self.device_count()?;
         let mapper = processes.then(|| self.proc.pid_mapper());
         Ok((0..count)
-            .map(|index| self.device(index, mapper.as_ref()))
+            .map(|index| self.device(index, mapper.as_ref(), details))
             .collect())
     }
 
-    fn device(&self, index: u32, mapper: Option<&super::host::PidMapper>) -> Device {
+    /// One device; with `details`, also the fields that only a snapshot reads (PCIe, NVLink,
+    /// BAR1, clock event reasons, retired pages and remapped rows, energy, encoder and
+    /// decoder utilisation).
+    fn device(&self, index: u32, mapper: Option<&super::host::PidMapper>, details: bool) -> Device {
         let mut out = Device {
             index,
             ..Device::default()
@@ -240,7 +268,7 @@ impl Gpus {
         }
         out.name = opt(handle.name());
         out.pci_bus_id = opt(handle.pci_info()).map(|p| p.bus_id);
-        out.memory = opt(handle.memory_info()).map(memory);
+        out.memory = opt(entry::memory_info(&self.nvml, &handle)).map(memory);
         out.utilization = opt(handle.utilization_rates()).map(|u| Utilization {
             gpu: u.gpu,
             memory: u.memory,
@@ -265,10 +293,38 @@ impl Gpus {
         });
         out.mig = self.mig(&handle);
         out.ecc_errors = ecc(&handle);
+        if details {
+            self.details(&handle, &mut out);
+        }
         if let Some(mapper) = mapper {
-            out.processes = self.processes(&handle, mapper);
+            out.processes = self.processes(index, &handle, mapper, details);
         }
         out
+    }
+
+    fn details(&self, handle: &NvDevice<'_>, out: &mut Device) {
+        out.encoder_utilization = opt(handle.encoder_utilization()).map(|u| u.utilization);
+        out.decoder_utilization = opt(handle.decoder_utilization()).map(|u| u.utilization);
+        let pcie = Pcie {
+            generation: opt(handle.current_pcie_link_gen()),
+            max_generation: opt(handle.max_pcie_link_gen()),
+            width: opt(handle.current_pcie_link_width()),
+            max_width: opt(handle.max_pcie_link_width()),
+            tx_kib_per_s: opt(handle.pcie_throughput(PcieUtilCounter::Send)),
+            rx_kib_per_s: opt(handle.pcie_throughput(PcieUtilCounter::Receive)),
+        };
+        out.pcie = (pcie != Pcie::default()).then_some(pcie);
+        out.nvlink = entry::nvlink(&self.nvml, handle);
+        out.bar1_memory = opt(handle.bar1_memory_info()).map(|m| Memory {
+            total: m.total,
+            used: m.used,
+            free: m.free,
+        });
+        out.clock_event_reasons =
+            entry::clock_event_reasons(&self.nvml, handle).map(ClockEventReasons::from_mask);
+        out.retired_pages = entry::retired_pages(&self.nvml, handle);
+        out.remapped_rows = entry::remapped_rows(&self.nvml, handle);
+        out.total_energy_mj = opt(handle.total_energy_consumption());
     }
 
     fn mig(&self, handle: &NvDevice<'_>) -> Option<Mig> {
@@ -292,7 +348,7 @@ impl Gpus {
                     name: opt(child.name()),
                     gpu_instance_id,
                     compute_instance_id,
-                    memory: opt(child.memory_info()).map(memory),
+                    memory: opt(entry::memory_info(&self.nvml, &child)).map(memory),
                 });
             }
         }
@@ -301,11 +357,13 @@ impl Gpus {
 
     fn processes(
         &self,
+        index: u32,
         handle: &NvDevice<'_>,
         mapper: &super::host::PidMapper,
+        utilization: bool,
     ) -> Option<Vec<GpuProcess>> {
-        let compute = handle.running_compute_processes();
-        let graphics = handle.running_graphics_processes();
+        let compute = entry::running_processes(&self.entries, handle, ListKind::Compute);
+        let graphics = entry::running_processes(&self.entries, handle, ListKind::Graphics);
         if compute.is_err() && graphics.is_err() {
             return None;
         }
@@ -329,7 +387,20 @@ impl Gpus {
                     .or_insert_with(|| self.process(p, kind, mapper));
             }
         }
-        Some(merged.into_values().collect())
+        let mut processes: Vec<GpuProcess> = merged.into_values().collect();
+        if utilization && !processes.is_empty() {
+            let mut caches = self
+                .utilization
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let cache = caches.entry(index).or_default();
+            if let Ok(samples) = cache.update(handle) {
+                for p in &mut processes {
+                    p.utilization = samples.get(&p.nvml_pid).copied();
+                }
+            }
+        }
+        Some(processes)
     }
 
     fn process(
@@ -349,6 +420,7 @@ impl Gpus {
             kind,
             gpu_instance_id: p.gpu_instance_id,
             compute_instance_id: p.compute_instance_id,
+            utilization: None,
             // /proc entries are named by PIDs in the namespace of the /proc mount: NVML's.
             host: if self.host_info && pid.is_some() {
                 self.proc.process(p.pid)
@@ -386,8 +458,8 @@ impl Gpus {
                 pids: Vec::new(),
             };
             let lists = [
-                handle.running_compute_processes(),
-                handle.running_graphics_processes(),
+                entry::running_processes(&self.entries, &handle, ListKind::Compute),
+                entry::running_processes(&self.entries, &handle, ListKind::Graphics),
             ];
             let mut seen = std::collections::HashSet::new();
             for p in lists.into_iter().flat_map(Result::unwrap_or_default) {

@@ -927,6 +927,7 @@ mod tests {
             kind: ProcessKind::Compute,
             gpu_instance_id: None,
             compute_instance_id: None,
+            utilization: None,
             host: None,
         }]);
         let none = LeaseTable::default();
@@ -1080,6 +1081,7 @@ mod tests {
             kind: ProcessKind::Compute,
             gpu_instance_id: None,
             compute_instance_id: None,
+            utilization: None,
             host: None,
         }]);
         let leases = table(vec![lease(100, 2, &[0])]);

@@ -72,6 +72,34 @@ pub struct Device {
     pub mig: Option<Mig>,
     /// ECC error counts; `None` where ECC is unsupported or off.
     pub ecc_errors: Option<EccErrors>,
+    /// Video encoder utilisation, percent; `None` where unsupported (MIG mode, some boards).
+    #[serde(default)]
+    pub encoder_utilization: Option<u32>,
+    /// Video decoder utilisation, percent.
+    #[serde(default)]
+    pub decoder_utilization: Option<u32>,
+    /// The PCIe link and its traffic.
+    #[serde(default)]
+    pub pcie: Option<Pcie>,
+    /// NVLink state and traffic; `None` on a GPU without NVLink.
+    #[serde(default)]
+    pub nvlink: Option<NvLink>,
+    /// BAR1 (the host-mapped aperture) memory, bytes.
+    #[serde(default)]
+    pub bar1_memory: Option<Memory>,
+    /// Why the clocks are below their maximum now (NVML's clock event, formerly throttle,
+    /// reasons).
+    #[serde(default)]
+    pub clock_event_reasons: Option<ClockEventReasons>,
+    /// Pages retired after ECC errors (GPUs before Ampere); `None` where unsupported.
+    #[serde(default)]
+    pub retired_pages: Option<RetiredPages>,
+    /// Rows remapped after ECC errors (Ampere and later); `None` where unsupported.
+    #[serde(default)]
+    pub remapped_rows: Option<RemappedRows>,
+    /// Energy used since the driver was loaded, millijoules (Volta and later).
+    #[serde(default)]
+    pub total_energy_mj: Option<u64>,
     /// Processes using the device; `None` where the driver does not say.
     pub processes: Option<Vec<GpuProcess>>,
     /// Set when the device could not be read (lost, permission denied, ...): the other fields
@@ -179,6 +207,137 @@ pub struct EccErrors {
     pub aggregate_uncorrected: Option<u64>,
 }
 
+/// A device's PCIe link: generation and lanes now and at most, and its traffic.
+///
+/// A link trains down when idle (a GeForce often idles at generation 1), so the current
+/// generation and width can be below the maximum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pcie {
+    /// Current link generation (1 to 6).
+    pub generation: Option<u32>,
+    /// The highest generation the device and the slot support.
+    pub max_generation: Option<u32>,
+    /// Current number of lanes.
+    pub width: Option<u32>,
+    /// The most lanes the device supports.
+    pub max_width: Option<u32>,
+    /// Data sent by the device over the driver's last 20 ms window, KiB/s.
+    pub tx_kib_per_s: Option<u32>,
+    /// Data received by the device over the driver's last 20 ms window, KiB/s.
+    pub rx_kib_per_s: Option<u32>,
+}
+
+/// A device's NVLink links.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvLink {
+    /// Whether each link is active, link 0 first.
+    pub links: Vec<bool>,
+    /// Data sent over all links since the driver loaded, KiB; a rate is the difference
+    /// between two snapshots over their time apart.
+    pub tx_kib: Option<u64>,
+    /// Data received over all links since the driver loaded, KiB.
+    pub rx_kib: Option<u64>,
+}
+
+impl NvLink {
+    /// How many links are active.
+    pub fn active(&self) -> usize {
+        self.links.iter().filter(|&&up| up).count()
+    }
+}
+
+/// Why the clocks are below their maximum: NVML's clock event (throttle) reason bits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockEventReasons {
+    /// The raw bit mask (`nvmlClocksEventReason*`).
+    pub mask: u64,
+    /// The reasons set in `mask`, by name (see [`ClockEventReasons::names`]); bits without
+    /// a known name are left out here and kept in `mask`.
+    pub reasons: Vec<String>,
+}
+
+impl ClockEventReasons {
+    /// The known reason bits and their names: `gpu_idle`, `applications_clocks_setting`,
+    /// `sw_power_cap`, `hw_slowdown`, `sync_boost`, `sw_thermal_slowdown`,
+    /// `hw_thermal_slowdown`, `hw_power_brake_slowdown`, `display_clock_setting`.
+    pub const NAMES: &'static [(u64, &'static str)] = &[
+        (0x1, "gpu_idle"),
+        (0x2, "applications_clocks_setting"),
+        (0x4, "sw_power_cap"),
+        (0x8, "hw_slowdown"),
+        (0x10, "sync_boost"),
+        (0x20, "sw_thermal_slowdown"),
+        (0x40, "hw_thermal_slowdown"),
+        (0x80, "hw_power_brake_slowdown"),
+        (0x100, "display_clock_setting"),
+    ];
+
+    /// The reasons of `mask`, named.
+    pub fn from_mask(mask: u64) -> Self {
+        ClockEventReasons {
+            mask,
+            reasons: Self::names(mask).map(str::to_string).collect(),
+        }
+    }
+
+    /// The names of the bits set in `mask`, lowest bit first.
+    pub fn names(mask: u64) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .iter()
+            .filter(move |(bit, _)| mask & bit != 0)
+            .map(|&(_, name)| name)
+    }
+
+    /// Whether the clocks are held down by something other than idleness or a clock
+    /// setting: power, heat or a hardware slowdown.
+    pub fn is_throttled(&self) -> bool {
+        const THROTTLES: u64 = 0x4 | 0x8 | 0x20 | 0x40 | 0x80;
+        self.mask & THROTTLES != 0
+    }
+}
+
+/// Pages retired after ECC errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredPages {
+    /// Pages retired after multiple single-bit errors.
+    pub single_bit: u32,
+    /// Pages retired after a double-bit error.
+    pub double_bit: u32,
+    /// Pages waiting to be retired at the next driver reload.
+    pub pending: Option<bool>,
+}
+
+/// Rows remapped after ECC errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemappedRows {
+    /// Rows remapped after correctable errors.
+    pub correctable: u32,
+    /// Rows remapped after uncorrectable errors.
+    pub uncorrectable: u32,
+    /// A remapping waits for a GPU reset.
+    pub pending: bool,
+    /// A remapping failed: the GPU should be serviced.
+    pub failure: bool,
+}
+
+/// A process's share of its GPU over the driver's last sample, percent of the device.
+///
+/// Each figure is `None` when the driver's sample was above 100% (as some drivers report
+/// after a counter wraps), which nvitop and nvtop also discard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessUtilization {
+    /// Streaming-multiprocessor (compute and 3D) utilisation.
+    pub sm: Option<u32>,
+    /// Memory bandwidth utilisation.
+    pub memory: Option<u32>,
+    /// Video encoder utilisation.
+    pub encoder: Option<u32>,
+    /// Video decoder utilisation.
+    pub decoder: Option<u32>,
+    /// When the driver took the sample, microseconds since the Unix epoch.
+    pub timestamp_us: u64,
+}
+
 /// What kind of context a process has on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -206,6 +365,11 @@ pub struct GpuProcess {
     pub gpu_instance_id: Option<u32>,
     /// The MIG compute instance the process runs on.
     pub compute_instance_id: Option<u32>,
+    /// The process's utilisation of the device (`nvmlDeviceGetProcessUtilization`); `None`
+    /// where unsupported (MIG mode, before Maxwell) or when the driver has no sample of
+    /// this process in the last interval (see [`Gpus::snapshot`](super::Gpus::snapshot)).
+    #[serde(default)]
+    pub utilization: Option<ProcessUtilization>,
     /// What `/proc` says about the process; `None` when it is not visible from here.
     pub host: Option<HostProcess>,
 }
@@ -226,6 +390,12 @@ pub struct HostProcess {
     pub cpu_percent: Option<f64>,
     /// Resident set size, bytes.
     pub rss_bytes: Option<u64>,
+    /// The parent process's id (in the namespace of the `/proc` read).
+    #[serde(default)]
+    pub ppid: Option<u32>,
+    /// When the process started, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub started_ms: Option<u64>,
 }
 
 impl HostProcess {
