@@ -38,6 +38,9 @@ pub enum Command {
     Pick(crate::cmd::pick::PickArgs),
     /// Run a queue of shell commands spread over GPUs (like GNU parallel).
     Run(crate::run::RunArgs),
+    /// The wrapper each Slurm task of `gpuproc run --slurm` runs (internal).
+    #[command(name = "__slurm-job", hide = true)]
+    SlurmJob(crate::run::slurm::wrapper::SlurmJobArgs),
 }
 
 /// Options of `gpuproc gpus`.

@@ -12,5 +12,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gpus(args) => gpus::run(&args),
         Command::Pick(args) => pick::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::SlurmJob(args) => crate::run::slurm::wrapper::run(&args),
     }
 }

@@ -207,6 +207,24 @@ impl Scheduler {
     }
 }
 
+impl Scheduler {
+    /// Queues `launch` again as the same attempt, at the back: it did not run to an end of
+    /// its own (Slurm preempted it, or its node failed), so no retry is used up.
+    pub fn requeue(&mut self, launch: &Launch) {
+        for &g in &launch.gpus {
+            if let Some(free) = self.free.get_mut(g) {
+                *free += 1;
+            }
+        }
+        self.free_slots.insert(launch.slot);
+        self.queue.push_back(Pending {
+            job: launch.job,
+            attempt: launch.attempt,
+            avoid: launch.gpus.clone(),
+        });
+    }
+}
+
 /// Where a simulated run puts jobs: see [`simulate_with`].
 pub trait Placement {
     /// Chooses the head job's GPUs, as [`Scheduler::next_with`]'s `choose`.
