@@ -391,3 +391,125 @@ fn inside_an_allocation_jobs_are_steps() {
     assert_eq!(cluster.jobs(ACTIVE), "");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_requeued_task_counts_only_its_last_run() {
+    let Some(cluster) = cluster("requeue") else {
+        return;
+    };
+    let dir = scratch_dir("requeue");
+    let mut runner = Background::start_in_group(cluster.gpuproc_run(
+        &dir,
+        &[
+            "--cpu-only",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            // The first run waits to be requeued; the run after the requeue succeeds.
+            r#"[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && sleep 60; echo "run ${SLURM_RESTART_COUNT:-0} of {}""#,
+            ":::",
+            "a",
+        ],
+    ));
+    let task = wait_for(DEADLINE, "a running task", || {
+        let running = cluster.jobs("R");
+        running.lines().next().map(str::to_string)
+    });
+    let mut requeue = Command::new("scontrol");
+    requeue.args(["requeue", task.trim()]);
+    let out = run(requeue);
+    assert!(out.status.success(), "scontrol requeue: {}", stderr(&out));
+    let status = runner.wait();
+    let err = runner.stderr();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(err.contains("1 succeeded, 0 failed"), "{err}");
+    // One job-log line: the run after the requeue.
+    let log = joblog(&dir.join("jobs.tsv"));
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!((log[0].2, log[0].3), (0, 0), "{log:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A directory of fake Slurm commands (`NAME` → shell script body) for the tests that need
+/// no cluster: how the runner takes failures and malformed output.
+fn fake_slurm(dir: &Path, commands: &[(&str, &str)]) -> std::ffi::OsString {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    for (name, body) in commands {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write fake command");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod fake command");
+    }
+    let mut path = bin.into_os_string();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    path
+}
+
+/// `gpuproc run --slurm --cpu-only` outside any allocation, with `path` as PATH.
+fn gpuproc_with_path(dir: &Path, path: &std::ffi::OsStr, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+    command
+        .current_dir(dir)
+        .env("PATH", path)
+        .env_remove("SLURM_JOB_ID")
+        .args(["run", "--slurm", "--cpu-only"])
+        .args(args);
+    command
+}
+
+#[test]
+fn a_failed_sbatch_is_reported_with_its_command_and_error() {
+    let dir = scratch_dir("fake-sbatch");
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize            = 1001'"),
+            (
+                "sbatch",
+                "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2; exit 1",
+            ),
+        ],
+    );
+    let out = run(gpuproc_with_path(
+        &dir,
+        &path,
+        &["--partition", "nope", "--", "true {}", ":::", "1", "2"],
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("`sbatch --parsable --array=0-1")
+            && err.contains("--partition=nope")
+            && err.contains("exit status 1: sbatch: error: Batch job submission failed: Invalid partition name specified"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn malformed_squeue_output_is_an_error_that_quotes_it_and_the_array_is_cancelled() {
+    let dir = scratch_dir("fake-squeue");
+    let cancelled = dir.join("cancelled");
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize = 1001'"),
+            ("sbatch", "echo 42"),
+            ("squeue", "echo '42|0|RUNNING'"),
+            ("scancel", &format!("echo \"$@\" > '{}'", cancelled.display())),
+        ],
+    );
+    let out = run(gpuproc_with_path(&dir, &path, &["--", "true {}", ":::", "1"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("unexpected squeue output (expected ARRAY_JOB|TASK|STATE|NODES): \"42|0|RUNNING\""),
+        "{err}"
+    );
+    let scancel = std::fs::read_to_string(&cancelled).unwrap_or_default();
+    assert_eq!(scancel.trim(), "42", "the array is cancelled when the runner gives up");
+    let _ = std::fs::remove_dir_all(dir);
+}

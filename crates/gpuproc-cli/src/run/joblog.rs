@@ -1,9 +1,10 @@
 //! The job log (GNU parallel's `--joblog` TSV) and `--resume`.
 //!
 //! Columns, as GNU parallel writes them: `Seq Host Starttime JobRuntime Send Receive
-//! Exitval Signal Command`; `Host` is `:` (this machine), `Send`/`Receive` are 0. One line
-//! per attempt, written when the attempt ends, so a log cut short by a killed runner is
-//! still valid up to its last complete line.
+//! Exitval Signal Command`; `Host` is `:` (this machine; in a Slurm run, `NODE/GPUS`: the
+//! node and the job's GPUs), `Send`/`Receive` are 0. One line per attempt, written when the
+//! attempt ends, so a log cut short by a killed runner is still valid up to its last
+//! complete line.
 
 use std::collections::HashMap;
 

@@ -66,6 +66,30 @@ all) and then leaves the remaining jobs unstarted (exit status 3). --dry-run tak
 Ctrl-C once: start no more jobs and send SIGINT to running ones; twice: kill them.
 SIGTERM/SIGHUP: start no more jobs, send SIGTERM, SIGKILL after --kill-after.
 
+Clusters (--slurm): the same jobs, --gpus-per-job, --retries, --timeout, --logs, --joblog and
+--resume, run by Slurm:
+  inside an allocation (SLURM_JOB_ID set: salloc, an sbatch script), each job is a step,
+    `srun --exact -N1 -n1 --cpus-per-task=1 --gres=gpu:N`, at most as many at once as the
+    allocation has CPUs and GPUs for, or --max-running;
+  outside one, the jobs are submitted as job arrays, `sbatch --array=0-N%K` (K: --max-running,
+    the throttle; none without it), one per GPU count and at most MaxArraySize tasks each (the
+    next array goes in once the previous has no pending task, never exceeding K). One `squeue`
+    for all arrays per poll, every 0.25s backing off to 5s while nothing changes. Failed jobs
+    with retries left go into a new array.
+  --partition and --slurm-opt ARG go to sbatch (arrays) or srun (steps), after gpuproc's own.
+  Each task runs `gpuproc __slurm-job` (this binary, at the same path on the nodes: a shared
+  filesystem), which runs the job with Slurm's CUDA_VISIBLE_DEVICES, enforces --timeout, and
+  records its node, GPUs (NVML indices, UUIDs), times, exit status and peak GPU memory.
+  --logs DIR: DIR/<seq>.out and .err, as locally; without it each job's output is printed when
+  it ends. Slurm's own messages per task: DIR/.slurm/<run>/ (./.gpuproc-slurm/<run>/ without
+  --logs), kept when a job failed. The job log's Host column is NODE/GPUS (`node7/2,3`); the
+  summary has a node column; --resume works across runs as locally.
+  Ctrl-C: scancel the arrays and wait until squeue no longer lists them (steps: SIGTERM through
+  srun); again: leave at once. Requeued tasks (preemption with requeue, scontrol requeue) count
+  only their last run; tasks preempted or lost to a node failure without requeue are submitted
+  again without using a retry. A runner killed with SIGKILL cannot cancel: `scancel
+  --name=gpuproc`.
+
 Exit status:
   0    every job succeeded
   1    error (bad job file, no GPUs, ...)

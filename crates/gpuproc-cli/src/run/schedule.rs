@@ -287,6 +287,24 @@ mod tests {
     }
 
     #[test]
+    fn a_requeued_attempt_keeps_its_number_and_its_retries() {
+        // One job, one retry, one GPU: requeueing (Slurm preempted it) frees the GPU and
+        // slot and runs the same attempt again; a failure after that still has its retry.
+        let mut s = sched(1, 1, 1, 1);
+        let first = s.next().expect("first attempt");
+        assert_eq!(s.next(), None);
+        s.requeue(&first);
+        assert_eq!(s.queued(), 1);
+        let again = s.next().expect("requeued attempt");
+        assert_eq!((again.job, again.attempt, again.slot), (0, 1, first.slot));
+        assert_eq!(s.finish(&again, true, false), Verdict::Retry);
+        let retry = s.next().expect("the retry");
+        assert_eq!(retry.attempt, 2);
+        assert_eq!(s.finish(&retry, true, false), Verdict::Done);
+        assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
     fn spreads_over_gpus_then_shares() {
         let mut s = sched(10, 1, 3, 2);
         let launches: Vec<Launch> = std::iter::from_fn(|| s.next()).collect();

@@ -611,9 +611,16 @@ impl Runner<'_> {
                 if arrays.is_empty() && (stopping.is_some() || queue.is_empty()) {
                     return Ok(stopping.is_some());
                 }
-                let received = signals
-                    .wait(Some(interval))
-                    .context("waiting for Slurm")?;
+                // Until the next poll, unless a signal asks for something. Slurm commands'
+                // own SIGCHLDs wake the wait too: they do not bring the poll forward.
+                let poll_at = gpuproc::time::saturating_add(Instant::now(), interval);
+                let received = loop {
+                    let left = poll_at.saturating_duration_since(Instant::now());
+                    let received = signals.wait(Some(left)).context("waiting for Slurm")?;
+                    if received.interrupt || received.terminate || Instant::now() >= poll_at {
+                        break received;
+                    }
+                };
                 if received.interrupt || received.terminate {
                     if stopping.is_some() {
                         self.tracker
