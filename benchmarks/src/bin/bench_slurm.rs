@@ -72,7 +72,11 @@ fn hand_written_array(jobs: usize, dir: &Path) -> Timing {
     let start = Instant::now();
     let out = Command::new("sbatch")
         .current_dir(dir)
-        .args(["--parsable", "--job-name=bench-slurm-array", "--output=/dev/null"])
+        .args([
+            "--parsable",
+            "--job-name=bench-slurm-array",
+            "--output=/dev/null",
+        ])
         .arg(format!("--array=0-{}", jobs - 1))
         .args(["--wrap", "echo $SLURM_ARRAY_TASK_ID"])
         .stdin(Stdio::null())
@@ -151,8 +155,16 @@ fn main() {
         c
     };
     let gpuproc_args = |c: &mut Command| {
-        c.args(["run", "--slurm", "--cpu-only", "--quiet", "--summary", "none", "-f"])
-            .arg(&job_file);
+        c.args([
+            "run",
+            "--slurm",
+            "--cpu-only",
+            "--quiet",
+            "--summary",
+            "none",
+            "-f",
+        ])
+        .arg(&job_file);
     };
 
     let mut rows: Vec<(&str, Timing)> = Vec::new();
@@ -166,10 +178,16 @@ fn main() {
     let mut steps = salloc();
     steps.arg(&gpuproc);
     gpuproc_args(&mut steps);
-    rows.push(("gpuproc run --slurm (steps, salloc -n8)", time_first_line(steps)));
+    rows.push((
+        "gpuproc run --slurm (steps, salloc -n8)",
+        time_first_line(steps),
+    ));
     eprintln!("bench_slurm: gpuproc steps done");
 
-    rows.push(("sbatch --array + squeue loop", hand_written_array(jobs, &dir)));
+    rows.push((
+        "sbatch --array + squeue loop",
+        hand_written_array(jobs, &dir),
+    ));
     eprintln!("bench_slurm: hand-written array done");
 
     let have_parallel = Command::new("parallel")

@@ -128,8 +128,7 @@ type LogLine = (usize, String, i32, i32, String);
 
 /// Parses a job log strictly: the header, then 9 tab-separated fields per line.
 fn joblog(path: &Path) -> Vec<LogLine> {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
@@ -139,7 +138,8 @@ fn joblog(path: &Path) -> Vec<LogLine> {
         .map(|line| {
             let f: Vec<&str> = line.split('\t').collect();
             assert_eq!(f.len(), 9, "{line:?}");
-            let number = |i: usize| -> f64 { f[i].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")) };
+            let number =
+                |i: usize| -> f64 { f[i].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")) };
             assert!(number(2) > 1e9 && number(3) >= 0.0, "{line:?}");
             (
                 f[0].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")),
@@ -209,10 +209,18 @@ fn a_sweep_runs_as_one_array_each_job_on_a_gpu_of_its_own() {
             .filter(|b| b.0 != a.0 && b.3 < a.4 && a.3 < b.4)
             .collect();
         for b in &overlapping {
-            assert_ne!(a.2, b.2, "jobs {} and {} overlapped on GPU {}", a.0, b.0, a.2);
+            assert_ne!(
+                a.2, b.2,
+                "jobs {} and {} overlapped on GPU {}",
+                a.0, b.0, a.2
+            );
         }
         let at_start = ran.iter().filter(|b| b.3 <= a.3 && a.3 < b.4).count();
-        assert!(at_start <= 4, "{at_start} jobs running when job {} started", a.0);
+        assert!(
+            at_start <= 4,
+            "{at_start} jobs running when job {} started",
+            a.0
+        );
     }
 
     // The job log: one line per job, Host = the node and the GPU the job saw.
@@ -252,18 +260,17 @@ fn a_failing_job_is_retried_and_then_reported_as_failed() {
     ));
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("job 2 exited 7 on localhost; retrying (retry 1 of 1)"), "{err}");
+    assert!(
+        err.contains("job 2 exited 7 on localhost; retrying (retry 1 of 1)"),
+        "{err}"
+    );
     assert!(err.contains("2 succeeded, 1 failed"), "{err}");
     // Without --logs the runner prints each job's output.
     let printed: BTreeSet<String> = stdout(&out).lines().map(str::to_string).collect();
-    let expected: BTreeSet<String> = [
-        "job 0 attempt 1",
-        "job 7 attempt 1",
-        "job 7 attempt 2",
-    ]
-    .into_iter()
-    .map(str::to_string)
-    .collect();
+    let expected: BTreeSet<String> = ["job 0 attempt 1", "job 7 attempt 1", "job 7 attempt 2"]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     assert_eq!(printed, expected, "{}", stdout(&out));
     let mut log: Vec<(usize, i32)> = joblog(&dir.join("jobs.tsv"))
         .iter()
@@ -285,7 +292,9 @@ fn a_runner_killed_mid_sweep_resumes_with_only_the_rest() {
         let mut args: Vec<&str> = vec!["--cpu-only", "--max-running", "2", "--joblog", "jobs.tsv"];
         args.extend(extra);
         args.extend(["--", "sleep 0.3; echo {}", ":::"]);
-        args.extend(["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"]);
+        args.extend([
+            "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12",
+        ]);
         args
     };
     let mut first = Background::start_in_group(cluster.gpuproc_run(&dir, &args(&[])));
@@ -330,7 +339,19 @@ fn ctrl_c_cancels_the_running_array() {
     let dir = scratch_dir("ctrl-c");
     let mut runner = Background::start_in_group(cluster.gpuproc_run(
         &dir,
-        &["--gpus-per-job", "1", "--", "sleep 60 # {}", ":::", "1", "2", "3", "4", "5", "6"],
+        &[
+            "--gpus-per-job",
+            "1",
+            "--",
+            "sleep 60 # {}",
+            ":::",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+        ],
     ));
     wait_for(DEADLINE, "4 running tasks", || {
         let running = cluster.jobs("R");
@@ -338,9 +359,11 @@ fn ctrl_c_cancels_the_running_array() {
     });
     signal(runner.pid(), Signal::INT);
     // Every task, running or pending, leaves the queue within 5 s.
-    wait_for(Duration::from_secs(5), "an empty queue after Ctrl-C", || {
-        cluster.jobs(ACTIVE).trim().is_empty().then_some(())
-    });
+    wait_for(
+        Duration::from_secs(5),
+        "an empty queue after Ctrl-C",
+        || cluster.jobs(ACTIVE).trim().is_empty().then_some(()),
+    );
     let status = runner.wait();
     assert_eq!(status.code(), Some(130), "{}", runner.stderr());
     let err = runner.stderr();
@@ -387,7 +410,11 @@ fn inside_an_allocation_jobs_are_steps() {
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     let log = joblog(&dir.join("jobs.tsv"));
     assert_eq!(log.len(), 8);
-    assert!(log.iter().all(|l| l.1.starts_with("localhost/") && l.2 == 0), "{log:?}");
+    assert!(
+        log.iter()
+            .all(|l| l.1.starts_with("localhost/") && l.2 == 0),
+        "{log:?}"
+    );
     assert_eq!(cluster.jobs(ACTIVE), "");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -499,17 +526,30 @@ fn malformed_squeue_output_is_an_error_that_quotes_it_and_the_array_is_cancelled
             ("scontrol", "echo 'MaxArraySize = 1001'"),
             ("sbatch", "echo 42"),
             ("squeue", "echo '42|0|RUNNING'"),
-            ("scancel", &format!("echo \"$@\" > '{}'", cancelled.display())),
+            (
+                "scancel",
+                &format!("echo \"$@\" > '{}'", cancelled.display()),
+            ),
         ],
     );
-    let out = run(gpuproc_with_path(&dir, &path, &["--", "true {}", ":::", "1"]));
+    let out = run(gpuproc_with_path(
+        &dir,
+        &path,
+        &["--", "true {}", ":::", "1"],
+    ));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("unexpected squeue output (expected ARRAY_JOB|TASK|STATE|NODES): \"42|0|RUNNING\""),
+        err.contains(
+            "unexpected squeue output (expected ARRAY_JOB|TASK|STATE|NODES): \"42|0|RUNNING\""
+        ),
         "{err}"
     );
     let scancel = std::fs::read_to_string(&cancelled).unwrap_or_default();
-    assert_eq!(scancel.trim(), "42", "the array is cancelled when the runner gives up");
+    assert_eq!(
+        scancel.trim(),
+        "42",
+        "the array is cancelled when the runner gives up"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

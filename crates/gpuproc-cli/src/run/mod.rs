@@ -213,7 +213,12 @@ pub struct RunArgs {
 
     /// With --slurm: one more option for `sbatch` (arrays) or `srun` (steps), after
     /// gpuproc's own (`--slurm-opt=--time=10`, `--slurm-opt=--account=A`); repeatable.
-    #[arg(long = "slurm-opt", value_name = "ARG", requires = "slurm", allow_hyphen_values = true)]
+    #[arg(
+        long = "slurm-opt",
+        value_name = "ARG",
+        requires = "slurm",
+        allow_hyphen_values = true
+    )]
     pub slurm_opt: Vec<String>,
 
     /// With --slurm: at most K jobs running at once (the array throttle `%K`, or the most

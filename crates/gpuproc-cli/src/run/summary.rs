@@ -196,7 +196,7 @@ mod tests {
         let mut on_node = outcome(1, Some(Exit::Code(0)), 1);
         on_node.node = Some("node7".into());
         let report = Report {
-            outcomes: vec![on_node, outcome(2, None, 0)],
+            outcomes: vec![on_node, outcome(2, Some(Exit::Code(1)), 1)],
             interrupted: false,
             starved: None,
         };

@@ -750,12 +750,12 @@ impl Runner<'_> {
         let mut progressed = false;
         let (mut pending, mut running) = (0, 0);
         let now = Instant::now();
-        for a in 0..arrays.len() {
-            for t in 0..arrays[a].tasks.len() {
-                if arrays[a].tasks[t].done {
+        for array in arrays.iter_mut() {
+            for t in 0..array.tasks.len() {
+                if array.tasks[t].done {
                     continue;
                 }
-                let queued = listed.get(&(arrays[a].id, t));
+                let queued = listed.get(&(array.id, t));
                 let state = queued.map_or(TaskState::Ended, |q| q.state);
                 match state {
                     TaskState::Pending => {
@@ -768,9 +768,9 @@ impl Runner<'_> {
                     }
                     TaskState::Ended | TaskState::Lost => {}
                 }
-                let batch = arrays[a].batch.clone();
+                let batch = array.batch.clone();
                 let rec = record::read_record(&record::task_file(&batch, t, "rec.json"))?;
-                let task = &mut arrays[a].tasks[t];
+                let task = &mut array.tasks[t];
                 let node = queued.map(|q| q.node.clone()).filter(|n| !n.is_empty());
                 let state_name = queued.map_or("gone from the queue", |q| q.state_name.as_str());
                 let ended = match rec {
@@ -804,13 +804,13 @@ impl Runner<'_> {
                         self.tracker.note(&format!(
                             "job {seq}: Slurm task {}_{t} ended ({state_name}) without a \
                              record from its wrapper; Slurm's messages: {}",
-                            arrays[a].id,
+                            array.id,
                             record::task_file(&batch, t, "slurm").display()
                         ));
                         Ended::lost(Exit::Signal(9), node)
                     }
                 };
-                let task = &mut arrays[a].tasks[t];
+                let task = &mut array.tasks[t];
                 task.done = true;
                 progressed = true;
                 let verdict = scheduler.finish(&task.launch, ended.failed(), stopping.is_some());
@@ -848,8 +848,7 @@ impl Runner<'_> {
                 .note("--partition is ignored inside an allocation: steps run in it");
         }
         let slots = policy::step_slots(&alloc, self.options.max_running);
-        let mut scheduler =
-            Scheduler::new(self.needs.clone(), retries, skip, alloc.gpus, 1, slots);
+        let mut scheduler = Scheduler::new(self.needs.clone(), retries, skip, alloc.gpus, 1, slots);
         let mut signals = Signals::install().context("installing signal handlers")?;
         // srun's pid to its launch, batch file and command.
         let mut running: HashMap<u32, (Launch, PathBuf, String)> = HashMap::new();
@@ -950,10 +949,15 @@ impl Runner<'_> {
         use std::os::unix::process::CommandExt;
         let (path, commands) = self.write_batch(std::slice::from_ref(launch))?;
         let log = record::task_file(&path, 0, "slurm");
-        let log_file =
-            File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut srun = Command::new("srun");
-        srun.args(["--exact", "-N1", "-n1", "--cpus-per-task=1", "--job-name=gpuproc"]);
+        srun.args([
+            "--exact",
+            "-N1",
+            "-n1",
+            "--cpus-per-task=1",
+            "--job-name=gpuproc",
+        ]);
         let need = self.needs[launch.job];
         if need > 0 {
             srun.arg(format!("--gres=gpu:{need}"));
@@ -970,12 +974,10 @@ impl Runner<'_> {
             ))
             .stderr(Stdio::from(log_file))
             .process_group(0);
-        let child = srun
-            .spawn()
-            .map_err(|e| SlurmError::Command {
-                command: command_line(&srun),
-                why: format!("cannot start it: {e}"),
-            })?;
+        let child = srun.spawn().map_err(|e| SlurmError::Command {
+            command: command_line(&srun),
+            why: format!("cannot start it: {e}"),
+        })?;
         let command = commands.into_iter().next().unwrap_or_default();
         Ok((child.id(), path, command))
     }
@@ -1024,8 +1026,16 @@ mod tests {
         let mut c = Command::new("sh");
         c.args(["-c", "echo nope >&2; exit 4"]);
         let err = slurm(c).unwrap_err().to_string();
-        assert!(err.contains("`sh -c") && err.contains("exit status 4: nope"), "{err}");
-        let err = slurm(Command::new("/nonexistent/sbatch")).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/sbatch") && err.contains("cannot start"), "{err}");
+        assert!(
+            err.contains("`sh -c") && err.contains("exit status 4: nope"),
+            "{err}"
+        );
+        let err = slurm(Command::new("/nonexistent/sbatch"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/sbatch") && err.contains("cannot start"),
+            "{err}"
+        );
     }
 }

@@ -20,7 +20,11 @@ pub struct ParseError {
 
 impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unexpected {} output ({}): {:?}", self.what, self.why, self.text)
+        write!(
+            f,
+            "unexpected {} output ({}): {:?}",
+            self.what, self.why, self.text
+        )
     }
 }
 
@@ -270,7 +274,10 @@ pub struct Allocation {
 /// No such fields, or counts that are not numbers.
 pub fn parse_allocation(show_job: &str) -> Result<Allocation, ParseError> {
     const WHAT: &str = "scontrol -o show job";
-    let line = show_job.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = show_job
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     let field = |name: &str| {
         line.split_whitespace()
             .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
@@ -437,7 +444,9 @@ mod tests {
         assert!(squeue_forgot(
             "slurm_load_jobs error: Invalid job id specified\n"
         ));
-        assert!(!squeue_forgot("squeue: error: Unable to contact slurm controller"));
+        assert!(!squeue_forgot(
+            "squeue: error: Unable to contact slurm controller"
+        ));
     }
 
     #[test]

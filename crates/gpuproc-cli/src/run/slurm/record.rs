@@ -161,11 +161,17 @@ mod tests {
         write_atomic(&rec, &serde_json::to_vec(&record).unwrap()).unwrap();
         assert_eq!(read_record(&rec).unwrap(), Some(record));
         // Only the record is left: the temporary file was renamed.
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         std::fs::write(&rec, "{").unwrap();
         let err = read_record(&rec).unwrap_err().to_string();
-        assert!(err.contains("b3.7.rec.json") && err.contains("not a task record"), "{err}");
+        assert!(
+            err.contains("b3.7.rec.json") && err.contains("not a task record"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -84,15 +84,15 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
         });
     let cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok();
     // The GPUs Slurm gave, as NVML on this node names them (none without NVML).
-    let (gpus, uuids): (Vec<u32>, Vec<String>) = match (&cuda_visible_devices, gpuproc::gpu::visible())
-    {
-        (Some(_), Ok(visible)) => visible
-            .devices
-            .iter()
-            .map(|d| (d.device.index, d.device.uuid.clone().unwrap_or_default()))
-            .unzip(),
-        _ => (Vec::new(), Vec::new()),
-    };
+    let (gpus, uuids): (Vec<u32>, Vec<String>) =
+        match (&cuda_visible_devices, gpuproc::gpu::visible()) {
+            (Some(_), Ok(visible)) => visible
+                .devices
+                .iter()
+                .map(|d| (d.device.index, d.device.uuid.clone().unwrap_or_default()))
+                .unzip(),
+            _ => (Vec::new(), Vec::new()),
+        };
 
     let mut env: BTreeMap<String, String> = spec.env.clone();
     env.insert("GPUPROC_JOB_SEQ".into(), spec.seq.to_string());
@@ -137,11 +137,15 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
             }
             _ => {}
         }
-        let wake = [Some(next_sample), kill_at, deadline.filter(|_| kill_at.is_none())]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(next_sample);
+        let wake = [
+            Some(next_sample),
+            kill_at,
+            deadline.filter(|_| kill_at.is_none()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(next_sample);
         let received = signals
             .wait(Some(wake.saturating_duration_since(Instant::now())))
             .context("waiting for the job")?;
