@@ -553,3 +553,43 @@ fn malformed_squeue_output_is_an_error_that_quotes_it_and_the_array_is_cancelled
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_wrapper_stops_a_job_at_its_timeout() {
+    let Some(cluster) = cluster("timeout") else {
+        return;
+    };
+    let dir = scratch_dir("timeout");
+    let out = run(cluster.gpuproc_run(
+        &dir,
+        &[
+            "--cpu-only",
+            "--timeout",
+            "1",
+            "--kill-after",
+            "1",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            "sleep {}",
+            ":::",
+            "0",
+            "30",
+        ],
+    ));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("job 2 timed out (killed by signal 15)"),
+        "{err}"
+    );
+    assert!(err.contains("1 succeeded, 1 failed"), "{err}");
+    let mut log: Vec<(usize, i32, i32)> = joblog(&dir.join("jobs.tsv"))
+        .iter()
+        .map(|l| (l.0, l.2, l.3))
+        .collect();
+    log.sort_unstable();
+    assert_eq!(log, vec![(1, 0, 0), (2, -1, 15)]);
+    assert_eq!(cluster.jobs(ACTIVE), "");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -83,16 +83,20 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
                 .into_owned()
         });
     let cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    // The GPUs Slurm gave, as NVML on this node names them (none without NVML).
-    let (gpus, uuids): (Vec<u32>, Vec<String>) =
-        match (&cuda_visible_devices, gpuproc::gpu::visible()) {
-            (Some(_), Ok(visible)) => visible
-                .devices
-                .iter()
-                .map(|d| (d.device.index, d.device.uuid.clone().unwrap_or_default()))
-                .unzip(),
-            _ => (Vec::new(), Vec::new()),
-        };
+    // The GPUs Slurm gave, as NVML on this node names them (none without NVML). A task
+    // without GPUs does not load NVML at all.
+    let (gpus, uuids): (Vec<u32>, Vec<String>) = match cuda_visible_devices
+        .as_ref()
+        .map(|_| gpuproc::gpu::visible())
+    {
+        Some(Ok(visible)) => visible
+            .devices
+            .iter()
+            .map(|d| (d.device.index, d.device.uuid.clone().unwrap_or_default()))
+            .unzip(),
+        _ => (Vec::new(), Vec::new()),
+    };
+    let sampling = !gpus.is_empty();
 
     let mut env: BTreeMap<String, String> = spec.env.clone();
     env.insert("GPUPROC_JOB_SEQ".into(), spec.seq.to_string());
@@ -111,7 +115,8 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
     let mut kill_at: Option<Instant> = None;
     let mut timed_out = false;
     let mut peak: Option<u64> = None;
-    let mut next_sample = start;
+    // As in a local run: the first sample a second after the start.
+    let mut next_sample = saturating_add(start, SAMPLE);
     let exit = 'wait: loop {
         while let Some((reaped, exit)) = sys::reap_any().context("waiting for the job")? {
             if reaped == pid {
@@ -119,7 +124,7 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
             }
         }
         let now = Instant::now();
-        if now >= next_sample {
+        if sampling && now >= next_sample {
             if let Ok(usage) = gpuproc::gpu::usage_of(pid, true) {
                 peak = Some(peak.unwrap_or(0).max(usage.total_memory()));
             }
@@ -138,16 +143,15 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
             _ => {}
         }
         let wake = [
-            Some(next_sample),
+            Some(next_sample).filter(|_| sampling),
             kill_at,
             deadline.filter(|_| kill_at.is_none()),
         ]
         .into_iter()
         .flatten()
-        .min()
-        .unwrap_or(next_sample);
+        .min();
         let received = signals
-            .wait(Some(wake.saturating_duration_since(Instant::now())))
+            .wait(wake.map(|w| w.saturating_duration_since(Instant::now())))
             .context("waiting for the job")?;
         if (received.interrupt || received.terminate) && kill_at.is_none() {
             // scancel, preemption, or the job's time limit: the command gets SIGTERM too.
