@@ -593,3 +593,64 @@ fn the_wrapper_stops_a_job_at_its_timeout() {
     assert_eq!(cluster.jobs(ACTIVE), "");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn ctrl_c_stops_the_steps_of_an_allocation() {
+    let Some(cluster) = cluster("steps-ctrl-c") else {
+        return;
+    };
+    let dir = scratch_dir("steps-ctrl-c");
+    let mut salloc = Command::new("salloc");
+    sim_env(&mut salloc, "4gpu", Some(&dir));
+    salloc
+        .current_dir(&dir)
+        .args(["-N1", "-n4", "--gres=gpu:4"])
+        .arg(format!("--job-name={}", cluster.job_name))
+        .arg(env!("CARGO_BIN_EXE_gpuproc"))
+        .args([
+            "run", "--slurm", "--logs", "logs", "--joblog", "jobs.tsv", "--",
+        ])
+        .args([
+            "echo started {}; exec sleep 60",
+            ":::",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+        ]);
+    let mut salloc = Background::start_in_group(salloc);
+    salloc.stderr_until("Granted job allocation");
+    // Four steps run (the allocation's four GPUs), the fifth job waits.
+    let logs = dir.join("logs");
+    wait_for(DEADLINE, "4 jobs started", || {
+        let started = (1..=5)
+            .filter(|i| {
+                std::fs::read_to_string(logs.join(format!("{i}.out")))
+                    .is_ok_and(|t| t.starts_with("started"))
+            })
+            .count();
+        (started == 4).then_some(())
+    });
+    let runner = common::children_of(salloc.pid())
+        .into_iter()
+        .find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "gpuproc")
+        })
+        .expect("gpuproc under salloc");
+    signal(runner, Signal::INT);
+    let status = salloc.wait();
+    let err = salloc.stderr();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted: starting no more jobs; stopping 4 running steps"),
+        "{err}"
+    );
+    // srun passed SIGTERM on; each job's wrapper recorded it.
+    let log = joblog(&dir.join("jobs.tsv"));
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert!(log.iter().all(|l| (l.2, l.3) == (-1, 15)), "{log:?}");
+    assert!(err.contains("1 not run (interrupted)"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -84,8 +84,8 @@ Clusters (--slurm): the same jobs, --gpus-per-job, --retries, --timeout, --logs,
   it ends. Slurm's own messages per task: DIR/.slurm/<run>/ (./.gpuproc-slurm/<run>/ without
   --logs), kept when a job failed. The job log's Host column is NODE/GPUS (`node7/2,3`); the
   summary has a node column; --resume works across runs as locally.
-  Ctrl-C: scancel the arrays and wait until squeue no longer lists them (steps: SIGTERM through
-  srun); again: leave at once. Requeued tasks (preemption with requeue, scontrol requeue) count
+  Ctrl-C: scancel the arrays and wait until squeue no longer lists them (steps: scancel
+  --signal=TERM, recorded by the wrappers); again: leave at once (steps: cancel them). Requeued tasks (preemption with requeue, scontrol requeue) count
   only their last run; tasks preempted or lost to a node failure without requeue are submitted
   again without using a retry. A runner killed with SIGKILL cannot cancel: `scancel
   --name=gpuproc`.

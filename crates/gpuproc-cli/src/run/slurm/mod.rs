@@ -193,7 +193,15 @@ pub struct Setup<'a> {
 /// job log that cannot be written. Submitted work is cancelled before the error returns.
 pub fn run(setup: Setup<'_>) -> anyhow::Result<Report> {
     let exe = std::env::current_exe().context("finding gpuproc's own path for the wrapper")?;
-    let base = match &setup.logs {
+    let logs = match &setup.logs {
+        Some(dir) => Some(
+            std::fs::canonicalize(dir)
+                .with_context(|| format!("log directory {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    // Absolute: the wrappers find it from wherever Slurm starts them.
+    let base = match &logs {
         Some(dir) => dir.join(".slurm"),
         None => std::env::current_dir()
             .context("the current directory")?
@@ -205,13 +213,6 @@ pub fn run(setup: Setup<'_>) -> anyhow::Result<Report> {
     let state = base.join(format!("{stamp}-{}", std::process::id()));
     std::fs::create_dir_all(&state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
-    let logs = match &setup.logs {
-        Some(dir) => Some(
-            std::fs::canonicalize(dir)
-                .with_context(|| format!("log directory {}", dir.display()))?,
-        ),
-        None => None,
-    };
     let in_allocation = std::env::var_os("SLURM_JOB_ID").is_some_and(|v| !v.is_empty());
     let mut runner = Runner {
         tracker: Tracker::new(setup.jobs, setup.skip, setup.joblog, setup.progress),
@@ -870,17 +871,38 @@ impl Runner<'_> {
                     interrupts += 1;
                     stopping = true;
                     scheduler.clear();
+                    // Through Slurm, by step id (the wrapper writes it when it starts):
+                    // srun answers SIGTERM by killing its step outright, but `scancel
+                    // --signal=TERM` lets the wrapper stop the job and record how it ended.
+                    let mut steps = Vec::new();
+                    let mut unknown = Vec::new();
+                    for (&pid, (_, batch, _)) in &running {
+                        match std::fs::read_to_string(record::task_file(batch, 0, "step")) {
+                            Ok(id) if !id.trim().is_empty() => steps.push(id.trim().to_owned()),
+                            _ => unknown.push(pid),
+                        }
+                    }
                     if interrupts == 1 {
-                        // srun passes SIGTERM on to the step's task, the wrapper to the job.
                         self.tracker.note(&format!(
                             "interrupted: starting no more jobs; stopping {} running steps; \
                              Ctrl-C again kills them",
                             running.len()
                         ));
-                        for &pid in running.keys() {
+                        let mut scancel = Command::new("scancel");
+                        scancel.arg("--signal=TERM").args(&steps);
+                        if !steps.is_empty() {
+                            if let Err(e) = slurm(scancel) {
+                                self.tracker.note(&e.to_string());
+                            }
+                        }
+                        // Not started yet: srun cancels the step.
+                        for &pid in &unknown {
                             sys::signal_group(pid, Sig::Term);
                         }
                     } else {
+                        if let Err(e) = scancel(&steps) {
+                            self.tracker.note(&e.to_string());
+                        }
                         for &pid in running.keys() {
                             sys::signal_group(pid, Sig::Kill);
                         }
@@ -893,12 +915,17 @@ impl Runner<'_> {
                     let rec = record::read_record(&record::task_file(&batch, 0, "rec.json"))?;
                     let ended = match rec {
                         Some(rec) => Ended::from_record(&rec),
+                        None if stopping => {
+                            // Stopped before its wrapper ran it: not run.
+                            scheduler.finish(&launch, true, true);
+                            continue;
+                        }
                         None => {
                             let log = record::task_file(&batch, 0, "slurm");
                             let text = std::fs::read_to_string(&log).unwrap_or_default();
                             let tail: Vec<&str> = text.lines().rev().take(3).collect();
                             let tail: Vec<&str> = tail.into_iter().rev().collect();
-                            if !stopping {
+                            {
                                 self.tracker.note(&format!(
                                     "job {}: srun {} without running it: {}",
                                     self.jobs[launch.job].seq,

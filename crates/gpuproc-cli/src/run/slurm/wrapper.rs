@@ -103,6 +103,18 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
     env.insert("GPUPROC_JOB_SLOT".into(), spec.slot.to_string());
     env.insert("GPUPROC_JOB_ATTEMPT".into(), spec.attempt.to_string());
 
+    if let (Some(_), Ok(job), Ok(step)) = (
+        args.task,
+        std::env::var("SLURM_JOB_ID"),
+        std::env::var("SLURM_STEP_ID"),
+    ) {
+        // A job step's id, for the runner to signal it through Slurm (`scancel
+        // --signal=TERM`): srun itself answers SIGTERM by killing its step outright.
+        let _ = std::fs::write(
+            record::task_file(&args.batch, task, "step"),
+            format!("{job}.{step}"),
+        );
+    }
     let mut signals = Signals::install().context("installing signal handlers")?;
     let start = Instant::now();
     let start_wall = SystemTime::now();
