@@ -655,3 +655,59 @@ fn ctrl_c_stops_the_steps_of_an_allocation() {
     assert!(err.contains("1 not run (interrupted)"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn more_jobs_than_max_array_size_go_in_several_arrays() {
+    let dir = scratch_dir("fake-chunks");
+    let arrays = dir.join("arrays");
+    // sbatch runs every task at once, here, through the wrapper; squeue then lists none.
+    let sbatch = format!(
+        r#"n=$(cat '{count}' 2>/dev/null || echo 0); echo $((n + 1)) > '{count}'
+for a in "$@"; do
+  case $a in --array=*) spec=${{a#--array=}} ;; esac
+  [ "$prev" = --wrap ] && wrap=$a
+  prev=$a
+done
+echo "$spec" >> '{arrays}'
+range=${{spec%%%*}}; last=${{range#*-}}
+i=0; while [ $i -le $last ]; do SLURM_ARRAY_TASK_ID=$i sh -c "$wrap"; i=$((i + 1)); done
+echo $((100 + n))"#,
+        count = dir.join("count").display(),
+        arrays = arrays.display()
+    );
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize = 2'"),
+            ("sbatch", &sbatch),
+            ("squeue", "exit 0"),
+        ],
+    );
+    let out = run(gpuproc_with_path(
+        &dir,
+        &path,
+        &[
+            "--max-running",
+            "2",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            "echo {}",
+            ":::",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+        ],
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let submitted = std::fs::read_to_string(&arrays).unwrap_or_default();
+    assert_eq!(submitted, "0-1%2\n0-1%2\n0%2\n");
+    let mut printed: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    printed.sort();
+    assert_eq!(printed, ["1", "2", "3", "4", "5"]);
+    let seqs: BTreeSet<usize> = joblog(&dir.join("jobs.tsv")).iter().map(|l| l.0).collect();
+    assert_eq!(seqs, (1..=5).collect());
+    let _ = std::fs::remove_dir_all(dir);
+}
