@@ -527,7 +527,7 @@ impl Runner<'_> {
             tasks,
         };
         let bytes = serde_json::to_vec(&batch).context("encoding a batch file")?;
-        record::write_atomic(&path, &bytes)
+        record::write_atomic(&path, &bytes, false)
             .with_context(|| format!("writing batch file {}", path.display()))?;
         Ok((path, commands))
     }

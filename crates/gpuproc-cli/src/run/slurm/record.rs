@@ -87,12 +87,16 @@ pub fn task_file(batch: &Path, task: usize, ext: &str) -> PathBuf {
     batch.with_file_name(format!("{stem}.{task}.{ext}"))
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
-/// rename over `path`, fsync of the directory (best effort).
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then (when
+/// `durable`) fsync, rename over `path`, and (when `durable`) fsync of the directory (best
+/// effort). Readers see nothing or the whole file either way; `durable` also keeps it
+/// through a crash of the machine. Records are durable; batch files, which the runner
+/// writes just before starting their tasks, need not be (an fsync per job step would
+/// hold up every launch behind the disk).
 ///
 /// # Errors
 /// When the file cannot be written or renamed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let name = path
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
@@ -100,14 +104,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let written = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|_| durable) {
         if let Ok(dir) = File::open(dir) {
             let _ = dir.sync_all();
         }
@@ -158,7 +164,7 @@ mod tests {
             slurm_job: "12".into(),
             restarts: 0,
         };
-        write_atomic(&rec, &serde_json::to_vec(&record).unwrap()).unwrap();
+        write_atomic(&rec, &serde_json::to_vec(&record).unwrap(), true).unwrap();
         assert_eq!(read_record(&rec).unwrap(), Some(record));
         // Only the record is left: the temporary file was renamed.
         let names: Vec<_> = std::fs::read_dir(&dir)

@@ -207,7 +207,7 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
             .unwrap_or(0),
     };
     let bytes = serde_json::to_vec(&record).context("encoding the task record")?;
-    record::write_atomic(&record_path, &bytes)
+    record::write_atomic(&record_path, &bytes, true)
         .with_context(|| format!("writing task record {}", record_path.display()))?;
     let status = match exit {
         Exit::Code(c) => u8::try_from(c).unwrap_or(1),
