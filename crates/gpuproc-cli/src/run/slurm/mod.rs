@@ -737,7 +737,8 @@ impl Runner<'_> {
         let ids: Vec<String> = arrays.iter().map(|a| a.id.to_string()).collect();
         let mut squeue = Command::new("squeue");
         squeue
-            .args(["-h", "-r", "-t", "all", "-o", policy::SQUEUE_FORMAT, "-j"])
+            .args(["-h", "-r", "-t", policy::SQUEUE_STATES])
+            .args(["-o", policy::SQUEUE_FORMAT, "-j"])
             .arg(ids.join(","));
         let line = command_line(&squeue);
         let (ok, out, why) = slurm_output(&mut squeue)?;

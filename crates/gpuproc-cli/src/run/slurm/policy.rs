@@ -187,6 +187,14 @@ pub struct QueuedTask {
 /// The `squeue -o` format [`parse_squeue`] reads: array job id, task id, state, nodes.
 pub const SQUEUE_FORMAT: &str = "%F|%K|%T|%N";
 
+/// The states the runner asks `squeue` about (`-t`): the pending and running ones, and the
+/// ends it must tell apart ([`TaskState::Lost`]). Tasks that ended otherwise are left out
+/// (their records say how they ended), which keeps each poll's answer to the tasks still
+/// in play rather than every finished one Slurm remembers.
+pub const SQUEUE_STATES: &str = "PENDING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,SUSPENDED,STOPPED,\
+     RESV_DEL_HOLD,SPECIAL_EXIT,RUNNING,CONFIGURING,COMPLETING,SIGNALING,STAGE_OUT,RESIZING,\
+     PREEMPTED,NODE_FAIL,BOOT_FAIL";
+
 /// Parses `squeue -h -r -o` [`SQUEUE_FORMAT`] output: `(array job id, task id)` to the task.
 /// Lines of jobs that are not array tasks (`%K` is `N/A`) are ignored.
 ///
@@ -408,6 +416,19 @@ mod tests {
         assert_eq!(next_poll(POLL_MAX, true), POLL_MIN);
         assert_eq!(next_poll(Duration::ZERO, false), POLL_MIN);
         assert_eq!(next_poll(Duration::MAX, false), POLL_MAX);
+    }
+
+    #[test]
+    fn the_states_asked_about_are_those_still_in_play_or_lost() {
+        for state in SQUEUE_STATES.split(',') {
+            assert!(
+                state.chars().all(|c| c.is_ascii_uppercase() || c == '_'),
+                "{state:?}"
+            );
+            let class = task_state(state).unwrap();
+            assert_ne!(class, TaskState::Ended, "{state}");
+        }
+        assert_eq!(SQUEUE_STATES.split(',').count(), 17);
     }
 
     #[test]
