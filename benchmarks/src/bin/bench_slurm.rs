@@ -16,7 +16,10 @@
 //! finds a task gone), and jobs/s against each anchor. No timed assertions: the figures are
 //! the result.
 //!
-//! Usage: `bench_slurm [--scale N]` (default 1000 jobs). Needs the cluster up
+//! Each row runs `R` times (`--runs R`, default 1), the rows interleaved so that a noisy
+//! moment hurts every row alike; the table shows the medians.
+//!
+//! Usage: `bench_slurm [--scale N] [--runs R]` (default 1000 jobs, 1 run). Needs the cluster up
 //! (`eval "$(scripts/slurm-local up)"`, which sets `SLURM_CONF`) and `gpuproc` built in the
 //! same profile: `cargo build --release -p gpuproc-cli`.
 
@@ -118,6 +121,7 @@ fn hand_written_array(jobs: usize, dir: &Path) -> Timing {
 
 fn main() {
     let mut jobs = 1000usize;
+    let mut runs = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -128,7 +132,16 @@ fn main() {
                     .filter(|&n| n > 0)
                     .expect("--scale N: a positive number of jobs");
             }
-            other => panic!("unknown argument {other:?}; usage: bench_slurm [--scale N]"),
+            "--runs" => {
+                runs = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--runs R: a positive number of runs");
+            }
+            other => {
+                panic!("unknown argument {other:?}; usage: bench_slurm [--scale N] [--runs R]")
+            }
         }
     }
     assert!(
@@ -167,54 +180,76 @@ fn main() {
         .arg(&job_file);
     };
 
-    let mut rows: Vec<(&str, Timing)> = Vec::new();
-    eprintln!("bench_slurm: {jobs} jobs per row");
-    let mut array = Command::new(&gpuproc);
-    array.current_dir(&dir);
-    gpuproc_args(&mut array);
-    rows.push(("gpuproc run --slurm (array)", time_first_line(array)));
-    eprintln!("bench_slurm: gpuproc array done");
-
-    let mut steps = salloc();
-    steps.arg(&gpuproc);
-    gpuproc_args(&mut steps);
-    rows.push((
-        "gpuproc run --slurm (steps, salloc -n8)",
-        time_first_line(steps),
-    ));
-    eprintln!("bench_slurm: gpuproc steps done");
-
-    rows.push((
-        "sbatch --array + squeue loop",
-        hand_written_array(jobs, &dir),
-    ));
-    eprintln!("bench_slurm: hand-written array done");
-
     let have_parallel = Command::new("parallel")
         .arg("--version")
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
         .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"GNU parallel"));
-    if have_parallel {
-        let mut gnu = salloc();
-        gnu.args([
-            "parallel",
-            "-j",
-            "8",
-            "srun",
-            "--exact",
-            "-N1",
-            "-n1",
-            "--cpus-per-task=1",
-            "echo",
-            ":::",
-        ])
-        .args((0..jobs).map(|i| i.to_string()));
-        rows.push(("GNU parallel -j 8 srun (salloc -n8)", time_first_line(gnu)));
-    } else {
+    if !have_parallel {
         eprintln!("GNU parallel not found (scripts/sysdeps installs it): its row is missing");
     }
+    let names = [
+        "gpuproc run --slurm (array)",
+        "gpuproc run --slurm (steps, salloc -n8)",
+        "sbatch --array + squeue loop",
+        "GNU parallel -j 8 srun (salloc -n8)",
+    ];
+    let mut samples: Vec<Vec<Timing>> = names.iter().map(|_| Vec::new()).collect();
+    eprintln!("bench_slurm: {jobs} jobs per row, {runs} run(s)");
+    for run in 1..=runs {
+        let mut array = Command::new(&gpuproc);
+        array.current_dir(&dir);
+        gpuproc_args(&mut array);
+        samples[0].push(time_first_line(array));
+
+        let mut steps = salloc();
+        steps.arg(&gpuproc);
+        gpuproc_args(&mut steps);
+        samples[1].push(time_first_line(steps));
+
+        samples[2].push(hand_written_array(jobs, &dir));
+
+        if have_parallel {
+            let mut gnu = salloc();
+            gnu.args([
+                "parallel",
+                "-j",
+                "8",
+                "srun",
+                "--exact",
+                "-N1",
+                "-n1",
+                "--cpus-per-task=1",
+                "echo",
+                ":::",
+            ])
+            .args((0..jobs).map(|i| i.to_string()));
+            samples[3].push(time_first_line(gnu));
+        }
+        eprintln!("bench_slurm: run {run} of {runs} done");
+    }
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let rows: Vec<(&str, Timing)> = names
+        .iter()
+        .zip(&samples)
+        .filter(|(_, t)| !t.is_empty())
+        .map(|(name, t)| {
+            let total: Vec<f64> = t.iter().map(|t| t.total).collect();
+            let first: Vec<f64> = t.iter().map(|t| t.first).collect();
+            (
+                *name,
+                Timing {
+                    total: median(&total),
+                    first: median(&first),
+                },
+            )
+        })
+        .collect();
 
     let rate = |name: &str| {
         rows.iter()
@@ -223,7 +258,7 @@ fn main() {
     };
     let sbatch = rate("sbatch");
     let parallel = rate("GNU");
-    println!("{jobs} jobs of `echo I` on the local Slurm (1 node, 8 CPUs)");
+    println!("{jobs} jobs of `echo I` on the local Slurm (1 node, 8 CPUs), median of {runs}");
     println!(
         "{:<40} {:>9} {:>8} {:>12} {:>10} {:>12}",
         "runner", "seconds", "jobs/s", "first (s)", "vs sbatch", "vs parallel"
