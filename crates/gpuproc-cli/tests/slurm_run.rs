@@ -17,6 +17,14 @@ use std::time::Duration;
 mod common;
 use common::{run, scratch_dir, signal, sim_env, stderr, stdout, Background, Signal, DEADLINE};
 
+/// The UUIDs of the bundled `4gpu` scenario, GPU 0 first.
+const FOUR: [&str; 4] = [
+    "GPU-0a4f2e61-3c1b-4d2e-9f00-1b2c3d4e5f60",
+    "GPU-1b5f3f72-4d2c-4e3f-8a11-2c3d4e5f6071",
+    "GPU-2c6a4a83-5e3d-4f4a-9b22-3d4e5f607182",
+    "GPU-3d7b5b94-6f4e-4a5b-8c33-4e5f60718293",
+];
+
 /// Job states in which a job still holds (or waits for) the node.
 const ACTIVE: &str = "PD,CF,R,S,CG";
 
@@ -222,6 +230,35 @@ fn a_sweep_runs_as_one_array_each_job_on_a_gpu_of_its_own() {
             a.0
         );
     }
+
+    // Each task's record stays with the logs: the GPU Slurm gave, by NVML index and UUID.
+    let state = std::fs::read_dir(dir.join("logs/.slurm"))
+        .expect("logs/.slurm")
+        .next()
+        .expect("a run's state directory")
+        .expect("read logs/.slurm")
+        .path();
+    let mut records = 0;
+    for entry in std::fs::read_dir(&state).expect("state directory") {
+        let path = entry.expect("entry").path();
+        if !path.to_string_lossy().ends_with(".rec.json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("record");
+        let rec: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let seq = rec["seq"].as_u64().expect("seq");
+        let job = ran
+            .iter()
+            .find(|r| r.0 as u64 == seq)
+            .expect("a job of the sweep");
+        assert_eq!(rec["node"], "localhost", "{text}");
+        assert_eq!(rec["cuda_visible_devices"], job.2.to_string(), "{text}");
+        assert_eq!(rec["gpus"], serde_json::json!([job.2]), "{text}");
+        assert_eq!(rec["uuids"], serde_json::json!([FOUR[job.2]]), "{text}");
+        records += 1;
+    }
+    assert_eq!(records, 40);
 
     // The job log: one line per job, Host = the node and the GPU the job saw.
     let log = joblog(&dir.join("jobs.tsv"));

@@ -81,8 +81,9 @@ Clusters (--slurm): the same jobs, --gpus-per-job, --retries, --timeout, --logs,
   filesystem), which runs the job with Slurm's CUDA_VISIBLE_DEVICES, enforces --timeout, and
   records its node, GPUs (NVML indices, UUIDs), times, exit status and peak GPU memory.
   --logs DIR: DIR/<seq>.out and .err, as locally; without it each job's output is printed when
-  it ends. Slurm's own messages per task: DIR/.slurm/<run>/ (./.gpuproc-slurm/<run>/ without
-  --logs), kept when a job failed. The job log's Host column is NODE/GPUS (`node7/2,3`); the
+  it ends. Slurm's own messages and each task's record (node, GPU UUIDs,
+  times, peak memory) go to DIR/.slurm/<run>/; without --logs to ./.gpuproc-slurm/<run>/,
+  kept only when a job failed. The job log's Host column is NODE/GPUS (`node7/2,3`); the
   summary has a node column; --resume works across runs as locally.
   Ctrl-C: scancel the arrays and wait until squeue no longer lists them (steps: scancel
   --signal=TERM, recorded by the wrappers); again: leave at once (steps: cancel them). Requeued tasks (preemption with requeue, scontrol requeue) count

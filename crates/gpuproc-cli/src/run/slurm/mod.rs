@@ -213,6 +213,7 @@ pub fn run(setup: Setup<'_>) -> anyhow::Result<Report> {
     let state = base.join(format!("{stamp}-{}", std::process::id()));
     std::fs::create_dir_all(&state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
+    let setup_logs_given = logs.is_some();
     let in_allocation = std::env::var_os("SLURM_JOB_ID").is_some_and(|v| !v.is_empty());
     let mut runner = Runner {
         tracker: Tracker::new(setup.jobs, setup.skip, setup.joblog, setup.progress),
@@ -237,7 +238,8 @@ pub fn run(setup: Setup<'_>) -> anyhow::Result<Report> {
             "Slurm's own messages for the tasks are in {}",
             state.display()
         ));
-    } else {
+    } else if !setup_logs_given {
+        // With --logs the records (node, GPU UUIDs, times, peak memory) stay with the logs.
         let _ = std::fs::remove_dir_all(&state);
         let _ = std::fs::remove_dir(&base);
     }
