@@ -42,6 +42,10 @@ pub enum Command {
     /// filtering, a process tree, signals, and which gpuproc lease or run job holds what.
     #[command(after_help = TOP_KEYS)]
     Top(TopArgs),
+
+    /// The wrapper each Slurm task of `gpuproc run --slurm` runs (internal).
+    #[command(name = "__slurm-job", hide = true)]
+    SlurmJob(crate::run::slurm::wrapper::SlurmJobArgs),
 }
 
 const TOP_KEYS: &str = "Keys:

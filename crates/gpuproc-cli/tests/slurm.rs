@@ -200,7 +200,8 @@ fn a_step_sees_only_the_gpus_slurm_bound_to_it() {
     check_report(&lines_of(&second), &[2, 3]);
     let status = first.finish();
     assert!(status.success(), "{status:?}: {}", first.stderr());
-    assert_eq!(cluster.jobs(ACTIVE), "");
+    // (A job may still be completing a moment after srun or sbatch returns: the guard
+    // waits, with a deadline, until none of this test's jobs is left.)
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -293,6 +294,7 @@ fn a_job_array_runs_and_records_each_exit_code() {
         })
         .collect();
     assert_eq!(recorded, expected);
-    assert_eq!(cluster.jobs(ACTIVE), "");
+    // (A job may still be completing a moment after srun or sbatch returns: the guard
+    // waits, with a deadline, until none of this test's jobs is left.)
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -13,5 +13,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pick(args) => pick::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Top(args) => crate::top::run(&args),
+        Command::SlurmJob(args) => crate::run::slurm::wrapper::run(&args),
     }
 }

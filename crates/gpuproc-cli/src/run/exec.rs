@@ -74,6 +74,8 @@ pub struct Outcome {
     pub peak_memory: Option<u64>,
     /// NVML indices of the last attempt's GPUs.
     pub gpus: Vec<u32>,
+    /// The node the last attempt ran on (Slurm runs; `None` locally).
+    pub node: Option<String>,
     /// Already done in an earlier run (`--resume`).
     pub skipped: bool,
 }
@@ -147,6 +149,7 @@ impl<'a> Executor<'a> {
                 runtime: Duration::ZERO,
                 peak_memory: None,
                 gpus: Vec::new(),
+                node: None,
                 skipped: skip.get(i).copied().unwrap_or(false),
             })
             .collect();
@@ -400,6 +403,7 @@ impl<'a> Executor<'a> {
         if let Some(log) = &mut self.settings.joblog {
             let entry = Entry {
                 seq: job.seq,
+                host: None,
                 start: running
                     .start_wall
                     .duration_since(UNIX_EPOCH)

@@ -1,9 +1,10 @@
 //! The job log (GNU parallel's `--joblog` TSV) and `--resume`.
 //!
 //! Columns, as GNU parallel writes them: `Seq Host Starttime JobRuntime Send Receive
-//! Exitval Signal Command`; `Host` is `:` (this machine), `Send`/`Receive` are 0. One line
-//! per attempt, written when the attempt ends, so a log cut short by a killed runner is
-//! still valid up to its last complete line.
+//! Exitval Signal Command`; `Host` is `:` (this machine; in a Slurm run, `NODE/GPUS`: the
+//! node and the job's GPUs), `Send`/`Receive` are 0. One line per attempt, written when the
+//! attempt ends, so a log cut short by a killed runner is still valid up to its last
+//! complete line.
 
 use std::collections::HashMap;
 
@@ -18,6 +19,10 @@ pub const HEADER: &str =
 pub struct Entry {
     /// The job's sequence number.
     pub seq: usize,
+    /// `Host`: `None` for this machine (`:`, as GNU parallel); in a Slurm run, the node
+    /// and the GPUs Slurm gave the job, `NODE/GPUS` (`node7/0,1`: NVML indices on the
+    /// node, or `CUDA_VISIBLE_DEVICES` where NVML could not say).
+    pub host: Option<String>,
     /// Start, seconds since the Unix epoch.
     pub start: f64,
     /// Run time in seconds.
@@ -39,8 +44,15 @@ impl Entry {
             .chars()
             .map(|c| if c == '\t' || c == '\n' { ' ' } else { c })
             .collect();
+        let host: String = match &self.host {
+            Some(h) if !h.is_empty() => h
+                .chars()
+                .map(|c| if c.is_whitespace() { '_' } else { c })
+                .collect(),
+            _ => ":".to_owned(),
+        };
         format!(
-            "{}\t:\t{:.3}\t{:.3}\t0\t0\t{}\t{}\t{}",
+            "{}\t{host}\t{:.3}\t{:.3}\t0\t0\t{}\t{}\t{}",
             self.seq, self.start, self.runtime, self.exit, self.signal, command
         )
     }
@@ -93,6 +105,7 @@ mod tests {
     fn round_trip_and_resume() {
         let ok = Entry {
             seq: 1,
+            host: None,
             start: 1700000000.5,
             runtime: 0.25,
             exit: 0,
@@ -114,6 +127,14 @@ mod tests {
         };
         let line = ok.to_line();
         assert_eq!(line, "1\t:\t1700000000.500\t0.250\t0\t0\t0\t0\techo a");
+        let on_node = Entry {
+            host: Some("node 7/2,3".into()),
+            ..ok.clone()
+        };
+        assert_eq!(
+            on_node.to_line(),
+            "1\tnode_7/2,3\t1700000000.500\t0.250\t0\t0\t0\t0\techo a"
+        );
         let text = format!(
             "{HEADER}\n{line}\n{}\n{}\n4\t:\t1.0\t0.1\t0\t0\t0",
             failed.to_line(),

@@ -5,13 +5,15 @@
 //!   rather than one lease for the run: see there);
 //! - [`schedule`]: which job runs where next, and retries, pure;
 //! - [`exec`]: processes, timeouts, signals, logs (its system calls in [`sys`]);
-//! - [`joblog`]: GNU parallel's job log and `--resume`; [`summary`]: the final table.
+//! - [`joblog`]: GNU parallel's job log and `--resume`; [`summary`]: the final table;
+//! - [`slurm`]: the same jobs executed by Slurm (`--slurm`): job steps or job arrays.
 
 pub mod exec;
 pub mod joblog;
 pub mod jobs;
 pub mod schedule;
 pub mod slots;
+pub mod slurm;
 pub mod summary;
 pub mod sys;
 
@@ -63,6 +65,31 @@ all) and then leaves the remaining jobs unstarted (exit status 3). --dry-run tak
 
 Ctrl-C once: start no more jobs and send SIGINT to running ones; twice: kill them.
 SIGTERM/SIGHUP: start no more jobs, send SIGTERM, SIGKILL after --kill-after.
+
+Clusters (--slurm): the same jobs, --gpus-per-job, --retries, --timeout, --logs, --joblog and
+--resume, run by Slurm:
+  inside an allocation (SLURM_JOB_ID set: salloc, an sbatch script), each job is a step,
+    `srun --exact -N1 -n1 --cpus-per-task=1 --gres=gpu:N`, at most as many at once as the
+    allocation has CPUs and GPUs for, or --max-running;
+  outside one, the jobs are submitted as job arrays, `sbatch --array=0-N%K` (K: --max-running,
+    the throttle; none without it), one per GPU count and at most MaxArraySize tasks each (the
+    next array goes in once the previous has no pending task, never exceeding K). One `squeue`
+    for all arrays per poll, every 0.25s backing off to 5s while nothing changes. Failed jobs
+    with retries left go into a new array.
+  --partition and --slurm-opt ARG go to sbatch (arrays) or srun (steps), after gpuproc's own.
+  Each task runs `gpuproc __slurm-job` (this binary, at the same path on the nodes: a shared
+  filesystem), which runs the job with Slurm's CUDA_VISIBLE_DEVICES, enforces --timeout, and
+  records its node, GPUs (NVML indices, UUIDs), times, exit status and peak GPU memory.
+  --logs DIR: DIR/<seq>.out and .err, as locally; without it each job's output is printed when
+  it ends. Slurm's own messages and each task's record (node, GPU UUIDs,
+  times, peak memory) go to DIR/.slurm/<run>/; without --logs to ./.gpuproc-slurm/<run>/,
+  kept only when a job failed. The job log's Host column is NODE/GPUS (`node7/2,3`); the
+  summary has a node column; --resume works across runs as locally.
+  Ctrl-C: scancel the arrays and wait until squeue no longer lists them (steps: scancel
+  --signal=TERM, recorded by the wrappers); again: leave at once (steps: cancel them). Requeued tasks (preemption with requeue, scontrol requeue) count
+  only their last run; tasks preempted or lost to a node failure without requeue are submitted
+  again without using a retry. A runner killed with SIGKILL cannot cancel: `scancel
+  --name=gpuproc`.
 
 Exit status:
   0    every job succeeded
@@ -175,6 +202,31 @@ pub struct RunArgs {
     /// Which jobs the final summary table lists.
     #[arg(long, value_enum, default_value_t = SummaryRows::Auto, value_name = "ROWS")]
     pub summary: SummaryRows,
+
+    /// Run the jobs through Slurm: as `srun --exact` job steps inside an allocation
+    /// (SLURM_JOB_ID set), else as `sbatch` job arrays (see Clusters below).
+    #[arg(long, conflicts_with_all = ["dry_run", "gpus", "per_gpu", "min_free", "max_util", "no_foreign", "order", "wait", "wait_free"])]
+    pub slurm: bool,
+
+    /// With --slurm: the partition the job arrays are submitted to.
+    #[arg(long, value_name = "P", requires = "slurm")]
+    pub partition: Option<String>,
+
+    /// With --slurm: one more option for `sbatch` (arrays) or `srun` (steps), after
+    /// gpuproc's own (`--slurm-opt=--time=10`, `--slurm-opt=--account=A`); repeatable.
+    #[arg(
+        long = "slurm-opt",
+        value_name = "ARG",
+        requires = "slurm",
+        allow_hyphen_values = true
+    )]
+    pub slurm_opt: Vec<String>,
+
+    /// With --slurm: at most K jobs running at once (the array throttle `%K`, or the most
+    /// job steps at once); default: as many as Slurm gives (steps: the allocation's CPUs).
+    /// -j N means the same.
+    #[arg(long, value_name = "K", requires = "slurm", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_running: Option<u32>,
 
     /// The command template, then `:::` and argument lists; without a template, jobs are
     /// whole commands from --file or standard input.
@@ -357,6 +409,45 @@ fn criteria(args: &RunArgs) -> Criteria {
     criteria
 }
 
+/// `--resume`: which jobs the job log records as succeeded (all `false` without it).
+///
+/// # Errors
+/// An unreadable job log, or one whose commands differ from the jobs'.
+fn resume_skip(args: &RunArgs, jobs: &[Job]) -> anyhow::Result<Vec<bool>> {
+    let mut skip = vec![false; jobs.len()];
+    if args.resume {
+        if let Some(path) = &args.joblog {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let done = joblog::succeeded(&text, &path.display().to_string())?;
+                    for (i, job) in jobs.iter().enumerate() {
+                        if let Some(command) = done.get(&job.seq) {
+                            if !job.slot_placeholder
+                                && command != &job.command.replace(['\t', '\n'], " ")
+                            {
+                                bail!(
+                                    "--resume: job {} in {} was `{command}`, now it is `{}`; \
+                                     the job list changed (start a new job log)",
+                                    job.seq,
+                                    path.display(),
+                                    job.command
+                                );
+                            }
+                            skip[i] = true;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading job log {}", path.display()))
+                }
+            }
+        }
+    }
+
+    Ok(skip)
+}
+
 /// Runs `gpuproc run`.
 ///
 /// # Errors
@@ -366,6 +457,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut jobs = load_jobs(args)?;
     for job in &mut jobs {
         job.retries.get_or_insert(args.retries);
+    }
+    if args.slurm {
+        return run_slurm(args, &jobs);
     }
     let gpus = if args.cpu_only {
         if let Some(job) = jobs.iter().find(|j| j.gpus.is_some_and(|n| n > 0)) {
@@ -410,36 +504,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             .map_or(capacity, |j| (j as usize).min(capacity))
     };
 
-    let mut skip = vec![false; jobs.len()];
-    if args.resume {
-        if let Some(path) = &args.joblog {
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    let done = joblog::succeeded(&text, &path.display().to_string())?;
-                    for (i, job) in jobs.iter().enumerate() {
-                        if let Some(command) = done.get(&job.seq) {
-                            if !job.slot_placeholder
-                                && command != &job.command.replace(['\t', '\n'], " ")
-                            {
-                                bail!(
-                                    "--resume: job {} in {} was `{command}`, now it is `{}`; \
-                                     the job list changed (start a new job log)",
-                                    job.seq,
-                                    path.display(),
-                                    job.command
-                                );
-                            }
-                            skip[i] = true;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading job log {}", path.display()))
-                }
-            }
-        }
-    }
+    let skip = resume_skip(args, &jobs)?;
 
     let retries: Vec<u32> = jobs.iter().map(|j| j.retries.unwrap_or(0)).collect();
     let scheduler = Scheduler::new(needs, retries, &skip, gpus.len(), per_gpu, max_slots);
@@ -521,28 +586,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating log directory {}", dir.display()))?;
     }
-    let joblog = match &args.joblog {
-        Some(path) => {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("opening job log {}", path.display()))?;
-            if file.metadata().map(|m| m.len() == 0).unwrap_or(false) {
-                writeln!(file, "{}", joblog::HEADER)
-                    .with_context(|| format!("writing job log {}", path.display()))?;
-            }
-            Some(file)
-        }
-        None => None,
-    };
-    let progress = if args.quiet {
-        Progress::Quiet
-    } else if io::stderr().is_terminal() {
-        Progress::Bar
-    } else {
-        Progress::Lines
-    };
+    let joblog = open_joblog(args)?;
+    let progress = progress(args);
     let gpu_mode = !gpus.is_empty();
     let leaser = gpu_mode.then(|| {
         let wait = if args.wait_free {
@@ -562,7 +607,89 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         leaser,
     };
     let report = Executor::new(&jobs, &skip, scheduler, settings).run()?;
-    let text = summary::render(&report, args.summary, gpu_mode);
+    finish(args, &report, gpu_mode)
+}
+
+/// `gpuproc run --slurm`: the jobs, their GPU counts, retries, job log and `--resume` as
+/// in a local run, executed by Slurm (see [`slurm`]).
+fn run_slurm(args: &RunArgs, jobs: &[Job]) -> anyhow::Result<()> {
+    let needs: Vec<usize> = jobs
+        .iter()
+        .map(|j| {
+            if args.cpu_only {
+                0
+            } else {
+                j.gpus.unwrap_or(args.gpus_per_job)
+            }
+        })
+        .collect();
+    if args.cpu_only {
+        if let Some(job) = jobs.iter().find(|j| j.gpus.is_some_and(|n| n > 0)) {
+            bail!(
+                "job {} asks for {} GPUs, but --cpu-only runs without GPUs",
+                job.seq,
+                job.gpus.unwrap_or(0)
+            );
+        }
+    }
+    let skip = resume_skip(args, jobs)?;
+    if let Some(dir) = &args.logs {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating log directory {}", dir.display()))?;
+    }
+    let setup = slurm::Setup {
+        jobs,
+        skip: &skip,
+        retries: jobs.iter().map(|j| j.retries.unwrap_or(0)).collect(),
+        gpu_mode: needs.iter().any(|&n| n > 0),
+        needs,
+        timeout: args.timeout,
+        kill_after: args.kill_after,
+        logs: args.logs.clone(),
+        joblog: open_joblog(args)?,
+        progress: progress(args),
+        options: slurm::SlurmOptions {
+            partition: args.partition.clone(),
+            opts: args.slurm_opt.clone(),
+            max_running: args.max_running.or(args.max_jobs).map(|k| k as usize),
+        },
+    };
+    let gpu_mode = setup.gpu_mode;
+    let report = slurm::run(setup)?;
+    finish(args, &report, gpu_mode)
+}
+
+/// Opens `--joblog` for appending, writing the header into a new one.
+fn open_joblog(args: &RunArgs) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(path) = &args.joblog else {
+        return Ok(None);
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening job log {}", path.display()))?;
+    if file.metadata().map(|m| m.len() == 0).unwrap_or(false) {
+        writeln!(file, "{}", joblog::HEADER)
+            .with_context(|| format!("writing job log {}", path.display()))?;
+    }
+    Ok(Some(file))
+}
+
+/// How the run shows progress.
+fn progress(args: &RunArgs) -> Progress {
+    if args.quiet {
+        Progress::Quiet
+    } else if io::stderr().is_terminal() {
+        Progress::Bar
+    } else {
+        Progress::Lines
+    }
+}
+
+/// Prints the summary; [`RunFailed`] when jobs failed or the run was interrupted.
+fn finish(args: &RunArgs, report: &exec::Report, gpu_mode: bool) -> anyhow::Result<()> {
+    let text = summary::render(report, args.summary, gpu_mode);
     let _ = io::stderr().write_all(text.as_bytes());
     if let Some(why) = &report.starved {
         let _ = writeln!(io::stderr(), "gpuproc: {why}");

@@ -207,6 +207,24 @@ impl Scheduler {
     }
 }
 
+impl Scheduler {
+    /// Queues `launch` again as the same attempt, at the back: it did not run to an end of
+    /// its own (Slurm preempted it, or its node failed), so no retry is used up.
+    pub fn requeue(&mut self, launch: &Launch) {
+        for &g in &launch.gpus {
+            if let Some(free) = self.free.get_mut(g) {
+                *free += 1;
+            }
+        }
+        self.free_slots.insert(launch.slot);
+        self.queue.push_back(Pending {
+            job: launch.job,
+            attempt: launch.attempt,
+            avoid: launch.gpus.clone(),
+        });
+    }
+}
+
 /// Where a simulated run puts jobs: see [`simulate_with`].
 pub trait Placement {
     /// Chooses the head job's GPUs, as [`Scheduler::next_with`]'s `choose`.
@@ -266,6 +284,24 @@ mod tests {
     fn sched(jobs: usize, need: usize, gpus: usize, per_gpu: usize) -> Scheduler {
         let slots = if gpus == 0 { 2 } else { gpus * per_gpu };
         Scheduler::new(vec![need; jobs], vec![1; jobs], &[], gpus, per_gpu, slots)
+    }
+
+    #[test]
+    fn a_requeued_attempt_keeps_its_number_and_its_retries() {
+        // One job, one retry, one GPU: requeueing (Slurm preempted it) frees the GPU and
+        // slot and runs the same attempt again; a failure after that still has its retry.
+        let mut s = sched(1, 1, 1, 1);
+        let first = s.next().expect("first attempt");
+        assert_eq!(s.next(), None);
+        s.requeue(&first);
+        assert_eq!(s.queued(), 1);
+        let again = s.next().expect("requeued attempt");
+        assert_eq!((again.job, again.attempt, again.slot), (0, 1, first.slot));
+        assert_eq!(s.finish(&again, true, false), Verdict::Retry);
+        let retry = s.next().expect("the retry");
+        assert_eq!(retry.attempt, 2);
+        assert_eq!(s.finish(&retry, true, false), Verdict::Done);
+        assert_eq!(s.queued(), 0);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The table printed when a run ends: job, exit, time, retries, peak GPU memory.
+//! The table printed when a run ends: job, exit, time, retries, node (Slurm runs), GPUs and
+//! peak GPU memory.
 
 use std::fmt::Write;
 
@@ -34,6 +35,10 @@ pub fn render(report: &Report, rows: SummaryRows, gpu_mode: bool) -> String {
         outcomes.iter().filter(|o| all || !o.succeeded()).collect()
     };
     let mut header = vec!["job", "exit", "time", "retries"];
+    let nodes = outcomes.iter().any(|o| o.node.is_some());
+    if nodes {
+        header.push("node");
+    }
     if gpu_mode {
         header.extend(["gpus", "peak mem"]);
     }
@@ -57,6 +62,9 @@ pub fn render(report: &Report, rows: SummaryRows, gpu_mode: bool) -> String {
             },
             o.attempts.saturating_sub(1).to_string(),
         ];
+        if nodes {
+            row.push(o.node.clone().unwrap_or_else(|| "-".to_owned()));
+        }
         if gpu_mode {
             let gpus: Vec<String> = o.gpus.iter().map(u32::to_string).collect();
             row.push(if gpus.is_empty() {
@@ -148,6 +156,7 @@ mod tests {
             runtime: Duration::from_millis(1500),
             peak_memory: Some(3 << 20),
             gpus: vec![1],
+            node: None,
             skipped: false,
         }
     }
@@ -180,5 +189,25 @@ mod tests {
         assert_eq!(failed_only.lines().count(), 5, "{failed_only}");
         assert!(!failed_only.contains("MiB"));
         assert_eq!(render(&report, SummaryRows::None, true).lines().count(), 1);
+    }
+
+    #[test]
+    fn slurm_runs_have_a_node_column() {
+        let mut on_node = outcome(1, Some(Exit::Code(0)), 1);
+        on_node.node = Some("node7".into());
+        let report = Report {
+            outcomes: vec![on_node, outcome(2, Some(Exit::Code(1)), 1)],
+            interrupted: false,
+            starved: None,
+        };
+        let text = render(&report, SummaryRows::All, true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["job", "exit", "time", "retries", "node", "gpus", "peak", "mem", "command"],
+            "{text}"
+        );
+        assert_eq!(lines[1].split_whitespace().nth(4), Some("node7"), "{text}");
+        assert_eq!(lines[2].split_whitespace().nth(4), Some("-"), "{text}");
     }
 }

@@ -1,0 +1,183 @@
+//! The files a Slurm run and its jobs' wrappers share through the shared filesystem, in
+//! the run's state directory: a batch file per submission (what each task runs), and a
+//! record per finished task (how it ran), written atomically (temp file, fsync, rename) so
+//! that the runner reads either nothing or a whole record.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What one array submission (or one job step) runs: task `i` runs `tasks[i]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchFile {
+    /// Seconds between SIGTERM and SIGKILL for a task that timed out or is stopped.
+    pub kill_after: f64,
+    /// `--logs`: the job's output goes to `<logs>/<seq>.out` and `.err`; `None`: next to
+    /// the record, for the runner to print.
+    pub logs: Option<PathBuf>,
+    /// The tasks.
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// One task: a job's attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The job's sequence number.
+    pub seq: usize,
+    /// 1 for the first run, 2 for the first retry, ...
+    pub attempt: u32,
+    /// `{%}` / `GPUPROC_JOB_SLOT`.
+    pub slot: usize,
+    /// The shell command, placeholders filled in.
+    pub command: String,
+    /// Environment additions (a TOML job's `env`).
+    pub env: BTreeMap<String, String>,
+    /// Seconds before the wrapper stops the command.
+    pub timeout: Option<f64>,
+}
+
+/// How a task ran, written by its wrapper on its node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The job's sequence number.
+    pub seq: usize,
+    /// The attempt.
+    pub attempt: u32,
+    /// The node it ran on.
+    pub node: String,
+    /// `CUDA_VISIBLE_DEVICES` as Slurm set it (`None`: unset).
+    pub cuda_visible_devices: Option<String>,
+    /// NVML indices, on the node, of those GPUs (empty when NVML could not say).
+    pub gpus: Vec<u32>,
+    /// Their UUIDs.
+    pub uuids: Vec<String>,
+    /// Start, seconds since the Unix epoch.
+    pub start: f64,
+    /// Run time in seconds.
+    pub runtime: f64,
+    /// Exit status; -1 when a signal ended it.
+    pub exit: i32,
+    /// The signal that ended it, or 0.
+    pub signal: i32,
+    /// Whether the wrapper stopped it for running past its timeout.
+    pub timed_out: bool,
+    /// Highest GPU memory seen in use by its processes (sampled each second).
+    pub peak_memory: Option<u64>,
+    /// `SLURM_JOB_ID` (an array task has one of its own), and the step when in one.
+    pub slurm_job: String,
+    /// `SLURM_RESTART_COUNT`: times Slurm requeued it before this run.
+    pub restarts: u32,
+}
+
+/// The batch file of submission `n` in `dir`.
+pub fn batch_path(dir: &Path, n: usize) -> PathBuf {
+    dir.join(format!("b{n}.json"))
+}
+
+/// Where task `task` of the batch at `batch` keeps its record (`.rec.json`), its output
+/// without `--logs` (`.out`, `.err`) and Slurm's own messages (`.slurm`): `b<n>.<task>`
+/// plus the extension.
+pub fn task_file(batch: &Path, task: usize, ext: &str) -> PathBuf {
+    let stem = batch
+        .file_stem()
+        .map_or_else(|| "b".into(), |s| s.to_string_lossy().into_owned());
+    batch.with_file_name(format!("{stem}.{task}.{ext}"))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then (when
+/// `durable`) fsync, rename over `path`, and (when `durable`) fsync of the directory (best
+/// effort). Readers see nothing or the whole file either way; `durable` also keeps it
+/// through a crash of the machine. Records are durable; batch files, which the runner
+/// writes just before starting their tasks, need not be (an fsync per job step would
+/// hold up every launch behind the disk).
+///
+/// # Errors
+/// When the file cannot be written or renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    if let Some(dir) = path.parent().filter(|_| durable) {
+        if let Ok(dir) = File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads the record at `path`: `Ok(None)` when there is none (yet).
+///
+/// # Errors
+/// A record that cannot be read or parsed (names the file).
+pub fn read_record(path: &Path) -> anyhow::Result<Option<Record>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: not a task record: {e}", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_atomic_round_trip() {
+        let dir = std::env::temp_dir().join(format!("gpuproc-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let batch = batch_path(&dir, 3);
+        assert_eq!(batch, dir.join("b3.json"));
+        let rec = task_file(&batch, 7, "rec.json");
+        assert_eq!(rec, dir.join("b3.7.rec.json"));
+        assert_eq!(read_record(&rec).unwrap(), None);
+        let record = Record {
+            seq: 8,
+            attempt: 1,
+            node: "n1".into(),
+            cuda_visible_devices: Some("2".into()),
+            gpus: vec![2],
+            uuids: vec!["GPU-x".into()],
+            start: 1.5,
+            runtime: 0.25,
+            exit: 0,
+            signal: 0,
+            timed_out: false,
+            peak_memory: None,
+            slurm_job: "12".into(),
+            restarts: 0,
+        };
+        write_atomic(&rec, &serde_json::to_vec(&record).unwrap(), true).unwrap();
+        assert_eq!(read_record(&rec).unwrap(), Some(record));
+        // Only the record is left: the temporary file was renamed.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::write(&rec, "{").unwrap();
+        let err = read_record(&rec).unwrap_err().to_string();
+        assert!(
+            err.contains("b3.7.rec.json") && err.contains("not a task record"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

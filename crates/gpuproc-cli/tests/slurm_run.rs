@@ -1,0 +1,750 @@
+//! `gpuproc run --slurm` on the local cluster of `scripts/slurm-local` (one node on
+//! 127.0.0.1, 4 fake GPUs, no cgroups) with the NVML simulator's `4gpu` scenario: job
+//! arrays outside an allocation, job steps inside one, retries, `--resume` after a killed
+//! runner, and Ctrl-C.
+//!
+//! As in `slurm.rs`: these tests need that cluster (`scripts/test` starts it; by hand,
+//! `eval "$(scripts/slurm-local up)"`); `GPUPROC_SLURM=0` skips them with a note. They run
+//! one at a time; each names its jobs after itself (`--slurm-opt=--job-name=...`) and
+//! cancels them when it ends, even when it fails. Every command runs under a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+mod common;
+use common::{run, scratch_dir, signal, sim_env, stderr, stdout, Background, Signal, DEADLINE};
+
+/// The UUIDs of the bundled `4gpu` scenario, GPU 0 first.
+const FOUR: [&str; 4] = [
+    "GPU-0a4f2e61-3c1b-4d2e-9f00-1b2c3d4e5f60",
+    "GPU-1b5f3f72-4d2c-4e3f-8a11-2c3d4e5f6071",
+    "GPU-2c6a4a83-5e3d-4f4a-9b22-3d4e5f607182",
+    "GPU-3d7b5b94-6f4e-4a5b-8c33-4e5f60718293",
+];
+
+/// Job states in which a job still holds (or waits for) the node.
+const ACTIVE: &str = "PD,CF,R,S,CG";
+
+/// Held by the test using the cluster.
+static NODE: Mutex<()> = Mutex::new(());
+
+/// The local cluster, for one test: its jobs are named after the test, and cancelled (and
+/// waited for) when this is dropped.
+struct Cluster {
+    job_name: String,
+    _node: MutexGuard<'static, ()>,
+}
+
+/// The cluster for `test`; `None` (with a note) when `GPUPROC_SLURM=0`.
+fn cluster(test: &str) -> Option<Cluster> {
+    match std::env::var("GPUPROC_SLURM").as_deref() {
+        Ok("1") => {}
+        Ok("0") => {
+            eprintln!("note: skipping {test}: GPUPROC_SLURM=0 (no local Slurm cluster)");
+            return None;
+        }
+        _ => panic!(
+            "{test} needs the local Slurm cluster: run `eval \"$(scripts/slurm-local up)\"` \
+             (it sets SLURM_CONF and GPUPROC_SLURM=1), or set GPUPROC_SLURM=0 to skip the \
+             Slurm tests"
+        ),
+    }
+    let conf = std::env::var_os("SLURM_CONF")
+        .expect("GPUPROC_SLURM=1 without SLURM_CONF: use `eval \"$(scripts/slurm-local env)\"`");
+    let conf = std::fs::read_to_string(&conf)
+        .unwrap_or_else(|e| panic!("SLURM_CONF={}: {e}", Path::new(&conf).display()));
+    assert!(
+        conf.lines().any(|l| l == "TaskPlugin=task/none"),
+        "the Slurm tests need a cluster without cgroups: `scripts/slurm-local up` without \
+         GPUPROC_SLURM_CGROUP"
+    );
+    Some(Cluster {
+        job_name: format!("gpuproc-test-{}-{test}", std::process::id()),
+        _node: NODE.lock().unwrap_or_else(PoisonError::into_inner),
+    })
+}
+
+impl Cluster {
+    /// `gpuproc run --slurm` naming its jobs after this test, on the simulator's `4gpu`
+    /// scenario with the lease table in `dir`, run in `dir`; `args` follow.
+    fn gpuproc_run(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+        sim_env(&mut command, "4gpu", Some(dir));
+        command
+            .current_dir(dir)
+            .args(["run", "--slurm"])
+            .arg(format!("--slurm-opt=--job-name={}", self.job_name))
+            .args(args);
+        command
+    }
+
+    /// The ids of this test's jobs (array tasks one per line) in `states`.
+    fn jobs(&self, states: &str) -> String {
+        let mut squeue = Command::new("squeue");
+        squeue.args(["-h", "-r", "-o", "%i", "-t", states, "-n", &self.job_name]);
+        let out = run(squeue);
+        assert!(out.status.success(), "squeue: {}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// Cancels this test's jobs and waits (at most [`DEADLINE`]) until none is active.
+    fn cancel_all(&self) -> String {
+        let mut scancel = Command::new("scancel");
+        scancel.arg(format!("--name={}", self.job_name));
+        let _ = run(scancel);
+        let end = gpuproc::time::deadline(DEADLINE);
+        let mut left = self.jobs(ACTIVE);
+        while !left.trim().is_empty() && gpuproc::time::remaining(end) != Some(Duration::ZERO) {
+            // Slurm has no call that blocks until a job has ended: poll, with a deadline.
+            std::thread::sleep(Duration::from_millis(20));
+            left = self.jobs(ACTIVE);
+        }
+        left
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let left = self.cancel_all();
+        if !left.trim().is_empty() && !std::thread::panicking() {
+            panic!("jobs of {} still active: {left}", self.job_name);
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let end = gpuproc::time::deadline(limit);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            gpuproc::time::remaining(end) != Some(Duration::ZERO),
+            "{what}: not within {limit:?}"
+        );
+        // Slurm and the job log have nothing to block on: poll, with a deadline.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A job-log line: `(seq, host, exit, signal, command)`.
+type LogLine = (usize, String, i32, i32, String);
+
+/// Parses a job log strictly: the header, then 9 tab-separated fields per line.
+fn joblog(path: &Path) -> Vec<LogLine> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand")
+    );
+    lines
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            assert_eq!(f.len(), 9, "{line:?}");
+            let number =
+                |i: usize| -> f64 { f[i].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")) };
+            assert!(number(2) > 1e9 && number(3) >= 0.0, "{line:?}");
+            (
+                f[0].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")),
+                f[1].to_string(),
+                f[6].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")),
+                f[7].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")),
+                f[8].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_sweep_runs_as_one_array_each_job_on_a_gpu_of_its_own() {
+    let Some(cluster) = cluster("sweep") else {
+        return;
+    };
+    let dir = scratch_dir("sweep");
+    let seqs: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
+    let mut args = vec![
+        "--gpus-per-job",
+        "1",
+        "--max-running",
+        "4",
+        "--logs",
+        "logs",
+        "--joblog",
+        "jobs.tsv",
+        "--",
+        // What the job saw, with its start and end: the array, Slurm's GPU, the times.
+        r#"echo "{} ${SLURM_ARRAY_JOB_ID:-none} $CUDA_VISIBLE_DEVICES $(date +%s.%N)"; sleep 0.2; date +%s.%N"#,
+        ":::",
+    ];
+    args.extend(seqs.iter().map(String::as_str));
+    let out = run(cluster.gpuproc_run(&dir, &args));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("40 succeeded, 0 failed"),
+        "{}",
+        stderr(&out)
+    );
+
+    // (arg, array, gpu, start, end) per job, from its --logs output.
+    let mut ran = Vec::new();
+    for seq in 1..=40 {
+        let path = dir.join(format!("logs/{seq}.out"));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let [arg, array, gpu, start, end] = words[..] else {
+            panic!("{}: {text:?}", path.display());
+        };
+        assert_eq!(arg, seq.to_string(), "{text:?}");
+        let gpu: usize = gpu.parse().unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(gpu < 4, "{text:?}");
+        let time = |s: &str| -> f64 { s.parse().unwrap_or_else(|e| panic!("{e}: {text:?}")) };
+        ran.push((seq, array.to_string(), gpu, time(start), time(end)));
+    }
+    // One array for the whole sweep.
+    let arrays: BTreeSet<&str> = ran.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(arrays.len(), 1, "{arrays:?}");
+    assert!(!arrays.contains("none"), "{arrays:?}");
+    // Jobs that overlapped in time had different GPUs, and at most 4 ran at once.
+    for a in &ran {
+        let overlapping: Vec<_> = ran
+            .iter()
+            .filter(|b| b.0 != a.0 && b.3 < a.4 && a.3 < b.4)
+            .collect();
+        for b in &overlapping {
+            assert_ne!(
+                a.2, b.2,
+                "jobs {} and {} overlapped on GPU {}",
+                a.0, b.0, a.2
+            );
+        }
+        let at_start = ran.iter().filter(|b| b.3 <= a.3 && a.3 < b.4).count();
+        assert!(
+            at_start <= 4,
+            "{at_start} jobs running when job {} started",
+            a.0
+        );
+    }
+
+    // Each task's record stays with the logs: the GPU Slurm gave, by NVML index and UUID.
+    let state = std::fs::read_dir(dir.join("logs/.slurm"))
+        .expect("logs/.slurm")
+        .next()
+        .expect("a run's state directory")
+        .expect("read logs/.slurm")
+        .path();
+    let mut records = 0;
+    for entry in std::fs::read_dir(&state).expect("state directory") {
+        let path = entry.expect("entry").path();
+        if !path.to_string_lossy().ends_with(".rec.json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("record");
+        let rec: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let seq = rec["seq"].as_u64().expect("seq");
+        let job = ran
+            .iter()
+            .find(|r| r.0 as u64 == seq)
+            .expect("a job of the sweep");
+        assert_eq!(rec["node"], "localhost", "{text}");
+        assert_eq!(rec["cuda_visible_devices"], job.2.to_string(), "{text}");
+        assert_eq!(rec["gpus"], serde_json::json!([job.2]), "{text}");
+        assert_eq!(rec["uuids"], serde_json::json!([FOUR[job.2]]), "{text}");
+        records += 1;
+    }
+    assert_eq!(records, 40);
+
+    // The job log: one line per job, Host = the node and the GPU the job saw.
+    let log = joblog(&dir.join("jobs.tsv"));
+    assert_eq!(log.len(), 40, "{log:?}");
+    let by_seq: BTreeMap<usize, &LogLine> = log.iter().map(|l| (l.0, l)).collect();
+    for (seq, _, gpu, _, _) in &ran {
+        let line = by_seq[seq];
+        assert_eq!(line.1, format!("localhost/{gpu}"), "{line:?}");
+        assert_eq!((line.2, line.3), (0, 0), "{line:?}");
+    }
+    assert_eq!(cluster.jobs(ACTIVE), "");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_failing_job_is_retried_and_then_reported_as_failed() {
+    let Some(cluster) = cluster("retry") else {
+        return;
+    };
+    let dir = scratch_dir("retry");
+    let out = run(cluster.gpuproc_run(
+        &dir,
+        &[
+            "--cpu-only",
+            "--retries",
+            "1",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            r#"echo "job {} attempt $GPUPROC_JOB_ATTEMPT"; exit {}"#,
+            ":::",
+            "0",
+            "7",
+            "0",
+        ],
+    ));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("job 2 exited 7 on localhost; retrying (retry 1 of 1)"),
+        "{err}"
+    );
+    assert!(err.contains("2 succeeded, 1 failed"), "{err}");
+    // Without --logs the runner prints each job's output.
+    let printed: BTreeSet<String> = stdout(&out).lines().map(str::to_string).collect();
+    let expected: BTreeSet<String> = ["job 0 attempt 1", "job 7 attempt 1", "job 7 attempt 2"]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(printed, expected, "{}", stdout(&out));
+    let mut log: Vec<(usize, i32)> = joblog(&dir.join("jobs.tsv"))
+        .iter()
+        .map(|l| (l.0, l.2))
+        .collect();
+    log.sort_unstable();
+    assert_eq!(log, vec![(1, 0), (2, 7), (2, 7), (3, 0)]);
+    assert_eq!(cluster.jobs(ACTIVE), "");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_runner_killed_mid_sweep_resumes_with_only_the_rest() {
+    let Some(cluster) = cluster("resume") else {
+        return;
+    };
+    let dir = scratch_dir("resume");
+    let args = |extra: &[&'static str]| {
+        let mut args: Vec<&str> = vec!["--cpu-only", "--max-running", "2", "--joblog", "jobs.tsv"];
+        args.extend(extra);
+        args.extend(["--", "sleep 0.3; echo {}", ":::"]);
+        args.extend([
+            "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12",
+        ]);
+        args
+    };
+    let mut first = Background::start_in_group(cluster.gpuproc_run(&dir, &args(&[])));
+    let log_path = dir.join("jobs.tsv");
+    wait_for(DEADLINE, "3 jobs in the job log", || {
+        let text = std::fs::read_to_string(&log_path).ok()?;
+        (text.lines().count() > 3).then_some(())
+    });
+    signal(first.pid(), Signal::KILL);
+    let _ = first.wait();
+    // Its array is orphaned: a runner killed with SIGKILL cannot cancel it.
+    let left = cluster.cancel_all();
+    assert_eq!(left.trim(), "", "the orphaned array is still active");
+    let done: BTreeSet<usize> = joblog(&log_path)
+        .iter()
+        .filter(|l| l.2 == 0 && l.3 == 0)
+        .map(|l| l.0)
+        .collect();
+    assert!(done.len() >= 3 && done.len() < 12, "{done:?}");
+    let before = joblog(&log_path).len();
+
+    let out = run(cluster.gpuproc_run(&dir, &args(&["--resume"])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{} done before (--resume)", done.len())),
+        "{err}"
+    );
+    let rerun: Vec<usize> = joblog(&log_path)[before..].iter().map(|l| l.0).collect();
+    let rerun_set: BTreeSet<usize> = rerun.iter().copied().collect();
+    assert_eq!(rerun.len(), rerun_set.len(), "a job ran twice: {rerun:?}");
+    let rest: BTreeSet<usize> = (1..=12).filter(|s| !done.contains(s)).collect();
+    assert_eq!(rerun_set, rest);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ctrl_c_cancels_the_running_array() {
+    let Some(cluster) = cluster("ctrl-c") else {
+        return;
+    };
+    let dir = scratch_dir("ctrl-c");
+    let mut runner = Background::start_in_group(cluster.gpuproc_run(
+        &dir,
+        &[
+            "--gpus-per-job",
+            "1",
+            "--",
+            "sleep 60 # {}",
+            ":::",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+        ],
+    ));
+    wait_for(DEADLINE, "4 running tasks", || {
+        let running = cluster.jobs("R");
+        (running.lines().count() == 4).then_some(())
+    });
+    signal(runner.pid(), Signal::INT);
+    // Every task, running or pending, leaves the queue within 5 s.
+    wait_for(
+        Duration::from_secs(5),
+        "an empty queue after Ctrl-C",
+        || cluster.jobs(ACTIVE).trim().is_empty().then_some(()),
+    );
+    let status = runner.wait();
+    assert_eq!(status.code(), Some(130), "{}", runner.stderr());
+    let err = runner.stderr();
+    assert!(err.contains("interrupted: cancelling job array"), "{err}");
+    assert!(err.contains("(interrupted)"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn inside_an_allocation_jobs_are_steps() {
+    let Some(cluster) = cluster("steps") else {
+        return;
+    };
+    let dir = scratch_dir("steps");
+    let mut salloc = Command::new("salloc");
+    sim_env(&mut salloc, "4gpu", Some(&dir));
+    salloc
+        .current_dir(&dir)
+        .args(["-N1", "-n4", "--gres=gpu:4"])
+        .arg(format!("--job-name={}", cluster.job_name))
+        .arg(env!("CARGO_BIN_EXE_gpuproc"))
+        .args(["run", "--slurm", "--gpus-per-job", "1", "--joblog", "jobs.tsv", "--"])
+        .arg(r#"echo "{} job=$SLURM_JOB_ID step=$SLURM_STEP_ID array=${SLURM_ARRAY_JOB_ID:-none} gpu=$CUDA_VISIBLE_DEVICES""#)
+        .arg(":::")
+        .args(["1", "2", "3", "4", "5", "6", "7", "8"]);
+    let out = run(salloc);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 8, "{lines:?}");
+    let mut jobs = BTreeSet::new();
+    let mut steps = BTreeSet::new();
+    for line in &lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [_, job, step, array, gpu] = words[..] else {
+            panic!("{line:?}");
+        };
+        assert_eq!(array, "array=none", "{line}");
+        jobs.insert(job.to_string());
+        assert!(steps.insert(step.to_string()), "one step per job: {line}");
+        let gpu = gpu.strip_prefix("gpu=").unwrap_or_default();
+        assert!(["0", "1", "2", "3"].contains(&gpu), "{line}");
+    }
+    // All in the one allocation.
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let log = joblog(&dir.join("jobs.tsv"));
+    assert_eq!(log.len(), 8);
+    assert!(
+        log.iter()
+            .all(|l| l.1.starts_with("localhost/") && l.2 == 0),
+        "{log:?}"
+    );
+    // The allocation may still be completing after salloc returns: the cluster guard
+    // waits for it to end.
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_requeued_task_counts_only_its_last_run() {
+    let Some(cluster) = cluster("requeue") else {
+        return;
+    };
+    let dir = scratch_dir("requeue");
+    let mut runner = Background::start_in_group(cluster.gpuproc_run(
+        &dir,
+        &[
+            "--cpu-only",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            // The first run waits to be requeued; the run after the requeue succeeds.
+            r#"[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && sleep 60; echo "run ${SLURM_RESTART_COUNT:-0} of {}""#,
+            ":::",
+            "a",
+        ],
+    ));
+    let task = wait_for(DEADLINE, "a running task", || {
+        let running = cluster.jobs("R");
+        running.lines().next().map(str::to_string)
+    });
+    let mut requeue = Command::new("scontrol");
+    requeue.args(["requeue", task.trim()]);
+    let out = run(requeue);
+    assert!(out.status.success(), "scontrol requeue: {}", stderr(&out));
+    let status = runner.wait();
+    let err = runner.stderr();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(err.contains("1 succeeded, 0 failed"), "{err}");
+    // One job-log line: the run after the requeue.
+    let log = joblog(&dir.join("jobs.tsv"));
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!((log[0].2, log[0].3), (0, 0), "{log:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A directory of fake Slurm commands (`NAME` → shell script body) for the tests that need
+/// no cluster: how the runner takes failures and malformed output.
+fn fake_slurm(dir: &Path, commands: &[(&str, &str)]) -> std::ffi::OsString {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    for (name, body) in commands {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write fake command");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod fake command");
+    }
+    let mut path = bin.into_os_string();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    path
+}
+
+/// `gpuproc run --slurm --cpu-only` outside any allocation, with `path` as PATH.
+fn gpuproc_with_path(dir: &Path, path: &std::ffi::OsStr, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpuproc"));
+    command
+        .current_dir(dir)
+        .env("PATH", path)
+        .env_remove("SLURM_JOB_ID")
+        .args(["run", "--slurm", "--cpu-only"])
+        .args(args);
+    command
+}
+
+#[test]
+fn a_failed_sbatch_is_reported_with_its_command_and_error() {
+    let dir = scratch_dir("fake-sbatch");
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize            = 1001'"),
+            (
+                "sbatch",
+                "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2; exit 1",
+            ),
+        ],
+    );
+    let out = run(gpuproc_with_path(
+        &dir,
+        &path,
+        &["--partition", "nope", "--", "true {}", ":::", "1", "2"],
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("`sbatch --parsable --array=0-1")
+            && err.contains("--partition=nope")
+            && err.contains("exit status 1: sbatch: error: Batch job submission failed: Invalid partition name specified"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn malformed_squeue_output_is_an_error_that_quotes_it_and_the_array_is_cancelled() {
+    let dir = scratch_dir("fake-squeue");
+    let cancelled = dir.join("cancelled");
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize = 1001'"),
+            ("sbatch", "echo 42"),
+            ("squeue", "echo '42|0|RUNNING'"),
+            (
+                "scancel",
+                &format!("echo \"$@\" > '{}'", cancelled.display()),
+            ),
+        ],
+    );
+    let out = run(gpuproc_with_path(
+        &dir,
+        &path,
+        &["--", "true {}", ":::", "1"],
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "unexpected squeue output (expected ARRAY_JOB|TASK|STATE|NODES): \"42|0|RUNNING\""
+        ),
+        "{err}"
+    );
+    let scancel = std::fs::read_to_string(&cancelled).unwrap_or_default();
+    assert_eq!(
+        scancel.trim(),
+        "42",
+        "the array is cancelled when the runner gives up"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_wrapper_stops_a_job_at_its_timeout() {
+    let Some(cluster) = cluster("timeout") else {
+        return;
+    };
+    let dir = scratch_dir("timeout");
+    let out = run(cluster.gpuproc_run(
+        &dir,
+        &[
+            "--cpu-only",
+            "--timeout",
+            "1",
+            "--kill-after",
+            "1",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            "sleep {}",
+            ":::",
+            "0",
+            "30",
+        ],
+    ));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("job 2 timed out (killed by signal 15)"),
+        "{err}"
+    );
+    assert!(err.contains("1 succeeded, 1 failed"), "{err}");
+    let mut log: Vec<(usize, i32, i32)> = joblog(&dir.join("jobs.tsv"))
+        .iter()
+        .map(|l| (l.0, l.2, l.3))
+        .collect();
+    log.sort_unstable();
+    assert_eq!(log, vec![(1, 0, 0), (2, -1, 15)]);
+    assert_eq!(cluster.jobs(ACTIVE), "");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ctrl_c_stops_the_steps_of_an_allocation() {
+    let Some(cluster) = cluster("steps-ctrl-c") else {
+        return;
+    };
+    let dir = scratch_dir("steps-ctrl-c");
+    let mut salloc = Command::new("salloc");
+    sim_env(&mut salloc, "4gpu", Some(&dir));
+    salloc
+        .current_dir(&dir)
+        .args(["-N1", "-n4", "--gres=gpu:4"])
+        .arg(format!("--job-name={}", cluster.job_name))
+        .arg(env!("CARGO_BIN_EXE_gpuproc"))
+        .args([
+            "run", "--slurm", "--logs", "logs", "--joblog", "jobs.tsv", "--",
+        ])
+        .args([
+            "echo started {}; exec sleep 60",
+            ":::",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+        ]);
+    let mut salloc = Background::start_in_group(salloc);
+    salloc.stderr_until("Granted job allocation");
+    // Four steps run (the allocation's four GPUs), the fifth job waits.
+    let logs = dir.join("logs");
+    wait_for(DEADLINE, "4 jobs started", || {
+        let started = (1..=5)
+            .filter(|i| {
+                std::fs::read_to_string(logs.join(format!("{i}.out")))
+                    .is_ok_and(|t| t.starts_with("started"))
+            })
+            .count();
+        (started == 4).then_some(())
+    });
+    let runner = common::children_of(salloc.pid())
+        .into_iter()
+        .find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "gpuproc")
+        })
+        .expect("gpuproc under salloc");
+    signal(runner, Signal::INT);
+    let status = salloc.wait();
+    let err = salloc.stderr();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted: starting no more jobs; stopping 4 running steps"),
+        "{err}"
+    );
+    // srun passed SIGTERM on; each job's wrapper recorded it.
+    let log = joblog(&dir.join("jobs.tsv"));
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert!(log.iter().all(|l| (l.2, l.3) == (-1, 15)), "{log:?}");
+    assert!(err.contains("1 not run (interrupted)"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn more_jobs_than_max_array_size_go_in_several_arrays() {
+    let dir = scratch_dir("fake-chunks");
+    let arrays = dir.join("arrays");
+    // sbatch runs every task at once, here, through the wrapper; squeue then lists none.
+    let sbatch = format!(
+        r#"n=$(cat '{count}' 2>/dev/null || echo 0); echo $((n + 1)) > '{count}'
+for a in "$@"; do
+  case $a in --array=*) spec=${{a#--array=}} ;; esac
+  [ "$prev" = --wrap ] && wrap=$a
+  prev=$a
+done
+echo "$spec" >> '{arrays}'
+range=${{spec%%%*}}; last=${{range#*-}}
+i=0; while [ $i -le $last ]; do SLURM_ARRAY_TASK_ID=$i sh -c "$wrap"; i=$((i + 1)); done
+echo $((100 + n))"#,
+        count = dir.join("count").display(),
+        arrays = arrays.display()
+    );
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize = 2'"),
+            ("sbatch", &sbatch),
+            ("squeue", "exit 0"),
+        ],
+    );
+    let out = run(gpuproc_with_path(
+        &dir,
+        &path,
+        &[
+            "--max-running",
+            "2",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            "echo {}",
+            ":::",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+        ],
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let submitted = std::fs::read_to_string(&arrays).unwrap_or_default();
+    assert_eq!(submitted, "0-1%2\n0-1%2\n0%2\n");
+    let mut printed: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    printed.sort();
+    assert_eq!(printed, ["1", "2", "3", "4", "5"]);
+    let seqs: BTreeSet<usize> = joblog(&dir.join("jobs.tsv")).iter().map(|l| l.0).collect();
+    assert_eq!(seqs, (1..=5).collect());
+    let _ = std::fs::remove_dir_all(dir);
+}
