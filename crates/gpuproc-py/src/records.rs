@@ -3,7 +3,7 @@
 //! `repr` and `==`.
 //!
 //! Enums (compute mode, process kind, error kind, device order) are the strings the JSON
-//! uses (`"default"`, `"compute"`, `"gpu_lost"`, `"FASTEST_FIRST"`).
+//! uses (`"default"`, `"compute"`, `"gpu_lost"`, `"fastest_first"`).
 
 use gpuproc::gpu;
 use pyo3::prelude::*;
@@ -354,7 +354,7 @@ record! {
     VisibleDevices {
         /// The CUDA_VISIBLE_DEVICES value used; None when unset (every device is visible).
         cuda_visible_devices: Option<String>,
-        /// The CUDA_DEVICE_ORDER used: "FASTEST_FIRST" or "PCI_BUS_ID".
+        /// The CUDA_DEVICE_ORDER used: "fastest_first" or "pci_bus_id".
         order: String,
         /// Whether CUDA's numbering is certainly the one given (False when the order is
         /// FASTEST_FIRST and the GPUs are not all the same model).

@@ -1,0 +1,125 @@
+"""worker_gpus() in Python's own process pools: each worker leases its GPUs for its life,
+and a worker killed with SIGKILL frees them."""
+
+import concurrent.futures
+import functools
+import multiprocessing
+import os
+import signal
+from collections import Counter
+
+import pytest
+
+import gpuproc
+from conftest import TIMEOUT
+
+
+def _init(report):
+    lease = gpuproc.worker_gpus(1, max_per_gpu=2)
+    report.put((os.getpid(), lease.indices[0], os.environ["CUDA_VISIBLE_DEVICES"]))
+
+
+def _where_am_i(_):
+    lease = gpuproc.worker_lease()
+    return os.getpid(), lease.indices[0], os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def test_eight_pool_workers_sharing_four_gpus_land_two_per_gpu_and_a_killed_one_frees_its_gpu():
+    ctx = multiprocessing.get_context("fork")
+    report = ctx.Queue()
+    pool = ctx.Pool(8, initializer=_init, initargs=(report,))
+    try:
+        started = [report.get(timeout=TIMEOUT) for _ in range(8)]
+        gpu_of = {pid: index for pid, index, _ in started}
+        assert len(gpu_of) == 8
+        assert Counter(gpu_of.values()) == {0: 2, 1: 2, 2: 2, 3: 2}
+        uuids = [d.uuid for d in gpuproc.devices(processes=False)]
+        assert all(env == uuids[index] for _, index, env in started)
+        # Tasks run with their worker's GPU.
+        seen = pool.map_async(_where_am_i, range(32), chunksize=1).get(timeout=TIMEOUT)
+        assert all(gpu_of[pid] == index for pid, index, _ in seen)
+        assert sorted(len(l.holders) for l in gpuproc.leases()) == [1] * 8
+        # Every GPU is full (two leases each), so the replacement of a killed worker starts
+        # only if the dead worker's lease is gone: it takes that worker's GPU.
+        victim = started[0][0]
+        os.kill(victim, signal.SIGKILL)
+        pid, index, _ = report.get(timeout=TIMEOUT)
+        assert pid != victim and index == gpu_of[victim]
+        assert Counter(info.devices[0].index for info in gpuproc.leases()) == {0: 2, 1: 2, 2: 2, 3: 2}
+        with pytest.raises(gpuproc.NoneFree):
+            gpuproc.pick(max_per_gpu=2)
+    finally:
+        pool.terminate()
+        pool.join()
+    assert gpuproc.leases() == []
+
+
+def test_process_pool_executor_workers_get_a_gpu_each():
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=4, mp_context=ctx, initializer=gpuproc.worker_gpus, initargs=(1,)
+    ) as pool:
+        getenv = functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES")
+        # One task per worker at least: ask until all four workers answered.
+        futures = [pool.submit(getenv) for _ in range(16)]
+        values = {f.result(timeout=TIMEOUT) for f in futures}
+        leases = gpuproc.leases()
+        assert len(leases) == len({l.holders[0] for l in leases})  # one lease per worker
+        assert values <= {l.devices[0].uuid for l in leases}
+        assert all(len(l.devices) == 1 and l.max_per_gpu == 1 for l in leases)
+    assert gpuproc.leases() == []
+
+
+def _hold_gpu(report, stop):
+    lease = gpuproc.worker_gpus(1, devices=[3])
+    # A second call in the same process returns the same lease.
+    assert gpuproc.worker_gpus(1, devices=[3]) is lease is gpuproc.worker_lease()
+    report.put(lease.indices)
+    stop.poll(TIMEOUT)
+
+
+def test_a_worker_killed_with_sigkill_frees_its_gpu():
+    ctx = multiprocessing.get_context("fork")
+    # The worker waits on a pipe, not on an Event: an Event's waiter killed inside wait()
+    # leaves its condition broken.
+    report = ctx.Queue()
+    stop, _keep_open = ctx.Pipe(duplex=False)
+    worker = ctx.Process(target=_hold_gpu, args=(report, stop))
+    worker.start()
+    try:
+        assert report.get(timeout=TIMEOUT) == [3]
+        with pytest.raises(gpuproc.NoneFree) as caught:
+            gpuproc.pick(devices=[3])
+        assert f"leased by pid {worker.pid}" in str(caught.value)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=TIMEOUT)
+        assert worker.exitcode == -signal.SIGKILL
+        with gpuproc.pick(devices=[3]) as lease:
+            assert lease.indices == [3]
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=TIMEOUT)
+
+
+def test_worker_gpus_refuses_a_second_different_request_in_one_process():
+    ctx = multiprocessing.get_context("fork")
+    report = ctx.Queue()
+    worker = ctx.Process(target=_second_request, args=(report,))
+    worker.start()
+    try:
+        assert report.get(timeout=TIMEOUT).startswith("this process already called worker_gpus()")
+        worker.join(timeout=TIMEOUT)
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=TIMEOUT)
+    assert gpuproc.worker_lease() is None  # this process took none
+
+
+def _second_request(report):
+    gpuproc.worker_gpus(1)
+    try:
+        gpuproc.worker_gpus(2)
+    except gpuproc.InvalidRequest as e:
+        report.put(str(e))
