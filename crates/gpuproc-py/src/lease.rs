@@ -199,6 +199,17 @@ impl Lease {
         }
     }
 
+    /// Runs `f` on the lease handle without the GIL: a thread waiting for the handle (held
+    /// by another thread while it updates the lease table) must not hold the GIL, which the
+    /// other thread needs to return to Python.
+    fn with_inner<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Option<GpuLease>) -> R + Send,
+    ) -> R {
+        py.detach(|| f(&mut locked(&self.inner)))
+    }
+
     /// Puts back what `apply()` changed, where the variables still hold what it set.
     fn restore_env(&self, py: Python<'_>) -> PyResult<()> {
         let applied = std::mem::take(&mut *locked(&self.applied));
@@ -257,8 +268,8 @@ impl Lease {
 
     /// Whether the lease has been released (or was inherited through fork and forgotten).
     #[getter]
-    fn released(&self) -> bool {
-        locked(&self.inner).is_none()
+    fn released(&self, py: Python<'_>) -> bool {
+        self.with_inner(py, |inner| inner.is_none())
     }
 
     /// The environment a process needs to use these GPUs, as a new dict:
@@ -279,7 +290,7 @@ impl Lease {
     fn apply(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
         let py = slf.py();
         let this = slf.get();
-        if this.released() {
+        if this.released(py) {
             return Err(InvalidRequest::new_err(format!(
                 "lease {} is released: its GPUs are no longer this process's",
                 this.id
@@ -306,31 +317,35 @@ impl Lease {
     /// Adds process `pid` as a holder: the lease then lasts while this process or `pid`
     /// runs (for a child that must keep the GPUs should this process die first).
     fn share_with(&self, py: Python<'_>, pid: u32) -> PyResult<()> {
-        let mut inner = locked(&self.inner);
-        let Some(lease) = inner.as_mut() else {
-            return Err(InvalidRequest::new_err(format!(
+        match self.with_inner(py, |inner| inner.as_mut().map(|l| l.share_with(pid))) {
+            None => Err(InvalidRequest::new_err(format!(
                 "lease {} is released",
                 self.id
-            )));
-        };
-        py.detach(|| lease.share_with(pid))
-            .map_err(|e| pick_error(py, &e))
+            ))),
+            Some(result) => result.map_err(|e| pick_error(py, &e)),
+        }
     }
 
     /// Releases the GPUs now. Releasing twice does nothing; so does releasing in a forked
     /// child a lease its parent took (the parent still holds it).
     fn release(&self, py: Python<'_>) -> PyResult<()> {
-        let Some(lease) = locked(&self.inner).take() else {
-            return Ok(());
-        };
-        self.restore_env(py)?;
-        if std::process::id() != self.owner {
-            // The parent's lease: dropping a copy in a child leaves the table alone.
-            drop(lease);
-            return Ok(());
+        let owner = self.owner;
+        let released = self.with_inner(py, |inner| {
+            let lease = inner.take()?;
+            if std::process::id() != owner {
+                // The parent's lease: dropping a copy in a child leaves the table alone.
+                drop(lease);
+                return Some(Ok(()));
+            }
+            Some(lease.release())
+        });
+        match released {
+            None => Ok(()),
+            Some(result) => {
+                self.restore_env(py)?;
+                result.map_err(|e| pick_error(py, &e))
+            }
         }
-        py.detach(|| lease.release())
-            .map_err(|e| pick_error(py, &e))
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -343,13 +358,13 @@ impl Lease {
         Ok(false)
     }
 
-    fn __repr__(&self) -> String {
+    fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "Lease(id='{}', indices={:?}, cuda_visible_devices='{}', released={})",
             self.id,
             self.indices(),
             self.cuda_visible_devices,
-            if self.released() { "True" } else { "False" }
+            if self.released(py) { "True" } else { "False" }
         )
     }
 }
@@ -374,18 +389,15 @@ pub fn worker_gpus(py: Python<'_>, ask: &Ask<'_, '_>, apply: bool) -> PyResult<P
     if let Some(lease) = existing {
         let (criteria, _) = ask.criteria()?;
         let held = lease.get();
-        if held.released() || held.devices.len() != criteria.gpu_count() {
+        let released = held.released(py);
+        if released || held.devices.len() != criteria.gpu_count() {
             return Err(InvalidRequest::new_err(format!(
                 "this process already called worker_gpus() and got lease {} ({} GPU{}{}); \
                  a worker has one worker lease",
                 held.id,
                 held.devices.len(),
                 if held.devices.len() == 1 { "" } else { "s" },
-                if held.released() {
-                    ", since released"
-                } else {
-                    ""
-                }
+                if released { ", since released" } else { "" }
             )));
         }
         if apply {
