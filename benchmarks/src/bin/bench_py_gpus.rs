@@ -98,16 +98,18 @@ fn main() {
             r["mean"].as_f64().unwrap_or(f64::NAN) / ours
         );
     }
+    // The target is against the calls as users make them; the row with gpustat's sleep
+    // patched out is its own work only, shown for a stricter comparison.
     let fastest = results
         .iter()
-        .filter(|(name, _)| name.as_str() != "gpuproc.snapshot()")
+        .filter(|(name, _)| name.as_str() != "gpuproc.snapshot()" && !name.contains("patched"))
         .map(|(name, r)| (name, r["mean"].as_f64().unwrap_or(f64::INFINITY)))
         .min_by(|a, b| a.1.total_cmp(&b.1));
     if let Some((name, t)) = fastest {
         let ratio = t / ours;
         println!(
-            "\ntarget: gpuproc.snapshot() at least 10x faster than the fastest other ({name}): \
-             {ratio:.1}x, {}",
+            "\ntarget: gpuproc.snapshot() at least 10x faster than the fastest of the others \
+             ({name}): {ratio:.1}x, {}",
             if ratio >= 10.0 { "met" } else { "NOT met" }
         );
     }
