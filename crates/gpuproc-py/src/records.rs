@@ -1,6 +1,6 @@
 //! The data classes Python sees: one frozen class per `gpuproc::gpu` type, with read-only
-//! attributes, `to_dict()` (the same keys and values as `gpuproc gpus --json`), a readable
-//! `repr` and `==`.
+//! attributes, a constructor taking the fields (as a dataclass), pickling, `to_dict()` (the
+//! same keys and values as `gpuproc gpus --json`), a readable `repr` and `==`.
 //!
 //! Enums (compute mode, process kind, error kind, device order) are the strings the JSON
 //! uses (`"default"`, `"compute"`, `"gpu_lost"`, `"fastest_first"`).
@@ -83,6 +83,23 @@ macro_rules! record {
 
         #[pymethods]
         impl $name {
+            /// Builds one from its fields (by position or by name), as a dataclass.
+            #[new]
+            #[pyo3(signature = ($($field),*))]
+            #[allow(clippy::too_many_arguments)]
+            fn new($($field: $ty),*) -> Self {
+                $name { $($field),* }
+            }
+
+            /// Pickles as the class and its fields, so records travel between processes
+            /// (a pool worker's snapshot back to its parent).
+            fn __reduce__<'py>(
+                slf: &Bound<'py, Self>,
+            ) -> PyResult<(Bound<'py, pyo3::types::PyType>, Bound<'py, pyo3::types::PyTuple>)> {
+                let fields = vec![$(slf.getattr(stringify!($field))?),*];
+                Ok((slf.get_type(), pyo3::types::PyTuple::new(slf.py(), fields)?))
+            }
+
             /// The fields as a dict, nested objects as dicts and lists: plain data, ready
             /// for `json.dumps`.
             fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

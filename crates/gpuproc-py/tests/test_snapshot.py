@@ -176,3 +176,43 @@ def test_the_stubs_declare_every_public_name():
     for name in gpuproc.__all__:
         assert f"def {name}(" in text or f"class {name}" in text or f"{name}:" in text, name
     assert os.path.exists(os.path.join(os.path.dirname(gpuproc.__file__), "py.typed"))
+
+
+def test_records_are_built_from_their_fields_and_pickle():
+    import multiprocessing
+    import pickle
+
+    snap = gpuproc.snapshot()
+    copy_ = pickle.loads(pickle.dumps(snap))
+    assert isinstance(copy_, gpuproc.Snapshot) and copy_ == snap
+    assert isinstance(copy_.devices[0].memory, gpuproc.Memory)
+    m = gpuproc.Memory(total=3, used=1, free=2)
+    assert m == gpuproc.Memory(3, 1, 2) and m.to_dict() == {"total": 3, "used": 1, "free": 2}
+    with pytest.raises(TypeError):
+        gpuproc.Memory(3, "one", 2)
+    with pytest.raises(TypeError):
+        gpuproc.Mig(enabled=True, pending=False, instances=[m])  # not MigInstances
+    # A pool worker's snapshot comes back to its parent.
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        theirs = pool.apply_async(gpuproc.snapshot).get(timeout=TIMEOUT)
+    assert isinstance(theirs, gpuproc.Snapshot)
+    assert [d.uuid for d in theirs.devices] == [d.uuid for d in snap.devices]
+
+
+def test_the_stubs_give_each_class_its_runtime_constructor():
+    import ast
+    import inspect
+
+    stubs = os.path.join(os.path.dirname(gpuproc.__file__), "__init__.pyi")
+    tree = ast.parse(open(stubs).read())
+    checked = 0
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                stub_args = [a.arg for a in item.args.args[1:]]
+                runtime = list(inspect.signature(getattr(gpuproc, node.name)).parameters)
+                assert stub_args == runtime, node.name
+                checked += 1
+    assert checked == 19
