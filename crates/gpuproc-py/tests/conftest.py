@@ -10,6 +10,7 @@ scenario once per process, so checks on another scenario run in a child process
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,12 @@ def run_cli(args, scenario=None, timeout=TIMEOUT):
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def bounded(call, timeout=TIMEOUT):
+    """Runs `call` (a join without a timeout of its own) in a thread, waiting at most
+    `timeout` seconds for it."""
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{call} did not return within {timeout} s"

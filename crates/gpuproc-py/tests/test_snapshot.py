@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import gpuproc
-from conftest import TIMEOUT, run_cli, run_python
+from conftest import TIMEOUT, bounded, run_cli, run_python
 
 
 def normalized(snapshot, own_pid):
@@ -193,8 +193,12 @@ def test_records_are_built_from_their_fields_and_pickle():
     with pytest.raises(TypeError):
         gpuproc.Mig(enabled=True, pending=False, instances=[m])  # not MigInstances
     # A pool worker's snapshot comes back to its parent.
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    pool = multiprocessing.get_context("fork").Pool(1)
+    try:
         theirs = pool.apply_async(gpuproc.snapshot).get(timeout=TIMEOUT)
+    finally:
+        pool.terminate()
+        bounded(pool.join)
     assert isinstance(theirs, gpuproc.Snapshot)
     assert [d.uuid for d in theirs.devices] == [d.uuid for d in snap.devices]
 

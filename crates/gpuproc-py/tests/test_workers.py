@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 import gpuproc
-from conftest import TIMEOUT
+from conftest import TIMEOUT, bounded
 
 
 def _init(report):
@@ -50,23 +50,25 @@ def test_eight_pool_workers_sharing_four_gpus_land_two_per_gpu_and_a_killed_one_
             gpuproc.pick(max_per_gpu=2)
     finally:
         pool.terminate()
-        pool.join()
+        bounded(pool.join)
     assert gpuproc.leases() == []
 
 
 def test_process_pool_executor_workers_get_a_gpu_each():
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
+    pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=4, mp_context=ctx, initializer=gpuproc.worker_gpus, initargs=(1,)
-    ) as pool:
+    )
+    try:
         getenv = functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES")
-        # One task per worker at least: ask until all four workers answered.
         futures = [pool.submit(getenv) for _ in range(16)]
         values = {f.result(timeout=TIMEOUT) for f in futures}
         leases = gpuproc.leases()
         assert len(leases) == len({l.holders[0] for l in leases})  # one lease per worker
         assert values <= {l.devices[0].uuid for l in leases}
         assert all(len(l.devices) == 1 and l.max_per_gpu == 1 for l in leases)
+    finally:
+        bounded(lambda: pool.shutdown(wait=True, cancel_futures=True))
     assert gpuproc.leases() == []
 
 
