@@ -157,6 +157,10 @@ def test_no_driver_is_an_exception_with_the_cli_message():
 
 
 def test_the_gpuproc_command_is_installed_with_the_package(gpuproc_bin):
+    import sysconfig
+
+    # Installed from the wheel's data directory into this environment's scripts directory.
+    assert gpuproc_bin == os.path.join(sysconfig.get_path("scripts"), "gpuproc")
     out = subprocess.run(
         [gpuproc_bin, "--version"], capture_output=True, text=True, timeout=TIMEOUT
     )
