@@ -161,6 +161,15 @@ fn pick(
 /// The first call in a process picks (with the same arguments as `pick()`); later calls in
 /// the same process return the same lease. The lease ends when the worker exits, however it
 /// exits.
+///
+/// ```text
+/// multiprocessing.Pool(8, initializer=gpuproc.worker_gpus, initargs=(1,))
+/// ProcessPoolExecutor(4, initializer=gpuproc.worker_gpus, initargs=(1,))
+/// Pool(8, initializer=functools.partial(gpuproc.worker_gpus, 1, max_per_gpu=2))
+///
+/// def main(rank, world_size):       # torch.multiprocessing.spawn(main, args=(4,), nprocs=4)
+///     gpuproc.worker_gpus(1)        # before any CUDA call: the GPU is this rank's cuda:0
+/// ```
 #[pyfunction]
 #[pyo3(signature = (n = 1, *, min_free = None, max_utilization = None, no_foreign = false,
                     max_per_gpu = 1, order = "most-free", devices = None, wait = None,

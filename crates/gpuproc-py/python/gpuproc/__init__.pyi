@@ -414,6 +414,9 @@ def worker_gpus(
         ProcessPoolExecutor(8, initializer=gpuproc.worker_gpus, initargs=(1,))
         Pool(8, initializer=functools.partial(gpuproc.worker_gpus, 1, max_per_gpu=2))
 
+        def main(rank, world_size):   # torch.multiprocessing.spawn(main, args=(4,), nprocs=4)
+            gpuproc.worker_gpus(1)    # before any CUDA call: the GPU is this rank's cuda:0
+
     Later calls in the same process return the same lease (InvalidRequest if they ask for
     another number of GPUs). The lease ends when the worker exits, however it exits.
     """
