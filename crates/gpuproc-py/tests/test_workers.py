@@ -5,6 +5,7 @@ import concurrent.futures
 import functools
 import multiprocessing
 import os
+import select
 import signal
 from collections import Counter
 
@@ -14,9 +15,14 @@ import gpuproc
 from conftest import TIMEOUT, bounded
 
 
-def _init(report):
+_stop_fd = _report = None
+
+
+def _init(report, stop_fd):
+    global _stop_fd, _report
+    _stop_fd, _report = stop_fd, report
     lease = gpuproc.worker_gpus(1, max_per_gpu=2)
-    report.put((os.getpid(), lease.indices[0], os.environ["CUDA_VISIBLE_DEVICES"]))
+    report.put(("started", os.getpid(), lease.indices[0], os.environ["CUDA_VISIBLE_DEVICES"]))
 
 
 def _where_am_i(_):
@@ -24,33 +30,50 @@ def _where_am_i(_):
     return os.getpid(), lease.indices[0], os.environ["CUDA_VISIBLE_DEVICES"]
 
 
+def _busy(_):
+    """A task that says which worker runs it, then waits until the test's pipe is readable."""
+    _report.put(("busy", os.getpid()))
+    select.select([_stop_fd], [], [], TIMEOUT)
+    return os.getpid()
+
+
 def test_eight_pool_workers_sharing_four_gpus_land_two_per_gpu_and_a_killed_one_frees_its_gpu():
     ctx = multiprocessing.get_context("fork")
     report = ctx.Queue()
-    pool = ctx.Pool(8, initializer=_init, initargs=(report,))
+    stop_r, stop_w = os.pipe()
+    pool = ctx.Pool(8, initializer=_init, initargs=(report, stop_r))
     try:
         started = [report.get(timeout=TIMEOUT) for _ in range(8)]
-        gpu_of = {pid: index for pid, index, _ in started}
+        gpu_of = {pid: index for _, pid, index, _ in started}
         assert len(gpu_of) == 8
         assert Counter(gpu_of.values()) == {0: 2, 1: 2, 2: 2, 3: 2}
         uuids = [d.uuid for d in gpuproc.devices(processes=False)]
-        assert all(env == uuids[index] for _, index, env in started)
+        assert all(env == uuids[index] for _, _, index, env in started)
         # Tasks run with their worker's GPU.
         seen = pool.map_async(_where_am_i, range(32), chunksize=1).get(timeout=TIMEOUT)
         assert all(gpu_of[pid] == index for pid, index, _ in seen)
         assert sorted(len(l.holders) for l in gpuproc.leases()) == [1] * 8
+        # Every worker busy with a task of its own, so that none is inside the pool's task
+        # queue (killing a worker that waits there holding the queue's lock breaks
+        # multiprocessing.Pool itself).
+        pool.map_async(_busy, range(8), chunksize=1)
+        busy = {report.get(timeout=TIMEOUT) for _ in range(8)}
+        assert busy == {("busy", pid) for pid in gpu_of}
         # Every GPU is full (two leases each), so the replacement of a killed worker starts
         # only if the dead worker's lease is gone: it takes that worker's GPU.
-        victim = started[0][0]
+        victim = started[0][1]
         os.kill(victim, signal.SIGKILL)
-        pid, index, _ = report.get(timeout=TIMEOUT)
-        assert pid != victim and index == gpu_of[victim]
+        what, pid, index, _ = report.get(timeout=TIMEOUT)
+        assert what == "started" and pid != victim and index == gpu_of[victim]
         assert Counter(info.devices[0].index for info in gpuproc.leases()) == {0: 2, 1: 2, 2: 2, 3: 2}
         with pytest.raises(gpuproc.NoneFree):
             gpuproc.pick(max_per_gpu=2)
     finally:
+        os.write(stop_w, b"x")  # the busy tasks end
         pool.terminate()
         bounded(pool.join)
+        os.close(stop_r)
+        os.close(stop_w)
     assert gpuproc.leases() == []
 
 
