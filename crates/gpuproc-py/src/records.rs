@@ -46,6 +46,25 @@ impl<T: Plain> Plain for Vec<T> {
     }
 }
 
+/// Nested details held as plain Python data (dicts and lists, as `gpuproc gpus --json`
+/// writes them): copied, so that a dict from `to_dict` never aliases the record's own.
+impl Plain for Py<PyAny> {
+    fn plain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        py.import("copy")?
+            .call_method1("deepcopy", (self.bind(py),))
+    }
+}
+
+/// `value` as plain Python data, as the JSON output has it (None for None).
+fn details<T: serde::Serialize>(py: Python<'_>, value: Option<&T>) -> PyResult<Option<Py<PyAny>>> {
+    let Some(value) = value else { return Ok(None) };
+    let json = serde_json::to_string(value)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    Ok(Some(
+        py.import("json")?.call_method1("loads", (json,))?.unbind(),
+    ))
+}
+
 /// A data class: its fields as a dict.
 pub trait Record: PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + Sync {
     /// The fields as a dict, nested records as dicts.
@@ -201,6 +220,24 @@ record! {
         mig: Option<Py<Mig>>,
         /// ECC error counts; None where ECC is unsupported or off.
         ecc_errors: Option<Py<EccErrors>>,
+        /// Video encoder utilization, percent.
+        encoder_utilization: Option<u32>,
+        /// Video decoder utilization, percent.
+        decoder_utilization: Option<u32>,
+        /// PCIe link (generation and width, current and max) and throughput, as a dict.
+        pcie: Option<Py<PyAny>>,
+        /// NVLink links' states and traffic, as a dict.
+        nvlink: Option<Py<PyAny>>,
+        /// BAR1 memory (the window the host maps device memory through).
+        bar1_memory: Option<Py<Memory>>,
+        /// Why clocks are held down (throttle reasons), as a dict.
+        clock_event_reasons: Option<Py<PyAny>>,
+        /// Pages retired after ECC errors, as a dict.
+        retired_pages: Option<Py<PyAny>>,
+        /// Rows remapped after ECC errors, as a dict.
+        remapped_rows: Option<Py<PyAny>>,
+        /// Energy used since the driver loaded, millijoules.
+        total_energy_mj: Option<u64>,
         /// Processes using the device; None where the driver does not say.
         processes: Option<Vec<Py<GpuProcess>>>,
         /// Set when the device could not be read (lost, permission denied).
@@ -317,6 +354,9 @@ record! {
         compute_instance_id: Option<u32>,
         /// What /proc says about the process; None when it is not visible from here.
         host: Option<Py<HostProcess>>,
+        /// Its share of the GPU's SM, memory bandwidth, encoder and decoder in the last
+        /// sample interval, as a dict; None without samples.
+        utilization: Option<Py<PyAny>>,
     }
 }
 
@@ -335,6 +375,10 @@ record! {
         cpu_percent: Option<f64>,
         /// Resident set size, bytes.
         rss_bytes: Option<u64>,
+        /// The parent's process id.
+        ppid: Option<u32>,
+        /// When it started, milliseconds since the Unix epoch.
+        started_ms: Option<u64>,
     }
 }
 
@@ -479,7 +523,10 @@ fn process(py: Python<'_>, p: &gpu::GpuProcess) -> PyResult<GpuProcess> {
             cmdline: h.cmdline.clone(),
             cpu_percent: h.cpu_percent,
             rss_bytes: h.rss_bytes,
+            ppid: h.ppid,
+            started_ms: h.started_ms,
         })?,
+        utilization: details(py, p.utilization.as_ref())?,
     })
 }
 
@@ -544,6 +591,15 @@ pub fn device(py: Python<'_>, d: &gpu::Device) -> PyResult<Py<Device>> {
                 aggregate_corrected: e.aggregate_corrected,
                 aggregate_uncorrected: e.aggregate_uncorrected,
             })?,
+            encoder_utilization: d.encoder_utilization,
+            decoder_utilization: d.decoder_utilization,
+            pcie: details(py, d.pcie.as_ref())?,
+            nvlink: details(py, d.nvlink.as_ref())?,
+            bar1_memory: opt(py, d.bar1_memory.as_ref(), memory)?,
+            clock_event_reasons: details(py, d.clock_event_reasons.as_ref())?,
+            retired_pages: details(py, d.retired_pages.as_ref())?,
+            remapped_rows: details(py, d.remapped_rows.as_ref())?,
+            total_energy_mj: d.total_energy_mj,
             processes,
             error: opt(py, d.error.as_ref(), |f| DeviceFault {
                 kind: tag(&f.kind),

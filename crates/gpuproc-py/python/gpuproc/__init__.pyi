@@ -5,7 +5,7 @@ percent. A field a device does not support is None.
 """
 
 from types import TracebackType
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 __version__: str
 
@@ -94,11 +94,21 @@ class Device:
     """"default", "exclusive_thread", "prohibited" or "exclusive_process"."""
     mig: Optional[Mig]
     ecc_errors: Optional[EccErrors]
+    encoder_utilization: Optional[int]
+    decoder_utilization: Optional[int]
+    pcie: Optional[dict[str, Any]]
+    """PCIe link generation and width (current and max) and throughput, as in the JSON output."""
+    nvlink: Optional[dict[str, Any]]
+    bar1_memory: Optional[Memory]
+    clock_event_reasons: Optional[dict[str, Any]]
+    retired_pages: Optional[dict[str, Any]]
+    remapped_rows: Optional[dict[str, Any]]
+    total_energy_mj: Optional[int]
     processes: Optional[list[GpuProcess]]
     """None where the driver does not say (and from devices(processes=False))."""
     error: Optional[DeviceFault]
     """Set when the device could not be read (lost, permission denied)."""
-    def __init__(self, index: int, name: Optional[str], uuid: Optional[str], pci_bus_id: Optional[str], memory: Optional[Memory], utilization: Optional[Utilization], temperature_c: Optional[int], power_draw_mw: Optional[int], power_limit_mw: Optional[int], fan_speed_percent: Optional[int], clocks: Clocks, performance_state: Optional[int], compute_mode: Optional[str], mig: Optional[Mig], ecc_errors: Optional[EccErrors], processes: Optional[list[GpuProcess]], error: Optional[DeviceFault]) -> None: ...
+    def __init__(self, index: int, name: Optional[str], uuid: Optional[str], pci_bus_id: Optional[str], memory: Optional[Memory], utilization: Optional[Utilization], temperature_c: Optional[int], power_draw_mw: Optional[int], power_limit_mw: Optional[int], fan_speed_percent: Optional[int], clocks: Clocks, performance_state: Optional[int], compute_mode: Optional[str], mig: Optional[Mig], ecc_errors: Optional[EccErrors], encoder_utilization: Optional[int], decoder_utilization: Optional[int], pcie: Optional[dict[str, Any]], nvlink: Optional[dict[str, Any]], bar1_memory: Optional[Memory], clock_event_reasons: Optional[dict[str, Any]], retired_pages: Optional[dict[str, Any]], remapped_rows: Optional[dict[str, Any]], total_energy_mj: Optional[int], processes: Optional[list[GpuProcess]], error: Optional[DeviceFault]) -> None: ...
     def __eq__(self, other: object) -> bool: ...
     def to_dict(self) -> dict: ...
 
@@ -190,7 +200,9 @@ class GpuProcess:
     gpu_instance_id: Optional[int]
     compute_instance_id: Optional[int]
     host: Optional[HostProcess]
-    def __init__(self, pid: Optional[int], nvml_pid: int, used_memory: Optional[int], kind: str, gpu_instance_id: Optional[int], compute_instance_id: Optional[int], host: Optional[HostProcess]) -> None: ...
+    utilization: Optional[dict[str, Any]]
+    """Its share of the GPU's SM, memory bandwidth, encoder and decoder in the last sample interval."""
+    def __init__(self, pid: Optional[int], nvml_pid: int, used_memory: Optional[int], kind: str, gpu_instance_id: Optional[int], compute_instance_id: Optional[int], host: Optional[HostProcess], utilization: Optional[dict[str, Any]]) -> None: ...
     def __eq__(self, other: object) -> bool: ...
     def to_dict(self) -> dict: ...
 
@@ -203,7 +215,10 @@ class HostProcess:
     cmdline: list[str]
     cpu_percent: Optional[float]
     rss_bytes: Optional[int]
-    def __init__(self, uid: Optional[int], user: Optional[str], name: str, cmdline: list[str], cpu_percent: Optional[float], rss_bytes: Optional[int]) -> None: ...
+    ppid: Optional[int]
+    started_ms: Optional[int]
+    """When it started, milliseconds since the Unix epoch."""
+    def __init__(self, uid: Optional[int], user: Optional[str], name: str, cmdline: list[str], cpu_percent: Optional[float], rss_bytes: Optional[int], ppid: Optional[int], started_ms: Optional[int]) -> None: ...
     def __eq__(self, other: object) -> bool: ...
     def to_dict(self) -> dict: ...
 
