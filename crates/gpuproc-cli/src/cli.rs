@@ -117,6 +117,34 @@ pub struct GpusArgs {
     /// energy, clock event (throttle) reasons, ECC counts and retired or remapped memory.
     #[arg(long, short = 'd')]
     pub details: bool,
+
+    /// The GPUs of many nodes, asked through Slurm: the current allocation's nodes, or
+    /// --partition's, or --nodes, or every node; each runs this gpuproc (same path) as a
+    /// step, and its GPU processes are shown with their Slurm job, step and user.
+    #[arg(long, conflicts_with = "details")]
+    pub slurm: bool,
+
+    /// Like --slurm, through `ssh NODE` for clusters without Slurm (needs --nodes).
+    #[arg(long, conflicts_with_all = ["slurm", "details"])]
+    pub ssh: bool,
+
+    /// With --slurm: the nodes of this partition.
+    #[arg(long, value_name = "PARTITION", requires = "slurm")]
+    pub partition: Option<String>,
+
+    /// With --slurm or --ssh: these nodes (Slurm's host list syntax: node[1-4],gpu7).
+    #[arg(long, value_name = "LIST")]
+    pub nodes: Option<String>,
+
+    /// With --slurm or --ssh: a node that has not answered after this many seconds is shown
+    /// as silent, and the others are shown without it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_interval)]
+    pub node_timeout: f64,
+
+    /// Add each GPU process's Slurm job step and user to the JSON (what --slurm asks each
+    /// node for).
+    #[arg(long, hide = true, requires = "json")]
+    pub slurm_jobs: bool,
 }
 
 /// `--color` values.

@@ -501,3 +501,57 @@ fn details_table() {
     assert!(details.len() >= 2, "{text}");
     assert!(details.iter().all(|l| l.chars().count() <= 80), "{text}");
 }
+
+#[test]
+fn gpus_over_ssh_shows_each_node_and_a_silent_one_without_waiting_for_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir("gpus-ssh");
+    // A stand-in for ssh: node `ghost` never answers; others run the command here.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let ssh = bin.join("ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\n# ssh -o BatchMode=yes NODE COMMAND...\nshift 2\nnode=$1; shift\n\
+         [ \"$node\" = ghost ] && exec sleep 600\nexec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let started = std::time::Instant::now();
+    let mut cmd = gpuproc("4gpu");
+    cmd.env("PATH", &path).args([
+        "gpus",
+        "--ssh",
+        "--nodes",
+        "alpha,ghost",
+        "--node-timeout",
+        "1",
+        "--json",
+    ]);
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let nodes = json["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{json}");
+    assert_eq!(nodes[0]["node"], "alpha");
+    assert_eq!(nodes[0]["snapshot"]["devices"].as_array().unwrap().len(), 4);
+    assert_eq!(nodes[1]["node"], "ghost");
+    assert_eq!(nodes[1]["error"], "no answer within 1 s");
+    // --ssh needs the nodes named.
+    let mut cmd = gpuproc("4gpu");
+    cmd.args(["gpus", "--ssh"]);
+    let out = run(cmd);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--ssh needs --nodes"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -298,3 +298,73 @@ fn a_job_array_runs_and_records_each_exit_code() {
     // waits, with a deadline, until none of this test's jobs is left.)
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn gpus_slurm_lists_the_node_gpus_with_the_job_of_a_running_process() {
+    let Some(cluster) = cluster("gpus") else {
+        return;
+    };
+    let dir = scratch_dir("gpus-slurm");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // A job whose process holds 2 GiB of simulated GPU 1.
+    let mut srun = cluster.job("srun", &dir.join("runtime"));
+    srun.args([
+        "-N1",
+        "-n1",
+        "sh",
+        "-c",
+        "echo $$ $SLURM_JOB_ID; exec sleep 600",
+    ]);
+    let task = Background::start(srun);
+    let first = task.line().expect("the job started");
+    let (pid, job) = first.split_once(' ').expect("pid and job id");
+    let pid: u32 = pid.parse().unwrap();
+    nvml_sim::state::write_allocation(&state, 1, pid, 2 << 30).unwrap();
+
+    let mut gpus = common::sim_gpuproc("4gpu", Some(&dir.join("runtime")));
+    gpus.env("NVML_SIM_STATE_DIR", &state).args([
+        "gpus",
+        "--slurm",
+        "--json",
+        "--nodes",
+        "localhost",
+        "--node-timeout",
+        "30",
+    ]);
+    let out = run(gpus);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let node = &json["nodes"][0];
+    assert_eq!(node["node"], "localhost", "{json}");
+    let devices = node["snapshot"]["devices"].as_array().expect("a snapshot");
+    assert_eq!(devices.len(), 4);
+    let process = devices[1]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("pid {pid} on GPU 1: {}", devices[1]));
+    assert_eq!(process["used_memory"], 2u64 << 30);
+    assert_eq!(process["slurm_job"]["job_id"].to_string(), job, "{process}");
+    assert_eq!(process["slurm_job"]["step"], "0");
+    let me = run({
+        let mut id = Command::new("id");
+        id.arg("-un");
+        id
+    });
+    assert_eq!(process["slurm_job"]["user"], stdout(&me).trim());
+
+    // The table: the node, then its GPUs.
+    let mut gpus = common::sim_gpuproc("4gpu", Some(&dir.join("runtime")));
+    gpus.args(["gpus", "--slurm", "--nodes", "localhost"]);
+    let out = run(gpus);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("localhost: 4 GPUs\n"),
+        "{}",
+        stdout(&out)
+    );
+    drop(task);
+    let _ = std::fs::remove_dir_all(dir);
+}

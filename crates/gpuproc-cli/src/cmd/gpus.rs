@@ -12,6 +12,12 @@ use crate::table::{render, Style};
 const CLEAR: &str = "\x1b[H\x1b[2J";
 
 pub fn run(args: &GpusArgs) -> anyhow::Result<()> {
+    if args.slurm || args.ssh {
+        return super::gpus_cluster::run(args);
+    }
+    if args.nodes.is_some() {
+        anyhow::bail!("--nodes is for --slurm or --ssh");
+    }
     let gpus = Gpus::open()?;
     let stdout = io::stdout();
     let colour = match args.color {
@@ -26,7 +32,13 @@ pub fn run(args: &GpusArgs) -> anyhow::Result<()> {
     };
     loop {
         let snapshot = gpus.snapshot()?;
-        let text = if args.json {
+        let text = if args.json && args.slurm_jobs {
+            let mut value = serde_json::to_value(&snapshot)?;
+            super::gpus_cluster::add_slurm_jobs(&mut value);
+            let mut json = serde_json::to_string_pretty(&value)?;
+            json.push('\n');
+            json
+        } else if args.json {
             let mut json = serde_json::to_string_pretty(&snapshot)?;
             json.push('\n');
             json

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod gpus;
+mod gpus_cluster;
 pub mod pick;
 mod run;
 
