@@ -8,8 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[allow(dead_code)] // Helpers for the other test files.
 mod common;
-use common::{run, sim_lib, stdout};
+use common::{run, sim_lib, stderr, stdout};
 
 /// `scripts/gpu-check --sim` with the binaries of this build, and `lie` for the fake
 /// `nvidia-smi`'s `GPU_CHECK_FAKE_LIE` when given.
@@ -21,12 +22,13 @@ fn gpu_check(lie: Option<&str>) -> Output {
         "{} is not built: cargo build -p gpuproc --example demo (cargo test --workspace builds it)",
         bin.join("examples/demo").display()
     );
-    assert_eq!(sim_lib().parent(), Some(bin), "the simulator is built next to gpuproc");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/gpu-check");
     let mut command = Command::new(script);
     command
         .args(["--sim", "--runs", "1", "--bin"])
         .arg(bin)
+        .arg("--sim-lib")
+        .arg(sim_lib())
         .env_remove("GPUPROC_NVML_LIB")
         .env_remove("NVML_SIM_SCENARIO")
         .env_remove("NVML_SIM_STATE_DIR")
@@ -47,7 +49,7 @@ fn gpu_check_sim_passes() {
         out.status.success(),
         "gpu-check --sim failed ({}):\n{text}\n{}",
         out.status,
-        String::from_utf8_lossy(&out.stderr)
+        stderr(&out)
     );
     assert!(!text.lines().any(|l| l.starts_with("FAIL")), "{text}");
     for expected in [
@@ -68,14 +70,18 @@ fn gpu_check_sim_passes() {
 fn gpu_check_sim_fails_naming_the_field_that_differs() {
     for (field, line) in [
         ("memory.total", "FAIL gpu[0] memory.total"),
-        ("pcie.link.width.current", "FAIL gpu[0] pcie.link.width.current"),
+        (
+            "pcie.link.width.current",
+            "FAIL gpu[0] pcie.link.width.current",
+        ),
         ("used_memory", "used_memory"),
     ] {
         let out = gpu_check(Some(field));
         let text = stdout(&out);
         assert_eq!(out.status.code(), Some(1), "lie about {field}:\n{text}");
         assert!(
-            text.lines().any(|l| l.starts_with("FAIL") && l.contains(line)),
+            text.lines()
+                .any(|l| l.starts_with("FAIL") && l.contains(line)),
             "lie about {field}: no FAIL line with {line:?}:\n{text}"
         );
         assert!(text.contains("\nFAIL: "), "{text}");
