@@ -31,7 +31,12 @@ pub fn run(args: &GpusArgs) -> anyhow::Result<()> {
         details: args.details,
     };
     loop {
-        let snapshot = gpus.snapshot()?;
+        // The table without --details needs none of the driver's slow counters.
+        let snapshot = if args.json || args.details {
+            gpus.snapshot()?
+        } else {
+            gpus.snapshot_without_details()?
+        };
         let text = if args.json && args.slurm_jobs {
             let mut value = serde_json::to_value(&snapshot)?;
             super::gpus_cluster::add_slurm_jobs(&mut value);
