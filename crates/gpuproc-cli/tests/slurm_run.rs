@@ -11,61 +11,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 mod common;
+use common::slurm::{cluster, Cluster, ACTIVE, FOUR};
 use common::{run, scratch_dir, signal, sim_env, stderr, stdout, Background, Signal, DEADLINE};
-
-/// The UUIDs of the bundled `4gpu` scenario, GPU 0 first.
-const FOUR: [&str; 4] = [
-    "GPU-0a4f2e61-3c1b-4d2e-9f00-1b2c3d4e5f60",
-    "GPU-1b5f3f72-4d2c-4e3f-8a11-2c3d4e5f6071",
-    "GPU-2c6a4a83-5e3d-4f4a-9b22-3d4e5f607182",
-    "GPU-3d7b5b94-6f4e-4a5b-8c33-4e5f60718293",
-];
-
-/// Job states in which a job still holds (or waits for) the node.
-const ACTIVE: &str = "PD,CF,R,S,CG";
-
-/// Held by the test using the cluster.
-static NODE: Mutex<()> = Mutex::new(());
-
-/// The local cluster, for one test: its jobs are named after the test, and cancelled (and
-/// waited for) when this is dropped.
-struct Cluster {
-    job_name: String,
-    _node: MutexGuard<'static, ()>,
-}
-
-/// The cluster for `test`; `None` (with a note) when `GPUPROC_SLURM=0`.
-fn cluster(test: &str) -> Option<Cluster> {
-    match std::env::var("GPUPROC_SLURM").as_deref() {
-        Ok("1") => {}
-        Ok("0") => {
-            eprintln!("note: skipping {test}: GPUPROC_SLURM=0 (no local Slurm cluster)");
-            return None;
-        }
-        _ => panic!(
-            "{test} needs the local Slurm cluster: run `eval \"$(scripts/slurm-local up)\"` \
-             (it sets SLURM_CONF and GPUPROC_SLURM=1), or set GPUPROC_SLURM=0 to skip the \
-             Slurm tests"
-        ),
-    }
-    let conf = std::env::var_os("SLURM_CONF")
-        .expect("GPUPROC_SLURM=1 without SLURM_CONF: use `eval \"$(scripts/slurm-local env)\"`");
-    let conf = std::fs::read_to_string(&conf)
-        .unwrap_or_else(|e| panic!("SLURM_CONF={}: {e}", Path::new(&conf).display()));
-    assert!(
-        conf.lines().any(|l| l == "TaskPlugin=task/none"),
-        "the Slurm tests need a cluster without cgroups: `scripts/slurm-local up` without \
-         GPUPROC_SLURM_CGROUP"
-    );
-    Some(Cluster {
-        job_name: format!("gpuproc-test-{}-{test}", std::process::id()),
-        _node: NODE.lock().unwrap_or_else(PoisonError::into_inner),
-    })
-}
 
 impl Cluster {
     /// `gpuproc run --slurm` naming its jobs after this test, on the simulator's `4gpu`
@@ -79,39 +29,6 @@ impl Cluster {
             .arg(format!("--slurm-opt=--job-name={}", self.job_name))
             .args(args);
         command
-    }
-
-    /// The ids of this test's jobs (array tasks one per line) in `states`.
-    fn jobs(&self, states: &str) -> String {
-        let mut squeue = Command::new("squeue");
-        squeue.args(["-h", "-r", "-o", "%i", "-t", states, "-n", &self.job_name]);
-        let out = run(squeue);
-        assert!(out.status.success(), "squeue: {}", stderr(&out));
-        stdout(&out)
-    }
-
-    /// Cancels this test's jobs and waits (at most [`DEADLINE`]) until none is active.
-    fn cancel_all(&self) -> String {
-        let mut scancel = Command::new("scancel");
-        scancel.arg(format!("--name={}", self.job_name));
-        let _ = run(scancel);
-        let end = gpuproc::time::deadline(DEADLINE);
-        let mut left = self.jobs(ACTIVE);
-        while !left.trim().is_empty() && gpuproc::time::remaining(end) != Some(Duration::ZERO) {
-            // Slurm has no call that blocks until a job has ended: poll, with a deadline.
-            std::thread::sleep(Duration::from_millis(20));
-            left = self.jobs(ACTIVE);
-        }
-        left
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let left = self.cancel_all();
-        if !left.trim().is_empty() && !std::thread::panicking() {
-            panic!("jobs of {} still active: {left}", self.job_name);
-        }
     }
 }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 pub use rustix::process::Signal;
 
+pub mod slurm;
+
 /// How long any one wait in a test may take.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
