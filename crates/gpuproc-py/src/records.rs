@@ -413,6 +413,8 @@ record! {
 record! {
     /// The devices this process may use, as CUDA numbers them.
     VisibleDevices {
+        /// The node these devices are on (its host name).
+        hostname: String,
         /// The CUDA_VISIBLE_DEVICES value used; None when unset (every device is visible).
         cuda_visible_devices: Option<String>,
         /// The CUDA_DEVICE_ORDER used: "fastest_first" or "pci_bus_id".
@@ -655,6 +657,7 @@ pub fn usage(py: Python<'_>, u: &gpu::ProcessUsage) -> PyResult<ProcessUsage> {
 /// The visible devices as Python sees them.
 pub fn visible(py: Python<'_>, v: &gpu::VisibleDevices) -> PyResult<VisibleDevices> {
     Ok(VisibleDevices {
+        hostname: v.hostname.clone(),
         cuda_visible_devices: v.cuda_visible_devices.clone(),
         order: tag(&v.order),
         order_is_exact: v.order_is_exact,

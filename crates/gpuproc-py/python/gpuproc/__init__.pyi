@@ -249,6 +249,8 @@ class DeviceUsage:
 class VisibleDevices:
     """The devices this process may use, as CUDA numbers them."""
 
+    hostname: str
+    """The node these devices are on."""
     cuda_visible_devices: Optional[str]
     """The CUDA_VISIBLE_DEVICES value used; None when unset (every device is visible)."""
     order: str
@@ -257,7 +259,7 @@ class VisibleDevices:
     """False when CUDA may number the devices otherwise (FASTEST_FIRST with mixed models):
     set CUDA_DEVICE_ORDER=PCI_BUS_ID."""
     devices: list[VisibleDevice]
-    def __init__(self, cuda_visible_devices: Optional[str], order: str, order_is_exact: bool, devices: list[VisibleDevice]) -> None: ...
+    def __init__(self, hostname: str, cuda_visible_devices: Optional[str], order: str, order_is_exact: bool, devices: list[VisibleDevice]) -> None: ...
     def __eq__(self, other: object) -> bool: ...
     def to_dict(self) -> dict: ...
 

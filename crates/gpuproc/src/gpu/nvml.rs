@@ -545,6 +545,7 @@ impl Gpus {
         let selectors = cuda_visible_devices.map(parse_cuda_visible_devices);
         let resolved = resolve_visible_devices(selectors.as_deref(), order, &devices);
         Ok(VisibleDevices {
+            hostname: hostname(),
             cuda_visible_devices: cuda_visible_devices.map(str::to_string),
             order,
             order_is_exact: order_is_exact(order, &devices),
@@ -571,6 +572,10 @@ impl Gpus {
 /// The devices a process may use, as CUDA numbers them.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VisibleDevices {
+    /// The node these devices are on (its host name): with workers on several machines
+    /// (see [`Launcher`](crate::Launcher)), which machine's GPUs these are.
+    #[serde(default)]
+    pub hostname: String,
     /// The `CUDA_VISIBLE_DEVICES` value used; `None` when unset (every device is visible).
     pub cuda_visible_devices: Option<String>,
     /// The `CUDA_DEVICE_ORDER` used.

@@ -176,16 +176,37 @@ fn slurm_available() -> bool {
     }
 }
 
-/// The GPUs Slurm gave the worker, and its step.
-fn gpus_of_step(_: u32) -> (Option<String>, Option<String>, u32) {
+/// The GPUs Slurm gave the worker, its step, and what `gpu::assigned()` makes of them:
+/// the node, and the UUIDs of the devices CUDA would see.
+fn gpus_of_step(_: u32) -> (Option<String>, Option<String>, u32, String, Vec<String>) {
     let env = |k: &str| std::env::var(k).ok();
+    let assigned = gpuproc::gpu::assigned().expect("the simulator answers");
     (
         env("CUDA_VISIBLE_DEVICES"),
         env("SLURM_JOB_ID")
             .zip(env("SLURM_STEP_ID"))
             .map(|(j, s)| format!("{j}.{s}")),
         std::process::id(),
+        assigned.hostname,
+        assigned
+            .devices
+            .iter()
+            .filter_map(|d| d.device.uuid.clone())
+            .collect(),
     )
+}
+
+/// The simulator's 4-GPU scenario, for workers wherever they run (the environment goes
+/// with the relay to `srun`, and with `srun` to the step).
+fn simulated_gpus() -> Vec<(String, String)> {
+    let lib = nvml_sim::library_path().expect("the NVML simulator is built");
+    vec![
+        (
+            "GPUPROC_NVML_LIB".into(),
+            lib.to_string_lossy().into_owned(),
+        ),
+        ("NVML_SIM_SCENARIO".into(), "4gpu".into()),
+    ]
 }
 
 #[test]
@@ -194,8 +215,11 @@ fn workers_as_slurm_steps_each_get_their_own_gpu() {
         return;
     }
     let got = within(|| {
-        let pool = Pool::builder()
-            .processes(2)
+        let mut builder = Pool::builder().processes(2);
+        for (k, v) in simulated_gpus() {
+            builder = builder.env(k, v);
+        }
+        let pool = builder
             .launcher(
                 Launcher::slurm(Slurm::new().gpus(1).time("5"))
                     .connect_back_to("127.0.0.1")
@@ -208,9 +232,18 @@ fn workers_as_slurm_steps_each_get_their_own_gpu() {
         pool.join().unwrap();
         got
     });
+    let node = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    for (gpus, _, _, host, uuids) in &got {
+        // gpu::assigned() names the node, and the one GPU Slurm bound, by its UUID.
+        assert_eq!(host, &node);
+        assert_eq!(uuids.len(), 1, "{gpus:?}: {uuids:?}");
+    }
     let mut by_worker: Vec<(u32, String, String)> = got
         .into_iter()
-        .map(|(gpus, step, pid)| {
+        .map(|(gpus, step, pid, _, _)| {
             (
                 pid,
                 gpus.expect("Slurm set CUDA_VISIBLE_DEVICES"),
