@@ -475,7 +475,9 @@ fn start_remote(
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
-                "the worker started by `{shown}` did not connect within {:?}",
+                "the worker started by `{shown}` did not connect within {:?} (does the \
+                 program call gpuproc::init() first thing in main, and can the worker's node \
+                 reach this one? see Launcher::connect_back_to)",
                 launcher.start_timeout
             ));
         }
