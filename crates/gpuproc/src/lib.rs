@@ -281,7 +281,7 @@
 //! | `Lock`, `RLock`, `Semaphore`, `BoundedSemaphore`, `Event`, `Condition`, `Barrier` | [`Lock`], [`RLock`], [`Semaphore`], [`BoundedSemaphore`], [`Event`], [`Condition`], [`Barrier`] (module [`sync`]) |
 //! | `Value`, `Array` | [`SharedValue::new`], [`SharedArray::from_slice`] (each with its lock, [`SharedValue::get_lock`]) |
 //! | `RawValue`, `RawArray` | [`SharedValue::new_unlocked`], [`SharedArray::from_slice_unlocked`] |
-//! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more; workers on other machines through [`Launcher`]); results are [`AsyncResult`] and [`Imap`] |
+//! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more; workers on other machines through [`Launcher`]); results are [`AsyncResult`] and [`Imap`]; `map_async`, `starmap_async` are [`Pool::map_async`], [`Pool::starmap_async`]; `callback`, `error_callback` are [`pool::Callbacks`] given to [`Pool::apply_async_with`], [`Pool::map_async_with`] |
 //! | `Manager` | planned: a manager process serving shared containers through proxies |
 //! | `get_context` | [`get_context`] (a [`Context`]) |
 //! | `get_start_method`, `set_start_method` | [`get_start_method`], [`set_start_method`] ([`Process::with_start_method`] and [`PoolBuilder::start_method`] for one process or pool) |
@@ -299,7 +299,7 @@
 //! | `connection.Listener`, `connection.Client`, `connection.Connection` | [`connection::Listener`], [`connection::Client`], [`connection::Connection`] |
 //! | `connection.answer_challenge`, `connection.deliver_challenge` | none as functions: [`connection::Listener`] and [`connection::Client`] run them |
 //! | `pool.ThreadPool`, `dummy` | planned: the [`Pool`] API on threads |
-//! | `pool.AsyncResult`, `pool.TimeoutError` | [`AsyncResult`], [`PoolError`]'s timeout |
+//! | `pool.AsyncResult`, `pool.MapResult`, `pool.TimeoutError` | [`AsyncResult`] (`AsyncResult<Vec<R>>` for `map_async`), [`PoolError`]'s timeout |
 //! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | planned, with `Manager` |
 //! | `resource_tracker` | planned: unlinking named shared memory left by a process that was killed |
 //! | `sharedctypes.synchronized`, `sharedctypes.copy` | none: [`SharedValue`] and [`SharedArray`] carry their lock already; copy out with [`SharedArray::to_vec`] |
