@@ -298,7 +298,7 @@
 //! | `connection.wait` | [`connection::wait`] (and [`connection::wait_indices`]) over anything [`connection::Waitable`]: both kinds of connection, queues, [`Sentinel`]s, descriptors |
 //! | `connection.Listener`, `connection.Client`, `connection.Connection` | [`connection::Listener`], [`connection::Client`], [`connection::Connection`] |
 //! | `connection.answer_challenge`, `connection.deliver_challenge` | none as functions: [`connection::Listener`] and [`connection::Client`] run them |
-//! | `pool.ThreadPool`, `dummy` | planned: the [`Pool`] API on threads |
+//! | `pool.ThreadPool`, `dummy` | [`pool::ThreadPool`]: the [`Pool`] API on threads, with closures (its iterators are [`pool::ThreadImap`]) |
 //! | `pool.AsyncResult`, `pool.MapResult`, `pool.TimeoutError` | [`AsyncResult`] (`AsyncResult<Vec<R>>` for `map_async`), [`PoolError`]'s timeout |
 //! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | planned, with `Manager` |
 //! | `resource_tracker` | planned: unlinking named shared memory left by a process that was killed |

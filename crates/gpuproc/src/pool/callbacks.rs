@@ -96,6 +96,11 @@ impl<R> Callbacks<R> {
         self
     }
 
+    /// Whether neither callback is set.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.callback.is_none() && self.error_callback.is_none()
+    }
+
     /// Runs the callback that matches `outcome`. A panicking callback is caught: its message
     /// goes to standard error, and the pool, its callback thread and `outcome` go on.
     pub(crate) fn run(self, outcome: &Result<R, PoolError>) {
@@ -174,7 +179,7 @@ pub(crate) struct Collect<R> {
     finish: Option<Finish<R>>,
 }
 
-impl<R: DeserializeOwned + Send + 'static> Collect<R> {
+impl<R: Send + 'static> Collect<R> {
     pub fn new(
         n: usize,
         finish: impl FnOnce(Result<Vec<R>, PoolError>) + Send + 'static,
@@ -186,6 +191,55 @@ impl<R: DeserializeOwned + Send + 'static> Collect<R> {
         }))
     }
 
+    /// Takes the outcomes of tasks `first..`: a failure finishes at once.
+    pub fn put(&mut self, first: u64, outcomes: Vec<Result<R, PoolError>>) {
+        if self.finish.is_none() {
+            return;
+        }
+        for (k, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(v) => self.fill(first, k, v),
+                Err(e) => return self.done(Err(e)),
+            }
+        }
+        self.done_if_full();
+    }
+
+    fn fill(&mut self, first: u64, k: usize, v: R) {
+        let slot = first
+            .checked_add(k as u64)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.slots.get_mut(i));
+        if let Some(slot) = slot {
+            if slot.replace(v).is_none() {
+                self.missing = self.missing.saturating_sub(1);
+            }
+        }
+    }
+
+    fn done_if_full(&mut self) {
+        if self.missing == 0 && self.finish.is_some() {
+            let all: Option<Vec<R>> = self.slots.drain(..).collect();
+            self.done(all.ok_or(PoolError::Terminated { index: 0 }));
+        }
+    }
+
+    /// Finishes at once if no task is expected (an empty `map_async`).
+    pub fn finish_if_empty(&mut self) {
+        if self.missing == 0 {
+            self.done(Ok(Vec::new()));
+        }
+    }
+
+    fn done(&mut self, outcome: Result<Vec<R>, PoolError>) {
+        self.slots = Vec::new();
+        if let Some(finish) = self.finish.take() {
+            finish(outcome);
+        }
+    }
+}
+
+impl<R: DeserializeOwned + Send + 'static> Collect<R> {
     /// The closure for `Job::forward`: each message becomes an event on `events`.
     pub fn forwarder(
         this: Arc<Mutex<Self>>,
@@ -201,13 +255,6 @@ impl<R: DeserializeOwned + Send + 'static> Collect<R> {
         })
     }
 
-    /// Finishes at once if no task is expected (an empty `map_async`).
-    pub fn finish_if_empty(&mut self) {
-        if self.missing == 0 {
-            self.done(Ok(Vec::new()));
-        }
-    }
-
     fn take(&mut self, msg: ToJob) {
         if self.finish.is_none() {
             return;
@@ -220,17 +267,7 @@ impl<R: DeserializeOwned + Send + 'static> Collect<R> {
                     let mut reader = RunReader::new(run);
                     for k in 0..n {
                         match reader.next::<R>() {
-                            Ok(v) => {
-                                let slot = first
-                                    .checked_add(k as u64)
-                                    .and_then(|i| usize::try_from(i).ok())
-                                    .and_then(|i| self.slots.get_mut(i));
-                                if let Some(slot) = slot {
-                                    if slot.replace(v).is_none() {
-                                        self.missing = self.missing.saturating_sub(1);
-                                    }
-                                }
-                            }
+                            Ok(v) => self.fill(first, k, v),
                             Err(e) => return self.done(Err(e)),
                         }
                     }
@@ -238,16 +275,6 @@ impl<R: DeserializeOwned + Send + 'static> Collect<R> {
             }
             ToJob::DriverDied(message) => return self.done(Err(PoolError::DriverDied { message })),
         }
-        if self.missing == 0 {
-            let all: Option<Vec<R>> = self.slots.drain(..).collect();
-            self.done(all.ok_or(PoolError::Terminated { index: 0 }));
-        }
-    }
-
-    fn done(&mut self, outcome: Result<Vec<R>, PoolError>) {
-        self.slots = Vec::new();
-        if let Some(finish) = self.finish.take() {
-            finish(outcome);
-        }
+        self.done_if_full();
     }
 }

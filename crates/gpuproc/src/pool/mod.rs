@@ -36,8 +36,10 @@ mod plain;
 pub(crate) mod policy;
 mod remote;
 mod shm_args;
+mod threads;
 
 pub use self::callbacks::Callbacks;
+pub use self::threads::{ThreadImap, ThreadPool};
 pub(crate) use remote::serve_if_remote_worker;
 pub use remote::{Launcher, Slurm};
 pub(crate) mod worker;

@@ -1,12 +1,13 @@
 //! The rest of Python's `multiprocessing`, ported from CPython's
 //! `Lib/test/_test_multiprocessing.py`: pool callbacks (`test_map_async_callbacks`,
-//! `test_async_error_callback`), `map_async`/`starmap_async`.
+//! `test_async_error_callback`), `map_async`/`starmap_async`, and `ThreadPool` (`_TestPool`
+//! with threads).
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use gpuproc::pool::Callbacks;
+use gpuproc::pool::{Callbacks, ThreadPool};
 use gpuproc::sync::Event;
 use gpuproc::{Pool, PoolError, StartMethod};
 
@@ -195,4 +196,158 @@ fn apply_async_error_callback() {
     assert!(r.get_timeout(TIMEOUT).unwrap_err().is_panic());
     assert!(rx.recv_timeout(Duration::from_secs(0)).unwrap());
     assert!(rx.try_recv().is_err());
+}
+
+// ---- ThreadPool: CPython's `_TestPool` run with `TYPE = 'threads'` ----
+
+/// CPython's `test_map`, `test_starmap`, `test_apply`, `test_imap`, `test_imap_unordered`
+/// and `test_empty_iterable` on a `ThreadPool`, with closures.
+#[test]
+fn thread_pool_maps() {
+    let pool = ThreadPool::new(4).unwrap();
+    let k = 3u64;
+    let want: Vec<u64> = (0..100u64).map(|x| x * k).collect();
+    assert_eq!(pool.map(move |x: u64| x * k, 0..100u64).unwrap(), want);
+    assert_eq!(
+        pool.starmap(|(a, b): (u64, u64)| a * b, (0..100u64).map(|x| (x, 3)))
+            .unwrap(),
+        want
+    );
+    assert_eq!(
+        pool.apply(|s: String| s.len(), "four".to_string()).unwrap(),
+        4
+    );
+    let got: Vec<u64> = pool
+        .imap(move |x: u64| x * k, 0..100u64)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, want);
+    let got: Vec<u64> = pool
+        .imap(move |x: u64| x * k, 0..100u64)
+        .chunksize(7)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, want);
+    let mut got: Vec<u64> = pool
+        .imap_unordered(move |x: u64| x * k, 0..100u64)
+        .chunksize(5)
+        .map(Result::unwrap)
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
+    // An endless input is taken lazily.
+    let first: Vec<u64> = pool
+        .imap(|x: u64| x + 1, 0u64..)
+        .take(10)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(first, (1..=10).collect::<Vec<u64>>());
+    assert!(pool.map(|x: u64| x, Vec::new()).unwrap().is_empty());
+    assert_eq!(pool.imap(|x: u64| x, Vec::new()).count(), 0);
+    let mut r = pool.map_async(|x: u64| x * 2, 0..10u64).unwrap();
+    assert_eq!(r.get_timeout(TIMEOUT).unwrap()[9], 18);
+    assert!(matches!(
+        ThreadPool::new(0),
+        Err(PoolError::InvalidArgument { .. })
+    ));
+    pool.close();
+    pool.join();
+    assert!(matches!(pool.apply(|x: u8| x, 1), Err(PoolError::Closed)));
+}
+
+/// A panicking task fails alone, with its index; the others go on (CPython's
+/// `test_imap_handle_iterable_exception` idea, for task errors).
+#[test]
+fn thread_pool_task_panics_fail_alone() {
+    let pool = ThreadPool::new(2).unwrap();
+    let out: Vec<Result<u64, PoolError>> = pool
+        .imap(
+            |x: u64| {
+                if x == 5 {
+                    panic!("five fails on purpose");
+                }
+                x
+            },
+            0..10u64,
+        )
+        .collect();
+    assert_eq!(out.len(), 10);
+    let e = out[5].as_ref().unwrap_err();
+    assert!(e.is_panic() && e.index() == Some(5), "{e}");
+    assert!(out.iter().enumerate().all(|(i, r)| i == 5 || r.is_ok()));
+    let e = pool.map(|x: u64| 10 / x, [1, 0, 2]).unwrap_err();
+    assert_eq!(e.index(), Some(1));
+}
+
+/// CPython's `test_terminate`: queued tasks are dropped with `Terminated`; a running one
+/// is waited for.
+#[test]
+fn thread_pool_terminate_drops_queued_tasks() {
+    let pool = Arc::new(ThreadPool::new(1).unwrap());
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let (started_tx, started_rx) = mpsc::channel::<()>();
+    let started_tx = Mutex::new(started_tx);
+    let mut running = pool
+        .apply_async(
+            move |x: u64| {
+                started_tx.lock().unwrap().send(()).unwrap();
+                go_rx.lock().unwrap().recv_timeout(TIMEOUT).unwrap();
+                x
+            },
+            7,
+        )
+        .unwrap();
+    started_rx.recv_timeout(TIMEOUT).unwrap();
+    let mut queued: Vec<_> = (0..5u64)
+        .map(|i| pool.apply_async(|x: u64| x, i).unwrap())
+        .collect();
+    let terminator = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.terminate())
+    };
+    for r in &mut queued {
+        assert!(r.get_timeout(TIMEOUT).unwrap_err().is_terminated());
+    }
+    go_tx.send(()).unwrap();
+    terminator.join().unwrap();
+    assert_eq!(running.get_timeout(TIMEOUT).unwrap(), 7);
+}
+
+/// Callbacks of a `ThreadPool` run on its callback thread, not the caller's nor a worker's.
+#[test]
+fn thread_pool_callbacks_run_on_the_callback_thread() {
+    let pool = ThreadPool::new(2).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (tx2, tx3) = (tx.clone(), tx.clone());
+    let mut r = pool
+        .apply_async_with(
+            |_: u8| std::thread::current().id(),
+            0,
+            Callbacks::new().callback(move |worker: &ThreadId| {
+                tx.send((*worker, std::thread::current().id())).unwrap()
+            }),
+        )
+        .unwrap();
+    let worker = r.get_timeout(TIMEOUT).unwrap();
+    let (w, cb) = rx.recv_timeout(Duration::ZERO).unwrap();
+    assert_eq!(w, worker);
+    assert_ne!(cb, worker);
+    assert_ne!(cb, std::thread::current().id());
+    let _r = pool
+        .map_async_with(
+            |x: u64| 10 / x,
+            [1, 0],
+            Callbacks::new()
+                .callback(move |_| drop(tx2))
+                .error_callback(move |e| {
+                    tx3.send((std::thread::current().id(), std::thread::current().id()))
+                        .unwrap();
+                    assert_eq!(e.index(), Some(1));
+                }),
+        )
+        .unwrap();
+    let (t, _) = rx.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(t, cb);
+    pool.join();
 }
