@@ -305,7 +305,7 @@
 //! | `sharedctypes.synchronized`, `sharedctypes.copy` | none: [`SharedValue`] and [`SharedArray`] carry their lock already; copy out with [`SharedArray::to_vec`] |
 //! | `util.Finalize`, `util.register_after_fork` | none: Rust's `Drop` releases resources; nothing runs after a fork but the child's target |
 //! | `shared_memory.SharedMemory` | [`SharedMemory`] ([`SharedMemory::create_named`], [`SharedMemory::attach`], [`SharedMemory::create`] for an unnamed block) |
-//! | `shared_memory.ShareableList` | planned: a fixed list of scalars and short strings in one named block |
+//! | `shared_memory.ShareableList` | [`shm::ShareableList`] of [`shm::Item`]s (each slot's type fixed at creation; gpuproc's own layout) |
 //!
 //! # Platform support
 //!

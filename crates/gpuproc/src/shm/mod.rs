@@ -53,8 +53,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod list;
 mod slice;
 
+pub use list::{Item, ShareableList};
 pub use slice::SharedSlice;
 
 use crate::sync::{Lock, SyncError};
@@ -134,6 +136,43 @@ pub enum ShmError {
         /// Why it does not fit.
         reason: String,
     },
+    /// The block does not hold a well-formed [`ShareableList`] (or a slot was read while
+    /// being written).
+    #[error("shared memory block {name:?} is not a valid ShareableList: {reason}")]
+    BadList {
+        /// The block's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A [`ShareableList`] index past its end.
+    #[error("index {index} is out of range for a ShareableList of {len} items")]
+    IndexOutOfRange {
+        /// The index given.
+        index: usize,
+        /// The list's length.
+        len: usize,
+    },
+    /// A value of another type than the [`ShareableList`] slot's.
+    #[error("slot {index} holds a {expected}, not a {got}")]
+    WrongType {
+        /// The slot.
+        index: usize,
+        /// The slot's type (Python's name).
+        expected: &'static str,
+        /// The value's type.
+        got: &'static str,
+    },
+    /// A `str` or `bytes` longer than its [`ShareableList`] slot holds.
+    #[error("slot {index} holds at most {capacity} bytes; the value has {len}")]
+    TooLong {
+        /// The slot.
+        index: usize,
+        /// The value's length in bytes.
+        len: usize,
+        /// The slot's capacity.
+        capacity: usize,
+    },
     /// A system call failed.
     #[error("{op} failed")]
     Os {
@@ -169,6 +208,26 @@ impl ShmError {
     /// Whether a system call failed.
     pub fn is_os(&self) -> bool {
         matches!(self, ShmError::Os { .. })
+    }
+
+    /// Whether the block is not a valid [`ShareableList`].
+    pub fn is_bad_list(&self) -> bool {
+        matches!(self, ShmError::BadList { .. })
+    }
+
+    /// Whether a [`ShareableList`] value had the wrong type for its slot.
+    pub fn is_wrong_type(&self) -> bool {
+        matches!(self, ShmError::WrongType { .. })
+    }
+
+    /// Whether a [`ShareableList`] value was too long for its slot.
+    pub fn is_too_long(&self) -> bool {
+        matches!(self, ShmError::TooLong { .. })
+    }
+
+    /// Whether a [`ShareableList`] index was out of range.
+    pub fn is_index_out_of_range(&self) -> bool {
+        matches!(self, ShmError::IndexOutOfRange { .. })
     }
 
     fn os(op: impl Into<String>) -> impl FnOnce(io::Error) -> ShmError {

@@ -1,17 +1,18 @@
 //! The rest of Python's `multiprocessing`, ported from CPython's
 //! `Lib/test/_test_multiprocessing.py`: pool callbacks (`test_map_async_callbacks`,
 //! `test_async_error_callback`), `map_async`/`starmap_async`, and `ThreadPool` (`_TestPool`
-//! with threads).
+//! with threads), `ShareableList` (`_TestSharedMemory`).
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
 use gpuproc::pool::{Callbacks, ThreadPool};
+use gpuproc::shm::{Item, ShareableList, SharedMemory};
 use gpuproc::sync::Event;
 use gpuproc::{Pool, PoolError, StartMethod};
 
-use crate::support::TIMEOUT;
+use crate::support::{self, TIMEOUT};
 
 fn parse(s: String) -> i64 {
     s.parse().expect("a number")
@@ -350,4 +351,100 @@ fn thread_pool_callbacks_run_on_the_callback_thread() {
     let (t, _) = rx.recv_timeout(TIMEOUT).unwrap();
     assert_eq!(t, cb);
     pool.join();
+}
+
+// ---- ShareableList: CPython's `_TestSharedMemory.test_shared_memory_ShareableList_*` ----
+
+/// In another process: attaches the list by name, checks what the parent wrote, and writes
+/// back.
+fn edit_list(name: String) -> Result<Vec<Item>, String> {
+    let list = ShareableList::attach(&name).map_err(|e| e.to_string())?;
+    let seen = list.to_vec().map_err(|e| e.to_string())?;
+    list.set(0, 43i64).map_err(|e| e.to_string())?;
+    list.set(1, "changed").map_err(|e| e.to_string())?;
+    list.set(5, &b"\x00\xff"[..]).map_err(|e| e.to_string())?;
+    list.set(4, false).map_err(|e| e.to_string())?;
+    // Type and size are fixed at creation.
+    let wrong = list.set(2, "x").unwrap_err();
+    let long = list.set(1, "much longer than sixteen bytes").unwrap_err();
+    if !wrong.is_wrong_type() || !long.is_too_long() {
+        return Err(format!("{wrong} / {long}"));
+    }
+    Ok(seen)
+}
+
+/// Gets a list as an argument (the block travels as a descriptor).
+fn sum_ints(list: ShareableList) -> i64 {
+    (0..list.len())
+        .filter_map(|i| match list.get(i) {
+            Ok(Item::Int(v)) => Some(v),
+            _ => None,
+        })
+        .sum()
+}
+
+/// CPython's `test_shared_memory_ShareableList_basics` and `..._pickling`, from two
+/// processes.
+#[test]
+fn shareable_list_from_two_processes() {
+    let items = vec![
+        Item::Int(42),
+        Item::from("howdy"),
+        Item::Float(-273.154),
+        Item::None,
+        Item::Bool(true),
+        Item::Bytes(b"100".to_vec()),
+        Item::Int(42),
+    ];
+    let list = ShareableList::with_capacity(items.clone(), 16).unwrap();
+    assert_eq!(list.len(), 7);
+    assert_eq!(list.count(&Item::Int(42)), 2);
+    assert_eq!(list.index(&Item::None), Some(3));
+    assert_eq!(list.index(&Item::Int(7)), None);
+    assert!(list.get(7).unwrap_err().is_index_out_of_range());
+    for m in [StartMethod::Spawn, StartMethod::Fork] {
+        list.set(0, 42i64).unwrap();
+        list.set(1, "howdy").unwrap();
+        let mut p = support::start(m, edit_list, list.name().to_string());
+        let seen = p
+            .join_timeout(TIMEOUT)
+            .unwrap()
+            .expect("the child's checks");
+        assert_eq!(seen[..3], items[..3], "{m:?}");
+        assert_eq!(list.get(0).unwrap(), Item::Int(43));
+        assert_eq!(list.get(1).unwrap(), Item::from("changed"));
+        assert_eq!(list.get(4).unwrap(), Item::Bool(false));
+        assert_eq!(list.get(5).unwrap(), Item::Bytes(vec![0, 255]));
+        assert_eq!(list.get(2).unwrap(), Item::Float(-273.154));
+    }
+    let mut p = support::start(StartMethod::Spawn, sum_ints, list);
+    assert_eq!(p.join_timeout(TIMEOUT).unwrap(), 43 + 42);
+}
+
+/// A block that another process wrote, and that is not a list, is an error on attach:
+/// never a panic or a read out of bounds.
+#[test]
+fn shareable_list_attach_checks_the_header() {
+    let junk = SharedMemory::create(64).unwrap();
+    junk.write_at(0, b"not a list at all");
+    assert!(ShareableList::attach(junk.name())
+        .unwrap_err()
+        .is_bad_list());
+    // A valid magic with a header claiming more slots than fit.
+    let lying = SharedMemory::create(40).unwrap();
+    lying.write_at(0, b"GPSLIST1");
+    lying.write_at(8, &1000u64.to_le_bytes());
+    let e = ShareableList::attach(lying.name()).unwrap_err();
+    assert!(e.is_bad_list(), "{e}");
+    // A str slot whose length was overwritten past its capacity reads as an error.
+    let list = ShareableList::new(["abc"]).unwrap();
+    list.shm().write_at(24, &u64::MAX.to_le_bytes());
+    assert!(ShareableList::attach(list.name())
+        .unwrap()
+        .get(0)
+        .unwrap_err()
+        .is_bad_list());
+    assert!(ShareableList::attach("no-such-list-gpuproc")
+        .unwrap_err()
+        .is_not_found());
 }
