@@ -301,7 +301,7 @@
 //! | `pool.ThreadPool`, `dummy` | [`pool::ThreadPool`]: the [`Pool`] API on threads, with closures (its iterators are [`pool::ThreadImap`]) |
 //! | `pool.AsyncResult`, `pool.MapResult`, `pool.TimeoutError` | [`AsyncResult`] (`AsyncResult<Vec<R>>` for `map_async`), [`PoolError`]'s timeout |
 //! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | planned, with `Manager` |
-//! | `resource_tracker` | planned: unlinking named shared memory left by a process that was killed |
+//! | `resource_tracker` | automatic: a tracker process per program unlinks the named [`SharedMemory`] blocks (and [`shm::ShareableList`]s) of a process that was killed, with a warning naming them (see [`SharedMemory`], "Resource tracker") |
 //! | `sharedctypes.synchronized`, `sharedctypes.copy` | none: [`SharedValue`] and [`SharedArray`] carry their lock already; copy out with [`SharedArray::to_vec`] |
 //! | `util.Finalize`, `util.register_after_fork` | none: Rust's `Drop` releases resources; nothing runs after a fork but the child's target |
 //! | `shared_memory.SharedMemory` | [`SharedMemory`] ([`SharedMemory::create_named`], [`SharedMemory::attach`], [`SharedMemory::create`] for an unnamed block) |

@@ -1,7 +1,7 @@
 //! The rest of Python's `multiprocessing`, ported from CPython's
 //! `Lib/test/_test_multiprocessing.py`: pool callbacks (`test_map_async_callbacks`,
 //! `test_async_error_callback`), `map_async`/`starmap_async`, and `ThreadPool` (`_TestPool`
-//! with threads), `ShareableList` (`_TestSharedMemory`).
+//! with threads), `ShareableList` and the resource tracker (`_TestSharedMemory`).
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use gpuproc::pool::{Callbacks, ThreadPool};
 use gpuproc::shm::{Item, ShareableList, SharedMemory};
 use gpuproc::sync::Event;
-use gpuproc::{Pool, PoolError, StartMethod};
+use gpuproc::{Pool, PoolError, Queue, StartMethod};
 
 use crate::support::{self, TIMEOUT};
 
@@ -447,4 +447,91 @@ fn shareable_list_attach_checks_the_header() {
     assert!(ShareableList::attach("no-such-list-gpuproc")
         .unwrap_err()
         .is_not_found());
+}
+
+// ---- The resource tracker: CPython's
+// `test_shared_memory_cleaned_after_process_termination` ----
+
+/// Creates two named blocks and a `ShareableList`, reports their names and this process's
+/// tracker, and waits to be killed.
+fn hold_three_blocks(q: Queue<(Vec<String>, u32)>) {
+    let a = SharedMemory::create(4096).unwrap();
+    let b = SharedMemory::create(64).unwrap();
+    let c = ShareableList::new([1i64, 2, 3]).unwrap();
+    let names = vec![a.name().into(), b.name().into(), c.name().into()];
+    let tracker = gpuproc::shm::__resource_tracker_pid_for_tests().expect("a tracker started");
+    q.put((names, tracker)).unwrap();
+    support::block_forever()
+}
+
+fn in_dev_shm(name: &str) -> bool {
+    std::path::Path::new("/dev/shm").join(name).exists()
+}
+
+/// A process killed (SIGKILL, or SIGTERM) while holding three named blocks: its tracker
+/// unlinks them within 1 s of the process ending, and ends.
+#[test]
+fn blocks_of_a_killed_process_are_unlinked_by_its_tracker() {
+    for (how, m) in [
+        ("SIGKILL", StartMethod::Spawn),
+        ("SIGTERM", StartMethod::Fork),
+    ] {
+        let q = Queue::new().unwrap();
+        let mut p = support::start(m, hold_three_blocks, q.clone());
+        let (names, tracker) = q.get_timeout(TIMEOUT).unwrap();
+        assert!(names.iter().all(|n| in_dev_shm(n)), "{names:?}");
+        if how == "SIGKILL" {
+            p.kill().unwrap();
+        } else {
+            p.terminate().unwrap();
+        }
+        assert!(p.join_timeout(TIMEOUT).is_err(), "{how}: it was killed");
+        // Its last user is gone: the tracker unlinks what was left, then ends.
+        let left = support::wait_all_ended(
+            &[tracker],
+            gpuproc::time::deadline(Duration::from_secs(1)).unwrap(),
+        );
+        assert!(left.is_empty(), "{how}: the tracker {tracker} still runs");
+        let still: Vec<_> = names.iter().filter(|n| in_dev_shm(n)).collect();
+        assert!(still.is_empty(), "{how}: {still:?} left in /dev/shm");
+    }
+}
+
+/// Blocks unlinked by their creator are unregistered: a tracker never unlinks a block made
+/// later under the same name by someone else.
+#[test]
+fn the_tracker_leaves_a_reused_name_alone() {
+    fn create_unlink_and_die((name, q): (String, Queue<(u32, String)>)) {
+        let a = SharedMemory::create_named(&name, 64).unwrap();
+        a.unlink().unwrap();
+        // Dropped without unlinking again; then the name is reused by the parent.
+        drop(a);
+        let b = SharedMemory::create(64).unwrap();
+        let leaked = b.name().to_string();
+        std::mem::forget(b); // leaked: the tracker removes it
+        let tracker = gpuproc::shm::__resource_tracker_pid_for_tests().unwrap();
+        q.put((tracker, leaked)).unwrap();
+        support::block_forever()
+    }
+    let name = format!("gpuproc-test-reuse-{}", std::process::id());
+    let q = Queue::new().unwrap();
+    let mut p = support::start(
+        StartMethod::Spawn,
+        create_unlink_and_die,
+        (name.clone(), q.clone()),
+    );
+    let (tracker, leaked) = q.get_timeout(TIMEOUT).unwrap();
+    let mine = SharedMemory::create_named(&name, 64).unwrap();
+    p.kill().unwrap();
+    let _ = p.join_timeout(TIMEOUT);
+    assert!(
+        support::wait_all_ended(&[tracker], gpuproc::time::deadline(TIMEOUT).unwrap()).is_empty()
+    );
+    assert!(
+        in_dev_shm(&name),
+        "the tracker removed a block it did not register"
+    );
+    assert!(!in_dev_shm(&leaked), "the tracker left the leaked block");
+    drop(mine);
+    assert!(!in_dev_shm(&name));
 }
