@@ -1,12 +1,13 @@
 //! The rest of Python's `multiprocessing`, ported from CPython's
 //! `Lib/test/_test_multiprocessing.py`: pool callbacks (`test_map_async_callbacks`,
 //! `test_async_error_callback`), `map_async`/`starmap_async`, and `ThreadPool` (`_TestPool`
-//! with threads), `ShareableList` and the resource tracker (`_TestSharedMemory`).
+//! with threads), `ShareableList` and the resource tracker (`_TestSharedMemory`), managers (`_TestDict`).
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
+use gpuproc::managers::{ManagedDict, Manager};
 use gpuproc::pool::{Callbacks, ThreadPool};
 use gpuproc::shm::{Item, ShareableList, SharedMemory};
 use gpuproc::sync::Event;
@@ -534,4 +535,87 @@ fn the_tracker_leaves_a_reused_name_alone() {
     assert!(!in_dev_shm(&leaked), "the tracker left the leaked block");
     drop(mine);
     assert!(!in_dev_shm(&name));
+}
+
+// ---- Managers: CPython's `_TestDict` (`test_dict`) and manager death ----
+
+/// 1,000 updates of its own keys, from a pool task.
+fn thousand_updates((d, task): (ManagedDict<u64, u64>, u64)) -> u64 {
+    for i in 0..1000 {
+        d.set(&(task * 1000 + i), &i).unwrap();
+    }
+    task
+}
+
+/// Sets keys until the manager is gone; says so once started, and returns whether the error
+/// said the manager was lost.
+fn set_until_lost((d, started): (ManagedDict<u64, u64>, Queue<()>)) -> bool {
+    d.set(&0, &0).unwrap();
+    started.put(()).unwrap();
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        if let Err(e) = d.set(&(i % 100), &i) {
+            return e.is_lost();
+        }
+    }
+}
+
+/// CPython's `test_dict`, from 4 processes (as pool tasks) doing 1,000 updates each: none
+/// is lost.
+#[test]
+fn managed_dict_from_four_processes() {
+    let manager = Manager::start().unwrap();
+    let d: ManagedDict<u64, u64> = manager.dict().unwrap();
+    d.set(&u64::MAX, &7).unwrap();
+    assert_eq!(d.get(&u64::MAX).unwrap(), Some(7));
+    assert_eq!(d.remove(&u64::MAX).unwrap(), Some(7));
+    assert_eq!(d.get(&u64::MAX).unwrap(), None);
+    let pool = pool(4);
+    let done = pool
+        .map(thousand_updates, (0..4u64).map(|t| (d.clone(), t)))
+        .unwrap();
+    assert_eq!(done, [0, 1, 2, 3]);
+    assert_eq!(d.len().unwrap(), 4000);
+    let mut items = d.items().unwrap();
+    items.sort();
+    assert_eq!(items[2999], (2999, 999));
+    let other: ManagedDict<String, Vec<u8>> = manager.dict().unwrap();
+    assert!(other.is_empty().unwrap());
+    d.clear().unwrap();
+    assert_eq!(d.len().unwrap(), 0);
+}
+
+/// A manager SIGKILLed while clients use it: every client gets an error (not a hang)
+/// within 1 s.
+#[test]
+fn a_killed_manager_gives_errors_to_every_client() {
+    let mut manager = Manager::start().unwrap();
+    let d: ManagedDict<u64, u64> = manager.dict().unwrap();
+    let started = Queue::new().unwrap();
+    let mut clients: Vec<_> = (0..3)
+        .map(|_| {
+            support::start(
+                StartMethod::Spawn,
+                set_until_lost,
+                (d.clone(), started.clone()),
+            )
+        })
+        .collect();
+    for _ in 0..3 {
+        started.get_timeout(TIMEOUT).unwrap();
+    }
+    let pid = manager.pid().unwrap();
+    // SAFETY: a plain system call on a child process we started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let deadline = gpuproc::time::deadline(Duration::from_secs(1)).unwrap();
+    for c in &mut clients {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            c.join_timeout(left).unwrap(),
+            "the client saw the manager lost"
+        );
+    }
+    assert!(d.get(&1).unwrap_err().is_lost());
+    manager.shutdown();
 }
