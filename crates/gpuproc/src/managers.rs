@@ -5,10 +5,12 @@
 //! The manager is a gpuproc [`Process`] listening on an abstract Unix socket with a random
 //! name; proxies connect to it through [`connection`](crate::connection)'s authenticated
 //! connections (Python's HMAC handshake, with a random 32-byte key), so the same transport
-//! can serve remote clients once the manager listens on TCP. Every request is one message
-//! and its answer; a proxy keeps one connection per process (reconnecting in a forked
-//! child), and a proxy sent to another process (as a task's argument, a `Process`'s
-//! argument, through a queue) connects there on first use.
+//! can serve remote clients once the manager listens on TCP. After the handshake, requests
+//! and answers go as gpuproc's own frames on the same socket (one `sendmsg` each way; a
+//! proxy waiting for an answer polls briefly before it sleeps, as channels do). Every
+//! request is one message and its answer; a proxy keeps one connection per process
+//! (reconnecting in a forked child), and a proxy sent to another process (as a task's
+//! argument, a `Process`'s argument, through a queue) connects there on first use.
 //!
 //! Differences from Python: only dicts for now (no `list`, `Namespace`, `Queue`, `Lock`,
 //! `Event`, `Value` proxies); keys and values are any serde types (without descriptors),
@@ -29,7 +31,12 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::connection::{Address, Client, Connection, Listener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use crate::channel::spin;
+use crate::connection::{Address, Client, Listener};
+use crate::ipc::{self, FrameReader, Read};
 use crate::process::{Process, ProcessError};
 use crate::Queue;
 
@@ -149,12 +156,66 @@ impl Endpoint {
         Address::abstract_name(self.name.clone())
     }
 
-    fn connect(&self) -> Result<Connection, ManagerError> {
-        Client::builder(self.address())
+    fn connect(&self) -> Result<Link, ManagerError> {
+        let conn = Client::builder(self.address())
             .authkey(&self.authkey)
             .timeout(CONNECT_TIMEOUT)
             .connect()
-            .map_err(lost)
+            .map_err(lost)?;
+        Ok(Link {
+            sock: conn.into_fd(),
+            reader: FrameReader::default(),
+        })
+    }
+}
+
+/// One side of an authenticated connection, carrying gpuproc frames.
+struct Link {
+    sock: OwnedFd,
+    reader: FrameReader,
+}
+
+impl Link {
+    fn send<T: Serialize>(&self, value: &T) -> Result<(), ManagerError> {
+        let bytes = crate::codec::to_vec(value).map_err(|e| ManagerError::Codec {
+            what: "request",
+            action: "encoded",
+            reason: e.to_string(),
+        })?;
+        ipc::send_frame(self.sock.as_fd(), &bytes, &[]).map_err(lost)
+    }
+
+    /// The next message, waiting until `deadline` (`None`: for ever); polls for up to the
+    /// thread's spin budget before sleeping (see `channel::spin`).
+    fn recv<T: DeserializeOwned>(
+        &mut self,
+        deadline: Option<Instant>,
+        timeout: Duration,
+    ) -> Result<T, ManagerError> {
+        let start = Instant::now();
+        let budget = spin::budget();
+        let frame = loop {
+            if let Some(f) = self.reader.next_frame().map_err(lost)? {
+                break f;
+            }
+            if self.reader.at_eof() {
+                return Err(lost("the manager closed the connection"));
+            }
+            if start.elapsed() >= budget {
+                match self
+                    .reader
+                    .read(self.sock.as_fd(), deadline)
+                    .map_err(lost)?
+                {
+                    Read::Frame(f) => break f,
+                    Read::Eof => return Err(lost("the manager closed the connection")),
+                    Read::TimedOut => return Err(ManagerError::Timeout { waited: timeout }),
+                }
+            }
+            self.reader.fill(self.sock.as_fd()).map_err(lost)?;
+        };
+        spin::record(start.elapsed());
+        decode("message", &frame.bytes)
     }
 }
 
@@ -232,11 +293,15 @@ fn serve((endpoint, ready): (Endpoint, Queue<String>)) {
             continue;
         };
         let (dicts, next_id) = (dicts.clone(), next_id.clone());
+        let mut link = Link {
+            sock: conn.into_fd(),
+            reader: FrameReader::default(),
+        };
         let _ = std::thread::Builder::new()
             .name("gpuproc-manager".into())
             .spawn(move || {
-                while let Ok(req) = conn.recv::<Request>() {
-                    if conn.send(&answer(&dicts, &next_id, req)).is_err() {
+                while let Ok(req) = link.recv::<Request>(None, Duration::MAX) {
+                    if link.send(&answer(&dicts, &next_id, req)).is_err() {
                         break;
                     }
                 }
@@ -370,7 +435,7 @@ pub struct ManagedDict<K, V> {
     id: u64,
     timeout: Duration,
     /// This process's connection (the pid that made it).
-    conn: Mutex<Option<(u32, Connection)>>,
+    conn: Mutex<Option<(u32, Link)>>,
     _t: PhantomData<fn(K, V)>,
 }
 
@@ -459,25 +524,18 @@ where
         if conn.as_ref().is_none_or(|(pid, _)| *pid != me) {
             *conn = Some((me, self.endpoint.connect()?));
         }
-        let Some((_, c)) = conn.as_ref() else {
+        let Some((_, link)) = conn.as_mut() else {
             return Err(lost("no connection"));
         };
-        let sent = c.send_timeout(&req, self.timeout);
-        let got = sent.and_then(|()| c.recv_timeout::<Reply>(self.timeout));
-        match got {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                // The connection may hold half a message: start again next time.
-                *conn = None;
-                if e.is_timeout() {
-                    Err(ManagerError::Timeout {
-                        waited: self.timeout,
-                    })
-                } else {
-                    Err(lost(e))
-                }
-            }
+        let deadline = crate::time::deadline(self.timeout);
+        let got = link
+            .send(&req)
+            .and_then(|()| link.recv::<Reply>(deadline, self.timeout));
+        if got.is_err() {
+            // The connection may hold half a message: start again next time.
+            *conn = None;
         }
+        got
     }
 
     /// The value of `key`; Python's `d.get(key)`.
