@@ -804,6 +804,22 @@ impl Pool {
         self.map_async(f, items)
     }
 
+    /// Python's `starmap_async` with `callback` and `error_callback`:
+    /// [`map_async_with`](Self::map_async_with).
+    pub fn starmap_async_with<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        callbacks: Callbacks<Vec<R>>,
+    ) -> Result<AsyncResult<Vec<R>>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_with(f, items, callbacks)
+    }
+
     /// [`map_async`](Self::map_async) with Python's `callback` (given every result, in
     /// order) and `error_callback` (given the first error), run as
     /// [`apply_async_with`](Self::apply_async_with) runs them.

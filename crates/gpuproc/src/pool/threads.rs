@@ -311,6 +311,22 @@ impl ThreadPool {
         self.map_async(f, items)
     }
 
+    /// Python's `starmap_async` with `callback` and `error_callback`:
+    /// [`map_async_with`](Self::map_async_with).
+    pub fn starmap_async_with<A, R, I>(
+        &self,
+        f: impl Fn(A) -> R + Send + Sync + 'static,
+        items: I,
+        callbacks: Callbacks<Vec<R>>,
+    ) -> Result<AsyncResult<Vec<R>>, PoolError>
+    where
+        A: Send + 'static,
+        R: Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_with(f, items, callbacks)
+    }
+
     /// [`map_async`](Self::map_async) with Python's `callback` and `error_callback`, run on
     /// the pool's callback thread as [`Pool::apply_async_with`](super::Pool::apply_async_with)
     /// runs them.
