@@ -619,3 +619,21 @@ fn a_killed_manager_gives_errors_to_every_client() {
     assert!(d.get(&1).unwrap_err().is_lost());
     manager.shutdown();
 }
+
+/// A manager that does not answer (stopped) gives a timeout, not a hang; once it runs
+/// again, the proxy works again (on a new connection).
+#[test]
+fn a_stopped_manager_gives_a_timeout() {
+    let manager = Manager::start().unwrap();
+    let d: ManagedDict<u8, u8> = manager.dict().unwrap();
+    let d = d.with_timeout(Duration::from_millis(200));
+    d.set(&1, &1).unwrap();
+    let pid = manager.pid().unwrap() as i32;
+    // SAFETY: plain system calls on a child process we started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let e = d.get(&1).unwrap_err();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert!(e.is_timeout(), "{e}");
+    assert_eq!(d.get(&1).unwrap(), Some(1));
+}
