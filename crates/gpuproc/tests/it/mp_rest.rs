@@ -631,9 +631,29 @@ fn a_stopped_manager_gives_a_timeout() {
     let pid = manager.pid().unwrap() as i32;
     // SAFETY: plain system calls on a child process we started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // The signal is delivered after kill() returns: wait until the manager is stopped.
+    let deadline = gpuproc::time::deadline(TIMEOUT).unwrap();
+    while !is_stopped(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the manager never stopped"
+        );
+        std::thread::yield_now();
+    }
     let e = d.get(&1).unwrap_err();
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     assert!(e.is_timeout(), "{e}");
     assert_eq!(d.get(&1).unwrap(), Some(1));
+}
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
+fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|f| f == "T"))
+        })
+        .unwrap_or(false)
 }
