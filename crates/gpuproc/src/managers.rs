@@ -1,6 +1,6 @@
 //! Managers: Python's `multiprocessing.Manager()`, a process that owns shared containers
 //! and serves them to other processes through proxies. Here: shared dicts
-//! ([`ManagedDict`]).
+//! ([`ManagedDict`]) and lists ([`ManagedList`]).
 //!
 //! The manager is a gpuproc [`Process`] listening on an abstract Unix socket with a random
 //! name; proxies connect to it through [`connection`](crate::connection)'s authenticated
@@ -12,9 +12,9 @@
 //! (reconnecting in a forked child), and a proxy sent to another process (as a task's
 //! argument, a `Process`'s argument, through a queue) connects there on first use.
 //!
-//! Differences from Python: only dicts for now (no `list`, `Namespace`, `Queue`, `Lock`,
+//! Differences from Python: only dicts and lists for now (no `Namespace`, `Queue`, `Lock`,
 //! `Event`, `Value` proxies); keys and values are any serde types (without descriptors),
-//! each dict typed by its proxy; an operation on a dict whose manager is gone (shut down,
+//! each container typed by its proxy; an operation on a dict whose manager is gone (shut down,
 //! killed) fails with [`ManagerError::Lost`] at once, and one the manager does not answer
 //! within the proxy's timeout (default 60 s, for a stopped manager) with
 //! [`ManagerError::Timeout`].
@@ -101,6 +101,29 @@ fn lost(e: impl std::fmt::Display) -> ManagerError {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Request {
+    NewList,
+    Append {
+        list: u64,
+        value: Vec<u8>,
+    },
+    ListGet {
+        list: u64,
+        index: u64,
+    },
+    ListSet {
+        list: u64,
+        index: u64,
+        value: Vec<u8>,
+    },
+    Pop {
+        list: u64,
+    },
+    ListLen {
+        list: u64,
+    },
+    ListAll {
+        list: u64,
+    },
     NewDict,
     Get {
         dict: u64,
@@ -133,6 +156,7 @@ enum Reply {
     Value(Option<Vec<u8>>),
     Len(u64),
     Items(Vec<(Vec<u8>, Vec<u8>)>),
+    Values(Vec<Vec<u8>>),
     Refused(String),
 }
 
@@ -224,18 +248,73 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a proxy waits for an answer by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-type Dicts = Arc<Mutex<HashMap<u64, HashMap<Vec<u8>, Vec<u8>>>>>;
+/// What a manager holds.
+#[derive(Default)]
+struct State {
+    dicts: HashMap<u64, HashMap<Vec<u8>, Vec<u8>>>,
+    lists: HashMap<u64, Vec<Vec<u8>>>,
+    next_id: u64,
+}
 
-fn answer(dicts: &Dicts, next_id: &Mutex<u64>, req: Request) -> Reply {
-    let mut all = dicts.lock().unwrap_or_else(|p| p.into_inner());
+type Shared = Arc<Mutex<State>>;
+
+fn answer(state: &Shared, req: Request) -> Reply {
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    let State {
+        dicts: all,
+        lists,
+        next_id,
+    } = &mut *state;
     let unknown = |d: u64| Reply::Refused(format!("no dict {d}"));
+    let no_list = |l: u64| Reply::Refused(format!("no list {l}"));
+    let at = |index: u64, len: usize| usize::try_from(index).ok().filter(|&i| i < len);
     match req {
         Request::NewDict => {
-            let mut next = next_id.lock().unwrap_or_else(|p| p.into_inner());
-            *next += 1;
-            all.insert(*next, HashMap::new());
-            Reply::Id(*next)
+            *next_id += 1;
+            all.insert(*next_id, HashMap::new());
+            Reply::Id(*next_id)
         }
+        Request::NewList => {
+            *next_id += 1;
+            lists.insert(*next_id, Vec::new());
+            Reply::Id(*next_id)
+        }
+        Request::Append { list, value } => match lists.get_mut(&list) {
+            Some(l) => {
+                l.push(value);
+                Reply::Done
+            }
+            None => no_list(list),
+        },
+        Request::ListGet { list, index } => match lists.get(&list) {
+            Some(l) => Reply::Value(at(index, l.len()).map(|i| l[i].clone())),
+            None => no_list(list),
+        },
+        Request::ListSet { list, index, value } => match lists.get_mut(&list) {
+            Some(l) => match at(index, l.len()) {
+                Some(i) => {
+                    l[i] = value;
+                    Reply::Done
+                }
+                None => Reply::Refused(format!(
+                    "list assignment index {index} out of range (the list has {} items)",
+                    l.len()
+                )),
+            },
+            None => no_list(list),
+        },
+        Request::Pop { list } => match lists.get_mut(&list) {
+            Some(l) => Reply::Value(l.pop()),
+            None => no_list(list),
+        },
+        Request::ListLen { list } => match lists.get(&list) {
+            Some(l) => Reply::Len(l.len() as u64),
+            None => no_list(list),
+        },
+        Request::ListAll { list } => match lists.get(&list) {
+            Some(l) => Reply::Values(l.clone()),
+            None => no_list(list),
+        },
         Request::Get { dict, key } => match all.get(&dict) {
             Some(d) => Reply::Value(d.get(&key).cloned()),
             None => unknown(dict),
@@ -285,14 +364,13 @@ fn serve((endpoint, ready): (Endpoint, Queue<String>)) {
         return;
     }
     drop(ready);
-    let dicts: Dicts = Default::default();
-    let next_id = Arc::new(Mutex::new(0u64));
+    let state: Shared = Default::default();
     loop {
         // A failed handshake (a stranger without the key) ends that connection only.
         let Ok(conn) = listener.accept() else {
             continue;
         };
-        let (dicts, next_id) = (dicts.clone(), next_id.clone());
+        let state = state.clone();
         let mut link = Link {
             sock: conn.into_fd(),
             reader: FrameReader::default(),
@@ -301,7 +379,7 @@ fn serve((endpoint, ready): (Endpoint, Queue<String>)) {
             .name("gpuproc-manager".into())
             .spawn(move || {
                 while let Ok(req) = link.recv::<Request>(None, Duration::MAX) {
-                    if link.send(&answer(&dicts, &next_id, req)).is_err() {
+                    if link.send(&answer(&state, req)).is_err() {
                         break;
                     }
                 }
@@ -384,18 +462,21 @@ impl Manager {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        let mut d = ManagedDict {
-            endpoint: self.endpoint.clone(),
-            id: 0,
-            timeout: DEFAULT_TIMEOUT,
-            conn: Mutex::new(None),
+        Ok(ManagedDict {
+            proxy: Proxy::create(&self.endpoint, Request::NewDict)?,
             _t: PhantomData,
-        };
-        match d.call(Request::NewDict)? {
-            Reply::Id(id) => d.id = id,
-            other => return Err(unexpected(other)),
-        }
-        Ok(d)
+        })
+    }
+
+    /// A new, empty shared list; Python's `manager.list()`.
+    pub fn list<T>(&self) -> Result<ManagedList<T>, ManagerError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        Ok(ManagedList {
+            proxy: Proxy::create(&self.endpoint, Request::NewList)?,
+            _t: PhantomData,
+        })
     }
 
     /// The manager process's pid.
@@ -428,48 +509,81 @@ fn unexpected(r: Reply) -> ManagerError {
     }
 }
 
-/// A proxy of a dict held by a [`Manager`]; Python's `DictProxy`. Cloning it, or sending
-/// it to another process, gives another proxy of the same dict.
-pub struct ManagedDict<K, V> {
+/// What every proxy holds: the manager, the object's id, and this process's connection.
+struct Proxy {
     endpoint: Endpoint,
     id: u64,
     timeout: Duration,
     /// This process's connection (the pid that made it).
     conn: Mutex<Option<(u32, Link)>>,
-    _t: PhantomData<fn(K, V)>,
 }
 
-impl<K, V> std::fmt::Debug for ManagedDict<K, V> {
+impl Proxy {
+    fn new(endpoint: Endpoint, id: u64, timeout: Duration) -> Self {
+        Proxy {
+            endpoint,
+            id,
+            timeout,
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// A proxy of a new object, made by `req`.
+    fn create(endpoint: &Endpoint, req: Request) -> Result<Proxy, ManagerError> {
+        let mut p = Proxy::new(endpoint.clone(), 0, DEFAULT_TIMEOUT);
+        match p.call(req)? {
+            Reply::Id(id) => p.id = id,
+            other => return Err(unexpected(other)),
+        }
+        Ok(p)
+    }
+
+    fn call(&self, req: Request) -> Result<Reply, ManagerError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let me = std::process::id();
+        if conn.as_ref().is_none_or(|(pid, _)| *pid != me) {
+            *conn = Some((me, self.endpoint.connect()?));
+        }
+        let Some((_, link)) = conn.as_mut() else {
+            return Err(lost("no connection"));
+        };
+        let deadline = crate::time::deadline(self.timeout);
+        let got = link
+            .send(&req)
+            .and_then(|()| link.recv::<Reply>(deadline, self.timeout));
+        if got.is_err() {
+            // The connection may hold half a message: start again next time.
+            *conn = None;
+        }
+        got
+    }
+}
+
+impl Clone for Proxy {
+    fn clone(&self) -> Self {
+        Proxy::new(self.endpoint.clone(), self.id, self.timeout)
+    }
+}
+
+impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManagedDict")
+        f.debug_struct("Proxy")
             .field("manager", &self.endpoint)
             .field("id", &self.id)
             .finish()
     }
 }
 
-impl<K, V> Clone for ManagedDict<K, V> {
-    fn clone(&self) -> Self {
-        ManagedDict {
-            endpoint: self.endpoint.clone(),
-            id: self.id,
-            timeout: self.timeout,
-            conn: Mutex::new(None),
-            _t: PhantomData,
-        }
-    }
-}
-
 #[derive(Serialize, Deserialize)]
-struct DictWire {
+struct ProxyWire {
     endpoint: Endpoint,
     id: u64,
     timeout: Duration,
 }
 
-impl<K, V> Serialize for ManagedDict<K, V> {
+impl Serialize for Proxy {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        DictWire {
+        ProxyWire {
             endpoint: self.endpoint.clone(),
             id: self.id,
             timeout: self.timeout,
@@ -478,18 +592,74 @@ impl<K, V> Serialize for ManagedDict<K, V> {
     }
 }
 
-impl<'de, K, V> Deserialize<'de> for ManagedDict<K, V> {
+impl<'de> Deserialize<'de> for Proxy {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let w = DictWire::deserialize(d)?;
-        Ok(ManagedDict {
-            endpoint: w.endpoint,
-            id: w.id,
-            timeout: w.timeout,
-            conn: Mutex::new(None),
-            _t: PhantomData,
-        })
+        let w = ProxyWire::deserialize(d)?;
+        Ok(Proxy::new(w.endpoint, w.id, w.timeout))
     }
 }
+
+/// Proxy types: typed wrappers of a [`Proxy`], cloned and sent as it is.
+macro_rules! proxy_type {
+    ($(#[$doc:meta])* $name:ident <$($t:ident),+>) => {
+        $(#[$doc])*
+        pub struct $name<$($t),+> {
+            proxy: Proxy,
+            _t: PhantomData<fn($($t),+)>,
+        }
+
+        impl<$($t),+> std::fmt::Debug for $name<$($t),+> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("manager", &self.proxy.endpoint)
+                    .field("id", &self.proxy.id)
+                    .finish()
+            }
+        }
+
+        impl<$($t),+> Clone for $name<$($t),+> {
+            fn clone(&self) -> Self {
+                $name { proxy: self.proxy.clone(), _t: PhantomData }
+            }
+        }
+
+        impl<$($t),+> Serialize for $name<$($t),+> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                self.proxy.serialize(s)
+            }
+        }
+
+        impl<'de, $($t),+> Deserialize<'de> for $name<$($t),+> {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Ok($name { proxy: Proxy::deserialize(d)?, _t: PhantomData })
+            }
+        }
+
+        impl<$($t),+> $name<$($t),+> {
+            /// How long each operation waits for the manager's answer (default 60 s).
+            pub fn with_timeout(mut self, timeout: Duration) -> Self {
+                self.proxy.timeout = timeout;
+                self
+            }
+
+            fn call(&self, req: Request) -> Result<Reply, ManagerError> {
+                self.proxy.call(req)
+            }
+        }
+    };
+}
+
+proxy_type!(
+    /// A proxy of a dict held by a [`Manager`]; Python's `DictProxy`. Cloning it, or sending
+    /// it to another process, gives another proxy of the same dict.
+    ManagedDict<K, V>
+);
+
+proxy_type!(
+    /// A proxy of a list held by a [`Manager`]; Python's `ListProxy`. Cloning it, or sending
+    /// it to another process, gives another proxy of the same list.
+    ManagedList<T>
+);
 
 fn encode<T: Serialize + ?Sized>(what: &'static str, v: &T) -> Result<Vec<u8>, ManagerError> {
     crate::codec::to_vec(v).map_err(|e| ManagerError::Codec {
@@ -512,36 +682,13 @@ where
     K: Serialize + DeserializeOwned,
     V: Serialize + DeserializeOwned,
 {
-    /// How long each operation waits for the manager's answer (default 60 s).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    fn call(&self, req: Request) -> Result<Reply, ManagerError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let me = std::process::id();
-        if conn.as_ref().is_none_or(|(pid, _)| *pid != me) {
-            *conn = Some((me, self.endpoint.connect()?));
-        }
-        let Some((_, link)) = conn.as_mut() else {
-            return Err(lost("no connection"));
-        };
-        let deadline = crate::time::deadline(self.timeout);
-        let got = link
-            .send(&req)
-            .and_then(|()| link.recv::<Reply>(deadline, self.timeout));
-        if got.is_err() {
-            // The connection may hold half a message: start again next time.
-            *conn = None;
-        }
-        got
-    }
-
     /// The value of `key`; Python's `d.get(key)`.
     pub fn get(&self, key: &K) -> Result<Option<V>, ManagerError> {
         let key = encode("key", key)?;
-        match self.call(Request::Get { dict: self.id, key })? {
+        match self.call(Request::Get {
+            dict: self.proxy.id,
+            key,
+        })? {
             Reply::Value(Some(v)) => decode("value", &v).map(Some),
             Reply::Value(None) => Ok(None),
             other => Err(unexpected(other)),
@@ -552,7 +699,7 @@ where
     pub fn set(&self, key: &K, value: &V) -> Result<(), ManagerError> {
         let (key, value) = (encode("key", key)?, encode("value", value)?);
         match self.call(Request::Set {
-            dict: self.id,
+            dict: self.proxy.id,
             key,
             value,
         })? {
@@ -564,7 +711,10 @@ where
     /// Removes `key`, returning its value; Python's `d.pop(key, None)`.
     pub fn remove(&self, key: &K) -> Result<Option<V>, ManagerError> {
         let key = encode("key", key)?;
-        match self.call(Request::Del { dict: self.id, key })? {
+        match self.call(Request::Del {
+            dict: self.proxy.id,
+            key,
+        })? {
             Reply::Value(Some(v)) => decode("value", &v).map(Some),
             Reply::Value(None) => Ok(None),
             other => Err(unexpected(other)),
@@ -573,7 +723,9 @@ where
 
     /// The number of keys; Python's `len(d)`.
     pub fn len(&self) -> Result<usize, ManagerError> {
-        match self.call(Request::Len { dict: self.id })? {
+        match self.call(Request::Len {
+            dict: self.proxy.id,
+        })? {
             Reply::Len(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
             other => Err(unexpected(other)),
         }
@@ -586,7 +738,9 @@ where
 
     /// Every key and value (in no particular order); Python's `d.items()`.
     pub fn items(&self) -> Result<Vec<(K, V)>, ManagerError> {
-        match self.call(Request::Items { dict: self.id })? {
+        match self.call(Request::Items {
+            dict: self.proxy.id,
+        })? {
             Reply::Items(items) => items
                 .iter()
                 .map(|(k, v)| Ok((decode("key", k)?, decode("value", v)?)))
@@ -597,8 +751,89 @@ where
 
     /// Removes every key; Python's `d.clear()`.
     pub fn clear(&self) -> Result<(), ManagerError> {
-        match self.call(Request::Clear { dict: self.id })? {
+        match self.call(Request::Clear {
+            dict: self.proxy.id,
+        })? {
             Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl<T> ManagedList<T>
+where
+    T: Serialize + DeserializeOwned,
+{
+    /// Appends `value`; Python's `l.append(value)`.
+    pub fn append(&self, value: &T) -> Result<(), ManagerError> {
+        let value = encode("value", value)?;
+        match self.call(Request::Append {
+            list: self.proxy.id,
+            value,
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The item at `index` (`None` past the end, where Python raises `IndexError`).
+    pub fn get(&self, index: usize) -> Result<Option<T>, ManagerError> {
+        match self.call(Request::ListGet {
+            list: self.proxy.id,
+            index: index as u64,
+        })? {
+            Reply::Value(Some(v)) => decode("value", &v).map(Some),
+            Reply::Value(None) => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets the item at `index`; Python's `l[index] = value` (past the end:
+    /// [`ManagerError::Refused`], Python's `IndexError`).
+    pub fn set(&self, index: usize, value: &T) -> Result<(), ManagerError> {
+        let value = encode("value", value)?;
+        match self.call(Request::ListSet {
+            list: self.proxy.id,
+            index: index as u64,
+            value,
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes and returns the last item; Python's `l.pop()` (`None` when empty).
+    pub fn pop(&self) -> Result<Option<T>, ManagerError> {
+        match self.call(Request::Pop {
+            list: self.proxy.id,
+        })? {
+            Reply::Value(Some(v)) => decode("value", &v).map(Some),
+            Reply::Value(None) => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The number of items; Python's `len(l)`.
+    pub fn len(&self) -> Result<usize, ManagerError> {
+        match self.call(Request::ListLen {
+            list: self.proxy.id,
+        })? {
+            Reply::Len(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> Result<bool, ManagerError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Every item, in order; Python's `l[:]`.
+    pub fn to_vec(&self) -> Result<Vec<T>, ManagerError> {
+        match self.call(Request::ListAll {
+            list: self.proxy.id,
+        })? {
+            Reply::Values(items) => items.iter().map(|v| decode("value", v)).collect(),
             other => Err(unexpected(other)),
         }
     }

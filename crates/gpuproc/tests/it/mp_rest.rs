@@ -1,13 +1,13 @@
 //! The rest of Python's `multiprocessing`, ported from CPython's
 //! `Lib/test/_test_multiprocessing.py`: pool callbacks (`test_map_async_callbacks`,
 //! `test_async_error_callback`), `map_async`/`starmap_async`, and `ThreadPool` (`_TestPool`
-//! with threads), `ShareableList` and the resource tracker (`_TestSharedMemory`), managers (`_TestDict`).
+//! with threads), `ShareableList` and the resource tracker (`_TestSharedMemory`), managers (`_TestContainers`).
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use gpuproc::managers::{ManagedDict, Manager};
+use gpuproc::managers::{ManagedDict, ManagedList, Manager};
 use gpuproc::pool::{Callbacks, ThreadPool};
 use gpuproc::shm::{Item, ShareableList, SharedMemory};
 use gpuproc::sync::Event;
@@ -656,4 +656,34 @@ fn is_stopped(pid: i32) -> bool {
                 .and_then(|(_, rest)| rest.split_whitespace().next().map(|f| f == "T"))
         })
         .unwrap_or(false)
+}
+
+/// Appends 250 items, from a pool task.
+fn append_250((l, task): (ManagedList<u64>, u64)) {
+    for i in 0..250 {
+        l.append(&(task * 1000 + i)).unwrap();
+    }
+}
+
+/// CPython's `_TestContainers.test_list`: a managed list from 4 pool tasks, then indexing,
+/// assignment and pop.
+#[test]
+fn managed_list_from_four_processes() {
+    let manager = Manager::start().unwrap();
+    let l: ManagedList<u64> = manager.list().unwrap();
+    assert!(l.is_empty().unwrap());
+    let pool = pool(4);
+    pool.map(append_250, (0..4u64).map(|t| (l.clone(), t)))
+        .unwrap();
+    assert_eq!(l.len().unwrap(), 1000);
+    let mut all = l.to_vec().unwrap();
+    all.sort();
+    assert_eq!(all[250], 1000);
+    l.set(0, &7).unwrap();
+    assert_eq!(l.get(0).unwrap(), Some(7));
+    assert_eq!(l.get(1000).unwrap(), None);
+    assert!(l.set(1000, &1).is_err());
+    let last = l.get(999).unwrap();
+    assert_eq!(l.pop().unwrap(), last);
+    assert_eq!(l.len().unwrap(), 999);
 }
