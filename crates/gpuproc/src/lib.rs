@@ -282,7 +282,7 @@
 //! | `Value`, `Array` | [`SharedValue::new`], [`SharedArray::from_slice`] (each with its lock, [`SharedValue::get_lock`]) |
 //! | `RawValue`, `RawArray` | [`SharedValue::new_unlocked`], [`SharedArray::from_slice_unlocked`] |
 //! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more; workers on other machines through [`Launcher`]); results are [`AsyncResult`] and [`Imap`]; `map_async`, `starmap_async` are [`Pool::map_async`], [`Pool::starmap_async`]; `callback`, `error_callback` are [`pool::Callbacks`] given to [`Pool::apply_async_with`], [`Pool::map_async_with`] |
-//! | `Manager` | [`managers::Manager`]: a manager process serving shared dicts and lists through typed proxies ([`managers::ManagedDict`], [`managers::ManagedList`]); not yet `Namespace`, `Queue`, `Lock`, `Event`, `Value` |
+//! | `Manager` | [`managers::Manager`]: a manager process serving shared dicts, lists, namespaces and values through typed proxies ([`managers::ManagedDict`], [`managers::ManagedList`], [`managers::ManagedNamespace`], [`managers::ManagedValue`]); not yet `Queue`, `Lock`, `Event` proxies |
 //! | `get_context` | [`get_context`] (a [`Context`]) |
 //! | `get_start_method`, `set_start_method` | [`get_start_method`], [`set_start_method`] ([`Process::with_start_method`] and [`PoolBuilder::start_method`] for one process or pool) |
 //! | `get_all_start_methods` | [`StartMethod::all`] |
@@ -300,7 +300,7 @@
 //! | `connection.answer_challenge`, `connection.deliver_challenge` | none as functions: [`connection::Listener`] and [`connection::Client`] run them |
 //! | `pool.ThreadPool`, `dummy` | [`pool::ThreadPool`]: the [`Pool`] API on threads, with closures (its iterators are [`pool::ThreadImap`]) |
 //! | `pool.AsyncResult`, `pool.MapResult`, `pool.TimeoutError` | [`AsyncResult`] (`AsyncResult<Vec<R>>` for `map_async`), [`PoolError`]'s timeout |
-//! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | [`managers`]: `SyncManager` is [`managers::Manager`], `DictProxy` and `ListProxy` are [`managers::ManagedDict`] and [`managers::ManagedList`]; `BaseManager.register`, `SharedMemoryManager` and `Namespace`: planned |
+//! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | [`managers`]: `SyncManager` is [`managers::Manager`], `DictProxy` and `ListProxy` are [`managers::ManagedDict`] and [`managers::ManagedList`]; `Namespace` is [`managers::ManagedNamespace`]; `BaseManager.register` and `SharedMemoryManager`: planned |
 //! | `resource_tracker` | automatic: a tracker process per program unlinks the named [`SharedMemory`] blocks (and [`shm::ShareableList`]s) of a process that was killed, with a warning naming them (see [`SharedMemory`], "Resource tracker") |
 //! | `sharedctypes.synchronized`, `sharedctypes.copy` | none: [`SharedValue`] and [`SharedArray`] carry their lock already; copy out with [`SharedArray::to_vec`] |
 //! | `util.Finalize`, `util.register_after_fork` | none: Rust's `Drop` releases resources; nothing runs after a fork but the child's target |

@@ -1,6 +1,7 @@
 //! Managers: Python's `multiprocessing.Manager()`, a process that owns shared containers
 //! and serves them to other processes through proxies. Here: shared dicts
-//! ([`ManagedDict`]) and lists ([`ManagedList`]).
+//! ([`ManagedDict`]), lists ([`ManagedList`]), namespaces ([`ManagedNamespace`]) and values
+//! ([`ManagedValue`]).
 //!
 //! The manager is a gpuproc [`Process`] listening on an abstract Unix socket with a random
 //! name; proxies connect to it through [`connection`](crate::connection)'s authenticated
@@ -12,8 +13,9 @@
 //! (reconnecting in a forked child), and a proxy sent to another process (as a task's
 //! argument, a `Process`'s argument, through a queue) connects there on first use.
 //!
-//! Differences from Python: only dicts and lists for now (no `Namespace`, `Queue`, `Lock`,
-//! `Event`, `Value` proxies); keys and values are any serde types (without descriptors),
+//! Differences from Python: no `Queue`, `Lock`, `Event`, `Condition` or `Barrier` proxies
+//! yet (gpuproc's own [`Queue`](crate::Queue) and [`sync`](crate::sync) objects can be sent
+//! to any process started from this one); keys and values are any serde types (without descriptors),
 //! each container typed by its proxy; an operation on a dict whose manager is gone (shut down,
 //! killed) fails with [`ManagerError::Lost`] at once, and one the manager does not answer
 //! within the proxy's timeout (default 60 s, for a stopped manager) with
@@ -468,6 +470,26 @@ impl Manager {
         })
     }
 
+    /// A new, empty namespace; Python's `manager.Namespace()`.
+    pub fn namespace(&self) -> Result<ManagedNamespace, ManagerError> {
+        Ok(ManagedNamespace {
+            proxy: Proxy::create(&self.endpoint, Request::NewDict)?,
+        })
+    }
+
+    /// A shared value, set to `value`; Python's `manager.Value(typecode, value)`.
+    pub fn value<T>(&self, value: &T) -> Result<ManagedValue<T>, ManagerError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let v = ManagedValue {
+            proxy: Proxy::create(&self.endpoint, Request::NewDict)?,
+            _t: PhantomData,
+        };
+        v.set(value)?;
+        Ok(v)
+    }
+
     /// A new, empty shared list; Python's `manager.list()`.
     pub fn list<T>(&self) -> Result<ManagedList<T>, ManagerError>
     where
@@ -654,6 +676,126 @@ proxy_type!(
     /// it to another process, gives another proxy of the same dict.
     ManagedDict<K, V>
 );
+
+/// A proxy of a namespace held by a [`Manager`]; Python's `manager.Namespace()`: named
+/// attributes of any serde type (`ns.x = 1` is `ns.set("x", &1)`, `ns.x` is
+/// `ns.get::<i64>("x")`). Cloning it, or sending it to another process, gives another proxy
+/// of the same namespace.
+pub struct ManagedNamespace {
+    proxy: Proxy,
+}
+
+impl std::fmt::Debug for ManagedNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagedNamespace")
+            .field("manager", &self.proxy.endpoint)
+            .field("id", &self.proxy.id)
+            .finish()
+    }
+}
+
+impl Clone for ManagedNamespace {
+    fn clone(&self) -> Self {
+        ManagedNamespace {
+            proxy: self.proxy.clone(),
+        }
+    }
+}
+
+impl Serialize for ManagedNamespace {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.proxy.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ManagedNamespace {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(ManagedNamespace {
+            proxy: Proxy::deserialize(d)?,
+        })
+    }
+}
+
+impl ManagedNamespace {
+    /// How long each operation waits for the manager's answer (default 60 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.proxy.timeout = timeout;
+        self
+    }
+
+    /// The attribute `name` as a `T` (`None` if unset; Python raises `AttributeError`). An
+    /// attribute set as another type is [`ManagerError::Codec`] (or, for types that share
+    /// an encoding, read as this one).
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, ManagerError> {
+        let key = encode("key", name)?;
+        match self.proxy.call(Request::Get {
+            dict: self.proxy.id,
+            key,
+        })? {
+            Reply::Value(Some(v)) => decode("value", &v).map(Some),
+            Reply::Value(None) => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets the attribute `name`; Python's `ns.name = value`.
+    pub fn set<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), ManagerError> {
+        let (key, value) = (encode("key", name)?, encode("value", value)?);
+        match self.proxy.call(Request::Set {
+            dict: self.proxy.id,
+            key,
+            value,
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes the attribute `name`; Python's `del ns.name`. Whether it was set.
+    pub fn remove(&self, name: &str) -> Result<bool, ManagerError> {
+        let key = encode("key", name)?;
+        match self.proxy.call(Request::Del {
+            dict: self.proxy.id,
+            key,
+        })? {
+            Reply::Value(v) => Ok(v.is_some()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+proxy_type!(
+    /// A proxy of a value held by a [`Manager`]; Python's `manager.Value(typecode, value)`
+    /// (its `value` attribute is [`get`](Self::get) and [`set`](Self::set)). Each call is
+    /// one step: hold a lock around a read and a write that must go together.
+    ManagedValue<T>
+);
+
+impl<T: Serialize + DeserializeOwned> ManagedValue<T> {
+    /// The value; Python's `v.value`.
+    pub fn get(&self) -> Result<T, ManagerError> {
+        match self.call(Request::Get {
+            dict: self.proxy.id,
+            key: Vec::new(),
+        })? {
+            Reply::Value(Some(v)) => decode("value", &v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets the value; Python's `v.value = x`.
+    pub fn set(&self, value: &T) -> Result<(), ManagerError> {
+        let value = encode("value", value)?;
+        match self.call(Request::Set {
+            dict: self.proxy.id,
+            key: Vec::new(),
+            value,
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
 
 proxy_type!(
     /// A proxy of a list held by a [`Manager`]; Python's `ListProxy`. Cloning it, or sending

@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use gpuproc::managers::{ManagedDict, ManagedList, Manager};
+use gpuproc::managers::{ManagedDict, ManagedList, ManagedNamespace, ManagedValue, Manager};
 use gpuproc::pool::{Callbacks, ThreadPool};
 use gpuproc::shm::{Item, ShareableList, SharedMemory};
 use gpuproc::sync::Event;
@@ -686,4 +686,30 @@ fn managed_list_from_four_processes() {
     let last = l.get(999).unwrap();
     assert_eq!(l.pop().unwrap(), last);
     assert_eq!(l.len().unwrap(), 999);
+}
+
+/// Sets a namespace attribute and adds to a value, in another process.
+fn touch((ns, v): (ManagedNamespace, ManagedValue<f64>)) {
+    ns.set("name", "child").unwrap();
+    ns.set("z", &3u8).unwrap();
+    v.set(&(v.get().unwrap() + 1.5)).unwrap();
+}
+
+/// CPython's `_TestNamespace.test_namespace` and `_TestContainers` for `Value`.
+#[test]
+fn managed_namespace_and_value() {
+    let manager = Manager::start().unwrap();
+    let ns = manager.namespace().unwrap();
+    ns.set("name", "parent").unwrap();
+    ns.set("x", &[1u32, 2]).unwrap();
+    let v = manager.value(&1.0f64).unwrap();
+    let mut p = support::start(StartMethod::Spawn, touch, (ns.clone(), v.clone()));
+    p.join_timeout(TIMEOUT).unwrap();
+    assert_eq!(ns.get::<String>("name").unwrap().as_deref(), Some("child"));
+    assert_eq!(ns.get::<[u32; 2]>("x").unwrap(), Some([1, 2]));
+    assert_eq!(ns.get::<u8>("z").unwrap(), Some(3));
+    assert_eq!(ns.get::<u8>("missing").unwrap(), None);
+    assert!(ns.remove("z").unwrap());
+    assert!(!ns.remove("z").unwrap());
+    assert_eq!(v.get().unwrap(), 2.5);
 }
