@@ -14,7 +14,7 @@
 //! argument, a `Process`'s argument, through a queue) connects there on first use.
 //!
 //! Differences from Python: no `Queue`, `Lock`, `Event`, `Condition` or `Barrier` proxies
-//! yet (gpuproc's own [`Queue`](crate::Queue) and [`sync`](crate::sync) objects can be sent
+//! yet (gpuproc's own [`Queue`] and [`sync`](crate::sync) objects can be sent
 //! to any process started from this one); keys and values are any serde types (without descriptors),
 //! each container typed by its proxy; an operation on a dict whose manager is gone (shut down,
 //! killed) fails with [`ManagerError::Lost`] at once, and one the manager does not answer
