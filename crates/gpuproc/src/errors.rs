@@ -56,6 +56,7 @@ debug_as_display!(
     crate::gpu::GpuError,
     crate::gpu::PickError,
     crate::time::InvalidDuration,
+    crate::managers::ManagerError,
 );
 
 #[cfg(test)]

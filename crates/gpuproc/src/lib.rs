@@ -281,8 +281,8 @@
 //! | `Lock`, `RLock`, `Semaphore`, `BoundedSemaphore`, `Event`, `Condition`, `Barrier` | [`Lock`], [`RLock`], [`Semaphore`], [`BoundedSemaphore`], [`Event`], [`Condition`], [`Barrier`] (module [`sync`]) |
 //! | `Value`, `Array` | [`SharedValue::new`], [`SharedArray::from_slice`] (each with its lock, [`SharedValue::get_lock`]) |
 //! | `RawValue`, `RawArray` | [`SharedValue::new_unlocked`], [`SharedArray::from_slice_unlocked`] |
-//! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more; workers on other machines through [`Launcher`]); results are [`AsyncResult`] and [`Imap`] |
-//! | `Manager` | planned: a manager process serving shared containers through proxies |
+//! | `Pool` | [`Pool::new`], [`Pool::builder`] (`initializer`, `maxtasksperchild` and more; workers on other machines through [`Launcher`]); results are [`AsyncResult`] and [`Imap`]; `map_async`, `starmap_async` are [`Pool::map_async`], [`Pool::starmap_async`]; `callback`, `error_callback` are [`pool::Callbacks`] given to [`Pool::apply_async_with`], [`Pool::map_async_with`] |
+//! | `Manager` | [`managers::Manager`]: a manager process serving shared dicts, lists, namespaces and values through typed proxies ([`managers::ManagedDict`], [`managers::ManagedList`], [`managers::ManagedNamespace`], [`managers::ManagedValue`]); not yet `Queue`, `Lock`, `Event` proxies |
 //! | `get_context` | [`get_context`] (a [`Context`]) |
 //! | `get_start_method`, `set_start_method` | [`get_start_method`], [`set_start_method`] ([`Process::with_start_method`] and [`PoolBuilder::start_method`] for one process or pool) |
 //! | `get_all_start_methods` | [`StartMethod::all`] |
@@ -298,14 +298,14 @@
 //! | `connection.wait` | [`connection::wait`] (and [`connection::wait_indices`]) over anything [`connection::Waitable`]: both kinds of connection, queues, [`Sentinel`]s, descriptors |
 //! | `connection.Listener`, `connection.Client`, `connection.Connection` | [`connection::Listener`], [`connection::Client`], [`connection::Connection`] |
 //! | `connection.answer_challenge`, `connection.deliver_challenge` | none as functions: [`connection::Listener`] and [`connection::Client`] run them |
-//! | `pool.ThreadPool`, `dummy` | planned: the [`Pool`] API on threads |
-//! | `pool.AsyncResult`, `pool.TimeoutError` | [`AsyncResult`], [`PoolError`]'s timeout |
-//! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | planned, with `Manager` |
-//! | `resource_tracker` | planned: unlinking named shared memory left by a process that was killed |
+//! | `pool.ThreadPool`, `dummy` | [`pool::ThreadPool`]: the [`Pool`] API on threads, with closures (its iterators are [`pool::ThreadImap`]) |
+//! | `pool.AsyncResult`, `pool.MapResult`, `pool.TimeoutError` | [`AsyncResult`] (`AsyncResult<Vec<R>>` for `map_async`), [`PoolError`]'s timeout |
+//! | `managers` (`BaseManager`, `SyncManager`, `SharedMemoryManager`, `Namespace`) | [`managers`]: `SyncManager` is [`managers::Manager`], `DictProxy` and `ListProxy` are [`managers::ManagedDict`] and [`managers::ManagedList`]; `Namespace` is [`managers::ManagedNamespace`]; `BaseManager.register` and `SharedMemoryManager`: planned |
+//! | `resource_tracker` | automatic: a tracker process per program unlinks the named [`SharedMemory`] blocks (and [`shm::ShareableList`]s) of a process that was killed, with a warning naming them (see [`SharedMemory`], "Resource tracker") |
 //! | `sharedctypes.synchronized`, `sharedctypes.copy` | none: [`SharedValue`] and [`SharedArray`] carry their lock already; copy out with [`SharedArray::to_vec`] |
 //! | `util.Finalize`, `util.register_after_fork` | none: Rust's `Drop` releases resources; nothing runs after a fork but the child's target |
 //! | `shared_memory.SharedMemory` | [`SharedMemory`] ([`SharedMemory::create_named`], [`SharedMemory::attach`], [`SharedMemory::create`] for an unnamed block) |
-//! | `shared_memory.ShareableList` | planned: a fixed list of scalars and short strings in one named block |
+//! | `shared_memory.ShareableList` | [`shm::ShareableList`] of [`shm::Item`]s (each slot's type fixed at creation; gpuproc's own layout) |
 //!
 //! # Platform support
 //!
@@ -334,7 +334,9 @@ pub mod connection;
 mod context;
 mod errors;
 pub mod gpu;
+
 mod ipc;
+pub mod managers;
 pub mod pool;
 mod process;
 pub mod shm;

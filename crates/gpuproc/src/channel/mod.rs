@@ -31,7 +31,7 @@ mod error;
 mod pipe;
 mod queue;
 mod shared;
-mod spin;
+pub(crate) mod spin;
 mod wire;
 
 use std::ops::{Deref, DerefMut};

@@ -69,11 +69,22 @@ pub(crate) enum ToJob {
 }
 
 /// A submission (`map`, `imap`, `apply_async`): where its outcomes go.
-#[derive(Debug)]
 pub(crate) struct Job {
     pub tx: Mutex<Sender<ToJob>>,
     /// Set when nobody waits for the results any more: pending tasks are dropped.
     pub cancelled: AtomicBool,
+    /// When set, messages go here instead of `tx` (jobs with callbacks: the closure hands
+    /// them to the pool's callback thread, never blocking the driver).
+    pub forward: Option<Box<dyn Fn(ToJob) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("cancelled", &self.cancelled)
+            .field("forwarded", &self.forward.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Job {
@@ -82,6 +93,9 @@ impl Job {
     }
 
     fn send_raw(&self, msg: ToJob) {
+        if let Some(forward) = &self.forward {
+            return forward(msg);
+        }
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let _ = tx.send(msg);
     }

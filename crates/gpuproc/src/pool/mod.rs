@@ -28,6 +28,7 @@
 //! [`Pool::close`] and [`Pool::join`] first to let queued work finish.
 
 mod buffers;
+mod callbacks;
 mod driver;
 mod error;
 mod lens;
@@ -35,7 +36,10 @@ mod plain;
 pub(crate) mod policy;
 mod remote;
 mod shm_args;
+mod threads;
 
+pub use self::callbacks::Callbacks;
+pub use self::threads::{ThreadImap, ThreadPool};
 pub(crate) use remote::serve_if_remote_worker;
 pub use remote::{Launcher, Slurm};
 pub(crate) mod worker;
@@ -424,6 +428,7 @@ impl PoolBuilder {
             shared,
             thread: Mutex::new(Some((thread, counted))),
             closed: AtomicBool::new(false),
+            callbacks: Default::default(),
         })
     }
 }
@@ -461,6 +466,8 @@ pub struct Pool {
     shared: Arc<Shared>,
     thread: Mutex<Option<(JoinHandle<()>, DriverCount)>>,
     closed: AtomicBool,
+    /// Runs `apply_async_with`/`map_async_with` callbacks (started with the first).
+    callbacks: callbacks::CallbackThread,
 }
 
 /// One pool driver thread counted in `driver::DRIVER_THREADS`, from before it starts until
@@ -529,10 +536,18 @@ impl Pool {
     }
 
     fn new_job(&self) -> (Arc<Job>, Receiver<ToJob>) {
+        self.new_job_with(None)
+    }
+
+    fn new_job_with(
+        &self,
+        forward: Option<Box<dyn Fn(ToJob) + Send + Sync>>,
+    ) -> (Arc<Job>, Receiver<ToJob>) {
         let (tx, rx) = mpsc::channel();
         let job = Arc::new(Job {
             tx: Mutex::new(tx),
             cancelled: AtomicBool::new(false),
+            forward,
         });
         (self.shared.jobs.lock().unwrap_or_else(|p| p.into_inner())).register(&job);
         (job, rx)
@@ -712,11 +727,158 @@ impl Pool {
         push_task(&mut chunk, self.target(), &args)?;
         self.submit(vec![chunk])?;
         Ok(AsyncResult {
-            rx,
-            _job: job,
+            source: Source::Task(rx, decode_one::<R>),
+            _job: Some(job),
             state: AsyncState::Waiting,
-            _r: PhantomData,
         })
+    }
+
+    /// [`apply_async`](Self::apply_async) with Python's `callback` and `error_callback`:
+    /// they run on the pool's callback thread (one per pool, started by the first call that
+    /// has callbacks; never the caller's thread), one at a time, in the order the tasks
+    /// complete, before the [`AsyncResult`] becomes ready.
+    ///
+    /// A callback that panics does not end the pool, unlike Python, where an exception in a
+    /// callback kills the pool's result thread (and hangs the pool): the panic is caught
+    /// and its message printed on standard error; the result still goes to the
+    /// `AsyncResult`, and later callbacks still run. A callback that never returns holds up
+    /// the callbacks after it, and [`join`](Self::join), which waits for every callback
+    /// (as Python's does).
+    ///
+    /// With [`StartMethod::Fork`], the callback thread counts as a thread of the program:
+    /// replacement workers are then forked only with
+    /// [`allow_fork_with_threads`](PoolBuilder::allow_fork_with_threads).
+    pub fn apply_async_with<A, R>(
+        &self,
+        f: fn(A) -> R,
+        args: A,
+        callbacks: Callbacks<R>,
+    ) -> Result<AsyncResult<R>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        let collect = callbacks::Collect::new(1, move |all: Result<Vec<R>, PoolError>| {
+            let one = all.and_then(|mut v| v.pop().ok_or(PoolError::Terminated { index: 0 }));
+            callbacks.run(&one);
+            let _ = tx.send(one);
+        });
+        let events = self.callbacks.sender()?;
+        let (job, _) = self.new_job_with(Some(callbacks::Collect::forwarder(collect, events)));
+        let mut chunk = new_chunk(job, fn_ref(f), 0);
+        push_task(&mut chunk, self.target(), &args)?;
+        self.submit(vec![chunk])?;
+        Ok(AsyncResult::decoded(rx))
+    }
+
+    /// Calls `f` on every item and returns at once; Python's `Pool.map_async`. The whole
+    /// input is taken and queued now (as Python does), with `map`'s automatic chunk size;
+    /// [`AsyncResult::get`] gives every result in order, or the first error (by completion)
+    /// as soon as it comes: the other tasks still run.
+    pub fn map_async<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+    ) -> Result<AsyncResult<Vec<R>>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_with(f, items, Callbacks::new())
+    }
+
+    /// Python's `Pool.starmap_async`: Rust functions take one argument, so several travel
+    /// as a tuple and this is [`map_async`](Self::map_async).
+    pub fn starmap_async<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+    ) -> Result<AsyncResult<Vec<R>>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async(f, items)
+    }
+
+    /// Python's `starmap_async` with `callback` and `error_callback`:
+    /// [`map_async_with`](Self::map_async_with).
+    pub fn starmap_async_with<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        callbacks: Callbacks<Vec<R>>,
+    ) -> Result<AsyncResult<Vec<R>>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_with(f, items, callbacks)
+    }
+
+    /// [`map_async`](Self::map_async) with Python's `callback` (given every result, in
+    /// order) and `error_callback` (given the first error), run as
+    /// [`apply_async_with`](Self::apply_async_with) runs them.
+    pub fn map_async_with<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        callbacks: Callbacks<Vec<R>>,
+    ) -> Result<AsyncResult<Vec<R>>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        let items = Input::new(items.into_iter());
+        let len = items.len;
+        let (tx, rx) = mpsc::channel();
+        let collect = callbacks::Collect::new(len, move |all: Result<Vec<R>, PoolError>| {
+            callbacks.run(&all);
+            let _ = tx.send(all);
+        });
+        let events = self.callbacks.sender()?;
+        let (job, _) = self.new_job_with(Some(callbacks::Collect::forwarder(
+            collect.clone(),
+            events.clone(),
+        )));
+        let chunksize = policy::auto_chunksize(len, self.processes());
+        let mut plain = Some(plain::Encoder::default());
+        let mut chunks = Vec::new();
+        let mut next = 0u64;
+        let mut items = items.fuse();
+        loop {
+            let mut chunk = new_chunk(job.clone(), fn_ref(f), next);
+            while policy::chunk_takes_more(
+                chunk.len(),
+                chunk.args_len(),
+                chunksize,
+                policy::AUTO_CHUNK_BYTES,
+            ) {
+                let Some(a) = items.next() else { break };
+                push_item(&mut chunk, self.target(), &mut plain, &a)?;
+            }
+            if chunk.len() == 0 {
+                break;
+            }
+            next += chunk.len() as u64;
+            chunks.push(chunk);
+        }
+        if chunks.is_empty() {
+            let _ = events.send(Box::new(move || {
+                collect
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .finish_if_empty()
+            }));
+        } else {
+            self.submit(chunks)?;
+        }
+        Ok(AsyncResult::decoded(rx))
     }
 
     /// No more tasks will be submitted; queued ones still run. Python's `Pool.close`.
@@ -737,6 +899,8 @@ impl Pool {
             let _ = h.join();
             drop(counted);
         }
+        // Every outcome has been delivered: let the callbacks run, and wait for them.
+        self.callbacks.stop();
         let inbox = self.shared.inbox();
         match &inbox.dead {
             Some(message) => Err(PoolError::DriverDied {
@@ -771,11 +935,12 @@ impl Pool {
             let _ = h.join();
             drop(counted);
         }
+        self.callbacks.stop();
     }
 }
 
 /// The message of a panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -963,7 +1128,7 @@ fn push_item<A: Serialize + DeserializeOwned>(
 
 /// Reads the outcomes of a [`Run`] one task at a time.
 #[derive(Debug)]
-struct RunReader {
+pub(crate) struct RunReader {
     run: Run,
     /// Next task's offset in the run, and its result's offset in `run.results`.
     i: usize,
@@ -973,7 +1138,7 @@ struct RunReader {
 }
 
 impl RunReader {
-    fn new(mut run: Run) -> Self {
+    pub(crate) fn new(mut run: Run) -> Self {
         let fds = std::mem::take(&mut run.fds).into_iter();
         let errors = std::mem::take(&mut run.errors).into_iter().peekable();
         RunReader {
@@ -1034,7 +1199,7 @@ impl RunReader {
         Some(Ok(()))
     }
 
-    fn next<R: DeserializeOwned>(&mut self) -> Result<R, PoolError> {
+    pub(crate) fn next<R: DeserializeOwned>(&mut self) -> Result<R, PoolError> {
         let (i, index) = (self.i, self.next_index());
         self.i += 1;
         let len = self.run.lens.get(i);
@@ -1363,16 +1528,26 @@ enum AsyncState<R> {
     Taken,
 }
 
-/// The pending result of [`Pool::apply_async`]; Python's `AsyncResult`.
+/// Where an [`AsyncResult`]'s outcome comes from.
+enum Source<R> {
+    /// One task's outcome, straight from the pool's driver, decoded by `get` (with the
+    /// function).
+    Task(Receiver<ToJob>, fn(Run) -> Result<R, PoolError>),
+    /// An outcome decoded elsewhere (the callback thread, a thread pool's worker).
+    Decoded(Receiver<Result<R, PoolError>>),
+}
+
+/// The pending result of [`Pool::apply_async`] and [`Pool::map_async`] (then `R` is a
+/// `Vec` of results); Python's `AsyncResult` and `MapResult`.
 ///
-/// Dropping it does not cancel the task: it still runs, as in Python.
+/// Dropping it does not cancel the work: it still runs (and its callbacks too), as in
+/// Python.
 #[must_use = "the task's result or error is only seen through get()"]
 pub struct AsyncResult<R> {
-    rx: Receiver<ToJob>,
+    source: Source<R>,
     /// Kept so that a dying driver can tell this result (see `driver::driver_died`).
-    _job: Arc<Job>,
+    _job: Option<Arc<Job>>,
     state: AsyncState<R>,
-    _r: PhantomData<fn() -> R>,
 }
 
 impl<R> std::fmt::Debug for AsyncResult<R> {
@@ -1388,21 +1563,54 @@ impl<R> std::fmt::Debug for AsyncResult<R> {
     }
 }
 
-impl<R: DeserializeOwned> AsyncResult<R> {
+impl<R> AsyncResult<R> {
+    /// A result that another thread decodes and sends on `rx` (its sender dropped without
+    /// sending: [`PoolError::Terminated`]).
+    pub(crate) fn decoded(rx: Receiver<Result<R, PoolError>>) -> Self {
+        AsyncResult {
+            source: Source::Decoded(rx),
+            _job: None,
+            state: AsyncState::Waiting,
+        }
+    }
+}
+
+/// Receives from `rx` until `deadline` (`None`: for ever).
+fn recv_until<T>(rx: &Receiver<T>, deadline: Option<Instant>) -> Result<T, RecvTimeoutError> {
+    match deadline {
+        None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+    }
+}
+
+/// The outcome of a run of one task.
+fn decode_one<R: DeserializeOwned>(run: Run) -> Result<R, PoolError> {
+    RunReader::new(run).next()
+}
+
+impl<R> AsyncResult<R> {
     fn poll(&mut self, deadline: Option<Instant>) {
         if !matches!(self.state, AsyncState::Waiting) {
             return;
         }
-        let got = match deadline {
-            None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(d) => self
-                .rx
-                .recv_timeout(d.saturating_duration_since(Instant::now())),
+        let (rx, decode) = match &self.source {
+            Source::Task(rx, decode) => (rx, *decode),
+            Source::Decoded(rx) => {
+                match recv_until(rx, deadline) {
+                    Ok(r) => self.state = AsyncState::Done(r),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.state = AsyncState::Done(Err(PoolError::Terminated { index: 0 }))
+                    }
+                }
+                return;
+            }
         };
+        let got = recv_until(rx, deadline);
         match got {
             Ok(ToJob::Runs(runs)) => {
                 let result = match runs.into_iter().next() {
-                    Some(run) => RunReader::new(run).next(),
+                    Some(run) => decode(run),
                     None => Err(PoolError::Terminated { index: 0 }),
                 };
                 self.state = AsyncState::Done(result);

@@ -123,9 +123,18 @@ pub fn get_start_method() -> StartMethod {
 /// `ps` and so that [`init`] knows the environment variable is meant for it.
 const CHILD_ARG: &str = "--gpuproc-child";
 
-/// Runs the child or fork-server side if this process is one; otherwise returns at once.
+/// Whether [`init`] has run in this program (so that it can be started again as a helper).
+pub(crate) fn initialized() -> bool {
+    INITIALIZED.load(Ordering::SeqCst)
+}
+
+/// Runs the child, fork-server or resource-tracker side if this process is one; otherwise
+/// returns at once.
 pub(crate) fn init() {
     INITIALIZED.store(true, Ordering::SeqCst);
+    if let Some(fd) = take_env_fd(crate::shm::tracker::FD_ENV, crate::shm::tracker::ARG) {
+        crate::shm::tracker::serve(fd)
+    }
     if let Some(fd) = take_env_fd(forkserver::SERVER_FD_ENV, forkserver::SERVER_ARG) {
         forkserver::serve(fd)
     }

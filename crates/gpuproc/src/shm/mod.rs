@@ -53,8 +53,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod list;
 mod slice;
+pub(crate) mod tracker;
 
+pub use list::{Item, ShareableList};
 pub use slice::SharedSlice;
 
 use crate::sync::{Lock, SyncError};
@@ -134,6 +137,43 @@ pub enum ShmError {
         /// Why it does not fit.
         reason: String,
     },
+    /// The block does not hold a well-formed [`ShareableList`] (or a slot was read while
+    /// being written).
+    #[error("shared memory block {name:?} is not a valid ShareableList: {reason}")]
+    BadList {
+        /// The block's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A [`ShareableList`] index past its end.
+    #[error("index {index} is out of range for a ShareableList of {len} items")]
+    IndexOutOfRange {
+        /// The index given.
+        index: usize,
+        /// The list's length.
+        len: usize,
+    },
+    /// A value of another type than the [`ShareableList`] slot's.
+    #[error("slot {index} holds a {expected}, not a {got}")]
+    WrongType {
+        /// The slot.
+        index: usize,
+        /// The slot's type (Python's name).
+        expected: &'static str,
+        /// The value's type.
+        got: &'static str,
+    },
+    /// A `str` or `bytes` longer than its [`ShareableList`] slot holds.
+    #[error("slot {index} holds at most {capacity} bytes; the value has {len}")]
+    TooLong {
+        /// The slot.
+        index: usize,
+        /// The value's length in bytes.
+        len: usize,
+        /// The slot's capacity.
+        capacity: usize,
+    },
     /// A system call failed.
     #[error("{op} failed")]
     Os {
@@ -169,6 +209,26 @@ impl ShmError {
     /// Whether a system call failed.
     pub fn is_os(&self) -> bool {
         matches!(self, ShmError::Os { .. })
+    }
+
+    /// Whether the block is not a valid [`ShareableList`].
+    pub fn is_bad_list(&self) -> bool {
+        matches!(self, ShmError::BadList { .. })
+    }
+
+    /// Whether a [`ShareableList`] value had the wrong type for its slot.
+    pub fn is_wrong_type(&self) -> bool {
+        matches!(self, ShmError::WrongType { .. })
+    }
+
+    /// Whether a [`ShareableList`] value was too long for its slot.
+    pub fn is_too_long(&self) -> bool {
+        matches!(self, ShmError::TooLong { .. })
+    }
+
+    /// Whether a [`ShareableList`] index was out of range.
+    pub fn is_index_out_of_range(&self) -> bool {
+        matches!(self, ShmError::IndexOutOfRange { .. })
     }
 
     fn os(op: impl Into<String>) -> impl FnOnce(io::Error) -> ShmError {
@@ -738,6 +798,36 @@ impl<'de, T: Scalar> Deserialize<'de> for SharedArray<T> {
 /// its own block, so a block created later under the same name is left alone. The memory
 /// itself lives until the last process unmaps it.
 ///
+/// # Resource tracker
+/// A process killed before it could unlink its blocks (SIGKILL, SIGTERM, a crash) leaves
+/// them in `/dev/shm`. As Python's `resource_tracker` does, a program that creates a named
+/// block (after calling [`init`](crate::init)) starts, with the first one, a small tracker
+/// process, and tells it each block it creates and each it unlinks. Processes forked from
+/// the creator share its tracker; those started with `spawn` or the fork server get their
+/// own when they create a block. When every process that could tell the tracker something
+/// is gone, it unlinks the blocks still registered, prints a warning naming them on standard
+/// error (`gpuproc resource tracker: 3 shared memory blocks left by a process that ended
+/// without unlinking them, unlinked now: psm_...`), and exits. It ignores SIGINT and
+/// SIGTERM, so that a Ctrl-C or a `kill` of the whole process group still leaves it to
+/// clean up. [`set_unlink_on_drop(false)`](Self::set_unlink_on_drop) takes a block off its
+/// list (Python 3.13's `track=False`).
+///
+/// # What other local users can and cannot do
+/// `/dev/shm` is one namespace for the whole machine, writable by everyone, with the sticky
+/// bit. Blocks are created with mode `0600` and `O_EXCL`. Another user (not root) therefore
+/// **can** see the names of your blocks (`ls /dev/shm`), take a name before you do (then
+/// [`SharedMemory::create_named`](Self::create_named) fails with
+/// `AlreadyExists`; the random names of [`SharedMemory::create`](Self::create)
+/// are 64 random bits, retried on a clash), and fill `/dev/shm` so that creating fails. They
+/// **cannot** open, read, write, resize, rename or unlink your blocks (mode `0600` and the
+/// sticky bit), nor make your tracker remove anything of theirs: the tracker unlinks a name
+/// only if it still names the very file that was registered (same device and inode),
+/// and only names without `/` (so nothing outside `/dev/shm`). Processes running as your own
+/// user can do all of that, and can also write to the tracker's socket if they hold it;
+/// the tracker checks every line and ignores what does not parse, but it will unlink (with
+/// the identity check) what such a process registers; one that shrinks a block makes the
+/// processes that read past its new end die with SIGBUS. Root can do anything.
+///
 /// ```
 /// use gpuproc::shm::SharedMemory;
 ///
@@ -765,7 +855,7 @@ pub struct SharedMemory {
 /// The longest name (a file name in /dev/shm).
 const NAME_MAX: usize = 255;
 
-fn check_name(name: &str) -> Result<&str, ShmError> {
+pub(crate) fn check_name(name: &str) -> Result<&str, ShmError> {
     let invalid = |reason| ShmError::InvalidName {
         name: name.to_string(),
         reason,
@@ -821,6 +911,7 @@ impl SharedMemory {
             let _ = std::fs::remove_file(format!("{}/{bare}", sys::SHM_DIR));
         })?;
         shm.unlink_on_drop = true;
+        tracker::register(&shm.name, shm.id);
         Ok(shm)
     }
 
@@ -1020,6 +1111,7 @@ impl SharedMemory {
                 name: self.name.clone(),
             });
         }
+        self.untrack();
         match sys::shm_unlink_if(&self.name, self.id) {
             Ok(true) => Ok(()),
             Ok(false) => Err(ShmError::NotFound {
@@ -1043,10 +1135,34 @@ impl SharedMemory {
 
     /// Chooses whether dropping this handle unlinks the name (Python 3.13's `track`), in this
     /// process.
+    ///
+    /// The resource tracker follows: a block whose creator no longer unlinks it is not
+    /// unlinked by the tracker either, and one given to this process to unlink is, if this
+    /// process is killed.
     pub fn set_unlink_on_drop(&mut self, unlink: bool) {
+        let was = self.unlink_on_drop();
         self.unlink_on_drop = unlink;
         self.owner_pid = std::process::id();
+        if unlink && !was && !self.unlinked.load(Ordering::SeqCst) {
+            tracker::register(&self.name, self.id);
+        } else if !unlink && was {
+            tracker::unregister(&self.name, self.id);
+        }
     }
+
+    /// Tells the resource tracker that this process no longer needs to unlink the block.
+    fn untrack(&self) {
+        if self.unlink_on_drop() {
+            tracker::unregister(&self.name, self.id);
+        }
+    }
+}
+
+/// The pid of this program's resource tracker, once it has started (for gpuproc's own
+/// tests).
+#[doc(hidden)]
+pub fn __resource_tracker_pid_for_tests() -> Option<u32> {
+    tracker::pid()
 }
 
 impl fmt::Debug for SharedMemory {
@@ -1063,6 +1179,7 @@ impl fmt::Debug for SharedMemory {
 impl Drop for SharedMemory {
     fn drop(&mut self) {
         if self.unlink_on_drop() && !self.unlinked.swap(true, Ordering::SeqCst) {
+            self.untrack();
             let _ = sys::shm_unlink_if(&self.name, self.id);
         }
     }

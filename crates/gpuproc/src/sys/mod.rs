@@ -128,6 +128,25 @@ pub(crate) fn ignore_sigint() -> bool {
     old == libc::SIG_IGN
 }
 
+/// Makes this process ignore SIGINT and SIGTERM (what a resource tracker does, so that it
+/// outlives the program it cleans up after).
+pub(crate) fn ignore_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: SIG_IGN is a valid disposition; no handler function is installed.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
+/// Reads what `fd` has (blocking), retrying on EINTR; 0 at end of file.
+pub(crate) fn read_some(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match rustix::io::read(fd, &mut *buf) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Gives SIGINT its default action again (unless `ignored`, what it was before
 /// [`ignore_sigint`]).
 pub(crate) fn restore_sigint(ignored: bool) {
