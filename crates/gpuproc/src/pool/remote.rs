@@ -399,18 +399,15 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
     };
     // A worker that ended other than cleanly (after the pool's last frame, or its
     // `max_tasks_per_child`) was lost with whatever it had in flight.
-    match (status, result) {
-        (Some(s), Ok(())) if s.success() => Ok(()),
-        (_, Err(reason)) => Err(WorkerError::Lost { node, reason }),
-        (Some(s), Ok(())) => Err(WorkerError::Lost {
-            node,
-            reason: format!("its launcher ended: {s}"),
-        }),
-        (None, Ok(())) => Err(WorkerError::Lost {
-            node,
-            reason: "its launcher could not be waited for".into(),
-        }),
-    }
+    // How the launcher ended says more than what the connection saw (a reset, say).
+    let reason = match (status, result) {
+        (Some(s), Ok(())) if s.success() => return Ok(()),
+        (Some(s), Ok(())) => format!("its launcher ended: {s}"),
+        (Some(s), Err(e)) if !s.success() => format!("its launcher ended: {s} ({e})"),
+        (_, Err(e)) => e,
+        (None, Ok(())) => "its launcher could not be waited for".into(),
+    };
+    Err(WorkerError::Lost { node, reason })
 }
 
 fn spawn_launcher(argv: &[String]) -> std::io::Result<Child> {
