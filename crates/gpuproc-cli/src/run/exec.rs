@@ -134,11 +134,10 @@ impl std::fmt::Debug for Executor<'_> {
     }
 }
 
-impl<'a> Executor<'a> {
-    /// An executor for `jobs`; `skip[i]` marks jobs already done.
-    pub fn new(jobs: &'a [Job], skip: &[bool], scheduler: Scheduler, settings: Settings) -> Self {
-        let outcomes: Vec<Outcome> = jobs
-            .iter()
+impl Outcome {
+    /// One outcome per job, none started yet; `skip[i]` marks jobs already done.
+    pub fn initial(jobs: &[Job], skip: &[bool]) -> Vec<Outcome> {
+        jobs.iter()
             .enumerate()
             .map(|(i, job)| Outcome {
                 seq: job.seq,
@@ -152,18 +151,30 @@ impl<'a> Executor<'a> {
                 node: None,
                 skipped: skip.get(i).copied().unwrap_or(false),
             })
-            .collect();
+            .collect()
+    }
+}
+
+/// The progress bar of a run of `total` jobs, when `progress` asks for one.
+pub fn progress_bar(progress: Progress, total: usize) -> Option<ProgressBar> {
+    (progress == Progress::Bar).then(|| {
+        let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} jobs ({per_sec}, ETA {eta}) {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    })
+}
+
+impl<'a> Executor<'a> {
+    /// An executor for `jobs`; `skip[i]` marks jobs already done.
+    pub fn new(jobs: &'a [Job], skip: &[bool], scheduler: Scheduler, settings: Settings) -> Self {
+        let outcomes = Outcome::initial(jobs, skip);
         let total = outcomes.iter().filter(|o| !o.skipped).count();
-        let bar = (settings.progress == Progress::Bar).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} jobs ({per_sec}, ETA {eta}) {msg}",
-            ) {
-                bar.set_style(style);
-            }
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        });
+        let bar = progress_bar(settings.progress, total);
         Executor {
             jobs,
             scheduler,

@@ -27,9 +27,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 
-use super::exec::{describe, Outcome, Progress, Report};
+use super::exec::{describe, progress_bar, Outcome, Progress, Report};
 use super::joblog::Entry;
 use super::jobs::Job;
 use super::schedule::{Launch, Scheduler, Verdict};
@@ -320,33 +320,9 @@ struct Tracker<'a> {
 
 impl<'a> Tracker<'a> {
     fn new(jobs: &'a [Job], skip: &[bool], joblog: Option<File>, progress: Progress) -> Self {
-        let outcomes: Vec<Outcome> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, job)| Outcome {
-                seq: job.seq,
-                command: job.command.clone(),
-                attempts: 0,
-                exit: None,
-                timed_out: false,
-                runtime: Duration::ZERO,
-                peak_memory: None,
-                gpus: Vec::new(),
-                node: None,
-                skipped: skip.get(i).copied().unwrap_or(false),
-            })
-            .collect();
+        let outcomes = Outcome::initial(jobs, skip);
         let total = outcomes.iter().filter(|o| !o.skipped).count();
-        let bar = (progress == Progress::Bar).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} jobs ({per_sec}, ETA {eta}) {msg}",
-            ) {
-                bar.set_style(style);
-            }
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        });
+        let bar = progress_bar(progress, total);
         Tracker {
             jobs,
             outcomes,
