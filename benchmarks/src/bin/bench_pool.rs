@@ -31,12 +31,14 @@
 //! Usage: `bench_pool [--scale F] [--only WHAT,...] [--no-python] [--no-procspawn]`.
 //! `--scale` multiplies every task count (default 1; 0.2 for a quick look). `--only` keeps the
 //! sections named: `a`, `b`, `c`, `d`, `e`, `start` (e.g. `--only a --no-python --no-procspawn`
-//! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`; `e1` or `e2`
-//! times only gpuproc's `Vec<f32>` map of (e1) or (e2)). Python from `$GPUPROC_PYTHON`, else
+//! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`; `e1`, `e2`, `e3` or `s1`
+//! times only gpuproc's map of (e1), (e2), (e3) or (e1) over `SharedSlice`s; with `PERF_CTL_FIFO` set, it enables
+//! `perf record --control fifo:...` around the timed maps alone). Python from `$GPUPROC_PYTHON`, else
 //! `<workspace>/.venv/bin/python`, else `python3`. About 60 s on 2 cores, most of it in
 //! Python's futures and loky rows.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -262,7 +264,7 @@ fn main() {
     raise_nofile_limit();
     if !["a", "b", "c", "d", "start"].iter().any(|w| wanted(w)) {
         // `e1` / `e2`: only gpuproc's `Vec<f32>` map of that kind, to profile it.
-        let just = ["e1", "e2"]
+        let just = ["e1", "e2", "e3", "s1"]
             .into_iter()
             .find(|w| only.iter().any(|o| o == w));
         if wanted("e") || just.is_some() {
@@ -736,6 +738,23 @@ fn slice_times_2(v: SharedSlice<f32>) -> SharedSlice<f32> {
     .expect("output slice")
 }
 
+/// The (e3) input: `n` strings of `len` ASCII bytes.
+fn strings(n: usize, len: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{i:0>len$}").replace('0', "a"))
+        .collect()
+}
+
+/// Tells `perf record --control fifo:$PERF_CTL_FIFO` to `enable` or `disable` sampling, so
+/// that a profile of `--only e1|e2|e3` holds the timed maps alone.
+fn perf_control(what: &str) {
+    if let Some(fifo) = std::env::var_os("PERF_CTL_FIFO") {
+        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(fifo) {
+            let _ = writeln!(f, "{what}");
+        }
+    }
+}
+
 fn upper(s: String) -> String {
     s.to_uppercase()
 }
@@ -767,7 +786,7 @@ fn timed<T>(reps: usize, mut f: impl FnMut() -> T, mut check: impl FnMut(T)) -> 
 
 /// Section (e) (issue 12): 256 x 4 MiB `Vec<f32>` (scaled), sum (e1) and times 2 (e2), and 100,000
 /// strings of 100 bytes upper-cased.
-/// `just`: `e1` or `e2` to time only gpuproc's `Vec<f32>` map of that kind (for profiling).
+/// `just`: `e1`, `e2` or `e3` to time only gpuproc's map of that kind (for profiling).
 fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>) {
     let reps = 3;
     let n = ((256.0 * scale).round() as usize).max(8);
@@ -792,20 +811,38 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
 
     if let Some(e) = just {
         let pool = Pool::new(WORKERS).expect("gpuproc pool");
+        // (e3 is short: more repetitions, for a profile with enough samples.)
+        let reps = if e == "e3" { 20 } else { reps };
         for _ in 0..reps {
             let input = data.clone();
+            let strings_in = strings(str_n, str_len);
+            let slices: Vec<SharedSlice<f32>> = match e {
+                "s1" => data
+                    .iter()
+                    .map(|v| SharedSlice::from_slice(v).expect("slice"))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            perf_control("enable");
             let t = Instant::now();
-            let n_out = if e == "e1" {
-                pool.map(sum_f32, input).expect("gpuproc e1").len()
-            } else {
-                pool.map(times_2, input).expect("gpuproc e2").len()
+            let n_out = match e {
+                "e1" => pool.map(sum_f32, input).expect("gpuproc e1").len(),
+                "s1" => (pool.map(slice_sum, slices.iter().cloned()))
+                    .expect("gpuproc s1")
+                    .len(),
+                "e2" => pool.map(times_2, input).expect("gpuproc e2").len(),
+                _ => pool.map(upper, strings_in).expect("gpuproc e3").len() / str_n * n,
             };
             let s = t.elapsed().as_secs_f64();
+            perf_control("disable");
             assert_eq!(n_out, n);
-            println!(
-                "({e}) gpuproc map Vec<f32> auto: {s:.3} s, {:.2} GB/s",
-                total / s / 1e9
-            );
+            match e {
+                "e3" => println!("(e3) gpuproc map auto: {s:.4} s"),
+                _ => println!(
+                    "({e}) gpuproc map Vec<f32> auto: {s:.3} s, {:.2} GB/s",
+                    total / s / 1e9
+                ),
+            }
         }
         return;
     }
@@ -867,9 +904,7 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
         assert_eq!(out[n - 1][3], data[n - 1][3] * 2.0, "e2: wrong result");
     }
     row("(e2) gpuproc map Vec<f32> auto", samples);
-    let strings: Vec<String> = (0..str_n)
-        .map(|i| format!("{i:0>width$}", width = str_len).replace('0', "a"))
-        .collect();
+    let strings = strings(str_n, str_len);
     let mut str_samples = Vec::new();
     for _ in 0..reps {
         let input = strings.clone();

@@ -241,14 +241,16 @@ impl SealedMapping {
 
     fn seal_and_map(fd: OwnedFd, len: usize) -> io::Result<SealedMapping> {
         rustix::fs::fcntl_add_seals(&fd, all_seals())?;
-        SealedMapping::map(fd, len)
+        SealedMapping::map(fd, len, MapFlags::empty())
     }
 
     /// Maps a memfd received from another process, which must carry every seal that
     /// [`create_with`](Self::create_with) puts on (write, shrink, grow, seal): otherwise
     /// someone could change it under the slice handed out. Its size is the kernel's
     /// (`fstat`).
-    pub fn open(fd: OwnedFd) -> io::Result<SealedMapping> {
+    /// `populate` maps every page in the same call (`MAP_POPULATE`): one system call instead
+    /// of a page fault per few pages, for a receiver that will read it all.
+    pub fn open(fd: OwnedFd, populate: impl FnOnce(usize) -> bool) -> io::Result<SealedMapping> {
         let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -262,10 +264,15 @@ impl SealedMapping {
             ));
         }
         let len = file_size(fd.as_fd())?;
-        SealedMapping::map(fd, len)
+        let flags = if populate(len) {
+            MapFlags::POPULATE
+        } else {
+            MapFlags::empty()
+        };
+        SealedMapping::map(fd, len, flags)
     }
 
-    fn map(fd: OwnedFd, len: usize) -> io::Result<SealedMapping> {
+    fn map(fd: OwnedFd, len: usize, flags: MapFlags) -> io::Result<SealedMapping> {
         if len == 0 {
             return Ok(SealedMapping {
                 ptr: std::ptr::null(),
@@ -274,7 +281,7 @@ impl SealedMapping {
             });
         }
         // Private and read-only, of a sealed memfd whose size cannot change.
-        let ptr = map_fresh(fd.as_fd(), len, ProtFlags::READ, MapFlags::PRIVATE)?;
+        let ptr = map_fresh(fd.as_fd(), len, ProtFlags::READ, MapFlags::PRIVATE | flags)?;
         Ok(SealedMapping {
             ptr: ptr.as_ptr().cast_const(),
             len,
