@@ -1,46 +1,105 @@
-//! Managers: Python's `multiprocessing.Manager()`, a process that owns shared containers
-//! and serves them to other processes through proxies. Here: shared dicts
-//! ([`ManagedDict`]), lists ([`ManagedList`]), namespaces ([`ManagedNamespace`]) and values
-//! ([`ManagedValue`]).
+//! Managers: Python's `multiprocessing.Manager()`, a process that owns shared objects and
+//! serves them to other processes through proxies. Here: dicts ([`ManagedDict`]), lists
+//! ([`ManagedList`]), namespaces ([`ManagedNamespace`]), values ([`ManagedValue`]), queues
+//! ([`ManagedQueue`]), locks ([`ManagedLock`]), events ([`ManagedEvent`]), instances of
+//! your own types ([`Served`], [`ManagedObject`]: Python's `BaseManager.register`), and
+//! named shared memory that is unlinked with the manager ([`SharedMemoryManager`]).
+//!
+//! | Python | gpuproc |
+//! |---|---|
+//! | `Manager()`, `SyncManager().start()` | [`Manager::start`] |
+//! | `BaseManager(address, authkey)`, `.start()` | [`Manager::builder`], [`ManagerBuilder::address`], [`ManagerBuilder::authkey`], [`ManagerBuilder::start`] |
+//! | `BaseManager(address, authkey)`, `.connect()` | [`Manager::connect`] |
+//! | `manager.dict()`, `list()`, `Namespace()`, `Value()` | [`Manager::dict`], [`Manager::list`], [`Manager::namespace`], [`Manager::value`] |
+//! | `manager.Queue()`, `Lock()`, `Event()` | [`Manager::queue`], [`Manager::lock`], [`Manager::event`] |
+//! | `BaseManager.register(typeid, callable)` | [`ManagerBuilder::register`] with a [`Served`] type; `manager.TypeId()` is [`Manager::create`] |
+//! | `register('get_queue', callable=lambda: q)` for remote clients | [`Manager::publish`] on the serving side, [`Manager::lookup`] on the client |
+//! | `manager.shutdown()`, `with Manager() as m:` | [`Manager::shutdown`], dropping the [`Manager`] |
+//! | `managers.SharedMemoryManager` | [`SharedMemoryManager`] |
+//! | `Condition`, `Barrier`, `Semaphore`, `Pool` proxies | none: gpuproc's own [`sync`](crate::sync) objects can be sent to any process started from this one |
 //!
 //! The manager is a gpuproc [`Process`] listening on an abstract Unix socket with a random
-//! name; proxies connect to it through [`connection`](crate::connection)'s authenticated
-//! connections (Python's HMAC handshake, with a random 32-byte key), so the same transport
-//! can serve remote clients once the manager listens on TCP. After the handshake, requests
-//! and answers go as gpuproc's own frames on the same socket (one `sendmsg` each way; a
-//! proxy waiting for an answer polls briefly before it sleeps, as channels do). Every
-//! request is one message and its answer; a proxy keeps one connection per process
-//! (reconnecting in a forked child), and a proxy sent to another process (as a task's
-//! argument, a `Process`'s argument, through a queue) connects there on first use.
+//! name (or on the address given to [`ManagerBuilder::address`], TCP included); proxies
+//! connect to it through [`connection`](crate::connection)'s authenticated connections
+//! (Python's HMAC handshake, with a random 32-byte key unless one is given). After the
+//! handshake, requests and answers go as gpuproc's own frames on the same socket (one
+//! `sendmsg` each way; a proxy waiting for an answer polls briefly before it sleeps, as
+//! channels do). Every request is one message and its answer; a proxy keeps its idle
+//! connections (one per call in flight at once, so a blocking call blocks only its own
+//! thread; reconnecting in a forked child), and a proxy sent to another process (as a
+//! task's argument, a `Process`'s argument, through a queue) connects there on first use.
+//! The manager serves each connection on a thread of its own: a request that waits (a
+//! queue's `get`, a lock's acquire, an event's `wait`) blocks no other client.
 //!
-//! Differences from Python: no `Queue`, `Lock`, `Event`, `Condition` or `Barrier` proxies
-//! yet (gpuproc's own [`Queue`] and [`sync`](crate::sync) objects can be sent
-//! to any process started from this one); keys and values are any serde types (without descriptors),
-//! each container typed by its proxy; an operation on a dict whose manager is gone (shut down,
-//! killed) fails with [`ManagerError::Lost`] at once, and one the manager does not answer
-//! within the proxy's timeout (default 60 s, for a stopped manager) with
-//! [`ManagerError::Timeout`].
+//! Differences from Python: keys, values and items are any serde types (without
+//! descriptors), each object typed by its proxy; an operation whose manager is gone (shut
+//! down, killed) fails with [`ManagerError::Lost`] at once, and one the manager does not
+//! answer within the proxy's timeout (default 60 s, for a stopped manager; a blocking
+//! operation waits that long on top of its own timeout) with [`ManagerError::Timeout`]. A
+//! lock held by a process that dies is released (Python keeps it locked: see
+//! [`ManagedLock`]).
 //!
-//! Anyone on this machine can connect to the abstract socket, but without the key the
-//! handshake fails: only processes that were given a proxy (which carries the key) or the
-//! [`Manager`] can use it.
+//! # Remote managers
+//!
+//! A manager started with [`ManagerBuilder::address`] on a TCP address (and an authkey)
+//! serves other programs, on this machine or others: they [`Manager::connect`] with the
+//! address and the key, and [`Manager::lookup`] the objects the serving side
+//! [`publish`](Manager::publish)ed by name (or receive proxies as data: a proxy carries
+//! the manager's address and key). The connection's security is that of
+//! [`connection`](crate::connection): the key is checked both ways and never sent, but
+//! nothing is encrypted, so use a private network or a tunnel for data that must stay
+//! secret. A peer that knows the key is trusted: it can read and change every object the
+//! manager holds.
+//!
+//! Anyone on this machine can connect to a local manager's abstract socket, but without
+//! the key the handshake fails: only processes that were given a proxy (which carries the
+//! key) or the [`Manager`] can use it.
+//!
+//! ```
+//! # gpuproc::init();
+//! use std::time::Duration;
+//! use gpuproc::managers::{ManagedQueue, Manager};
+//!
+//! fn worker(q: ManagedQueue<u64>) {
+//!     q.put(&42).unwrap();
+//! }
+//!
+//! let manager = Manager::start()?;
+//! let q = manager.queue::<u64>(0)?;
+//! let mut p = gpuproc::Process::new(worker, q.clone());
+//! p.start()?;
+//! assert_eq!(q.get_timeout(Duration::from_secs(30))?, 42);
+//! p.join()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
-use std::collections::HashMap;
+mod proxy;
+mod served;
+mod server;
+mod shared_memory;
+mod sync;
+mod wire;
+
+use std::any::type_name;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::time::Instant;
-
-use crate::channel::spin;
-use crate::connection::{Address, Client, Listener};
-use crate::ipc::{self, FrameReader, Read};
+use self::proxy::sealed::Sealed;
+use self::proxy::Proxy;
+use self::wire::{Endpoint, Reply, Request, Where};
+use crate::connection::Address;
 use crate::process::{Process, ProcessError};
-use crate::Queue;
+use crate::{Queue, StartMethod};
+
+pub use self::proxy::{
+    ManagedDict, ManagedList, ManagedNamespace, ManagedValue, Proxied, DEFAULT_TIMEOUT,
+};
+pub use self::served::{ManagedObject, Registered, Registry, Served};
+pub use self::shared_memory::SharedMemoryManager;
+pub use self::sync::{ManagedEvent, ManagedLock, ManagedLockGuard, ManagedQueue};
 
 /// Why a manager or a proxy failed.
 #[derive(thiserror::Error)]
@@ -65,6 +124,13 @@ pub enum ManagerError {
         /// The timeout.
         waited: Duration,
     },
+    /// The manager and this side do not share the authkey (Python's
+    /// `AuthenticationError`).
+    #[error("the manager refused the connection: {reason}")]
+    Authentication {
+        /// What the handshake said.
+        reason: String,
+    },
     /// A key or value could not be encoded or decoded as its type.
     #[error("a {what} could not be {action}: {reason}")]
     Codec {
@@ -81,6 +147,12 @@ pub enum ManagerError {
         /// Why.
         reason: String,
     },
+    /// A managed queue stayed empty for the whole timeout (Python's `queue.Empty`).
+    #[error("the queue is empty")]
+    Empty,
+    /// A managed queue stayed full for the whole timeout (Python's `queue.Full`).
+    #[error("the queue is full")]
+    Full,
 }
 
 impl ManagerError {
@@ -93,306 +165,143 @@ impl ManagerError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, ManagerError::Timeout { .. })
     }
-}
 
-fn lost(e: impl std::fmt::Display) -> ManagerError {
-    ManagerError::Lost {
-        reason: e.to_string(),
+    /// Whether the handshake failed: the authkey is not the manager's.
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, ManagerError::Authentication { .. })
+    }
+
+    /// Whether a queue's `get` found no item in time (Python's `queue.Empty`).
+    pub fn is_queue_empty(&self) -> bool {
+        matches!(self, ManagerError::Empty)
+    }
+
+    /// Whether a queue's `put` found no room in time (Python's `queue.Full`).
+    pub fn is_queue_full(&self) -> bool {
+        matches!(self, ManagerError::Full)
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-enum Request {
-    NewList,
-    Append {
-        list: u64,
-        value: Vec<u8>,
-    },
-    ListGet {
-        list: u64,
-        index: u64,
-    },
-    ListSet {
-        list: u64,
-        index: u64,
-        value: Vec<u8>,
-    },
-    Pop {
-        list: u64,
-    },
-    ListLen {
-        list: u64,
-    },
-    ListAll {
-        list: u64,
-    },
-    NewDict,
-    Get {
-        dict: u64,
-        key: Vec<u8>,
-    },
-    Set {
-        dict: u64,
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    Del {
-        dict: u64,
-        key: Vec<u8>,
-    },
-    Len {
-        dict: u64,
-    },
-    Items {
-        dict: u64,
-    },
-    Clear {
-        dict: u64,
-    },
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings of a manager: where it listens, its key, the types it serves; from
+/// [`Manager::builder`]. Python's `BaseManager(address, authkey)` and its subclass with
+/// `register`ed types.
+#[must_use = "a builder does nothing until .start()"]
+pub struct ManagerBuilder<R = ()> {
+    address: Option<Address>,
+    authkey: Option<Vec<u8>>,
+    start_method: Option<StartMethod>,
+    _registry: PhantomData<fn() -> R>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-enum Reply {
-    Done,
-    Id(u64),
-    Value(Option<Vec<u8>>),
-    Len(u64),
-    Items(Vec<(Vec<u8>, Vec<u8>)>),
-    Values(Vec<Vec<u8>>),
-    Refused(String),
-}
-
-/// Where a manager listens, and its key.
-#[derive(Clone, Serialize, Deserialize)]
-struct Endpoint {
-    name: Vec<u8>,
-    authkey: Vec<u8>,
-}
-
-impl std::fmt::Debug for Endpoint {
+impl<R> std::fmt::Debug for ManagerBuilder<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("name", &String::from_utf8_lossy(&self.name))
+        f.debug_struct("ManagerBuilder")
+            .field("address", &self.address)
+            .field("start_method", &self.start_method)
+            .field("registry", &type_name::<R>())
             .finish_non_exhaustive()
     }
 }
 
-impl Endpoint {
-    fn address(&self) -> Address {
-        Address::abstract_name(self.name.clone())
+impl<R: Registry> ManagerBuilder<R> {
+    /// Listens on `address` (a Unix socket path, an abstract name, or TCP
+    /// `("0.0.0.0", 50000)`; port 0 picks a free one, see [`Manager::address`]) instead of
+    /// a random abstract name; Python's `BaseManager(address=...)`. A TCP address needs an
+    /// [`authkey`](Self::authkey) given here, for the other programs to connect with.
+    pub fn address(mut self, address: impl Into<Address>) -> Self {
+        self.address = Some(address.into());
+        self
     }
 
-    fn connect(&self) -> Result<Link, ManagerError> {
-        let conn = Client::builder(self.address())
-            .authkey(&self.authkey)
-            .timeout(CONNECT_TIMEOUT)
-            .connect()
-            .map_err(lost)?;
-        Ok(Link {
-            sock: conn.into_fd(),
-            reader: FrameReader::default(),
+    /// The key clients must prove they hold (default: 32 random bytes, which only proxies
+    /// carry); Python's `authkey`.
+    pub fn authkey(mut self, key: &[u8]) -> Self {
+        self.authkey = Some(key.to_vec());
+        self
+    }
+
+    /// How the manager process is started (default: the program's start method).
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = Some(method);
+        self
+    }
+
+    /// Serves instances of `T` too ([`Manager::create`]); Python's
+    /// `MyManager.register(typeid, T)`. See [`Served`].
+    #[doc(alias = "BaseManager.register")]
+    pub fn register<T: Served>(self) -> ManagerBuilder<Registered<T, R>> {
+        ManagerBuilder {
+            address: self.address,
+            authkey: self.authkey,
+            start_method: self.start_method,
+            _registry: PhantomData,
+        }
+    }
+
+    /// Starts the manager process; Python's `manager.start()`.
+    pub fn start(self) -> Result<Manager, ManagerError> {
+        let start_err = |e: &dyn std::fmt::Display| ManagerError::Start {
+            reason: e.to_string(),
+        };
+        let authkey = match self.authkey {
+            Some(k) if !k.is_empty() => k,
+            Some(_) => return Err(start_err(&"an empty authkey")),
+            None => {
+                let mut k = vec![0u8; 32];
+                getrandom::fill(&mut k).map_err(|e| start_err(&e))?;
+                k
+            }
+        };
+        let at = match &self.address {
+            Some(a) => Where::from_address(a),
+            None => {
+                let mut tag = [0u8; 8];
+                getrandom::fill(&mut tag).map_err(|e| start_err(&e))?;
+                Where::Abstract(
+                    format!(
+                        "gpuproc-manager-{}-{:016x}",
+                        std::process::id(),
+                        u64::from_le_bytes(tag)
+                    )
+                    .into_bytes(),
+                )
+            }
+        };
+        let ready: Queue<Result<Where, String>> = Queue::new().map_err(|e| start_err(&e))?;
+        let start = server::Start {
+            at,
+            authkey: authkey.clone(),
+            ready: ready.clone(),
+        };
+        let mut process = Process::new(server::serve::<R>, start).with_name("gpuproc-manager");
+        if let Some(m) = self.start_method {
+            process = process.with_start_method(m);
+        }
+        process.start().map_err(|e: ProcessError| start_err(&e))?;
+        let failed = |process: &mut Process<server::Start, ()>, e: ManagerError| {
+            let _ = process.kill();
+            let _ = process.join_timeout(START_TIMEOUT);
+            Err(e)
+        };
+        let at = match ready.get_timeout(START_TIMEOUT) {
+            Ok(Ok(at)) => at,
+            Ok(Err(reason)) => return failed(&mut process, ManagerError::Start { reason }),
+            Err(e) => return failed(&mut process, start_err(&e)),
+        };
+        Ok(Manager {
+            process: Some(process),
+            endpoint: Endpoint { at, authkey },
         })
     }
 }
 
-/// One side of an authenticated connection, carrying gpuproc frames.
-struct Link {
-    sock: OwnedFd,
-    reader: FrameReader,
-}
-
-impl Link {
-    fn send<T: Serialize>(&self, value: &T) -> Result<(), ManagerError> {
-        let bytes = crate::codec::to_vec(value).map_err(|e| ManagerError::Codec {
-            what: "request",
-            action: "encoded",
-            reason: e.to_string(),
-        })?;
-        ipc::send_frame(self.sock.as_fd(), &bytes, &[]).map_err(lost)
-    }
-
-    /// The next message, waiting until `deadline` (`None`: for ever); polls for up to the
-    /// thread's spin budget before sleeping (see `channel::spin`).
-    fn recv<T: DeserializeOwned>(
-        &mut self,
-        deadline: Option<Instant>,
-        timeout: Duration,
-    ) -> Result<T, ManagerError> {
-        let start = Instant::now();
-        let budget = spin::budget();
-        let frame = loop {
-            if let Some(f) = self.reader.next_frame().map_err(lost)? {
-                break f;
-            }
-            if self.reader.at_eof() {
-                return Err(lost("the manager closed the connection"));
-            }
-            if start.elapsed() >= budget {
-                match self
-                    .reader
-                    .read(self.sock.as_fd(), deadline)
-                    .map_err(lost)?
-                {
-                    Read::Frame(f) => break f,
-                    Read::Eof => return Err(lost("the manager closed the connection")),
-                    Read::TimedOut => return Err(ManagerError::Timeout { waited: timeout }),
-                }
-            }
-            self.reader.fill(self.sock.as_fd()).map_err(lost)?;
-        };
-        spin::record(start.elapsed());
-        decode("message", &frame.bytes)
-    }
-}
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a proxy waits for an answer by default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// What a manager holds.
-#[derive(Default)]
-struct State {
-    dicts: HashMap<u64, HashMap<Vec<u8>, Vec<u8>>>,
-    lists: HashMap<u64, Vec<Vec<u8>>>,
-    next_id: u64,
-}
-
-type Shared = Arc<Mutex<State>>;
-
-fn answer(state: &Shared, req: Request) -> Reply {
-    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-    let State {
-        dicts: all,
-        lists,
-        next_id,
-    } = &mut *state;
-    let unknown = |d: u64| Reply::Refused(format!("no dict {d}"));
-    let no_list = |l: u64| Reply::Refused(format!("no list {l}"));
-    let at = |index: u64, len: usize| usize::try_from(index).ok().filter(|&i| i < len);
-    match req {
-        Request::NewDict => {
-            *next_id += 1;
-            all.insert(*next_id, HashMap::new());
-            Reply::Id(*next_id)
-        }
-        Request::NewList => {
-            *next_id += 1;
-            lists.insert(*next_id, Vec::new());
-            Reply::Id(*next_id)
-        }
-        Request::Append { list, value } => match lists.get_mut(&list) {
-            Some(l) => {
-                l.push(value);
-                Reply::Done
-            }
-            None => no_list(list),
-        },
-        Request::ListGet { list, index } => match lists.get(&list) {
-            Some(l) => Reply::Value(at(index, l.len()).map(|i| l[i].clone())),
-            None => no_list(list),
-        },
-        Request::ListSet { list, index, value } => match lists.get_mut(&list) {
-            Some(l) => match at(index, l.len()) {
-                Some(i) => {
-                    l[i] = value;
-                    Reply::Done
-                }
-                None => Reply::Refused(format!(
-                    "list assignment index {index} out of range (the list has {} items)",
-                    l.len()
-                )),
-            },
-            None => no_list(list),
-        },
-        Request::Pop { list } => match lists.get_mut(&list) {
-            Some(l) => Reply::Value(l.pop()),
-            None => no_list(list),
-        },
-        Request::ListLen { list } => match lists.get(&list) {
-            Some(l) => Reply::Len(l.len() as u64),
-            None => no_list(list),
-        },
-        Request::ListAll { list } => match lists.get(&list) {
-            Some(l) => Reply::Values(l.clone()),
-            None => no_list(list),
-        },
-        Request::Get { dict, key } => match all.get(&dict) {
-            Some(d) => Reply::Value(d.get(&key).cloned()),
-            None => unknown(dict),
-        },
-        Request::Set { dict, key, value } => match all.get_mut(&dict) {
-            Some(d) => {
-                d.insert(key, value);
-                Reply::Done
-            }
-            None => unknown(dict),
-        },
-        Request::Del { dict, key } => match all.get_mut(&dict) {
-            Some(d) => Reply::Value(d.remove(&key)),
-            None => unknown(dict),
-        },
-        Request::Len { dict } => match all.get(&dict) {
-            Some(d) => Reply::Len(d.len() as u64),
-            None => unknown(dict),
-        },
-        Request::Items { dict } => match all.get(&dict) {
-            Some(d) => Reply::Items(d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
-            None => unknown(dict),
-        },
-        Request::Clear { dict } => match all.get_mut(&dict) {
-            Some(d) => {
-                d.clear();
-                Reply::Done
-            }
-            None => unknown(dict),
-        },
-    }
-}
-
-/// The manager process: binds, says so, and serves each connection on a thread.
-fn serve((endpoint, ready): (Endpoint, Queue<String>)) {
-    let listener = match Listener::builder(endpoint.address())
-        .authkey(&endpoint.authkey)
-        .bind()
-    {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.put(format!("binding: {e}"));
-            return;
-        }
-    };
-    if ready.put(String::new()).is_err() {
-        return;
-    }
-    drop(ready);
-    let state: Shared = Default::default();
-    loop {
-        // A failed handshake (a stranger without the key) ends that connection only.
-        let Ok(conn) = listener.accept() else {
-            continue;
-        };
-        let state = state.clone();
-        let mut link = Link {
-            sock: conn.into_fd(),
-            reader: FrameReader::default(),
-        };
-        let _ = std::thread::Builder::new()
-            .name("gpuproc-manager".into())
-            .spawn(move || {
-                while let Ok(req) = link.recv::<Request>(None, Duration::MAX) {
-                    if link.send(&answer(&state, req)).is_err() {
-                        break;
-                    }
-                }
-            });
-    }
-}
-
-/// A manager process; Python's `multiprocessing.Manager()` (a started `SyncManager`).
+/// A manager process; Python's `multiprocessing.Manager()` (a started `SyncManager`), or a
+/// connection to one another program started ([`Manager::connect`]).
 ///
-/// Dropping it shuts the manager down, as leaving Python's `with Manager() as m:` does;
-/// proxies then fail with [`ManagerError::Lost`].
+/// Dropping a started manager shuts it down, as leaving Python's `with Manager() as m:`
+/// does; proxies then fail with [`ManagerError::Lost`].
 ///
 /// ```
 /// # gpuproc::init();
@@ -412,50 +321,62 @@ fn serve((endpoint, ready): (Endpoint, Queue<String>)) {
 /// ```
 #[derive(Debug)]
 pub struct Manager {
-    process: Option<Process<(Endpoint, Queue<String>), ()>>,
+    process: Option<Process<server::Start, ()>>,
     endpoint: Endpoint,
 }
 
 impl Manager {
     /// Starts a manager process; Python's `Manager()` (or `SyncManager().start()`).
     pub fn start() -> Result<Manager, ManagerError> {
-        let start_err = |e: &dyn std::fmt::Display| ManagerError::Start {
-            reason: e.to_string(),
-        };
-        let mut authkey = vec![0u8; 32];
-        getrandom::fill(&mut authkey).map_err(|e| start_err(&e))?;
-        let mut tag = [0u8; 8];
-        getrandom::fill(&mut tag).map_err(|e| start_err(&e))?;
-        let endpoint = Endpoint {
-            name: format!(
-                "gpuproc-manager-{}-{:016x}",
-                std::process::id(),
-                u64::from_le_bytes(tag)
-            )
-            .into_bytes(),
-            authkey,
-        };
-        let ready: Queue<String> = Queue::new().map_err(|e| start_err(&e))?;
-        let mut process =
-            Process::new(serve, (endpoint.clone(), ready.clone())).with_name("gpuproc-manager");
-        process.start().map_err(|e: ProcessError| start_err(&e))?;
-        match ready.get_timeout(START_TIMEOUT) {
-            Ok(s) if s.is_empty() => {}
-            Ok(reason) => {
-                let _ = process.kill();
-                let _ = process.join_timeout(START_TIMEOUT);
-                return Err(ManagerError::Start { reason });
-            }
-            Err(e) => {
-                let _ = process.kill();
-                let _ = process.join_timeout(START_TIMEOUT);
-                return Err(start_err(&e));
-            }
+        Manager::builder().start()
+    }
+
+    /// A manager with settings: address, authkey, registered types.
+    pub fn builder() -> ManagerBuilder {
+        ManagerBuilder {
+            address: None,
+            authkey: None,
+            start_method: None,
+            _registry: PhantomData,
         }
-        Ok(Manager {
-            process: Some(process),
-            endpoint,
-        })
+    }
+
+    /// Connects to a manager another program (or machine) started on `address` with
+    /// `authkey`; Python's `BaseManager(address, authkey).connect()`. Fails at once with
+    /// [`ManagerError::Authentication`] for a wrong key, [`ManagerError::Lost`] if nothing
+    /// answers there. The result makes proxies and looks up published objects as the
+    /// manager's own handle does; dropping it (or [`shutdown`](Self::shutdown)) leaves the
+    /// manager running.
+    ///
+    /// ```no_run
+    /// use gpuproc::managers::{ManagedQueue, Manager};
+    /// let m = Manager::connect(("10.0.0.5", 50000), b"abracadabra")?;
+    /// let jobs: ManagedQueue<String> = m.lookup("jobs")?;
+    /// println!("{}", jobs.get()?);
+    /// # Ok::<(), gpuproc::managers::ManagerError>(())
+    /// ```
+    pub fn connect(address: impl Into<Address>, authkey: &[u8]) -> Result<Manager, ManagerError> {
+        let endpoint = Endpoint {
+            at: Where::from_address(&address.into()),
+            authkey: authkey.to_vec(),
+        };
+        match Proxy::new(endpoint.clone(), 0, DEFAULT_TIMEOUT).call(Request::Ping)? {
+            Reply::Done => Ok(Manager {
+                process: None,
+                endpoint,
+            }),
+            other => Err(proxy::unexpected(other)),
+        }
+    }
+
+    /// Where the manager listens (with the real port where port 0 was asked for); Python's
+    /// `manager.address`.
+    pub fn address(&self) -> Address {
+        self.endpoint.at.address()
+    }
+
+    fn make<P: Sealed>(&self, req: Request) -> Result<P, ManagerError> {
+        Ok(P::from_proxy(Proxy::create(&self.endpoint, req)?))
     }
 
     /// A new, empty shared dict; Python's `manager.dict()`.
@@ -464,17 +385,12 @@ impl Manager {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        Ok(ManagedDict {
-            proxy: Proxy::create(&self.endpoint, Request::NewDict)?,
-            _t: PhantomData,
-        })
+        self.make(Request::NewDict)
     }
 
     /// A new, empty namespace; Python's `manager.Namespace()`.
     pub fn namespace(&self) -> Result<ManagedNamespace, ManagerError> {
-        Ok(ManagedNamespace {
-            proxy: Proxy::create(&self.endpoint, Request::NewDict)?,
-        })
+        self.make(Request::NewDict)
     }
 
     /// A shared value, set to `value`; Python's `manager.Value(typecode, value)`.
@@ -482,10 +398,7 @@ impl Manager {
     where
         T: Serialize + DeserializeOwned,
     {
-        let v = ManagedValue {
-            proxy: Proxy::create(&self.endpoint, Request::NewDict)?,
-            _t: PhantomData,
-        };
+        let v: ManagedValue<T> = self.make(Request::NewDict)?;
         v.set(value)?;
         Ok(v)
     }
@@ -495,19 +408,92 @@ impl Manager {
     where
         T: Serialize + DeserializeOwned,
     {
-        Ok(ManagedList {
-            proxy: Proxy::create(&self.endpoint, Request::NewList)?,
-            _t: PhantomData,
+        self.make(Request::NewList)
+    }
+
+    /// A new queue holding at most `maxsize` items (0: no limit); Python's
+    /// `manager.Queue(maxsize)`.
+    pub fn queue<T>(&self, maxsize: usize) -> Result<ManagedQueue<T>, ManagerError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.make(Request::NewQueue {
+            maxsize: maxsize as u64,
         })
     }
 
-    /// The manager process's pid.
+    /// A new, free lock; Python's `manager.Lock()`.
+    pub fn lock(&self) -> Result<ManagedLock, ManagerError> {
+        self.make(Request::NewLock)
+    }
+
+    /// A new event, not set; Python's `manager.Event()`.
+    pub fn event(&self) -> Result<ManagedEvent, ManagerError> {
+        self.make(Request::NewEvent)
+    }
+
+    /// A new instance of `T`, made from `args` in the manager process; Python's
+    /// `manager.TypeId(*args)` for a registered type. `T` must have been
+    /// [`register`](ManagerBuilder::register)ed ([`ManagerError::Refused`] otherwise).
+    pub fn create<T: Served>(&self, args: &T::Args) -> Result<ManagedObject<T>, ManagerError> {
+        self.make(Request::NewObject {
+            typeid: type_name::<T>().to_string(),
+            args: wire::encode("argument", args)?,
+        })
+    }
+
+    /// Makes `proxy`'s object known under `name`, for [`lookup`](Self::lookup) by other
+    /// programs ([`Manager::connect`]); Python's `register(name, callable=lambda: obj)` on
+    /// the serving side. A name published again names the new object.
+    pub fn publish<P: Proxied>(&self, name: &str, proxy: &P) -> Result<(), ManagerError> {
+        let p = proxy.proxy();
+        if p.endpoint.at != self.endpoint.at {
+            return Err(ManagerError::Refused {
+                reason: format!("{name:?}: the object belongs to another manager"),
+            });
+        }
+        match p.call(Request::Publish {
+            name: name.to_string(),
+            id: p.id,
+            kind: type_name::<P>().to_string(),
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(proxy::unexpected(other)),
+        }
+    }
+
+    /// A proxy of the object [`publish`](Self::publish)ed under `name`; Python's
+    /// `manager.get_queue()` for a name registered with a callable. It must be asked as the
+    /// proxy type it was published as ([`ManagerError::Refused`] otherwise, naming both).
+    pub fn lookup<P: Proxied>(&self, name: &str) -> Result<P, ManagerError> {
+        let p = Proxy::new(self.endpoint.clone(), 0, DEFAULT_TIMEOUT);
+        match p.call(Request::Lookup {
+            name: name.to_string(),
+        })? {
+            Reply::Found(id, kind) if kind == type_name::<P>() => Ok(P::from_proxy(Proxy::new(
+                self.endpoint.clone(),
+                id,
+                DEFAULT_TIMEOUT,
+            ))),
+            Reply::Found(_, kind) => Err(ManagerError::Refused {
+                reason: format!(
+                    "{name:?} was published as {kind}, not {}",
+                    type_name::<P>()
+                ),
+            }),
+            other => Err(proxy::unexpected(other)),
+        }
+    }
+
+    /// The manager process's pid (`None` for a manager this program connected to, or one
+    /// shut down).
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().and_then(|p| p.pid())
     }
 
-    /// Stops the manager process (its containers are gone; proxies fail with
-    /// [`ManagerError::Lost`]); Python's `shutdown()`. Calling it again does nothing.
+    /// Stops the manager process (its objects are gone; proxies fail with
+    /// [`ManagerError::Lost`]); Python's `shutdown()`. Calling it again does nothing, nor
+    /// does calling it on a manager this program [`connect`](Self::connect)ed to.
     pub fn shutdown(&mut self) {
         if let Some(mut p) = self.process.take() {
             let _ = p.kill();
@@ -519,464 +505,5 @@ impl Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-fn unexpected(r: Reply) -> ManagerError {
-    match r {
-        Reply::Refused(reason) => ManagerError::Refused { reason },
-        other => ManagerError::Refused {
-            reason: format!("an unexpected answer: {other:?}"),
-        },
-    }
-}
-
-/// What every proxy holds: the manager, the object's id, and this process's connection.
-struct Proxy {
-    endpoint: Endpoint,
-    id: u64,
-    timeout: Duration,
-    /// This process's connection (the pid that made it).
-    conn: Mutex<Option<(u32, Link)>>,
-}
-
-impl Proxy {
-    fn new(endpoint: Endpoint, id: u64, timeout: Duration) -> Self {
-        Proxy {
-            endpoint,
-            id,
-            timeout,
-            conn: Mutex::new(None),
-        }
-    }
-
-    /// A proxy of a new object, made by `req`.
-    fn create(endpoint: &Endpoint, req: Request) -> Result<Proxy, ManagerError> {
-        let mut p = Proxy::new(endpoint.clone(), 0, DEFAULT_TIMEOUT);
-        match p.call(req)? {
-            Reply::Id(id) => p.id = id,
-            other => return Err(unexpected(other)),
-        }
-        Ok(p)
-    }
-
-    fn call(&self, req: Request) -> Result<Reply, ManagerError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let me = std::process::id();
-        if conn.as_ref().is_none_or(|(pid, _)| *pid != me) {
-            *conn = Some((me, self.endpoint.connect()?));
-        }
-        let Some((_, link)) = conn.as_mut() else {
-            return Err(lost("no connection"));
-        };
-        let deadline = crate::time::deadline(self.timeout);
-        let got = link
-            .send(&req)
-            .and_then(|()| link.recv::<Reply>(deadline, self.timeout));
-        if got.is_err() {
-            // The connection may hold half a message: start again next time.
-            *conn = None;
-        }
-        got
-    }
-}
-
-impl Clone for Proxy {
-    fn clone(&self) -> Self {
-        Proxy::new(self.endpoint.clone(), self.id, self.timeout)
-    }
-}
-
-impl std::fmt::Debug for Proxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy")
-            .field("manager", &self.endpoint)
-            .field("id", &self.id)
-            .finish()
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct ProxyWire {
-    endpoint: Endpoint,
-    id: u64,
-    timeout: Duration,
-}
-
-impl Serialize for Proxy {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        ProxyWire {
-            endpoint: self.endpoint.clone(),
-            id: self.id,
-            timeout: self.timeout,
-        }
-        .serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Proxy {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let w = ProxyWire::deserialize(d)?;
-        Ok(Proxy::new(w.endpoint, w.id, w.timeout))
-    }
-}
-
-/// Proxy types: typed wrappers of a [`Proxy`], cloned and sent as it is.
-macro_rules! proxy_type {
-    ($(#[$doc:meta])* $name:ident <$($t:ident),+>) => {
-        $(#[$doc])*
-        pub struct $name<$($t),+> {
-            proxy: Proxy,
-            _t: PhantomData<fn($($t),+)>,
-        }
-
-        impl<$($t),+> std::fmt::Debug for $name<$($t),+> {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.debug_struct(stringify!($name))
-                    .field("manager", &self.proxy.endpoint)
-                    .field("id", &self.proxy.id)
-                    .finish()
-            }
-        }
-
-        impl<$($t),+> Clone for $name<$($t),+> {
-            fn clone(&self) -> Self {
-                $name { proxy: self.proxy.clone(), _t: PhantomData }
-            }
-        }
-
-        impl<$($t),+> Serialize for $name<$($t),+> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                self.proxy.serialize(s)
-            }
-        }
-
-        impl<'de, $($t),+> Deserialize<'de> for $name<$($t),+> {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                Ok($name { proxy: Proxy::deserialize(d)?, _t: PhantomData })
-            }
-        }
-
-        impl<$($t),+> $name<$($t),+> {
-            /// How long each operation waits for the manager's answer (default 60 s).
-            pub fn with_timeout(mut self, timeout: Duration) -> Self {
-                self.proxy.timeout = timeout;
-                self
-            }
-
-            fn call(&self, req: Request) -> Result<Reply, ManagerError> {
-                self.proxy.call(req)
-            }
-        }
-    };
-}
-
-proxy_type!(
-    /// A proxy of a dict held by a [`Manager`]; Python's `DictProxy`. Cloning it, or sending
-    /// it to another process, gives another proxy of the same dict.
-    ManagedDict<K, V>
-);
-
-/// A proxy of a namespace held by a [`Manager`]; Python's `manager.Namespace()`: named
-/// attributes of any serde type (`ns.x = 1` is `ns.set("x", &1)`, `ns.x` is
-/// `ns.get::<i64>("x")`). Cloning it, or sending it to another process, gives another proxy
-/// of the same namespace.
-pub struct ManagedNamespace {
-    proxy: Proxy,
-}
-
-impl std::fmt::Debug for ManagedNamespace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManagedNamespace")
-            .field("manager", &self.proxy.endpoint)
-            .field("id", &self.proxy.id)
-            .finish()
-    }
-}
-
-impl Clone for ManagedNamespace {
-    fn clone(&self) -> Self {
-        ManagedNamespace {
-            proxy: self.proxy.clone(),
-        }
-    }
-}
-
-impl Serialize for ManagedNamespace {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.proxy.serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for ManagedNamespace {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(ManagedNamespace {
-            proxy: Proxy::deserialize(d)?,
-        })
-    }
-}
-
-impl ManagedNamespace {
-    /// How long each operation waits for the manager's answer (default 60 s).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.proxy.timeout = timeout;
-        self
-    }
-
-    /// The attribute `name` as a `T` (`None` if unset; Python raises `AttributeError`). An
-    /// attribute set as another type is [`ManagerError::Codec`] (or, for types that share
-    /// an encoding, read as this one).
-    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, ManagerError> {
-        let key = encode("key", name)?;
-        match self.proxy.call(Request::Get {
-            dict: self.proxy.id,
-            key,
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v).map(Some),
-            Reply::Value(None) => Ok(None),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Sets the attribute `name`; Python's `ns.name = value`.
-    pub fn set<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), ManagerError> {
-        let (key, value) = (encode("key", name)?, encode("value", value)?);
-        match self.proxy.call(Request::Set {
-            dict: self.proxy.id,
-            key,
-            value,
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Removes the attribute `name`; Python's `del ns.name`. Whether it was set.
-    pub fn remove(&self, name: &str) -> Result<bool, ManagerError> {
-        let key = encode("key", name)?;
-        match self.proxy.call(Request::Del {
-            dict: self.proxy.id,
-            key,
-        })? {
-            Reply::Value(v) => Ok(v.is_some()),
-            other => Err(unexpected(other)),
-        }
-    }
-}
-
-proxy_type!(
-    /// A proxy of a value held by a [`Manager`]; Python's `manager.Value(typecode, value)`
-    /// (its `value` attribute is [`get`](Self::get) and [`set`](Self::set)). Each call is
-    /// one step: hold a lock around a read and a write that must go together.
-    ManagedValue<T>
-);
-
-impl<T: Serialize + DeserializeOwned> ManagedValue<T> {
-    /// The value; Python's `v.value`.
-    pub fn get(&self) -> Result<T, ManagerError> {
-        match self.call(Request::Get {
-            dict: self.proxy.id,
-            key: Vec::new(),
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Sets the value; Python's `v.value = x`.
-    pub fn set(&self, value: &T) -> Result<(), ManagerError> {
-        let value = encode("value", value)?;
-        match self.call(Request::Set {
-            dict: self.proxy.id,
-            key: Vec::new(),
-            value,
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-}
-
-proxy_type!(
-    /// A proxy of a list held by a [`Manager`]; Python's `ListProxy`. Cloning it, or sending
-    /// it to another process, gives another proxy of the same list.
-    ManagedList<T>
-);
-
-fn encode<T: Serialize + ?Sized>(what: &'static str, v: &T) -> Result<Vec<u8>, ManagerError> {
-    crate::codec::to_vec(v).map_err(|e| ManagerError::Codec {
-        what,
-        action: "encoded",
-        reason: e.to_string(),
-    })
-}
-
-fn decode<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, ManagerError> {
-    crate::codec::from_bytes(b).map_err(|e| ManagerError::Codec {
-        what,
-        action: "decoded",
-        reason: e.to_string(),
-    })
-}
-
-impl<K, V> ManagedDict<K, V>
-where
-    K: Serialize + DeserializeOwned,
-    V: Serialize + DeserializeOwned,
-{
-    /// The value of `key`; Python's `d.get(key)`.
-    pub fn get(&self, key: &K) -> Result<Option<V>, ManagerError> {
-        let key = encode("key", key)?;
-        match self.call(Request::Get {
-            dict: self.proxy.id,
-            key,
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v).map(Some),
-            Reply::Value(None) => Ok(None),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Sets `key` to `value`; Python's `d[key] = value`.
-    pub fn set(&self, key: &K, value: &V) -> Result<(), ManagerError> {
-        let (key, value) = (encode("key", key)?, encode("value", value)?);
-        match self.call(Request::Set {
-            dict: self.proxy.id,
-            key,
-            value,
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Removes `key`, returning its value; Python's `d.pop(key, None)`.
-    pub fn remove(&self, key: &K) -> Result<Option<V>, ManagerError> {
-        let key = encode("key", key)?;
-        match self.call(Request::Del {
-            dict: self.proxy.id,
-            key,
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v).map(Some),
-            Reply::Value(None) => Ok(None),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// The number of keys; Python's `len(d)`.
-    pub fn len(&self) -> Result<usize, ManagerError> {
-        match self.call(Request::Len {
-            dict: self.proxy.id,
-        })? {
-            Reply::Len(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Whether the dict is empty.
-    pub fn is_empty(&self) -> Result<bool, ManagerError> {
-        Ok(self.len()? == 0)
-    }
-
-    /// Every key and value (in no particular order); Python's `d.items()`.
-    pub fn items(&self) -> Result<Vec<(K, V)>, ManagerError> {
-        match self.call(Request::Items {
-            dict: self.proxy.id,
-        })? {
-            Reply::Items(items) => items
-                .iter()
-                .map(|(k, v)| Ok((decode("key", k)?, decode("value", v)?)))
-                .collect(),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Removes every key; Python's `d.clear()`.
-    pub fn clear(&self) -> Result<(), ManagerError> {
-        match self.call(Request::Clear {
-            dict: self.proxy.id,
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-}
-
-impl<T> ManagedList<T>
-where
-    T: Serialize + DeserializeOwned,
-{
-    /// Appends `value`; Python's `l.append(value)`.
-    pub fn append(&self, value: &T) -> Result<(), ManagerError> {
-        let value = encode("value", value)?;
-        match self.call(Request::Append {
-            list: self.proxy.id,
-            value,
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// The item at `index` (`None` past the end, where Python raises `IndexError`).
-    pub fn get(&self, index: usize) -> Result<Option<T>, ManagerError> {
-        match self.call(Request::ListGet {
-            list: self.proxy.id,
-            index: index as u64,
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v).map(Some),
-            Reply::Value(None) => Ok(None),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Sets the item at `index`; Python's `l[index] = value` (past the end:
-    /// [`ManagerError::Refused`], Python's `IndexError`).
-    pub fn set(&self, index: usize, value: &T) -> Result<(), ManagerError> {
-        let value = encode("value", value)?;
-        match self.call(Request::ListSet {
-            list: self.proxy.id,
-            index: index as u64,
-            value,
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Removes and returns the last item; Python's `l.pop()` (`None` when empty).
-    pub fn pop(&self) -> Result<Option<T>, ManagerError> {
-        match self.call(Request::Pop {
-            list: self.proxy.id,
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v).map(Some),
-            Reply::Value(None) => Ok(None),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// The number of items; Python's `len(l)`.
-    pub fn len(&self) -> Result<usize, ManagerError> {
-        match self.call(Request::ListLen {
-            list: self.proxy.id,
-        })? {
-            Reply::Len(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Whether the list is empty.
-    pub fn is_empty(&self) -> Result<bool, ManagerError> {
-        Ok(self.len()? == 0)
-    }
-
-    /// Every item, in order; Python's `l[:]`.
-    pub fn to_vec(&self) -> Result<Vec<T>, ManagerError> {
-        match self.call(Request::ListAll {
-            list: self.proxy.id,
-        })? {
-            Reply::Values(items) => items.iter().map(|v| decode("value", v)).collect(),
-            other => Err(unexpected(other)),
-        }
     }
 }
