@@ -49,7 +49,13 @@
 //! [`connection`](crate::connection): the key is checked both ways and never sent, but
 //! nothing is encrypted, so use a private network or a tunnel for data that must stay
 //! secret. A peer that knows the key is trusted: it can read and change every object the
-//! manager holds.
+//! manager holds. The manager runs one handshake at a time, as Python's does: a peer
+//! without the key can delay new connections by at most the handshake timeout (20 s), and
+//! connections already made are not affected.
+//!
+//! A proxy made by the manager's own handle carries the address the manager listens on
+//! (`0.0.0.0` stays `0.0.0.0`): to send proxies to other machines, listen on an address
+//! they reach; proxies from [`Manager::lookup`] carry the address that was connected to.
 //!
 //! Anyone on this machine can connect to a local manager's abstract socket, but without
 //! the key the handshake fails: only processes that were given a proxy (which carries the
@@ -476,10 +482,7 @@ impl Manager {
                 DEFAULT_TIMEOUT,
             ))),
             Reply::Found(_, kind) => Err(ManagerError::Refused {
-                reason: format!(
-                    "{name:?} was published as {kind}, not {}",
-                    type_name::<P>()
-                ),
+                reason: format!("{name:?} was published as {kind}, not {}", type_name::<P>()),
             }),
             other => Err(proxy::unexpected(other)),
         }

@@ -1,30 +1,6 @@
 //! Your own types served by a manager: Python's `BaseManager.register(typeid, callable)`.
 //!
-//! A type implements [`Served`]: how it is made (`Args`), the calls it takes (`Call`,
-//! usually an enum of its methods) and what they return (`Reply`). It is registered with
-//! [`ManagerBuilder::register`](super::ManagerBuilder::register); the manager process
-//! then makes instances ([`Manager::create`](super::Manager::create)) and runs their calls,
-//! and every process holding the [`ManagedObject`] proxy calls them.
-//!
-//! | Python | gpuproc |
-//! |---|---|
-//! | `class MyManager(BaseManager): pass` | [`Manager::builder()`](super::Manager::builder) |
-//! | `MyManager.register('Counter', Counter)` | `.register::<Counter>()` (`Counter: Served`) |
-//! | `m = MyManager(); m.start()` | `let m = ....start()?` |
-//! | `c = m.Counter(5)` | `let c = m.create::<Counter>(&5)?` (a [`ManagedObject<Counter>`]) |
-//! | `c.increment(2)` (an exposed method) | `c.call(&CounterCall::Increment(2))?` |
-//! | `typeid` (the registered name) | [`std::any::type_name`] of the type |
-//! | `exposed=` | the variants of `Call` |
-//! | `proxytype=`, `method_to_typeid=` | none: the reply is data; return proxies' ids in it if needed |
-//!
-//! The registry is part of the builder's type, and the manager process runs a function
-//! compiled for it: nothing is looked up by name but the type's, and an instance of a type
-//! this manager was not built with is refused ([`ManagerError::Refused`]).
-//!
-//! Calls on one instance run one at a time (each instance has its own lock); calls on
-//! different instances, and blocking requests of other proxies, run side by side. A call
-//! that panics answers [`ManagerError::Refused`] with the panic's message; the instance
-//! stays, as the panic left it.
+//! The mapping to Python is on [`Served`].
 
 use std::any::type_name;
 use std::marker::PhantomData;
@@ -37,14 +13,39 @@ use super::wire::{decode, encode, Reply, Request};
 use super::ManagerError;
 
 /// A type whose instances live in a manager process, called through a [`ManagedObject`]
-/// proxy: Python's classes given to `BaseManager.register`. See the [module](self) docs.
+/// proxy: Python's classes given to `BaseManager.register`.
+///
+/// A served type says how it is made (`Args`), the calls it takes (`Call`,
+/// usually an enum of its methods) and what they return (`Reply`). It is registered with
+/// [`ManagerBuilder::register`](super::ManagerBuilder::register); the manager process
+/// then makes instances ([`Manager::create`](super::Manager::create)) and runs their calls,
+/// and every process holding the [`ManagedObject`] proxy calls them.
+///
+/// | Python | gpuproc |
+/// |---|---|
+/// | `class MyManager(BaseManager): pass` | [`Manager::builder()`](super::Manager::builder) |
+/// | `MyManager.register('Counter', Counter)` | `.register::<Counter>()` (`Counter: Served`) |
+/// | `m = MyManager(); m.start()` | `let m = ....start()?` |
+/// | `c = m.Counter(5)` | `let c = m.create::<Counter>(&5)?` (a [`ManagedObject<Counter>`]) |
+/// | `c.increment(2)` (an exposed method) | `c.call(&CounterCall::Increment(2))?` |
+/// | `typeid` (the registered name) | [`std::any::type_name`] of the type |
+/// | `exposed=` | the variants of `Call` |
+/// | `proxytype=`, `method_to_typeid=` | none: replies are data; a proxy is data too, so one given in `Args` can be kept and returned in a reply |
+///
+/// The registry is part of the builder's type, and the manager process runs a function
+/// compiled for it: nothing is looked up by name but the type's, and an instance of a type
+/// this manager was not built with is refused ([`ManagerError::Refused`]).
+///
+/// Calls on one instance run one at a time (each instance has its own lock); calls on
+/// different instances, and blocking requests of other proxies, run side by side. A call
+/// that panics answers [`ManagerError::Refused`] with the panic's message; the instance
+/// stays, as the panic left it.
 ///
 /// ```
 /// # gpuproc::init();
 /// use serde::{Deserialize, Serialize};
 /// use gpuproc::managers::{Manager, Served};
 ///
-/// #[derive(Default)]
 /// struct Counter(i64);
 ///
 /// #[derive(Serialize, Deserialize)]
@@ -126,7 +127,12 @@ pub struct Registered<T, Rest>(PhantomData<fn() -> (T, Rest)>);
 
 impl<T, Rest> std::fmt::Debug for Registered<T, Rest> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Registered<{}, {}>", type_name::<T>(), type_name::<Rest>())
+        write!(
+            f,
+            "Registered<{}, {}>",
+            type_name::<T>(),
+            type_name::<Rest>()
+        )
     }
 }
 

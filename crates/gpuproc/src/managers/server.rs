@@ -151,9 +151,11 @@ fn answer<R: Registry>(shared: &Shared, client: &Client<'_>, req: Request) -> An
             }
         }
         Request::Take { queue, timeout } => {
-            let got = block_until(shared, client, timeout, |st| match st.queues.get_mut(&queue) {
-                None => Some(None),
-                Some(q) => q.items.pop_front().map(Some),
+            let got = block_until(shared, client, timeout, |st| {
+                match st.queues.get_mut(&queue) {
+                    None => Some(None),
+                    Some(q) => q.items.pop_front().map(Some),
+                }
             });
             match got {
                 Waited::Done(Some(item)) => {
@@ -166,13 +168,15 @@ fn answer<R: Registry>(shared: &Shared, client: &Client<'_>, req: Request) -> An
             }
         }
         Request::Acquire { lock, timeout } => {
-            let got = block_until(shared, client, timeout, |st| match st.locks.get_mut(&lock) {
-                None => Some(false),
-                Some(holder @ None) => {
-                    *holder = Some(client.id);
-                    Some(true)
+            let got = block_until(shared, client, timeout, |st| {
+                match st.locks.get_mut(&lock) {
+                    None => Some(false),
+                    Some(holder @ None) => {
+                        *holder = Some(client.id);
+                        Some(true)
+                    }
+                    Some(Some(_)) => None,
                 }
-                Some(Some(_)) => None,
             });
             match got {
                 Waited::Done(true) => Some(Reply::Flag(true)),

@@ -20,8 +20,8 @@ proxy_type!(
     ///
     /// A `get` that waits does so in the manager, on its connection's own thread: other
     /// clients, and other threads of this process using the same proxy, go on meanwhile.
-    /// An item taken for a client that is gone before the answer reaches it is put back at
-    /// the front of the queue (Python loses it).
+    /// An item taken for a client found gone when the answer is sent (its process died
+    /// while waiting) is put back at the front of the queue (Python loses it).
     ///
     /// ```
     /// # gpuproc::init();

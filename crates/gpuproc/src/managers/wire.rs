@@ -291,10 +291,7 @@ pub(super) fn encode<T: Serialize + ?Sized>(
     })
 }
 
-pub(super) fn decode<T: DeserializeOwned>(
-    what: &'static str,
-    b: &[u8],
-) -> Result<T, ManagerError> {
+pub(super) fn decode<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, ManagerError> {
     crate::codec::from_bytes(b).map_err(|e| ManagerError::Codec {
         what,
         action: "decoded",

@@ -131,7 +131,11 @@ fn a_dead_holders_lock_is_released() {
     let manager = Manager::start().unwrap();
     let lock = manager.lock().unwrap();
     let held = Queue::new().unwrap();
-    let mut p = support::start(StartMethod::Spawn, hold_lock_forever, (lock.clone(), held.clone()));
+    let mut p = support::start(
+        StartMethod::Spawn,
+        hold_lock_forever,
+        (lock.clone(), held.clone()),
+    );
     held.get_timeout(TIMEOUT).unwrap();
     assert!(lock.locked().unwrap());
     std::thread::scope(|s| {
@@ -286,9 +290,7 @@ fn shared_memory_manager_unlinks_at_shutdown_and_after_sigkill() {
     let mut smm = SharedMemoryManager::start().unwrap();
     let block = smm.shared_memory(4096).unwrap();
     let list = smm.shareable_list([1i64, 2, 3]).unwrap();
-    let strings = smm
-        .shareable_list_with_capacity(["a", "b"], 32)
-        .unwrap();
+    let strings = smm.shareable_list_with_capacity(["a", "b"], 32).unwrap();
     let names = vec![
         block.name().to_string(),
         list.name().to_string(),
@@ -330,8 +332,13 @@ fn shared_memory_manager_unlinks_at_shutdown_and_after_sigkill() {
 /// Another program's side: connects by address and key, looks up the published queue and
 /// dict, and squares each job into the dict.
 fn remote_client((address, key): (String, Vec<u8>)) -> Result<usize, String> {
-    let m = Manager::connect(address.parse::<gpuproc::connection::Address>().map_err(|e| e.to_string())?, &key)
-        .map_err(|e| e.to_string())?;
+    let m = Manager::connect(
+        address
+            .parse::<gpuproc::connection::Address>()
+            .map_err(|e| e.to_string())?,
+        &key,
+    )
+    .map_err(|e| e.to_string())?;
     let jobs: ManagedQueue<Option<u64>> = m.lookup("jobs").map_err(|e| e.to_string())?;
     let results: ManagedDict<u64, u64> = m.lookup("results").map_err(|e| e.to_string())?;
     let mut n = 0;
