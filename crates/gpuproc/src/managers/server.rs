@@ -522,3 +522,149 @@ pub(super) fn serve<R: Registry>(start: Start) {
             .spawn(move || serve_connection::<R>(&shared, id, link));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    /// A client connection: our end, and the peer's (the client's) end.
+    fn client_socket() -> (OwnedFd, OwnedFd) {
+        crate::sys::socketpair().unwrap()
+    }
+
+    fn ask(shared: &Shared, id: u64, sock: &OwnedFd, req: Request) -> Option<Reply> {
+        let client = Client {
+            id,
+            sock: sock.as_fd(),
+        };
+        answer::<()>(shared, &client, req)
+    }
+
+    fn new_id(shared: &Shared, sock: &OwnedFd, req: Request) -> u64 {
+        match ask(shared, 1, sock, req) {
+            Some(Reply::Id(id)) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const NOW: Option<Duration> = Some(Duration::ZERO);
+
+    #[test]
+    fn a_bounded_queue_is_full_then_empty() {
+        let shared = Shared::default();
+        let (sock, _peer) = client_socket();
+        let q = new_id(&shared, &sock, Request::NewQueue { maxsize: 1 });
+        let put = |item: u8| Request::Put {
+            queue: q,
+            item: vec![item],
+            timeout: NOW,
+        };
+        assert!(matches!(ask(&shared, 1, &sock, put(1)), Some(Reply::Done)));
+        assert!(matches!(ask(&shared, 1, &sock, put(2)), Some(Reply::Full)));
+        let take = Request::Take {
+            queue: q,
+            timeout: Some(Duration::from_millis(1)),
+        };
+        assert!(matches!(
+            ask(&shared, 1, &sock, take),
+            Some(Reply::Value(Some(v))) if v == [1]
+        ));
+        let take = Request::Take {
+            queue: q,
+            timeout: NOW,
+        };
+        assert!(matches!(ask(&shared, 1, &sock, take), Some(Reply::Empty)));
+        let unknown = Request::Take {
+            queue: 999,
+            timeout: None,
+        };
+        assert!(matches!(
+            ask(&shared, 1, &sock, unknown),
+            Some(Reply::Refused(_))
+        ));
+    }
+
+    #[test]
+    fn a_lock_belongs_to_the_connection_that_acquired_it() {
+        let shared = Shared::default();
+        let (sock, _peer) = client_socket();
+        let lock = new_id(&shared, &sock, Request::NewLock);
+        let acquire = || Request::Acquire { lock, timeout: NOW };
+        assert!(matches!(
+            ask(&shared, 1, &sock, acquire()),
+            Some(Reply::Flag(true))
+        ));
+        assert!(matches!(
+            ask(&shared, 2, &sock, acquire()),
+            Some(Reply::Flag(false))
+        ));
+        // Not the holder: refused, and the lock stays held.
+        assert!(matches!(
+            ask(&shared, 2, &sock, Request::Release { lock }),
+            Some(Reply::Refused(_))
+        ));
+        assert!(matches!(
+            ask(&shared, 2, &sock, Request::Locked { lock }),
+            Some(Reply::Flag(true))
+        ));
+        assert!(matches!(
+            ask(&shared, 1, &sock, Request::Release { lock }),
+            Some(Reply::Done)
+        ));
+        assert!(matches!(
+            ask(&shared, 2, &sock, acquire()),
+            Some(Reply::Flag(true))
+        ));
+    }
+
+    #[test]
+    fn a_blocked_request_of_a_client_that_left_is_abandoned() {
+        let shared = Shared::default();
+        let (sock, peer) = client_socket();
+        let event = new_id(&shared, &sock, Request::NewEvent);
+        drop(peer);
+        let wait = Request::WaitEvent {
+            event,
+            timeout: None,
+        };
+        assert!(ask(&shared, 1, &sock, wait).is_none());
+    }
+
+    #[test]
+    fn an_event_wakes_a_waiting_thread() {
+        let shared = Shared::default();
+        let (sock, _peer) = client_socket();
+        let event = new_id(&shared, &sock, Request::NewEvent);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                ask(
+                    &shared,
+                    2,
+                    &sock,
+                    Request::WaitEvent {
+                        event,
+                        timeout: Some(Duration::from_secs(60)),
+                    },
+                )
+            });
+            let set = Request::SetEvent { event, set: true };
+            assert!(matches!(ask(&shared, 1, &sock, set), Some(Reply::Done)));
+            assert!(matches!(waiter.join().unwrap(), Some(Reply::Flag(true))));
+        });
+    }
+
+    #[test]
+    fn an_unregistered_type_is_refused() {
+        let shared = Shared::default();
+        let (sock, _peer) = client_socket();
+        let req = Request::NewObject {
+            typeid: "Nothing".into(),
+            args: Vec::new(),
+        };
+        assert!(matches!(
+            ask(&shared, 1, &sock, req),
+            Some(Reply::Refused(r)) if r.contains("not registered")
+        ));
+    }
+}

@@ -236,7 +236,8 @@ impl ManagedLockGuard<'_> {
             return Ok(());
         };
         let proxy = &self.lock.proxy;
-        match proxy.exchange(&mut link, &Request::Release { lock: proxy.id }, None)? {
+        let release = Request::Release { lock: proxy.id };
+        match proxy.exchange(&mut link, &release, Some(Duration::ZERO))? {
             Reply::Done => {
                 proxy.put_link(link);
                 Ok(())
