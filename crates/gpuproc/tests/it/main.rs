@@ -6,6 +6,7 @@ mod big_data;
 mod channel;
 mod connection;
 mod examples;
+mod managers;
 mod mp_rest;
 mod pool;
 mod pool_gpu;
