@@ -2,13 +2,14 @@
 //! connections), the macro that makes typed proxies of it, and the container proxies:
 //! dicts, lists, namespaces, values.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::wire::{decode, encode, Endpoint, Link, Reply, Request};
+use super::table::{Table, TableError};
+use super::wire::{decode, encode, lost, Endpoint, Link, Reply, Request, Where};
 use super::ManagerError;
 
 /// How long a proxy waits for an answer by default.
@@ -32,6 +33,48 @@ pub struct Proxy {
     pub(super) timeout: Duration,
     /// Idle connections of this process (the pid that made them).
     conns: Mutex<(u32, Vec<Link>)>,
+    /// A dict's table as this process uses it (the pid that mapped it).
+    local: Mutex<(u32, Local)>,
+}
+
+/// How a dict proxy reaches its dict in this process.
+#[derive(Clone)]
+enum Local {
+    /// Not asked yet.
+    Unknown,
+    /// Through requests to the manager (it is on another machine).
+    Requests,
+    /// In place: the table mapped here.
+    Mapped(Arc<InPlace>),
+}
+
+/// A dict's table mapped in this process, and a connection that tells when the manager is
+/// gone.
+pub(super) struct InPlace {
+    table: Table,
+    watch: Link,
+    timeout: Duration,
+}
+
+impl InPlace {
+    /// Runs `op` on the table, unless the manager is gone: as with requests, a dict whose
+    /// manager ended (shut down, killed) fails with [`ManagerError::Lost`].
+    fn run<R>(
+        &self,
+        op: impl FnOnce(&Table, Option<std::time::Instant>) -> Result<R, TableError>,
+    ) -> Result<R, ManagerError> {
+        if self.watch.closed() {
+            return Err(lost("the manager closed the connection"));
+        }
+        op(&self.table, crate::time::deadline(self.timeout)).map_err(|e| match e {
+            TableError::Busy => ManagerError::Busy {
+                waited: self.timeout,
+            },
+            e => ManagerError::Refused {
+                reason: e.to_string(),
+            },
+        })
+    }
 }
 
 impl Proxy {
@@ -41,7 +84,48 @@ impl Proxy {
             id,
             timeout,
             conns: Mutex::new((0, Vec::new())),
+            local: Mutex::new((0, Local::Unknown)),
         }
+    }
+
+    /// The dict's table, mapped in this process; `None` when the manager is on another
+    /// machine (then requests go to it). Asked of the manager once per process.
+    fn in_place(&self) -> Result<Option<Arc<InPlace>>, ManagerError> {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let me = std::process::id();
+        if local.0 != me {
+            // Inherited through a fork: map it again (the mapping is there, but the
+            // connection that watches the manager is the parent's).
+            *local = (me, Local::Unknown);
+        }
+        match &local.1 {
+            Local::Mapped(p) => return Ok(Some(p.clone())),
+            Local::Requests => return Ok(None),
+            Local::Unknown => {}
+        }
+        if matches!(self.endpoint.at, Where::Tcp(..)) {
+            local.1 = Local::Requests;
+            return Ok(None);
+        }
+        let mut link = self.endpoint.connect()?;
+        link.send(&Request::DictTable { dict: self.id })?;
+        let (reply, mut fds) =
+            link.recv_with_fds::<Reply>(crate::time::deadline(self.timeout), self.timeout)?;
+        let fd = match (reply, fds.pop()) {
+            (Reply::Table(_), Some(fd)) if fds.is_empty() => fd,
+            (Reply::Table(_), _) => return Err(lost("the dict's table came without its memory")),
+            (other, _) => return Err(unexpected(other)),
+        };
+        let table = Table::open(fd).map_err(|e| ManagerError::Refused {
+            reason: e.to_string(),
+        })?;
+        let p = Arc::new(InPlace {
+            table,
+            watch: link,
+            timeout: self.timeout,
+        });
+        local.1 = Local::Mapped(p.clone());
+        Ok(Some(p))
     }
 
     /// A proxy of a new object, made by `req`.
@@ -392,6 +476,11 @@ where
     /// The value of `key`; Python's `d.get(key)`.
     pub fn get(&self, key: &K) -> Result<Option<V>, ManagerError> {
         let key = encode("key", key)?;
+        if let Some(t) = self.proxy.in_place()? {
+            return t
+                .run(|t, by| t.get(&key, by, |v| decode::<V>("value", v)))?
+                .transpose();
+        }
         match self.request(Request::Get {
             dict: self.proxy.id,
             key,
@@ -405,6 +494,9 @@ where
     /// Sets `key` to `value`; Python's `d[key] = value`.
     pub fn set(&self, key: &K, value: &V) -> Result<(), ManagerError> {
         let (key, value) = (encode("key", key)?, encode("value", value)?);
+        if let Some(t) = self.proxy.in_place()? {
+            return t.run(|t, by| t.set(&key, &value, by));
+        }
         match self.request(Request::Set {
             dict: self.proxy.id,
             key,
@@ -418,6 +510,11 @@ where
     /// Removes `key`, returning its value; Python's `d.pop(key, None)`.
     pub fn remove(&self, key: &K) -> Result<Option<V>, ManagerError> {
         let key = encode("key", key)?;
+        if let Some(t) = self.proxy.in_place()? {
+            return t
+                .run(|t, by| t.remove(&key, by, |v| decode::<V>("value", v)))?
+                .transpose();
+        }
         match self.request(Request::Del {
             dict: self.proxy.id,
             key,
@@ -430,6 +527,9 @@ where
 
     /// The number of keys; Python's `len(d)`.
     pub fn len(&self) -> Result<usize, ManagerError> {
+        if let Some(t) = self.proxy.in_place()? {
+            return t.run(|t, by| t.len(by));
+        }
         match self.request(Request::Len {
             dict: self.proxy.id,
         })? {
@@ -445,19 +545,30 @@ where
 
     /// Every key and value (in no particular order); Python's `d.items()`.
     pub fn items(&self) -> Result<Vec<(K, V)>, ManagerError> {
-        match self.request(Request::Items {
-            dict: self.proxy.id,
-        })? {
-            Reply::Items(items) => items
-                .iter()
-                .map(|(k, v)| Ok((decode("key", k)?, decode("value", v)?)))
-                .collect(),
-            other => Err(unexpected(other)),
-        }
+        let items = match self.proxy.in_place()? {
+            Some(t) => t.run(|t, by| {
+                let mut items = Vec::new();
+                t.for_each(by, |k, v| items.push((k.to_vec(), v.to_vec())))?;
+                Ok(items)
+            })?,
+            None => match self.request(Request::Items {
+                dict: self.proxy.id,
+            })? {
+                Reply::Items(items) => items,
+                other => return Err(unexpected(other)),
+            },
+        };
+        items
+            .iter()
+            .map(|(k, v)| Ok((decode("key", k)?, decode("value", v)?)))
+            .collect()
     }
 
     /// Removes every key; Python's `d.clear()`.
     pub fn clear(&self) -> Result<(), ManagerError> {
+        if let Some(t) = self.proxy.in_place()? {
+            return t.run(|t, by| t.clear(by));
+        }
         match self.request(Request::Clear {
             dict: self.proxy.id,
         })? {

@@ -13,11 +13,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::served::{Object, Registry};
+use super::table::{Table, TableError};
 use super::wire::{Link, Reply, Request, Where};
 use crate::connection::Listener;
 use crate::ipc::FrameReader;
 use crate::shm::{ShareableList, SharedMemory};
 use crate::Queue;
+
+/// How long the manager waits for a dict's lock on behalf of a remote proxy.
+const DICT_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// How often a blocked request looks whether its client is still there.
 const WATCH_CLIENT: Duration = Duration::from_millis(100);
@@ -33,7 +37,9 @@ struct ServerQueue {
 /// What a manager holds.
 #[derive(Default)]
 pub(super) struct State {
-    dicts: HashMap<u64, HashMap<Vec<u8>, Vec<u8>>>,
+    /// Each dict's table (shared memory that local proxies use in place; the manager
+    /// answers remote proxies from it).
+    dicts: HashMap<u64, Table>,
     lists: HashMap<u64, Vec<Vec<u8>>>,
     queues: HashMap<u64, ServerQueue>,
     /// Each lock's holder: the connection that acquired it.
@@ -233,6 +239,39 @@ fn answer<R: Registry>(shared: &Shared, client: &Client<'_>, req: Request) -> An
                 )),
             })
         }
+        Request::NewDict => Some(match Table::create() {
+            Ok(t) => {
+                let mut st = shared.lock();
+                let id = st.new_id();
+                st.dicts.insert(id, t);
+                Reply::Id(id)
+            }
+            Err(e) => Reply::Refused(format!("making the dict's shared memory: {e}")),
+        }),
+        Request::Get { dict, key } => Some(on_dict(shared, dict, |t, by| {
+            t.get(&key, by, <[u8]>::to_vec).map(Reply::Value)
+        })),
+        Request::Set { dict, key, value } => Some(on_dict(shared, dict, |t, by| {
+            t.set(&key, &value, by).map(|()| Reply::Done)
+        })),
+        Request::Del { dict, key } => Some(on_dict(shared, dict, |t, by| {
+            t.remove(&key, by, <[u8]>::to_vec).map(Reply::Value)
+        })),
+        Request::Len { dict } => Some(on_dict(shared, dict, |t, by| {
+            t.len(by).map(|n| Reply::Len(n as u64))
+        })),
+        Request::Items { dict } => Some(on_dict(shared, dict, |t, by| {
+            let mut items = Vec::new();
+            t.for_each(by, |k, v| items.push((k.to_vec(), v.to_vec())))?;
+            Ok(Reply::Items(items))
+        })),
+        Request::Clear { dict } => Some(on_dict(shared, dict, |t, by| {
+            t.clear(by).map(|()| Reply::Done)
+        })),
+        Request::DictTable { dict } => Some(match shared.lock().dicts.contains_key(&dict) {
+            true => Reply::Table(dict),
+            false => no("dict", dict),
+        }),
         other => {
             let (reply, notify) = answer_now(&mut shared.lock(), client, other);
             if notify {
@@ -243,6 +282,19 @@ fn answer<R: Registry>(shared: &Shared, client: &Client<'_>, req: Request) -> An
     }
 }
 
+/// Runs `op` on dict `dict`'s table, outside the state lock (the table has its own).
+fn on_dict(
+    shared: &Shared,
+    dict: u64,
+    op: impl FnOnce(&Table, Option<Instant>) -> Result<Reply, TableError>,
+) -> Reply {
+    let Some(table) = shared.lock().dicts.get(&dict).cloned() else {
+        return no("dict", dict);
+    };
+    op(&table, crate::time::deadline(DICT_LOCK_WAIT))
+        .unwrap_or_else(|e| Reply::Refused(e.to_string()))
+}
+
 fn no(what: &str, id: u64) -> Reply {
     Reply::Refused(format!("no {what} {id}"))
 }
@@ -251,11 +303,6 @@ fn no(what: &str, id: u64) -> Reply {
 fn answer_now(st: &mut State, client: &Client<'_>, req: Request) -> (Reply, bool) {
     let at = |index: u64, len: usize| usize::try_from(index).ok().filter(|&i| i < len);
     let reply = match req {
-        Request::NewDict => {
-            let id = st.new_id();
-            st.dicts.insert(id, HashMap::new());
-            Reply::Id(id)
-        }
         Request::NewList => {
             let id = st.new_id();
             st.lists.insert(id, Vec::new());
@@ -296,36 +343,6 @@ fn answer_now(st: &mut State, client: &Client<'_>, req: Request) -> (Reply, bool
         Request::ListAll { list } => match st.lists.get(&list) {
             Some(l) => Reply::Values(l.clone()),
             None => no("list", list),
-        },
-        Request::Get { dict, key } => match st.dicts.get(&dict) {
-            Some(d) => Reply::Value(d.get(&key).cloned()),
-            None => no("dict", dict),
-        },
-        Request::Set { dict, key, value } => match st.dicts.get_mut(&dict) {
-            Some(d) => {
-                d.insert(key, value);
-                Reply::Done
-            }
-            None => no("dict", dict),
-        },
-        Request::Del { dict, key } => match st.dicts.get_mut(&dict) {
-            Some(d) => Reply::Value(d.remove(&key)),
-            None => no("dict", dict),
-        },
-        Request::Len { dict } => match st.dicts.get(&dict) {
-            Some(d) => Reply::Len(d.len() as u64),
-            None => no("dict", dict),
-        },
-        Request::Items { dict } => match st.dicts.get(&dict) {
-            Some(d) => Reply::Items(d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
-            None => no("dict", dict),
-        },
-        Request::Clear { dict } => match st.dicts.get_mut(&dict) {
-            Some(d) => {
-                d.clear();
-                Reply::Done
-            }
-            None => no("dict", dict),
         },
         Request::NewQueue { maxsize } => match usize::try_from(maxsize) {
             Ok(maxsize) => {
@@ -426,8 +443,16 @@ fn answer_now(st: &mut State, client: &Client<'_>, req: Request) -> (Reply, bool
             Reply::Done
         }
         Request::Ping => Reply::Done,
-        // Blocking requests, answered by `answer`.
-        Request::Put { .. }
+        // Answered by `answer`: blocking requests, and dicts (outside the state lock).
+        Request::NewDict
+        | Request::Get { .. }
+        | Request::Set { .. }
+        | Request::Del { .. }
+        | Request::Len { .. }
+        | Request::Items { .. }
+        | Request::Clear { .. }
+        | Request::DictTable { .. }
+        | Request::Put { .. }
         | Request::Take { .. }
         | Request::Acquire { .. }
         | Request::WaitEvent { .. }
@@ -451,7 +476,15 @@ fn serve_connection<R: Registry>(shared: &Shared, id: u64, mut link: Link) {
         let Some(reply) = answer::<R>(shared, &client, req) else {
             break;
         };
-        if let Err(_lost) = link.send(&reply) {
+        let table = match &reply {
+            Reply::Table(dict) => shared.lock().dicts.get(dict).cloned(),
+            _ => None,
+        };
+        let sent = match &table {
+            Some(t) => link.send_with(&reply, &[t.fd()]),
+            None => link.send(&reply),
+        };
+        if let Err(_lost) = sent {
             // The client is gone: an item it took goes back to the front of its queue.
             if let (Some(queue), Reply::Value(Some(item))) = (taken, reply) {
                 if let Some(q) = shared.lock().queues.get_mut(&queue) {

@@ -1,7 +1,7 @@
 //! What travels between proxies and their manager: requests, answers, where a manager
 //! listens, and the framed link that carries them after the authenticated handshake.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,10 @@ pub(super) enum Request {
         dict: u64,
     },
     Clear {
+        dict: u64,
+    },
+    /// The dict's table, to use in place (its memfd comes with the answer).
+    DictTable {
         dict: u64,
     },
     /// A queue holding at most `maxsize` items (0: no limit).
@@ -161,6 +165,8 @@ pub(super) enum Reply {
     Found(u64, String),
     /// The name of a block the manager made.
     Name(String),
+    /// Dict `id`'s table: its memfd comes with this answer.
+    Table(u64),
 }
 
 /// Where a manager listens.
@@ -242,8 +248,17 @@ pub(super) struct Link {
 
 impl Link {
     pub fn send<T: Serialize>(&self, value: &T) -> Result<(), ManagerError> {
+        self.send_with(value, &[])
+    }
+
+    /// Sends `value` with descriptors (over Unix sockets only).
+    pub fn send_with<T: Serialize>(
+        &self,
+        value: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ManagerError> {
         let bytes = encode("request", value)?;
-        ipc::send_frame(self.sock.as_fd(), &bytes, &[]).map_err(lost)
+        ipc::send_frame_borrowed(self.sock.as_fd(), &bytes, fds).map_err(lost)
     }
 
     /// The next message, waiting until `deadline` (`None`: for ever); polls for up to the
@@ -253,6 +268,25 @@ impl Link {
         deadline: Option<Instant>,
         timeout: Duration,
     ) -> Result<T, ManagerError> {
+        let frame = self.recv_frame(deadline, timeout)?;
+        decode("message", &frame.bytes)
+    }
+
+    /// [`recv`](Self::recv), with the descriptors that came with the message.
+    pub fn recv_with_fds<T: DeserializeOwned>(
+        &mut self,
+        deadline: Option<Instant>,
+        timeout: Duration,
+    ) -> Result<(T, Vec<OwnedFd>), ManagerError> {
+        let frame = self.recv_frame(deadline, timeout)?;
+        Ok((decode("message", &frame.bytes)?, frame.fds))
+    }
+
+    fn recv_frame(
+        &mut self,
+        deadline: Option<Instant>,
+        timeout: Duration,
+    ) -> Result<ipc::Frame, ManagerError> {
         let start = Instant::now();
         let budget = spin::budget();
         let frame = loop {
@@ -276,7 +310,13 @@ impl Link {
             self.reader.fill(self.sock.as_fd()).map_err(lost)?;
         };
         spin::record(start.elapsed());
-        decode("message", &frame.bytes)
+        Ok(frame)
+    }
+
+    /// Whether the manager closed this connection (it never sends unasked, so anything to
+    /// read means it is gone). Does not wait.
+    pub fn closed(&self) -> bool {
+        crate::sys::wait_ready(self.sock.as_fd(), false, Some(Instant::now())).unwrap_or(true)
     }
 }
 

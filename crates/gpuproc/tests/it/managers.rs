@@ -146,6 +146,51 @@ fn a_dead_holders_lock_is_released() {
     });
 }
 
+/// Sets, overwrites and removes keys of a dict without end; says so once started.
+fn churn_forever((d, started): (ManagedDict<u64, Vec<u8>>, Queue<()>)) {
+    d.set(&0, &vec![0; 10]).unwrap();
+    started.put(()).unwrap();
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        let _ = d.set(&(i % 500), &vec![i as u8; (i % 200) as usize]);
+        if i % 3 == 0 {
+            let _ = d.remove(&((i + 7) % 500));
+        }
+    }
+}
+
+/// Processes killed (SIGKILL) in the middle of using a dict in place: the dict stays
+/// usable and its length is the number of keys it holds.
+#[test]
+fn dict_users_killed_mid_operation_leave_a_usable_dict() {
+    let manager = Manager::start().unwrap();
+    let d: ManagedDict<u64, Vec<u8>> = manager.dict().unwrap();
+    let d = d.with_timeout(TIMEOUT);
+    for round in 0..5 {
+        let started = Queue::new().unwrap();
+        let mut p = support::start(
+            StartMethod::Fork,
+            churn_forever,
+            (d.clone(), started.clone()),
+        );
+        started.get_timeout(TIMEOUT).unwrap();
+        // Let it churn for a moment of its own making: until it changed key 250.
+        let seen = d.get(&250).unwrap();
+        let by = deadline(TIMEOUT);
+        while d.get(&250).unwrap() == seen {
+            assert!(Instant::now() < by, "the writer made no progress");
+        }
+        p.kill().unwrap();
+        assert!(p.join_timeout(TIMEOUT).is_err());
+        let items = d.items().unwrap();
+        assert_eq!(d.len().unwrap(), items.len(), "round {round}");
+        d.set(&1_000, &vec![1; 3]).unwrap();
+        assert_eq!(d.get(&1_000).unwrap(), Some(vec![1; 3]));
+        assert_eq!(d.remove(&1_000).unwrap(), Some(vec![1; 3]));
+    }
+}
+
 // ---- Events: CPython's `_TestEvent.test_event` with `manager.Event()` ----
 
 /// Says it is about to wait, then waits; whether the event was set.

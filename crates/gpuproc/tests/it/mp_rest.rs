@@ -621,12 +621,15 @@ fn a_killed_manager_gives_errors_to_every_client() {
 }
 
 /// A manager that does not answer (stopped) gives a timeout, not a hang; once it runs
-/// again, the proxy works again (on a new connection).
+/// again, the proxy works again (on a new connection). A dict, used in place, does not
+/// need the manager to answer: it works on meanwhile.
 #[test]
 fn a_stopped_manager_gives_a_timeout() {
     let manager = Manager::start().unwrap();
+    let l: ManagedList<u8> = manager.list().unwrap();
+    let l = l.with_timeout(Duration::from_millis(200));
+    l.append(&1).unwrap();
     let d: ManagedDict<u8, u8> = manager.dict().unwrap();
-    let d = d.with_timeout(Duration::from_millis(200));
     d.set(&1, &1).unwrap();
     let pid = manager.pid().unwrap() as i32;
     // SAFETY: plain system calls on a child process we started.
@@ -640,11 +643,15 @@ fn a_stopped_manager_gives_a_timeout() {
         );
         std::thread::yield_now();
     }
-    let e = d.get(&1).unwrap_err();
+    let e = l.get(0).unwrap_err();
+    let in_place = (d.set(&2, &2), d.get(&1));
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     assert!(e.is_timeout(), "{e}");
-    assert_eq!(d.get(&1).unwrap(), Some(1));
+    assert_eq!(l.get(0).unwrap(), Some(1));
+    assert!(in_place.0.is_ok(), "{:?}", in_place.0);
+    assert_eq!(in_place.1.unwrap(), Some(1));
+    assert_eq!(d.get(&2).unwrap(), Some(2));
 }
 
 /// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
