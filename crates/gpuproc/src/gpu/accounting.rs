@@ -339,10 +339,7 @@ mod tests {
         assert_eq!(counter_delta(5_000_000, 300), 300);
         // Wrapped: 10 to the top, 1 to 0, then 20.
         assert_eq!(counter_delta(u64::MAX - 10, 20), 31);
-        assert_eq!(
-            counter_delta(u64::MAX - WRAP_MARGIN, 20),
-            WRAP_MARGIN + 21
-        );
+        assert_eq!(counter_delta(u64::MAX - WRAP_MARGIN, 20), WRAP_MARGIN + 21);
         assert_eq!(counter_delta(u64::MAX - WRAP_MARGIN - 1, 20), 20);
     }
 
