@@ -53,7 +53,7 @@ pub fn render(report: &Report, rows: SummaryRows, gpu_mode: bool) -> String {
         header.extend(["gpus", "peak mem"]);
     }
     if mean_mem {
-        header.push("mean mem");
+        header.push("mean");
     }
     if sm {
         header.push("SM%");
@@ -109,7 +109,7 @@ pub fn render(report: &Report, rows: SummaryRows, gpu_mode: bool) -> String {
         row.push(truncate(&o.command, 60));
         table.push(row);
     }
-    let right = ["peak mem", "mean mem", "SM%", "energy"];
+    let right = ["peak mem", "mean", "SM%", "energy"];
     let mut out = String::new();
     if table.len() > 1 {
         let columns = table[0].len();
@@ -161,12 +161,16 @@ pub fn render(report: &Report, rows: SummaryRows, gpu_mode: bool) -> String {
     out
 }
 
-/// Bytes as MiB below 1 GiB, else GiB with one decimal: "3 MiB", "20.5 GiB".
+/// Bytes as MiB below 1 GiB, else GiB, with one decimal below 10: "3 MiB", "2.5 GiB",
+/// "20 GiB".
 fn size(bytes: u64) -> String {
+    let gib = bytes as f64 / f64::from(1u32 << 30);
     if bytes < 1 << 30 {
         format!("{} MiB", bytes.div_ceil(1 << 20))
+    } else if gib < 9.95 {
+        format!("{gib:.1} GiB")
     } else {
-        format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+        format!("{gib:.0} GiB")
     }
 }
 
@@ -351,16 +355,16 @@ mod tests {
         assert_eq!(
             words(lines[0]),
             [
-                "job", "exit", "time", "retries", "gpus", "peak", "mem", "mean", "mem", "SM%",
-                "energy", "command"
+                "job", "exit", "time", "retries", "gpus", "peak", "mem", "mean", "SM%", "energy",
+                "command"
             ],
             "{text}"
         );
         assert_eq!(
             words(lines[1]),
             [
-                "1", "0", "123.45s", "0", "1", "20.0", "GiB", "12.0", "GiB", "57", "12.3", "kJ",
-                "job", "1"
+                "1", "0", "123.45s", "0", "1", "20", "GiB", "12", "GiB", "57", "12.3", "kJ", "job",
+                "1"
             ],
             "{text}"
         );
@@ -374,7 +378,7 @@ mod tests {
         );
         // Everything but the command fits in 80 columns, with room to start it.
         let command_at = lines[0].find("command").unwrap();
-        assert!(command_at + 14 <= 80, "{text}");
+        assert!(command_at + 13 <= 80, "{text}");
 
         // Columns nobody has a figure for are left out; CPU runs have none.
         let plain = Report {
@@ -396,6 +400,8 @@ mod tests {
         assert_eq!(size(3 << 20), "3 MiB");
         assert_eq!(size(1), "1 MiB");
         assert_eq!(size(1 << 30), "1.0 GiB");
+        assert_eq!(size(5 << 29), "2.5 GiB");
+        assert_eq!(size(80 << 30), "80 GiB");
         assert_eq!(joules(812_000), "812 J");
         assert_eq!(joules(5_250), "5.25 J");
         assert_eq!(joules(12_345_678), "12.3 kJ");
