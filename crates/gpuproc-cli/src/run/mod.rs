@@ -67,8 +67,8 @@ Summary and accounting: while a job runs, its process tree's GPU use is sampled 
   GPU window   the first and last sample with the job on a GPU
   peak mem     the most memory at one sample, all its GPUs together (the summary's: over
                all attempts)
-  mean         the time-weighted mean memory over the window (samples in it without the job on a
-               GPU count as 0)
+  mean         the time-weighted mean memory over the window (samples in it without the
+               job on a GPU count as 0)
   SM%          the time-weighted mean SM utilisation, percent of one GPU (the mean over its
                GPUs), from the driver's per-process samples (none under MIG)
   energy       what the GPUs' energy counters advanced between samples with the job on them,
