@@ -855,3 +855,127 @@ fn huge_timeouts_saturate() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
 }
+
+/// A job that holds `bytes` of GPU 0's simulated memory (a state file for its shell) for
+/// `seconds`: a workload of known size and length, measured by the run's accounting.
+fn holding_job(bytes: u64, seconds: f64) -> String {
+    format!(
+        "printf {bytes} > \"$NVML_SIM_STATE_DIR/.hold.$$\" && \
+         mv \"$NVML_SIM_STATE_DIR/.hold.$$\" \"$NVML_SIM_STATE_DIR/0-$$\" && sleep {seconds}"
+    )
+}
+
+#[test]
+fn jobs_are_accounted_in_the_json_summary_and_the_job_log() {
+    let dir = scratch_dir("accounting");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let joblog = dir.join("joblog.tsv");
+    let jobs = |name: &str, line: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{line}\n")).expect("write jobs");
+        path
+    };
+    // GPU 0 of `4gpu`: 12% busy, drawing 143 W, no other process.
+    let mut cmd = gpuproc("4gpu");
+    cmd.env("NVML_SIM_STATE_DIR", &state)
+        .args(["run", "--gpus", "0", "--json", "-q", "--joblog"])
+        .arg(&joblog)
+        .arg("-f")
+        .arg(jobs("alone.txt", holding_job(2 << 30, 4.5)));
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let json: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or_default()).expect("a JSON summary");
+    assert_eq!(json["succeeded"], 1, "{json}");
+    let job = &json["jobs"][0];
+    assert_eq!(job["status"], "succeeded", "{json}");
+    assert_eq!(job["gpus"], serde_json::json!([0]), "{json}");
+    let gpu = &job["gpu"];
+    let first = gpu["first_ms"].as_u64().expect("a window");
+    let last = gpu["last_ms"].as_u64().expect("a window");
+    assert!(last > first && gpu["samples"].as_u64() >= Some(2), "{json}");
+    assert_eq!(gpu["peak_memory"], 2u64 << 30, "{json}");
+    assert_eq!(gpu["mean_memory"], 2u64 << 30, "{json}");
+    // Alone on the GPU, the job's processes have all of its 12%.
+    assert_eq!(gpu["mean_sm_percent"], 12.0, "{json}");
+    assert_eq!(gpu["shared"], false, "{json}");
+    // 143 W over the window, give or take how far apart the energy reads and the sample
+    // times are (half a second in all).
+    let energy = gpu["energy_mj"].as_u64().expect("energy when alone") as f64;
+    let expected = 143.0 * (last - first) as f64;
+    assert!(
+        (energy - expected).abs() <= 143.0 * 500.0,
+        "{energy} mJ, expected about {expected}: {json}"
+    );
+
+    // The job log: GNU parallel's columns, then the same figures.
+    let log = read(&joblog);
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    let header: Vec<&str> = lines[0].split('\t').collect();
+    assert_eq!(
+        header[8..],
+        [
+            "Command",
+            "GpuStart",
+            "GpuEnd",
+            "GpuPeakMem",
+            "GpuMeanMem",
+            "GpuMeanSM",
+            "GpuEnergy"
+        ]
+    );
+    let fields: Vec<&str> = lines[1].split('\t').collect();
+    assert_eq!(fields.len(), 15, "{log}");
+    assert_eq!(fields[6], "0");
+    assert_eq!(
+        fields[9],
+        format!("{}.{:03}", first / 1000, first % 1000),
+        "{log}"
+    );
+    assert_eq!(
+        fields[11..14],
+        ["2147483648", "2147483648", "12.0"],
+        "{log}"
+    );
+    let joules: f64 = fields[14].parse().expect("energy in joules");
+    assert!((joules * 1000.0 - energy).abs() < 1.0, "{log}");
+
+    // Someone else on the GPU: no energy is attributed, and the table has no energy column.
+    nvml_sim::state::write_allocation(&state, 0, std::process::id(), 1 << 30).expect("state");
+    let mut cmd = gpuproc("4gpu");
+    cmd.env("NVML_SIM_STATE_DIR", &state)
+        .args(["run", "--gpus", "0", "-q", "--joblog"])
+        .arg(&joblog)
+        .arg("-f")
+        .arg(jobs("shared.txt", holding_job(1 << 30, 2.5)));
+    let out = run(cmd);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let table: Vec<&str> = err.lines().collect();
+    let header: Vec<&str> = table[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["job", "exit", "time", "retries", "gpus", "peak", "mem", "mean", "SM%", "command"],
+        "{err}"
+    );
+    let row: Vec<&str> = table[1].split_whitespace().collect();
+    assert_eq!(row[4..8], ["0", "1.0", "GiB", "1.0"], "{err}");
+    let log = read(&joblog);
+    let second: Vec<&str> = log
+        .lines()
+        .nth(2)
+        .expect("a second line")
+        .split('\t')
+        .collect();
+    assert_eq!(second.len(), 15, "{log}");
+    assert_eq!(
+        second[11],
+        (1u64 << 30).to_string(),
+        "only the job's memory: {log}"
+    );
+    assert_eq!(second[14], "", "no energy on a shared GPU: {log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,18 +51,22 @@ fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>
 /// A job-log line: `(seq, host, exit, signal, command)`.
 type LogLine = (usize, String, i32, i32, String);
 
-/// Parses a job log strictly: the header, then 9 tab-separated fields per line.
+/// Parses a job log strictly: the header, then 9 tab-separated fields per line (GNU
+/// parallel's), then gpuproc's 6 GPU accounting fields.
 fn joblog(path: &Path) -> Vec<LogLine> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
-        Some("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand")
+        Some(
+            "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\t\
+             GpuStart\tGpuEnd\tGpuPeakMem\tGpuMeanMem\tGpuMeanSM\tGpuEnergy"
+        )
     );
     lines
         .map(|line| {
             let f: Vec<&str> = line.split('\t').collect();
-            assert_eq!(f.len(), 9, "{line:?}");
+            assert_eq!(f.len(), 15, "{line:?}");
             let number =
                 |i: usize| -> f64 { f[i].parse().unwrap_or_else(|e| panic!("{e}: {line:?}")) };
             assert!(number(2) > 1e9 && number(3) >= 0.0, "{line:?}");
@@ -663,5 +667,76 @@ echo $((100 + n))"#,
     assert_eq!(printed, ["1", "2", "3", "4", "5"]);
     let seqs: BTreeSet<usize> = joblog(&dir.join("jobs.tsv")).iter().map(|l| l.0).collect();
     assert_eq!(seqs, (1..=5).collect());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_wrapper_records_each_jobs_gpu_accounting() {
+    let Some(cluster) = cluster("accounting") else {
+        return;
+    };
+    let dir = scratch_dir("accounting");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    // Each job holds 1 GiB of its GPU's simulated memory for 3.5 s.
+    let hold = r#"printf 1073741824 > "$NVML_SIM_STATE_DIR/.h.$$" && mv "$NVML_SIM_STATE_DIR/.h.$$" "$NVML_SIM_STATE_DIR/$CUDA_VISIBLE_DEVICES-$$" && sleep 3.5 # {}"#;
+    let mut cmd = cluster.gpuproc_run(
+        &dir,
+        &[
+            "--gpus-per-job",
+            "1",
+            "--json",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            hold,
+            ":::",
+            "a",
+            "b",
+        ],
+    );
+    cmd.env("NVML_SIM_STATE_DIR", &state);
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let json: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or_default()).expect("a JSON summary");
+    // The `4gpu` scenario's utilisation and power, by GPU.
+    let busy = [12.0, 57.0, 0.0, 98.0];
+    let watts = [143.0, 388.0, 72.0, 655.0];
+    let jobs = json["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 2, "{json}");
+    for job in jobs {
+        assert_eq!(job["status"], "succeeded", "{json}");
+        assert_eq!(job["node"], "localhost", "{json}");
+        let gpu = job["gpus"][0].as_u64().expect("a GPU") as usize;
+        let g = &job["gpu"];
+        assert_eq!(g["peak_memory"], 1u64 << 30, "{json}");
+        assert_eq!(g["mean_memory"], 1u64 << 30, "{json}");
+        assert_eq!(g["mean_sm_percent"], busy[gpu], "{json}");
+        assert_eq!(g["shared"], false, "{json}");
+        let (first, last) = (g["first_ms"].as_u64(), g["last_ms"].as_u64());
+        let window = last.zip(first).map(|(l, f)| l - f).expect("a window") as f64;
+        let energy = g["energy_mj"].as_u64().expect("energy: alone on its GPU") as f64;
+        assert!(
+            window > 0.0 && (energy - watts[gpu] * window).abs() <= watts[gpu] * 500.0,
+            "{json}"
+        );
+    }
+    // The job log has the same figures after GNU parallel's columns.
+    let text = std::fs::read_to_string(dir.join("jobs.tsv")).expect("job log");
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f[11..13], ["1073741824", "1073741824"], "{line:?}");
+        let gpu: usize = f[1]
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .expect("NODE/GPU");
+        assert_eq!(f[13], format!("{:.1}", busy[gpu]), "{line:?}");
+        assert!(!f[14].is_empty(), "{line:?}");
+    }
+    assert_eq!(cluster.jobs(ACTIVE), "");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -214,6 +214,23 @@ fn live_processes_from_the_state_dir() {
             let p = snap.devices[3].processes.as_ref().unwrap();
             let entry = p.iter().find(|p| p.pid == Some(parent)).unwrap();
             assert!(!entry.host.as_ref().unwrap().command().is_empty());
+
+            // Accounting's view: alone on GPU 3 (98% busy), the process has all of it.
+            let quick = &usage.devices[0];
+            assert_eq!((quick.sm_percent, quick.total_energy_mj), (None, None));
+            assert_eq!(quick.other_processes, 0);
+            let detailed = gpu::usage_detailed(parent, false).unwrap();
+            let d = &detailed.devices[0];
+            assert_eq!((d.index, d.used_memory), (3, 5 << 30));
+            assert_eq!((d.sm_percent, d.other_processes), (Some(98), 0));
+            let before = d.total_energy_mj.expect("an energy counter");
+            // Another process (init, always alive) joins.
+            let dir = PathBuf::from(std::env::var("NVML_SIM_STATE_DIR").unwrap());
+            nvml_sim::state::write_allocation(&dir, 3, 1, 1 << 30).unwrap();
+            let shared = gpu::usage_detailed(parent, false).unwrap();
+            let d = &shared.devices[0];
+            assert_eq!(d.other_processes, 1, "{shared:?}");
+            assert!(d.total_energy_mj.expect("an energy counter") >= before);
         },
     );
     let _ = std::fs::remove_dir_all(dir);

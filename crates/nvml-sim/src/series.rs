@@ -196,16 +196,25 @@ pub fn process_weight(t: f64, pid: u32) -> f64 {
 }
 
 /// Splits `total` percent among processes by `weights`: each share is rounded down, so the
-/// shares never add up to more than `total`.
+/// shares never add up to more than `total`; a share that is a whole number but for
+/// floating-point error (a process alone gets all of `total`) is not rounded down.
 pub fn split(total: u32, weights: &[f64]) -> Vec<u32> {
     let sum: f64 = weights.iter().sum();
     if sum <= 0.0 {
         return vec![0; weights.len()];
     }
-    weights
-        .iter()
-        .map(|w| (f64::from(total) * w / sum).floor() as u32)
-        .collect()
+    let shares = |slack: f64| -> Vec<u32> {
+        weights
+            .iter()
+            .map(|w| (f64::from(total) * (w / sum) + slack).floor() as u32)
+            .collect()
+    };
+    let near = shares(1e-9);
+    if near.iter().sum::<u32>() <= total {
+        near
+    } else {
+        shares(0.0)
+    }
 }
 
 /// Microseconds since the Unix epoch, from the wall clock (what NVML timestamps use).
@@ -333,6 +342,11 @@ mod tests {
         assert_eq!(split(90, &[1.0, 1.0, 1.0]), vec![30, 30, 30]);
         assert_eq!(split(10, &[1.0, 2.0]), vec![3, 6]);
         assert_eq!(split(50, &[0.0]), vec![0]);
+        // A process alone has it all, whatever its weight.
+        for t in 0..1000 {
+            let w = process_weight(f64::from(t) * 0.37, 4242);
+            assert_eq!(split(12, &[w]), vec![12], "weight {w}");
+        }
         for t in 0..100 {
             let w: Vec<f64> = [7, 8, 9]
                 .iter()

@@ -1,26 +1,27 @@
 //! The executor: starts the scheduler's launches as `sh -c` process groups, waits for them
 //! (one `poll` on signals and the next deadline), enforces timeouts, forwards Ctrl-C,
-//! writes logs and the job log, and samples each job's GPU memory. In a GPU run every job
-//! starts under a lease from [`Leaser`] and its lease is released when it ends.
+//! writes logs and the job log, and samples each job's GPU use for its accounting (see
+//! [`GpuAccounting`]). In a GPU run every job starts under a lease from [`Leaser`] and its
+//! lease is released when it ends.
 
 use gpuproc::time::saturating_add;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use gpuproc::gpu::{GpuAccountant, GpuAccounting};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::joblog::Entry;
+use super::joblog::{Entry, JobLog};
 use super::jobs::Job;
 use super::schedule::{Launch, Scheduler, Verdict};
 use super::slots::{Gpu, Leaser};
 use super::sys::{self, Exit, Sig, Signals};
 
-/// How often running jobs' GPU memory is sampled.
+/// How often running jobs' GPU use is sampled.
 const MEMORY_SAMPLE: Duration = Duration::from_secs(1);
 /// How often a job waiting for GPUs tries to lease them again.
 const LEASE_RETRY: Duration = Duration::from_millis(250);
@@ -37,7 +38,7 @@ pub struct Settings {
     /// Directory for `<seq>.out` / `<seq>.err`; `None`: jobs share the runner's output.
     pub logs: Option<PathBuf>,
     /// The job log, open for appending.
-    pub joblog: Option<File>,
+    pub joblog: Option<JobLog>,
     /// How to report progress.
     pub progress: Progress,
     /// Leases GPUs for jobs (`None`: CPU-only).
@@ -72,6 +73,9 @@ pub struct Outcome {
     pub runtime: Duration,
     /// Highest GPU memory seen in use by the job's processes, over all attempts.
     pub peak_memory: Option<u64>,
+    /// The last attempt's GPU accounting (`None`: not a GPU run, or never started; its
+    /// window is `None` when the job was never seen on a GPU).
+    pub gpu: Option<GpuAccounting>,
     /// NVML indices of the last attempt's GPUs.
     pub gpus: Vec<u32>,
     /// The node the last attempt ran on (Slurm runs; `None` locally).
@@ -107,6 +111,7 @@ struct Running {
     kill_at: Option<Instant>,
     timed_out: bool,
     lease: Option<gpuproc::gpu::GpuLease>,
+    accountant: GpuAccountant,
 }
 
 /// Runs `jobs` as `scheduler` decides.
@@ -147,6 +152,7 @@ impl Outcome {
                 timed_out: false,
                 runtime: Duration::ZERO,
                 peak_memory: None,
+                gpu: None,
                 gpus: Vec::new(),
                 node: None,
                 skipped: skip.get(i).copied().unwrap_or(false),
@@ -375,6 +381,7 @@ impl<'a> Executor<'a> {
                         kill_at: None,
                         timed_out: false,
                         lease,
+                        accountant: GpuAccountant::default(),
                     },
                 );
             }
@@ -390,6 +397,7 @@ impl<'a> Executor<'a> {
                     kill_at: None,
                     timed_out: false,
                     lease,
+                    accountant: GpuAccountant::default(),
                 };
                 self.finish(running, Exit::Code(127), false)?;
             }
@@ -411,6 +419,7 @@ impl<'a> Executor<'a> {
             Exit::Code(c) => (c, 0),
             Exit::Signal(s) => (-1, s),
         };
+        let gpu = (!self.settings.gpus.is_empty()).then(|| running.accountant.accounting());
         if let Some(log) = &mut self.settings.joblog {
             let entry = Entry {
                 seq: job.seq,
@@ -423,11 +432,9 @@ impl<'a> Executor<'a> {
                 exit: code,
                 signal,
                 command: running.command.clone(),
+                gpu: gpu.clone(),
             };
-            // One write per line, so a killed runner leaves only whole lines.
-            let line = format!("{}\n", entry.to_line());
-            log.write_all(line.as_bytes())
-                .context("writing the job log")?;
+            log.write(&entry)?;
         }
         let gpus: Vec<u32> = running
             .launch
@@ -442,6 +449,7 @@ impl<'a> Executor<'a> {
         outcome.timed_out = running.timed_out;
         outcome.runtime = runtime;
         outcome.gpus = gpus;
+        outcome.gpu = gpu;
         let how = describe(exit, running.timed_out);
         let seq = job.seq;
         match verdict {
@@ -482,12 +490,14 @@ impl<'a> Executor<'a> {
         }
     }
 
+    /// Samples each running job's GPU use: its accounting and peak memory.
     fn sample_memory(&mut self) {
         let Ok(gpus) = gpuproc::gpu::global() else {
             return;
         };
-        for (&pid, r) in &self.running {
-            if let Ok(usage) = gpus.usage_of(pid, true) {
+        for (&pid, r) in &mut self.running {
+            if let Ok(usage) = gpus.usage_detailed(pid, true) {
+                r.accountant.record(gpuproc::gpu::now_ms(), &usage);
                 let used = usage.total_memory();
                 let peak = &mut self.outcomes[r.launch.job].peak_memory;
                 *peak = Some(peak.unwrap_or(0).max(used));

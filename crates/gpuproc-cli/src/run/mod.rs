@@ -18,7 +18,6 @@ pub mod summary;
 pub mod sys;
 
 use std::fmt;
-use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,6 +62,26 @@ out rather than once at the start. While its jobs run, the run waits for GPUs as
 when none of its jobs runs and no GPU can be leased, it waits up to --wait (default: not at
 all) and then leaves the remaining jobs unstarted (exit status 3). --dry-run takes no leases.
 
+Summary and accounting: while a job runs, its process tree's GPU use is sampled each second
+(NVML: its processes' memory and SM utilisation, its GPUs' energy counters). For each attempt:
+  GPU window   the first and last sample with the job on a GPU
+  peak mem     the most memory at one sample, all its GPUs together (the summary's: over
+               all attempts)
+  mean         the time-weighted mean memory over the window (samples in it without the
+               job on a GPU count as 0)
+  SM%          the time-weighted mean SM utilisation, percent of one GPU (the mean over its
+               GPUs), from the driver's per-process samples (none under MIG)
+  energy       what the GPUs' energy counters advanced between samples with the job on them,
+               only when no other process (another user's, another job of this run with
+               --per-gpu) was seen on its GPUs in the window: the counter measures the whole
+               GPU. None before Volta, or with fewer than two samples (jobs under ~2s).
+The summary table shows them for the last attempt, leaving out columns no job has a figure
+for; the job log has each attempt's after GNU parallel's columns (GpuStart GpuEnd, seconds
+since the epoch; GpuPeakMem GpuMeanMem, bytes; GpuMeanSM, percent; GpuEnergy, joules; empty
+when unknown); --json has them per job under \"gpu\" (first_ms, last_ms, samples,
+peak_memory, mean_memory, mean_sm_percent, energy_mj, shared). Activity between samples and
+jobs shorter than a second go unseen.
+
 Ctrl-C once: start no more jobs and send SIGINT to running ones; twice: kill them.
 SIGTERM/SIGHUP: start no more jobs, send SIGTERM, SIGKILL after --kill-after.
 
@@ -79,10 +98,11 @@ Clusters (--slurm): the same jobs, --gpus-per-job, --retries, --timeout, --logs,
   --partition and --slurm-opt ARG go to sbatch (arrays) or srun (steps), after gpuproc's own.
   Each task runs `gpuproc __slurm-job` (this binary, at the same path on the nodes: a shared
   filesystem), which runs the job with Slurm's CUDA_VISIBLE_DEVICES, enforces --timeout, and
-  records its node, GPUs (NVML indices, UUIDs), times, exit status and peak GPU memory.
+  records its node, GPUs (NVML indices, UUIDs), times, exit status and GPU accounting (as
+  locally: peak and mean memory, SM%, energy).
   --logs DIR: DIR/<seq>.out and .err, as locally; without it each job's output is printed when
   it ends. Slurm's own messages and each task's record (node, GPU UUIDs,
-  times, peak memory) go to DIR/.slurm/<run>/; without --logs to ./.gpuproc-slurm/<run>/,
+  times, GPU accounting) go to DIR/.slurm/<run>/; without --logs to ./.gpuproc-slurm/<run>/,
   kept only when a job failed. The job log's Host column is NODE/GPUS (`node7/2,3`); the
   summary has a node column; --resume works across runs as locally.
   Ctrl-C: scancel the arrays and wait until squeue no longer lists them (steps: scancel
@@ -202,6 +222,12 @@ pub struct RunArgs {
     /// Which jobs the final summary table lists.
     #[arg(long, value_enum, default_value_t = SummaryRows::Auto, value_name = "ROWS")]
     pub summary: SummaryRows,
+
+    /// Print the summary as JSON on standard output when the run ends (one line, after
+    /// every job's output), instead of the table; the totals line still goes to standard
+    /// error. See "Summary and accounting" below.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub json: bool,
 
     /// Run the jobs through Slurm: as `srun --exact` job steps inside an allocation
     /// (SLURM_JOB_ID set), else as `sbatch` job arrays (see Clusters below).
@@ -660,20 +686,8 @@ fn run_slurm(args: &RunArgs, jobs: &[Job]) -> anyhow::Result<()> {
 }
 
 /// Opens `--joblog` for appending, writing the header into a new one.
-fn open_joblog(args: &RunArgs) -> anyhow::Result<Option<std::fs::File>> {
-    let Some(path) = &args.joblog else {
-        return Ok(None);
-    };
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening job log {}", path.display()))?;
-    if file.metadata().map(|m| m.len() == 0).unwrap_or(false) {
-        writeln!(file, "{}", joblog::HEADER)
-            .with_context(|| format!("writing job log {}", path.display()))?;
-    }
-    Ok(Some(file))
+fn open_joblog(args: &RunArgs) -> anyhow::Result<Option<joblog::JobLog>> {
+    args.joblog.as_deref().map(joblog::JobLog::open).transpose()
 }
 
 /// How the run shows progress.
@@ -689,7 +703,17 @@ fn progress(args: &RunArgs) -> Progress {
 
 /// Prints the summary; [`RunFailed`] when jobs failed or the run was interrupted.
 fn finish(args: &RunArgs, report: &exec::Report, gpu_mode: bool) -> anyhow::Result<()> {
-    let text = summary::render(report, args.summary, gpu_mode);
+    let rows = if args.json {
+        SummaryRows::None
+    } else {
+        args.summary
+    };
+    if args.json {
+        let mut out = io::stdout().lock();
+        writeln!(out, "{}", summary::json(report)).context("writing the JSON summary")?;
+        out.flush().context("writing the JSON summary")?;
+    }
+    let text = summary::render(report, rows, gpu_mode);
     let _ = io::stderr().write_all(text.as_bytes());
     if let Some(why) = &report.starved {
         let _ = writeln!(io::stderr(), "gpuproc: {why}");

@@ -30,7 +30,9 @@
 //! `CUDA_DEVICE_ORDER` as CUDA does. NVML numbers devices in PCI bus order; CUDA's default
 //! order, `FASTEST_FIRST`, can differ when the machine mixes GPU models, which
 //! [`VisibleDevices::order_is_exact`] reports. [`usage_of()`] says which GPUs a process
-//! (and optionally its descendants) uses and how much memory.
+//! (and optionally its descendants) uses and how much memory; [`GpuAccountant`] turns
+//! samples of [`usage_detailed()`] into a job's GPU accounting (time on the GPUs, peak and
+//! mean memory, mean SM utilisation, energy when it had its GPUs alone).
 //!
 //! # Picking GPUs
 //! [`pick()`] chooses GPUs that meet [`Criteria`] (count, free memory, utilisation, no
@@ -42,6 +44,7 @@
 //! [`assigned()`] reports them; [`pick_for_workers`] does the same for a pool's workers.
 //! The policy is the pure function [`select`].
 
+mod accounting;
 mod entry;
 mod error;
 mod host;
@@ -53,6 +56,7 @@ mod visible;
 
 use std::sync::OnceLock;
 
+pub use accounting::{counter_delta, now_ms, GpuAccountant, GpuAccounting, Mean, WRAP_MARGIN};
 pub use error::{GpuError, GpuErrorKind};
 pub use lease::{
     leases, pick, pick_for_workers, runtime_dir, worker_slots, GpuLease, Holder, LeaseRecord,
@@ -117,6 +121,15 @@ pub fn device_count() -> Result<u32, GpuError> {
 /// [`GpuError::is_no_driver`] without an NVIDIA driver.
 pub fn usage_of(pid: u32, include_descendants: bool) -> Result<ProcessUsage, GpuError> {
     global()?.usage_of(pid, include_descendants)
+}
+
+/// [`usage_of`] with each device's SM utilisation by those processes and its energy
+/// counter, for accounting: see [`Gpus::usage_detailed`] and [`GpuAccountant`].
+///
+/// # Errors
+/// [`GpuError::is_no_driver`] without an NVIDIA driver.
+pub fn usage_detailed(pid: u32, include_descendants: bool) -> Result<ProcessUsage, GpuError> {
+    global()?.usage_detailed(pid, include_descendants)
 }
 
 /// The devices this process may use, per `CUDA_VISIBLE_DEVICES` and `CUDA_DEVICE_ORDER`,

@@ -471,6 +471,32 @@ impl Gpus {
     /// # Errors
     /// When NVML cannot count the devices.
     pub fn usage_of(&self, pid: u32, include_descendants: bool) -> Result<ProcessUsage, GpuError> {
+        self.usage(pid, include_descendants, false)
+    }
+
+    /// [`usage_of`](Gpus::usage_of) with what accounting needs besides memory: on each
+    /// device the processes use, their SM utilisation together
+    /// ([`DeviceUsage::sm_percent`], from the same per-process samples and timestamp
+    /// handling as [`snapshot`](Gpus::snapshot), whose cache it shares) and the device's
+    /// energy counter ([`DeviceUsage::total_energy_mj`]). [`GpuAccountant`](super::GpuAccountant)
+    /// turns a series of these into a [`GpuAccounting`](super::GpuAccounting).
+    ///
+    /// # Errors
+    /// When NVML cannot count the devices.
+    pub fn usage_detailed(
+        &self,
+        pid: u32,
+        include_descendants: bool,
+    ) -> Result<ProcessUsage, GpuError> {
+        self.usage(pid, include_descendants, true)
+    }
+
+    fn usage(
+        &self,
+        pid: u32,
+        include_descendants: bool,
+        details: bool,
+    ) -> Result<ProcessUsage, GpuError> {
         let pids = if include_descendants {
             self.proc.with_descendants(pid)
         } else {
@@ -491,14 +517,21 @@ impl Gpus {
                 uuid: None,
                 used_memory: 0,
                 pids: Vec::new(),
+                other_processes: 0,
+                sm_percent: None,
+                total_energy_mj: None,
             };
+            // NVML's pids of the counted processes here, for their utilisation samples.
+            let mut nvml_pids = Vec::new();
             let lists = [
                 entry::running_processes(&self.entries, &handle, ListKind::Compute),
                 entry::running_processes(&self.entries, &handle, ListKind::Graphics),
             ];
             let mut seen = std::collections::HashSet::new();
+            let mut others = std::collections::HashSet::new();
             for p in lists.into_iter().flat_map(Result::unwrap_or_default) {
                 let Some(ours) = mapper.map(p.pid).filter(|q| pids.contains(q)) else {
+                    others.insert(p.pid);
                     continue;
                 };
                 // A process with both contexts is listed twice with the same memory.
@@ -506,18 +539,50 @@ impl Gpus {
                     continue;
                 }
                 if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
-                    on_device.used_memory += bytes;
+                    on_device.used_memory = on_device.used_memory.saturating_add(bytes);
                 }
                 if !on_device.pids.contains(&ours) {
                     on_device.pids.push(ours);
+                    nvml_pids.push(p.pid);
                 }
             }
             if !on_device.pids.is_empty() {
                 on_device.uuid = opt(handle.uuid());
+                on_device.other_processes = others.len();
+                if details {
+                    on_device.sm_percent = self.sm_of(index, &handle, &nvml_pids);
+                    on_device.total_energy_mj = opt(handle.total_energy_consumption());
+                }
                 usage.devices.push(on_device);
             }
         }
         Ok(usage)
+    }
+
+    /// The SM utilisation of the processes `nvml_pids` on device `index` together, from the
+    /// per-process samples cache: a process without a sample counts as 0 (the driver lists
+    /// only processes that used the device in the interval); `None` where the device has
+    /// no per-process figures, or every counted sample was over 100%.
+    fn sm_of(&self, index: u32, handle: &NvDevice<'_>, nvml_pids: &[u32]) -> Option<u32> {
+        let mut caches = self
+            .utilization
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let samples = caches.entry(index).or_default().update(handle).ok()?;
+        let mut total = 0u32;
+        let mut known = false;
+        for pid in nvml_pids {
+            match samples.get(pid) {
+                None => known = true,
+                Some(u) => {
+                    if let Some(sm) = u.sm {
+                        total = total.saturating_add(sm);
+                        known = true;
+                    }
+                }
+            }
+        }
+        known.then_some(total.min(100))
     }
 
     /// The devices this process may use according to `CUDA_VISIBLE_DEVICES` and

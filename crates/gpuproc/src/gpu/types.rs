@@ -438,4 +438,22 @@ pub struct DeviceUsage {
     pub used_memory: u64,
     /// Which of the counted processes use the device.
     pub pids: Vec<u32>,
+    /// Processes on the device that are not counted (other users' and other PID
+    /// namespaces' included): what tells whether the counted processes had the device to
+    /// themselves.
+    #[serde(default)]
+    pub other_processes: usize,
+    /// The counted processes' SM utilisation of the device together, percent, from the
+    /// driver's latest per-process samples (as [`GpuProcess::utilization`]; a counted
+    /// process without a sample in the last interval counts as 0). Read only by
+    /// [`Gpus::usage_detailed`](super::Gpus::usage_detailed); `None` from
+    /// [`Gpus::usage_of`](super::Gpus::usage_of) and where the device has no per-process
+    /// figures (MIG mode, before Maxwell).
+    #[serde(default)]
+    pub sm_percent: Option<u32>,
+    /// The device's energy counter (`nvmlDeviceGetTotalEnergyConsumption`: energy since the
+    /// driver loaded, millijoules; Volta and later). Read only by
+    /// [`Gpus::usage_detailed`](super::Gpus::usage_detailed).
+    #[serde(default)]
+    pub total_energy_mj: Option<u64>,
 }

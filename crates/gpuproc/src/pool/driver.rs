@@ -320,6 +320,8 @@ struct Worker {
     eof: bool,
     /// GPU memory peaks sampled while tasks ran, by sequence number, until reported.
     task_peaks: std::collections::HashMap<u64, u64>,
+    /// Its GPU accounting over its lifetime, from the sampler.
+    accountant: crate::gpu::GpuAccountant,
 }
 
 pub(crate) struct Driver {
@@ -394,6 +396,9 @@ impl Driver {
                         devices: devices(w.slot),
                         memory: old.map_or(0, |u| u.memory),
                         peak_memory: old.map_or(0, |u| u.peak_memory),
+                        mean_memory: old.map_or(0, |u| u.mean_memory),
+                        mean_sm_percent: old.and_then(|u| u.mean_sm_percent),
+                        energy_mj: old.and_then(|u| u.energy_mj),
                     }
                 })
                 .collect();
@@ -402,7 +407,7 @@ impl Driver {
         }
     }
 
-    /// Reads each worker's GPU memory through NVML and keeps the peaks.
+    /// Reads each worker's GPU use through NVML: keeps the peaks and its accounting.
     fn sample_gpu_memory(&mut self) {
         let Ok(gpus) = crate::gpu::global() else {
             return;
@@ -411,13 +416,15 @@ impl Driver {
             return;
         };
         for w in &mut self.workers {
-            let Ok(now) = gpus.usage_of(w.pid, true) else {
+            let Ok(now) = gpus.usage_detailed(w.pid, true) else {
                 continue;
             };
+            w.accountant.record(crate::gpu::now_ms(), &now);
             let memory: u64 = now.devices.iter().map(|d| d.used_memory).sum();
             if let Some(u) = usage.iter_mut().find(|u| u.pid == w.pid) {
                 u.memory = memory;
                 u.peak_memory = u.peak_memory.max(memory);
+                u.set_accounting(&w.accountant.accounting());
             }
             // Charge the sample to the task running now.
             if let Some(seq) = w
@@ -488,6 +495,7 @@ impl Driver {
             waiting_since: None,
             eof: false,
             task_peaks: std::collections::HashMap::new(),
+            accountant: crate::gpu::GpuAccountant::default(),
         })
     }
 

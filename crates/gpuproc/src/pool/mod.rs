@@ -322,8 +322,10 @@ impl PoolBuilder {
         self
     }
 
-    /// Samples each worker's GPU memory through NVML every `interval`, for
-    /// [`Pool::gpu_usage`]'s peaks.
+    /// Samples each worker's GPU use through NVML every `interval`, for
+    /// [`Pool::gpu_usage`]'s peaks and accounting (mean memory, mean SM utilisation,
+    /// energy: see [`WorkerGpuUsage`]). Each sample reads, per worker, its processes on
+    /// every GPU and, on its GPUs, the per-process utilisation and energy counter.
     pub fn gpu_sampling(mut self, interval: Duration) -> Self {
         self.config.gpu_sampling = Some(interval);
         self
@@ -446,6 +448,35 @@ pub struct WorkerGpuUsage {
     pub memory: u64,
     /// The most seen by the sampler (or by `gpu_usage` calls) for this worker, in bytes.
     pub peak_memory: u64,
+    /// The time-weighted mean of the memory the sampler saw over the worker's time on its
+    /// GPUs (from its first sample on a GPU to its last), in bytes; 0 before then. As
+    /// [`GpuAccounting::mean_memory`](crate::gpu::GpuAccounting::mean_memory): the fields
+    /// from here on come from the sampler only ([`PoolBuilder::gpu_sampling`]).
+    #[serde(default)]
+    pub mean_memory: u64,
+    /// The worker's mean SM utilisation over the same time, whole percent of one GPU, from
+    /// the driver's per-process samples; `None` before a sample, or where the GPUs have no
+    /// per-process figures (MIG).
+    #[serde(default)]
+    pub mean_sm_percent: Option<u32>,
+    /// Energy its GPUs used while the worker was on them, over its lifetime so far, in
+    /// millijoules: attributed only while no other process (another worker sharing the
+    /// GPU with `workers_per_gpu`, another program) has been seen on them, as
+    /// [`GpuAccounting::energy_mj`](crate::gpu::GpuAccounting::energy_mj) explains;
+    /// `None` otherwise, before two samples, or without an energy counter (before Volta).
+    #[serde(default)]
+    pub energy_mj: Option<u64>,
+}
+
+impl WorkerGpuUsage {
+    /// Takes the accounting fields from the sampler's `accounting` of this worker.
+    pub(crate) fn set_accounting(&mut self, accounting: &gpu::GpuAccounting) {
+        self.mean_memory = accounting.mean_memory.unwrap_or(0);
+        self.mean_sm_percent = accounting
+            .mean_sm_percent
+            .map(|p| p.round().clamp(0.0, 100.0) as u32);
+        self.energy_mj = accounting.energy_mj;
+    }
 }
 
 /// A pool of worker processes; Python's `multiprocessing.Pool`.
@@ -506,8 +537,9 @@ impl Pool {
     }
 
     /// Each worker's GPUs and GPU memory, read through NVML now, with the peak seen by the
-    /// sampler (see [`PoolBuilder::gpu_sampling`]). Workers with no GPU memory in use are
-    /// listed with zero.
+    /// sampler (see [`PoolBuilder::gpu_sampling`]) and the sampler's accounting (mean
+    /// memory, mean SM utilisation, energy). Workers with no GPU memory in use are listed
+    /// with zero.
     pub fn gpu_usage(&self) -> Result<Vec<WorkerGpuUsage>, PoolError> {
         let gpus = gpu::global().map_err(|e| PoolError::Gpu(e.into()))?;
         let mut usage = self

@@ -158,3 +158,71 @@ fn worker_gpu_memory_is_read_by_pid() {
     assert_eq!(mibs, [100, 300], "{got:?}");
     assert!(got.iter().all(|g| g.2 >= g.1));
 }
+
+/// The `4gpu` scenario's utilisation by UUID.
+fn busy_percent(uuid: &str) -> u32 {
+    match uuid {
+        "GPU-0a4f2e61-3c1b-4d2e-9f00-1b2c3d4e5f60" => 12,
+        "GPU-1b5f3f72-4d2c-4e3f-8a11-2c3d4e5f6071" => 57,
+        "GPU-2c6a4a83-5e3d-4f4a-9b22-3d4e5f607182" => 0,
+        "GPU-3d7b5b94-6f4e-4a5b-8c33-4e5f60718293" => 98,
+        other => panic!("not a 4gpu UUID: {other}"),
+    }
+}
+
+/// Each worker holds memory on its own GPU; the sampler's accounting is polled until every
+/// worker has energy (two samples on its GPU), within the test's deadline.
+fn sampled_accounting(_: ()) -> Vec<gpuproc::WorkerGpuUsage> {
+    let pool = Pool::builder()
+        .processes(2)
+        .gpus_per_worker(1)
+        .gpu_sampling(std::time::Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let pids = pool.map_chunksize(allocate, [100u64, 300], 1).unwrap();
+    let end = gpuproc::time::deadline(TIMEOUT);
+    loop {
+        let usage: Vec<_> = pool
+            .gpu_usage()
+            .unwrap()
+            .into_iter()
+            .filter(|u| pids.contains(&u.pid))
+            .collect();
+        if usage.len() == 2 && usage.iter().all(|u| u.energy_mj.is_some()) {
+            return usage;
+        }
+        assert!(
+            gpuproc::time::remaining(end) != Some(std::time::Duration::ZERO),
+            "no energy within {TIMEOUT:?}: {usage:?}"
+        );
+        // The sampler runs on the pool's thread; nothing here to block on.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn workers_are_accounted_by_the_sampler() {
+    let dir = std::env::temp_dir().join(format!("gpuproc-sim-acct-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let got = in_sim(
+        "4gpu",
+        &[("NVML_SIM_STATE_DIR", &dir_str)],
+        sampled_accounting,
+        (),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut means: Vec<u64> = got.iter().map(|u| u.mean_memory >> 20).collect();
+    means.sort();
+    // Sampled only once the memory was held, every sample saw all of it.
+    assert_eq!(means, [100, 300], "{got:?}");
+    for u in &got {
+        assert_eq!(u.devices.len(), 1, "{u:?}");
+        // Alone on its GPU, the worker has all of its utilisation.
+        assert_eq!(
+            u.mean_sm_percent,
+            Some(busy_percent(&u.devices[0])),
+            "{u:?}"
+        );
+    }
+}

@@ -30,7 +30,7 @@ use anyhow::{bail, Context};
 use indicatif::ProgressBar;
 
 use super::exec::{describe, progress_bar, Outcome, Progress, Report};
-use super::joblog::Entry;
+use super::joblog::{Entry, JobLog};
 use super::jobs::Job;
 use super::schedule::{Launch, Scheduler, Verdict};
 use super::sys::{self, Exit, Sig, Signals};
@@ -179,7 +179,7 @@ pub struct Setup<'a> {
     /// `--logs`.
     pub logs: Option<PathBuf>,
     /// The job log, open for appending.
-    pub joblog: Option<File>,
+    pub joblog: Option<JobLog>,
     /// How to report progress.
     pub progress: Progress,
     /// Slurm's options.
@@ -257,6 +257,8 @@ struct Ended {
     /// The GPUs for the job log: NVML indices on the node, else `CUDA_VISIBLE_DEVICES`.
     gpu_label: String,
     peak_memory: Option<u64>,
+    /// The wrapper's GPU accounting (`None`: no record, or a record without one).
+    gpu: Option<gpuproc::gpu::GpuAccounting>,
 }
 
 impl Ended {
@@ -283,6 +285,7 @@ impl Ended {
             gpus: rec.gpus.clone(),
             gpu_label,
             peak_memory: rec.peak_memory,
+            gpu: rec.gpu.clone(),
         }
     }
 
@@ -299,6 +302,7 @@ impl Ended {
             gpus: Vec::new(),
             gpu_label: String::new(),
             peak_memory: None,
+            gpu: None,
         }
     }
 
@@ -311,7 +315,7 @@ impl Ended {
 struct Tracker<'a> {
     jobs: &'a [Job],
     outcomes: Vec<Outcome>,
-    joblog: Option<File>,
+    joblog: Option<JobLog>,
     progress: Progress,
     bar: Option<ProgressBar>,
     done: usize,
@@ -319,7 +323,7 @@ struct Tracker<'a> {
 }
 
 impl<'a> Tracker<'a> {
-    fn new(jobs: &'a [Job], skip: &[bool], joblog: Option<File>, progress: Progress) -> Self {
+    fn new(jobs: &'a [Job], skip: &[bool], joblog: Option<JobLog>, progress: Progress) -> Self {
         let outcomes = Outcome::initial(jobs, skip);
         let total = outcomes.iter().filter(|o| !o.skipped).count();
         let bar = progress_bar(progress, total);
@@ -387,10 +391,9 @@ impl<'a> Tracker<'a> {
                 exit: code,
                 signal,
                 command: command.to_owned(),
+                gpu: ended.gpu.clone(),
             };
-            let line = format!("{}\n", entry.to_line());
-            log.write_all(line.as_bytes())
-                .context("writing the job log")?;
+            log.write(&entry)?;
         }
         let outcome = &mut self.outcomes[launch.job];
         outcome.command = command.to_owned();
@@ -400,6 +403,7 @@ impl<'a> Tracker<'a> {
         outcome.runtime = crate::units::seconds(ended.runtime);
         outcome.gpus = ended.gpus.clone();
         outcome.node = ended.node.clone();
+        outcome.gpu = ended.gpu.clone();
         if let Some(peak) = ended.peak_memory {
             outcome.peak_memory = Some(outcome.peak_memory.unwrap_or(0).max(peak));
         }

@@ -66,6 +66,10 @@ pub struct Record {
     pub timed_out: bool,
     /// Highest GPU memory seen in use by its processes (sampled each second).
     pub peak_memory: Option<u64>,
+    /// Its GPU accounting from the same samples, as a local run's (`None`: a task without
+    /// GPUs, or a record from an older wrapper).
+    #[serde(default)]
+    pub gpu: Option<gpuproc::gpu::GpuAccounting>,
     /// `SLURM_JOB_ID` (an array task has one of its own), and the step when in one.
     pub slurm_job: String,
     /// `SLURM_RESTART_COUNT`: times Slurm requeued it before this run.
@@ -161,9 +165,20 @@ mod tests {
             signal: 0,
             timed_out: false,
             peak_memory: None,
+            gpu: Some(gpuproc::gpu::GpuAccounting {
+                first_ms: Some(1_500),
+                mean_sm_percent: Some(12.5),
+                energy_mj: Some(9),
+                ..Default::default()
+            }),
             slurm_job: "12".into(),
             restarts: 0,
         };
+        // A record of an older wrapper, without accounting, still reads.
+        let mut old = serde_json::to_value(&record).unwrap();
+        old.as_object_mut().unwrap().remove("gpu");
+        write_atomic(&rec, &serde_json::to_vec(&old).unwrap(), true).unwrap();
+        assert_eq!(read_record(&rec).unwrap().unwrap().gpu, None);
         write_atomic(&rec, &serde_json::to_vec(&record).unwrap(), true).unwrap();
         assert_eq!(read_record(&rec).unwrap(), Some(record));
         // Only the record is left: the temporary file was renamed.

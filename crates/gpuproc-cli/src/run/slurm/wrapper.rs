@@ -1,9 +1,10 @@
 //! `gpuproc __slurm-job BATCH [TASK]`: what each Slurm task of `gpuproc run --slurm` runs on
 //! its node. It runs the task's command as `sh -c` in a process group of its own (as the
 //! local runner does), stops it at its timeout (SIGTERM, then SIGKILL after `kill_after`),
-//! passes SIGTERM/SIGINT from Slurm (scancel, preemption) on to it, samples its GPU memory
+//! passes SIGTERM/SIGINT from Slurm (scancel, preemption) on to it, samples its GPU use
 //! each second, and writes the task's [`Record`] (node, the GPUs Slurm gave it, times, exit
-//! status, peak memory) next to the batch file before exiting with the command's status.
+//! status, peak memory and GPU accounting, as the local runner's) next to the batch file
+//! before exiting with the command's status.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -17,7 +18,7 @@ use gpuproc::time::saturating_add;
 use super::record::{self, BatchFile, Record};
 use crate::run::sys::{self, Exit, Sig, Signals};
 
-/// How often the command's GPU memory is sampled.
+/// How often the command's GPU use is sampled.
 const SAMPLE: Duration = Duration::from_secs(1);
 
 /// Arguments of the hidden `__slurm-job` subcommand.
@@ -127,6 +128,7 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
     let mut kill_at: Option<Instant> = None;
     let mut timed_out = false;
     let mut peak: Option<u64> = None;
+    let mut accountant = gpuproc::gpu::GpuAccountant::default();
     // As in a local run: the first sample a second after the start.
     let mut next_sample = saturating_add(start, SAMPLE);
     let exit = 'wait: loop {
@@ -137,7 +139,8 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
         }
         let now = Instant::now();
         if sampling && now >= next_sample {
-            if let Ok(usage) = gpuproc::gpu::usage_of(pid, true) {
+            if let Ok(usage) = gpuproc::gpu::usage_detailed(pid, true) {
+                accountant.record(gpuproc::gpu::now_ms(), &usage);
                 peak = Some(peak.unwrap_or(0).max(usage.total_memory()));
             }
             next_sample = saturating_add(now, SAMPLE);
@@ -200,6 +203,7 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
         signal,
         timed_out,
         peak_memory: peak,
+        gpu: sampling.then(|| accountant.accounting()),
         slurm_job,
         restarts: std::env::var("SLURM_RESTART_COUNT")
             .ok()
