@@ -353,7 +353,7 @@ pub use pool::{AsyncResult, Imap, Launcher, Pool, PoolBuilder, PoolError, Slurm,
 pub use process::{
     active_children, cpu_count, current_process, get_start_method, parent_process,
     process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo, Sentinel,
-    StartMethod,
+    StartMethod, LOST_EXITCODE,
 };
 pub use shm::{SharedArray, SharedMemory, SharedSlice, SharedValue, ShmError};
 pub use sync::{Barrier, BoundedSemaphore, Condition, Event, Lock, RLock, Semaphore, SyncError};

@@ -34,7 +34,7 @@ mod error;
 mod lens;
 mod plain;
 pub(crate) mod policy;
-mod remote;
+pub(crate) mod remote;
 mod shm_args;
 mod threads;
 

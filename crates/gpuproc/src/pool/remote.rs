@@ -46,7 +46,8 @@ use crate::sys::shm::Mapping;
 
 /// TCP keep-alive for the connection to a remote worker: probes after 15 s of silence,
 /// every 5 s; 3 unanswered probes end it.
-const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(15), Duration::from_secs(5), 3);
+pub(crate) const KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(15), Duration::from_secs(5), 3);
 
 /// The flag that makes [`crate::init`] serve as a remote pool worker.
 pub(crate) const WORKER_FLAG: &str = "--gpuproc-worker";
@@ -223,15 +224,28 @@ struct Hello {
     pid: u32,
 }
 
-/// The relay's answer: the pool's settings for the worker, or why it may not serve.
+/// The relay's answer: the pool's settings for the worker, a process's call to run, or why
+/// it may not serve.
 #[derive(Debug, Serialize, Deserialize)]
-enum Start {
+pub(crate) enum Start {
     Serve {
         init: Option<(worker::FnRef, Vec<u8>)>,
         max_tasks: Option<u64>,
         track_time: bool,
     },
+    /// Run this encoded `process::wire::Call` as a `Process` child does, reporting on the
+    /// connection (see `process::remote`).
+    Call(Vec<u8>),
     Refused(String),
+}
+
+/// A remote process that connected and was accepted: its connection, the launcher's
+/// process, and its node and pid there.
+pub(crate) struct Started {
+    pub conn: crate::connection::Connection,
+    pub launcher: Child,
+    pub node: String,
+    pub pid: u32,
 }
 
 /// The worker's answer: its initializer's outcome.
@@ -374,8 +388,12 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
     };
     // A worker that cannot be started counts as one whose initializer failed: the pool
     // gives up after a few in a row instead of starting them for ever.
-    let (conn, mut child, node) =
-        start_remote(&launcher, settings).map_err(WorkerError::Initializer)?;
+    let Started {
+        conn,
+        launcher: mut child,
+        node,
+        ..
+    } = start_remote(&launcher, settings).map_err(WorkerError::Initializer)?;
     page.atomic_u64(worker::PHASE_AT)
         .store(worker::PHASE_READY, std::sync::atomic::Ordering::Release);
     let remote = conn.into_fd();
@@ -383,20 +401,7 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
     // (in about 30 s) and end the connection.
     let _ = sys::set_keepalive(remote.as_fd(), KEEPALIVE);
     let result = forward(args.conn, remote);
-    // The worker has ended (or the driver has): so does its launcher, soon.
-    let deadline = crate::time::deadline(Duration::from_secs(5));
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() < d) => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            _ => {
-                let _ = child.kill();
-                break child.wait().ok();
-            }
-        }
-    };
+    let status = end_launcher(&mut child);
     // A worker that ended other than cleanly (after the pool's last frame, or its
     // `max_tasks_per_child`) was lost with whatever it had in flight.
     // How the launcher ended says more than what the connection saw (a reset, say).
@@ -410,6 +415,24 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
     Err(WorkerError::Lost { node, reason })
 }
 
+/// Waits (at most 5 s: the remote process has ended, or its connection has) for the
+/// launcher's command to end, then kills it; how it ended, when known.
+pub(crate) fn end_launcher(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let deadline = crate::time::deadline(Duration::from_secs(5));
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() < d) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+        }
+    }
+}
+
 fn spawn_launcher(argv: &[String]) -> std::io::Result<Child> {
     let (program, rest) = argv
         .split_first()
@@ -420,12 +443,9 @@ fn spawn_launcher(argv: &[String]) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// Starts the remote worker through `launcher` and checks it; returns its connection and the
-/// launcher's process, or why it could not.
-fn start_remote(
-    launcher: &Launcher,
-    settings: Start,
-) -> Result<(crate::connection::Connection, Child, String), String> {
+/// Starts the remote process through `launcher`, checks it and gives it `settings`; returns
+/// it, or why it could not be started.
+pub(crate) fn start_remote(launcher: &Launcher, settings: Start) -> Result<Started, String> {
     let started = std::time::Instant::now();
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| format!("making a key for the worker: {e}"))?;
@@ -492,13 +512,21 @@ fn start_remote(
         let _ = conn.send(&Start::Refused(why.clone()));
         return Err(why);
     }
+    let serves = matches!(settings, Start::Serve { .. });
     conn.send(&settings)
         .map_err(|e| format!("starting the worker: {e}"))?;
-    let Ready(ready) = conn
-        .recv_timeout(launcher.start_timeout)
-        .map_err(|e| format!("waiting for the worker's initializer: {e}"))?;
-    ready.map_err(|e| format!("the initializer on {}: {e}", hello.host))?;
-    Ok((conn, child, hello.host))
+    if serves {
+        let Ready(ready) = conn
+            .recv_timeout(launcher.start_timeout)
+            .map_err(|e| format!("waiting for the worker's initializer: {e}"))?;
+        ready.map_err(|e| format!("the initializer on {}: {e}", hello.host))?;
+    }
+    Ok(Started {
+        conn,
+        launcher: child,
+        node: hello.host,
+        pid: hello.pid,
+    })
 }
 
 /// Forwards frames from the driver to the remote worker (inlining arguments that are in
@@ -633,6 +661,11 @@ fn serve_remote() -> Result<(), String> {
             max_tasks,
             track_time,
         } => (init, max_tasks, track_time),
+        Start::Call(call) => {
+            let fd = conn.into_fd();
+            let _ = sys::set_keepalive(fd.as_fd(), KEEPALIVE);
+            crate::process::child::serve_remote_call(fd, call)
+        }
         Start::Refused(why) => return Err(why),
     };
     let ready = match init {

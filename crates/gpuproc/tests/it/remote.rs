@@ -460,3 +460,207 @@ fn the_remote_pool_example_runs_on_slurm_workers_with_one_gpu_each() {
     assert!((1..=2).contains(&workers), "{lines:?}");
     assert!(!lines.iter().any(|l| l.ends_with("GPU none")), "{lines:?}");
 }
+
+/// A remote process's outcome, as its parent sees it: what `join` gave, `exitcode`, and
+/// where it ran (`node`, and whether `pid` was the remote process's, not the relay's).
+#[derive(Debug)]
+struct Seen<R> {
+    joined: Result<R, gpuproc::ProcessError>,
+    exitcode: Option<i32>,
+    node: Option<String>,
+    pid: Option<u32>,
+}
+
+fn run_remote<A, R>(f: fn(A) -> R, a: A, launcher: Launcher) -> Seen<R>
+where
+    A: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+    R: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+{
+    within(move || {
+        let mut p = gpuproc::Process::new(f, a).launcher(launcher);
+        p.start().unwrap();
+        let joined = p.join_timeout(TIMEOUT);
+        Seen {
+            joined,
+            exitcode: p.exitcode(),
+            node: p.node(),
+            pid: p.pid(),
+        }
+    })
+}
+
+fn panics(_: u32) -> u32 {
+    panic!("no luck on this node")
+}
+
+fn exits_with_3(_: u32) -> u32 {
+    std::process::exit(3)
+}
+
+fn killed(_: u32) -> u32 {
+    // SAFETY: a plain system call on this process.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    0
+}
+
+fn this_host() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_process_started_by_a_command_has_a_local_process_api() {
+    // The result, exit code 0, and the pid and node it ran on.
+    let seen = run_remote(where_and_square, 12, stand_in_for_ssh());
+    let (pid, launched, square) = seen.joined.unwrap();
+    assert_eq!(square, 144);
+    assert_eq!(
+        launched.as_deref(),
+        Some("yes"),
+        "it ran in the launched process"
+    );
+    assert_eq!(seen.exitcode, Some(0));
+    assert_eq!(seen.pid, Some(pid), "pid() is the remote process's");
+    assert_eq!(seen.node, Some(this_host()));
+
+    // A panic: its message, exit code 1.
+    let seen = run_remote(panics, 1, stand_in_for_ssh());
+    let e = seen.joined.unwrap_err();
+    assert_eq!(e.panic_message(), Some("no luck on this node"), "{e}");
+    assert_eq!(seen.exitcode, Some(1));
+
+    // exit(3): the code.
+    let seen = run_remote(exits_with_3, 1, stand_in_for_ssh());
+    assert_eq!(seen.joined.unwrap_err().exitcode(), Some(3));
+    assert_eq!(seen.exitcode, Some(3));
+
+    // Killed on its node before it reported: lost, saying how, with the documented code.
+    let seen = run_remote(killed, 1, stand_in_for_ssh());
+    let e = seen.joined.unwrap_err();
+    assert!(e.is_lost(), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("was lost on {}", this_host())),
+        "{text}"
+    );
+    assert!(text.contains("SIGKILL"), "{text}");
+    assert_eq!(seen.exitcode, Some(gpuproc::LOST_EXITCODE));
+    assert_eq!(e.exitcode(), Some(gpuproc::LOST_EXITCODE));
+
+    // A launcher that cannot start it.
+    let seen = run_remote(
+        where_and_square,
+        1,
+        Launcher::command(["false"]).connect_back_to("127.0.0.1"),
+    );
+    let e = seen.joined.unwrap_err();
+    assert!(
+        matches!(e, gpuproc::ProcessError::LaunchFailed { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("before the worker connected"), "{e}");
+    assert_eq!(seen.exitcode, Some(gpuproc::LOST_EXITCODE));
+    assert_eq!(seen.pid, None, "it never ran anywhere");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn sleeps(secs: u64) -> u64 {
+    std::thread::sleep(Duration::from_secs(secs));
+    secs
+}
+
+#[test]
+fn a_remote_process_is_alive_until_terminated_and_leaves_nothing_running() {
+    let (alive, joined, exitcode) = within(|| {
+        let mut p = gpuproc::Process::new(sleeps, 600).launcher(stand_in_for_ssh());
+        p.start().unwrap();
+        // Connected: its pid on its node is known.
+        let deadline = Instant::now() + TIMEOUT;
+        while p.pid().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(p.pid().is_some(), "the remote process connected");
+        let alive = p.is_alive();
+        p.terminate().unwrap();
+        let joined = p.join_timeout(TIMEOUT);
+        (alive, joined, p.exitcode())
+    });
+    assert!(alive);
+    let e = joined.unwrap_err();
+    assert_eq!(e.signal(), Some(libc::SIGTERM), "{e}");
+    assert_eq!(exitcode, Some(-libc::SIGTERM));
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn queue_len(q: Queue<u64>) -> usize {
+    q.qsize()
+}
+
+fn makes_a_queue(_: u32) -> Queue<u64> {
+    Queue::new().unwrap()
+}
+
+#[test]
+fn descriptors_cannot_go_to_or_come_from_a_remote_process() {
+    let mut p =
+        gpuproc::Process::new(queue_len, Queue::new().unwrap()).launcher(stand_in_for_ssh());
+    let e = p.start().unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("Queue"), "{text}");
+    assert!(text.contains("another machine"), "{text}");
+
+    let seen = run_remote(makes_a_queue, 1, stand_in_for_ssh());
+    let text = seen.joined.unwrap_err().to_string();
+    assert!(text.contains("Queue"), "{text}");
+    assert!(text.contains("another machine"), "{text}");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn slurm_launcher(job_name: &str) -> Launcher {
+    Launcher::slurm(Slurm::new().time("5").arg(format!("--job-name={job_name}")))
+        .connect_back_to("127.0.0.1")
+        .start_timeout(Duration::from_secs(30))
+}
+
+#[test]
+fn a_process_as_a_slurm_step_returns_its_result_and_a_cancelled_one_is_lost() {
+    if !slurm_available() {
+        return;
+    }
+    let name = "gpuproc-it-remote-process";
+    let seen = run_remote(job_and_square, 9, slurm_launcher(name));
+    let (job, square, _) = seen.joined.unwrap();
+    assert!(!job.is_empty(), "it ran in a Slurm job");
+    assert_eq!(square, 81);
+    assert_eq!(seen.exitcode, Some(0));
+    assert!(seen.pid.is_some());
+
+    // scancel of its step: lost, with the documented code, within the timeout.
+    let (joined, exitcode) = within(move || {
+        let mut p = gpuproc::Process::new(sleeps, 600).launcher(slurm_launcher(name));
+        p.start().unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while p.pid().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(p.pid().is_some(), "the step's process connected");
+        let jobs = jobs_named(name);
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        let status = std::process::Command::new("scancel")
+            .arg(&jobs[0])
+            .status()
+            .expect("scancel runs");
+        assert!(status.success());
+        (p.join_timeout(TIMEOUT), p.exitcode())
+    });
+    let e = joined.unwrap_err();
+    assert!(matches!(e, gpuproc::ProcessError::WorkerLost { .. }), "{e}");
+    assert_eq!(exitcode, Some(gpuproc::LOST_EXITCODE));
+    assert_eq!(
+        no_jobs_named(name, Duration::from_secs(10)),
+        Vec::<String>::new()
+    );
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
