@@ -349,7 +349,9 @@ pub use channel::{
 };
 pub use context::{get_context, Context};
 pub use ipc::{deserialize_fd, serialize_fd};
-pub use pool::{AsyncResult, Imap, Launcher, Pool, PoolBuilder, PoolError, Slurm, WorkerGpuUsage};
+pub use pool::{
+    AsyncResult, Imap, Launcher, Pool, PoolBuilder, PoolError, Slurm, WorkerGpu, WorkerGpuUsage,
+};
 pub use process::{
     active_children, cpu_count, current_process, get_start_method, parent_process,
     process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo, Sentinel,

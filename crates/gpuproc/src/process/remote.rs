@@ -64,6 +64,7 @@ fn run(ctrl: BorrowedFd<'_>, args: RelayArgs) -> i32 {
         launcher: mut child,
         node,
         pid,
+        ..
     } = match start_remote(&args.launcher, Start::Call(args.call)) {
         Ok(started) => started,
         Err(reason) => {

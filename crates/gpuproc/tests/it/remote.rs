@@ -664,3 +664,80 @@ fn a_process_as_a_slurm_step_returns_its_result_and_a_cancelled_one_is_lost() {
     );
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
 }
+
+/// In a Slurm worker: "allocates" `mib` MiB on its GPU as the simulator sees it (a state
+/// file for its pid, on the GPU Slurm bound); the GPU's index.
+fn allocate_on_my_gpu(mib: u64) -> u32 {
+    let dir = std::path::PathBuf::from(std::env::var("NVML_SIM_STATE_DIR").unwrap());
+    let gpu = gpuproc::gpu::assigned().unwrap().devices[0].device.index;
+    nvml_sim::state::write_allocation(&dir, gpu, std::process::id(), mib << 20).unwrap();
+    gpu
+}
+
+#[test]
+fn gpu_usage_of_slurm_workers_shows_their_node_gpu_and_memory_sampled_there() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gpuproc-remote-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let (ran, usage) = within(move || {
+        let mut builder = Pool::builder()
+            .processes(2)
+            .gpus_per_worker(1)
+            .gpu_sampling(Duration::from_millis(20))
+            .env("NVML_SIM_STATE_DIR", dir_str);
+        for (k, v) in simulated_gpus() {
+            builder = builder.env(k, v);
+        }
+        let pool = builder
+            .launcher(slurm_launcher("gpuproc-it-remote-gpu-usage"))
+            .build()
+            .unwrap();
+        let ran = pool
+            .map_chunksize(allocate_on_my_gpu, [100u64, 300], 1)
+            .unwrap();
+        // What each GPU holds now: the last allocation made on it.
+        let mut want = std::collections::BTreeMap::new();
+        for (gpu, mib) in ran.iter().zip([100u64, 300]) {
+            want.insert(*gpu, mib << 20);
+        }
+        // The workers' samples arrive every 20 ms: wait (with a deadline) until they show it.
+        let deadline = Instant::now() + TIMEOUT;
+        let usage = loop {
+            let usage = pool.gpu_usage().unwrap();
+            let shown = want.iter().all(|(gpu, bytes)| {
+                usage
+                    .iter()
+                    .any(|u| u.gpus.iter().any(|g| g.index == *gpu && g.memory == *bytes))
+            });
+            if shown || Instant::now() > deadline {
+                break usage;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        pool.close();
+        pool.join().unwrap();
+        (want, usage)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(usage.len(), 2, "{usage:?}");
+    for u in &usage {
+        assert_eq!(u.node, this_host(), "{u:?}");
+        assert_eq!(u.gpus.len(), 1, "one GPU from Slurm's binding: {u:?}");
+        assert!(u.gpus[0].uuid.starts_with("GPU-"), "{u:?}");
+        assert_eq!(u.devices, [u.gpus[0].uuid.clone()], "{u:?}");
+        assert!(u.peak_memory >= u.memory, "{u:?}");
+    }
+    assert_ne!(usage[0].gpus[0].index, usage[1].gpus[0].index, "{usage:?}");
+    for (gpu, bytes) in &ran {
+        let u = usage
+            .iter()
+            .find(|u| u.gpus[0].index == *gpu)
+            .unwrap_or_else(|| panic!("GPU {gpu} is a worker's: {usage:?}"));
+        assert_eq!(u.memory, *bytes, "{usage:?}");
+        assert_eq!(u.gpus[0].memory, *bytes, "{usage:?}");
+    }
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
