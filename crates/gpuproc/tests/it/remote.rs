@@ -741,3 +741,67 @@ fn gpu_usage_of_slurm_workers_shows_their_node_gpu_and_memory_sampled_there() {
     }
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
 }
+
+/// In a Slurm worker: holds `mib` MiB on its GPU until the test creates `release` in the
+/// simulator's state directory (or a minute passes), then frees it.
+fn hold_until_released(mib: u64) -> u32 {
+    let dir = std::path::PathBuf::from(std::env::var("NVML_SIM_STATE_DIR").unwrap());
+    let gpu = gpuproc::gpu::assigned().unwrap().devices[0].device.index;
+    let pid = std::process::id();
+    nvml_sim::state::write_allocation(&dir, gpu, pid, mib << 20).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !dir.join("release").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nvml_sim::state::write_allocation(&dir, gpu, pid, 0).unwrap();
+    gpu
+}
+
+#[test]
+fn a_task_on_a_slurm_worker_gets_the_gpu_memory_peak_sampled_on_its_node() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gpuproc-remote-peak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let release = dir.join("release");
+    let got = within(move || {
+        let mut builder = Pool::builder()
+            .processes(1)
+            .gpus_per_worker(1)
+            .gpu_sampling(Duration::from_millis(20))
+            .env("NVML_SIM_STATE_DIR", dir_str);
+        for (k, v) in simulated_gpus() {
+            builder = builder.env(k, v);
+        }
+        let pool = builder
+            .launcher(slurm_launcher("gpuproc-it-remote-peak"))
+            .build()
+            .unwrap();
+        let got = std::thread::scope(|s| {
+            let map = s.spawn(|| pool.map_with_gpu_memory(hold_until_released, [250u64]));
+            // Once the pool shows the memory, a sample taken while the task ran has been
+            // charged to it: let the task end.
+            let deadline = Instant::now() + TIMEOUT;
+            while Instant::now() < deadline
+                && !pool
+                    .gpu_usage()
+                    .unwrap()
+                    .iter()
+                    .any(|u| u.memory == 250 << 20)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::fs::write(&release, b"").unwrap();
+            map.join().unwrap()
+        });
+        pool.close();
+        pool.join().unwrap();
+        got.unwrap()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, 250 << 20, "the task's peak: {got:?}");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
