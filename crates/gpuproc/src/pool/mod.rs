@@ -356,6 +356,15 @@ impl PoolBuilder {
             if let Some(l) = self.config.launcher.as_mut() {
                 l.sample_every = Some(every);
             }
+            if self.gpu_criteria != gpu::Criteria::new() {
+                return remote_refuses(
+                    "gpu_criteria",
+                    format!("{:?}", self.gpu_criteria),
+                    "no GPU criteria with remote workers: GPUs cannot be picked or leased on \
+                     another machine (with a Slurm launcher, ask for a count with \
+                     gpus_per_worker)",
+                );
+            }
             // On Slurm, GPUs per worker are Slurm's to give: asked with each step.
             match (self.gpu_share.take(), self.config.launcher.as_mut()) {
                 (None, _) => {}

@@ -142,6 +142,21 @@ fn descriptors_cannot_go_to_remote_workers_and_the_refusal_names_the_type() {
     let text = e.to_string();
     assert!(text.contains("Queue"), "{text}");
     assert!(text.contains("another machine"), "{text}");
+
+    // Nor come back from one: the task fails, naming the type, and the worker goes on.
+    let (e, after) = within(|| {
+        let pool = Pool::builder()
+            .processes(1)
+            .launcher(stand_in_for_ssh())
+            .build()
+            .unwrap();
+        let e = pool.apply(makes_a_queue, 1).unwrap_err();
+        (e, pool.map(where_and_square, 0..3u64).unwrap())
+    });
+    let text = e.to_string();
+    assert!(text.contains("Queue"), "{text}");
+    assert!(text.contains("another machine"), "{text}");
+    assert_eq!(after.iter().map(|r| r.2).collect::<Vec<_>>(), [0, 1, 4]);
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
 }
 
@@ -630,12 +645,21 @@ fn a_process_as_a_slurm_step_returns_its_result_and_a_cancelled_one_is_lost() {
         return;
     }
     let name = "gpuproc-it-remote-process";
-    let seen = run_remote(job_and_square, 9, slurm_launcher(name));
-    let (job, square, _) = seen.joined.unwrap();
+    let (joined, exitcode, pid) = within(move || {
+        // with_gpus(1): asked of Slurm with the step.
+        let mut p = gpuproc::Process::new(job_and_square, 9)
+            .with_gpus(1)
+            .launcher(slurm_launcher(name));
+        p.start().unwrap();
+        (p.join_timeout(TIMEOUT), p.exitcode(), p.pid())
+    });
+    let (job, square, gpus) = joined.unwrap();
     assert!(!job.is_empty(), "it ran in a Slurm job");
     assert_eq!(square, 81);
-    assert_eq!(seen.exitcode, Some(0));
-    assert!(seen.pid.is_some());
+    assert_eq!(gpus.split(',').count(), 1, "one GPU from Slurm: {gpus:?}");
+    assert!(!gpus.is_empty(), "one GPU from Slurm");
+    assert_eq!(exitcode, Some(0));
+    assert!(pid.is_some());
 
     // scancel of its step: lost, with the documented code, within the timeout.
     let (joined, exitcode) = within(move || {
@@ -804,4 +828,47 @@ fn a_task_on_a_slurm_worker_gets_the_gpu_memory_peak_sampled_on_its_node() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1, 250 << 20, "the task's peak: {got:?}");
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+#[test]
+fn gpu_choices_a_remote_launcher_cannot_honour_are_refused_when_the_pool_is_built() {
+    let slurm = || Launcher::slurm(Slurm::new()).connect_back_to("127.0.0.1");
+    let criteria = gpuproc::gpu::Criteria::new().min_free(1 << 30);
+    let e = Pool::builder()
+        .processes(1)
+        .gpu_criteria(criteria)
+        .launcher(slurm())
+        .build()
+        .unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    assert!(e.to_string().contains("gpu_criteria"), "{e}");
+    let e = Pool::builder()
+        .processes(1)
+        .workers_per_gpu(2)
+        .launcher(slurm())
+        .build()
+        .unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    let e = Pool::builder()
+        .processes(1)
+        .gpus_per_worker(1)
+        .launcher(stand_in_for_ssh())
+        .build()
+        .unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    // And for one process: only a count, and only from Slurm.
+    let mut p = gpuproc::Process::new(where_and_square, 1)
+        .with_gpu_criteria(gpuproc::gpu::Criteria::new().min_free(1 << 30))
+        .launcher(slurm());
+    assert!(matches!(
+        p.start().unwrap_err(),
+        gpuproc::ProcessError::LaunchFailed { .. }
+    ));
+    let mut p = gpuproc::Process::new(where_and_square, 1)
+        .with_gpus(1)
+        .launcher(stand_in_for_ssh());
+    assert!(matches!(
+        p.start().unwrap_err(),
+        gpuproc::ProcessError::LaunchFailed { .. }
+    ));
 }
