@@ -338,7 +338,7 @@
 //!
 //! | Python | gpuproc |
 //! |---|---|
-//! | `Process` | [`Process`] (`sentinel` is [`Process::sentinel`], `close` is [`Process::close`]) |
+//! | `Process` | [`Process`] (`sentinel` is [`Process::sentinel`], `close` is [`Process::close`]; on another machine through [`Process::launcher`]) |
 //! | `current_process()` | [`current_process`] (a [`ProcessInfo`]: `name`, `pid`, `daemon`, [`is_alive`](ProcessInfo::is_alive), [`exitcode`](ProcessInfo::exitcode)) |
 //! | `parent_process()` | [`parent_process`] |
 //! | `active_children()` | [`active_children`] |

@@ -263,9 +263,12 @@ impl PoolBuilder {
     /// is replaced; nothing is left running when the pool ends. Their arguments and results are copied over the network, so values that hold
     /// descriptors (queues, locks, shared memory) cannot be sent to them: such a task is
     /// refused when it is submitted, naming the type. Not with a task timeout or GPUs leased
-    /// through [`workers_per_gpu`](Self::workers_per_gpu); with a Slurm launcher,
+    /// through [`workers_per_gpu`](Self::workers_per_gpu) or chosen by
+    /// [`gpu_criteria`](Self::gpu_criteria); with a Slurm launcher,
     /// [`gpus_per_worker`](Self::gpus_per_worker) asks Slurm for the GPUs with each step
-    /// (as [`Slurm::gpus`] does), and other launchers cannot give GPUs.
+    /// (as [`Slurm::gpus`] does), and other launchers cannot give GPUs. Each remote worker
+    /// samples its GPUs on its node (every [`gpu_sampling`](Self::gpu_sampling) interval,
+    /// default 1 s) for [`Pool::gpu_usage`].
     pub fn launcher(mut self, launcher: remote::Launcher) -> Self {
         self.config.launcher = (!launcher.is_local()).then_some(launcher);
         self

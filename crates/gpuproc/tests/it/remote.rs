@@ -526,6 +526,28 @@ fn this_host() -> String {
 }
 
 #[test]
+fn a_remote_process_is_started_by_a_relay_of_every_start_method() {
+    for method in gpuproc::StartMethod::all() {
+        let (joined, exitcode) = within(move || {
+            let mut p = gpuproc::Process::new(where_and_square, 7)
+                .with_start_method(method)
+                .allow_fork_with_threads(true)
+                .launcher(stand_in_for_ssh());
+            p.start().unwrap();
+            (p.join_timeout(TIMEOUT), p.exitcode())
+        });
+        let (_, launched, square) = joined.unwrap();
+        assert_eq!(
+            (launched.as_deref(), square),
+            (Some("yes"), 49),
+            "{method:?}"
+        );
+        assert_eq!(exitcode, Some(0), "{method:?}");
+    }
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+#[test]
 fn a_process_started_by_a_command_has_a_local_process_api() {
     // The result, exit code 0, and the pid and node it ran on.
     let seen = run_remote(where_and_square, 12, stand_in_for_ssh());
