@@ -404,44 +404,56 @@ impl Driver {
         }
     }
 
-    /// Reads each worker's GPU memory through NVML (a remote worker's: as its node last
-    /// sampled it) and keeps the peaks.
+    /// Reads each worker's GPU memory through NVML and keeps the peaks (remote workers':
+    /// as their nodes last sampled it).
     fn sample_gpu_memory(&mut self) {
-        let remote = self.config.launcher.is_some();
-        let gpus = if remote {
-            None
-        } else {
-            let Ok(gpus) = crate::gpu::global() else {
-                return;
-            };
-            Some(gpus)
+        if self.config.launcher.is_some() {
+            return self.sample_remote_gpu_memory();
+        }
+        let Ok(gpus) = crate::gpu::global() else {
+            return;
         };
         let Ok(mut usage) = self.shared.usage.lock() else {
             return;
         };
         for w in &mut self.workers {
+            let Ok(now) = gpus.usage_of(w.pid, true) else {
+                continue;
+            };
+            let memory: u64 = now.devices.iter().map(|d| d.used_memory).sum();
+            if let Some(u) = usage.iter_mut().find(|u| u.pid == w.pid) {
+                u.memory = memory;
+                u.peak_memory = u.peak_memory.max(memory);
+            }
+            // Charge the sample to the task running now.
+            if let Some(seq) = w
+                .page
+                .atomic_u64(RUNNING_AT)
+                .load(Ordering::Acquire)
+                .checked_sub(1)
+            {
+                let peak = w.task_peaks.entry(seq).or_insert(0);
+                *peak = (*peak).max(memory);
+            }
+        }
+    }
+
+    /// Reads each remote worker's latest GPU sample (see `remote_gpu`) and keeps the peaks.
+    fn sample_remote_gpu_memory(&mut self) {
+        let Ok(mut usage) = self.shared.usage.lock() else {
+            return;
+        };
+        for w in &mut self.workers {
             let mut u = usage.iter_mut().find(|u| u.pid == w.pid);
-            let (memory, running) = match gpus {
-                Some(gpus) => {
-                    let Ok(now) = gpus.usage_of(w.pid, true) else {
-                        continue;
-                    };
-                    let memory: u64 = now.devices.iter().map(|d| d.used_memory).sum();
-                    (
-                        memory,
-                        w.page.atomic_u64(RUNNING_AT).load(Ordering::Acquire),
-                    )
-                }
-                None => match super::remote_gpu::read_into(&w.page, u.as_deref_mut()) {
-                    Some(seen) => seen,
-                    None => continue,
-                },
+            let Some((memory, running)) = super::remote_gpu::read_into(&w.page, u.as_deref_mut())
+            else {
+                continue;
             };
             if let Some(u) = u {
                 u.memory = memory;
                 u.peak_memory = u.peak_memory.max(memory);
             }
-            // Charge the sample to the task running now.
+            // Charge the sample to the task the worker was running when it took it.
             if let Some(seq) = running.checked_sub(1) {
                 let peak = w.task_peaks.entry(seq).or_insert(0);
                 *peak = (*peak).max(memory);

@@ -684,6 +684,7 @@ fn a_process_as_a_slurm_step_returns_its_result_and_a_cancelled_one_is_lost() {
     assert!(pid.is_some());
 
     // scancel of its step: lost, with the documented code, within the timeout.
+    let name = "gpuproc-it-remote-process-cancel";
     let (joined, exitcode) = within(move || {
         let mut p = gpuproc::Process::new(sleeps, 600).launcher(slurm_launcher(name));
         p.start().unwrap();
