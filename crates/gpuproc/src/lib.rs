@@ -193,18 +193,26 @@
 //!
 //! # Remote computers
 //!
-//! A pool's workers can run on other machines, started by the engine the cluster already
-//! runs: [`PoolBuilder::launcher`] with [`Launcher::slurm`] makes each worker a Slurm job
-//! step (`srun`; inside an allocation, a step of it; outside one, its own allocation), with
-//! the options of [`Slurm`] (`Slurm::new().gpus(1)` gives each worker one GPU, which it sees
-//! through `CUDA_VISIBLE_DEVICES`); [`Launcher::command`] starts each through any command
-//! line (`["ssh", "node3"]`) for sites without Slurm. The API is the local pool's, and so
-//! are the promises, with one difference: a worker that is lost (its node fails, its step is
+//! Python's `multiprocessing` reaches other machines through `multiprocessing.connection`
+//! (a `Listener` and a `Client` sharing an authkey) and managers over TCP, and leaves
+//! starting the processes there to the user. gpuproc has the connections (module
+//! [`connection`], wire-compatible with Python's) and also starts the processes, through
+//! the engine the cluster already runs: a [`Launcher`] given to a pool
+//! ([`PoolBuilder::launcher`]) or to one process ([`Process::launcher`]).
+//! [`Launcher::slurm`] makes each worker a Slurm job step (`srun`; inside an allocation, a
+//! step of it; outside one, its own allocation), with the options of [`Slurm`]
+//! (`Slurm::new().gpus(1)` gives each worker one GPU, which it sees through
+//! `CUDA_VISIBLE_DEVICES`); [`Launcher::command`] starts each through any command line
+//! (`["ssh", "node3"]`) for sites without Slurm. The API is the local one, and so are the
+//! promises, with one difference: a worker that is lost (its node fails, its step is
 //! cancelled, it is killed, the network drops: TCP keep-alive notices within about 30 s)
 //! fails the tasks it had in flight, each with [`PoolError::WorkerLost`] naming the node and
 //! what happened (or runs them again, with [`PoolBuilder::retries`]), since which of them
-//! was running is not known on this side; it is replaced, and the map goes on. The pool's
-//! end, or this process's death, ends every worker (`srun` cancels its step).
+//! was running is not known on this side; it is replaced, and the map goes on. A lost
+//! [`Process`] fails `join` with [`ProcessError::WorkerLost`] and has the exit code
+//! [`LOST_EXITCODE`] (255). The pool's end, `terminate`, or this process's death ends every
+//! worker (`srun` cancels its step; a remote worker also ends as soon as its connection
+//! does).
 //!
 //! ```no_run
 //! # gpuproc::init();
@@ -220,24 +228,83 @@
 //! # Ok::<(), gpuproc::PoolError>(())
 //! ```
 //!
-//! A remote worker is the same executable at the same path (a shared filesystem, or copied
-//! with `sbcast`), started with a flag that [`init`] recognises. It connects back to this
-//! machine over TCP ([`Launcher::connect_back_to`] says which address; by default this
-//! host's name, listening on every interface) with a fresh 32-byte key that it reads from
-//! its standard input, so the key is never on a command line or in an environment other
-//! users can read; the mutual HMAC handshake of [`connection`] proves both sides hold it,
-//! and the worker proves it runs the same build (the executable's GNU build id, else its
-//! SHA-256), since a task function travels as an offset in the executable. What a hostile
-//! user on the network can do: connect to the port, and be refused after at most 256 bytes
-//! and the handshake timeout; not run tasks, read arguments or results that are not theirs
-//! to see on the wire (traffic is authenticated, not encrypted: use a trusted network or a
-//! tunnel for secret data).
+//! ## Running across a Slurm allocation
 //!
-//! Arguments and results cross the network inline (shared memory does not cross machines);
-//! values that hold descriptors (queues, locks, pipes, shared memory) cannot be sent to a
-//! remote worker, and such a task is refused when submitted, naming its type. Task timeouts
-//! and GPU leases for workers ([`PoolBuilder::gpus_per_worker`]) are for local pools: with a
-//! remote launcher they are refused when the pool is built.
+//! Ask for the nodes, then run the program inside the allocation; each worker becomes a
+//! step on one of its nodes, with the GPUs Slurm binds to it:
+//!
+//! ```sh
+//! salloc -N 2 --gpus-per-node 4        # or the same lines in an sbatch script
+//! ./target/release/my-program          # Pool::builder().processes(8)
+//!                                      #   .launcher(Launcher::slurm(Slurm::new().gpus(1)))
+//! ```
+//!
+//! The executable must be at the same path on the nodes (a shared filesystem, or copied
+//! with `sbcast`), and the nodes must reach this machine over TCP
+//! ([`Launcher::connect_back_to`] names the address; by default this host's name).
+//! `examples/remote_pool.rs` runs this on the project's one-node cluster
+//! (`scripts/slurm-local up`). On each worker [`gpu::assigned`] names its node and the GPUs
+//! Slurm bound (by UUID); [`PoolBuilder::gpus_per_worker`] with a Slurm launcher asks Slurm
+//! for them with each step. Each remote worker samples the GPU memory of its process tree
+//! through NVML on its own node and sends the samples back, so [`Pool::gpu_usage`] shows
+//! every worker's node, GPUs (NVML index and UUID) and memory, and
+//! [`Pool::map_with_gpu_memory`] each task's peak, as for local workers.
+//!
+//! ## What crosses the network, and what does not
+//!
+//! A remote worker is the same executable, started with a flag that [`init`] recognises, so
+//! a task function travels as its offset in the executable, as it does to a local child; the
+//! worker proves it runs the same build (the executable's GNU build id, else its SHA-256)
+//! before it gets any work. Arguments, results, panics and exit codes cross the network
+//! inline (shared memory does not cross machines). Values that hold descriptors (queues,
+//! locks, pipes, shared memory, [`SharedSlice`]) cannot: such a task, process argument or
+//! initializer argument is refused when submitted, naming its type, and such a result fails
+//! as a [`PoolError::BadResult`]/[`ProcessError::BadResult`]. Task timeouts and GPU leases
+//! ([`PoolBuilder::workers_per_gpu`], [`PoolBuilder::gpu_criteria`]) are for local pools: with
+//! a remote launcher they are refused when the pool is built. Standard output and error of
+//! remote workers go where the launcher sends them (`srun` and `ssh`: here).
+//!
+//! ## Security model
+//!
+//! - **Who can connect.** For each remote worker the pool listens on a TCP port (every
+//!   interface, or the address given to [`Launcher::connect_back_to`]) only until that
+//!   worker has connected, with a fresh random 32-byte key. The key goes to the launcher's
+//!   command on its standard input: never on a command line or in the environment, which
+//!   other users of the machine or the node can read (with Slurm it travels with `srun`'s
+//!   standard input, over Slurm's own connection to the step). Both sides prove they hold
+//!   the key with Python's mutual HMAC-SHA256 challenge-response before anything else is
+//!   read or sent, so only that worker, started by this pool, gets work, and a worker only
+//!   takes work from the pool that started it.
+//! - **What a peer without the key can do.** Connect to the port and be refused: before
+//!   authentication every message read is at most 256 bytes, nothing larger is allocated,
+//!   and the handshake has a timeout, so it can delay one worker's start by that long and
+//!   no more. It cannot run tasks, submit them, or read results.
+//! - **What someone on the network path can do.** Read everything after the handshake:
+//!   traffic is authenticated, not encrypted (as Python's connections are), so arguments and
+//!   results are visible to anyone who can capture the packets. Someone who can also change
+//!   packets in flight can change tasks after the handshake, including which function of
+//!   the executable a worker calls: on a network you do not trust, run the pool over a
+//!   tunnel (SSH, WireGuard) or within the cluster's private network. Encryption (TLS) is not
+//!   part of gpuproc.
+//! - The build check is for correctness (a worker from another build would call the wrong
+//!   code), not a defence: anyone holding the key could claim any build.
+//!
+//! ## Python's names
+//!
+//! | Python | gpuproc |
+//! |---|---|
+//! | `connection.Listener(address, authkey=...)`, `backlog` | [`connection::Listener::bind`], [`connection::Listener::builder`] ([`backlog`](connection::ListenerBuilder::backlog), [`handshake_timeout`](connection::ListenerBuilder::handshake_timeout)) |
+//! | addresses: `('host', port)`, a path, `'\0name'` | [`connection::Address::tcp`], [`connection::Address::unix`], [`connection::Address::abstract_name`] (a TCP address needs an authkey) |
+//! | `Listener.accept()`, `Listener.address`, `Listener.close()` | [`accept`](connection::Listener::accept) (and [`accept_timeout`](connection::Listener::accept_timeout)), [`address`](connection::Listener::address), [`close`](connection::Listener::close); no `last_accepted` |
+//! | `connection.Client(address, authkey=...)` | [`connection::Client::connect`], [`connect_timeout`](connection::Client::connect_timeout), [`connection::Client::builder`] |
+//! | `authkey`, `current_process().authkey` | the key given to each listener and client; there is no process-wide key, so a TCP listener or client without one is refused ([`connection::ConnectionError::AuthkeyRequired`]) |
+//! | `answer_challenge`, `deliver_challenge` | none as functions: `accept` and `connect` run both, each side challenging the other (HMAC-SHA256; Python 3.11's HMAC-MD5 accepted unless [`allow_md5(false)`](connection::ListenerBuilder::allow_md5)) |
+//! | `AuthenticationError` | [`connection::ConnectionError::Authentication`] |
+//! | `Connection.send`, `recv`, `send_bytes`, `recv_bytes`, `recv_bytes_into`, `poll`, `close` | the same names on [`connection::Connection`], with `_timeout` forms; values are postcard, not pickle, so only bytes interoperate with Python |
+//! | `connection.wait` | [`connection::wait`] |
+//! | `Manager()`, `SyncManager` | [`managers::Manager::start`]: a manager process on this machine (an abstract Unix socket with a random key) serving dicts, lists, namespaces and values to processes started from this one |
+//! | `BaseManager(address=('host', port), authkey=...)`, `get_server().serve_forever()`, `connect()`, `register` | not yet: managers serve this machine only, and there is no registry of custom types |
+//! | starting the remote process yourself (`ssh host python worker.py`) | [`Launcher::command`], [`Launcher::slurm`] with [`Process::launcher`] or [`PoolBuilder::launcher`] |
 //!
 //! # GPUs
 //!
@@ -271,7 +338,7 @@
 //!
 //! | Python | gpuproc |
 //! |---|---|
-//! | `Process` | [`Process`] (`sentinel` is [`Process::sentinel`], `close` is [`Process::close`]) |
+//! | `Process` | [`Process`] (`sentinel` is [`Process::sentinel`], `close` is [`Process::close`]; on another machine through [`Process::launcher`]) |
 //! | `current_process()` | [`current_process`] (a [`ProcessInfo`]: `name`, `pid`, `daemon`, [`is_alive`](ProcessInfo::is_alive), [`exitcode`](ProcessInfo::exitcode)) |
 //! | `parent_process()` | [`parent_process`] |
 //! | `active_children()` | [`active_children`] |
@@ -349,11 +416,13 @@ pub use channel::{
 };
 pub use context::{get_context, Context};
 pub use ipc::{deserialize_fd, serialize_fd};
-pub use pool::{AsyncResult, Imap, Launcher, Pool, PoolBuilder, PoolError, Slurm, WorkerGpuUsage};
+pub use pool::{
+    AsyncResult, Imap, Launcher, Pool, PoolBuilder, PoolError, Slurm, WorkerGpu, WorkerGpuUsage,
+};
 pub use process::{
     active_children, cpu_count, current_process, get_start_method, parent_process,
     process_cpu_count, set_start_method, ExitStatus, Process, ProcessError, ProcessInfo, Sentinel,
-    StartMethod,
+    StartMethod, LOST_EXITCODE,
 };
 pub use shm::{SharedArray, SharedMemory, SharedSlice, SharedValue, ShmError};
 pub use sync::{Barrier, BoundedSemaphore, Condition, Event, Lock, RLock, Semaphore, SyncError};

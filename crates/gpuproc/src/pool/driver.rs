@@ -399,6 +399,8 @@ impl Driver {
                         mean_memory: old.map_or(0, |u| u.mean_memory),
                         mean_sm_percent: old.and_then(|u| u.mean_sm_percent),
                         energy_mj: old.and_then(|u| u.energy_mj),
+                        node: old.map(|u| u.node.clone()).unwrap_or_default(),
+                        gpus: old.map(|u| u.gpus.clone()).unwrap_or_default(),
                     }
                 })
                 .collect();
@@ -407,8 +409,12 @@ impl Driver {
         }
     }
 
-    /// Reads each worker's GPU use through NVML: keeps the peaks and its accounting.
+    /// Reads each worker's GPU use through NVML: keeps the peaks and its accounting
+    /// (remote workers': their memory as their nodes last sampled it).
     fn sample_gpu_memory(&mut self) {
+        if self.config.launcher.is_some() {
+            return self.sample_remote_gpu_memory();
+        }
         let Ok(gpus) = crate::gpu::global() else {
             return;
         };
@@ -433,6 +439,29 @@ impl Driver {
                 .load(Ordering::Acquire)
                 .checked_sub(1)
             {
+                let peak = w.task_peaks.entry(seq).or_insert(0);
+                *peak = (*peak).max(memory);
+            }
+        }
+    }
+
+    /// Reads each remote worker's latest GPU sample (see `remote_gpu`) and keeps the peaks.
+    fn sample_remote_gpu_memory(&mut self) {
+        let Ok(mut usage) = self.shared.usage.lock() else {
+            return;
+        };
+        for w in &mut self.workers {
+            let mut u = usage.iter_mut().find(|u| u.pid == w.pid);
+            let Some((memory, running)) = super::remote_gpu::read_into(&w.page, u.as_deref_mut())
+            else {
+                continue;
+            };
+            if let Some(u) = u {
+                u.memory = memory;
+                u.peak_memory = u.peak_memory.max(memory);
+            }
+            // Charge the sample to the task the worker was running when it took it.
+            if let Some(seq) = running.checked_sub(1) {
                 let peak = w.task_peaks.entry(seq).or_insert(0);
                 *peak = (*peak).max(memory);
             }

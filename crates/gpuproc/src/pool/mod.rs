@@ -34,7 +34,8 @@ mod error;
 mod lens;
 mod plain;
 pub(crate) mod policy;
-mod remote;
+pub(crate) mod remote;
+mod remote_gpu;
 mod shm_args;
 mod threads;
 
@@ -262,9 +263,12 @@ impl PoolBuilder {
     /// is replaced; nothing is left running when the pool ends. Their arguments and results are copied over the network, so values that hold
     /// descriptors (queues, locks, shared memory) cannot be sent to them: such a task is
     /// refused when it is submitted, naming the type. Not with a task timeout or GPUs leased
-    /// through [`workers_per_gpu`](Self::workers_per_gpu); with a Slurm launcher,
+    /// through [`workers_per_gpu`](Self::workers_per_gpu) or chosen by
+    /// [`gpu_criteria`](Self::gpu_criteria); with a Slurm launcher,
     /// [`gpus_per_worker`](Self::gpus_per_worker) asks Slurm for the GPUs with each step
-    /// (as [`Slurm::gpus`] does), and other launchers cannot give GPUs.
+    /// (as [`Slurm::gpus`] does), and other launchers cannot give GPUs. Each remote worker
+    /// samples its GPUs on its node (every [`gpu_sampling`](Self::gpu_sampling) interval,
+    /// default 1 s) for [`Pool::gpu_usage`].
     pub fn launcher(mut self, launcher: remote::Launcher) -> Self {
         self.config.launcher = (!launcher.is_local()).then_some(launcher);
         self
@@ -352,6 +356,20 @@ impl PoolBuilder {
                     "no task timeout with remote workers (a launcher other than local)",
                 );
             }
+            // Remote workers sample their GPUs on their nodes and send the samples back.
+            let every = *self.config.gpu_sampling.get_or_insert(REMOTE_GPU_SAMPLING);
+            if let Some(l) = self.config.launcher.as_mut() {
+                l.sample_every = Some(every);
+            }
+            if self.gpu_criteria != gpu::Criteria::new() {
+                return remote_refuses(
+                    "gpu_criteria",
+                    format!("{:?}", self.gpu_criteria),
+                    "no GPU criteria with remote workers: GPUs cannot be picked or leased on \
+                     another machine (with a Slurm launcher, ask for a count with \
+                     gpus_per_worker)",
+                );
+            }
             // On Slurm, GPUs per worker are Slurm's to give: asked with each step.
             match (self.gpu_share.take(), self.config.launcher.as_mut()) {
                 (None, _) => {}
@@ -436,15 +454,17 @@ impl PoolBuilder {
 }
 
 /// One worker's GPUs and GPU memory (see [`Pool::gpu_usage`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerGpuUsage {
     /// The worker's slot (0-based; a replacement takes its predecessor's).
     pub slot: usize,
-    /// The worker's pid.
+    /// The worker's pid (for a remote worker, its relay's: a process of this machine).
     pub pid: u32,
-    /// UUIDs of the GPUs given to the worker (empty when the pool assigns none).
+    /// UUIDs of the GPUs given to the worker (empty when the pool assigns none); for a
+    /// remote worker, those of [`gpus`](Self::gpus).
     pub devices: Vec<String>,
-    /// GPU memory the worker (and its children) use now, in bytes.
+    /// GPU memory the worker (and its children) use now, in bytes (a remote worker's: at
+    /// its latest sample).
     pub memory: u64,
     /// The most seen by the sampler (or by `gpu_usage` calls) for this worker, in bytes.
     pub peak_memory: u64,
@@ -466,6 +486,14 @@ pub struct WorkerGpuUsage {
     /// `None` otherwise, before two samples, or without an energy counter (before Volta).
     #[serde(default)]
     pub energy_mj: Option<u64>,
+    /// The node the worker runs on (its host name); empty for a remote worker until its
+    /// first sample.
+    #[serde(default)]
+    pub node: String,
+    /// The GPUs given to the worker, then any other it uses memory on, each with the memory
+    /// the worker uses there.
+    #[serde(default)]
+    pub gpus: Vec<WorkerGpu>,
 }
 
 impl WorkerGpuUsage {
@@ -477,6 +505,47 @@ impl WorkerGpuUsage {
             .map(|p| p.round().clamp(0.0, 100.0) as u32);
         self.energy_mj = accounting.energy_mj;
     }
+}
+
+/// One GPU of a worker (see [`WorkerGpuUsage::gpus`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerGpu {
+    /// Its NVML index on the worker's node.
+    pub index: u32,
+    /// Its UUID (`GPU-...`).
+    pub uuid: String,
+    /// The GPU memory the worker (and its children) use on it, in bytes.
+    pub memory: u64,
+}
+
+/// How often remote workers sample their GPUs when the pool does not say
+/// ([`PoolBuilder::gpu_sampling`]).
+const REMOTE_GPU_SAMPLING: Duration = Duration::from_secs(1);
+
+/// A local worker's GPUs: those it was given (`given`, UUIDs), then any other it uses
+/// memory on (`used`), each with the memory it uses there.
+fn worker_gpus(given: &[(u32, String)], used: &[gpu::DeviceUsage]) -> Vec<WorkerGpu> {
+    let mut out: Vec<WorkerGpu> = given
+        .iter()
+        .map(|(index, uuid)| WorkerGpu {
+            index: *index,
+            uuid: uuid.clone(),
+            memory: used
+                .iter()
+                .filter(|d| d.index == *index)
+                .fold(0u64, |sum, d| sum.saturating_add(d.used_memory)),
+        })
+        .collect();
+    for d in used {
+        if d.used_memory > 0 && !out.iter().any(|g| g.index == d.index) {
+            out.push(WorkerGpu {
+                index: d.index,
+                uuid: d.uuid.clone().unwrap_or_default(),
+                memory: d.used_memory,
+            });
+        }
+    }
+    out
 }
 
 /// A pool of worker processes; Python's `multiprocessing.Pool`.
@@ -536,24 +605,45 @@ impl Pool {
         self.config.processes
     }
 
-    /// Each worker's GPUs and GPU memory, read through NVML now, with the peak seen by the
-    /// sampler (see [`PoolBuilder::gpu_sampling`]) and the sampler's accounting (mean
-    /// memory, mean SM utilisation, energy). Workers with no GPU memory in use are listed
-    /// with zero.
+    /// Each worker's node, GPUs and GPU memory, read through NVML now, with the peak seen
+    /// by the sampler (see [`PoolBuilder::gpu_sampling`]) and the sampler's accounting
+    /// (mean memory, mean SM utilisation, energy). Workers with no GPU memory in use are
+    /// listed with zero.
+    ///
+    /// Remote workers (see [`PoolBuilder::launcher`]) sample their own GPUs through NVML on
+    /// their node, every [`PoolBuilder::gpu_sampling`] interval (default 1 s for them),
+    /// and send the samples back: for them this is the latest sample, and a worker that has
+    /// not sent one yet has an empty `node` and no GPUs.
     pub fn gpu_usage(&self) -> Result<Vec<WorkerGpuUsage>, PoolError> {
-        let gpus = gpu::global().map_err(|e| PoolError::Gpu(e.into()))?;
         let mut usage = self
             .shared
             .usage
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        if self.config.launcher.is_some() {
+            return Ok(usage);
+        }
+        let gpus = gpu::global().map_err(|e| PoolError::Gpu(e.into()))?;
+        let node = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
         for u in &mut usage {
+            let given: Vec<(u32, String)> = self
+                .config
+                .gpus
+                .as_ref()
+                .and_then(|g| g.slots().get(u.slot))
+                .map(|s| s.iter().map(|d| (d.index, d.uuid.clone())).collect())
+                .unwrap_or_default();
             let now = gpus
                 .usage_of(u.pid, true)
                 .map_err(|e| PoolError::Gpu(e.into()))?;
             u.memory = now.devices.iter().map(|d| d.used_memory).sum();
             u.peak_memory = u.peak_memory.max(u.memory);
+            u.node.clone_from(&node);
+            u.gpus = worker_gpus(&given, &now.devices);
         }
         Ok(usage)
     }

@@ -24,7 +24,8 @@
 //! Limits: values that hold descriptors (queues, locks, shared memory, pipes) cannot cross
 //! machines, so a task argument holding one is refused when it is submitted, naming its
 //! type; an initializer argument holding one is refused when the pool is built. Task
-//! timeouts, GPU leases for workers and GPU memory sampling are for local workers.
+//! timeouts and GPU leases for workers are for local workers. GPU memory is sampled on the
+//! worker's node and comes back on a second connection (see `remote_gpu`).
 //!
 //! [`init`]: crate::init
 
@@ -46,7 +47,8 @@ use crate::sys::shm::Mapping;
 
 /// TCP keep-alive for the connection to a remote worker: probes after 15 s of silence,
 /// every 5 s; 3 unanswered probes end it.
-const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(15), Duration::from_secs(5), 3);
+pub(crate) const KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(15), Duration::from_secs(5), 3);
 
 /// The flag that makes [`crate::init`] serve as a remote pool worker.
 pub(crate) const WORKER_FLAG: &str = "--gpuproc-worker";
@@ -65,6 +67,9 @@ pub struct Launcher {
     host: Option<String>,
     /// How long a worker may take to start and connect.
     start_timeout: Duration,
+    /// How often a pool's remote workers sample their GPUs (set by the pool).
+    #[serde(default)]
+    pub(crate) sample_every: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -129,6 +134,7 @@ impl Launcher {
             kind: Kind::Local,
             host: None,
             start_timeout: Duration::from_secs(120),
+            sample_every: None,
         }
     }
 
@@ -223,15 +229,33 @@ struct Hello {
     pid: u32,
 }
 
-/// The relay's answer: the pool's settings for the worker, or why it may not serve.
+/// The relay's answer: the pool's settings for the worker, a process's call to run, or why
+/// it may not serve.
 #[derive(Debug, Serialize, Deserialize)]
-enum Start {
+pub(crate) enum Start {
     Serve {
         init: Option<(worker::FnRef, Vec<u8>)>,
         max_tasks: Option<u64>,
         track_time: bool,
+        /// Sample the worker's GPUs this often and send them on a second connection (see
+        /// `remote_gpu`).
+        sample_every: Option<Duration>,
     },
+    /// Run this encoded `process::wire::Call` as a `Process` child does, reporting on the
+    /// connection (see `process::remote`).
+    Call(Vec<u8>),
     Refused(String),
+}
+
+/// A remote process that connected and was accepted: its connection, the launcher's
+/// process, and its node and pid there.
+pub(crate) struct Started {
+    pub conn: crate::connection::Connection,
+    pub launcher: Child,
+    pub node: String,
+    pub pid: u32,
+    /// The connection its GPU samples come on, if it sends them.
+    pub side: Option<crate::connection::Connection>,
 }
 
 /// The worker's answer: its initializer's outcome.
@@ -371,32 +395,37 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
             .map(|i| (i.func, i.args.clone())),
         max_tasks: args.max_tasks,
         track_time: args.track_time,
+        sample_every: launcher.sample_every,
     };
     // A worker that cannot be started counts as one whose initializer failed: the pool
     // gives up after a few in a row instead of starting them for ever.
-    let (conn, mut child, node) =
-        start_remote(&launcher, settings).map_err(WorkerError::Initializer)?;
+    let Started {
+        conn,
+        launcher: mut child,
+        node,
+        side,
+        ..
+    } = start_remote(&launcher, settings).map_err(WorkerError::Initializer)?;
     page.atomic_u64(worker::PHASE_AT)
         .store(worker::PHASE_READY, std::sync::atomic::Ordering::Release);
     let remote = conn.into_fd();
     // A node that dies, or a network that drops, sends nothing: keep-alive probes find it
     // (in about 30 s) and end the connection.
     let _ = sys::set_keepalive(remote.as_fd(), KEEPALIVE);
-    let result = forward(args.conn, remote);
-    // The worker has ended (or the driver has): so does its launcher, soon.
-    let deadline = crate::time::deadline(Duration::from_secs(5));
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() < d) => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            _ => {
-                let _ = child.kill();
-                break child.wait().ok();
-            }
+    let result = std::thread::scope(|scope| {
+        // The worker's GPU samples, into the status page for the driver.
+        let stop = side.as_ref().and_then(|side| {
+            let stop = sys::dup(side.as_fd()).ok()?;
+            scope.spawn(|| super::remote_gpu::receive(side, &page, &node));
+            Some(stop)
+        });
+        let result = forward(args.conn, remote);
+        if let Some(stop) = stop {
+            let _ = rustix::net::shutdown(&stop, rustix::net::Shutdown::Both);
         }
-    };
+        result
+    });
+    let status = end_launcher(&mut child);
     // A worker that ended other than cleanly (after the pool's last frame, or its
     // `max_tasks_per_child`) was lost with whatever it had in flight.
     // How the launcher ended says more than what the connection saw (a reset, say).
@@ -410,6 +439,24 @@ pub(crate) fn relay_main(args: WorkerArgs, launcher: Launcher) -> Result<(), Wor
     Err(WorkerError::Lost { node, reason })
 }
 
+/// Waits (at most 5 s: the remote process has ended, or its connection has) for the
+/// launcher's command to end, then kills it; how it ended, when known.
+pub(crate) fn end_launcher(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let deadline = crate::time::deadline(Duration::from_secs(5));
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() < d) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+        }
+    }
+}
+
 fn spawn_launcher(argv: &[String]) -> std::io::Result<Child> {
     let (program, rest) = argv
         .split_first()
@@ -420,12 +467,12 @@ fn spawn_launcher(argv: &[String]) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// Starts the remote worker through `launcher` and checks it; returns its connection and the
-/// launcher's process, or why it could not.
-fn start_remote(
-    launcher: &Launcher,
-    settings: Start,
-) -> Result<(crate::connection::Connection, Child, String), String> {
+/// Starts the remote process through `launcher`, checks it and gives it `settings`; returns
+/// it, or why it could not be started.
+pub(crate) fn start_remote(launcher: &Launcher, settings: Start) -> Result<Started, String> {
+    // The launcher's command may end before it reads the ticket: that is its failure to
+    // report, not a reason for this relay to die.
+    sys::ignore_sigpipe();
     let started = std::time::Instant::now();
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| format!("making a key for the worker: {e}"))?;
@@ -450,9 +497,11 @@ fn start_remote(
     let mut child = spawn_launcher(&argv).map_err(|e| format!("starting `{shown}`: {e}"))?;
     let ticket = format!("{host}:{port} {}\n", hex(&key));
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(ticket.as_bytes())
-            .map_err(|e| format!("writing to `{shown}`: {e}"))?;
+        match stdin.write_all(ticket.as_bytes()) {
+            // It ended without reading: how it ended is told below.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            other => other.map_err(|e| format!("writing to `{shown}`: {e}"))?,
+        }
     }
     let conn = loop {
         match listener.accept_timeout(Duration::from_millis(200)) {
@@ -492,13 +541,39 @@ fn start_remote(
         let _ = conn.send(&Start::Refused(why.clone()));
         return Err(why);
     }
+    let (serves, samples) = match &settings {
+        Start::Serve { sample_every, .. } => (true, sample_every.is_some()),
+        _ => (false, false),
+    };
     conn.send(&settings)
         .map_err(|e| format!("starting the worker: {e}"))?;
-    let Ready(ready) = conn
-        .recv_timeout(launcher.start_timeout)
-        .map_err(|e| format!("waiting for the worker's initializer: {e}"))?;
-    ready.map_err(|e| format!("the initializer on {}: {e}", hello.host))?;
-    Ok((conn, child, hello.host))
+    if serves {
+        let Ready(ready) = conn
+            .recv_timeout(launcher.start_timeout)
+            .map_err(|e| format!("waiting for the worker's initializer: {e}"))?;
+        ready.map_err(|e| format!("the initializer on {}: {e}", hello.host))?;
+    }
+    // The worker connects again for its GPU samples; without them it still serves.
+    let side = samples
+        .then(|| {
+            listener
+                .accept_timeout(launcher.start_timeout.min(Duration::from_secs(10)))
+                .map_err(|e| {
+                    eprintln!(
+                        "gpuproc pool relay: no GPU samples from the worker on {}: {e}",
+                        hello.host
+                    )
+                })
+                .ok()
+        })
+        .flatten();
+    Ok(Started {
+        conn,
+        launcher: child,
+        node: hello.host,
+        pid: hello.pid,
+        side,
+    })
 }
 
 /// Forwards frames from the driver to the remote worker (inlining arguments that are in
@@ -627,12 +702,18 @@ fn serve_remote() -> Result<(), String> {
     let start: Start = conn
         .recv_timeout(Duration::from_secs(60))
         .map_err(|e| format!("waiting for the pool: {e}"))?;
-    let (init, max_tasks, track_time) = match start {
+    let (init, max_tasks, track_time, sample_every) = match start {
         Start::Serve {
             init,
             max_tasks,
             track_time,
-        } => (init, max_tasks, track_time),
+            sample_every,
+        } => (init, max_tasks, track_time, sample_every),
+        Start::Call(call) => {
+            let fd = conn.into_fd();
+            let _ = sys::set_keepalive(fd.as_fd(), KEEPALIVE);
+            crate::process::child::serve_remote_call(fd, call)
+        }
         Start::Refused(why) => return Err(why),
     };
     let ready = match init {
@@ -657,6 +738,19 @@ fn serve_remote() -> Result<(), String> {
         Mapping::anonymous("gpuproc-remote-worker", worker::PAGE_LEN)
             .map_err(|e| format!("making a status page: {e}"))?,
     );
+    if let Some(every) = sample_every {
+        // A second connection for GPU samples: the pool's frames go on the first.
+        match Client::builder(Address::tcp(host.clone(), port))
+            .authkey(&key)
+            .timeout(Duration::from_secs(60))
+            .connect()
+        {
+            Ok(side) => {
+                super::remote_gpu::start_sampling(side, std::sync::Arc::clone(&page), every)
+            }
+            Err(e) => eprintln!("gpuproc remote worker: no GPU samples: {e}"),
+        }
+    }
     watch_for_hangup(&fd, std::sync::Arc::clone(&page))?;
     worker::serve(fd, &page, track_time, max_tasks, true).map_err(|e| match e {
         WorkerError::Initializer(m) | WorkerError::Connection(m) => m,

@@ -678,6 +678,7 @@ impl Outbox {
                 }
                 let mut bytes = Vec::new();
                 let fds = encode_into(&mut bytes, r)?;
+                self.check_fds(&fds)?;
                 let sizes = result_sizes(bytes.len(), fds.len())?;
                 let next = self.run.first_seq + u64::from(self.run.count);
                 self.close_run();
@@ -712,7 +713,10 @@ impl Outbox {
         } else {
             encode_into(&mut self.results, r)?
         };
-        match result_sizes(self.results_len() - start, fds.len()) {
+        let sizes = self
+            .check_fds(&fds)
+            .and_then(|()| result_sizes(self.results_len() - start, fds.len()));
+        match sizes {
             Ok(sizes) => {
                 self.push_ok(sizes, fds);
                 Ok(())
@@ -725,6 +729,19 @@ impl Outbox {
                 Err(e)
             }
         }
+    }
+
+    /// Refuses descriptors in a remote worker's result (it has no shared memory to spill
+    /// to): they cannot go back to another machine.
+    fn check_fds(&self, fds: &[OwnedFd]) -> Result<(), String> {
+        if self.spill || fds.is_empty() {
+            return Ok(());
+        }
+        Err(
+            "it holds a descriptor (a queue, lock, pipe or shared memory), which cannot go \
+             back from another machine"
+                .into(),
+        )
     }
 
     /// [`push_result`](Self::push_result), or the task's failure if its result does not

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
 use super::wire::{self, Call, ChildMsg, Failure, Outcome, Trampoline};
@@ -19,13 +19,16 @@ pub(crate) enum ParentWatch {
     /// The starting thread may exit before the parent does, so a watcher thread waits for
     /// EOF on the control socket instead.
     EofWatcher,
+    /// The parent is on another machine: a watcher thread waits for the (non-blocking)
+    /// connection to it to be hung up.
+    Hangup,
 }
 
 impl ParentWatch {
     pub(crate) fn as_env(self) -> &'static str {
         match self {
             ParentWatch::DeathSignal => "signal",
-            ParentWatch::EofWatcher => "eof",
+            ParentWatch::EofWatcher | ParentWatch::Hangup => "eof",
         }
     }
 
@@ -46,6 +49,51 @@ pub(crate) fn serve_call(ctrl: OwnedFd, watch: ParentWatch) -> ! {
         // The parent went away before sending the call: nothing to do.
         _ => sys::exit_now(1),
     };
+    run_call(ctrl, frame, watch)
+}
+
+/// Runs in a process started on another machine through a launcher (see
+/// `process::remote`): runs the encoded [`Call`] that came over `conn`, the authenticated
+/// connection to its relay, and reports on it as a local child reports on its control
+/// socket. Never returns; the process ends when the connection does.
+pub(crate) fn serve_remote_call(conn: OwnedFd, call: Vec<u8>) -> ! {
+    ON_ANOTHER_MACHINE.store(true, Ordering::SeqCst);
+    let frame = ipc::Frame {
+        bytes: call,
+        fds: Vec::new(),
+    };
+    run_call(conn, frame, ParentWatch::Hangup)
+}
+
+/// Set in a process that runs a call for a parent on another machine.
+static ON_ANOTHER_MACHINE: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process runs a call for a parent on another machine (its result must not
+/// hold descriptors).
+pub(crate) fn on_another_machine() -> bool {
+    ON_ANOTHER_MACHINE.load(Ordering::SeqCst)
+}
+
+/// The control socket of the call this process runs (-1: none), for a target that
+/// reports itself (the relay of a process on another machine).
+static CONTROL_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Records `ctrl` as the socket the running call reports on; it must stay open until the
+/// process exits.
+pub(crate) fn set_control_socket(ctrl: &OwnedFd) {
+    CONTROL_FD.store(ctrl.as_raw_fd(), Ordering::SeqCst);
+}
+
+/// The control socket of the call this process runs, if it runs one.
+pub(crate) fn control_socket() -> Option<BorrowedFd<'static>> {
+    let raw = CONTROL_FD.load(Ordering::SeqCst);
+    // SAFETY: `set_control_socket` was given a socket that stays open until the process
+    // exits (the one `serve_call` or a forked child owns and never drops).
+    (raw >= 0).then(|| unsafe { BorrowedFd::borrow_raw(raw) })
+}
+
+fn run_call(ctrl: OwnedFd, frame: ipc::Frame, watch: ParentWatch) -> ! {
+    set_control_socket(&ctrl);
     let call: Call = match ipc::decode(&frame.bytes, Vec::new()) {
         Ok(c) => c,
         Err(e) => {
@@ -58,8 +106,10 @@ pub(crate) fn serve_call(ctrl: OwnedFd, watch: ParentWatch) -> ! {
     };
     super::enter_child(&call.identity, &call.env);
     report_exit_code_on(&ctrl);
-    if watch == ParentWatch::EofWatcher {
-        watch_parent(&ctrl);
+    match watch {
+        ParentWatch::EofWatcher => watch_parent(&ctrl),
+        ParentWatch::Hangup => watch_hangup(&ctrl),
+        ParentWatch::DeathSignal => {}
     }
     // SAFETY: the parent computed this offset from a `Trampoline` in this same executable image
     // (a fork of it, or an exec of its /proc/self/exe); see `wire`'s module docs.
@@ -125,6 +175,20 @@ pub(crate) fn watch_parent(ctrl: &OwnedFd) {
         if spawned.is_ok() && started.recv().is_ok() {
             WATCHERS.fetch_add(1, Ordering::SeqCst);
         }
+    }
+}
+
+/// Starts a thread that kills this process when its connection to a parent on another
+/// machine is hung up (the parent, its relay or the network is gone).
+fn watch_hangup(conn: &OwnedFd) {
+    if let Ok(dup) = sys::dup(conn.as_fd()) {
+        let _ = std::thread::Builder::new()
+            .name("gpuproc-parent-watch".into())
+            .spawn(move || {
+                if sys::wait_for_hangup(dup.as_fd()) {
+                    sys::kill_self()
+                }
+            });
     }
 }
 

@@ -45,6 +45,31 @@ pub enum ProcessError {
         /// The exit code.
         code: i32,
     },
+    /// A process started through a [`Launcher`](crate::Launcher) was lost on its node before
+    /// it reported: its Slurm step was cancelled, it or its node was killed, or the
+    /// connection dropped. Its [`exitcode`](crate::Process::exitcode) is
+    /// [`LOST_EXITCODE`](crate::LOST_EXITCODE).
+    #[error("process {name:?} was lost on {node}: {reason}")]
+    WorkerLost {
+        /// The process's name.
+        name: String,
+        /// The node it ran on.
+        node: String,
+        /// What happened: how its launcher ended, or what the connection saw.
+        reason: String,
+    },
+    /// A process could not be started through its [`Launcher`](crate::Launcher): the
+    /// launcher's command failed, the process did not connect back in time, it runs
+    /// another build, or GPUs were asked in a way the launcher cannot give. Its
+    /// [`exitcode`](crate::Process::exitcode), once started, is
+    /// [`LOST_EXITCODE`](crate::LOST_EXITCODE).
+    #[error("process {name:?} could not be started through its launcher: {reason}")]
+    LaunchFailed {
+        /// The process's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The argument could not be decoded in the child as the target's argument type.
     #[error("process {name:?} could not decode its argument as `{type_name}`: {reason}")]
     BadArgument {
@@ -206,13 +231,27 @@ impl ProcessError {
     }
 
     /// The child ended without a result: Python's `exitcode` (negative signal number when
-    /// killed), or `None` for other errors.
+    /// killed; [`LOST_EXITCODE`](crate::LOST_EXITCODE) for a process on another machine that
+    /// was lost or could not be started), or `None` for other errors.
     pub fn exitcode(&self) -> Option<i32> {
         match self {
             ProcessError::Killed { signal, .. } => Some(-signal),
             ProcessError::Exited { code, .. } => Some(*code),
+            ProcessError::WorkerLost { .. } | ProcessError::LaunchFailed { .. } => {
+                Some(super::LOST_EXITCODE)
+            }
             _ => None,
         }
+    }
+
+    /// A process on another machine was lost before it reported
+    /// ([`ProcessError::WorkerLost`]) or could not be started there
+    /// ([`ProcessError::LaunchFailed`]).
+    pub fn is_lost(&self) -> bool {
+        matches!(
+            self,
+            ProcessError::WorkerLost { .. } | ProcessError::LaunchFailed { .. }
+        )
     }
 
     /// The signal that killed the child, if that is what happened.

@@ -15,6 +15,11 @@ use crate::sys::{self, ExitStatus, Sig};
 pub(crate) enum Report {
     Returned(Frame),
     Failed(super::wire::Failure),
+    /// A process on another machine could not be started (`node`: `None`) or was lost.
+    Lost {
+        node: Option<String>,
+        reason: String,
+    },
 }
 
 /// What has been read from the child and learnt about its end. Never locked across a
@@ -28,6 +33,8 @@ struct State {
     exiting: Option<i32>,
     /// The fork server vanished before reporting the child's status.
     server_lost: bool,
+    /// Where a process started through a launcher runs: its node and its pid there.
+    runs_on: Option<(String, u32)>,
 }
 
 /// A started child, as its parent sees it.
@@ -99,6 +106,7 @@ impl ChildHandle {
                 status: None,
                 exiting: None,
                 server_lost: false,
+                runs_on: None,
             }),
         });
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,6 +190,16 @@ impl ChildHandle {
         self.lock().server_lost
     }
 
+    /// Where a process started through a launcher runs (its node and its pid there), once
+    /// its relay has said so; reads what has arrived first.
+    pub fn runs_on(&self) -> Option<(String, u32)> {
+        let mut st = self.lock();
+        if st.runs_on.is_none() {
+            let _ = st.absorb(self.ctrl.as_fd());
+        }
+        st.runs_on.clone()
+    }
+
     /// Takes the child's report (its result or failure), if it sent one.
     pub fn take_report(&self) -> Option<Report> {
         self.lock().report.take()
@@ -214,6 +232,10 @@ impl State {
                 Ok(ChildMsg::Failed(f)) => self.report = Some(Report::Failed(f)),
                 Ok(ChildMsg::Exited(status)) => self.status = Some(status),
                 Ok(ChildMsg::Exiting(code)) => self.exiting = Some(code),
+                Ok(ChildMsg::RunsOn { node, pid }) => self.runs_on = Some((node, pid)),
+                Ok(ChildMsg::Lost { node, reason }) => {
+                    self.report = Some(Report::Lost { node, reason })
+                }
                 Err(e) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -236,6 +258,7 @@ impl State {
                 (_, Some(code)) => ExitStatus::Code(code),
                 (Some(Report::Returned(_)), None) => ExitStatus::Code(0),
                 (Some(Report::Failed(_)), None) => ExitStatus::Code(1),
+                (Some(Report::Lost { .. }), None) => ExitStatus::Code(super::remote::LOST_EXITCODE),
                 (None, None) => {
                     self.server_lost = true;
                     ExitStatus::Signal(libc::SIGKILL)

@@ -8,6 +8,7 @@ pub(crate) mod child;
 mod error;
 mod forkserver;
 mod handle;
+mod remote;
 pub(crate) mod wire;
 
 use std::any::type_name;
@@ -27,8 +28,10 @@ use self::handle::{ChildHandle, Report};
 use self::wire::{Call, Failure, Identity, Trampoline};
 use crate::gpu::{Criteria, DeviceId, GpuLease};
 use crate::ipc;
+use crate::pool::Launcher;
 use crate::sys::{self, Forked, Sig};
 
+pub use self::remote::LOST_EXITCODE;
 pub use crate::sys::ExitStatus;
 
 /// The environment variable that tells [`crate::init`] it runs as a spawned child.
@@ -283,8 +286,13 @@ fn enter_child(id: &Identity, env: &[(String, Option<String>)]) {
         parent: Some((id.parent_pid, id.parent_name.clone())),
     });
     NEXT_ID.store(1, Ordering::SeqCst);
+    // (A parent on another machine has no pid here.)
     *PARENT_PIDFD.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some(sys::pidfd_open(id.parent_pid).ok());
+        Some(if child::on_another_machine() {
+            None
+        } else {
+            sys::pidfd_open(id.parent_pid).ok()
+        });
     for (k, v) in env {
         match v {
             Some(v) => std::env::set_var(k, v),
@@ -396,6 +404,8 @@ pub struct Process<A, R> {
     /// `exitcode`; the child's handle is gone.
     closed: Option<(Option<u32>, Option<i32>)>,
     gpus: Option<Criteria>,
+    /// Where the target runs (`None`: here).
+    launcher: Option<Launcher>,
     // After `child`: dropped once the child is killed and reaped.
     gpu_lease: Option<GpuLease>,
 }
@@ -407,6 +417,7 @@ impl<A, R> std::fmt::Debug for Process<A, R> {
             .field("pid", &self.child.as_ref().map(|c| c.pid))
             .field("daemon", &self.daemon)
             .field("start_method", &self.start_method)
+            .field("launcher", &self.launcher)
             .finish()
     }
 }
@@ -431,6 +442,7 @@ where
             joined: false,
             closed: None,
             gpus: None,
+            launcher: None,
             gpu_lease: None,
         }
     }
@@ -546,11 +558,87 @@ where
         self.gpu_lease.as_ref()
     }
 
+    /// Where the target runs: on this machine ([`Launcher::local`], the default), as a Slurm
+    /// job step ([`Launcher::slurm`]), or started by any command line such as `ssh host`
+    /// ([`Launcher::command`]); see the crate guide, "Remote computers".
+    ///
+    /// The API is the same as for a local process, through a *relay*: a local child that
+    /// starts the launcher's command, checks the remote process (its key and its build, as
+    /// for a pool's remote workers), passes its call on and its report back, and ends as it
+    /// ends. So [`join`](Self::join) returns the result (or the panic, or the exit code),
+    /// [`exitcode`](Self::exitcode) is the remote process's (0, 1 after a panic, the code
+    /// it passed to `exit`), [`is_alive`](Self::is_alive) is whether it runs, and
+    /// [`terminate`](Self::terminate) and [`kill`](Self::kill) end it (the relay gets the
+    /// signal, so `exitcode` is -15 or -9 as for a local process; `srun` cancels its step,
+    /// and the remote process ends as soon as its connection does).
+    ///
+    /// The differences:
+    /// - A remote process that could not be started (its launcher failed, it did not connect
+    ///   within [`Launcher::start_timeout`], it runs another build) fails `join` with
+    ///   [`ProcessError::LaunchFailed`]; one that was lost before it reported (its Slurm step
+    ///   was cancelled, it or its node was killed, the connection dropped: TCP keep-alive
+    ///   notices within about 30 s) fails it with [`ProcessError::WorkerLost`], naming the
+    ///   node and how its launcher ended. Either way `exitcode` is [`LOST_EXITCODE`] (255).
+    /// - [`pid`](Self::pid) is the process's pid *on its node* ([`node`](Self::node)), known
+    ///   once it has connected (`None` until then): not a process of this machine. The relay
+    ///   is the local process ([`active_children`] lists it, [`Sentinel::pid`] is its pid).
+    /// - The argument and the result cross the network, so they cannot hold descriptors
+    ///   (queues, locks, pipes, shared memory): `start` refuses such an argument with
+    ///   [`ProcessError::Encode`] naming its type, and such a result fails `join` with
+    ///   [`ProcessError::BadResult`].
+    /// - [`with_gpus`](Self::with_gpus) with a Slurm launcher asks Slurm for that many GPUs
+    ///   with the step (as [`Slurm::gpus`](crate::Slurm::gpus)); other GPU criteria, and GPUs
+    ///   with other launchers, are refused ([`ProcessError::LaunchFailed`]): GPUs cannot be
+    ///   leased on another machine.
+    /// - In the remote process, [`parent_process`] names this process, and its
+    ///   [`is_alive`](ProcessInfo::is_alive) is `false` (its pid is of another machine).
+    ///
+    /// ```no_run
+    /// # gpuproc::init();
+    /// use gpuproc::{Launcher, Process, Slurm};
+    ///
+    /// fn train(seed: u64) -> f64 { seed as f64 }
+    ///
+    /// let mut p = Process::new(train, 7)
+    ///     .launcher(Launcher::slurm(Slurm::new().gpus(1).time("1:00:00")));
+    /// p.start()?;
+    /// println!("training on {:?}", p.node());
+    /// let score = p.join()?;
+    /// # Ok::<(), gpuproc::ProcessError>(())
+    /// ```
+    pub fn launcher(mut self, launcher: Launcher) -> Self {
+        self.launcher = (!launcher.is_local()).then_some(launcher);
+        self
+    }
+
+    /// The node a process started through a [`launcher`](Self::launcher) runs on, once it
+    /// has connected; `None` for a local process (and after [`close`](Self::close)).
+    pub fn node(&self) -> Option<String> {
+        self.launcher.as_ref()?;
+        self.child.as_ref()?.runs_on().map(|(node, _)| node)
+    }
+
     /// Starts the process; Python's `p.start()`.
     ///
     /// With [`with_gpus`](Self::with_gpus) and friends, picks the GPUs first.
     pub fn start(&mut self) -> Result<(), ProcessError> {
         self.check_open()?;
+        if let (Some(launcher), Some(criteria)) = (&self.launcher, &self.gpus) {
+            // GPUs on another machine are its scheduler's to give.
+            let count = criteria.gpu_count();
+            if !launcher.asks_slurm() || *criteria != Criteria::new().count(count) {
+                return Err(ProcessError::LaunchFailed {
+                    name: self.name.clone(),
+                    reason: "GPUs for a process on another machine are asked of Slurm \
+                             (with_gpus(n) with a Slurm launcher): they cannot be picked or \
+                             leased there"
+                        .into(),
+                });
+            }
+            let n = u32::try_from(count).unwrap_or(u32::MAX);
+            self.launcher = Some(launcher.clone().with_slurm_gpus(n));
+            self.gpus = None;
+        }
         let Some(criteria) = &self.gpus else {
             return self.start_child();
         };
@@ -588,6 +676,9 @@ where
         }
         if current_process().daemon {
             return Err(ProcessError::DaemonChildren);
+        }
+        if let Some(launcher) = self.launcher.clone() {
+            return self.start_relay(launcher);
         }
         let method = self.start_method();
         if method != StartMethod::Fork && !INITIALIZED.load(Ordering::SeqCst) {
@@ -630,6 +721,47 @@ where
             }
         }
         self.child = Some(handle);
+        Ok(())
+    }
+
+    /// Starts the relay of a process on another machine (see `remote`): a local child,
+    /// started as this process would have been, whose handle becomes this process's.
+    fn start_relay(&mut self, launcher: Launcher) -> Result<(), ProcessError> {
+        // The remote process is always this executable run again: offsets must hold.
+        let code = [
+            self.target as usize,
+            wire::trampoline::<A, R> as Trampoline as usize,
+        ];
+        check_same_object(&self.name, wire::anchor as fn() as usize, &code)?;
+        let (call, fds) = self.encode_call()?;
+        if !fds.is_empty() {
+            return Err(ProcessError::Encode {
+                name: self.name.clone(),
+                type_name: type_name::<A>().to_string(),
+                reason: "it holds a descriptor (a queue, lock, pipe or shared memory), which \
+                         cannot go to a process on another machine"
+                    .into(),
+            });
+        }
+        let mut relay = Process {
+            target: remote::relay,
+            args: Some(remote::RelayArgs { launcher, call }),
+            name: self.name.clone(),
+            named: self.named,
+            daemon: self.daemon,
+            start_method: self.start_method,
+            allow_fork_with_threads: self.allow_fork_with_threads,
+            // Also here: the launcher's command (`srun`) passes them on.
+            env: self.env.clone(),
+            child: None,
+            joined: false,
+            closed: None,
+            gpus: None,
+            launcher: None,
+            gpu_lease: None,
+        };
+        relay.start_child()?;
+        self.child = relay.child.take();
         Ok(())
     }
 
@@ -741,6 +873,7 @@ where
                     sys::exit_now(1);
                 }
                 enter_child(&identity, &self.env);
+                child::set_control_socket(&theirs);
                 if watch == ParentWatch::EofWatcher {
                     child::watch_parent(&theirs);
                 }
@@ -828,6 +961,13 @@ where
                     reason,
                 },
             }),
+            Some(Report::Lost {
+                node: Some(node),
+                reason,
+            }) => Err(ProcessError::WorkerLost { name, node, reason }),
+            Some(Report::Lost { node: None, reason }) => {
+                Err(ProcessError::LaunchFailed { name, reason })
+            }
             None => Err(match child.status() {
                 _ if child.lost_with_server() => ProcessError::ForkServer {
                     reason: format!(
@@ -838,12 +978,12 @@ where
                 },
                 Some(ExitStatus::Signal(signal)) => ProcessError::Killed {
                     name,
-                    pid: child.pid,
+                    pid: self.pid().unwrap_or(child.pid),
                     signal,
                 },
                 Some(ExitStatus::Code(code)) => ProcessError::Exited {
                     name,
-                    pid: child.pid,
+                    pid: self.pid().unwrap_or(child.pid),
                     code,
                 },
                 None => ProcessError::ForkServer {
@@ -863,11 +1003,13 @@ where
     /// The process id, once started; Python's `p.pid`.
     ///
     /// After [`close`](Self::close) it is still the pid the process had (Python raises
-    /// `ValueError`).
+    /// `ValueError`). For a process started through a [`launcher`](Self::launcher), its pid
+    /// on its [`node`](Self::node), once it has connected (`None` until then).
     #[doc(alias = "ident")]
     pub fn pid(&self) -> Option<u32> {
         match &self.closed {
             Some((pid, _)) => *pid,
+            None if self.launcher.is_some() => self.child.as_ref()?.runs_on().map(|(_, pid)| pid),
             None => self.child.as_ref().map(|c| c.pid),
         }
     }

@@ -56,6 +56,15 @@ pub(crate) enum ChildMsg {
     /// Sent by a fork-server child from its exit handler when something calls `exit`
     /// (`std::process::exit`, say): its exit code, known even if the server is gone.
     Exiting(i32),
+    /// Sent by the relay of a process started through a launcher once the process on the
+    /// other machine has connected: its node and its pid there.
+    RunsOn { node: String, pid: u32 },
+    /// Sent by the relay of a process started through a launcher when that process could
+    /// not be started (`node` is `None`) or was lost before it reported.
+    Lost {
+        node: Option<String>,
+        reason: String,
+    },
 }
 
 /// Why a child produced no result, as data.
@@ -171,10 +180,19 @@ pub(crate) fn trampoline<A: DeserializeOwned, R: Serialize>(
 
 /// Encodes a target's result.
 pub(crate) fn encode_result<R: Serialize>(r: &R) -> Outcome {
-    ipc::encode(r).map_err(|e| Failure::BadResult {
+    let fail = |reason: String| Failure::BadResult {
         type_name: type_name::<R>().to_string(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let (bytes, fds) = ipc::encode(r).map_err(|e| fail(e.to_string()))?;
+    if !fds.is_empty() && super::child::on_another_machine() {
+        return Err(fail(
+            "it holds a descriptor (a queue, lock, pipe or shared memory), which cannot go \
+             back from another machine"
+                .into(),
+        ));
+    }
+    Ok((bytes, fds))
 }
 
 #[cfg(test)]

@@ -346,6 +346,18 @@ pub(crate) fn wait_for_hangup(fd: BorrowedFd<'_>) -> bool {
     )
 }
 
+/// Makes writes to a pipe whose reader is gone fail with `EPIPE` in this process instead
+/// of killing it with SIGPIPE (for processes of gpuproc's own that write to commands they
+/// start: a command may exit before it reads). Commands started afterwards get the default
+/// back (the standard library resets it for them).
+pub(crate) fn ignore_sigpipe() {
+    // SAFETY: setting a signal's disposition to "ignore" installs no handler and touches
+    // no memory.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// Sends SIGKILL to this process.
 pub(crate) fn kill_self() -> ! {
     let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::KILL);

@@ -134,6 +134,17 @@ fn sampled_memory(_: ()) -> Vec<(u32, u64, u64)> {
         .unwrap();
     let pids = pool.map_chunksize(allocate, [100u64, 300], 1).unwrap();
     let usage = pool.gpu_usage().unwrap();
+    // Each worker's node, and its GPU by index and UUID with the memory it uses there.
+    let node = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    for u in &usage {
+        assert_eq!(u.node, node, "{u:?}");
+        assert_eq!(u.gpus.len(), 1, "{u:?}");
+        assert_eq!([u.gpus[0].uuid.clone()], *u.devices, "{u:?}");
+        assert_eq!(u.gpus[0].memory, u.memory, "{u:?}");
+    }
     usage
         .iter()
         .filter(|u| pids.contains(&u.pid))

@@ -142,6 +142,21 @@ fn descriptors_cannot_go_to_remote_workers_and_the_refusal_names_the_type() {
     let text = e.to_string();
     assert!(text.contains("Queue"), "{text}");
     assert!(text.contains("another machine"), "{text}");
+
+    // Nor come back from one: the task fails, naming the type, and the worker goes on.
+    let (e, after) = within(|| {
+        let pool = Pool::builder()
+            .processes(1)
+            .launcher(stand_in_for_ssh())
+            .build()
+            .unwrap();
+        let e = pool.apply(makes_a_queue, 1).unwrap_err();
+        (e, pool.map(where_and_square, 0..3u64).unwrap())
+    });
+    let text = e.to_string();
+    assert!(text.contains("Queue"), "{text}");
+    assert!(text.contains("another machine"), "{text}");
+    assert_eq!(after.iter().map(|r| r.2).collect::<Vec<_>>(), [0, 1, 4]);
     assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
 }
 
@@ -459,4 +474,424 @@ fn the_remote_pool_example_runs_on_slurm_workers_with_one_gpu_each() {
     let workers = lines.iter().filter(|l| l.starts_with("worker on ")).count();
     assert!((1..=2).contains(&workers), "{lines:?}");
     assert!(!lines.iter().any(|l| l.ends_with("GPU none")), "{lines:?}");
+}
+
+/// A remote process's outcome, as its parent sees it: what `join` gave, `exitcode`, and
+/// where it ran (`node`, and whether `pid` was the remote process's, not the relay's).
+#[derive(Debug)]
+struct Seen<R> {
+    joined: Result<R, gpuproc::ProcessError>,
+    exitcode: Option<i32>,
+    node: Option<String>,
+    pid: Option<u32>,
+}
+
+fn run_remote<A, R>(f: fn(A) -> R, a: A, launcher: Launcher) -> Seen<R>
+where
+    A: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+    R: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+{
+    within(move || {
+        let mut p = gpuproc::Process::new(f, a).launcher(launcher);
+        p.start().unwrap();
+        let joined = p.join_timeout(TIMEOUT);
+        Seen {
+            joined,
+            exitcode: p.exitcode(),
+            node: p.node(),
+            pid: p.pid(),
+        }
+    })
+}
+
+fn panics(_: u32) -> u32 {
+    panic!("no luck on this node")
+}
+
+fn exits_with_3(_: u32) -> u32 {
+    std::process::exit(3)
+}
+
+fn killed(_: u32) -> u32 {
+    // SAFETY: a plain system call on this process.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    0
+}
+
+fn this_host() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_remote_process_is_started_by_a_relay_of_every_start_method() {
+    for method in gpuproc::StartMethod::all() {
+        let (joined, exitcode) = within(move || {
+            let mut p = gpuproc::Process::new(where_and_square, 7)
+                .with_start_method(method)
+                .allow_fork_with_threads(true)
+                .launcher(stand_in_for_ssh());
+            p.start().unwrap();
+            (p.join_timeout(TIMEOUT), p.exitcode())
+        });
+        let (_, launched, square) = joined.unwrap();
+        assert_eq!(
+            (launched.as_deref(), square),
+            (Some("yes"), 49),
+            "{method:?}"
+        );
+        assert_eq!(exitcode, Some(0), "{method:?}");
+    }
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+#[test]
+fn a_process_started_by_a_command_has_a_local_process_api() {
+    // The result, exit code 0, and the pid and node it ran on.
+    let seen = run_remote(where_and_square, 12, stand_in_for_ssh());
+    let (pid, launched, square) = seen.joined.unwrap();
+    assert_eq!(square, 144);
+    assert_eq!(
+        launched.as_deref(),
+        Some("yes"),
+        "it ran in the launched process"
+    );
+    assert_eq!(seen.exitcode, Some(0));
+    assert_eq!(seen.pid, Some(pid), "pid() is the remote process's");
+    assert_eq!(seen.node, Some(this_host()));
+
+    // A panic: its message, exit code 1.
+    let seen = run_remote(panics, 1, stand_in_for_ssh());
+    let e = seen.joined.unwrap_err();
+    assert_eq!(e.panic_message(), Some("no luck on this node"), "{e}");
+    assert_eq!(seen.exitcode, Some(1));
+
+    // exit(3): the code.
+    let seen = run_remote(exits_with_3, 1, stand_in_for_ssh());
+    assert_eq!(seen.joined.unwrap_err().exitcode(), Some(3));
+    assert_eq!(seen.exitcode, Some(3));
+
+    // Killed on its node before it reported: lost, saying how, with the documented code.
+    let seen = run_remote(killed, 1, stand_in_for_ssh());
+    let e = seen.joined.unwrap_err();
+    assert!(e.is_lost(), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("was lost on {}", this_host())),
+        "{text}"
+    );
+    assert!(text.contains("SIGKILL"), "{text}");
+    assert_eq!(seen.exitcode, Some(gpuproc::LOST_EXITCODE));
+    assert_eq!(e.exitcode(), Some(gpuproc::LOST_EXITCODE));
+
+    // A launcher that cannot start it.
+    let seen = run_remote(
+        where_and_square,
+        1,
+        Launcher::command(["false"]).connect_back_to("127.0.0.1"),
+    );
+    let e = seen.joined.unwrap_err();
+    assert!(
+        matches!(e, gpuproc::ProcessError::LaunchFailed { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("before the worker connected"), "{e}");
+    assert_eq!(seen.exitcode, Some(gpuproc::LOST_EXITCODE));
+    assert_eq!(seen.pid, None, "it never ran anywhere");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn sleeps(secs: u64) -> u64 {
+    std::thread::sleep(Duration::from_secs(secs));
+    secs
+}
+
+#[test]
+fn a_remote_process_is_alive_until_terminated_and_leaves_nothing_running() {
+    let (alive, joined, exitcode) = within(|| {
+        let mut p = gpuproc::Process::new(sleeps, 600).launcher(stand_in_for_ssh());
+        p.start().unwrap();
+        // Connected: its pid on its node is known.
+        let deadline = Instant::now() + TIMEOUT;
+        while p.pid().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(p.pid().is_some(), "the remote process connected");
+        let alive = p.is_alive();
+        p.terminate().unwrap();
+        let joined = p.join_timeout(TIMEOUT);
+        (alive, joined, p.exitcode())
+    });
+    assert!(alive);
+    let e = joined.unwrap_err();
+    assert_eq!(e.signal(), Some(libc::SIGTERM), "{e}");
+    assert_eq!(exitcode, Some(-libc::SIGTERM));
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn queue_len(q: Queue<u64>) -> usize {
+    q.qsize()
+}
+
+fn makes_a_queue(_: u32) -> Queue<u64> {
+    Queue::new().unwrap()
+}
+
+#[test]
+fn descriptors_cannot_go_to_or_come_from_a_remote_process() {
+    let mut p =
+        gpuproc::Process::new(queue_len, Queue::new().unwrap()).launcher(stand_in_for_ssh());
+    let e = p.start().unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("Queue"), "{text}");
+    assert!(text.contains("another machine"), "{text}");
+
+    let seen = run_remote(makes_a_queue, 1, stand_in_for_ssh());
+    let text = seen.joined.unwrap_err().to_string();
+    assert!(text.contains("Queue"), "{text}");
+    assert!(text.contains("another machine"), "{text}");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+fn slurm_launcher(job_name: &str) -> Launcher {
+    Launcher::slurm(Slurm::new().time("5").arg(format!("--job-name={job_name}")))
+        .connect_back_to("127.0.0.1")
+        .start_timeout(Duration::from_secs(30))
+}
+
+#[test]
+fn a_process_as_a_slurm_step_returns_its_result_and_a_cancelled_one_is_lost() {
+    if !slurm_available() {
+        return;
+    }
+    let name = "gpuproc-it-remote-process";
+    let (joined, exitcode, pid) = within(move || {
+        // with_gpus(1): asked of Slurm with the step.
+        let mut p = gpuproc::Process::new(job_and_square, 9)
+            .with_gpus(1)
+            .launcher(slurm_launcher(name));
+        p.start().unwrap();
+        (p.join_timeout(TIMEOUT), p.exitcode(), p.pid())
+    });
+    let (job, square, gpus) = joined.unwrap();
+    assert!(!job.is_empty(), "it ran in a Slurm job");
+    assert_eq!(square, 81);
+    assert_eq!(gpus.split(',').count(), 1, "one GPU from Slurm: {gpus:?}");
+    assert!(!gpus.is_empty(), "one GPU from Slurm");
+    assert_eq!(exitcode, Some(0));
+    assert!(pid.is_some());
+
+    // scancel of its step: lost, with the documented code, within the timeout.
+    let name = "gpuproc-it-remote-process-cancel";
+    let (joined, exitcode) = within(move || {
+        let mut p = gpuproc::Process::new(sleeps, 600).launcher(slurm_launcher(name));
+        p.start().unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while p.pid().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(p.pid().is_some(), "the step's process connected");
+        let jobs = jobs_named(name);
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        let status = std::process::Command::new("scancel")
+            .arg(&jobs[0])
+            .status()
+            .expect("scancel runs");
+        assert!(status.success());
+        (p.join_timeout(TIMEOUT), p.exitcode())
+    });
+    let e = joined.unwrap_err();
+    assert!(matches!(e, gpuproc::ProcessError::WorkerLost { .. }), "{e}");
+    assert_eq!(exitcode, Some(gpuproc::LOST_EXITCODE));
+    assert_eq!(
+        no_jobs_named(name, Duration::from_secs(10)),
+        Vec::<String>::new()
+    );
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+/// In a Slurm worker: "allocates" `mib` MiB on its GPU as the simulator sees it (a state
+/// file for its pid, on the GPU Slurm bound); the GPU's index.
+fn allocate_on_my_gpu(mib: u64) -> u32 {
+    let dir = std::path::PathBuf::from(std::env::var("NVML_SIM_STATE_DIR").unwrap());
+    let gpu = gpuproc::gpu::assigned().unwrap().devices[0].device.index;
+    nvml_sim::state::write_allocation(&dir, gpu, std::process::id(), mib << 20).unwrap();
+    gpu
+}
+
+#[test]
+fn gpu_usage_of_slurm_workers_shows_their_node_gpu_and_memory_sampled_there() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gpuproc-remote-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let (ran, usage) = within(move || {
+        let mut builder = Pool::builder()
+            .processes(2)
+            .gpus_per_worker(1)
+            .gpu_sampling(Duration::from_millis(20))
+            .env("NVML_SIM_STATE_DIR", dir_str);
+        for (k, v) in simulated_gpus() {
+            builder = builder.env(k, v);
+        }
+        let pool = builder
+            .launcher(slurm_launcher("gpuproc-it-remote-gpu-usage"))
+            .build()
+            .unwrap();
+        let ran = pool
+            .map_chunksize(allocate_on_my_gpu, [100u64, 300], 1)
+            .unwrap();
+        // What each GPU holds now: the last allocation made on it.
+        let mut want = std::collections::BTreeMap::new();
+        for (gpu, mib) in ran.iter().zip([100u64, 300]) {
+            want.insert(*gpu, mib << 20);
+        }
+        // The workers' samples arrive every 20 ms: wait (with a deadline) until they show it.
+        let deadline = Instant::now() + TIMEOUT;
+        let usage = loop {
+            let usage = pool.gpu_usage().unwrap();
+            let shown = want.iter().all(|(gpu, bytes)| {
+                usage
+                    .iter()
+                    .any(|u| u.gpus.iter().any(|g| g.index == *gpu && g.memory == *bytes))
+            });
+            if shown || Instant::now() > deadline {
+                break usage;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        pool.close();
+        pool.join().unwrap();
+        (want, usage)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(usage.len(), 2, "{usage:?}");
+    for u in &usage {
+        assert_eq!(u.node, this_host(), "{u:?}");
+        assert_eq!(u.gpus.len(), 1, "one GPU from Slurm's binding: {u:?}");
+        assert!(u.gpus[0].uuid.starts_with("GPU-"), "{u:?}");
+        assert_eq!(u.devices, [u.gpus[0].uuid.clone()], "{u:?}");
+        assert!(u.peak_memory >= u.memory, "{u:?}");
+    }
+    assert_ne!(usage[0].gpus[0].index, usage[1].gpus[0].index, "{usage:?}");
+    for (gpu, bytes) in &ran {
+        let u = usage
+            .iter()
+            .find(|u| u.gpus[0].index == *gpu)
+            .unwrap_or_else(|| panic!("GPU {gpu} is a worker's: {usage:?}"));
+        assert_eq!(u.memory, *bytes, "{usage:?}");
+        assert_eq!(u.gpus[0].memory, *bytes, "{usage:?}");
+    }
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+/// In a Slurm worker: holds `mib` MiB on its GPU until the test creates `release` in the
+/// simulator's state directory (or a minute passes), then frees it.
+fn hold_until_released(mib: u64) -> u32 {
+    let dir = std::path::PathBuf::from(std::env::var("NVML_SIM_STATE_DIR").unwrap());
+    let gpu = gpuproc::gpu::assigned().unwrap().devices[0].device.index;
+    let pid = std::process::id();
+    nvml_sim::state::write_allocation(&dir, gpu, pid, mib << 20).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !dir.join("release").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nvml_sim::state::write_allocation(&dir, gpu, pid, 0).unwrap();
+    gpu
+}
+
+#[test]
+fn a_task_on_a_slurm_worker_gets_the_gpu_memory_peak_sampled_on_its_node() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gpuproc-remote-peak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let release = dir.join("release");
+    let got = within(move || {
+        let mut builder = Pool::builder()
+            .processes(1)
+            .gpus_per_worker(1)
+            .gpu_sampling(Duration::from_millis(20))
+            .env("NVML_SIM_STATE_DIR", dir_str);
+        for (k, v) in simulated_gpus() {
+            builder = builder.env(k, v);
+        }
+        let pool = builder
+            .launcher(slurm_launcher("gpuproc-it-remote-peak"))
+            .build()
+            .unwrap();
+        let got = std::thread::scope(|s| {
+            let map = s.spawn(|| pool.map_with_gpu_memory(hold_until_released, [250u64]));
+            // Once the pool shows the memory, a sample taken while the task ran has been
+            // charged to it: let the task end.
+            let deadline = Instant::now() + TIMEOUT;
+            while Instant::now() < deadline
+                && !pool
+                    .gpu_usage()
+                    .unwrap()
+                    .iter()
+                    .any(|u| u.memory == 250 << 20)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::fs::write(&release, b"").unwrap();
+            map.join().unwrap()
+        });
+        pool.close();
+        pool.join().unwrap();
+        got.unwrap()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, 250 << 20, "the task's peak: {got:?}");
+    assert_eq!(no_remote_workers_left(), Vec::<u32>::new());
+}
+
+#[test]
+fn gpu_choices_a_remote_launcher_cannot_honour_are_refused_when_the_pool_is_built() {
+    let slurm = || Launcher::slurm(Slurm::new()).connect_back_to("127.0.0.1");
+    let criteria = gpuproc::gpu::Criteria::new().min_free(1 << 30);
+    let e = Pool::builder()
+        .processes(1)
+        .gpu_criteria(criteria)
+        .launcher(slurm())
+        .build()
+        .unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    assert!(e.to_string().contains("gpu_criteria"), "{e}");
+    let e = Pool::builder()
+        .processes(1)
+        .workers_per_gpu(2)
+        .launcher(slurm())
+        .build()
+        .unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    let e = Pool::builder()
+        .processes(1)
+        .gpus_per_worker(1)
+        .launcher(stand_in_for_ssh())
+        .build()
+        .unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    // And for one process: only a count, and only from Slurm.
+    let mut p = gpuproc::Process::new(where_and_square, 1)
+        .with_gpu_criteria(gpuproc::gpu::Criteria::new().min_free(1 << 30))
+        .launcher(slurm());
+    assert!(matches!(
+        p.start().unwrap_err(),
+        gpuproc::ProcessError::LaunchFailed { .. }
+    ));
+    let mut p = gpuproc::Process::new(where_and_square, 1)
+        .with_gpus(1)
+        .launcher(stand_in_for_ssh());
+    assert!(matches!(
+        p.start().unwrap_err(),
+        gpuproc::ProcessError::LaunchFailed { .. }
+    ));
 }
