@@ -46,6 +46,8 @@ pub(crate) struct Run {
     pub errors: Vec<(u32, PoolError)>,
     /// Each task's GPU memory peak as sampled while it ran (empty: no samples).
     pub peaks: Vec<u64>,
+    /// Each task's GPU accounting from the sampler (empty: none; local workers only).
+    pub accounting: Vec<crate::gpu::GpuAccounting>,
 }
 
 impl Run {
@@ -320,6 +322,9 @@ struct Worker {
     eof: bool,
     /// GPU memory peaks sampled while tasks ran, by sequence number, until reported.
     task_peaks: std::collections::HashMap<u64, u64>,
+    /// The sampler's accounting of each task while it ran, by sequence number, until
+    /// reported.
+    task_acct: std::collections::HashMap<u64, crate::gpu::GpuAccountant>,
     /// Its GPU accounting over its lifetime, from the sampler.
     accountant: crate::gpu::GpuAccountant,
 }
@@ -425,7 +430,8 @@ impl Driver {
             let Ok(now) = gpus.usage_detailed(w.pid, true) else {
                 continue;
             };
-            w.accountant.record(crate::gpu::now_ms(), &now);
+            let t_ms = crate::gpu::now_ms();
+            w.accountant.record(t_ms, &now);
             let memory: u64 = now.devices.iter().map(|d| d.used_memory).sum();
             if let Some(u) = usage.iter_mut().find(|u| u.pid == w.pid) {
                 u.memory = memory;
@@ -441,6 +447,7 @@ impl Driver {
             {
                 let peak = w.task_peaks.entry(seq).or_insert(0);
                 *peak = (*peak).max(memory);
+                w.task_acct.entry(seq).or_default().record(t_ms, &now);
             }
         }
     }
@@ -524,6 +531,7 @@ impl Driver {
             waiting_since: None,
             eof: false,
             task_peaks: std::collections::HashMap::new(),
+            task_acct: std::collections::HashMap::new(),
             accountant: crate::gpu::GpuAccountant::default(),
         })
     }
@@ -1218,6 +1226,17 @@ fn receive(
                 failure_error(first_index + k as u64, f),
             ));
         }
+        let accounting = if w.task_acct.is_empty() {
+            Vec::new()
+        } else {
+            (0..take as u64)
+                .map(|k| {
+                    (w.task_acct.remove(&(seq + k)))
+                        .map(|a| a.accounting())
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
         let peaks = if w.task_peaks.is_empty() {
             Vec::new()
         } else {
@@ -1238,6 +1257,7 @@ fn receive(
             fds: fds.by_ref().take(nfd_total).collect(),
             errors,
             peaks,
+            accounting,
         };
         let job = sent.chunk.job.clone();
         sent.done += take;

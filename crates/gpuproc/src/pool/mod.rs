@@ -795,6 +795,28 @@ impl Pool {
         Ok(out)
     }
 
+    /// [`map`](Self::map), with each task's GPU accounting (see
+    /// [`Imap::last_gpu_accounting`]): the per-task counterpart of `gpuproc run`'s summary.
+    /// Needs the sampler ([`PoolBuilder::gpu_sampling`]); tasks shorter than its interval
+    /// get few or no samples.
+    pub fn map_with_gpu_accounting<A, R, I>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+    ) -> Result<Vec<(R, gpu::GpuAccounting)>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let mut it = self.all(f, items, None);
+        let mut out = Vec::with_capacity(it.len.unwrap_or(0).min(MAX_RESERVE));
+        while let Some(r) = it.next() {
+            out.push((r?, it.last_gpu_accounting().clone()));
+        }
+        Ok(out)
+    }
+
     /// Python's `Pool.starmap`: Rust functions take one argument, so several travel as a
     /// tuple and this is [`map`](Self::map) under the name Python users look for.
     pub fn starmap<A, R, I>(&self, f: fn(A) -> R, items: I) -> Result<Vec<R>, PoolError>
@@ -1285,6 +1307,11 @@ impl RunReader {
         self.run.peaks.get(self.i).copied().unwrap_or(0)
     }
 
+    /// The sampler's GPU accounting of the task `next` returns next (default: none).
+    fn accounting(&self) -> gpu::GpuAccounting {
+        self.run.accounting.get(self.i).cloned().unwrap_or_default()
+    }
+
     /// Decodes the rest of a run of plain results with no failures in one tight loop:
     /// `None` if the run is not like that (then use `next`).
     fn drain_plain<R: DeserializeOwned>(
@@ -1376,6 +1403,7 @@ pub struct Imap<'p, A, R, I> {
     /// The run being read.
     current: Option<RunReader>,
     last_peak: u64,
+    last_accounting: gpu::GpuAccounting,
     len: Option<usize>,
     bar: Option<indicatif::ProgressBar>,
     /// Encodes the arguments as plain data, until one is not (then postcard).
@@ -1421,6 +1449,7 @@ where
             done: BTreeMap::new(),
             current: None,
             last_peak: 0,
+            last_accounting: gpu::GpuAccounting::default(),
             len: None,
             bar: None,
             plain: Some(plain::Encoder::default()),
@@ -1440,6 +1469,16 @@ where
     /// NVML while it ran (see [`PoolBuilder::gpu_sampling`]); 0 when no sample fell in it.
     pub fn last_gpu_memory_peak(&self) -> u64 {
         self.last_peak
+    }
+
+    /// The GPU accounting of the task whose outcome was yielded last, from the samples
+    /// taken while it ran (see [`PoolBuilder::gpu_sampling`]): its time on the GPU, peak
+    /// and mean memory, mean SM utilisation, and energy when its worker had its GPUs alone
+    /// (see [`GpuAccounting`](crate::gpu::GpuAccounting)). Empty (the default) for tasks
+    /// that no sample fell in, and for remote workers, whose nodes send memory only (see
+    /// [`last_gpu_memory_peak`](Self::last_gpu_memory_peak)).
+    pub fn last_gpu_accounting(&self) -> &gpu::GpuAccounting {
+        &self.last_accounting
     }
 
     /// The number of items, when known, for the progress bar.
@@ -1585,6 +1624,7 @@ where
             if let Some(cur) = self.current.as_mut() {
                 if !cur.is_done() {
                     self.last_peak = cur.peak();
+                    self.last_accounting = cur.accounting();
                     let r = cur.next::<R>();
                     self.next_yield += 1;
                     self.outstanding -= 1;

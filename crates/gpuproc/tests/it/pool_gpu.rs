@@ -237,3 +237,77 @@ fn workers_are_accounted_by_the_sampler() {
         );
     }
 }
+
+/// A task that holds `mib` of simulated GPU memory until told to go; returns its worker's
+/// pid and GPU UUID.
+fn allocate_and_wait((mib, go): (u64, gpuproc::Queue<()>)) -> (u32, String) {
+    let uuid = gpuproc::gpu::assigned().unwrap().devices[0]
+        .device
+        .uuid
+        .clone()
+        .unwrap_or_default();
+    let pid = allocate(mib);
+    go.get_timeout(TIMEOUT).unwrap();
+    (pid, uuid)
+}
+
+/// One task holding 200 MiB on its worker's GPU, accounted per task: the parent lets it end
+/// once the worker's own accounting shows two samples on the GPU (energy), so the task's
+/// has them too.
+fn task_accounting(_: ()) -> ((u32, String), gpuproc::gpu::GpuAccounting) {
+    let pool = Pool::builder()
+        .processes(1)
+        .gpus_per_worker(1)
+        .gpu_sampling(std::time::Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let go = gpuproc::Queue::new().unwrap();
+    let mut it = pool.imap(allocate_and_wait, [(200u64, go.clone())]);
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let end = gpuproc::time::deadline(TIMEOUT);
+            loop {
+                let usage = pool.gpu_usage().unwrap();
+                if usage
+                    .iter()
+                    .any(|u| u.energy_mj.is_some() && u.mean_memory > 0)
+                {
+                    go.put(()).unwrap();
+                    return;
+                }
+                assert!(
+                    gpuproc::time::remaining(end) != Some(std::time::Duration::ZERO),
+                    "no samples within {TIMEOUT:?}: {usage:?}"
+                );
+                // The sampler runs on the pool's thread; nothing here to block on.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        let got = it.next().unwrap().unwrap();
+        waiter.join().unwrap();
+        (got, it.last_gpu_accounting().clone())
+    })
+}
+
+#[test]
+fn each_task_is_accounted_by_the_sampler() {
+    let dir = std::env::temp_dir().join(format!("gpuproc-sim-task-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let ((_, uuid), a) = in_sim(
+        "4gpu",
+        &[("NVML_SIM_STATE_DIR", &dir_str)],
+        task_accounting,
+        (),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(a.samples >= 2, "{a:?}");
+    assert_eq!(a.peak_memory, Some(200 << 20), "{a:?}");
+    assert_eq!(a.mean_memory, Some(200 << 20), "{a:?}");
+    assert_eq!(
+        a.mean_sm_percent.map(|p| p.round() as u32),
+        Some(busy_percent(&uuid))
+    );
+    assert!(a.energy_mj.is_some() && !a.shared, "{a:?}");
+    assert!(a.first_ms <= a.last_ms, "{a:?}");
+}
