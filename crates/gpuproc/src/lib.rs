@@ -240,7 +240,7 @@
 //! ```
 //!
 //! The executable must be at the same path on the nodes (a shared filesystem, or copied
-//! with `sbcast`), and the nodes must reach this machine over TCP
+//! with `sbcast`; or [`pool::Slurm::bcast`] has Slurm copy it as each worker starts), and the nodes must reach this machine over TCP
 //! ([`Launcher::connect_back_to`] names the address; by default this host's name).
 //! `examples/remote_pool.rs` runs this on the project's one-node cluster
 //! (`scripts/slurm-local up`). On each worker [`gpu::assigned`] names its node and the GPUs

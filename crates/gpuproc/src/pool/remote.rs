@@ -53,13 +53,22 @@ pub(crate) const KEEPALIVE: (Duration, Duration, u32) =
 /// The flag that makes [`crate::init`] serve as a remote pool worker.
 pub(crate) const WORKER_FLAG: &str = "--gpuproc-worker";
 
+/// The flag after [`WORKER_FLAG`] that tells a worker started from a copy Slurm broadcast
+/// ([`Slurm::bcast`]) to delete that copy once it runs.
+const UNLINK_FLAG: &str = "--gpuproc-unlink-self";
+
+/// The file name of every broadcast copy starts so: a worker deletes its executable only
+/// if it is named so (a hand-typed flag cannot delete an installed program).
+const BCAST_PREFIX: &str = "gpuproc-bcast-";
+
 /// How a pool starts its workers: here ([`Launcher::local`], the default), as Slurm job
 /// steps ([`Launcher::slurm`]), or through any command line ([`Launcher::command`]).
 ///
 /// The program must call [`init`](crate::init) first thing in `main` (as every gpuproc
 /// program does): the remote worker is the same executable, started with a flag that
 /// `init` recognises, and must be reachable at the same path on the other machine (a
-/// shared filesystem, or copied there first, e.g. with `sbcast`).
+/// shared filesystem, or copied there first, e.g. with `sbcast`), or be copied by Slurm as
+/// it starts each worker ([`Slurm::bcast`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Launcher {
     kind: Kind,
@@ -85,6 +94,9 @@ enum Kind {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Slurm {
     args: Vec<String>,
+    /// Where Slurm copies the executable on each node (`--bcast`).
+    #[serde(default)]
+    bcast: Option<String>,
 }
 
 impl Slurm {
@@ -112,6 +124,17 @@ impl Slurm {
     /// `--cpus-per-task=N`.
     pub fn cpus(self, n: u32) -> Slurm {
         self.arg(format!("--cpus-per-task={n}"))
+    }
+
+    /// `--bcast`: Slurm copies this executable into `dir` on the worker's node before it
+    /// starts it there, for nodes that do not share the filesystem the program is on
+    /// (Python users would copy it with `sbcast` first). `dir` must exist on the nodes and
+    /// be local to them (`/tmp`). Each worker gets a copy of its own
+    /// (`gpuproc-bcast-PID-N`), which it deletes as soon as it runs, so nothing is left on
+    /// the nodes (a worker that dies before it starts leaves its copy).
+    pub fn bcast(mut self, dir: impl Into<String>) -> Slurm {
+        self.bcast = Some(dir.into());
+        self
     }
 
     /// Any other `srun` option, as one argument (`--exclusive`, `--mem=16G`).
@@ -211,12 +234,23 @@ impl Launcher {
                 .map(String::from)
                 .to_vec();
                 v.extend(s.args.iter().cloned());
+                if let Some(dir) = &s.bcast {
+                    static COPIES: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let dir = dir.trim_end_matches('/');
+                    let pid = std::process::id();
+                    v.push(format!("--bcast={dir}/{BCAST_PREFIX}{pid}-{n}"));
+                }
                 v
             }
             Kind::Command(prefix) => prefix.clone(),
         };
         argv.push(exe.to_string());
         argv.push(WORKER_FLAG.to_string());
+        if matches!(&self.kind, Kind::Slurm(s) if s.bcast.is_some()) {
+            argv.push(UNLINK_FLAG.to_string());
+        }
         argv
     }
 }
@@ -665,6 +699,9 @@ pub(crate) fn serve_if_remote_worker() {
     if std::env::args_os().nth(1).as_deref() != Some(std::ffi::OsStr::new(WORKER_FLAG)) {
         return;
     }
+    if std::env::args_os().nth(2).as_deref() == Some(std::ffi::OsStr::new(UNLINK_FLAG)) {
+        remove_broadcast_copy();
+    }
     let code = match serve_remote() {
         Ok(()) => 0,
         Err(e) => {
@@ -673,6 +710,31 @@ pub(crate) fn serve_if_remote_worker() {
         }
     };
     std::process::exit(code);
+}
+
+/// Deletes this executable if it is a copy Slurm broadcast for this worker (see
+/// [`Slurm::bcast`]); the running program keeps its pages (and `/proc/self/exe`).
+fn remove_broadcast_copy() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    if is_broadcast_copy(&exe) {
+        let _ = std::fs::remove_file(&exe);
+    }
+}
+
+/// Whether `path` names a broadcast copy ([`BCAST_PREFIX`] and a pid and number).
+fn is_broadcast_copy(path: &std::path::Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    name.strip_prefix(BCAST_PREFIX)
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(pid, n)| {
+            [pid, n]
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        })
 }
 
 fn serve_remote() -> Result<(), String> {
@@ -800,6 +862,34 @@ mod tests {
         assert!(argv.contains(&"--time=1:00:00".to_string()));
         assert_eq!(&argv[argv.len() - 2..], [exe, WORKER_FLAG]);
         assert!(Launcher::local().is_local() && !slurm.is_local());
+        let argv = Launcher::slurm(Slurm::new().bcast("/tmp/")).argv(exe);
+        let bcast = argv.iter().find(|a| a.starts_with("--bcast=")).unwrap();
+        let copy = std::path::Path::new(bcast.trim_start_matches("--bcast="));
+        assert!(
+            copy.starts_with("/tmp") && is_broadcast_copy(copy),
+            "{bcast}"
+        );
+        assert_eq!(&argv[argv.len() - 3..], [exe, WORKER_FLAG, UNLINK_FLAG]);
+    }
+
+    #[test]
+    fn only_broadcast_copies_are_deleted() {
+        for (path, copy) in [
+            ("/tmp/gpuproc-bcast-12-0", true),
+            ("/scratch/x/gpuproc-bcast-99999-17", true),
+            ("/usr/bin/train", false),
+            ("/tmp/gpuproc-bcast-", false),
+            ("/tmp/gpuproc-bcast-12", false),
+            ("/tmp/gpuproc-bcast-12-", false),
+            ("/tmp/gpuproc-bcast-x-1", false),
+            ("/tmp/gpuproc-bcast-1-2-3", false),
+        ] {
+            assert_eq!(
+                is_broadcast_copy(std::path::Path::new(path)),
+                copy,
+                "{path}"
+            );
+        }
     }
 
     #[test]

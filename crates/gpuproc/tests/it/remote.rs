@@ -895,3 +895,48 @@ fn gpu_choices_a_remote_launcher_cannot_honour_are_refused_when_the_pool_is_buil
         gpuproc::ProcessError::LaunchFailed { .. }
     ));
 }
+
+/// The executable this process runs, as the kernel names it.
+fn own_executable(_: u32) -> String {
+    std::fs::read_link("/proc/self/exe")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// With `Slurm::bcast`, Slurm copies the executable to each worker's node, the worker runs
+/// the copy and deletes it: nothing is left in the directory.
+#[test]
+fn workers_run_a_broadcast_copy_and_leave_none_behind() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gpuproc-bcast-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let at = dir.to_string_lossy().into_owned();
+    let to = at.clone();
+    let exes = within(move || {
+        let pool = Pool::builder()
+            .processes(2)
+            .launcher(
+                Launcher::slurm(Slurm::new().bcast(to).time("5"))
+                    .connect_back_to("127.0.0.1")
+                    .start_timeout(Duration::from_secs(30)),
+            )
+            .build()
+            .unwrap();
+        let got = pool.map_chunksize(own_executable, 0..4u32, 1).unwrap();
+        pool.close();
+        pool.join().unwrap();
+        got
+    });
+    for exe in &exes {
+        assert!(exe.starts_with(&format!("{at}/gpuproc-bcast-")), "{exe}");
+        assert!(
+            exe.ends_with(" (deleted)"),
+            "the worker kept its copy: {exe}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(left.is_empty(), "{left:?}");
+}
