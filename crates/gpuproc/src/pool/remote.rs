@@ -646,9 +646,24 @@ fn copy_bytes(from: &OwnedFd, to: &OwnedFd) -> Result<(), String> {
     }
 }
 
+/// Frames for the worker are gathered up to this many bytes before they are sent: many
+/// small chunks (chunk size 1) go in one write, as the driver sends them to local workers.
+const RELAY_BATCH: usize = 256 << 10;
+
+/// The driver's frames, passed on to the worker: a chunk whose arguments are in a memfd
+/// with them inline. Frames that arrived together go out together.
 fn send_frames(from: &OwnedFd, to: &OwnedFd) -> Result<(), String> {
     let mut reader = FrameReader::default();
     let memfds = MapCache::default();
+    let mut out: Vec<u8> = Vec::new();
+    let flush = |out: &mut Vec<u8>| -> Result<(), String> {
+        if !out.is_empty() {
+            sys::send_all(to.as_fd(), &[out], &[])
+                .map_err(|e| format!("the connection was lost: {e}"))?;
+            out.clear();
+        }
+        Ok(())
+    };
     loop {
         while let Some((bytes, mut fds)) = reader.next_frame_ref().map_err(|e| e.to_string())? {
             let (msg, rest) = codec::take_from_bytes::<ToWorker>(bytes)
@@ -670,6 +685,8 @@ fn send_frames(from: &OwnedFd, to: &OwnedFd) -> Result<(), String> {
                     let head = codec::to_vec(&ToWorker::Chunk(header))
                         .map_err(|e| format!("re-encoding a chunk: {e}"))?;
                     let frame = ipc::frame_header(head.len() + len, 0);
+                    // (Large arguments go straight from the memfd, not through `out`.)
+                    flush(&mut out)?;
                     sys::send_all(to.as_fd(), &[&frame, &head, &map.bytes()[..len]], &[])
                         .map_err(|e| format!("the connection was lost: {e}"))?;
                 }
@@ -677,13 +694,16 @@ fn send_frames(from: &OwnedFd, to: &OwnedFd) -> Result<(), String> {
                     if !fds.is_empty() {
                         return Err("a task for a remote worker carries descriptors".into());
                     }
-                    let frame = ipc::frame_header(bytes.len(), 0);
-                    sys::send_all(to.as_fd(), &[&frame, bytes], &[])
-                        .map_err(|e| format!("the connection was lost: {e}"))?;
+                    out.extend_from_slice(&ipc::frame_header(bytes.len(), 0));
+                    out.extend_from_slice(bytes);
                     let _ = rest;
+                    if out.len() >= RELAY_BATCH {
+                        flush(&mut out)?;
+                    }
                 }
             }
         }
+        flush(&mut out)?;
         if reader.at_eof() {
             return Ok(());
         }
