@@ -468,6 +468,15 @@ proxy_type!(
     ManagedList<T>
 );
 
+/// A dict's answer holding a value or none.
+fn optional_value<V: DeserializeOwned>(reply: Reply) -> Result<Option<V>, ManagerError> {
+    match reply {
+        Reply::Value(Some(v)) => decode("value", &v).map(Some),
+        Reply::Value(None) => Ok(None),
+        other => Err(unexpected(other)),
+    }
+}
+
 impl<K, V> ManagedDict<K, V>
 where
     K: Serialize + DeserializeOwned,
@@ -481,14 +490,10 @@ where
                 .run(|t, by| t.get(&key, by, |v| decode::<V>("value", v)))?
                 .transpose();
         }
-        match self.request(Request::Get {
+        optional_value(self.request(Request::Get {
             dict: self.proxy.id,
             key,
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v).map(Some),
-            Reply::Value(None) => Ok(None),
-            other => Err(unexpected(other)),
-        }
+        })?)
     }
 
     /// Sets `key` to `value`; Python's `d[key] = value`.
@@ -515,14 +520,10 @@ where
                 .run(|t, by| t.remove(&key, by, |v| decode::<V>("value", v)))?
                 .transpose();
         }
-        match self.request(Request::Del {
+        optional_value(self.request(Request::Del {
             dict: self.proxy.id,
             key,
-        })? {
-            Reply::Value(Some(v)) => decode("value", &v).map(Some),
-            Reply::Value(None) => Ok(None),
-            other => Err(unexpected(other)),
-        }
+        })?)
     }
 
     /// The number of keys; Python's `len(d)`.

@@ -45,6 +45,20 @@ where
     p.join_timeout(TIMEOUT).unwrap()
 }
 
+/// `f(())` in the simulator's 4-GPU scenario, with a state directory of its own (named
+/// after `name`) where processes record simulated GPU memory.
+fn in_sim_with_state<R>(name: &str, f: fn(()) -> R) -> R
+where
+    R: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_str = dir.to_string_lossy().into_owned();
+    let got = in_sim("4gpu", &[("NVML_SIM_STATE_DIR", &dir_str)], f, ());
+    let _ = std::fs::remove_dir_all(&dir);
+    got
+}
+
 /// In a worker: the UUIDs `gpu::assigned()` reports, and the raw variable.
 fn my_gpus(_: u32) -> (Vec<String>, String) {
     let assigned = gpuproc::gpu::assigned().map_err(|e| e.to_string()).unwrap();
@@ -154,16 +168,7 @@ fn sampled_memory(_: ()) -> Vec<(u32, u64, u64)> {
 
 #[test]
 fn worker_gpu_memory_is_read_by_pid() {
-    let dir = std::env::temp_dir().join(format!("gpuproc-sim-state-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let dir_str = dir.to_string_lossy().into_owned();
-    let got = in_sim(
-        "4gpu",
-        &[("NVML_SIM_STATE_DIR", &dir_str)],
-        sampled_memory,
-        (),
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    let got = in_sim_with_state("gpuproc-sim-state", sampled_memory);
     let mut mibs: Vec<u64> = got.iter().map(|g| g.1).collect();
     mibs.sort();
     assert_eq!(mibs, [100, 300], "{got:?}");
@@ -213,16 +218,7 @@ fn sampled_accounting(_: ()) -> Vec<gpuproc::WorkerGpuUsage> {
 
 #[test]
 fn workers_are_accounted_by_the_sampler() {
-    let dir = std::env::temp_dir().join(format!("gpuproc-sim-acct-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let dir_str = dir.to_string_lossy().into_owned();
-    let got = in_sim(
-        "4gpu",
-        &[("NVML_SIM_STATE_DIR", &dir_str)],
-        sampled_accounting,
-        (),
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    let got = in_sim_with_state("gpuproc-sim-acct", sampled_accounting);
     let mut means: Vec<u64> = got.iter().map(|u| u.mean_memory >> 20).collect();
     means.sort();
     // Sampled only once the memory was held, every sample saw all of it.
@@ -291,16 +287,7 @@ fn task_accounting(_: ()) -> ((u32, String), gpuproc::gpu::GpuAccounting) {
 
 #[test]
 fn each_task_is_accounted_by_the_sampler() {
-    let dir = std::env::temp_dir().join(format!("gpuproc-sim-task-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let dir_str = dir.to_string_lossy().into_owned();
-    let ((_, uuid), a) = in_sim(
-        "4gpu",
-        &[("NVML_SIM_STATE_DIR", &dir_str)],
-        task_accounting,
-        (),
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    let ((_, uuid), a) = in_sim_with_state("gpuproc-sim-task", task_accounting);
     assert!(a.samples >= 2, "{a:?}");
     assert_eq!(a.peak_memory, Some(200 << 20), "{a:?}");
     assert_eq!(a.mean_memory, Some(200 << 20), "{a:?}");
