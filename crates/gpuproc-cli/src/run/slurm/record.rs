@@ -50,7 +50,9 @@ pub struct Record {
     pub node: String,
     /// `CUDA_VISIBLE_DEVICES` as Slurm set it (`None`: unset).
     pub cuda_visible_devices: Option<String>,
-    /// NVML indices, on the node, of those GPUs (empty when NVML could not say).
+    /// The node's numbers of those GPUs: `N` of `/dev/nvidiaN` (NVML's minor number, else
+    /// its index), the numbers `SLURM_STEP_GPUS` gives, whether or not Slurm renumbered
+    /// `CUDA_VISIBLE_DEVICES` (empty when NVML could not say).
     pub gpus: Vec<u32>,
     /// Their UUIDs.
     pub uuids: Vec<String>,

@@ -83,8 +83,8 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
                 .into_owned()
         });
     let cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    // The GPUs Slurm gave, as NVML on this node names them (none without NVML). A task
-    // without GPUs does not load NVML at all.
+    // The GPUs Slurm gave, by the node's numbers and UUIDs (none without NVML), read through
+    // Slurm's renumbering (gpu::visible). A task without GPUs does not load NVML at all.
     let (gpus, uuids): (Vec<u32>, Vec<String>) = match cuda_visible_devices
         .as_ref()
         .map(|_| gpuproc::gpu::visible())
@@ -92,7 +92,10 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
         Some(Ok(visible)) => visible
             .devices
             .iter()
-            .map(|d| (d.device.index, d.device.uuid.clone().unwrap_or_default()))
+            .map(|d| {
+                let number = d.device.minor_number.unwrap_or(d.device.index);
+                (number, d.device.uuid.clone().unwrap_or_default())
+            })
             .unzip(),
         _ => (Vec::new(), Vec::new()),
     };
