@@ -9,7 +9,7 @@
 //! cancels them when it ends, even when it fails. Every command runs under a deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -371,6 +371,68 @@ fn inside_an_allocation_jobs_are_steps() {
     );
     // The allocation may still be completing after salloc returns: the cluster guard
     // waits for it to end.
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_steps_task_goes_on_its_command_line_and_its_other_files_are_its_slots() {
+    let Some(cluster) = cluster("step-files") else {
+        return;
+    };
+    let dir = scratch_dir("step-files");
+    let mut salloc = Command::new("salloc");
+    sim_env(&mut salloc, "4gpu", Some(&dir));
+    salloc
+        .current_dir(&dir)
+        .args(["-N1", "-n2"])
+        .arg(format!("--job-name={}", cluster.job_name))
+        .arg(env!("CARGO_BIN_EXE_gpuproc"))
+        .args(["run", "--slurm", "--cpu-only", "--"])
+        // Job 6 fails, so the run's state directory stays for us to look at.
+        .arg(r#"echo "out {}"; echo "err {}" >&2; [ {} != 6 ]"#)
+        .arg(":::")
+        .args(["1", "2", "3", "4", "5", "6"]);
+    let out = run(salloc);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // Each job's output, printed from its slot's files as the job ended.
+    let mut printed: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    printed.sort();
+    let wanted: Vec<String> = (1..=6).map(|i| format!("out {i}")).collect();
+    assert_eq!(printed, wanted, "{}", stderr(&out));
+    for i in 1..=6 {
+        assert!(
+            stderr(&out).contains(&format!("err {i}")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.join(".gpuproc-slurm"))
+        .expect("the state directory stays after a failure")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let [state] = &runs[..] else {
+        panic!("one run: {runs:?}");
+    };
+    let mut names: Vec<String> = std::fs::read_dir(state)
+        .expect("state")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    // One record per job and the files of two slots (the allocation's two CPUs); no batch
+    // file per step.
+    let records = names.iter().filter(|n| n.ends_with(".rec.json")).count();
+    assert_eq!(records, 6, "{names:?}");
+    let slots: BTreeSet<&str> = names
+        .iter()
+        .filter(|n| !n.ends_with(".rec.json"))
+        .map(|n| {
+            let (slot, ext) = n.split_once('.').unwrap_or((n, ""));
+            assert!(slot.starts_with('s'), "{n} in {names:?}");
+            assert!(["slurm", "step", "out", "err"].contains(&ext), "{n}");
+            slot
+        })
+        .collect();
+    assert_eq!(slots.len(), 2, "{names:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
