@@ -609,6 +609,11 @@ fn toml_jobs_dry_run_and_help() {
         "{%}",
         "Ctrl-C",
         "130",
+        // Clusters: preemption, and Slurm's renumbering of a confined job's GPUs.
+        "not a failure",
+        "not counted as failures",
+        "SLURM_STEP_GPUS=2,3 gives CUDA_VISIBLE_DEVICES=0,1",
+        "entry C is the C-th of",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

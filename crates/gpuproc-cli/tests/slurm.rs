@@ -12,13 +12,17 @@
 //! Without cgroups Slurm does not renumber: `CUDA_VISIBLE_DEVICES` holds the node's GPU
 //! indices (`2,3` for the second of two 2-GPU jobs), which are the simulator's NVML indices.
 //! There is no slurmdbd, so no `sacct`: job states come from `scontrol`.
+//!
+//! `a_steps_gpus_are_found_by_uuid_whether_slurm_renumbers_or_not` also runs on the cluster
+//! with device confinement (`GPUPROC_SLURM_CGROUP=1 scripts/slurm-local up`), where Slurm
+//! numbers each job's GPUs from 0; the others need the default cluster.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 mod common;
-use common::slurm::{cluster, Cluster, FOUR};
+use common::slurm::{cluster, cluster_in_either_mode, device_nodes, Cluster, FOUR};
 use common::{run, scratch_dir, sim_env, stderr, stdout, Background};
 
 impl Cluster {
@@ -286,5 +290,100 @@ fn gpus_slurm_lists_the_node_gpus_with_the_job_of_a_running_process() {
         stdout(&out)
     );
     drop(task);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What a task of [`a_steps_gpus_are_found_by_uuid_whether_slurm_renumbers_or_not`] reports,
+/// one line per way of seeing the GPUs: `LABEL|CUDA_VISIBLE_DEVICES|SLURM_STEP_GPUS|the
+/// UUIDs gpuproc pick -n 2 leases|the UUIDs gpu::assigned() gives`. `plain`: the simulator
+/// lists every GPU of the node; `nodes`: it lists the GPUs whose node the task may open, as
+/// the driver does; `renumbered`: CUDA_VISIBLE_DEVICES numbered from 0 as Slurm does under
+/// confinement, over the simulator's whole node.
+const UUID_REPORT: &str = r#"
+report() {
+  picked=$(GPUPROC_RUNTIME_DIR="$RUNTIME/$1" "$GPUPROC" pick -n 2 --for-pid $$ 2>&1 | tr '\n' ' ')
+  assigned=$(GPUPROC_TEST_ASSIGNED=1 "$TEST_EXE" --exact assigned_gpus_of_this_process \
+    --nocapture --test-threads=1 2>&1 | sed -n 's/^assigned://p')
+  echo "$1|$CUDA_VISIBLE_DEVICES|$SLURM_STEP_GPUS|$picked|$assigned"
+}
+report plain
+if [ -n "$NODES" ]; then (export NVML_SIM_DEVICE_NODES="$NODES"; report nodes); fi
+(export CUDA_VISIBLE_DEVICES=0,1; report renumbered)
+"#;
+
+/// Not a test on its own: run inside a Slurm step by
+/// [`a_steps_gpus_are_found_by_uuid_whether_slurm_renumbers_or_not`] (with
+/// `GPUPROC_TEST_ASSIGNED` set), it prints the UUIDs `gpu::assigned()` gives there.
+#[test]
+fn assigned_gpus_of_this_process() {
+    if std::env::var_os("GPUPROC_TEST_ASSIGNED").is_none() {
+        return;
+    }
+    let assigned = gpuproc::gpu::assigned().expect("the simulator answers");
+    let uuids: Vec<String> = assigned
+        .devices
+        .iter()
+        .map(|d| d.device.uuid.clone().unwrap_or_default())
+        .collect();
+    // On a line of its own: the test harness has written the test's name on this one.
+    println!("\nassigned:{}", uuids.join(","));
+}
+
+#[test]
+fn a_steps_gpus_are_found_by_uuid_whether_slurm_renumbers_or_not() {
+    let Some((cluster, confined)) = cluster_in_either_mode("uuids") else {
+        return;
+    };
+    if !confined {
+        println!(
+            "note: the cluster does not confine devices, so Slurm does not renumber: only \
+             `renumbered` imitates it (`GPUPROC_SLURM_CGROUP=1 scripts/slurm-local up` runs the \
+             rest under confinement)"
+        );
+    }
+    let nodes = device_nodes();
+    if nodes.is_none() {
+        println!("note: the cluster's GPU nodes are not character devices (no mknod): no `nodes`");
+    }
+    let dir = scratch_dir("uuids");
+    let srun = |runtime: &str, script: &str| {
+        let mut srun = cluster.job("srun", &dir.join(runtime));
+        srun.env("RUNTIME", dir.join(runtime))
+            .env("NODES", nodes.as_deref().unwrap_or(""))
+            .env(
+                "TEST_EXE",
+                std::env::current_exe().expect("this test's executable"),
+            )
+            .args(["-N1", "-n1", "--gres=gpu:2", "sh", "-c", script]);
+        srun
+    };
+    // The first job holds GPUs 0 and 1 until its standard input closes, so the second gets
+    // 2 and 3: Slurm's SLURM_STEP_GPUS, and under confinement CUDA_VISIBLE_DEVICES=0,1.
+    let mut first = Background::start(srun("first", r#"echo "$SLURM_STEP_GPUS"; read x || true"#));
+    assert_eq!(first.line().as_deref(), Some("0,1"), "{}", first.stderr());
+    let second = run(srun("second", UUID_REPORT));
+    assert!(second.status.success(), "{}", stderr(&second));
+    let status = first.finish();
+    assert!(status.success(), "{status:?}: {}", first.stderr());
+
+    let wanted = format!("{},{}", FOUR[2], FOUR[3]);
+    let cvd = if confined { "0,1" } else { "2,3" };
+    let mut labels = Vec::new();
+    for line in stdout(&second).lines() {
+        let fields: Vec<&str> = line.split('|').collect();
+        let [label, visible, step, picked, assigned] = fields[..] else {
+            panic!("five fields expected: {line:?}\n{}", stderr(&second));
+        };
+        let visible_wanted = if label == "renumbered" { "0,1" } else { cvd };
+        assert_eq!((visible, step), (visible_wanted, "2,3"), "{line}");
+        assert_eq!(picked.trim(), wanted, "gpuproc pick, {label}: {line}");
+        assert_eq!(assigned, wanted, "gpu::assigned(), {label}: {line}");
+        labels.push(label.to_string());
+    }
+    let mut expected = vec!["plain", "nodes", "renumbered"];
+    if nodes.is_none() {
+        expected.retain(|l| *l != "nodes");
+    }
+    assert_eq!(labels, expected, "{}", stdout(&second));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -7,14 +7,16 @@
 //! `eval "$(scripts/slurm-local up)"`); `GPUPROC_SLURM=0` skips them with a note. They run
 //! one at a time; each names its jobs after itself (`--slurm-opt=--job-name=...`) and
 //! cancels them when it ends, even when it fails. Every command runs under a deadline.
+//! `steps_name_their_gpus_by_the_nodes_numbers_confined_or_not` also runs on the cluster
+//! with device confinement (`GPUPROC_SLURM_CGROUP=1 scripts/slurm-local up`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::slurm::{cluster, Cluster, ACTIVE, FOUR};
+use common::slurm::{cluster, cluster_in_either_mode, device_nodes, Cluster, ACTIVE, FOUR};
 use common::{run, scratch_dir, signal, sim_env, stderr, stdout, Background, Signal, DEADLINE};
 
 impl Cluster {
@@ -375,6 +377,133 @@ fn inside_an_allocation_jobs_are_steps() {
     );
     // The allocation may still be completing after salloc returns: the cluster guard
     // waits for it to end.
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_steps_task_goes_on_its_command_line_and_its_other_files_are_its_slots() {
+    let Some(cluster) = cluster("step-files") else {
+        return;
+    };
+    let dir = scratch_dir("step-files");
+    let mut salloc = Command::new("salloc");
+    sim_env(&mut salloc, "4gpu", Some(&dir));
+    salloc
+        .current_dir(&dir)
+        .args(["-N1", "-n2"])
+        .arg(format!("--job-name={}", cluster.job_name))
+        .arg(env!("CARGO_BIN_EXE_gpuproc"))
+        .args(["run", "--slurm", "--cpu-only", "--"])
+        // Job 6 fails, so the run's state directory stays for us to look at.
+        .arg(r#"echo "out {}"; echo "err {}" >&2; [ {} != 6 ]"#)
+        .arg(":::")
+        .args(["1", "2", "3", "4", "5", "6"]);
+    let out = run(salloc);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // Each job's output, printed from its slot's files as the job ended.
+    let mut printed: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    printed.sort();
+    let wanted: Vec<String> = (1..=6).map(|i| format!("out {i}")).collect();
+    assert_eq!(printed, wanted, "{}", stderr(&out));
+    for i in 1..=6 {
+        assert!(
+            stderr(&out).contains(&format!("err {i}")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.join(".gpuproc-slurm"))
+        .expect("the state directory stays after a failure")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let [state] = &runs[..] else {
+        panic!("one run: {runs:?}");
+    };
+    let mut names: Vec<String> = std::fs::read_dir(state)
+        .expect("state")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    // One record per job and the files of two slots (the allocation's two CPUs); no batch
+    // file per step.
+    let records = names.iter().filter(|n| n.ends_with(".rec.json")).count();
+    assert_eq!(records, 6, "{names:?}");
+    let slots: BTreeSet<&str> = names
+        .iter()
+        .filter(|n| !n.ends_with(".rec.json"))
+        .map(|n| {
+            let (slot, ext) = n.split_once('.').unwrap_or((n, ""));
+            assert!(slot.starts_with('s'), "{n} in {names:?}");
+            assert!(["slurm", "step", "out", "err"].contains(&ext), "{n}");
+            slot
+        })
+        .collect();
+    assert_eq!(slots.len(), 2, "{names:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn steps_name_their_gpus_by_the_nodes_numbers_confined_or_not() {
+    let Some((cluster, confined)) = cluster_in_either_mode("step-gpus") else {
+        return;
+    };
+    let dir = scratch_dir("step-gpus");
+    let mut salloc = Command::new("salloc");
+    sim_env(&mut salloc, "4gpu", Some(&dir));
+    // The simulator lists the GPUs a job may open, as the driver does (under confinement,
+    // a 2-GPU job's two, numbered 0 and 1).
+    if let Some(nodes) = device_nodes() {
+        salloc.env("NVML_SIM_DEVICE_NODES", nodes);
+    }
+    salloc
+        .current_dir(&dir)
+        .args(["-N1", "-n2", "--gres=gpu:4"])
+        .arg(format!("--job-name={}", cluster.job_name))
+        .arg(env!("CARGO_BIN_EXE_gpuproc"))
+        .args([
+            "run",
+            "--slurm",
+            "--gpus-per-job",
+            "2",
+            "--joblog",
+            "jobs.tsv",
+            "--",
+        ])
+        // Both jobs run at once, so they hold different GPUs: each waits (at most 10 s)
+        // for the other to start.
+        .arg(
+            r#"touch started.{}; i=0; while [ ! -e started.1 ] || [ ! -e started.2 ]; do
+                 i=$((i + 1)); [ $i -le 100 ] || exit 9; sleep 0.1; done
+               echo "{} $CUDA_VISIBLE_DEVICES $SLURM_STEP_GPUS""#,
+        )
+        .args([":::", "1", "2"]);
+    let out = run(salloc);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Slurm's binding, as the job saw it: its node numbers, renumbered from 0 under
+    // confinement.
+    let mut seen = BTreeMap::new();
+    for line in stdout(&out).lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [seq, visible, step] = words[..] else {
+            panic!("{line:?}");
+        };
+        assert_eq!(visible == "0,1", confined || step == "0,1", "{line}");
+        seen.insert(seq.to_string(), step.to_string());
+    }
+    assert_eq!(seen.len(), 2, "{}", stdout(&out));
+    // The job log names each job's GPUs by the node's numbers, as SLURM_STEP_GPUS does.
+    let log = joblog(&dir.join("jobs.tsv"));
+    let mut all = BTreeSet::new();
+    for line in &log {
+        let gpus = line.1.strip_prefix("localhost/").expect("node/gpus");
+        assert_eq!(
+            Some(&gpus.to_string()),
+            seen.get(&line.0.to_string()),
+            "{log:?}"
+        );
+        all.extend(gpus.split(',').map(str::to_string));
+    }
+    assert_eq!(all.len(), 4, "{log:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -242,6 +242,8 @@ record! {
         processes: Option<Vec<Py<GpuProcess>>>,
         /// Set when the device could not be read (lost, permission denied).
         error: Option<Py<DeviceFault>>,
+        /// The device node's minor number, N in /dev/nvidiaN (Slurm's number for the GPU).
+        minor_number: Option<u32>,
     }
 }
 
@@ -607,6 +609,7 @@ pub fn device(py: Python<'_>, d: &gpu::Device) -> PyResult<Py<Device>> {
                 kind: tag(&f.kind),
                 message: f.message.clone(),
             })?,
+            minor_number: d.minor_number,
         },
     )
 }

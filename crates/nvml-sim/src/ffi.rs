@@ -560,7 +560,7 @@ export! {
 // ---- enumeration ----------------------------------------------------------------------------
 
 export! {
-    /// Number of GPUs in the scenario.
+    /// Number of GPUs enumerated: the scenario's, less those whose device node is refused.
     fn nvmlDeviceGetCount(deviceCount: *mut c_uint) |f| {
         // SAFETY: forwarded caller contract.
         unsafe { count(f, deviceCount) }
@@ -568,7 +568,7 @@ export! {
 }
 
 export! {
-    /// Number of GPUs in the scenario.
+    /// Number of GPUs enumerated: the scenario's, less those whose device node is refused.
     fn nvmlDeviceGetCount_v2(deviceCount: *mut c_uint) |f| {
         // SAFETY: forwarded caller contract.
         unsafe { count(f, deviceCount) }
@@ -579,9 +579,7 @@ export! {
 /// `out` must be null or valid for a write.
 unsafe fn count(f: &str, out: *mut c_uint) -> R {
     // SAFETY: forwarded caller contract.
-    system(f, |s| unsafe {
-        put(out, s.scenario.devices.len() as c_uint)
-    })
+    system(f, |s| unsafe { put(out, s.count() as c_uint) })
 }
 
 export! {
@@ -604,11 +602,11 @@ export! {
 /// `out` must be null or valid for a write.
 unsafe fn by_index(f: &str, index: c_uint, out: *mut nvmlDevice_t) -> R {
     system(f, |s| {
-        if index as usize >= s.scenario.devices.len() {
-            return Err(codes::INVALID_ARGUMENT);
-        }
+        let gpu = s
+            .enumerated(index as usize)
+            .ok_or(codes::INVALID_ARGUMENT)?;
         // SAFETY: forwarded caller contract.
-        unsafe { put(out, handle_ptr(Target::Gpu(index as usize))) }
+        unsafe { put(out, handle_ptr(Target::Gpu(gpu))) }
     })
 }
 
@@ -631,7 +629,7 @@ export! {
         system(f, |s| {
             // SAFETY: `serial` is null or NUL-terminated (export contract).
             let serial = unsafe { read_str(serial) }?;
-            let g = s.scenario.devices.iter().position(|d| d.serial == serial).ok_or(codes::NOT_FOUND)?;
+            let g = s.listed().find(|(_, d)| d.serial == serial).map(|(g, _)| g).ok_or(codes::NOT_FOUND)?;
             // SAFETY: `device` is null or valid (export contract).
             unsafe { put(device, handle_ptr(Target::Gpu(g))) }
         })
@@ -661,10 +659,9 @@ unsafe fn by_bus_id(f: &str, bus_id: *const c_char, out: *mut nvmlDevice_t) -> R
         // SAFETY: forwarded caller contract.
         let wanted = parse_bus_id(unsafe { read_str(bus_id) }?).ok_or(codes::INVALID_ARGUMENT)?;
         let g = s
-            .scenario
-            .devices
-            .iter()
-            .position(|d| d.pci_parts() == wanted)
+            .listed()
+            .find(|(_, d)| d.pci_parts() == wanted)
+            .map(|(g, _)| g)
             .ok_or(codes::NOT_FOUND)?;
         // SAFETY: forwarded caller contract.
         unsafe { put(out, handle_ptr(Target::Gpu(g))) }
@@ -677,7 +674,9 @@ export! {
     /// Enumeration index; `NOT_SUPPORTED` for MIG handles, as in NVML.
     fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_uint) |f| {
         // SAFETY: `index` is null or valid (export contract).
-        query(f, device, None, false, |_, t| unsafe { put(index, t.gpu() as c_uint) })
+        query(f, device, None, false, |s, t| unsafe {
+            put(index, s.index_of(t.gpu()).unwrap_or(t.gpu()) as c_uint)
+        })
     }
 }
 
@@ -721,7 +720,7 @@ export! {
     /// `/dev/nvidia<N>` minor number.
     fn nvmlDeviceGetMinorNumber(device: nvmlDevice_t, minorNumber: *mut c_uint) |f| {
         query(f, device, Some(Feature::MinorNumber), false, |s, t| {
-            let n = s.device(t).minor_number.unwrap_or(t.gpu() as c_uint);
+            let n = s.scenario.minor_number(t.gpu());
             // SAFETY: `minorNumber` is null or valid (export contract).
             unsafe { put(minorNumber, n) }
         })

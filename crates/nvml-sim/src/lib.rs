@@ -18,6 +18,9 @@
 //!   that name linked to the simulator ([`make_pynvml_dir`]) and put it on `LD_LIBRARY_PATH`.
 //! - `NVML_SIM_SCENARIO` picks the scenario (bundled name or `.toml`/`.json` path),
 //!   `NVML_SIM_STATE_DIR` names the live-allocation directory (see [`state`]).
+//! - `NVML_SIM_DEVICE_NODES` maps each GPU to a device node (`/dev/nvidia{minor}`): NVML then
+//!   enumerates only the GPUs whose node the process can open, as the driver does under a
+//!   device cgroup ([`state::DEVICE_NODES_ENV`]).
 //!
 //! - `NVML_SIM_CLOCK` stops the simulated clock (seconds since the epoch) for frames that must
 //!   not move.
@@ -85,7 +88,7 @@ pub mod series;
 pub mod state;
 
 pub use scenario::{Scenario, ScenarioError};
-pub use state::{SCENARIO_ENV, STATE_DIR_ENV};
+pub use state::{DEVICE_NODES_ENV, SCENARIO_ENV, STATE_DIR_ENV};
 
 /// The file name cargo gives the built simulator.
 pub const LIBRARY_FILE: &str = "libnvml_sim.so";

@@ -74,6 +74,11 @@ pub struct Scenario {
     pub init_error: Option<Code>,
     /// Directory of live allocation files; `NVML_SIM_STATE_DIR` takes precedence.
     pub state_dir: Option<PathBuf>,
+    /// The device node of each GPU, with `{minor}` standing for its minor number (e.g.
+    /// `/dev/nvidia{minor}`): when set, NVML enumerates only the GPUs whose node this process
+    /// may open, as the driver does (see [`crate::state::DEVICE_NODES_ENV`], which takes
+    /// precedence).
+    pub device_nodes: Option<String>,
     /// Injected failures, checked in order.
     pub failures: Vec<Failure>,
     /// The GPUs in NVML enumeration order (list them by PCI bus id, as NVML does).
@@ -88,6 +93,7 @@ impl Default for Scenario {
             cuda_driver_version: 12040,
             init_error: None,
             state_dir: None,
+            device_nodes: None,
             failures: Vec::new(),
             devices: Vec::new(),
         }
@@ -719,6 +725,25 @@ impl Device {
     }
 }
 
+/// The placeholder of [`Scenario::device_nodes`] that stands for a GPU's minor number.
+pub const MINOR_PLACEHOLDER: &str = "{minor}";
+
+/// Checks a device node pattern: an absolute path naming `{minor}` once.
+pub fn check_node_pattern(pattern: &str) -> Result<(), String> {
+    if !pattern.starts_with('/') || pattern.matches(MINOR_PLACEHOLDER).count() != 1 {
+        return Err(format!(
+            "device_nodes {pattern:?}: expected an absolute path with {MINOR_PLACEHOLDER} once, like /dev/nvidia{MINOR_PLACEHOLDER}"
+        ));
+    }
+    Ok(())
+}
+
+/// The device node of the GPU with minor number `minor`, from a pattern [`check_node_pattern`]
+/// accepted.
+pub fn node_path(pattern: &str, minor: u32) -> PathBuf {
+    PathBuf::from(pattern.replacen(MINOR_PLACEHOLDER, &minor.to_string(), 1))
+}
+
 /// Parses `00000000:18:00.0` or `0000:18:00.0` (hex) into (domain, bus, device, function).
 pub fn parse_bus_id(s: &str) -> Option<(u32, u32, u32, u32)> {
     let (rest, function) = s.trim().rsplit_once('.')?;
@@ -822,6 +847,14 @@ impl Scenario {
         Scenario::load(path)
     }
 
+    /// The minor number of GPU `gpu` (`/dev/nvidia<minor>`): the scenario's, else the index.
+    pub fn minor_number(&self, gpu: usize) -> u32 {
+        self.devices
+            .get(gpu)
+            .and_then(|d| d.minor_number)
+            .unwrap_or_else(|| u32::try_from(gpu).unwrap_or(u32::MAX))
+    }
+
     fn fill_defaults(&mut self) {
         for (i, d) in self.devices.iter_mut().enumerate() {
             let n = i as u64;
@@ -850,6 +883,9 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(pattern) = &self.device_nodes {
+            check_node_pattern(pattern)?;
+        }
         if self.devices.len() > MAX_DEVICES {
             return Err(format!(
                 "{} devices: at most {MAX_DEVICES}",

@@ -24,6 +24,13 @@ pub const STATE_DIR_ENV: &str = "NVML_SIM_STATE_DIR";
 /// epoch (a decimal number), for frames that must not move. Read at the first `nvmlInit`.
 pub const CLOCK_ENV: &str = "NVML_SIM_CLOCK";
 
+/// Environment variable naming each GPU's device node, `{minor}` standing for its minor number
+/// (e.g. `/dev/nvidia{minor}`; overrides the scenario's `device_nodes`). When set, NVML
+/// enumerates only the GPUs whose node this process can open, in scenario order, as the
+/// driver does inside a job whose device cgroup denies the others: read at the first
+/// `nvmlInit`.
+pub const DEVICE_NODES_ENV: &str = "NVML_SIM_DEVICE_NODES";
+
 /// `NVML_VALUE_NOT_AVAILABLE` as an unsigned int: the GPU/compute instance id of a non-MIG process.
 pub const NOT_AVAILABLE_U32: u32 = u32::MAX;
 
@@ -56,10 +63,20 @@ pub fn init() -> Result<(), Code> {
         .clone()
         .or_else(|| std::env::var(SCENARIO_ENV).ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "default".to_string());
-    let scenario = Scenario::from_spec(&spec).map_err(|e| {
+    let mut scenario = Scenario::from_spec(&spec).map_err(|e| {
         eprintln!("nvml-sim: {e}");
         codes::UNKNOWN
     })?;
+    if let Some(pattern) = std::env::var(DEVICE_NODES_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        if let Err(e) = crate::scenario::check_node_pattern(&pattern) {
+            eprintln!("nvml-sim: {DEVICE_NODES_ENV}: {e}");
+            return Err(codes::UNKNOWN);
+        }
+        scenario.device_nodes = Some(pattern);
+    }
     if let Some(code) = scenario.init_error {
         return Err(code);
     }
@@ -153,6 +170,9 @@ pub struct Memory {
 pub struct Sim {
     /// The scenario.
     pub scenario: Scenario,
+    /// The scenario indices of the GPUs NVML enumerates, in enumeration order: every GPU,
+    /// or with device nodes, those whose node this process may open.
+    enumerated: Vec<usize>,
     failure_calls: Vec<AtomicU64>,
     state_dir: Option<PathBuf>,
     /// The last byte count read from each `(gpu, pid)` file, for when it is read half written.
@@ -247,6 +267,27 @@ pub fn counter_kib(rate: Level, gpu: usize, boot_s: f64, t: f64) -> u64 {
     rate.integral(boot_s, t, device_seed(gpu)) as u64
 }
 
+/// The scenario indices of the GPUs whose device node (`pattern` with the GPU's minor number)
+/// `open` opens, in scenario order. A node refused (`EPERM` from a device cgroup, `EACCES`) or
+/// missing (a container given some nodes only) hides its GPU, as the driver's enumeration
+/// skips devices the process cannot open; any other outcome, such as `ENXIO` from a node
+/// without a driver behind it, lists it.
+pub fn enumerable(
+    scenario: &Scenario,
+    pattern: &str,
+    open: impl Fn(&Path) -> io::Result<()>,
+) -> Vec<usize> {
+    (0..scenario.devices.len())
+        .filter(|&gpu| {
+            let path = crate::scenario::node_path(pattern, scenario.minor_number(gpu));
+            !matches!(
+                open(&path).map_err(|e| e.kind()),
+                Err(io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound)
+            )
+        })
+        .collect()
+}
+
 /// The boot time from `/proc/stat` (`btime`), else now.
 fn boot_time_s() -> f64 {
     std::fs::read_to_string("/proc/stat")
@@ -270,7 +311,14 @@ impl Sim {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map(|s| (s * 1e6) as u64);
+        let enumerated = match &scenario.device_nodes {
+            None => (0..scenario.devices.len()).collect(),
+            Some(pattern) => enumerable(&scenario, pattern, |path| {
+                std::fs::File::open(path).map(drop)
+            }),
+        };
         Sim {
+            enumerated,
             failure_calls: scenario
                 .failures
                 .iter()
@@ -398,6 +446,7 @@ impl Sim {
         let mig = handle & 0xff;
         let device = gpu
             .checked_sub(1)
+            .filter(|&g| self.index_of(g).is_some())
             .and_then(|g| self.scenario.devices.get(g))
             .ok_or(codes::INVALID_ARGUMENT)?;
         match mig {
@@ -408,6 +457,28 @@ impl Sim {
             }),
             _ => Err(codes::INVALID_ARGUMENT),
         }
+    }
+
+    /// The GPUs NVML enumerates, with their scenario indices, in enumeration order.
+    pub fn listed(&self) -> impl Iterator<Item = (usize, &Device)> {
+        self.enumerated
+            .iter()
+            .map(|&g| (g, &self.scenario.devices[g]))
+    }
+
+    /// How many GPUs NVML enumerates.
+    pub fn count(&self) -> usize {
+        self.enumerated.len()
+    }
+
+    /// The GPU NVML enumerates at `index` (a scenario index), `None` past the end.
+    pub fn enumerated(&self, index: usize) -> Option<usize> {
+        self.enumerated.get(index).copied()
+    }
+
+    /// The enumeration index of scenario GPU `gpu`, `None` when NVML does not list it.
+    pub fn index_of(&self, gpu: usize) -> Option<usize> {
+        self.enumerated.iter().position(|&g| g == gpu)
     }
 
     /// The GPU (the parent, for a MIG target).
@@ -437,9 +508,9 @@ impl Sim {
         }
     }
 
-    /// Finds a GPU or MIG device by UUID.
+    /// Finds a GPU or MIG device by UUID among the GPUs NVML enumerates.
     pub fn by_uuid(&self, uuid: &str) -> Option<Target> {
-        self.scenario.devices.iter().enumerate().find_map(|(g, d)| {
+        self.listed().find_map(|(g, d)| {
             if d.uuid == uuid {
                 return Some(Target::Gpu(g));
             }
@@ -621,6 +692,57 @@ mod tests {
     }
 
     #[test]
+    fn device_nodes_hide_the_gpus_whose_node_is_refused_keeping_the_order() {
+        let mut scenario = Scenario::bundled("4gpu").unwrap();
+        scenario.devices[3].minor_number = Some(7);
+        let refused = |path: &Path| -> io::Result<()> {
+            match path.to_str().unwrap() {
+                // A device cgroup says EPERM; a node missing from a container, ENOENT.
+                "/n/nvidia0" => Err(io::Error::from_raw_os_error(1)),
+                "/n/nvidia2" => Err(io::Error::from_raw_os_error(2)),
+                // No driver behind the node: listed, as the real node would be.
+                "/n/nvidia1" => Err(io::Error::from_raw_os_error(6)),
+                "/n/nvidia7" => Ok(()),
+                other => panic!("opened {other}"),
+            }
+        };
+        assert_eq!(
+            enumerable(&scenario, "/n/nvidia{minor}", refused),
+            vec![1, 3]
+        );
+        scenario.device_nodes = Some("/n/nvidia{minor}".into());
+        let mut s = Sim::new(scenario);
+        s.enumerated = vec![1, 3];
+        assert_eq!(s.count(), 2);
+        assert_eq!(
+            (s.enumerated(0), s.enumerated(1), s.enumerated(2)),
+            (Some(1), Some(3), None)
+        );
+        assert_eq!((s.index_of(3), s.index_of(0)), (Some(1), None));
+        let hidden = s.scenario.devices[0].uuid.clone();
+        assert_eq!(s.by_uuid(&hidden), None);
+        assert_eq!(
+            s.resolve(Target::Gpu(0).handle()),
+            Err(codes::INVALID_ARGUMENT)
+        );
+        assert_eq!(s.resolve(Target::Gpu(3).handle()), Ok(Target::Gpu(3)));
+    }
+
+    #[test]
+    fn device_node_patterns_are_checked() {
+        for good in ["/dev/nvidia{minor}", "/x/{minor}/node"] {
+            assert_eq!(crate::scenario::check_node_pattern(good), Ok(()));
+        }
+        for bad in ["dev/nvidia{minor}", "/dev/nvidia", "/d/{minor}{minor}"] {
+            assert!(crate::scenario::check_node_pattern(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            crate::scenario::node_path("/d/nvidia{minor}", 12),
+            PathBuf::from("/d/nvidia12")
+        );
+    }
+
+    #[test]
     fn handles_round_trip_and_reject_garbage() {
         let s = Sim::new(Scenario::bundled("mig").unwrap());
         for t in [
@@ -676,6 +798,7 @@ mod tests {
             Scenario::parse("devices = [{memory_used = 10}, {}]", Format::Toml, "t").unwrap();
         scenario.state_dir = Some(dir.clone());
         let s = Sim {
+            enumerated: vec![0, 1],
             failure_calls: Vec::new(),
             state_dir: scenario.state_dir.clone(),
             last_read: Mutex::default(),

@@ -1636,3 +1636,62 @@ fn samples_clocks_and_sizes() {
     let rc = unsafe { get(h, 99, 0, &mut ty, &mut n, buf.as_mut_ptr()) };
     assert_eq!(rc, 2);
 }
+
+#[test]
+fn device_nodes_enumerate_only_the_gpus_whose_node_opens() {
+    if std::env::var_os("NVML_SIM_DEVICE_NODES").is_some() {
+        return; // the environment's pattern would replace the scenario's
+    }
+    let dir = temp_dir("nodes");
+    // GPU 1's and GPU 3's nodes are missing (a container given two GPUs): NVML lists 0 and 2
+    // as its devices 0 and 1.
+    for n in [0, 2] {
+        std::fs::write(dir.join(format!("nvidia{n}")), "").unwrap();
+    }
+    let path = dir.join("s.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "device_nodes = {:?}\ndevices = [{{}}, {{}}, {{}}, {{}}]\n",
+            format!("{}/nvidia{{minor}}", dir.display())
+        ),
+    )
+    .unwrap();
+    let loaded = Scenario::load(&path).unwrap();
+    let _s = session(path.to_str().unwrap());
+    let mut n = 0;
+    // SAFETY: valid out-pointer.
+    let rc =
+        unsafe { sym::<unsafe extern "C" fn(*mut c_uint) -> u32>("nvmlDeviceGetCount_v2")(&mut n) };
+    assert_eq!((rc, n), (0, 2));
+    for (index, gpu) in [(0u32, 0usize), (1, 2)] {
+        let h = handle(index);
+        assert_eq!(
+            string("nvmlDeviceGetUUID", h),
+            Ok(loaded.devices[gpu].uuid.clone())
+        );
+        assert_eq!(uint("nvmlDeviceGetIndex", h), Ok(index));
+        assert_eq!(uint("nvmlDeviceGetMinorNumber", h), Ok(gpu as u32));
+    }
+    let mut h: Dev = std::ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(c_uint, *mut Dev) -> u32>("nvmlDeviceGetHandleByIndex_v2")(
+            2, &mut h,
+        )
+    };
+    assert_eq!(
+        rc, 2,
+        "NVML_ERROR_INVALID_ARGUMENT past the enumerated GPUs"
+    );
+    let hidden = CString::new(loaded.devices[1].uuid.clone()).unwrap();
+    // SAFETY: a NUL-terminated string and a valid out-pointer.
+    let rc = unsafe {
+        sym::<unsafe extern "C" fn(*const c_char, *mut Dev) -> u32>("nvmlDeviceGetHandleByUUID")(
+            hidden.as_ptr(),
+            &mut h,
+        )
+    };
+    assert_eq!(rc, 6, "NVML_ERROR_NOT_FOUND for a GPU NVML does not list");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -98,17 +98,25 @@ Clusters (--slurm): the same jobs, --gpus-per-job, --retries, --timeout, --logs,
   --partition and --slurm-opt ARG go to sbatch (arrays) or srun (steps), after gpuproc's own.
   Each task runs `gpuproc __slurm-job` (this binary, at the same path on the nodes: a shared
   filesystem), which runs the job with Slurm's CUDA_VISIBLE_DEVICES, enforces --timeout, and
-  records its node, GPUs (NVML indices, UUIDs), times, exit status and GPU accounting (as
-  locally: peak and mean memory, SM%, energy).
+  records its node, GPUs (the node's numbers, N of /dev/nvidiaN, and UUIDs), times, exit
+  status and GPU accounting (as locally: peak and mean memory, SM%, energy).
+  GPU numbers: without device confinement CUDA_VISIBLE_DEVICES holds the node's numbers, as
+  SLURM_STEP_GPUS does; with it (task/cgroup, ConstrainDevices=yes) the job sees only its
+  GPUs and Slurm numbers them from 0 (SLURM_STEP_GPUS=2,3 gives CUDA_VISIBLE_DEVICES=0,1).
+  gpuproc reads CUDA_VISIBLE_DEVICES against the GPUs the process may open, as CUDA does;
+  where NVML lists more GPUs than the job's while Slurm renumbered, entry C is the C-th of
+  SLURM_STEP_GPUS (or SLURM_JOB_GPUS) in ascending order. The job log and records name GPUs
+  by the node's numbers and UUIDs, never by the renumbered ones.
   --logs DIR: DIR/<seq>.out and .err, as locally; without it each job's output is printed when
   it ends. Slurm's own messages and each task's record (node, GPU UUIDs,
   times, GPU accounting) go to DIR/.slurm/<run>/; without --logs to ./.gpuproc-slurm/<run>/,
   kept only when a job failed. The job log's Host column is NODE/GPUS (`node7/2,3`); the
   summary has a node column; --resume works across runs as locally.
   Ctrl-C: scancel the arrays and wait until squeue no longer lists them (steps: scancel
-  --signal=TERM, recorded by the wrappers); again: leave at once (steps: cancel them). Requeued tasks (preemption with requeue, scontrol requeue) count
-  only their last run; tasks preempted or lost to a node failure without requeue are submitted
-  again without using a retry. A runner killed with SIGKILL cannot cancel: `scancel
+  --signal=TERM, recorded by the wrappers); again: leave at once (steps: cancel them).
+  Preemption: a requeued task (preemption with requeue, scontrol requeue) is not a failure,
+  only its last run counts; tasks preempted or lost to a node failure without requeue are
+  submitted again without using a retry, and are not counted as failures. A runner killed with SIGKILL cannot cancel: `scancel
   --name=gpuproc`.
 
 Exit status:

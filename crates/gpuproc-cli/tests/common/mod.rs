@@ -35,6 +35,7 @@ pub fn sim_env(command: &mut Command, scenario: &str, runtime: Option<&Path>) {
         .env("GPUPROC_NVML_LIB", sim_lib())
         .env("NVML_SIM_SCENARIO", scenario)
         .env_remove("NVML_SIM_STATE_DIR")
+        .env_remove("NVML_SIM_DEVICE_NODES")
         .env_remove("CUDA_VISIBLE_DEVICES")
         .env_remove("CUDA_DEVICE_ORDER")
         .env_remove("NO_COLOR");

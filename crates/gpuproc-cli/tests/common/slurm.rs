@@ -1,5 +1,5 @@
 //! The project's local Slurm cluster (`scripts/slurm-local`: one node on 127.0.0.1, 4 fake
-//! GPUs, no cgroups), shared by the Slurm test files: a test takes the cluster with
+//! GPUs, no cgroups unless `GPUPROC_SLURM_CGROUP=1`), shared by the Slurm test files: a test takes the cluster with
 //! [`cluster`], names its jobs after itself, and its jobs are cancelled (and waited for)
 //! when the [`Cluster`] is dropped, even when the test fails.
 #![allow(dead_code)] // Each test file uses only some of these.
@@ -32,8 +32,23 @@ pub struct Cluster {
 }
 
 /// The cluster for `test`; `None` (with a note) when `GPUPROC_SLURM=0`. Without
-/// `GPUPROC_SLURM` the test fails and says how to start the cluster.
+/// `GPUPROC_SLURM` the test fails and says how to start the cluster. The cluster must be
+/// the default one, without cgroups.
 pub fn cluster(test: &str) -> Option<Cluster> {
+    let (cluster, confined) = cluster_in_either_mode(test)?;
+    // With cgroups Slurm numbers each job's GPUs from 0: these tests expect the node's
+    // numbers in CUDA_VISIBLE_DEVICES.
+    assert!(
+        !confined,
+        "the Slurm tests need a cluster without cgroups: `scripts/slurm-local up` without \
+         GPUPROC_SLURM_CGROUP"
+    );
+    Some(cluster)
+}
+
+/// As [`cluster`], with or without device confinement (`GPUPROC_SLURM_CGROUP=1`): the
+/// cluster, and whether its jobs are confined to their GPUs (`TaskPlugin=task/cgroup`).
+pub fn cluster_in_either_mode(test: &str) -> Option<(Cluster, bool)> {
     match std::env::var("GPUPROC_SLURM").as_deref() {
         Ok("1") => {}
         Ok("0") => {
@@ -50,17 +65,28 @@ pub fn cluster(test: &str) -> Option<Cluster> {
         .expect("GPUPROC_SLURM=1 without SLURM_CONF: use `eval \"$(scripts/slurm-local env)\"`");
     let conf = std::fs::read_to_string(&conf)
         .unwrap_or_else(|e| panic!("SLURM_CONF={}: {e}", Path::new(&conf).display()));
-    // With cgroups Slurm numbers each job's GPUs from 0, while the simulator, unconfined,
-    // still shows all four: these tests need the cluster's default mode.
-    assert!(
-        conf.lines().any(|l| l == "TaskPlugin=task/none"),
-        "the Slurm tests need a cluster without cgroups: `scripts/slurm-local up` without \
-         GPUPROC_SLURM_CGROUP"
-    );
-    Some(Cluster {
-        job_name: format!("gpuproc-test-{}-{test}", std::process::id()),
-        _node: NODE.lock().unwrap_or_else(PoisonError::into_inner),
-    })
+    let confined = conf.lines().any(|l| l == "TaskPlugin=task/cgroup");
+    Some((
+        Cluster {
+            job_name: format!("gpuproc-test-{}-{test}", std::process::id()),
+            _node: NODE.lock().unwrap_or_else(PoisonError::into_inner),
+        },
+        confined,
+    ))
+}
+
+/// The cluster's fake GPU nodes as the NVML simulator's `NVML_SIM_DEVICE_NODES` names them
+/// (`<dir>/dev/nvidia{minor}`, next to the `etc/` of `SLURM_CONF`), when they are character
+/// devices (`mknod` worked: a device cgroup can refuse them).
+pub fn device_nodes() -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let conf = std::path::PathBuf::from(std::env::var_os("SLURM_CONF")?);
+    let dev = conf.parent()?.parent()?.join("dev");
+    let all_char = (0..FOUR.len()).all(|i| {
+        std::fs::metadata(dev.join(format!("nvidia{i}")))
+            .is_ok_and(|m| m.file_type().is_char_device())
+    });
+    all_char.then(|| format!("{}/nvidia{{minor}}", dev.display()))
 }
 
 impl Cluster {

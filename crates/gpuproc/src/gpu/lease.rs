@@ -56,7 +56,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::host::{parse_stat, Proc};
 use super::nvml::Gpus;
 use super::pick::{select, Criteria, PickError, PickedDevice};
-use super::visible::{parse_cuda_visible_devices, resolve_visible_devices, CudaDeviceOrder};
+use super::visible::{
+    parse_cuda_visible_devices, slurm_gpus_from_env, slurm_visible_devices, CudaDeviceOrder,
+};
 use crate::sys;
 
 /// The environment variable naming the directory that holds the lease table.
@@ -967,6 +969,7 @@ fn pick_with(gpus: &Gpus, store: &Store, criteria: &Criteria) -> Result<GpuLease
         .then(|| std::env::var("CUDA_VISIBLE_DEVICES").ok())
         .flatten();
     let order = CudaDeviceOrder::parse(std::env::var("CUDA_DEVICE_ORDER").ok().as_deref());
+    let slurm = slurm_gpus_from_env();
     let me = sys::getpid();
     let mut pause = Duration::from_millis(20);
     loop {
@@ -981,7 +984,7 @@ fn pick_with(gpus: &Gpus, store: &Store, criteria: &Criteria) -> Result<GpuLease
         }
         let visible: Option<Vec<u32>> = visible_env.as_deref().map(|env| {
             let selectors = parse_cuda_visible_devices(env);
-            resolve_visible_devices(Some(&selectors), order, &devices)
+            slurm_visible_devices(Some(&selectors), slurm.as_deref(), order, &devices)
                 .into_iter()
                 .filter(|r| r.mig.is_none())
                 .map(|r| devices[r.device].index)

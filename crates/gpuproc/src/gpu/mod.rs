@@ -29,10 +29,12 @@
 //! [`visible()`] (alias [`assigned()`]) applies `CUDA_VISIBLE_DEVICES` and
 //! `CUDA_DEVICE_ORDER` as CUDA does. NVML numbers devices in PCI bus order; CUDA's default
 //! order, `FASTEST_FIRST`, can differ when the machine mixes GPU models, which
-//! [`VisibleDevices::order_is_exact`] reports. [`usage_of()`] says which GPUs a process
-//! (and optionally its descendants) uses and how much memory; [`GpuAccountant`] turns
-//! samples of [`usage_detailed()`] into a job's GPU accounting (time on the GPUs, peak and
-//! mean memory, mean SM utilisation, energy when it had its GPUs alone).
+//! [`VisibleDevices::order_is_exact`] reports. Inside a Slurm job, Slurm's renumbering of a
+//! confined job's GPUs is read as [`slurm_visible_devices`] documents. [`usage_of()`] says
+//! which GPUs a process (and optionally its descendants) uses and how much memory;
+//! [`GpuAccountant`] turns samples of [`usage_detailed()`] into a job's GPU accounting
+//! (time on the GPUs, peak and mean memory, mean SM utilisation, energy when it had its
+//! GPUs alone).
 //!
 //! # Picking GPUs
 //! [`pick()`] chooses GPUs that meet [`Criteria`] (count, free memory, utilisation, no
@@ -72,8 +74,9 @@ pub use types::{
     ProcessUsage, ProcessUtilization, RemappedRows, RetiredPages, Snapshot, Utilization,
 };
 pub use visible::{
-    order_is_exact, parse_cuda_visible_devices, resolve_visible_devices, CudaDeviceOrder,
-    DeviceSelector, Resolved,
+    order_is_exact, parse_cuda_visible_devices, parse_slurm_gpus, resolve_visible_devices,
+    slurm_gpus_from_env, slurm_visible_devices, CudaDeviceOrder, DeviceSelector, Resolved,
+    SLURM_GPU_ENVS,
 };
 
 /// The process-wide handle, opened on first use with [`Gpus::open`].

@@ -20,7 +20,7 @@ use super::error::{from_nvml, GpuError, GpuErrorKind};
 use super::host::Proc;
 use super::types::*;
 use super::visible::{
-    order_is_exact, parse_cuda_visible_devices, resolve_visible_devices, CudaDeviceOrder,
+    order_is_exact, parse_cuda_visible_devices, slurm_visible_devices, CudaDeviceOrder,
 };
 
 /// The environment variable naming the `libnvidia-ml` to load instead of the system's.
@@ -303,6 +303,7 @@ impl Gpus {
         }
         out.name = opt(handle.name());
         out.pci_bus_id = opt(handle.pci_info()).map(|p| p.bus_id);
+        out.minor_number = opt(handle.minor_number());
         out.memory = opt(entry::memory_info(&self.nvml, &handle)).map(memory);
         out.utilization = opt(handle.utilization_rates()).map(|u| Utilization {
             gpu: u.gpu,
@@ -593,7 +594,8 @@ impl Gpus {
     pub fn visible(&self) -> Result<VisibleDevices, GpuError> {
         let env = std::env::var("CUDA_VISIBLE_DEVICES").ok();
         let order = CudaDeviceOrder::parse(std::env::var("CUDA_DEVICE_ORDER").ok().as_deref());
-        self.visible_for(env.as_deref(), order)
+        let slurm = super::visible::slurm_gpus_from_env();
+        self.visible_in_slurm(env.as_deref(), slurm.as_deref(), order)
     }
 
     /// As [`visible`](Gpus::visible), for a given `CUDA_VISIBLE_DEVICES` value (`None`:
@@ -606,9 +608,25 @@ impl Gpus {
         cuda_visible_devices: Option<&str>,
         order: CudaDeviceOrder,
     ) -> Result<VisibleDevices, GpuError> {
+        self.visible_in_slurm(cuda_visible_devices, None, order)
+    }
+
+    /// As [`visible_for`](Gpus::visible_for), inside a Slurm job that bound the GPUs `slurm`
+    /// (the node's numbers, as `SLURM_STEP_GPUS` lists them; `None` outside one): see
+    /// [`slurm_visible_devices`](super::slurm_visible_devices) for how Slurm's renumbering
+    /// is read. [`visible`](Gpus::visible) takes `slurm` from the environment.
+    ///
+    /// # Errors
+    /// When NVML cannot count the devices.
+    pub fn visible_in_slurm(
+        &self,
+        cuda_visible_devices: Option<&str>,
+        slurm: Option<&[u32]>,
+        order: CudaDeviceOrder,
+    ) -> Result<VisibleDevices, GpuError> {
         let devices = self.devices(false)?;
         let selectors = cuda_visible_devices.map(parse_cuda_visible_devices);
-        let resolved = resolve_visible_devices(selectors.as_deref(), order, &devices);
+        let resolved = slurm_visible_devices(selectors.as_deref(), slurm, order, &devices);
         Ok(VisibleDevices {
             hostname: hostname(),
             cuda_visible_devices: cuda_visible_devices.map(str::to_string),

@@ -105,6 +105,11 @@ pub struct Device {
     /// Set when the device could not be read (lost, permission denied, ...): the other fields
     /// then hold what could be read, usually nothing.
     pub error: Option<DeviceFault>,
+    /// The device node's minor number, `N` in `/dev/nvidiaN`: the number Slurm's
+    /// `SLURM_STEP_GPUS` and `SLURM_JOB_GPUS` give a GPU (see
+    /// [`slurm_visible_devices`](super::slurm_visible_devices)).
+    #[serde(default)]
+    pub minor_number: Option<u32>,
 }
 
 /// Why a device in a snapshot could not be read.

@@ -11,10 +11,27 @@
 //!   the list; `MIG-<uuid>` (and the older `MIG-GPU-<uuid>/<gi>/<ci>`) names a MIG device;
 //! - the list's form is fixed by its first entry: in a list of UUIDs an index ends the list
 //!   and vice versa;
-//! - naming the same device twice makes CUDA see no device at all.
+//! - naming the same device twice makes CUDA see no device at all;
+//! - CUDA numbers the devices the process may open: a device NVML lists but refuses
+//!   ([`GpuErrorKind::PermissionDenied`]) is not among them.
+//!
+//! # Inside a Slurm job
+//! Slurm gives a job's GPUs two ways: `SLURM_STEP_GPUS` (in a step; `SLURM_JOB_GPUS` in the
+//! batch script) lists them by the node's numbers, `N` of `/dev/nvidiaN` (NVML's minor
+//! number), and `CUDA_VISIBLE_DEVICES` lists them as CUDA inside the job numbers them. Without
+//! device confinement the two are the same numbers. With it (`task/cgroup`,
+//! `ConstrainDevices=yes`) the job may open only its GPUs, so the driver (NVML and CUDA)
+//! enumerates those alone, from 0, and Slurm renumbers: a job given GPUs 2 and 3 has
+//! `SLURM_STEP_GPUS=2,3` and `CUDA_VISIBLE_DEVICES=0,1`. Both read right against the process's
+//! own enumeration. They disagree only where the enumeration lists more GPUs than the job may
+//! use while Slurm renumbered (a driver or container that lists every GPU of the node): then
+//! [`slurm_visible_devices`] reads `CUDA_VISIBLE_DEVICES` as Slurm wrote it, entry `c` being
+//! the `c`-th of Slurm's GPUs in ascending order, found by minor number. UUIDs need none of
+//! this, which is why gpuproc itself always passes `CUDA_VISIBLE_DEVICES` as full UUIDs.
 
 use serde::{Deserialize, Serialize};
 
+use super::error::GpuErrorKind;
 use super::types::{Device, MigInstance};
 
 /// One entry of `CUDA_VISIBLE_DEVICES`.
@@ -186,17 +203,147 @@ pub fn resolve_visible_devices(
     out
 }
 
+/// The environment variables that list, by the node's numbers (`/dev/nvidiaN`), the GPUs Slurm
+/// bound to this process: the step's first, then the job's.
+pub const SLURM_GPU_ENVS: [&str; 2] = ["SLURM_STEP_GPUS", "SLURM_JOB_GPUS"];
+
+/// Reads a `SLURM_STEP_GPUS` / `SLURM_JOB_GPUS` value: comma-separated numbers. `None` when
+/// it is empty or anything else (Slurm writes no other form; a value it did not write is not
+/// trusted).
+///
+/// ```
+/// use gpuproc::gpu::parse_slurm_gpus;
+/// assert_eq!(parse_slurm_gpus("2,3"), Some(vec![2, 3]));
+/// assert_eq!(parse_slurm_gpus("gpu:2"), None);
+/// ```
+pub fn parse_slurm_gpus(value: &str) -> Option<Vec<u32>> {
+    let list: Option<Vec<u32>> = value
+        .split(',')
+        .map(|n| {
+            let n = n.trim();
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| n.parse().ok())
+                .flatten()
+        })
+        .collect();
+    list.filter(|l| !l.is_empty())
+}
+
+/// The GPUs Slurm bound to this process by the node's numbers, from [`SLURM_GPU_ENVS`];
+/// `None` outside a job with GPUs.
+pub fn slurm_gpus_from_env() -> Option<Vec<u32>> {
+    SLURM_GPU_ENVS.iter().find_map(|name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| parse_slurm_gpus(&v))
+    })?
+}
+
+/// [`resolve_visible_devices`] with Slurm's renumbering: the devices this process may use
+/// given its `CUDA_VISIBLE_DEVICES` (`selectors`, `None` when unset) and the GPUs Slurm says
+/// it bound (`slurm`, node numbers from `SLURM_STEP_GPUS` or `SLURM_JOB_GPUS`; see
+/// [`slurm_gpus_from_env`]).
+///
+/// The rule (see the module's "Inside a Slurm job"): when `CUDA_VISIBLE_DEVICES` is exactly
+/// `0,1,...,k-1` for Slurm's `k` GPUs, Slurm's list is another one (Slurm renumbered them,
+/// as it does under `ConstrainDevices=yes`), and CUDA's enumeration has more than `k`
+/// devices (so it is not the job's confined one), entry `c` is Slurm's `c`-th GPU in
+/// ascending order: the device whose minor number is that GPU's number (its NVML index when
+/// NVML gives no minor numbers). In every other case, UUIDs and MIG ids included, it is
+/// [`resolve_visible_devices`].
+///
+/// ```
+/// use gpuproc::gpu::{parse_cuda_visible_devices, slurm_visible_devices, CudaDeviceOrder, Device};
+/// let node: Vec<Device> = (0..4)
+///     .map(|i| Device { index: i, minor_number: Some(i), ..Device::default() })
+///     .collect();
+/// let cvd = parse_cuda_visible_devices("0,1");
+/// let mine = slurm_visible_devices(Some(&cvd), Some(&[2, 3]), CudaDeviceOrder::PciBusId, &node);
+/// assert_eq!(mine.iter().map(|r| r.device).collect::<Vec<_>>(), vec![2, 3]);
+/// ```
+pub fn slurm_visible_devices(
+    selectors: Option<&[DeviceSelector]>,
+    slurm: Option<&[u32]>,
+    order: CudaDeviceOrder,
+    devices: &[Device],
+) -> Vec<Resolved> {
+    if let (Some(selectors), Some(slurm)) = (selectors, slurm) {
+        if let Some(out) = renumbered(selectors, slurm, order, devices) {
+            return out;
+        }
+    }
+    resolve_visible_devices(selectors, order, devices)
+}
+
+/// Slurm's local numbering undone, or `None` where the rule of [`slurm_visible_devices`]
+/// does not apply (or a GPU Slurm names is not here).
+fn renumbered(
+    selectors: &[DeviceSelector],
+    slurm: &[u32],
+    order: CudaDeviceOrder,
+    devices: &[Device],
+) -> Option<Vec<Resolved>> {
+    let k = slurm.len();
+    let local = selectors
+        .iter()
+        .enumerate()
+        .all(|(i, s)| *s == DeviceSelector::Index(u32::try_from(i).unwrap_or(u32::MAX)));
+    let listed = cuda_order(order, devices).len();
+    if selectors.len() != k || !local || slurm.iter().copied().eq(0..k as u32) || listed <= k {
+        return None;
+    }
+    let mut global = slurm.to_vec();
+    global.sort_unstable();
+    global.dedup();
+    if global.len() != k {
+        return None; // a GPU named twice: not a list Slurm wrote
+    }
+    let by_minor = devices
+        .iter()
+        .filter(|d| usable(d))
+        .all(|d| d.minor_number.is_some());
+    let mut out = Vec::with_capacity(k);
+    for (cuda_index, n) in global.into_iter().enumerate() {
+        let device = unique(devices.iter().enumerate().filter(|(_, d)| {
+            usable(d)
+                && if by_minor {
+                    d.minor_number == Some(n)
+                } else {
+                    d.index == n
+                }
+        }))?
+        .0;
+        out.push(Resolved {
+            cuda_index: u32::try_from(cuda_index).ok()?,
+            device,
+            mig: None,
+        });
+    }
+    Some(out)
+}
+
+/// Whether CUDA can open the device: NVML did not refuse it.
+fn usable(device: &Device) -> bool {
+    !device
+        .error
+        .as_ref()
+        .is_some_and(|e| e.kind == GpuErrorKind::PermissionDenied)
+}
+
 /// Whether CUDA's order certainly matches the order gpuproc assumes: always for
 /// `PCI_BUS_ID`; for `FASTEST_FIRST` only when every device is the same model.
 pub fn order_is_exact(order: CudaDeviceOrder, devices: &[Device]) -> bool {
     order == CudaDeviceOrder::PciBusId || devices.windows(2).all(|w| w[0].name == w[1].name)
 }
 
-/// Device positions in CUDA's order.
+/// Positions of the devices CUDA enumerates (those the process may open), in CUDA's order.
 fn cuda_order(_order: CudaDeviceOrder, devices: &[Device]) -> Vec<usize> {
     // Both orders are PCI bus order here: FASTEST_FIRST's ranking is internal to CUDA and
     // equals PCI order for identical devices (see `order_is_exact`).
-    let mut positions: Vec<usize> = (0..devices.len()).collect();
+    let mut positions: Vec<usize> = (0..devices.len())
+        .filter(|&i| usable(&devices[i]))
+        .collect();
     positions.sort_by_key(|&i| {
         let bus = devices[i]
             .pci_bus_id
@@ -437,6 +584,117 @@ mod tests {
         d.swap(0, 3);
         assert_eq!(resolve(Some("0"), &d), vec![(3, None)]);
         assert_eq!(resolve(None, &d)[0], (3, None));
+    }
+
+    fn node(minors: &[u32]) -> Vec<Device> {
+        let mut d = four();
+        for (dev, &m) in d.iter_mut().zip(minors) {
+            dev.minor_number = Some(m);
+        }
+        d
+    }
+
+    fn in_slurm(cvd: &str, slurm: &[u32], devices: &[Device]) -> Vec<usize> {
+        let selectors = parse_cuda_visible_devices(cvd);
+        slurm_visible_devices(
+            Some(&selectors),
+            Some(slurm),
+            CudaDeviceOrder::default(),
+            devices,
+        )
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            assert_eq!((r.cuda_index as usize, r.mig), (i, None));
+            r.device
+        })
+        .collect()
+    }
+
+    #[test]
+    fn slurm_gpu_lists_are_numbers_only() {
+        assert_eq!(parse_slurm_gpus("2,3"), Some(vec![2, 3]));
+        assert_eq!(parse_slurm_gpus(" 0 "), Some(vec![0]));
+        for bad in ["", "2,", "gpu:2", "-1", "2,x", "1 2", "99999999999"] {
+            assert_eq!(parse_slurm_gpus(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unconfined_jobs_name_the_nodes_gpus() {
+        // No confinement: CUDA_VISIBLE_DEVICES holds the node's numbers, as Slurm's list does.
+        let d = node(&[0, 1, 2, 3]);
+        assert_eq!(in_slurm("2,3", &[2, 3], &d), vec![2, 3]);
+        assert_eq!(in_slurm("0,1", &[0, 1], &d), vec![0, 1]);
+    }
+
+    #[test]
+    fn confined_jobs_read_against_their_own_enumeration() {
+        // The driver lists only the job's GPUs (2 and 3 of the node), numbered from 0.
+        let d: Vec<Device> = node(&[0, 1, 2, 3])[2..]
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, mut dev)| {
+                dev.index = i as u32;
+                dev
+            })
+            .collect();
+        assert_eq!(in_slurm("0,1", &[2, 3], &d), vec![0, 1]);
+        assert_eq!(in_slurm("0", &[3], &d[1..]), vec![0]);
+    }
+
+    #[test]
+    fn renumbered_lists_over_a_whole_node_follow_slurms_numbers() {
+        // Slurm renumbered (confined job) but the enumeration lists every GPU of the node.
+        let d = node(&[0, 1, 2, 3]);
+        assert_eq!(in_slurm("0,1", &[2, 3], &d), vec![2, 3]);
+        assert_eq!(in_slurm("0", &[1], &d), vec![1]);
+        assert_eq!(
+            in_slurm("0,1", &[3, 0], &d),
+            vec![0, 3],
+            "ascending, as Slurm numbers"
+        );
+        // By minor number, which need not follow PCI order.
+        let d = node(&[3, 2, 1, 0]);
+        assert_eq!(in_slurm("0,1", &[2, 3], &d), vec![1, 0]);
+        // Without minor numbers, Slurm's numbers are NVML indices.
+        assert_eq!(in_slurm("0,1", &[2, 3], &four()), vec![2, 3]);
+    }
+
+    #[test]
+    fn other_lists_are_read_as_cuda_does() {
+        let d = node(&[0, 1, 2, 3]);
+        // Not Slurm's renumbering: a subset the user chose, another order, other lengths.
+        assert_eq!(in_slurm("1", &[2, 3], &d), vec![1]);
+        assert_eq!(in_slurm("1,0", &[2, 3], &d), vec![1, 0]);
+        assert_eq!(in_slurm("0,1,2", &[2, 3], &d), vec![0, 1, 2]);
+        // UUIDs name their devices whatever Slurm says.
+        assert_eq!(in_slurm("GPU-cccc,GPU-bbbb", &[0, 1], &d), vec![3, 2]);
+        // A GPU Slurm names that is not here, or named twice: as CUDA reads the list.
+        assert_eq!(in_slurm("0,1", &[2, 9], &d), vec![0, 1]);
+        assert_eq!(in_slurm("0,1", &[2, 2], &d), vec![0, 1]);
+        // Unset stays every device.
+        let all = slurm_visible_devices(None, Some(&[2, 3]), CudaDeviceOrder::default(), &d);
+        assert_eq!(all.len(), 4);
+    }
+
+    #[test]
+    fn devices_nvml_refuses_are_not_cudas() {
+        // A driver that lists the node's GPUs but refuses those outside the job's cgroup:
+        // CUDA numbers the two it may open, so "0,1" is them, Slurm or not.
+        let mut d = node(&[0, 1, 2, 3]);
+        for dev in &mut d[..2] {
+            dev.uuid = None;
+            dev.minor_number = None;
+            dev.error = Some(super::super::types::DeviceFault {
+                kind: GpuErrorKind::PermissionDenied,
+                message: "denied".into(),
+            });
+        }
+        assert_eq!(in_slurm("0,1", &[2, 3], &d), vec![2, 3]);
+        assert_eq!(resolve(Some("0,1"), &d), vec![(2, None), (3, None)]);
+        assert_eq!(resolve(None, &d), vec![(2, None), (3, None)]);
     }
 
     #[test]

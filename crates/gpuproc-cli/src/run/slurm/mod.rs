@@ -44,6 +44,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const RECORD_GRACE: Duration = Duration::from_secs(10);
 /// How long, after Ctrl-C, the runner waits for cancelled tasks to leave the queue.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
+/// The longest task given to a step's wrapper on its command line (Linux takes 128 KiB in
+/// one argument); a longer one goes in a batch file.
+const INLINE_MAX: usize = 64 * 1024;
 
 /// A Slurm command that could not be run, failed, or printed something unexpected.
 #[derive(Debug)]
@@ -486,6 +489,15 @@ struct Runner<'a> {
 impl Runner<'_> {
     /// Writes the batch file for `launches` and returns its path and the commands.
     fn write_batch(&mut self, launches: &[Launch]) -> anyhow::Result<(PathBuf, Vec<String>)> {
+        let (path, bytes, commands) = self.batch(launches)?;
+        record::write_atomic(&path, &bytes, false)
+            .with_context(|| format!("writing batch file {}", path.display()))?;
+        Ok((path, commands))
+    }
+
+    /// The batch for `launches`: the path of its file (not written), its contents and the
+    /// commands.
+    fn batch(&mut self, launches: &[Launch]) -> anyhow::Result<(PathBuf, Vec<u8>, Vec<String>)> {
         let path = record::batch_path(&self.state, self.batches);
         self.batches += 1;
         let tasks: Vec<TaskSpec> = launches
@@ -509,9 +521,7 @@ impl Runner<'_> {
             tasks,
         };
         let bytes = serde_json::to_vec(&batch).context("encoding a batch file")?;
-        record::write_atomic(&path, &bytes, false)
-            .with_context(|| format!("writing batch file {}", path.display()))?;
-        Ok((path, commands))
+        Ok((path, bytes, commands))
     }
 
     /// The job's output files, for the runner to print, when there is no `--logs`.
@@ -520,6 +530,16 @@ impl Runner<'_> {
             (
                 record::task_file(batch, task, "out"),
                 record::task_file(batch, task, "err"),
+            )
+        })
+    }
+
+    /// A job step's output files, those of its job slot, when there is no `--logs`.
+    fn step_output(&self, slot: usize) -> Option<(PathBuf, PathBuf)> {
+        self.logs.is_none().then(|| {
+            (
+                record::slot_file(&self.state, slot, "out"),
+                record::slot_file(&self.state, slot, "err"),
             )
         })
     }
@@ -859,8 +879,9 @@ impl Runner<'_> {
                     // --signal=TERM` lets the wrapper stop the job and record how it ended.
                     let mut steps = Vec::new();
                     let mut unknown = Vec::new();
-                    for (&pid, (_, batch, _)) in &running {
-                        match std::fs::read_to_string(record::task_file(batch, 0, "step")) {
+                    for (&pid, (launch, _, _)) in &running {
+                        let step = record::slot_file(&self.state, launch.slot, "step");
+                        match std::fs::read_to_string(step) {
                             Ok(id) if !id.trim().is_empty() => steps.push(id.trim().to_owned()),
                             _ => unknown.push(pid),
                         }
@@ -904,7 +925,7 @@ impl Runner<'_> {
                             continue;
                         }
                         None => {
-                            let log = record::task_file(&batch, 0, "slurm");
+                            let log = record::slot_file(&self.state, launch.slot, "slurm");
                             let text = std::fs::read_to_string(&log).unwrap_or_default();
                             let tail: Vec<&str> = text.lines().rev().take(3).collect();
                             let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -924,7 +945,7 @@ impl Runner<'_> {
                         }
                     };
                     let verdict = scheduler.finish(&launch, ended.failed(), stopping);
-                    let output = self.output_of(&batch, 0);
+                    let output = self.step_output(launch.slot);
                     self.tracker
                         .finish(&launch, &command, &ended, verdict, output)?;
                 }
@@ -957,8 +978,22 @@ impl Runner<'_> {
         allocation_has_gpus: bool,
     ) -> anyhow::Result<(u32, PathBuf, String)> {
         use std::os::unix::process::CommandExt;
-        let (path, commands) = self.write_batch(std::slice::from_ref(launch))?;
-        let log = record::task_file(&path, 0, "slurm");
+        // The task goes on the wrapper's command line, not in a file of its own (the batch
+        // path only names its record), unless it is too long for one argument.
+        let (path, bytes, commands) = self.batch(std::slice::from_ref(launch))?;
+        let inline = match String::from_utf8(bytes) {
+            Ok(text) if text.len() <= INLINE_MAX => Some(text),
+            Ok(text) => {
+                record::write_atomic(&path, text.as_bytes(), false)
+                    .with_context(|| format!("writing batch file {}", path.display()))?;
+                None
+            }
+            Err(_) => bail!("a batch file is not UTF-8"),
+        };
+        // The slot's files, truncated: no step id until its wrapper writes one.
+        let step = record::slot_file(&self.state, launch.slot, "step");
+        File::create(&step).with_context(|| format!("creating {}", step.display()))?;
+        let log = record::slot_file(&self.state, launch.slot, "slurm");
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut srun = Command::new("srun");
         srun.args([
@@ -976,6 +1011,12 @@ impl Runner<'_> {
         }
         srun.args(&self.options.opts)
             .args(self.wrapper(&path, Some(0)))
+            .args(
+                inline
+                    .map(|text| ["--inline".to_owned(), text])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 log_file

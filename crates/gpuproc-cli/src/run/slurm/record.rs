@@ -1,7 +1,10 @@
 //! The files a Slurm run and its jobs' wrappers share through the shared filesystem, in
-//! the run's state directory: a batch file per submission (what each task runs), and a
-//! record per finished task (how it ran), written atomically (temp file, fsync, rename) so
-//! that the runner reads either nothing or a whole record.
+//! the run's state directory: a batch file per array submission (what each task runs; a job
+//! step gets its task on the command line instead), and a record per finished task (how it
+//! ran), written atomically (temp file, fsync, rename) so that the runner reads either
+//! nothing or a whole record. A job step's other files (Slurm's messages, its step id, its
+//! output without `--logs`) are its job slot's, reused from step to step: creating files is
+//! what costs on a shared filesystem's metadata server, and on a local one too.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -50,7 +53,9 @@ pub struct Record {
     pub node: String,
     /// `CUDA_VISIBLE_DEVICES` as Slurm set it (`None`: unset).
     pub cuda_visible_devices: Option<String>,
-    /// NVML indices, on the node, of those GPUs (empty when NVML could not say).
+    /// The node's numbers of those GPUs: `N` of `/dev/nvidiaN` (NVML's minor number, else
+    /// its index), the numbers `SLURM_STEP_GPUS` gives, whether or not Slurm renumbered
+    /// `CUDA_VISIBLE_DEVICES` (empty when NVML could not say).
     pub gpus: Vec<u32>,
     /// Their UUIDs.
     pub uuids: Vec<String>,
@@ -89,6 +94,14 @@ pub fn task_file(batch: &Path, task: usize, ext: &str) -> PathBuf {
         .file_stem()
         .map_or_else(|| "b".into(), |s| s.to_string_lossy().into_owned());
     batch.with_file_name(format!("{stem}.{task}.{ext}"))
+}
+
+/// The file `ext` of job slot `slot` in the state directory `dir` (`s<slot>.<ext>`): a job
+/// step's Slurm messages (`slurm`), step id (`step`) and, without `--logs`, output (`out`,
+/// `err`). One step at a time uses a slot, so the runner reads them before the next step
+/// of the slot truncates them.
+pub fn slot_file(dir: &Path, slot: usize, ext: &str) -> PathBuf {
+    dir.join(format!("s{slot}.{ext}"))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, then (when

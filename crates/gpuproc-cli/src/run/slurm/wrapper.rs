@@ -28,6 +28,11 @@ pub struct SlurmJobArgs {
     pub batch: PathBuf,
     /// The task (default: `SLURM_ARRAY_TASK_ID`).
     pub task: Option<usize>,
+    /// The batch file's contents (a job step's one task): BATCH is then not read, it names
+    /// where the record goes; the step id and, without `--logs`, the output go to the task's
+    /// job slot's files ([`record::slot_file`]).
+    #[arg(long)]
+    pub inline: Option<String>,
 }
 
 /// Runs the task and exits with its status (128 + N when signal N ended it).
@@ -36,8 +41,11 @@ pub struct SlurmJobArgs {
 /// A batch file that cannot be read, a task it does not have, a command that cannot be
 /// started, a record that cannot be written.
 pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.batch)
-        .with_context(|| format!("reading batch file {}", args.batch.display()))?;
+    let text = match &args.inline {
+        Some(text) => text.clone(),
+        None => std::fs::read_to_string(&args.batch)
+            .with_context(|| format!("reading batch file {}", args.batch.display()))?,
+    };
     let batch: BatchFile = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a batch file", args.batch.display()))?;
     let task = match args.task {
@@ -57,15 +65,18 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
         );
     };
     let record_path = record::task_file(&args.batch, task, "rec.json");
+    // A step's own files are its slot's (see `record::slot_file`), an array task's its own.
+    let state = args.batch.parent().unwrap_or(std::path::Path::new("."));
+    let own = |ext: &str| match args.inline {
+        Some(_) => record::slot_file(state, spec.slot, ext),
+        None => record::task_file(&args.batch, task, ext),
+    };
     let (out_path, err_path) = match &batch.logs {
         Some(dir) => (
             dir.join(format!("{}.out", spec.seq)),
             dir.join(format!("{}.err", spec.seq)),
         ),
-        None => (
-            record::task_file(&args.batch, task, "out"),
-            record::task_file(&args.batch, task, "err"),
-        ),
+        None => (own("out"), own("err")),
     };
     let open = |path: &PathBuf| {
         File::create(path)
@@ -84,8 +95,8 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
                 .into_owned()
         });
     let cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    // The GPUs Slurm gave, as NVML on this node names them (none without NVML). A task
-    // without GPUs does not load NVML at all.
+    // The GPUs Slurm gave, by the node's numbers and UUIDs (none without NVML), read through
+    // Slurm's renumbering (gpu::visible). A task without GPUs does not load NVML at all.
     let (gpus, uuids): (Vec<u32>, Vec<String>) = match cuda_visible_devices
         .as_ref()
         .map(|_| gpuproc::gpu::visible())
@@ -93,7 +104,10 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
         Some(Ok(visible)) => visible
             .devices
             .iter()
-            .map(|d| (d.device.index, d.device.uuid.clone().unwrap_or_default()))
+            .map(|d| {
+                let number = d.device.minor_number.unwrap_or(d.device.index);
+                (number, d.device.uuid.clone().unwrap_or_default())
+            })
             .unzip(),
         _ => (Vec::new(), Vec::new()),
     };
@@ -111,10 +125,7 @@ pub fn run(args: &SlurmJobArgs) -> anyhow::Result<()> {
     ) {
         // A job step's id, for the runner to signal it through Slurm (`scancel
         // --signal=TERM`): srun itself answers SIGTERM by killing its step outright.
-        let _ = std::fs::write(
-            record::task_file(&args.batch, task, "step"),
-            format!("{job}.{step}"),
-        );
+        let _ = std::fs::write(own("step"), format!("{job}.{step}"));
     }
     let mut signals = Signals::install().context("installing signal handlers")?;
     let start = Instant::now();
