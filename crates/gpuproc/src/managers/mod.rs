@@ -45,7 +45,8 @@
 //! table consistent (each change is published by one store; the next user is told by the
 //! mutex and recounts), at worst leaking one block. The proxy's timeout bounds the wait for
 //! the dict's lock ([`ManagerError::Busy`]). A dict holds at most 4 GiB (address space
-//! only until used). Proxies on other machines, connected over TCP, send requests and the
+//! only until used; less where `ulimit -v` limits the address space, and a proxy that
+//! cannot map it sends requests instead). Proxies on other machines, connected over TCP, send requests and the
 //! manager runs them on the same table. Any process holding the memory can write it, so it
 //! is trusted as the manager's clients are; every offset and length read from it is
 //! checked, so damage gives errors, not crashes.

@@ -116,9 +116,11 @@ impl Proxy {
             (Reply::Table(_), _) => return Err(lost("the dict's table came without its memory")),
             (other, _) => return Err(unexpected(other)),
         };
-        let table = Table::open(fd).map_err(|e| ManagerError::Refused {
-            reason: e.to_string(),
-        })?;
+        let Ok(table) = Table::open(fd) else {
+            // (It cannot be mapped here, under `ulimit -v`, say: the manager does the work.)
+            local.1 = Local::Requests;
+            return Ok(None);
+        };
         let p = Arc::new(InPlace {
             table,
             watch: link,

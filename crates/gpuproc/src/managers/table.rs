@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //!
-//! A memfd of [`MAX_BYTES`] (sparse: pages exist once touched), sealed against any change
+//! A memfd of [`MAX_BYTES`] (less where the address space is limited: see
+//! [`Table::create`]; sparse: pages exist once touched), sealed against any change
 //! of size, mapped whole by every user. A header (magic, the mutex, the bump pointer of the
 //! arena, the current slot array, counts, and one free list per block size), then an arena
 //! of blocks whose sizes are powers of two from 32 bytes: an entry block holds its key and
@@ -40,6 +41,9 @@ use crate::sys::shm::{Locked, Mapping, MutexError, RobustMutex, MUTEX_SIZE};
 /// entries and slot arrays together. Address space only until used.
 pub(crate) const MAX_BYTES: usize = 4 << 30;
 
+/// The sizes tried, largest first, where mapping [`MAX_BYTES`] fails (`ulimit -v`).
+const SIZES: [usize; 4] = [MAX_BYTES, 1 << 30, 256 << 20, 64 << 20];
+
 const MAGIC: u64 = u64::from_le_bytes(*b"gpuprocT");
 const MUTEX_AT: usize = 64;
 const ARENA_END_AT: usize = 128;
@@ -69,9 +73,9 @@ pub(crate) enum TableError {
     /// The lock was not free before the deadline.
     #[error("the dict stayed locked by another process")]
     Busy,
-    /// The table holds [`MAX_BYTES`] already.
-    #[error("the dict is full: its shared memory holds at most {} GiB", MAX_BYTES >> 30)]
-    Full,
+    /// The table's shared memory is full.
+    #[error("the dict is full: its shared memory holds at most {} MiB", .0 >> 20)]
+    Full(usize),
     /// The shared memory does not hold a valid table (written by something else).
     #[error("the dict's shared memory is corrupt: {0}")]
     Corrupt(String),
@@ -92,9 +96,22 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    /// A new, empty table in a new memfd.
+    /// A new, empty table in a new memfd of [`MAX_BYTES`], or of the largest of the smaller
+    /// sizes that can be mapped (where `ulimit -v` limits the address space).
     pub fn create() -> Result<Table, TableError> {
-        let map = Arc::new(Mapping::anonymous("gpuproc-managed-dict", MAX_BYTES)?);
+        let mut made = Err(TableError::Os(io::Error::other("no size to try")));
+        for size in SIZES {
+            made = Table::create_of(size);
+            if made.is_ok() {
+                break;
+            }
+        }
+        made
+    }
+
+    /// A new, empty table in a new memfd of `size` bytes (one of [`SIZES`]).
+    fn create_of(size: usize) -> Result<Table, TableError> {
+        let map = Arc::new(Mapping::anonymous("gpuproc-managed-dict", size)?);
         let mutex = RobustMutex::init(map.clone(), MUTEX_AT, false)?;
         let t = Table { map, mutex };
         t.word(ARENA_END_AT)
@@ -106,11 +123,11 @@ impl Table {
     }
 
     /// The table in a memfd received from another process (checked: sealed against
-    /// shrinking, [`MAX_BYTES`] long, with the magic word).
+    /// shrinking, of one of the sizes [`create`](Self::create) makes, with the magic word).
     pub fn open(fd: OwnedFd) -> Result<Table, TableError> {
-        let map = Mapping::map_existing(fd, MAX_BYTES)?;
-        if map.len() != MAX_BYTES {
-            return Err(corrupt(format!("{} bytes, not {MAX_BYTES}", map.len())));
+        let map = Mapping::map_existing(fd, ARENA_START)?;
+        if !SIZES.contains(&map.len()) {
+            return Err(corrupt(format!("{} bytes, not a table's size", map.len())));
         }
         let map = Arc::new(map);
         if map.atomic_u64(0).load(Ordering::Acquire) != MAGIC {
@@ -320,7 +337,7 @@ impl Table {
     fn arena_end(&self) -> Result<usize, TableError> {
         let end = self.word(ARENA_END_AT).load(Ordering::Relaxed);
         match usize::try_from(end) {
-            Ok(e) if (ARENA_START..=MAX_BYTES).contains(&e) => Ok(e),
+            Ok(e) if (ARENA_START..=self.map.len()).contains(&e) => Ok(e),
             _ => Err(corrupt(format!("arena end {end}"))),
         }
     }
@@ -362,7 +379,7 @@ impl Table {
 
     /// A block of at least `need` bytes: from its class's free list, else from the arena.
     fn alloc(&self, need: usize) -> Result<usize, TableError> {
-        let class = class_for(need).ok_or(TableError::Full)?;
+        let class = class_for(need).ok_or(TableError::Full(self.map.len()))?;
         let head = self.word(FREE_AT + 8 * class);
         let first = head.load(Ordering::Acquire);
         if first != EMPTY {
@@ -377,8 +394,8 @@ impl Table {
         let at = self.arena_end()?;
         let end = at
             .checked_add(MIN_BLOCK << class)
-            .filter(|&e| e <= MAX_BYTES)
-            .ok_or(TableError::Full)?;
+            .filter(|&e| e <= self.map.len())
+            .ok_or(TableError::Full(self.map.len()))?;
         self.word(at).store(class as u64, Ordering::Relaxed);
         self.word(ARENA_END_AT).store(end as u64, Ordering::Release);
         Ok(at)
@@ -398,12 +415,12 @@ impl Table {
     /// A new, unlinked entry block holding `key` and `value`.
     fn new_entry(&self, key: &[u8], value: &[u8]) -> Result<usize, TableError> {
         let (Ok(k), Ok(v)) = (u32::try_from(key.len()), u32::try_from(value.len())) else {
-            return Err(TableError::Full);
+            return Err(TableError::Full(self.map.len()));
         };
         let need = ENTRY_HEADER
             .checked_add(key.len())
             .and_then(|n| n.checked_add(value.len()))
-            .ok_or(TableError::Full)?;
+            .ok_or(TableError::Full(self.map.len()))?;
         let at = self.alloc(need)?;
         self.word(at + 8)
             .store(u64::from(k) | u64::from(v) << 32, Ordering::Relaxed);
@@ -417,7 +434,7 @@ impl Table {
         let bytes = cap
             .checked_mul(SLOT)
             .and_then(|n| n.checked_add(SLOTS_HEADER))
-            .ok_or(TableError::Full)?;
+            .ok_or(TableError::Full(self.map.len()))?;
         let at = self.alloc(bytes)?;
         self.word(at + 8).store(cap as u64, Ordering::Relaxed);
         // (A block from a free list holds old bytes.)
@@ -441,7 +458,7 @@ impl Table {
         let (old, cap) = self.slots()?;
         let count = self.word(COUNT_AT).load(Ordering::Relaxed);
         let new_cap = if count.saturating_mul(2) >= cap as u64 {
-            cap.checked_mul(2).ok_or(TableError::Full)?
+            cap.checked_mul(2).ok_or(TableError::Full(self.map.len()))?
         } else {
             cap
         };
@@ -653,6 +670,33 @@ mod tests {
         }
         assert_eq!(t.arena_end().unwrap(), end);
         assert_eq!(get(&t, b"k"), Some(vec![(999u32 % 256) as u8; 100]));
+    }
+
+    #[test]
+    fn a_full_table_says_so_and_takes_more_once_entries_go() {
+        let t = Table::create_of(64 << 20).unwrap();
+        let big = vec![7u8; 1 << 20];
+        let mut n = 0u32;
+        let e = loop {
+            match t.set(&n.to_le_bytes(), &big, None) {
+                Ok(()) => n += 1,
+                Err(e) => break e,
+            }
+            assert!(n < 100, "64 MiB took {n} MiB");
+        };
+        assert!(matches!(e, TableError::Full(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "the dict is full: its shared memory holds at most 64 MiB"
+        );
+        assert_eq!(t.len(None).unwrap(), n as usize);
+        assert!(t
+            .remove(&0u32.to_le_bytes(), None, |_| ())
+            .unwrap()
+            .is_some());
+        t.set(&n.to_le_bytes(), &big, None).unwrap();
+        let u = Table::open(t.fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(u.len(None).unwrap(), n as usize);
     }
 
     #[test]

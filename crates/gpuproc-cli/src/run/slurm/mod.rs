@@ -572,6 +572,7 @@ impl Runner<'_> {
         let mut queue: Vec<Launch> = Vec::new();
         let (mut pending, mut running) = (0usize, 0usize);
         let mut interval = policy::POLL_MIN;
+        let mut submitted = Instant::now();
         let mut stopping: Option<Instant> = None;
         let result = (|| -> anyhow::Result<bool> {
             loop {
@@ -597,6 +598,7 @@ impl Runner<'_> {
                                 let launches: Vec<Launch> =
                                     batch.jobs.iter().map(|&i| queue[i].clone()).collect();
                                 let array = self.submit(batch, &launches, throttle)?;
+                                submitted = Instant::now();
                                 pending += array.tasks.len();
                                 arrays.push(array);
                                 for &i in &batch.jobs {
@@ -645,7 +647,7 @@ impl Runner<'_> {
                 }
                 let (progressed, counts) = self.poll(&mut arrays, &mut scheduler, stopping)?;
                 (pending, running) = counts;
-                interval = policy::next_poll(interval, progressed);
+                interval = policy::next_poll(interval, progressed, submitted.elapsed());
                 if stopping.is_some_and(|s| s.elapsed() >= CANCEL_WAIT) {
                     self.tracker.note(&format!(
                         "cancelled tasks still listed by squeue after {}s; leaving them",

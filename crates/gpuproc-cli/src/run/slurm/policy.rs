@@ -119,11 +119,17 @@ pub const POLL_MIN: Duration = Duration::from_millis(250);
 /// The longest interval between `squeue` polls.
 pub const POLL_MAX: Duration = Duration::from_secs(5);
 
+/// For this long after a submission polls stay at [`POLL_MIN`]: a short job's first result
+/// is seen within a quarter of a second of its end (a few more queries per array), where
+/// backing off from the start would see it a second late.
+pub const POLL_FAST_AFTER_SUBMIT: Duration = Duration::from_secs(3);
+
 /// The interval before the next poll: back to [`POLL_MIN`] when the last poll saw a task
-/// start or end, else half as long again as `current`, up to [`POLL_MAX`]. Queries on real
-/// clusters are rate-limited; a quiet queue is asked less and less often.
-pub fn next_poll(current: Duration, progressed: bool) -> Duration {
-    if progressed {
+/// start or end, or within [`POLL_FAST_AFTER_SUBMIT`] of the last submission
+/// (`since_submit`), else half as long again as `current`, up to [`POLL_MAX`]. Queries on
+/// real clusters are rate-limited; a quiet queue is asked less and less often.
+pub fn next_poll(current: Duration, progressed: bool, since_submit: Duration) -> Duration {
+    if progressed || since_submit < POLL_FAST_AFTER_SUBMIT {
         return POLL_MIN;
     }
     let grown = current.saturating_add(current / 2);
@@ -404,18 +410,24 @@ mod tests {
 
     #[test]
     fn polling_backs_off_and_resets() {
+        let long_ago = Duration::from_secs(60);
         let mut t = POLL_MIN;
         let mut seen = vec![t];
         for _ in 0..12 {
-            t = next_poll(t, false);
+            t = next_poll(t, false, long_ago);
             seen.push(t);
         }
         assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
         assert_eq!(*seen.last().unwrap(), POLL_MAX);
         assert!(seen[1] > POLL_MIN && seen[1] < Duration::from_millis(500));
-        assert_eq!(next_poll(POLL_MAX, true), POLL_MIN);
-        assert_eq!(next_poll(Duration::ZERO, false), POLL_MIN);
-        assert_eq!(next_poll(Duration::MAX, false), POLL_MAX);
+        assert_eq!(next_poll(POLL_MAX, true, long_ago), POLL_MIN);
+        assert_eq!(next_poll(Duration::ZERO, false, long_ago), POLL_MIN);
+        assert_eq!(next_poll(Duration::MAX, false, long_ago), POLL_MAX);
+        // Right after a submission: no backing off yet, whatever the queue did.
+        assert_eq!(next_poll(POLL_MAX, false, Duration::ZERO), POLL_MIN);
+        let just_before = POLL_FAST_AFTER_SUBMIT - Duration::from_millis(1);
+        assert_eq!(next_poll(POLL_MAX, false, just_before), POLL_MIN);
+        assert_eq!(next_poll(POLL_MIN, false, POLL_FAST_AFTER_SUBMIT), seen[1]);
     }
 
     #[test]
