@@ -165,17 +165,19 @@ impl Table {
     ) -> Result<(), TableError> {
         let g = self.lock(deadline)?;
         let found = g.find(key)?;
-        let block = g.t.new_entry(key, value)?;
         match found.entry {
             Some(e) => {
                 // Link the new entry, then free the old one.
+                let block = g.t.new_entry(key, value)?;
                 g.t.word(found.slot + 8)
                     .store(block as u64, Ordering::Release);
                 g.t.free(e.block)?;
             }
             None => {
+                // The slot first (growing the array if need be), then the entry: a full
+                // table refuses before it allocates anything.
                 let slot = match found.free_slot {
-                    Some(s) if g.t.has_room_for_one_more()? => s,
+                    Some(s) if g.t.has_room_for_one_more(found.cap) => s,
                     _ => {
                         g.t.grow()?;
                         g.find(key)?
@@ -183,6 +185,7 @@ impl Table {
                             .ok_or_else(|| corrupt("no free slot"))?
                     }
                 };
+                let block = g.t.new_entry(key, value)?;
                 let was_removed = g.t.word(slot + 8).load(Ordering::Acquire) == REMOVED;
                 g.t.word(slot).store(hash(key), Ordering::Relaxed);
                 g.t.word(slot + 8).store(block as u64, Ordering::Release);
@@ -446,10 +449,9 @@ impl Table {
     }
 
     /// Whether one more entry keeps the slot array at most 3/4 used (removed slots count).
-    fn has_room_for_one_more(&self) -> Result<bool, TableError> {
-        let (_, cap) = self.slots()?;
+    fn has_room_for_one_more(&self, cap: usize) -> bool {
         let used = self.word(USED_AT).load(Ordering::Relaxed);
-        Ok(used.saturating_add(1).saturating_mul(4) <= (cap as u64).saturating_mul(3))
+        used.saturating_add(1).saturating_mul(4) <= (cap as u64).saturating_mul(3)
     }
 
     /// Moves the entries to a new slot array (twice as large unless removed slots made
@@ -526,6 +528,8 @@ struct Entry {
 
 /// What probing for a key found.
 struct Found {
+    /// The slot array's capacity.
+    cap: usize,
     /// The slot holding the key (when found).
     slot: usize,
     entry: Option<Entry>,
@@ -551,6 +555,7 @@ impl Guard<'_> {
             let off = self.t.word(slot + 8).load(Ordering::Acquire);
             if off == EMPTY {
                 return Ok(Found {
+                    cap,
                     slot,
                     entry: None,
                     free_slot: free_slot.or(Some(slot)),
@@ -562,6 +567,7 @@ impl Guard<'_> {
                 let e = self.t.entry(off)?;
                 if self.t.bytes(e.block + ENTRY_HEADER, e.key_len) == key {
                     return Ok(Found {
+                        cap,
                         slot,
                         entry: Some(e),
                         free_slot,
@@ -571,6 +577,7 @@ impl Guard<'_> {
             i = (i + 1) & mask;
         }
         Ok(Found {
+            cap,
             slot: slots,
             entry: None,
             free_slot,
@@ -685,6 +692,12 @@ mod tests {
             assert!(n < 100, "64 MiB took {n} MiB");
         };
         assert!(matches!(e, TableError::Full(_)), "{e}");
+        // A refused insert takes nothing: the arena ends where it did.
+        let end = t.arena_end().unwrap();
+        for k in 1000..1010u32 {
+            assert!(t.set(&k.to_le_bytes(), &big, None).is_err());
+        }
+        assert_eq!(t.arena_end().unwrap(), end);
         assert_eq!(
             e.to_string(),
             "the dict is full: its shared memory holds at most 64 MiB"
