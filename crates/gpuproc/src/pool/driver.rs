@@ -320,7 +320,8 @@ struct Worker {
     /// (see [`policy::not_started`]).
     waiting_since: Option<u64>,
     eof: bool,
-    /// GPU memory peaks sampled while tasks ran, by sequence number, until reported.
+    /// GPU memory peaks a remote worker's node sampled while tasks ran, by sequence
+    /// number, until reported (a local worker's are in `task_acct`).
     task_peaks: std::collections::HashMap<u64, u64>,
     /// The sampler's accounting of each task while it ran, by sequence number, until
     /// reported.
@@ -445,8 +446,6 @@ impl Driver {
                 .load(Ordering::Acquire)
                 .checked_sub(1)
             {
-                let peak = w.task_peaks.entry(seq).or_insert(0);
-                *peak = (*peak).max(memory);
                 w.task_acct.entry(seq).or_default().record(t_ms, &now);
             }
         }
@@ -1237,7 +1236,13 @@ fn receive(
                 })
                 .collect()
         };
-        let peaks = if w.task_peaks.is_empty() {
+        // Local workers' peaks are their accountings'; remote workers' come as memory alone.
+        let peaks = if !accounting.is_empty() {
+            accounting
+                .iter()
+                .map(|a| a.peak_memory.unwrap_or(0))
+                .collect()
+        } else if w.task_peaks.is_empty() {
             Vec::new()
         } else {
             (0..take as u64)

@@ -250,7 +250,7 @@ fn allocate_and_wait((mib, go): (u64, gpuproc::Queue<()>)) -> (u32, String) {
 /// One task holding 200 MiB on its worker's GPU, accounted per task: the parent lets it end
 /// once the worker's own accounting shows two samples on the GPU (energy), so the task's
 /// has them too.
-fn task_accounting(_: ()) -> ((u32, String), gpuproc::gpu::GpuAccounting) {
+fn task_accounting(_: ()) -> ((u32, String), gpuproc::gpu::GpuAccounting, u64) {
     let pool = Pool::builder()
         .processes(1)
         .gpus_per_worker(1)
@@ -281,13 +281,18 @@ fn task_accounting(_: ()) -> ((u32, String), gpuproc::gpu::GpuAccounting) {
         });
         let got = it.next().unwrap().unwrap();
         waiter.join().unwrap();
-        (got, it.last_gpu_accounting().clone())
+        (
+            got,
+            it.last_gpu_accounting().clone(),
+            it.last_gpu_memory_peak(),
+        )
     })
 }
 
 #[test]
 fn each_task_is_accounted_by_the_sampler() {
-    let ((_, uuid), a) = in_sim_with_state("gpuproc-sim-task", task_accounting);
+    let ((_, uuid), a, peak) = in_sim_with_state("gpuproc-sim-task", task_accounting);
+    assert_eq!(peak, 200 << 20, "{a:?}");
     assert!(a.samples >= 2, "{a:?}");
     assert_eq!(a.peak_memory, Some(200 << 20), "{a:?}");
     assert_eq!(a.mean_memory, Some(200 << 20), "{a:?}");
