@@ -129,8 +129,9 @@ impl Slurm {
     /// `--bcast`: Slurm copies this executable into `dir` on the worker's node before it
     /// starts it there, for nodes that do not share the filesystem the program is on
     /// (Python users would copy it with `sbcast` first). `dir` must exist on the nodes and
-    /// be local to them (`/tmp`). Each worker gets a copy of its own
-    /// (`gpuproc-bcast-PID-N`), which it deletes as soon as it runs, so nothing is left on
+    /// be local to them (`/tmp`). Each worker gets a copy of its own, under a random name
+    /// (`gpuproc-bcast-` and 16 hexadecimal digits, so that nobody can plant a file or a
+    /// link there beforehand), which it deletes as soon as it runs, so nothing is left on
     /// the nodes (a worker that dies before it starts leaves its copy).
     pub fn bcast(mut self, dir: impl Into<String>) -> Slurm {
         self.bcast = Some(dir.into());
@@ -235,12 +236,15 @@ impl Launcher {
                 .to_vec();
                 v.extend(s.args.iter().cloned());
                 if let Some(dir) = &s.bcast {
-                    static COPIES: std::sync::atomic::AtomicU64 =
-                        std::sync::atomic::AtomicU64::new(0);
-                    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // An unguessable name: in a shared directory such as /tmp, nobody can
+                    // plant a file or a link at it beforehand.
+                    let mut r = [0u8; 8];
+                    if getrandom::fill(&mut r).is_err() {
+                        // (No system randomness: still unique, if guessable.)
+                        r = sys::shm::unique_u64().to_le_bytes();
+                    }
                     let dir = dir.trim_end_matches('/');
-                    let pid = std::process::id();
-                    v.push(format!("--bcast={dir}/{BCAST_PREFIX}{pid}-{n}"));
+                    v.push(format!("--bcast={dir}/{BCAST_PREFIX}{}", hex(&r)));
                 }
                 v
             }
@@ -743,18 +747,13 @@ fn remove_broadcast_copy() {
     }
 }
 
-/// Whether `path` names a broadcast copy ([`BCAST_PREFIX`] and a pid and number).
+/// Whether `path` names a broadcast copy ([`BCAST_PREFIX`] and 16 hexadecimal digits).
 fn is_broadcast_copy(path: &std::path::Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return false;
     };
     name.strip_prefix(BCAST_PREFIX)
-        .and_then(|rest| rest.split_once('-'))
-        .is_some_and(|(pid, n)| {
-            [pid, n]
-                .iter()
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        })
+        .is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn serve_remote() -> Result<(), String> {
@@ -889,20 +888,22 @@ mod tests {
             copy.starts_with("/tmp") && is_broadcast_copy(copy),
             "{bcast}"
         );
+        let again = Launcher::slurm(Slurm::new().bcast("/tmp")).argv(exe);
+        assert!(!again.contains(bcast), "two workers, one copy: {bcast}");
         assert_eq!(&argv[argv.len() - 3..], [exe, WORKER_FLAG, UNLINK_FLAG]);
     }
 
     #[test]
     fn only_broadcast_copies_are_deleted() {
         for (path, copy) in [
-            ("/tmp/gpuproc-bcast-12-0", true),
-            ("/scratch/x/gpuproc-bcast-99999-17", true),
+            ("/tmp/gpuproc-bcast-0123456789abcdef", true),
+            ("/scratch/x/gpuproc-bcast-ffffffffffffffff", true),
             ("/usr/bin/train", false),
             ("/tmp/gpuproc-bcast-", false),
-            ("/tmp/gpuproc-bcast-12", false),
-            ("/tmp/gpuproc-bcast-12-", false),
-            ("/tmp/gpuproc-bcast-x-1", false),
-            ("/tmp/gpuproc-bcast-1-2-3", false),
+            ("/tmp/gpuproc-bcast-0123456789abcde", false),
+            ("/tmp/gpuproc-bcast-0123456789abcdef0", false),
+            ("/tmp/gpuproc-bcast-0123456789abcdeg", false),
+            ("/tmp/gpuproc-bcast-12-0", false),
         ] {
             assert_eq!(
                 is_broadcast_copy(std::path::Path::new(path)),
