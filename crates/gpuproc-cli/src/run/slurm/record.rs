@@ -117,9 +117,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> 
     let name = path
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    // A name of its own, created exclusively and never through a link: the directory may
+    // be on a filesystem others can write (a group's scratch space).
+    let (tmp, mut file) = create_aside(path, &name)?;
     let written = (|| {
-        let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
         if durable {
             file.sync_all()?;
@@ -136,6 +137,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// A new file beside `path` (`.NAME.PID.N.tmp`), created with `O_EXCL | O_NOFOLLOW`; a
+/// name someone left or planted is skipped.
+fn create_aside(path: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut last = None;
+    for _ in 0..16 {
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free temporary name")))
 }
 
 /// Reads the record at `path`: `Ok(None)` when there is none (yet).
@@ -155,6 +180,32 @@ pub fn read_record(path: &Path) -> anyhow::Result<Option<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_planted_at_the_aside_names_are_never_written_through() {
+        let dir = std::env::temp_dir().join(format!("gpuproc-aside-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let pid = std::process::id();
+        for n in 0..2000 {
+            let aside = dir.join(format!(".r.json.{pid}.{n}.tmp"));
+            std::os::unix::fs::symlink(&victim, aside).unwrap();
+        }
+        let target = dir.join("r.json");
+        let got = write_atomic(&target, b"new", true);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(got.is_err(), "every aside name was taken: {got:?}");
+        assert!(!target.exists());
+        // Once names are free again, the write goes through.
+        for n in 0..2000 {
+            let _ = std::fs::remove_file(dir.join(format!(".r.json.{pid}.{n}.tmp")));
+        }
+        write_atomic(&target, b"new", true).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn paths_and_atomic_round_trip() {
