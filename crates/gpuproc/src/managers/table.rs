@@ -713,6 +713,29 @@ mod tests {
     }
 
     #[test]
+    fn a_table_too_full_to_grow_refuses_new_keys_without_taking_memory() {
+        // Small entries, until the slot array cannot double any more.
+        let t = Table::create_of(4 << 20).unwrap();
+        let mut n = 0u32;
+        let e = loop {
+            match t.set(&n.to_le_bytes(), b"", None) {
+                Ok(()) => n += 1,
+                Err(e) => break e,
+            }
+            assert!(n < 1 << 20, "4 MiB took {n} entries");
+        };
+        assert!(matches!(e, TableError::Full(_)), "{e}");
+        let end = t.arena_end().unwrap();
+        for k in n..n + 100 {
+            assert!(t.set(&k.to_le_bytes(), b"", None).is_err());
+        }
+        assert_eq!(t.arena_end().unwrap(), end, "refused inserts took blocks");
+        // Known keys can still change, and every entry is there.
+        t.set(&0u32.to_le_bytes(), b"x", None).unwrap();
+        assert_eq!(t.len(None).unwrap(), n as usize);
+    }
+
+    #[test]
     fn a_second_handle_on_the_same_memfd_sees_the_same_entries() {
         let t = Table::create().unwrap();
         t.set(b"a", b"1", None).unwrap();
