@@ -643,6 +643,42 @@ fn malformed_squeue_output_is_an_error_that_quotes_it_and_the_array_is_cancelled
 }
 
 #[test]
+fn a_succeeded_task_is_done_when_its_record_appears_whatever_squeue_says() {
+    // squeue lists the task as running forever: only its record, seen the moment the
+    // wrapper renames it into place, can end this run.
+    let dir = scratch_dir("record-first");
+    let cancelled = dir.join("cancelled");
+    let sbatch = "while [ $# -gt 0 ]; do [ \"$1\" = --wrap ] && w=\"$2\"; shift; done\n\
+                  SLURM_ARRAY_TASK_ID=0 SLURM_JOB_ID=43 SLURMD_NODENAME=fakenode \
+                  sh -c \"$w\" </dev/null >/dev/null 2>&1 &\n\
+                  echo 42";
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize = 1001'"),
+            ("sbatch", sbatch),
+            ("squeue", "echo '42|0|RUNNING|fakenode'"),
+            (
+                "scancel",
+                &format!("echo \"$@\" > '{}'", cancelled.display()),
+            ),
+        ],
+    );
+    let out = run(gpuproc_with_path(
+        &dir,
+        &path,
+        &["--joblog", "jobs.tsv", "--", "echo hello {}", ":::", "there"],
+    ));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "hello there");
+    let joblog = std::fs::read_to_string(dir.join("jobs.tsv")).expect("job log");
+    let line = joblog.lines().nth(1).expect("a job line");
+    assert!(line.contains("fakenode"), "{joblog}");
+    assert!(!cancelled.exists(), "nothing to cancel after a success");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn the_wrapper_stops_a_job_at_its_timeout() {
     let Some(cluster) = cluster("timeout") else {
         return;

@@ -184,15 +184,32 @@ impl Signals {
     /// # Errors
     /// An unexpected `poll` or `read` failure.
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<Received> {
+        self.wait_or_watch(timeout, None).map(|(received, _)| received)
+    }
+
+    /// [`wait`](Self::wait), also waking when `watch` has events; the `bool` says whether
+    /// it has (read them with [`DirWatch::drain`]).
+    ///
+    /// # Errors
+    /// An unexpected `poll` or `read` failure.
+    pub fn wait_or_watch(
+        &mut self,
+        timeout: Option<Duration>,
+        watch: Option<&DirWatch>,
+    ) -> io::Result<(Received, bool)> {
         let timeout = timeout.map(|t| Timespec {
             tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
             tv_nsec: i64::from(t.subsec_nanos()),
         });
-        let mut fds = [PollFd::new(&self.wake, PollFlags::IN)];
+        let mut fds = vec![PollFd::new(&self.wake, PollFlags::IN)];
+        if let Some(w) = watch {
+            fds.push(PollFd::new(&w.fd, PollFlags::IN));
+        }
         match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
+        let watched = fds.get(1).is_some_and(|f| !f.revents().is_empty());
         let mut buf = [0u8; 256];
         loop {
             match self.wake.read(&mut buf) {
@@ -203,10 +220,80 @@ impl Signals {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Received {
-            interrupt: self.interrupt.swap(false, Ordering::SeqCst),
-            terminate: self.terminate.swap(false, Ordering::SeqCst),
+        Ok((
+            Received {
+                interrupt: self.interrupt.swap(false, Ordering::SeqCst),
+                terminate: self.terminate.swap(false, Ordering::SeqCst),
+            },
+            watched,
+        ))
+    }
+}
+
+/// Files renamed into one directory, as inotify tells them: how a Slurm run sees a task's
+/// record the moment its wrapper renames it into place, rather than at the next `squeue`.
+/// Where the writer is on another node of a network filesystem, the kernel sees no rename
+/// and this stays silent; `squeue` polls find those tasks' ends as before.
+#[derive(Debug)]
+pub struct DirWatch {
+    fd: rustix::fd::OwnedFd,
+    buf: Vec<std::mem::MaybeUninit<u8>>,
+}
+
+/// What [`DirWatch::drain`] read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Renamed {
+    /// Names renamed into the directory, in order.
+    pub names: Vec<std::ffi::OsString>,
+    /// The kernel's queue overflowed: some names are missing, look at every file.
+    pub overflowed: bool,
+}
+
+impl DirWatch {
+    /// Watches `dir` for files renamed into it.
+    ///
+    /// # Errors
+    /// Where inotify is missing or its limits are reached (`fs.inotify.max_user_*`).
+    pub fn new(dir: &std::path::Path) -> io::Result<DirWatch> {
+        use rustix::fs::inotify;
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+        inotify::add_watch(
+            &fd,
+            dir,
+            inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::ONLYDIR,
+        )?;
+        Ok(DirWatch {
+            fd,
+            buf: vec![std::mem::MaybeUninit::uninit(); 16 * 1024],
         })
+    }
+
+    /// Reads every event queued so far, without waiting.
+    ///
+    /// # Errors
+    /// An unexpected `read` failure.
+    pub fn drain(&mut self) -> io::Result<Renamed> {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let mut renamed = Renamed::default();
+        let mut reader = Reader::new(&self.fd, &mut self.buf);
+        loop {
+            match reader.next() {
+                Ok(event) => {
+                    if event.events().contains(ReadFlags::QUEUE_OVERFLOW) {
+                        renamed.overflowed = true;
+                    }
+                    if let Some(name) = event.file_name() {
+                        use std::os::unix::ffi::OsStrExt;
+                        renamed
+                            .names
+                            .push(std::ffi::OsStr::from_bytes(name.to_bytes()).to_owned());
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => return Ok(renamed),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

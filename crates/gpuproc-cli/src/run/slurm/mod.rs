@@ -7,7 +7,11 @@
 //! - outside one: the jobs are submitted as job arrays (`sbatch --array=0-N%K`), one per
 //!   GPU count and at most `MaxArraySize` tasks each, and tracked with one `squeue` query
 //!   for all of them per poll, at an interval that backs off while nothing changes
-//!   ([`policy::next_poll`]). Failed jobs with retries left go into a new array.
+//!   ([`policy::next_poll`]). Failed jobs with retries left go into a new array. A task
+//!   that succeeded is done the moment its record is renamed into the state directory,
+//!   where the kernel tells (inotify: a local or single-node filesystem), without waiting
+//!   for `squeue` to stop listing it; a task that failed waits for `squeue` all the same,
+//!   which says whether Slurm preempted it (run again, not counted) or it failed.
 //!
 //! Every task runs under [`wrapper`] (this binary, `gpuproc __slurm-job`, found at the same
 //! path on the nodes through the shared filesystem), which writes a [`record::Record`] into
@@ -573,7 +577,12 @@ impl Runner<'_> {
         let (mut pending, mut running) = (0usize, 0usize);
         let mut interval = policy::POLL_MIN;
         let mut submitted = Instant::now();
+        let mut poll_at = submitted;
+        // Records taken since the last poll: progress for the poll's back-off.
+        let mut took = false;
         let mut stopping: Option<Instant> = None;
+        // Without inotify (or past its limits), squeue polls alone find the ends.
+        let mut watch = sys::DirWatch::new(&self.state).ok();
         let result = (|| -> anyhow::Result<bool> {
             loop {
                 if stopping.is_none() {
@@ -599,6 +608,7 @@ impl Runner<'_> {
                                     batch.jobs.iter().map(|&i| queue[i].clone()).collect();
                                 let array = self.submit(batch, &launches, throttle)?;
                                 submitted = Instant::now();
+                                poll_at = gpuproc::time::saturating_add(submitted, interval);
                                 pending += array.tasks.len();
                                 arrays.push(array);
                                 for &i in &batch.jobs {
@@ -616,16 +626,43 @@ impl Runner<'_> {
                 if arrays.is_empty() && (stopping.is_some() || queue.is_empty()) {
                     return Ok(stopping.is_some());
                 }
-                // Until the next poll, unless a signal asks for something. Slurm commands'
-                // own SIGCHLDs wake the wait too: they do not bring the poll forward.
-                let poll_at = gpuproc::time::saturating_add(Instant::now(), interval);
-                let received = loop {
+                // Until the next poll, unless a signal asks for something or records
+                // arrive. Slurm commands' own SIGCHLDs wake the wait too: they do not bring
+                // the poll forward.
+                let (received, recorded) = loop {
                     let left = poll_at.saturating_duration_since(Instant::now());
-                    let received = signals.wait(Some(left)).context("waiting for Slurm")?;
-                    if received.interrupt || received.terminate || Instant::now() >= poll_at {
-                        break received;
+                    let (received, watched) = signals
+                        .wait_or_watch(Some(left), watch.as_ref())
+                        .context("waiting for Slurm")?;
+                    let mut recorded = false;
+                    if watched {
+                        match watch.as_mut().map(sys::DirWatch::drain) {
+                            Some(Ok(renamed)) => {
+                                recorded = self.take_records(
+                                    &mut arrays,
+                                    &mut scheduler,
+                                    &renamed,
+                                    stopping.is_some(),
+                                )?;
+                            }
+                            Some(Err(_)) => watch = None,
+                            None => {}
+                        }
+                    }
+                    took |= recorded;
+                    if received.interrupt
+                        || received.terminate
+                        || recorded
+                        || Instant::now() >= poll_at
+                    {
+                        break (received, recorded);
                     }
                 };
+                let interrupted = received.interrupt || received.terminate;
+                if recorded && !interrupted && Instant::now() < poll_at {
+                    // Submit what the records freed (retries, the throttle), or finish.
+                    continue;
+                }
                 if received.interrupt || received.terminate {
                     if stopping.is_some() {
                         self.tracker
@@ -647,7 +684,9 @@ impl Runner<'_> {
                 }
                 let (progressed, counts) = self.poll(&mut arrays, &mut scheduler, stopping)?;
                 (pending, running) = counts;
-                interval = policy::next_poll(interval, progressed, submitted.elapsed());
+                interval = policy::next_poll(interval, progressed || took, submitted.elapsed());
+                took = false;
+                poll_at = gpuproc::time::saturating_add(Instant::now(), interval);
                 if stopping.is_some_and(|s| s.elapsed() >= CANCEL_WAIT) {
                     self.tracker.note(&format!(
                         "cancelled tasks still listed by squeue after {}s; leaving them",
@@ -816,19 +855,82 @@ impl Runner<'_> {
                         Ended::lost(Exit::Signal(9), node)
                     }
                 };
-                let task = &mut array.tasks[t];
-                task.done = true;
                 progressed = true;
-                let verdict = scheduler.finish(&task.launch, ended.failed(), stopping.is_some());
-                let launch = task.launch.clone();
-                let command = task.command.clone();
-                let output = self.output_of(&batch, t);
-                self.tracker
-                    .finish(&launch, &command, &ended, verdict, output)?;
+                self.finish_task(array, t, &ended, scheduler, stopping.is_some())?;
             }
         }
         arrays.retain(|a| a.tasks.iter().any(|t| !t.done));
         Ok((progressed, (pending, running)))
+    }
+
+    /// Task `t` of `array` ended as `ended`: the scheduler, job log and progress hear it.
+    fn finish_task(
+        &mut self,
+        array: &mut Array,
+        t: usize,
+        ended: &Ended,
+        scheduler: &mut Scheduler,
+        stopping: bool,
+    ) -> anyhow::Result<()> {
+        let task = &mut array.tasks[t];
+        task.done = true;
+        let verdict = scheduler.finish(&task.launch, ended.failed(), stopping);
+        let launch = task.launch.clone();
+        let command = task.command.clone();
+        let output = self.output_of(&array.batch, t);
+        self.tracker
+            .finish(&launch, &command, ended, verdict, output)
+    }
+
+    /// Finishes the tasks whose records were `renamed` into the state directory (all
+    /// unfinished tasks' when the kernel's queue overflowed) and say they succeeded.
+    /// Returns whether any was finished. Records that say a task failed, or that cannot
+    /// be read, are left to the next poll, which knows what Slurm did with the task.
+    fn take_records(
+        &mut self,
+        arrays: &mut Vec<Array>,
+        scheduler: &mut Scheduler,
+        renamed: &sys::Renamed,
+        stopping: bool,
+    ) -> anyhow::Result<bool> {
+        let mut candidates: Vec<(usize, usize)> = Vec::new();
+        if renamed.overflowed {
+            for (a, array) in arrays.iter().enumerate() {
+                candidates.extend((0..array.tasks.len()).map(|t| (a, t)));
+            }
+        } else {
+            for name in &renamed.names {
+                let Some((stem, task)) = name.to_str().and_then(record::parse_record_name)
+                else {
+                    continue;
+                };
+                let found = arrays.iter().position(|array| {
+                    array.batch.file_stem().and_then(|s| s.to_str()) == Some(stem)
+                });
+                if let Some(a) = found.filter(|&a| task < arrays[a].tasks.len()) {
+                    candidates.push((a, task));
+                }
+            }
+        }
+        let mut took = false;
+        for (a, t) in candidates {
+            let array = &mut arrays[a];
+            if array.tasks[t].done {
+                continue;
+            }
+            let path = record::task_file(&array.batch, t, "rec.json");
+            let Ok(Some(rec)) = record::read_record(&path) else {
+                continue;
+            };
+            let ended = Ended::from_record(&rec);
+            if ended.failed() {
+                continue;
+            }
+            took = true;
+            self.finish_task(array, t, &ended, scheduler, stopping)?;
+        }
+        arrays.retain(|a| a.tasks.iter().any(|t| !t.done));
+        Ok(took)
     }
 
     /// Job-step mode, inside an allocation.

@@ -96,6 +96,19 @@ pub fn task_file(batch: &Path, task: usize, ext: &str) -> PathBuf {
     batch.with_file_name(format!("{stem}.{task}.{ext}"))
 }
 
+/// The batch file's stem and the task of a record's file name (`b<n>.<task>.rec.json`, as
+/// [`task_file`] makes it); `None` for any other name, including aside names.
+pub fn parse_record_name(name: &str) -> Option<(&str, usize)> {
+    let (stem, task) = name.strip_suffix(".rec.json")?.rsplit_once('.')?;
+    let canonical = !task.is_empty()
+        && task.bytes().all(|b| b.is_ascii_digit())
+        && (task == "0" || !task.starts_with('0'));
+    if stem.is_empty() || !canonical {
+        return None;
+    }
+    Some((stem, task.parse().ok()?))
+}
+
 /// The file `ext` of job slot `slot` in the state directory `dir` (`s<slot>.<ext>`): a job
 /// step's Slurm messages (`slurm`), step id (`step`) and, without `--logs`, output (`out`,
 /// `err`). One step at a time uses a slot, so the runner reads them before the next step
@@ -180,6 +193,29 @@ pub fn read_record(path: &Path) -> anyhow::Result<Option<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_names_parse_back_to_their_task_and_nothing_else_does() {
+        let batch = batch_path(Path::new("/state"), 3);
+        for task in [0, 7, 12, 999_999] {
+            let file = task_file(&batch, task, "rec.json");
+            let name = file.file_name().unwrap().to_str().unwrap();
+            assert_eq!(parse_record_name(name), Some(("b3", task)));
+        }
+        for name in [
+            "b3.7.out",
+            "b3.rec.json",
+            ".rec.json",
+            "b3..rec.json",
+            "b3.07.rec.json",
+            "b3.+7.rec.json",
+            "b3.-1.rec.json",
+            "b3.99999999999999999999999.rec.json",
+            ".b3.7.rec.json.123.4.tmp",
+        ] {
+            assert_eq!(parse_record_name(name), None, "{name}");
+        }
+    }
 
     #[test]
     fn links_planted_at_the_aside_names_are_never_written_through() {
