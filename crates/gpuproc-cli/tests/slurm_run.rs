@@ -667,7 +667,14 @@ fn a_succeeded_task_is_done_when_its_record_appears_whatever_squeue_says() {
     let out = run(gpuproc_with_path(
         &dir,
         &path,
-        &["--joblog", "jobs.tsv", "--", "echo hello {}", ":::", "there"],
+        &[
+            "--joblog",
+            "jobs.tsv",
+            "--",
+            "echo hello {}",
+            ":::",
+            "there",
+        ],
     ));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "hello there");

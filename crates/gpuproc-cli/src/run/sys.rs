@@ -184,7 +184,8 @@ impl Signals {
     /// # Errors
     /// An unexpected `poll` or `read` failure.
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<Received> {
-        self.wait_or_watch(timeout, None).map(|(received, _)| received)
+        self.wait_or_watch(timeout, None)
+            .map(|(received, _)| received)
     }
 
     /// [`wait`](Self::wait), also waking when `watch` has events; the `bool` says whether

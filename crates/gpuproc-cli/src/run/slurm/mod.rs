@@ -900,8 +900,7 @@ impl Runner<'_> {
             }
         } else {
             for name in &renamed.names {
-                let Some((stem, task)) = name.to_str().and_then(record::parse_record_name)
-                else {
+                let Some((stem, task)) = name.to_str().and_then(record::parse_record_name) else {
                     continue;
                 };
                 let found = arrays.iter().position(|array| {
