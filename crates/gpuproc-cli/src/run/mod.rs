@@ -93,8 +93,9 @@ Clusters (--slurm): the same jobs, --gpus-per-job, --retries, --timeout, --logs,
   outside one, the jobs are submitted as job arrays, `sbatch --array=0-N%K` (K: --max-running,
     the throttle; none without it), one per GPU count and at most MaxArraySize tasks each (the
     next array goes in once the previous has no pending task, never exceeding K). One `squeue`
-    for all arrays per poll, every 0.25s backing off to 5s while nothing changes. Failed jobs
-    with retries left go into a new array.
+    for all arrays per poll, every 0.25s backing off to 5s while nothing changes; a job that
+    succeeded is seen as soon as its record is written (inotify, on the runner's node), a
+    failed one at the next poll. Failed jobs with retries left go into a new array.
   --partition and --slurm-opt ARG go to sbatch (arrays) or srun (steps), after gpuproc's own.
   Each task runs `gpuproc __slurm-job` (this binary, at the same path on the nodes: a shared
   filesystem), which runs the job with Slurm's CUDA_VISIBLE_DEVICES, enforces --timeout, and
