@@ -686,6 +686,44 @@ fn a_succeeded_task_is_done_when_its_record_appears_whatever_squeue_says() {
 }
 
 #[test]
+fn a_state_directory_someone_else_could_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    // What another user of a shared directory such as /tmp could plant: a link to a
+    // directory of theirs, or a directory anyone may write to.
+    let dir = scratch_dir("state-refused");
+    let path = fake_slurm(
+        &dir,
+        &[
+            ("scontrol", "echo 'MaxArraySize = 1001'"),
+            ("sbatch", "echo sbatch >> submitted; echo 42"),
+        ],
+    );
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("elsewhere");
+    let base = dir.join(".gpuproc-slurm");
+    std::os::unix::fs::symlink(&elsewhere, &base).expect("plant a link");
+    let out = run(gpuproc_with_path(&dir, &path, &["--", "true {}", ":::", "1"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(".gpuproc-slurm") && err.contains("not a directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "nothing written there");
+
+    std::fs::remove_file(&base).unwrap();
+    std::fs::create_dir(&base).unwrap();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = run(gpuproc_with_path(&dir, &path, &["--", "true {}", ":::", "1"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("mode 1777") && err.contains("chmod go-w"), "{err}");
+    assert_eq!(std::fs::read_dir(&base).unwrap().count(), 0, "no state made there");
+    assert!(!dir.join("submitted").exists(), "nothing was submitted");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn the_wrapper_stops_a_job_at_its_timeout() {
     let Some(cluster) = cluster("timeout") else {
         return;

@@ -231,6 +231,33 @@ impl Signals {
     }
 }
 
+/// Makes `dir` (mode 0700) unless it exists, then checks what `lstat` says of it with
+/// `refusal(is_dir, uid, mode, our uid)`; a refusal is a `PermissionDenied` error that
+/// says why.
+///
+/// # Errors
+/// When it cannot be made or inspected, or is refused.
+pub fn private_dir(
+    dir: &std::path::Path,
+    refusal: impl FnOnce(bool, u32, u32, u32) -> Option<String>,
+) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    let me = rustix::process::getuid().as_raw();
+    match refusal(meta.is_dir(), meta.uid(), meta.mode(), me) {
+        None => Ok(()),
+        Some(why) => Err(io::Error::new(io::ErrorKind::PermissionDenied, why)),
+    }
+}
+
 /// Files renamed into one directory, as inotify tells them: how a Slurm run sees a task's
 /// record the moment its wrapper renames it into place, rather than at the next `squeue`.
 /// Where the writer is on another node of a network filesystem, the kernel sees no rename

@@ -24,6 +24,7 @@ pub mod wrapper;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -218,7 +219,11 @@ pub fn run(setup: Setup<'_>) -> anyhow::Result<Report> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let state = base.join(format!("{stamp}-{}", std::process::id()));
-    std::fs::create_dir_all(&state)
+    sys::private_dir(&base, policy::state_base_refusal)
+        .with_context(|| format!("the Slurm state directory {}", base.display()))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
     let setup_logs_given = logs.is_some();
     let in_allocation = std::env::var_os("SLURM_JOB_ID").is_some_and(|v| !v.is_empty());

@@ -250,6 +250,31 @@ pub fn squeue_forgot(stderr: &str) -> bool {
 ///
 /// # Errors
 /// No such line, or not a number.
+/// Why the directory holding a run's state directories (`.gpuproc-slurm`, or `.slurm` under
+/// `--logs`) may not be used, from what `lstat` says of it; `None` when it may. The records
+/// in it say how each job ended, so only its user may write there: it must be a directory
+/// (not a link), owned by the runner's user, and not writable by group or others. In a
+/// shared directory such as `/tmp`, another user who made it first gets a refusal, never
+/// a say in the results.
+pub fn state_base_refusal(is_dir: bool, uid: u32, mode: u32, my_uid: u32) -> Option<String> {
+    if !is_dir {
+        return Some("it is not a directory (a link or a file is refused)".into());
+    }
+    if uid != my_uid {
+        return Some(format!(
+            "it belongs to uid {uid}, not to this user (uid {my_uid}): its owner could change \
+             the jobs' records"
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "its group or other users may write to it (mode {:04o}): run `chmod go-w` on it",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
 pub fn parse_max_array_size(config: &str) -> Result<usize, ParseError> {
     for line in config.lines() {
         let Some((key, value)) = line.split_once('=') else {
@@ -354,6 +379,19 @@ pub fn step_slots(alloc: &Allocation, throttle: Option<usize>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_private_directory_of_ones_own_holds_state() {
+        assert_eq!(state_base_refusal(true, 1000, 0o40700, 1000), None);
+        assert_eq!(state_base_refusal(true, 1000, 0o40755, 1000), None);
+        let link = state_base_refusal(false, 1000, 0o120777, 1000).unwrap();
+        assert!(link.contains("not a directory"), "{link}");
+        let theirs = state_base_refusal(true, 1001, 0o40700, 1000).unwrap();
+        assert!(theirs.contains("uid 1001") && theirs.contains("uid 1000"), "{theirs}");
+        let open = state_base_refusal(true, 1000, 0o41777, 1000).unwrap();
+        assert!(open.contains("1777"), "{open}");
+        assert!(state_base_refusal(true, 1000, 0o40770, 1000).is_some());
+    }
 
     #[test]
     fn batches_group_by_gpus_and_chunk() {
