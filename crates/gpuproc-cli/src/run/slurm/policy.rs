@@ -387,7 +387,10 @@ mod tests {
         let link = state_base_refusal(false, 1000, 0o120777, 1000).unwrap();
         assert!(link.contains("not a directory"), "{link}");
         let theirs = state_base_refusal(true, 1001, 0o40700, 1000).unwrap();
-        assert!(theirs.contains("uid 1001") && theirs.contains("uid 1000"), "{theirs}");
+        assert!(
+            theirs.contains("uid 1001") && theirs.contains("uid 1000"),
+            "{theirs}"
+        );
         let open = state_base_refusal(true, 1000, 0o41777, 1000).unwrap();
         assert!(open.contains("1777"), "{open}");
         assert!(state_base_refusal(true, 1000, 0o40770, 1000).is_some());
