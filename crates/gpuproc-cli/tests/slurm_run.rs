@@ -643,28 +643,34 @@ fn malformed_squeue_output_is_an_error_that_quotes_it_and_the_array_is_cancelled
 }
 
 #[test]
-fn a_succeeded_task_is_done_when_its_record_appears_whatever_squeue_says() {
-    // squeue lists the task as running forever: only its record, seen the moment the
-    // wrapper renames it into place, can end this run.
+fn a_succeeded_task_is_reported_when_its_record_appears_and_the_run_ends_with_slurms_task() {
+    // squeue lists the task as running until the test releases it: the job's result can
+    // only come from its record, seen the moment the wrapper renames it into place; the run
+    // itself ends once Slurm no longer lists the task.
     let dir = scratch_dir("record-first");
     let cancelled = dir.join("cancelled");
+    let released = dir.join("released");
     let sbatch = "while [ $# -gt 0 ]; do [ \"$1\" = --wrap ] && w=\"$2\"; shift; done\n\
                   SLURM_ARRAY_TASK_ID=0 SLURM_JOB_ID=43 SLURMD_NODENAME=fakenode \
                   sh -c \"$w\" </dev/null >/dev/null 2>&1 &\n\
                   echo 42";
+    let squeue = format!(
+        "[ -e '{}' ] || echo '42|0|RUNNING|fakenode'",
+        released.display()
+    );
     let path = fake_slurm(
         &dir,
         &[
             ("scontrol", "echo 'MaxArraySize = 1001'"),
             ("sbatch", sbatch),
-            ("squeue", "echo '42|0|RUNNING|fakenode'"),
+            ("squeue", &squeue),
             (
                 "scancel",
                 &format!("echo \"$@\" > '{}'", cancelled.display()),
             ),
         ],
     );
-    let out = run(gpuproc_with_path(
+    let mut runner = Background::start(gpuproc_with_path(
         &dir,
         &path,
         &[
@@ -676,11 +682,14 @@ fn a_succeeded_task_is_done_when_its_record_appears_whatever_squeue_says() {
             "there",
         ],
     ));
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), "hello there");
+    assert_eq!(runner.line().as_deref(), Some("hello there"));
+    assert!(!released.exists());
     let joblog = std::fs::read_to_string(dir.join("jobs.tsv")).expect("job log");
     let line = joblog.lines().nth(1).expect("a job line");
     assert!(line.contains("fakenode"), "{joblog}");
+    std::fs::write(&released, b"").expect("release the task");
+    let status = runner.wait();
+    assert_eq!(status.code(), Some(0), "{}", runner.stderr());
     assert!(!cancelled.exists(), "nothing to cancel after a success");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -586,6 +586,8 @@ impl Runner<'_> {
         // Records taken since the last poll: progress for the poll's back-off.
         let mut took = false;
         let mut stopping: Option<Instant> = None;
+        // Since when every job is done while `squeue` still lists some of their tasks.
+        let mut lingering_since: Option<Instant> = None;
         // Without inotify (or past its limits), squeue polls alone find the ends.
         let mut watch = sys::DirWatch::new(&self.state).ok();
         let result = (|| -> anyhow::Result<bool> {
@@ -665,7 +667,14 @@ impl Runner<'_> {
                 };
                 let interrupted = received.interrupt || received.terminate;
                 if recorded && !interrupted && Instant::now() < poll_at {
-                    // Submit what the records freed (retries, the throttle), or finish.
+                    if arrays.iter().all(|a| a.tasks.iter().all(|t| t.done)) {
+                        // Every job has ended: soon ask whether Slurm has let them go.
+                        poll_at = poll_at.min(gpuproc::time::saturating_add(
+                            Instant::now(),
+                            policy::POLL_LINGER,
+                        ));
+                    }
+                    // Submit what the records freed (retries, the throttle), or wait.
                     continue;
                 }
                 if received.interrupt || received.terminate {
@@ -692,6 +701,29 @@ impl Runner<'_> {
                 interval = policy::next_poll(interval, progressed || took, submitted.elapsed());
                 took = false;
                 poll_at = gpuproc::time::saturating_add(Instant::now(), interval);
+                let all_done = arrays.iter().all(|a| a.tasks.iter().all(|t| t.done));
+                if stopping.is_none() && all_done && !arrays.is_empty() {
+                    let since = *lingering_since.get_or_insert_with(Instant::now);
+                    if let Some(quick) = policy::linger_poll(since.elapsed()) {
+                        interval = quick;
+                        poll_at = gpuproc::time::saturating_add(Instant::now(), interval);
+                    }
+                    if since.elapsed() >= CANCEL_WAIT {
+                        self.tracker.note(&format!(
+                            "every job has ended, yet squeue still lists tasks of job array \
+                             {} after {}s; leaving them",
+                            arrays
+                                .iter()
+                                .map(|a| a.id.to_string())
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            CANCEL_WAIT.as_secs()
+                        ));
+                        return Ok(false);
+                    }
+                } else {
+                    lingering_since = None;
+                }
                 if stopping.is_some_and(|s| s.elapsed() >= CANCEL_WAIT) {
                     self.tracker.note(&format!(
                         "cancelled tasks still listed by squeue after {}s; leaving them",
@@ -800,9 +832,16 @@ impl Runner<'_> {
         let mut progressed = false;
         let (mut pending, mut running) = (0, 0);
         let now = Instant::now();
+        // Arrays whose tasks are all done but which Slurm still runs (a wrapper exiting
+        // after its record, `COMPLETING`): kept, so that the run ends when Slurm is done.
+        let mut lingering: Vec<u64> = Vec::new();
         for array in arrays.iter_mut() {
             for t in 0..array.tasks.len() {
                 if array.tasks[t].done {
+                    let state = listed.get(&(array.id, t)).map(|q| q.state);
+                    if matches!(state, Some(TaskState::Pending | TaskState::Running)) {
+                        lingering.push(array.id);
+                    }
                     continue;
                 }
                 let queued = listed.get(&(array.id, t));
@@ -864,7 +903,7 @@ impl Runner<'_> {
                 self.finish_task(array, t, &ended, scheduler, stopping.is_some())?;
             }
         }
-        arrays.retain(|a| a.tasks.iter().any(|t| !t.done));
+        arrays.retain(|a| a.tasks.iter().any(|t| !t.done) || lingering.contains(&a.id));
         Ok((progressed, (pending, running)))
     }
 
@@ -893,7 +932,7 @@ impl Runner<'_> {
     /// be read, are left to the next poll, which knows what Slurm did with the task.
     fn take_records(
         &mut self,
-        arrays: &mut Vec<Array>,
+        arrays: &mut [Array],
         scheduler: &mut Scheduler,
         renamed: &sys::Renamed,
         stopping: bool,
@@ -933,7 +972,7 @@ impl Runner<'_> {
             took = true;
             self.finish_task(array, t, &ended, scheduler, stopping)?;
         }
-        arrays.retain(|a| a.tasks.iter().any(|t| !t.done));
+        // (The arrays stay until `squeue` no longer lists them: see `poll`.)
         Ok(took)
     }
 

@@ -136,6 +136,20 @@ pub fn next_poll(current: Duration, progressed: bool, since_submit: Duration) ->
     grown.clamp(POLL_MIN, POLL_MAX)
 }
 
+/// The interval between polls once every job has ended while `squeue` still lists some of
+/// their tasks (Slurm's own end of a task, `COMPLETING`), for the first
+/// [`LINGER_FAST`] of it: the run ends within [`POLL_LINGER`] of Slurm letting the tasks
+/// go, for a few more queries; after that, [`next_poll`]'s back-off.
+pub const POLL_LINGER: Duration = Duration::from_millis(50);
+/// See [`POLL_LINGER`].
+pub const LINGER_FAST: Duration = Duration::from_secs(1);
+
+/// The poll interval while every job has ended and Slurm still lists tasks of them, for
+/// `since` now: [`POLL_LINGER`] at first, `None` (the usual back-off) after [`LINGER_FAST`].
+pub fn linger_poll(since: Duration) -> Option<Duration> {
+    (since < LINGER_FAST).then_some(POLL_LINGER)
+}
+
 /// The job id `sbatch --parsable` prints (`ID` or `ID;CLUSTER`).
 ///
 /// # Errors
@@ -379,6 +393,15 @@ pub fn step_slots(alloc: &Allocation, throttle: Option<usize>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_runs_wait_for_slurm_briefly_at_a_quick_pace_then_back_off() {
+        assert_eq!(linger_poll(Duration::ZERO), Some(POLL_LINGER));
+        assert_eq!(linger_poll(Duration::from_millis(999)), Some(POLL_LINGER));
+        assert_eq!(linger_poll(LINGER_FAST), None);
+        assert_eq!(linger_poll(Duration::MAX), None);
+        assert!(POLL_LINGER < POLL_MIN);
+    }
 
     #[test]
     fn only_a_private_directory_of_ones_own_holds_state() {
