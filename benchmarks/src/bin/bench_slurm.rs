@@ -227,7 +227,18 @@ fn main() {
             .args((0..jobs).map(|i| i.to_string()));
             samples[3].push(time_first_line(gnu));
         }
-        eprintln!("bench_slurm: run {run} of {runs} done");
+        let this_run: Vec<String> = samples
+            .iter()
+            .zip(names)
+            .filter_map(|(s, name)| {
+                s.last()
+                    .map(|t| format!("{name}: {:.2} s, first {:.2} s", t.total, t.first))
+            })
+            .collect();
+        eprintln!(
+            "bench_slurm: run {run} of {runs} done: {}",
+            this_run.join("; ")
+        );
     }
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
