@@ -682,14 +682,15 @@ fn a_succeeded_task_is_reported_when_its_record_appears_and_the_run_ends_with_sl
             "there",
         ],
     ));
+    // The output, while squeue still lists the task.
     assert_eq!(runner.line().as_deref(), Some("hello there"));
     assert!(!released.exists());
-    let joblog = std::fs::read_to_string(dir.join("jobs.tsv")).expect("job log");
-    let line = joblog.lines().nth(1).expect("a job line");
-    assert!(line.contains("fakenode"), "{joblog}");
     std::fs::write(&released, b"").expect("release the task");
     let status = runner.wait();
     assert_eq!(status.code(), Some(0), "{}", runner.stderr());
+    let joblog = std::fs::read_to_string(dir.join("jobs.tsv")).expect("job log");
+    let line = joblog.lines().nth(1).expect("a job line");
+    assert!(line.contains("fakenode"), "{joblog}");
     assert!(!cancelled.exists(), "nothing to cancel after a success");
     let _ = std::fs::remove_dir_all(dir);
 }
