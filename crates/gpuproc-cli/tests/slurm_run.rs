@@ -708,46 +708,32 @@ fn a_state_directory_someone_else_could_write_is_refused() {
             ("sbatch", "echo sbatch >> submitted; echo 42"),
         ],
     );
+    // Runs the sweep, which must be refused with `reasons` in its message, leaving `empty`
+    // empty.
+    let refused = |reasons: &[&str], empty: &Path| {
+        let out = run(gpuproc_with_path(
+            &dir,
+            &path,
+            &["--", "true {}", ":::", "1"],
+        ));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let err = stderr(&out);
+        for reason in reasons {
+            assert!(err.contains(reason), "{reason:?} not in: {err}");
+        }
+        let written = std::fs::read_dir(empty).expect("read_dir").count();
+        assert_eq!(written, 0, "nothing may be written in {}", empty.display());
+    };
     let elsewhere = dir.join("elsewhere");
     std::fs::create_dir(&elsewhere).expect("elsewhere");
     let base = dir.join(".gpuproc-slurm");
     std::os::unix::fs::symlink(&elsewhere, &base).expect("plant a link");
-    let out = run(gpuproc_with_path(
-        &dir,
-        &path,
-        &["--", "true {}", ":::", "1"],
-    ));
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(
-        err.contains(".gpuproc-slurm") && err.contains("not a directory"),
-        "{err}"
-    );
-    assert_eq!(
-        std::fs::read_dir(&elsewhere).unwrap().count(),
-        0,
-        "nothing written there"
-    );
+    refused(&[".gpuproc-slurm", "not a directory"], &elsewhere);
 
     std::fs::remove_file(&base).unwrap();
     std::fs::create_dir(&base).unwrap();
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let out = run(gpuproc_with_path(
-        &dir,
-        &path,
-        &["--", "true {}", ":::", "1"],
-    ));
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(
-        err.contains("mode 1777") && err.contains("chmod go-w"),
-        "{err}"
-    );
-    assert_eq!(
-        std::fs::read_dir(&base).unwrap().count(),
-        0,
-        "no state made there"
-    );
+    refused(&["mode 1777", "chmod go-w"], &base);
     assert!(!dir.join("submitted").exists(), "nothing was submitted");
     let _ = std::fs::remove_dir_all(dir);
 }
