@@ -787,12 +787,7 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
-        let mut it = self.all(f, items, None);
-        let mut out = Vec::with_capacity(it.len.unwrap_or(0).min(MAX_RESERVE));
-        while let Some(r) = it.next() {
-            out.push((r?, it.last_gpu_memory_peak()));
-        }
-        Ok(out)
+        self.map_with(f, items, |it| it.last_gpu_memory_peak())
     }
 
     /// [`map`](Self::map), with each task's GPU accounting (see
@@ -809,10 +804,26 @@ impl Pool {
         R: Serialize + DeserializeOwned,
         I: IntoIterator<Item = A>,
     {
+        self.map_with(f, items, |it| it.last_gpu_accounting().clone())
+    }
+
+    /// [`map`](Self::map), each result paired with what `about` reads from the iterator
+    /// right after that result (the task's sampled GPU figures).
+    fn map_with<A, R, I, X>(
+        &self,
+        f: fn(A) -> R,
+        items: I,
+        about: impl Fn(&Imap<'_, A, R, Input<A, I::IntoIter>>) -> X,
+    ) -> Result<Vec<(R, X)>, PoolError>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
         let mut it = self.all(f, items, None);
         let mut out = Vec::with_capacity(it.len.unwrap_or(0).min(MAX_RESERVE));
         while let Some(r) = it.next() {
-            out.push((r?, it.last_gpu_accounting().clone()));
+            out.push((r?, about(&it)));
         }
         Ok(out)
     }
