@@ -23,12 +23,12 @@ Every pool uses the default start method (fork on Linux). Prints one JSON object
     {"python": "3.11.7", "start_method": "fork", "results": [{"name": "...", "tasks": N,
      "seconds": S}, ...], "start_s": [...], "idle": [{"pid": P, "rss_kb": R, "pss_kb": Q}, ...]}
 
-The two Pool.map rows are repeated --reps times (one result entry each); the caller takes
-the median.
+The two Pool.map rows are repeated --reps times (one result entry each), the str row
+--str-reps times; the caller takes the median.
 
 Usage: bench_pool.py [--processes P] [--n1 N] [--futures-n N] [--loky-n N] [--n2 N]
                      [--sleep-n N] [--starts K] [--reps R] [--big-n N] [--big-floats F]
-                     [--str-n N] [--str-len L]
+                     [--str-n N] [--str-len L] [--str-reps R]
 A count of 0 skips that measurement.
 """
 
@@ -100,6 +100,9 @@ def main():
     ap.add_argument("--sleep-n", type=int, default=1000)
     ap.add_argument("--starts", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the two Pool.map rows")
+    ap.add_argument(
+        "--str-reps", type=int, default=None, help="repetitions of the str row (default: --reps)"
+    )
     ap.add_argument("--big-n", type=int, default=0)
     ap.add_argument("--big-floats", type=int, default=1 << 20)
     ap.add_argument("--str-n", type=int, default=0)
@@ -155,7 +158,7 @@ def main():
         if args.str_n > 0:
             strings = [str(i).rjust(args.str_len, "a") for i in range(args.str_n)]
             pool.map(upper, strings[:1000])
-            for _ in range(args.reps):
+            for _ in range(args.str_reps or args.reps):
                 s, out = timed(lambda: pool.map(upper, strings))
                 if out[-1] != strings[-1].upper():
                     raise SystemExit("str upper: wrong results")

@@ -201,8 +201,11 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
     #[inline]
     fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         let len = self.len()?;
-        let s = std::str::from_utf8(self.take(len)?).map_err(|_| Error::DeserializeBadUtf8)?;
-        visitor.visit_str(s)
+        // Copied, then checked: the bytes may lie in memory another process maps, and a
+        // `String` must hold what was checked.
+        let s =
+            String::from_utf8(self.take(len)?.to_vec()).map_err(|_| Error::DeserializeBadUtf8)?;
+        visitor.visit_string(s)
     }
 
     #[inline]

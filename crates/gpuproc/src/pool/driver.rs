@@ -38,7 +38,7 @@ pub(crate) struct Run {
     pub lens: Lens,
     /// Each task's result descriptor count (empty: none).
     pub nfds: Vec<u32>,
-    pub results: Vec<u8>,
+    pub results: Results,
     /// The shape of the results when they are plain data (see `plain`), else postcard.
     pub shape: Option<Vec<u8>>,
     pub fds: Vec<OwnedFd>,
@@ -57,6 +57,52 @@ impl Run {
             lens: Lens::Fixed { len: 0, count: 1 },
             errors: vec![(0, err)],
             ..Run::default()
+        }
+    }
+}
+
+/// A run's encoded results: a buffer of their own (results that came in the worker's
+/// frame), or a range of the memfd a worker lent them in, read in place.
+///
+/// A lent memfd is handed back to its worker (see [`Lent`]) once every run that reads from
+/// it is dropped, so the bytes stay put while they are decoded: the worker never writes a
+/// memfd it has lent. (Only code running in the worker process with the memfd's descriptor
+/// could; decoding still checks every length and validates strings, so changed bytes could
+/// give wrong values or a decode error, never a bad memory access.)
+#[derive(Debug)]
+pub(crate) enum Results {
+    Owned(Vec<u8>),
+    Lent {
+        map: Arc<crate::sys::seqpacket::Mapping>,
+        at: usize,
+        len: usize,
+        _lent: Arc<Lent>,
+    },
+}
+
+impl Default for Results {
+    fn default() -> Self {
+        Results::Owned(Vec::new())
+    }
+}
+
+impl Results {
+    /// The encoded results, back to back.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Results::Owned(v) => v,
+            Results::Lent { map, at, len, .. } => map
+                .bytes()
+                .get(*at..at.saturating_add(*len))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Gives an owned buffer back to `buffers` for reuse (a lent memfd goes back to its
+    /// worker when the last run reading it is dropped).
+    pub(crate) fn recycle(self, buffers: &Buffers) {
+        if let Results::Owned(v) = self {
+            buffers.give(v);
         }
     }
 }
@@ -1091,7 +1137,8 @@ fn flush_outbox(w: &mut Worker) -> std::io::Result<()> {
 }
 
 /// A worker's memfd of results, handed back (see `shm_args`) when dropped.
-struct Lent(OwnedFd, u64);
+#[derive(Debug)]
+pub(crate) struct Lent(OwnedFd, u64);
 
 impl Drop for Lent {
     fn drop(&mut self) {
@@ -1168,12 +1215,13 @@ fn receive(
 ) -> Result<(), String> {
     let (done, mut results) =
         crate::codec::take_from_bytes::<DoneHeader>(bytes).map_err(|e| e.to_string())?;
-    // Results in a memfd: read in place, and handed back to the worker when this returns.
+    // Results in a memfd: read in place by the runs made below, and handed back to the
+    // worker when the last of them is dropped.
     let map;
-    let _lent;
+    let mut lent = None;
     if let Some(at) = done.results_memfd {
         let fd = fds.pop().ok_or("a run without its results' memfd")?;
-        _lent = Lent(fd, at);
+        let l = Arc::new(Lent(fd, at));
         if !results.is_empty() {
             return Err("a run with results both in its frame and in a memfd".into());
         }
@@ -1182,10 +1230,12 @@ fn receive(
             .checked_total()
             .ok_or("a run whose result lengths overflow")?;
         map = memfds
-            .map(_lent.0.as_fd(), total.max(1), 0)
+            .map(l.0.as_fd(), total.max(1), 0)
             .map_err(|e| format!("mapping a run's results: {e}"))?;
-        results = &map.bytes()[..total];
+        results = map.bytes().get(..total).ok_or("a short results memfd")?;
+        lent = Some((Arc::clone(&map), l));
     }
+    let mut offset = 0usize; // of `results` in the memfd
     let expected = w
         .sent
         .front()
@@ -1209,6 +1259,8 @@ fn receive(
         let bytes = lens.bytes_before(take);
         let (mine, tail) = results.split_at(bytes.min(results.len()));
         results = tail;
+        let at = offset;
+        offset += mine.len();
         let nfd_total: usize = nfds.iter().map(|&n| n as usize).sum();
         let first_index = sent.chunk.first_index + sent.done as u64;
         let mut errors = Vec::new();
@@ -1253,10 +1305,18 @@ fn receive(
             first_index,
             lens,
             nfds,
-            results: {
-                let mut v = buffers.take(mine.len());
-                v.extend_from_slice(mine);
-                v
+            results: match &lent {
+                Some((map, l)) => Results::Lent {
+                    map: Arc::clone(map),
+                    at,
+                    len: mine.len(),
+                    _lent: Arc::clone(l),
+                },
+                None => {
+                    let mut v = buffers.take(mine.len());
+                    v.extend_from_slice(mine);
+                    Results::Owned(v)
+                }
             },
             shape: done.shape.clone(),
             fds: fds.by_ref().take(nfd_total).collect(),

@@ -1339,7 +1339,7 @@ impl RunReader {
         let n = self.run.lens.len();
         let first = self.next_index();
         for (k, i) in (self.i..n).enumerate() {
-            let bytes = (self.run.results)
+            let bytes = (self.run.results.bytes())
                 .get(self.at..self.at.saturating_add(len))
                 .unwrap_or_default();
             match plain::decode(bytes, shape) {
@@ -1365,8 +1365,9 @@ impl RunReader {
         let len = self.run.lens.get(i);
         // (The driver checked that the lengths add up to the results; a short slice would
         // fail to decode, never panic.)
-        let end = self.at.saturating_add(len).min(self.run.results.len());
-        let bytes = self.run.results.get(self.at..end).unwrap_or_default();
+        let results = self.run.results.bytes();
+        let end = self.at.saturating_add(len).min(results.len());
+        let bytes = results.get(self.at..end).unwrap_or_default();
         self.at = self.at.saturating_add(len);
         let n = self.run.nfds.get(i).copied().unwrap_or(0) as usize;
         let fds: Vec<_> = if n == 0 {
@@ -1526,7 +1527,7 @@ where
                         }
                     }
                 }
-                self.pool.shared.buffers.give(cur.run.results);
+                cur.run.results.recycle(&self.pool.shared.buffers);
                 self.next_yield += n as u64;
                 self.outstanding -= n;
             }
@@ -1643,7 +1644,7 @@ where
                     return Some(r);
                 }
                 if let Some(done) = self.current.take() {
-                    self.pool.shared.buffers.give(done.run.results);
+                    done.run.results.recycle(&self.pool.shared.buffers);
                 }
             }
             if let Err(e) = self.fill() {

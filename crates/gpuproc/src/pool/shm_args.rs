@@ -13,8 +13,9 @@
 //! been reported, or when the chunk is dropped (failed, or its pool terminated); a worker
 //! that dies mid-task takes nothing with it: the parent still owns the memfd, and the chunk
 //! keeps it for the retry or returns it. Results: the worker marks the memfd lent (a word
-//! after the payload, see [`memfd_pooled`]) and the parent writes zero there once it has
-//! copied the results out; until then the worker does not reuse it. A pool keeps at most
+//! after the payload, see [`memfd_pooled`]); the parent decodes the results in place and
+//! writes zero there once the last of them is decoded (or dropped); until then the worker
+//! does not reuse it, and makes or takes another memfd for its next results. A pool keeps at most
 //! [`KEEP`] idle memfds, [`KEEP_BYTES`] in all.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
