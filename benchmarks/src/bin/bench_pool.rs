@@ -16,8 +16,10 @@
 //!   workers of a warmed-up, idle pool (`pool.worker_pids()`; Python's `pool._pool`);
 //! - (e) large payloads: 256 tasks x 4 MiB `Vec<f32>`, (e1) sum, (e2) times 2, against
 //!   memcpy, a one-process compute floor, the ids + named `SharedMemory` pattern and Python's
-//!   `Pool.map` over numpy arrays; and 100,000 strings of 100 bytes upper-cased (see
-//!   `large_payloads`; its own table and targets);
+//!   `Pool.map` over numpy arrays; 100,000 strings of 100 bytes upper-cased; and (e4)
+//!   vectors of a plain struct, element by element and with `gpuproc::pod` (see
+//!   `large_payloads`: its own tables and targets; gpuproc's rows run 5 times, Python's numpy
+//!   rows 3, the strings 11 times each, medians shown);
 //! - pool start: build a pool and get the first result (`Pool::new(2)` + `apply(square, 3)`;
 //!   Python `Pool(2)` + `apply`), median of several after one warm-up start.
 //!
@@ -45,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use gpuproc::shm::SharedMemory;
 use gpuproc::{Pool, SharedSlice};
+use serde::{Deserialize, Serialize};
 
 const WORKERS: usize = 2;
 /// procspawn handles kept outstanding at once; each holds IPC channels (file descriptors).
@@ -689,6 +692,47 @@ fn sum_slice(v: &[f32]) -> f64 {
     acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(rest)
 }
 
+/// (e4) A plain struct: 12 bytes, no padding.
+#[derive(
+    Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable, Serialize, Deserialize,
+)]
+#[repr(C)]
+struct Point {
+    x: f32,
+    y: f32,
+    id: u32,
+}
+
+/// (e4) A batch of points, element by element (serde's derive).
+#[derive(Clone, Serialize, Deserialize)]
+struct Points(Vec<Point>);
+
+/// (e4) The same batch as one block of bytes.
+#[derive(Clone, Serialize, Deserialize)]
+struct PodPoints(#[serde(with = "gpuproc::pod")] Vec<Point>);
+
+fn points(i: usize, n: usize) -> Vec<Point> {
+    (0..n)
+        .map(|k| Point {
+            x: ((k + i) % 7) as f32,
+            y: 0.5,
+            id: k as u32,
+        })
+        .collect()
+}
+
+fn sum_x(v: &[Point]) -> f64 {
+    v.iter().map(|p| f64::from(p.x)).sum()
+}
+
+fn sum_points(p: Points) -> f64 {
+    sum_x(&p.0)
+}
+
+fn sum_pod_points(p: PodPoints) -> f64 {
+    sum_x(&p.0)
+}
+
 fn times_2(v: Vec<f32>) -> Vec<f32> {
     let mut v = v;
     for x in &mut v {
@@ -759,6 +803,84 @@ fn upper(s: String) -> String {
     s.to_uppercase()
 }
 
+/// The (e3) floor's blocks, attached once per worker (input, output).
+static STR_BLOCKS: OnceLock<(SharedMemory, SharedMemory)> = OnceLock::new();
+
+fn attach_str_blocks(names: (String, String)) {
+    let input = SharedMemory::attach(&names.0).expect("attach the strings' input block");
+    let output = SharedMemory::attach(&names.1).expect("attach the strings' output block");
+    let _ = STR_BLOCKS.set((input, output));
+}
+
+/// (e3 floor) Upper-cases `count` strings written length-first (u32) from byte `at` of the
+/// input block into the same place of the output block, as owned `String`s in between (as
+/// a task of `map(upper, ...)` gets and returns them); returns `(at, count)` and the bytes
+/// written.
+fn upper_block((at, count): (u64, u64)) -> ((u64, u64), u64) {
+    let (input, output) = STR_BLOCKS
+        .get()
+        .expect("blocks attached by the initializer");
+    let (mut r, mut w) = (at as usize, at as usize);
+    for _ in 0..count {
+        // SAFETY: the parent wrote this piece of the input block before sending the task
+        // and writes neither it nor this piece of the output block until the result is
+        // back; pieces do not overlap (upper-casing ASCII keeps each length, checked below).
+        let (src, dst) = unsafe { (input.as_slice(), output.as_mut_slice()) };
+        let len = u32::from_le_bytes(src[r..r + 4].try_into().expect("4 bytes")) as usize;
+        let s = String::from_utf8(src[r + 4..r + 4 + len].to_vec()).expect("UTF-8");
+        r += 4 + len;
+        let u = s.to_uppercase();
+        assert_eq!(u.len(), len, "upper-cased ASCII keeps its length");
+        dst[w..w + 4].copy_from_slice(&(u.len() as u32).to_le_bytes());
+        dst[w + 4..w + 4 + u.len()].copy_from_slice(u.as_bytes());
+        w += 4 + u.len();
+    }
+    ((at, count), (w - at as usize) as u64)
+}
+
+/// (e3 floor) `map(upper, input)` by hand: the strings written into one shared block in
+/// Python's automatic chunks (a quarter of the input per worker, each chunk one task sent as
+/// soon as it is written), upper-cased by the workers into another block as owned
+/// `String`s, and read back into `String`s as each chunk comes back. No per-task
+/// bookkeeping: about the least a multi-process map of these strings costs here.
+fn upper_by_hand(
+    pool: &Pool,
+    blocks: &(SharedMemory, SharedMemory),
+    input: Vec<String>,
+) -> Vec<String> {
+    let n = input.len();
+    let per = n.div_ceil(4 * WORKERS).max(1);
+    let mut items = input.into_iter();
+    let mut w = 0usize;
+    let pieces = std::iter::from_fn(|| {
+        let at = w;
+        let mut count = 0u64;
+        for s in items.by_ref().take(per) {
+            // SAFETY: no worker reads or writes this piece until its task is sent.
+            let dst = unsafe { blocks.0.as_mut_slice() };
+            dst[w..w + 4].copy_from_slice(&(s.len() as u32).to_le_bytes());
+            dst[w + 4..w + 4 + s.len()].copy_from_slice(s.as_bytes());
+            w += 4 + s.len();
+            count += 1;
+        }
+        (count > 0).then_some((at as u64, count))
+    });
+    let mut out = Vec::with_capacity(n);
+    for done in pool.imap(upper_block, pieces) {
+        let ((at, count), bytes) = done.expect("e3 floor");
+        // SAFETY: this piece's task is done: no worker writes it any more.
+        let src = unsafe { blocks.1.as_slice() };
+        let mut r = at as usize;
+        for _ in 0..count {
+            let len = u32::from_le_bytes(src[r..r + 4].try_into().expect("4 bytes")) as usize;
+            out.push(String::from_utf8(src[r + 4..r + 4 + len].to_vec()).expect("UTF-8"));
+            r += 4 + len;
+        }
+        assert_eq!(r - at as usize, bytes as usize, "e3 floor: bytes read back");
+    }
+    out
+}
+
 /// One row of (e): seconds per run, and the bytes one run moves one way.
 struct BigRow {
     name: String,
@@ -788,8 +910,10 @@ fn timed<T>(reps: usize, mut f: impl FnMut() -> T, mut check: impl FnMut(T)) -> 
 /// strings of 100 bytes upper-cased.
 /// `just`: `e1`, `e2` or `e3` to time only gpuproc's map of that kind (for profiling).
 fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>) {
-    let reps = 3;
-    // (e3 takes milliseconds: more runs, for a steadier median on both sides.)
+    // gpuproc's rows (and the floors) run 5 times, Python's numpy rows 3 (seconds each);
+    // e3 takes milliseconds: 11 runs on both sides, for a steadier median.
+    let reps = 5;
+    let py_reps = 3;
     let str_reps = 11;
     let n = ((256.0 * scale).round() as usize).max(8);
     let floats = (4 << 20) / 4;
@@ -920,6 +1044,33 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
         str_samples.push(t.elapsed().as_secs_f64());
         assert_eq!(out[str_n - 1], strings[str_n - 1].to_uppercase());
     }
+    // (e4) Vectors of a plain struct, element by element and as one block of bytes.
+    let pt_n = (n / 4).max(2);
+    let per = item_bytes / std::mem::size_of::<Point>();
+    let pts: Vec<Vec<Point>> = (0..pt_n).map(|i| points(i, per)).collect();
+    let pt_sums: Vec<f64> = pts.iter().map(|v| sum_x(v)).collect();
+    let mut pt_rows = Vec::new();
+    for (name, pod) in [
+        ("element by element", false),
+        ("#[serde(with = \"gpuproc::pod\")]", true),
+    ] {
+        let mut samples = Vec::new();
+        for _ in 0..reps {
+            let t;
+            let out = if pod {
+                let input: Vec<PodPoints> = pts.iter().cloned().map(PodPoints).collect();
+                t = Instant::now();
+                pool.map(sum_pod_points, input).expect("gpuproc e4")
+            } else {
+                let input: Vec<Points> = pts.iter().cloned().map(Points).collect();
+                t = Instant::now();
+                pool.map(sum_points, input).expect("gpuproc e4")
+            };
+            samples.push(t.elapsed().as_secs_f64());
+            assert_eq!(out, pt_sums, "e4: wrong sums");
+        }
+        pt_rows.push((name, median(&samples)));
+    }
     drop(pool);
 
     // SharedSlice<f32>: made from the data once (untimed, as the block below is filled
@@ -1009,6 +1160,33 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
     drop(data);
     drop((input, output));
 
+    // (e3) The hand-written floor for the strings.
+    let str_bytes = strings.iter().map(|s| 4 + s.len()).sum::<usize>();
+    let blocks = (
+        SharedMemory::create(str_bytes).expect("strings' input block"),
+        SharedMemory::create(str_bytes).expect("strings' output block"),
+    );
+    let pool = Pool::builder()
+        .processes(WORKERS)
+        .initializer(
+            attach_str_blocks,
+            (blocks.0.name().to_string(), blocks.1.name().to_string()),
+        )
+        .build()
+        .expect("gpuproc pool with the strings' blocks");
+    let _ = upper_by_hand(&pool, &blocks, strings.clone());
+    let mut floor_str_samples = Vec::new();
+    for _ in 0..str_reps {
+        let input = strings.clone();
+        let t = Instant::now();
+        let out = upper_by_hand(&pool, &blocks, input);
+        floor_str_samples.push(t.elapsed().as_secs_f64());
+        assert_eq!(out.len(), str_n);
+        assert_eq!(out[str_n - 1], strings[str_n - 1].to_uppercase());
+    }
+    drop(pool);
+    drop(blocks);
+
     let mut py_str = f64::NAN;
     if python_on {
         let args: Vec<String> = [
@@ -1019,7 +1197,7 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
             ("--n2", "0".into()),
             ("--sleep-n", "0".into()),
             ("--starts", "0".into()),
-            ("--reps", reps.to_string()),
+            ("--reps", py_reps.to_string()),
             ("--big-n", n.to_string()),
             ("--big-floats", floats.to_string()),
             ("--str-n", str_n.to_string()),
@@ -1105,12 +1283,46 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
         g_str,
         ratio(py_str / g_str)
     );
+    let floor_str = median(&floor_str_samples);
+    println!(
+        "{:<40} {:>9.3} {:>10}",
+        "(e3) floor: by hand, 2 shared blocks",
+        floor_str,
+        ratio(py_str / floor_str)
+    );
     println!(
         "{:<40} {:>9.3} {:>10}",
         "(e3) python Pool.map auto",
         py_str,
         ratio(if py_str.is_finite() { 1.0 } else { f64::NAN })
     );
+    println!(
+        " (the floor: map by hand, in Python's chunks, through 2 shared blocks, with no \
+         per-task bookkeeping;\n  gpuproc / floor: {})",
+        ratio2(g_str / floor_str)
+    );
+
+    println!();
+    println!(
+        "{:<40} {:>9} {:>8} {:>10}",
+        format!(
+            "(e4) {pt_n} x {} MiB Vec<Point>, sum of x",
+            item_bytes >> 20
+        ),
+        "median s",
+        "GB/s",
+        "/elements"
+    );
+    let pt_bytes = (pt_n * per * std::mem::size_of::<Point>()) as f64;
+    for (name, s) in &pt_rows {
+        println!(
+            "{:<40} {:>9.3} {:>8.2} {:>10}",
+            name,
+            s,
+            pt_bytes / s / 1e9,
+            ratio(pt_rows[0].1 / s)
+        );
+    }
 
     println!();
     println!("Targets (e):");

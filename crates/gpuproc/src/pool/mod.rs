@@ -553,7 +553,8 @@ fn worker_gpus(given: &[(u32, String)], used: &[gpu::DeviceUsage]) -> Vec<Worker
 /// # Big data
 /// Task arguments and results are encoded once and decoded once: vectors and slices of
 /// numbers (`Vec<f32>`, `&[u8]`, `Box<[f64]>`, `Vec<u32>`, also inside structs and enums) as
-/// one copy, and once a chunk's arguments (or a run's results) pass 256 KiB they are written
+/// one copy (vectors of plain structs too, with `#[serde(with = "gpuproc::pod")]`: see
+/// [`pod`](crate::pod)), and once a chunk's arguments (or a run's results) pass 256 KiB they are written
 /// straight into shared memory that the other side reads in place, with no copy through a
 /// socket. `map` and `imap` keep three chunks per worker (at least 32 MiB) of arguments in
 /// flight, so inputs of any size stream through bounded memory. To avoid even those copies,

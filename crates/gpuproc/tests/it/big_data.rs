@@ -253,3 +253,50 @@ fn results_in_shared_memory_are_read_in_place_and_their_memfds_go_back_to_the_wo
         "{memfds} result memfds mapped over 20 maps"
     );
 }
+
+/// A plain struct (no padding), for `gpuproc::pod`.
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Point {
+    x: f32,
+    y: f32,
+    id: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct Cloud {
+    name: String,
+    #[serde(with = "gpuproc::pod")]
+    points: Vec<Point>,
+}
+
+/// The cloud mirrored and renamed: a result as large as the argument.
+fn mirror(mut c: Cloud) -> Cloud {
+    c.points.iter_mut().for_each(|p| p.x = -p.x);
+    c.name.push_str(" mirrored");
+    c
+}
+
+#[test]
+fn vectors_of_plain_structs_marked_pod_go_through_a_pool_and_back() {
+    // Empty, small, and past the point where a chunk moves to shared memory, in one map.
+    let clouds: Vec<Cloud> = [0usize, 3, 100_000, 1, 50_000]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Cloud {
+            name: format!("cloud {i}"),
+            points: (0..n as u32)
+                .map(|k| Point {
+                    x: k as f32,
+                    y: i as f32,
+                    id: k,
+                })
+                .collect(),
+        })
+        .collect();
+    let pool = Pool::new(2).unwrap();
+    let got = pool.map(mirror, clouds.clone()).unwrap();
+    assert_eq!(got, clouds.into_iter().map(mirror).collect::<Vec<_>>());
+    pool.close();
+    pool.join().unwrap();
+}
