@@ -241,7 +241,7 @@ impl Drop for TableGuard {
 /// Encodes `value`, gathering the descriptors of any handles inside it.
 pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
-) -> Result<(Vec<u8>, Vec<OwnedFd>), postcard::Error> {
+) -> Result<(Vec<u8>, Vec<OwnedFd>), codec::Error> {
     let guard = TableGuard::install(FdTable::Outgoing(Vec::new()));
     let bytes = codec::to_vec(value);
     let fds = match guard.take() {
@@ -276,56 +276,35 @@ pub(crate) fn decode<T: DeserializeOwned>(
 
 /// Decodes a `T` that carries no descriptors (a handle inside it is an error).
 pub(crate) fn decode_without_fds<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    LAST_CUSTOM.with(|l| l.borrow_mut().take());
-    codec::from_bytes(bytes).map_err(DecodeError::new)
+    codec::from_bytes(bytes).map_err(DecodeError)
 }
 
-thread_local! {
-    /// The message of the last error made with [`de_error`] on this thread: postcard keeps
-    /// only the fact that a custom error happened, not its text.
-    static LAST_CUSTOM: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// A custom deserialisation error whose message [`DecodeError`] can still show.
+/// A custom deserialisation error (kept for the handles' `Deserialize` implementations,
+/// which any serde format may run).
 pub(crate) fn de_error<E: serde::de::Error>(msg: impl std::fmt::Display) -> E {
-    let msg = msg.to_string();
-    LAST_CUSTOM.with(|l| *l.borrow_mut() = Some(msg.clone()));
     E::custom(msg)
 }
 
 /// Why bytes did not decode as the expected type.
 #[derive(Debug)]
-pub(crate) struct DecodeError {
-    error: postcard::Error,
-    /// The message of a custom error made with [`de_error`].
-    detail: Option<String>,
-}
-
-impl DecodeError {
-    /// Wraps postcard's error, with the message of the custom error behind it, if any.
-    pub(crate) fn new(error: postcard::Error) -> Self {
-        let detail = LAST_CUSTOM.with(|l| l.borrow_mut().take());
-        let detail = detail.filter(|_| matches!(error, postcard::Error::SerdeDeCustom));
-        DecodeError { error, detail }
-    }
-}
+pub(crate) struct DecodeError(codec::Error);
 
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use postcard::Error as E;
-        // postcard's own texts are terse, and it drops the message of a custom error.
-        match &self.error {
-            E::SerdeDeCustom => match &self.detail {
-                Some(d) => write!(
-                    f,
-                    "the type's Deserialize implementation rejected the value: {d}"
-                ),
-                None => f.write_str("the type's Deserialize implementation rejected the value"),
-            },
-            E::DeserializeUnexpectedEnd => {
+        // postcard's own texts are terse.
+        match (self.0.kind(), self.0.message()) {
+            (E::SerdeDeCustom, Some(d)) => write!(
+                f,
+                "the type's Deserialize implementation rejected the value: {d}"
+            ),
+            (E::SerdeDeCustom, None) => {
+                f.write_str("the type's Deserialize implementation rejected the value")
+            }
+            (E::DeserializeUnexpectedEnd, _) => {
                 f.write_str("the data ended early (was a different type sent?)")
             }
-            other => write!(f, "the data does not match the type ({other})"),
+            (other, _) => write!(f, "the data does not match the type ({other})"),
         }
     }
 }

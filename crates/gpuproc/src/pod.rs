@@ -191,6 +191,13 @@ mod tests {
         };
         let bytes = crate::codec::to_vec(&bad).unwrap();
         let err = crate::codec::from_bytes::<Holder>(&bytes).unwrap_err();
-        assert!(matches!(err, postcard::Error::SerdeDeCustom), "{err:?}");
+        assert!(
+            matches!(err.kind(), postcard::Error::SerdeDeCustom),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("17 bytes are not a whole number"),
+            "{err}"
+        );
     }
 }

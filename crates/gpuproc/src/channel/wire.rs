@@ -68,7 +68,7 @@ impl Wait {
     }
 }
 
-fn encode_error(e: postcard::Error) -> ChannelError {
+fn encode_error(e: crate::codec::Error) -> ChannelError {
     ChannelError::Encode(e.to_string())
 }
 
@@ -93,7 +93,7 @@ fn encode_inline<T: Serialize + ?Sized>(
     let (n, fds) = ipc::encode_with(|| codec::to_slice(value, slot).map(|s| s.len()));
     match n {
         Ok(n) => Ok(Some((n + 1, fds))),
-        Err(postcard::Error::SerializeBufferFull) => Ok(None),
+        Err(e) if matches!(e.kind(), postcard::Error::SerializeBufferFull) => Ok(None),
         Err(e) => Err(encode_error(e)),
     }
 }

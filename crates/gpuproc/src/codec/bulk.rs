@@ -24,7 +24,8 @@ use serde::de::{self, Deserialize, Visitor};
 
 use super::de::Deserializer;
 use super::ser::{len_u64, Output, Serializer};
-use super::{varint, Error, Result};
+use super::{varint, Result};
+use postcard::Error as Pe;
 
 /// Element types whose bytes are their encoding: no padding, every byte initialised, and
 /// (for the floats) a little-endian machine, as postcard writes little-endian.
@@ -257,7 +258,7 @@ pub(crate) fn decode<'de, V: Visitor<'de>>(
         Kind::U32 => ints::<u32, V>(de, len, |d| d.varint_u32()),
         Kind::U64 => ints::<u64, V>(de, len, |d| d.varint_u64()),
         Kind::Usize => ints::<usize, V>(de, len, |d| {
-            usize::try_from(d.varint_u64()?).map_err(|_| Error::DeserializeBadVarint)
+            usize::try_from(d.varint_u64()?).map_err(|_| Pe::DeserializeBadVarint.into())
         }),
         Kind::U128 => ints::<u128, V>(de, len, |d| d.varint_u128()),
         Kind::I16 => ints::<i16, V>(de, len, |d| Ok(unzigzag16(d.varint_u16()?))),
@@ -265,7 +266,7 @@ pub(crate) fn decode<'de, V: Visitor<'de>>(
         Kind::I64 => ints::<i64, V>(de, len, |d| Ok(varint::unzigzag(d.varint_u64()?))),
         Kind::Isize => ints::<isize, V>(de, len, |d| {
             isize::try_from(varint::unzigzag(d.varint_u64()?))
-                .map_err(|_| Error::DeserializeBadVarint)
+                .map_err(|_| Pe::DeserializeBadVarint.into())
         }),
         Kind::I128 => ints::<i128, V>(de, len, |d| Ok(varint::unzigzag128(d.varint_u128()?))),
     }
@@ -305,10 +306,10 @@ fn raw<'de, T: Raw, V: Visitor<'de>>(
     let n = len.min(available);
     let bytes = &de.peek()[..n * size_of::<T>()];
     if !T::valid(bytes) {
-        return Some(Err(Error::DeserializeBadBool));
+        return Some(Err(Pe::DeserializeBadBool.into()));
     }
     if len > available {
-        return Some(Err(Error::DeserializeUnexpectedEnd));
+        return Some(Err(Pe::DeserializeUnexpectedEnd.into()));
     }
     let mut v: Vec<T> = Vec::with_capacity(len);
     // SAFETY: `bytes` holds exactly `len` elements' bytes (checked above), valid values of

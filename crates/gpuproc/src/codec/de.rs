@@ -1,9 +1,10 @@
 //! The deserializer: postcard's format, accepting exactly what postcard accepts, with
 //! vectors of numbers read in bulk.
 
-use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
+use serde::de::{self, DeserializeSeed, Visitor};
 
 use super::{bulk, varint, Error, Result};
+use postcard::Error as Pe;
 
 /// Reads values from a byte slice.
 pub(crate) struct Deserializer<'de> {
@@ -22,12 +23,12 @@ macro_rules! take_varint {
                 out |= <$t>::from(byte & 0x7f) << (7 * i);
                 if byte & 0x80 == 0 {
                     if i == LIMITS.0 - 1 && byte > LIMITS.1 {
-                        return Err(Error::DeserializeBadVarint);
+                        return Err(Pe::DeserializeBadVarint.into());
                     }
                     return Ok(out);
                 }
             }
-            Err(Error::DeserializeBadVarint)
+            Err(Pe::DeserializeBadVarint.into())
         }
     };
 }
@@ -60,7 +61,7 @@ impl<'de> Deserializer<'de> {
         let (&first, rest) = self
             .input
             .split_first()
-            .ok_or(Error::DeserializeUnexpectedEnd)?;
+            .ok_or(Pe::DeserializeUnexpectedEnd)?;
         self.input = rest;
         Ok(first)
     }
@@ -68,7 +69,7 @@ impl<'de> Deserializer<'de> {
     #[inline]
     fn take(&mut self, n: usize) -> Result<&'de [u8]> {
         if n > self.input.len() {
-            return Err(Error::DeserializeUnexpectedEnd);
+            return Err(Pe::DeserializeUnexpectedEnd.into());
         }
         let (head, rest) = self.input.split_at(n);
         self.input = rest;
@@ -90,7 +91,7 @@ impl<'de> Deserializer<'de> {
     /// A length: a `u64` varint that must fit a `usize`.
     #[inline]
     fn len(&mut self) -> Result<usize> {
-        usize::try_from(self.varint_u64()?).map_err(|_| Error::DeserializeBadVarint)
+        usize::try_from(self.varint_u64()?).map_err(|_| Pe::DeserializeBadVarint.into())
     }
 }
 
@@ -103,7 +104,7 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
 
     /// The format is not self-describing.
     fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value> {
-        Err(Error::WontImplement)
+        Err(Pe::WontImplement.into())
     }
 
     #[inline]
@@ -111,7 +112,7 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
         match self.pop()? {
             0 => visitor.visit_bool(false),
             1 => visitor.visit_bool(true),
-            _ => Err(Error::DeserializeBadBool),
+            _ => Err(Pe::DeserializeBadBool.into()),
         }
     }
 
@@ -181,20 +182,20 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
     fn deserialize_char<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         let len = self.len()?;
         if len > 4 {
-            return Err(Error::DeserializeBadChar);
+            return Err(Pe::DeserializeBadChar.into());
         }
-        let s = std::str::from_utf8(self.take(len)?).map_err(|_| Error::DeserializeBadChar)?;
+        let s = std::str::from_utf8(self.take(len)?).map_err(|_| Pe::DeserializeBadChar)?;
         let mut chars = s.chars();
         match (chars.next(), chars.next()) {
             (Some(c), None) => visitor.visit_char(c),
-            _ => Err(Error::DeserializeBadChar),
+            _ => Err(Pe::DeserializeBadChar.into()),
         }
     }
 
     #[inline]
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         let len = self.len()?;
-        let s = std::str::from_utf8(self.take(len)?).map_err(|_| Error::DeserializeBadUtf8)?;
+        let s = std::str::from_utf8(self.take(len)?).map_err(|_| Pe::DeserializeBadUtf8)?;
         visitor.visit_borrowed_str(s)
     }
 
@@ -203,8 +204,7 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
         let len = self.len()?;
         // Copied, then checked: the bytes may lie in memory another process maps, and a
         // `String` must hold what was checked.
-        let s =
-            String::from_utf8(self.take(len)?.to_vec()).map_err(|_| Error::DeserializeBadUtf8)?;
+        let s = String::from_utf8(self.take(len)?.to_vec()).map_err(|_| Pe::DeserializeBadUtf8)?;
         visitor.visit_string(s)
     }
 
@@ -225,7 +225,7 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
         match self.pop()? {
             0 => visitor.visit_none(),
             1 => visitor.visit_some(self),
-            _ => Err(Error::DeserializeBadOption),
+            _ => Err(Pe::DeserializeBadOption.into()),
         }
     }
 
@@ -308,12 +308,12 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
 
     /// Identifiers are not encoded.
     fn deserialize_identifier<V: Visitor<'de>>(self, _: V) -> Result<V::Value> {
-        Err(Error::WontImplement)
+        Err(Pe::WontImplement.into())
     }
 
     /// Nothing can be skipped without its type.
     fn deserialize_ignored_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value> {
-        Err(Error::WontImplement)
+        Err(Pe::WontImplement.into())
     }
 }
 
@@ -371,7 +371,7 @@ impl<'de> de::EnumAccess<'de> for &mut Deserializer<'de> {
     #[inline]
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self)> {
         let index = self.varint_u32()?;
-        let value = seed.deserialize(index.into_deserializer())?;
+        let value = seed.deserialize(de::IntoDeserializer::<Error>::into_deserializer(index))?;
         Ok((value, self))
     }
 }

@@ -22,7 +22,9 @@
 //! postcard does. The bytes are exactly postcard's either way, so the bulk path is a pure
 //! speed-up: the tests encode random values with both and compare bytes and decoded values.
 //!
-//! Errors are postcard's ([`postcard::Error`]), so callers handle both alike.
+//! Errors are postcard's kinds ([`postcard::Error`]) with, for a custom error (serde's
+//! `Error::custom`, which a type's own `Serialize` or `Deserialize` raises: a `try_from`
+//! that refuses a value, say), its message, which postcard's error type drops.
 
 pub(crate) mod bulk;
 mod de;
@@ -30,7 +32,55 @@ mod ser;
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use postcard::Error;
+/// Why a value did not encode or decode: postcard's kind of error and, for a custom
+/// error, its message. (Boxed: errors are rare, and results stay small on the hot paths.)
+#[derive(Debug)]
+pub(crate) struct Error(Box<(postcard::Error, Option<String>)>);
+
+impl Error {
+    /// postcard's kind of error.
+    pub(crate) fn kind(&self) -> &postcard::Error {
+        &self.0 .0
+    }
+
+    /// The message of a custom error.
+    pub(crate) fn message(&self) -> Option<&str> {
+        self.0 .1.as_deref()
+    }
+
+    fn custom(kind: postcard::Error, msg: impl std::fmt::Display) -> Self {
+        Error(Box::new((kind, Some(msg.to_string()))))
+    }
+}
+
+impl From<postcard::Error> for Error {
+    fn from(kind: postcard::Error) -> Self {
+        Error(Box::new((kind, None)))
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.message() {
+            Some(m) => f.write_str(m),
+            None => self.kind().fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl serde::ser::Error for Error {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        Error::custom(postcard::Error::SerdeSerCustom, msg)
+    }
+}
+
+impl serde::de::Error for Error {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        Error::custom(postcard::Error::SerdeDeCustom, msg)
+    }
+}
 pub(crate) use ser::Output;
 
 /// The result of an encoding or decoding step.
@@ -53,7 +103,7 @@ pub(crate) fn append_to<T: Serialize + ?Sized, O: Output>(value: &T, out: &mut O
     value.serialize(&mut ser::Serializer { out })
 }
 
-/// Encodes `value` into `buf`, returning the part written; [`Error::SerializeBufferFull`]
+/// Encodes `value` into `buf`, returning the part written; [`postcard::Error::SerializeBufferFull`]
 /// if it does not fit.
 pub(crate) fn to_slice<'b, T: Serialize + ?Sized>(
     value: &T,

@@ -3,6 +3,7 @@
 use serde::ser::{self, Serialize};
 
 use super::{bulk, varint, Error, Result};
+use postcard::Error as Pe;
 
 /// Where encoded bytes go.
 pub(crate) trait Output {
@@ -36,7 +37,7 @@ impl<O: Output + ?Sized> Output for &mut O {
     }
 }
 
-/// A fixed buffer; writing past its end is [`Error::SerializeBufferFull`].
+/// A fixed buffer; writing past its end is [`Pe::SerializeBufferFull`].
 pub(crate) struct SliceOutput<'b> {
     pub buf: &'b mut [u8],
     pub len: usize,
@@ -45,10 +46,7 @@ pub(crate) struct SliceOutput<'b> {
 impl Output for SliceOutput<'_> {
     #[inline]
     fn push(&mut self, byte: u8) -> Result<()> {
-        let slot = self
-            .buf
-            .get_mut(self.len)
-            .ok_or(Error::SerializeBufferFull)?;
+        let slot = self.buf.get_mut(self.len).ok_or(Pe::SerializeBufferFull)?;
         *slot = byte;
         self.len += 1;
         Ok(())
@@ -59,11 +57,11 @@ impl Output for SliceOutput<'_> {
         let end = self
             .len
             .checked_add(bytes.len())
-            .ok_or(Error::SerializeBufferFull)?;
+            .ok_or(Pe::SerializeBufferFull)?;
         let dst = self
             .buf
             .get_mut(self.len..end)
-            .ok_or(Error::SerializeBufferFull)?;
+            .ok_or(Pe::SerializeBufferFull)?;
         dst.copy_from_slice(bytes);
         self.len = end;
         Ok(())
@@ -254,7 +252,7 @@ impl<O: Output> ser::Serializer for &mut Serializer<O> {
 
     #[inline]
     fn serialize_seq(self, len: Option<usize>) -> Result<Self> {
-        self.varint(len_u64(len.ok_or(Error::SerializeSeqLengthUnknown)?))?;
+        self.varint(len_u64(len.ok_or(Pe::SerializeSeqLengthUnknown)?))?;
         Ok(self)
     }
 
@@ -282,7 +280,7 @@ impl<O: Output> ser::Serializer for &mut Serializer<O> {
 
     #[inline]
     fn serialize_map(self, len: Option<usize>) -> Result<Self> {
-        self.varint(len_u64(len.ok_or(Error::SerializeSeqLengthUnknown)?))?;
+        self.varint(len_u64(len.ok_or(Pe::SerializeSeqLengthUnknown)?))?;
         Ok(self)
     }
 
@@ -345,9 +343,9 @@ impl<O: Output> ser::Serializer for &mut Serializer<O> {
         }
 
         let mut count = Count(0);
-        write!(count, "{value}").map_err(|_| Error::CollectStrError)?;
+        write!(count, "{value}").map_err(|_| Pe::CollectStrError)?;
         self.varint(len_u64(count.0))?;
-        write!(Sink(&mut self.out), "{value}").map_err(|_| Error::CollectStrError)
+        write!(Sink(&mut self.out), "{value}").map_err(|_| Pe::CollectStrError.into())
     }
 }
 

@@ -107,7 +107,7 @@ fn same_decoding<T: Serialize + DeserializeOwned>(bytes: &[u8]) {
             postcard::to_stdvec(&a).unwrap(),
             postcard::to_stdvec(&b).unwrap()
         ),
-        (Err(a), Err(b)) => assert_eq!(a, b),
+        (Err(a), Err(b)) => assert_eq!(a.kind(), &b),
         (a, b) => panic!(
             "codec gave {:?}, postcard {:?}",
             a.map(|_| ()),
@@ -130,8 +130,8 @@ fn round_trip<T: Serialize + DeserializeOwned>(value: &T) {
     if !ours.is_empty() {
         let mut short = vec![0u8; ours.len() - 1];
         assert_eq!(
-            super::to_slice(value, &mut short),
-            Err(super::Error::SerializeBufferFull)
+            super::to_slice(value, &mut short).map_err(|e| e.kind().clone()),
+            Err(postcard::Error::SerializeBufferFull)
         );
     }
     // Every truncation is refused the same way by both.
@@ -196,18 +196,18 @@ fn a_hostile_length_allocates_nothing_before_the_input_runs_out() {
     let mut bytes = Vec::new();
     super::append(&(1u64 << 62), &mut bytes).unwrap();
     assert_eq!(
-        super::from_bytes::<Vec<f32>>(&bytes),
-        Err(super::Error::DeserializeUnexpectedEnd)
+        super::from_bytes::<Vec<f32>>(&bytes).map_err(|e| e.kind().clone()),
+        Err(postcard::Error::DeserializeUnexpectedEnd)
     );
     assert_eq!(
-        super::from_bytes::<Vec<u64>>(&bytes),
-        Err(super::Error::DeserializeUnexpectedEnd)
+        super::from_bytes::<Vec<u64>>(&bytes).map_err(|e| e.kind().clone()),
+        Err(postcard::Error::DeserializeUnexpectedEnd)
     );
     // A bad bool before the end is reported as such, as postcard does.
     let bytes = [3, 1, 2];
     assert_eq!(
-        super::from_bytes::<Vec<bool>>(&bytes),
-        Err(super::Error::DeserializeBadBool)
+        super::from_bytes::<Vec<bool>>(&bytes).map_err(|e| e.kind().clone()),
+        Err(postcard::Error::DeserializeBadBool)
     );
 }
 

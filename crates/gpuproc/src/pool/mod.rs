@@ -1360,6 +1360,42 @@ impl RunReader {
         Some(Ok(()))
     }
 
+    /// Decodes the rest of a run of postcard results with no failures and no descriptors in
+    /// one loop: `None` if the run is not like that (then use `next`).
+    fn drain_postcard<R: DeserializeOwned>(
+        &mut self,
+        out: &mut Vec<R>,
+    ) -> Option<Result<(), PoolError>> {
+        if self.run.shape.is_some() || self.errors.peek().is_some() || !self.run.nfds.is_empty() {
+            return None;
+        }
+        let n = self.run.lens.len();
+        let first = self.next_index();
+        let results = self.run.results.bytes();
+        let mut at = self.at;
+        for (k, i) in (self.i..n).enumerate() {
+            let end = at.saturating_add(self.run.lens.get(i));
+            // (The driver checked that the lengths add up to the results.)
+            let bytes = results.get(at..end).unwrap_or_default();
+            at = end;
+            match worker::decode_plain_postcard(bytes) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    self.i = i + 1;
+                    self.at = at;
+                    return Some(Err(PoolError::BadResult {
+                        index: first + k as u64,
+                        type_name: type_name::<R>().to_string(),
+                        reason: e.to_string(),
+                    }));
+                }
+            }
+        }
+        self.i = n;
+        self.at = at;
+        Some(Ok(()))
+    }
+
     pub(crate) fn next<R: DeserializeOwned>(&mut self) -> Result<R, PoolError> {
         let (i, index) = (self.i, self.next_index());
         self.i += 1;
@@ -1520,7 +1556,7 @@ where
         loop {
             if let Some(mut cur) = self.current.take() {
                 let n = cur.run.lens.len() - cur.i;
-                match cur.drain_plain(out) {
+                match cur.drain_plain(out).or_else(|| cur.drain_postcard(out)) {
                     Some(r) => r?,
                     None => {
                         for _ in 0..n {

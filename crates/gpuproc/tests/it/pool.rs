@@ -938,3 +938,88 @@ fn the_automatic_chunk_size_keeps_pythons_count_for_small_items() {
     });
     assert_eq!(chunks, 8);
 }
+
+/// A result that encodes but that the parent refuses to decode when it says "7".
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[serde(try_from = "String", into = "String")]
+struct Picky(String);
+
+impl TryFrom<String> for Picky {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "7" {
+            Err("seven is refused here".into())
+        } else {
+            Ok(Picky(s))
+        }
+    }
+}
+
+impl From<Picky> for String {
+    fn from(p: Picky) -> String {
+        p.0
+    }
+}
+
+fn picky(i: u64) -> Picky {
+    Picky(i.to_string())
+}
+
+#[test]
+fn a_result_that_does_not_decode_fails_its_own_task_with_the_decoders_reason() {
+    let pool = Pool::new(2).unwrap();
+    // map stops at that task and says which and why.
+    let err = pool.map(picky, 0..20u64).unwrap_err();
+    assert_eq!(err.index(), Some(7), "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with("task 7: the result (`") && shown.contains("seven is refused here"),
+        "{shown}"
+    );
+    // imap yields every other result.
+    let got: Vec<Result<Picky, String>> = pool
+        .imap(picky, 0..20u64)
+        .map(|r| r.map_err(|e| e.to_string()))
+        .collect();
+    for (i, r) in got.iter().enumerate() {
+        match r {
+            Ok(p) => assert!(i != 7 && p.0 == i.to_string(), "task {i}: {p:?}"),
+            Err(e) => assert!(
+                i == 7 && e.contains("seven is refused here"),
+                "task {i}: {e}"
+            ),
+        }
+    }
+    pool.close();
+    pool.join().unwrap();
+}
+
+/// An argument whose `Serialize` refuses, saying why.
+#[derive(Debug, serde::Deserialize)]
+struct Unsendable(u64);
+
+impl serde::Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == 3 {
+            return Err(serde::ser::Error::custom("number 3 is not for sending"));
+        }
+        s.serialize_u64(self.0)
+    }
+}
+
+fn unsendable(u: Unsendable) -> String {
+    u.0.to_string()
+}
+
+#[test]
+fn an_argument_that_does_not_encode_fails_with_the_types_own_reason() {
+    let pool = Pool::new(2).unwrap();
+    let err = pool.map(unsendable, (0..6).map(Unsendable)).unwrap_err();
+    assert_eq!(err.index(), Some(3), "{err}");
+    assert!(
+        err.to_string().contains("number 3 is not for sending"),
+        "{err}"
+    );
+    pool.close();
+    pool.join().unwrap();
+}
