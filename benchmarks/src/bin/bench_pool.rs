@@ -34,7 +34,7 @@
 //! `--scale` multiplies every task count (default 1; 0.2 for a quick look). `--only` keeps the
 //! sections named: `a`, `b`, `c`, `d`, `e`, `start` (e.g. `--only a --no-python --no-procspawn`
 //! to profile gpuproc's chunksize-1 map alone under `perf` or `strace -c -f`; `e1`, `e2`, `e3` or `s1`
-//! times only gpuproc's map of (e1), (e2), (e3) or (e1) over `SharedSlice`s; with `PERF_CTL_FIFO` set, it enables
+//! times only gpuproc's map of (e1), (e2), (e3) or (e1) over `SharedSlice`s, `f3` the (e3) floor; with `PERF_CTL_FIFO` set, it enables
 //! `perf record --control fifo:...` around the timed maps alone). Python from `$GPUPROC_PYTHON`, else
 //! `<workspace>/.venv/bin/python`, else `python3`. About 60 s on 2 cores, most of it in
 //! Python's futures and loky rows.
@@ -267,7 +267,7 @@ fn main() {
     raise_nofile_limit();
     if !["a", "b", "c", "d", "start"].iter().any(|w| wanted(w)) {
         // `e1` / `e2`: only gpuproc's `Vec<f32>` map of that kind, to profile it.
-        let just = ["e1", "e2", "e3", "s1"]
+        let just = ["e1", "e2", "e3", "s1", "f3"]
             .into_iter()
             .find(|w| only.iter().any(|o| o == w));
         if wanted("e") || just.is_some() {
@@ -838,6 +838,25 @@ fn upper_block((at, count): (u64, u64)) -> ((u64, u64), u64) {
     ((at, count), (w - at as usize) as u64)
 }
 
+/// (e3 floor) The two blocks for `strings`, and a pool whose workers attach them (warmed up).
+fn str_floor_pool(strings: &[String]) -> ((SharedMemory, SharedMemory), Pool) {
+    let str_bytes = strings.iter().map(|s| 4 + s.len()).sum::<usize>();
+    let blocks = (
+        SharedMemory::create(str_bytes).expect("strings' input block"),
+        SharedMemory::create(str_bytes).expect("strings' output block"),
+    );
+    let pool = Pool::builder()
+        .processes(WORKERS)
+        .initializer(
+            attach_str_blocks,
+            (blocks.0.name().to_string(), blocks.1.name().to_string()),
+        )
+        .build()
+        .expect("gpuproc pool with the strings' blocks");
+    let _ = upper_by_hand(&pool, &blocks, strings.to_vec());
+    (blocks, pool)
+}
+
 /// (e3 floor) `map(upper, input)` by hand: the strings written into one shared block in
 /// Python's automatic chunks (a quarter of the input per worker, each chunk one task sent as
 /// soon as it is written), upper-cased by the workers into another block as owned
@@ -935,6 +954,22 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
         })
     };
 
+    if just == Some("f3") {
+        // The e3 floor alone, for a profile beside e3's.
+        let strings = strings(str_n, str_len);
+        let (blocks, pool) = str_floor_pool(&strings);
+        for _ in 0..20 {
+            let input = strings.clone();
+            perf_control("enable");
+            let t = Instant::now();
+            let out = upper_by_hand(&pool, &blocks, input);
+            let s = t.elapsed().as_secs_f64();
+            perf_control("disable");
+            assert_eq!(out.len(), str_n);
+            println!("(e3) floor by hand: {s:.4} s");
+        }
+        return;
+    }
     if let Some(e) = just {
         let pool = Pool::new(WORKERS).expect("gpuproc pool");
         // (e3 is short: more repetitions, for a profile with enough samples.)
@@ -1161,20 +1196,7 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
     drop((input, output));
 
     // (e3) The hand-written floor for the strings.
-    let str_bytes = strings.iter().map(|s| 4 + s.len()).sum::<usize>();
-    let blocks = (
-        SharedMemory::create(str_bytes).expect("strings' input block"),
-        SharedMemory::create(str_bytes).expect("strings' output block"),
-    );
-    let pool = Pool::builder()
-        .processes(WORKERS)
-        .initializer(
-            attach_str_blocks,
-            (blocks.0.name().to_string(), blocks.1.name().to_string()),
-        )
-        .build()
-        .expect("gpuproc pool with the strings' blocks");
-    let _ = upper_by_hand(&pool, &blocks, strings.clone());
+    let (blocks, pool) = str_floor_pool(&strings);
     let mut floor_str_samples = Vec::new();
     for _ in 0..str_reps {
         let input = strings.clone();

@@ -1131,6 +1131,8 @@ fn new_chunk(job: Arc<Job>, func: FnRef, first_index: u64) -> Chunk {
 struct Target<'a> {
     shm: &'a Arc<ShmPool>,
     remote: bool,
+    /// The bytes the chunk is expected to take, when known.
+    expect: shm_args::Expect,
 }
 
 impl Pool {
@@ -1138,6 +1140,7 @@ impl Pool {
         Target {
             shm: &self.shared.shm,
             remote: self.config.launcher.is_some(),
+            expect: shm_args::Expect::default(),
         }
     }
 }
@@ -1146,14 +1149,13 @@ impl Pool {
 fn push_task<A: Serialize>(chunk: &mut Chunk, to: Target<'_>, args: &A) -> Result<(), PoolError> {
     let index = chunk.first_index + chunk.len() as u64;
     let start = chunk.args_len();
-    let fds =
-        shm_args::encode(&mut chunk.args, &mut chunk.shm, to.shm, args).map_err(|reason| {
-            PoolError::Encode {
-                index,
-                type_name: type_name::<A>().to_string(),
-                reason,
-            }
-        })?;
+    let fds = shm_args::encode(&mut chunk.args, &mut chunk.shm, to.shm, to.expect, args).map_err(
+        |reason| PoolError::Encode {
+            index,
+            type_name: type_name::<A>().to_string(),
+            reason,
+        },
+    )?;
     if to.remote && !fds.is_empty() {
         chunk.truncate_args(start);
         return Err(PoolError::Encode {
@@ -1622,7 +1624,12 @@ where
                 self.max_chunk_bytes,
             ) {
                 let Some(a) = self.input.next() else { break };
-                push_item(&mut chunk, self.pool.target(), &mut self.plain, &a)?;
+                let mut to = self.pool.target();
+                if !to.remote {
+                    // (A remote worker's chunk is sent from the heap: no memfd for it.)
+                    to.expect = shm_args::Expect::chunk(room);
+                }
+                push_item(&mut chunk, to, &mut self.plain, &a)?;
             }
             if chunk.len() == 0 {
                 break;

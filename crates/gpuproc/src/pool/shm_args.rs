@@ -174,12 +174,33 @@ impl Drop for ShmArgs {
     }
 }
 
+/// What an encoder expects to write in all, when it knows: a memfd it moves to gets room
+/// for that much, so that it does not outgrow it (copying what it holds to a larger one);
+/// and with `start_in_shm`, bytes go to a memfd from the first, not through the heap.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Expect {
+    pub bytes: usize,
+    pub start_in_shm: bool,
+}
+
+impl Expect {
+    /// A chunk of arguments expected to take `bytes`: in shared memory from the start when
+    /// that is past [`SPILL_AT`].
+    pub(crate) fn chunk(bytes: usize) -> Self {
+        Expect {
+            bytes,
+            start_in_shm: bytes > SPILL_AT,
+        }
+    }
+}
+
 /// Appends `value`'s encoding to `heap`, or to `shm` once the bytes are large (see
 /// [`Spill`]); returns the descriptors of handles inside it. On error nothing is appended.
 pub(crate) fn encode<T: Serialize>(
     heap: &mut Vec<u8>,
     shm: &mut Option<ShmArgs>,
     pool: &Arc<ShmPool>,
+    expect: Expect,
     value: &T,
 ) -> Result<Vec<OwnedFd>, String> {
     let start = heap.len() + shm.as_ref().map_or(0, |s| s.len);
@@ -189,11 +210,31 @@ pub(crate) fn encode<T: Serialize>(
     };
     // Fast path: no handles. A handle refuses to serialise outside a gpuproc message, so on
     // error try again with the descriptor table in place.
-    if codec::append_to(value, &mut Spill { heap, shm, pool }).is_ok() {
+    if codec::append_to(
+        value,
+        &mut Spill {
+            heap,
+            shm,
+            pool,
+            expect,
+        },
+    )
+    .is_ok()
+    {
         return Ok(Vec::new());
     }
     truncate(heap, shm);
-    let (res, fds) = ipc::encode_with(|| codec::append_to(value, &mut Spill { heap, shm, pool }));
+    let (res, fds) = ipc::encode_with(|| {
+        codec::append_to(
+            value,
+            &mut Spill {
+                heap,
+                shm,
+                pool,
+                expect,
+            },
+        )
+    });
     match res {
         Ok(()) => Ok(fds),
         Err(e) => {
@@ -209,6 +250,7 @@ pub(crate) struct Spill<'a> {
     pub heap: &'a mut Vec<u8>,
     pub shm: &'a mut Option<ShmArgs>,
     pub pool: &'a Arc<ShmPool>,
+    pub expect: Expect,
 }
 
 impl Spill<'_> {
@@ -218,7 +260,7 @@ impl Spill<'_> {
         let Some(need) = self.heap.len().checked_add(more.len()) else {
             return false;
         };
-        let Some(buf) = self.pool.take(need) else {
+        let Some(buf) = self.pool.take(need.max(self.expect.bytes)) else {
             return false;
         };
         let mut args = ShmArgs {
@@ -239,7 +281,9 @@ impl codec::Output for Spill<'_> {
     #[inline]
     fn push(&mut self, byte: u8) -> codec::Result<()> {
         match self.shm {
-            None if self.heap.len() < SPILL_AT => {
+            None if self.heap.len() < SPILL_AT
+                && !(self.expect.start_in_shm && self.heap.is_empty()) =>
+            {
                 self.heap.push(byte);
                 Ok(())
             }
@@ -256,7 +300,10 @@ impl codec::Output for Spill<'_> {
             // No larger memfd: back to the heap.
             self.heap.extend_from_slice(shm.bytes());
             *self.shm = None;
-        } else if self.heap.len().saturating_add(bytes.len()) > SPILL_AT && self.spill(bytes) {
+        } else if (self.heap.len().saturating_add(bytes.len()) > SPILL_AT
+            || (self.expect.start_in_shm && self.heap.is_empty()))
+            && self.spill(bytes)
+        {
             return Ok(());
         }
         self.heap.extend_from_slice(bytes);
@@ -276,6 +323,7 @@ mod tests {
                 heap: &mut heap,
                 shm: &mut shm,
                 pool,
+                expect: Expect::default(),
             };
             codec::append_to(v, &mut out).unwrap();
         }

@@ -717,7 +717,19 @@ impl Outbox {
         }
         let start = self.results_len();
         let fds = if self.spill {
-            shm_args::encode(&mut self.results, &mut self.results_shm, &self.shm, r)?
+            // (A run is flushed once past FLUSH_BYTES: room for twice that, so that its
+            // memfd is not outgrown by the result that crosses the mark.)
+            let expect = shm_args::Expect {
+                bytes: 2 * FLUSH_BYTES,
+                start_in_shm: false,
+            };
+            shm_args::encode(
+                &mut self.results,
+                &mut self.results_shm,
+                &self.shm,
+                expect,
+                r,
+            )?
         } else {
             encode_into(&mut self.results, r)?
         };
