@@ -208,33 +208,22 @@ pub(crate) fn encode<T: Serialize>(
         Some(s) => s.truncate(start),
         None => heap.truncate(start),
     };
-    // Fast path: no handles. A handle refuses to serialise outside a gpuproc message, so on
-    // error try again with the descriptor table in place.
-    if codec::append_to(
-        value,
-        &mut Spill {
+    let append = |heap: &mut Vec<u8>, shm: &mut Option<ShmArgs>| {
+        let mut out = Spill {
             heap,
             shm,
             pool,
             expect,
-        },
-    )
-    .is_ok()
-    {
+        };
+        codec::append_to(value, &mut out)
+    };
+    // Fast path: no handles. A handle refuses to serialise outside a gpuproc message, so on
+    // error try again with the descriptor table in place.
+    if append(heap, shm).is_ok() {
         return Ok(Vec::new());
     }
     truncate(heap, shm);
-    let (res, fds) = ipc::encode_with(|| {
-        codec::append_to(
-            value,
-            &mut Spill {
-                heap,
-                shm,
-                pool,
-                expect,
-            },
-        )
-    });
+    let (res, fds) = ipc::encode_with(|| append(heap, shm));
     match res {
         Ok(()) => Ok(fds),
         Err(e) => {
