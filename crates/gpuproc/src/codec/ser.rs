@@ -9,6 +9,14 @@ use postcard::Error as Pe;
 pub(crate) trait Output {
     fn push(&mut self, byte: u8) -> Result<()>;
     fn extend(&mut self, bytes: &[u8]) -> Result<()>;
+
+    /// Appends `head` then `body` (a length and the bytes it counts), which an output may
+    /// do with one check of its room.
+    #[inline]
+    fn extend_pair(&mut self, head: &[u8], body: &[u8]) -> Result<()> {
+        self.extend(head)?;
+        self.extend(body)
+    }
 }
 
 impl Output for Vec<u8> {
@@ -23,6 +31,14 @@ impl Output for Vec<u8> {
         self.extend_from_slice(bytes);
         Ok(())
     }
+
+    #[inline]
+    fn extend_pair(&mut self, head: &[u8], body: &[u8]) -> Result<()> {
+        self.reserve(head.len() + body.len());
+        self.extend_from_slice(head);
+        self.extend_from_slice(body);
+        Ok(())
+    }
 }
 
 impl<O: Output + ?Sized> Output for &mut O {
@@ -34,6 +50,11 @@ impl<O: Output + ?Sized> Output for &mut O {
     #[inline]
     fn extend(&mut self, bytes: &[u8]) -> Result<()> {
         (**self).extend(bytes)
+    }
+
+    #[inline]
+    fn extend_pair(&mut self, head: &[u8], body: &[u8]) -> Result<()> {
+        (**self).extend_pair(head, body)
     }
 }
 
@@ -199,8 +220,9 @@ impl<O: Output> ser::Serializer for &mut Serializer<O> {
 
     #[inline]
     fn serialize_bytes(self, v: &[u8]) -> Result<()> {
-        self.varint(len_u64(v.len()))?;
-        self.out.extend(v)
+        let mut buf = [0u8; varint::MAX_U64];
+        let n = varint::put_u64(len_u64(v.len()), &mut buf);
+        self.out.extend_pair(&buf[..n], v)
     }
 
     #[inline]

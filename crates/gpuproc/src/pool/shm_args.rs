@@ -142,7 +142,15 @@ impl ShmArgs {
     /// Appends `bytes`, moving to a larger memfd when full; `false` if none could be had
     /// (nothing was appended).
     fn extend(&mut self, bytes: &[u8]) -> bool {
-        let Some(need) = self.len.checked_add(bytes.len()) else {
+        self.extend_pair(&[], bytes)
+    }
+
+    /// Appends `head` then `body`, as [`extend`](Self::extend) does.
+    fn extend_pair(&mut self, head: &[u8], body: &[u8]) -> bool {
+        let Some(need) = (self.len)
+            .checked_add(head.len())
+            .and_then(|n| n.checked_add(body.len()))
+        else {
             return false;
         };
         let Some(buf) = self.buf.as_mut() else {
@@ -160,7 +168,9 @@ impl ShmArgs {
         let Some(buf) = self.buf.as_mut() else {
             return false;
         };
-        buf.map.bytes_mut()[self.len..need].copy_from_slice(bytes);
+        let (dst_head, dst_body) = buf.map.bytes_mut()[self.len..need].split_at_mut(head.len());
+        dst_head.copy_from_slice(head);
+        dst_body.copy_from_slice(body);
         self.len = need;
         true
     }
@@ -243,10 +253,13 @@ pub(crate) struct Spill<'a> {
 }
 
 impl Spill<'_> {
-    /// Moves the heap bytes and `more` into a memfd; `false` (nothing moved) if none could
-    /// be had.
-    fn spill(&mut self, more: &[u8]) -> bool {
-        let Some(need) = self.heap.len().checked_add(more.len()) else {
+    /// Moves the heap bytes, `head` and `body` into a memfd; `false` (nothing moved) if
+    /// none could be had.
+    fn spill(&mut self, head: &[u8], body: &[u8]) -> bool {
+        let Some(need) = (self.heap.len())
+            .checked_add(head.len())
+            .and_then(|n| n.checked_add(body.len()))
+        else {
             return false;
         };
         let Some(buf) = self.pool.take(need.max(self.expect.bytes)) else {
@@ -257,7 +270,7 @@ impl Spill<'_> {
             len: 0,
             pool: Arc::clone(self.pool),
         };
-        if !(args.extend(self.heap) && args.extend(more)) {
+        if !(args.extend(self.heap) && args.extend_pair(head, body)) {
             return false;
         }
         self.heap.clear();
@@ -282,20 +295,31 @@ impl codec::Output for Spill<'_> {
 
     #[inline]
     fn extend(&mut self, bytes: &[u8]) -> codec::Result<()> {
+        self.extend_pair(&[], bytes)
+    }
+
+    #[inline]
+    fn extend_pair(&mut self, head: &[u8], body: &[u8]) -> codec::Result<()> {
         if let Some(shm) = self.shm.as_mut() {
-            if shm.extend(bytes) {
+            if shm.extend_pair(head, body) {
                 return Ok(());
             }
             // No larger memfd: back to the heap.
             self.heap.extend_from_slice(shm.bytes());
             *self.shm = None;
-        } else if (self.heap.len().saturating_add(bytes.len()) > SPILL_AT
+        } else if (self
+            .heap
+            .len()
+            .saturating_add(head.len())
+            .saturating_add(body.len())
+            > SPILL_AT
             || (self.expect.start_in_shm && self.heap.is_empty()))
-            && self.spill(bytes)
+            && self.spill(head, body)
         {
             return Ok(());
         }
-        self.heap.extend_from_slice(bytes);
+        self.heap.extend_from_slice(head);
+        self.heap.extend_from_slice(body);
         Ok(())
     }
 }
