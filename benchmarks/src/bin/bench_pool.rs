@@ -947,6 +947,9 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
     let check_sums = |out: Vec<f64>| assert_eq!(out, sums, "e1: wrong sums");
     let mut rows: Vec<BigRow> = Vec::new();
     let mut row = |name: &str, samples: Vec<f64>| {
+        // Each run's figure, so that the spread shows (the table has the medians).
+        let each: Vec<String> = samples.iter().map(|s| format!("{s:.3}")).collect();
+        eprintln!("{name}: {} s", each.join(" "));
         rows.push(BigRow {
             name: name.into(),
             samples,
