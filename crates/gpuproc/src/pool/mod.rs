@@ -1616,6 +1616,11 @@ where
             let room =
                 policy::chunk_capacity(self.chunksize, self.bytes_per_task, self.max_chunk_bytes);
             chunk.args = (self.pool.shared.buffers).take(room);
+            let mut to = self.pool.target();
+            if !to.remote {
+                // (A remote worker's chunk is sent from the heap: no memfd for it.)
+                to.expect = shm_args::Expect::chunk(room);
+            }
             // A chunk of large items ends early, at its byte budget; the next takes the rest.
             while policy::chunk_takes_more(
                 chunk.len(),
@@ -1624,11 +1629,6 @@ where
                 self.max_chunk_bytes,
             ) {
                 let Some(a) = self.input.next() else { break };
-                let mut to = self.pool.target();
-                if !to.remote {
-                    // (A remote worker's chunk is sent from the heap: no memfd for it.)
-                    to.expect = shm_args::Expect::chunk(room);
-                }
                 push_item(&mut chunk, to, &mut self.plain, &a)?;
             }
             if chunk.len() == 0 {
