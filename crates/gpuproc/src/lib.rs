@@ -103,10 +103,10 @@
 //! - **Transport**: a pool's chunk of arguments, or a worker's run of results, of more than
 //!   256 KiB is written straight into a reused memfd, sealed against shrinking, and read in
 //!   place by the other side: no copy through the socket (a worker reuses its memfd of
-//!   results once the caller has decoded them). A pool's `map` over 4 MiB `Vec<f32>` items moves
-//!   4-7 GB/s of arguments with 2 workers (returning a sum; 2.5 GB/s when each result is
-//!   4 MiB too), against 0.5 GB/s for Python's `Pool.map` over numpy arrays on the same
-//!   machine (`benchmarks/`, bench_pool section (e)). A channel message over 64 KiB goes
+//!   results once the caller has decoded them). A pool's `map` over 4 MiB `Vec<f32>` items
+//!   moves 5-7 GB/s of arguments with 2 workers (returning a sum; 4-4.5 GB/s when each
+//!   result is 4 MiB too), against 0.25-0.5 GB/s for Python's `Pool.map` over numpy arrays on
+//!   the same machine (`benchmarks/`, bench_pool section (e)). A channel message over 64 KiB goes
 //!   through a sealed memfd in the same way. A process's argument and result, and smaller
 //!   chunks, go over a Unix socket (a kernel copy each way). `map` and `imap` keep at most
 //!   three chunks per worker (at least 32 MiB) of arguments in flight, so an input of any
