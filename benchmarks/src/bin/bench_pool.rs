@@ -1308,6 +1308,13 @@ fn large_payloads(scale: f64, python_on: bool, script: &Path, just: Option<&str>
         g_str,
         ratio(py_str / g_str)
     );
+    for (name, samples) in [
+        ("(e3) gpuproc map auto", &str_samples),
+        ("(e3) floor: by hand", &floor_str_samples),
+    ] {
+        let each: Vec<String> = samples.iter().map(|s| format!("{s:.4}")).collect();
+        eprintln!("{name}: {} s", each.join(" "));
+    }
     let floor_str = median(&floor_str_samples);
     println!(
         "{:<40} {:>9.3} {:>10}",
