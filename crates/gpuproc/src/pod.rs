@@ -61,8 +61,16 @@ use bytemuck::Pod;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserializer, Serializer};
 
-/// Writes `values` as one block of bytes (the `serialize` of `#[serde(with = ...)]`).
+/// Writes `values` as one block of bytes (the `serialize` of `#[serde(with = ...)]`). A
+/// zero-sized `T` has no bytes to send, so its vectors are refused (send their length).
 pub fn serialize<T: Pod, S: Serializer>(values: &[T], serializer: S) -> Result<S::Ok, S::Error> {
+    if size_of::<T>() == 0 {
+        return Err(serde::ser::Error::custom(format_args!(
+            "gpuproc::pod cannot send a vector of {}: a zero-sized type has no bytes (send \
+             the vector's length instead)",
+            std::any::type_name::<T>()
+        )));
+    }
     serializer.serialize_bytes(bytemuck::cast_slice(values))
 }
 
@@ -168,6 +176,22 @@ mod tests {
             let json = serde_json::to_string(&h).unwrap();
             assert_eq!(serde_json::from_str::<Holder>(&json).unwrap(), h);
         }
+    }
+
+    #[test]
+    fn a_vector_of_a_zero_sized_type_is_refused_not_a_panic() {
+        #[derive(Serialize, Deserialize, Debug)]
+        struct Units(#[serde(with = "crate::pod")] Vec<()>);
+        let err = crate::codec::to_vec(&Units(vec![(); 3])).unwrap_err();
+        assert!(err.to_string().contains("zero-sized type"), "{err}");
+        // Bytes for one, however made, are refused too; none make an empty vector.
+        let bytes = crate::codec::to_vec(&vec![7u8]).unwrap();
+        assert!(crate::codec::from_bytes::<Units>(&bytes).is_err());
+        let empty = crate::codec::to_vec(&Vec::<u8>::new()).unwrap();
+        assert!(crate::codec::from_bytes::<Units>(&empty)
+            .unwrap()
+            .0
+            .is_empty());
     }
 
     #[test]
