@@ -279,12 +279,6 @@ pub(crate) fn decode_without_fds<T: DeserializeOwned>(bytes: &[u8]) -> Result<T,
     codec::from_bytes(bytes).map_err(DecodeError)
 }
 
-/// A custom deserialisation error (kept for the handles' `Deserialize` implementations,
-/// which any serde format may run).
-pub(crate) fn de_error<E: serde::de::Error>(msg: impl std::fmt::Display) -> E {
-    E::custom(msg)
-}
-
 /// Why bytes did not decode as the expected type.
 #[derive(Debug)]
 pub(crate) struct DecodeError(codec::Error);
@@ -346,12 +340,12 @@ pub fn deserialize_fd<'de, D: Deserializer<'de>>(d: D) -> Result<OwnedFd, D::Err
     FDS.with(|t| match t.borrow_mut().as_mut() {
         Some(FdTable::Incoming(fds)) => {
             fds.get_mut(index).and_then(Option::take).ok_or_else(|| {
-                de_error(format!(
+                serde::de::Error::custom(format!(
                     "file descriptor #{index} is missing from the message (or used twice)"
                 ))
             })
         }
-        _ => Err(de_error(
+        _ => Err(serde::de::Error::custom(
             "a gpuproc handle can only be deserialised inside a gpuproc message",
         )),
     })

@@ -788,9 +788,9 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
         let maxsize = usize::try_from(q.maxsize)
             .ok()
             .filter(|&m| m <= MAX_BOUND)
-            .ok_or_else(|| crate::ipc::de_error("a queue's maxsize is out of range"))?;
+            .ok_or_else(|| serde::de::Error::custom("a queue's maxsize is out of range"))?;
         let state = Mapping::map_existing(q.state, STATE_LEN)
-            .map_err(|e| crate::ipc::de_error(format!("cannot map a queue's state: {e}")))?;
+            .map_err(|e| serde::de::Error::custom(format!("cannot map a queue's state: {e}")))?;
         Ok(Queue {
             shared: Arc::new(Shared {
                 tx: q.tx,

@@ -509,7 +509,7 @@ impl Serialize for ShareableList {
 impl<'de> Deserialize<'de> for ShareableList {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let shm = SharedMemory::deserialize(d)?;
-        ShareableList::from_shm(shm).map_err(crate::ipc::de_error)
+        ShareableList::from_shm(shm).map_err(serde::de::Error::custom)
     }
 }
 

@@ -606,7 +606,7 @@ impl<T: Scalar> Serialize for SharedValue<T> {
 impl<'de, T: Scalar> Deserialize<'de> for SharedValue<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = Wire::deserialize(d)?;
-        let cells = Cells::open(w.fd, 1, "SharedValue").map_err(crate::ipc::de_error)?;
+        let cells = Cells::open(w.fd, 1, "SharedValue").map_err(serde::de::Error::custom)?;
         Ok(SharedValue {
             cells,
             lock: w.lock,
@@ -768,7 +768,7 @@ impl<T: Scalar> Serialize for SharedArray<T> {
 impl<'de, T: Scalar> Deserialize<'de> for SharedArray<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = Wire::deserialize(d)?;
-        let cells = Cells::open(w.fd, 2, "SharedArray").map_err(crate::ipc::de_error)?;
+        let cells = Cells::open(w.fd, 2, "SharedArray").map_err(serde::de::Error::custom)?;
         Ok(SharedArray {
             cells,
             lock: w.lock,
@@ -1362,8 +1362,8 @@ impl Serialize for SharedMemory {
 impl<'de> Deserialize<'de> for SharedMemory {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = ShmWire::deserialize(d)?;
-        let size = sys::file_size(w.fd.as_fd()).map_err(crate::ipc::de_error)?;
-        SharedMemory::from_fd(&w.name, w.fd, size).map_err(crate::ipc::de_error)
+        let size = sys::file_size(w.fd.as_fd()).map_err(serde::de::Error::custom)?;
+        SharedMemory::from_fd(&w.name, w.fd, size).map_err(serde::de::Error::custom)
     }
 }
 

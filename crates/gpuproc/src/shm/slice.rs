@@ -318,7 +318,7 @@ impl<T: Scalar> Serialize for SharedSlice<T> {
 impl<'de, T: Scalar> Deserialize<'de> for SharedSlice<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = Wire::deserialize(d)?;
-        SharedSlice::open(w.fd).map_err(crate::ipc::de_error)
+        SharedSlice::open(w.fd).map_err(serde::de::Error::custom)
     }
 }
 

@@ -220,7 +220,7 @@ fn ser_map<S: Serializer>(map: &Mapping, s: S) -> Result<S::Ok, S::Error> {
 
 fn de_map<'de, D: Deserializer<'de>>(d: D, kind: Kind) -> Result<Arc<Mapping>, D::Error> {
     let fd = crate::ipc::deserialize_fd(d)?;
-    open(fd, kind).map_err(crate::ipc::de_error)
+    open(fd, kind).map_err(serde::de::Error::custom)
 }
 
 // --- Lock -----------------------------------------------------------------------------------
@@ -1235,7 +1235,7 @@ impl<'de> Deserialize<'de> for Barrier {
         let action = match b.action {
             None => None,
             Some(offset) => Some(action_at(offset).map_err(|reason| {
-                crate::ipc::de_error(SyncError::WrongObject {
+                serde::de::Error::custom(SyncError::WrongObject {
                     expected: "Barrier",
                     reason,
                 })
