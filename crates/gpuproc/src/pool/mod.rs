@@ -1326,51 +1326,31 @@ impl RunReader {
         self.run.accounting.get(self.i).cloned().unwrap_or_default()
     }
 
-    /// Decodes the rest of a run of plain results with no failures in one tight loop:
-    /// `None` if the run is not like that (then use `next`).
-    fn drain_plain<R: DeserializeOwned>(
-        &mut self,
-        out: &mut Vec<R>,
-    ) -> Option<Result<(), PoolError>> {
-        let (Some(shape), Lens::Fixed { len, .. }) = (&self.run.shape, &self.run.lens) else {
-            return None;
-        };
+    /// Decodes the rest of a run with no failures and no descriptors in one loop, as plain
+    /// data or postcard as the run says: `None` if the run is not like that (then use
+    /// `next`). Stops at the first result that does not decode.
+    fn drain<R: DeserializeOwned>(&mut self, out: &mut Vec<R>) -> Option<Result<(), PoolError>> {
         if self.errors.peek().is_some() || !self.run.nfds.is_empty() {
             return None;
         }
-        let len = *len as usize;
-        let n = self.run.lens.len();
-        let first = self.next_index();
-        for (k, i) in (self.i..n).enumerate() {
-            let bytes = (self.run.results.bytes())
-                .get(self.at..self.at.saturating_add(len))
-                .unwrap_or_default();
-            match plain::decode(bytes, shape) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    self.i = i + 1;
-                    return Some(Err(PoolError::BadResult {
-                        index: first + k as u64,
-                        type_name: type_name::<R>().to_string(),
-                        reason: e.to_string(),
-                    }));
-                }
+        match self.run.shape.take() {
+            Some(shape) => {
+                let r =
+                    self.drain_with(out, |b| plain::decode(b, &shape).map_err(|e| e.to_string()));
+                self.run.shape = Some(shape);
+                Some(r)
             }
-            self.at += len;
+            None => Some(self.drain_with(out, |b| {
+                ipc::decode_without_fds(b).map_err(|e| e.to_string())
+            })),
         }
-        self.i = n;
-        Some(Ok(()))
     }
 
-    /// Decodes the rest of a run of postcard results with no failures and no descriptors in
-    /// one loop: `None` if the run is not like that (then use `next`).
-    fn drain_postcard<R: DeserializeOwned>(
+    fn drain_with<R>(
         &mut self,
         out: &mut Vec<R>,
-    ) -> Option<Result<(), PoolError>> {
-        if self.run.shape.is_some() || self.errors.peek().is_some() || !self.run.nfds.is_empty() {
-            return None;
-        }
+        decode: impl Fn(&[u8]) -> Result<R, String>,
+    ) -> Result<(), PoolError> {
         let n = self.run.lens.len();
         let first = self.next_index();
         let results = self.run.results.bytes();
@@ -1380,22 +1360,22 @@ impl RunReader {
             // (The driver checked that the lengths add up to the results.)
             let bytes = results.get(at..end).unwrap_or_default();
             at = end;
-            match worker::decode_plain_postcard(bytes) {
+            match decode(bytes) {
                 Ok(r) => out.push(r),
-                Err(e) => {
+                Err(reason) => {
                     self.i = i + 1;
                     self.at = at;
-                    return Some(Err(PoolError::BadResult {
+                    return Err(PoolError::BadResult {
                         index: first + k as u64,
                         type_name: type_name::<R>().to_string(),
-                        reason: e.to_string(),
-                    }));
+                        reason,
+                    });
                 }
             }
         }
         self.i = n;
         self.at = at;
-        Some(Ok(()))
+        Ok(())
     }
 
     pub(crate) fn next<R: DeserializeOwned>(&mut self) -> Result<R, PoolError> {
@@ -1558,7 +1538,7 @@ where
         loop {
             if let Some(mut cur) = self.current.take() {
                 let n = cur.run.lens.len() - cur.i;
-                match cur.drain_plain(out).or_else(|| cur.drain_postcard(out)) {
+                match cur.drain(out) {
                     Some(r) => r?,
                     None => {
                         for _ in 0..n {

@@ -116,14 +116,6 @@ pub(crate) fn encode_into<T: Serialize>(
 }
 
 /// Decodes a `T` from `bytes`, handing it `fds`.
-/// Decodes a `T` sent without descriptors (see [`decode_from`]).
-#[inline]
-pub(crate) fn decode_plain_postcard<T: DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<T, ipc::DecodeError> {
-    ipc::decode_without_fds(bytes)
-}
-
 pub(crate) fn decode_from<T: DeserializeOwned>(
     bytes: &[u8],
     fds: Vec<OwnedFd>,
