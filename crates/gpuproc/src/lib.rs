@@ -94,8 +94,8 @@
 //!   varint loop, wherever they sit in the value (a `Batch { ids: Vec<u32>, x: Vec<f32>,
 //!   name: String }` takes that path for both vectors). A vector of plain structs
 //!   (`#[repr(C)]`, [`bytemuck::Pod`]) takes it too when its field is marked
-//!   `#[serde(with = "gpuproc::pod")]` (see [`pod`]): 9-10x faster than element by element
-//!   for 4 MiB of 12-byte points. Other sequences (of strings, of unmarked structs,
+//!   `#[serde(with = "gpuproc::pod")]` (see [`pod`]): 8.5-13x faster than element by
+//!   element for 4 MiB of 12-byte points on the 2-core machine. Other sequences (of strings, of unmarked structs,
 //!   `VecDeque`, sets) go element by element. In a pool, plain fixed-width data
 //!   (numbers, `bool`, `char`, and tuples, arrays and structs of them) goes at a fixed width
 //!   with one length for a whole chunk, a few nanoseconds per item. `String` and [`Bytes`]
@@ -104,9 +104,9 @@
 //!   256 KiB is written straight into a reused memfd, sealed against shrinking, and read in
 //!   place by the other side: no copy through the socket (a worker reuses its memfd of
 //!   results once the caller has decoded them). A pool's `map` over 4 MiB `Vec<f32>` items
-//!   moves 5-7 GB/s of arguments with 2 workers (returning a sum; 4-4.5 GB/s when each
-//!   result is 4 MiB too), against 0.25-0.5 GB/s for Python's `Pool.map` over numpy arrays on
-//!   the same machine (`benchmarks/`, bench_pool section (e)). A channel message over 64 KiB goes
+//!   moves 5-7 GB/s of arguments with 2 workers (returning a sum; 3.7-4.5 GB/s when each
+//!   result is 4 MiB too), against 0.25-0.6 GB/s for Python's `Pool.map` over numpy arrays
+//!   on the same machine (`benchmarks/`, bench_pool section (e)). A channel message over 64 KiB goes
 //!   through a sealed memfd in the same way. A process's argument and result, and smaller
 //!   chunks, go over a Unix socket (a kernel copy each way). `map` and `imap` keep at most
 //!   three chunks per worker (at least 32 MiB) of arguments in flight, so an input of any

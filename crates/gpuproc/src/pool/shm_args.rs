@@ -194,6 +194,15 @@ pub(crate) struct Expect {
 }
 
 impl Expect {
+    /// A worker's run of results: it is sent once past `flush_at` bytes, so room for twice
+    /// that keeps its memfd from being outgrown by the result that crosses the mark.
+    pub(crate) const fn run(flush_at: usize) -> Self {
+        Expect {
+            bytes: 2 * flush_at,
+            start_in_shm: false,
+        }
+    }
+
     /// A chunk of arguments expected to take `bytes`: in shared memory from the start when
     /// that is past [`SPILL_AT`].
     pub(crate) fn chunk(bytes: usize) -> Self {
@@ -279,13 +288,21 @@ impl Spill<'_> {
     }
 }
 
+impl Spill<'_> {
+    /// Whether the next `more` bytes go to a memfd rather than the heap (while none is in
+    /// use): once the heap would pass [`SPILL_AT`], or from the first byte when expected.
+    #[inline]
+    fn spills_at(&self, more: usize) -> bool {
+        self.heap.len().saturating_add(more) > SPILL_AT
+            || (self.expect.start_in_shm && self.heap.is_empty())
+    }
+}
+
 impl codec::Output for Spill<'_> {
     #[inline]
     fn push(&mut self, byte: u8) -> codec::Result<()> {
         match self.shm {
-            None if self.heap.len() < SPILL_AT
-                && !(self.expect.start_in_shm && self.heap.is_empty()) =>
-            {
+            None if !self.spills_at(1) => {
                 self.heap.push(byte);
                 Ok(())
             }
@@ -307,15 +324,7 @@ impl codec::Output for Spill<'_> {
             // No larger memfd: back to the heap.
             self.heap.extend_from_slice(shm.bytes());
             *self.shm = None;
-        } else if (self
-            .heap
-            .len()
-            .saturating_add(head.len())
-            .saturating_add(body.len())
-            > SPILL_AT
-            || (self.expect.start_in_shm && self.heap.is_empty()))
-            && self.spill(head, body)
-        {
+        } else if self.spills_at(head.len().saturating_add(body.len())) && self.spill(head, body) {
             return Ok(());
         }
         self.heap.extend_from_slice(head);

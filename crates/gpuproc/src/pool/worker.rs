@@ -709,12 +709,7 @@ impl Outbox {
         }
         let start = self.results_len();
         let fds = if self.spill {
-            // (A run is flushed once past FLUSH_BYTES: room for twice that, so that its
-            // memfd is not outgrown by the result that crosses the mark.)
-            let expect = shm_args::Expect {
-                bytes: 2 * FLUSH_BYTES,
-                start_in_shm: false,
-            };
+            let expect = shm_args::Expect::run(FLUSH_BYTES);
             shm_args::encode(
                 &mut self.results,
                 &mut self.results_shm,
