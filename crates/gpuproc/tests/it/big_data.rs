@@ -300,3 +300,61 @@ fn vectors_of_plain_structs_marked_pod_go_through_a_pool_and_back() {
     pool.close();
     pool.join().unwrap();
 }
+
+/// A 64 KiB string for task `i`, except that task 40 kills its own worker.
+fn text_or_die(i: u32) -> String {
+    if i == 40 {
+        // SAFETY: a plain system call on this process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    text_of(i)
+}
+
+/// In a child process: a pool whose worker dies while runs of its results, in its memfds,
+/// are still waiting to be read; returns each task's outcome (right or not) and the
+/// descriptors and task memfds open before the pool and after it.
+fn kill_with_results_lent(_: ()) -> (Vec<Result<bool, String>>, Counts, Counts) {
+    let before = (open_fds(), task_memfds().len());
+    let outcomes = {
+        let pool = Pool::new(2).unwrap();
+        let pids = pool.worker_pids();
+        let mut it = pool.imap(text_or_die, 0..64u32);
+        let first = it.next().map(|r| r.map(|s| s == text_of(0)));
+        // Read nothing more until the worker is dead and replaced: the runs it sent before
+        // are still waiting here, in its memfds.
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while pool.worker_pids() == pids {
+            assert!(std::time::Instant::now() < deadline, "no worker died");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let rest: Vec<_> = it
+            .enumerate()
+            .map(|(k, r)| r.map(|s| s == text_of(k as u32 + 1)))
+            .collect();
+        pool.close();
+        pool.join().unwrap();
+        first
+            .into_iter()
+            .chain(rest)
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect()
+    };
+    let after = (open_fds(), task_memfds().len());
+    (outcomes, before, after)
+}
+
+#[test]
+fn a_worker_killed_while_its_results_are_being_read_costs_one_task_and_leaks_nothing() {
+    let mut p = start(StartMethod::Spawn, kill_with_results_lent, ());
+    let (outcomes, before, after) = p.join_timeout(TIMEOUT).unwrap();
+    assert_eq!(outcomes.len(), 64);
+    for (i, r) in outcomes.iter().enumerate() {
+        if i == 40 {
+            let e = r.as_ref().unwrap_err();
+            assert!(e.contains("SIGKILL"), "task 40: {e}");
+        } else {
+            assert_eq!(r, &Ok(true), "task {i}");
+        }
+    }
+    assert_eq!(after, before, "(descriptors, task memfds) before and after");
+}
